@@ -1,0 +1,1 @@
+"""Flower ClientApp side of brainjepa (one site's round)."""

@@ -1,0 +1,1 @@
+"""Flower ServerApp side of brainjepa (strategy, aggregation, checkpoints)."""

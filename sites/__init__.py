@@ -1,0 +1,1 @@
+"""The site data edge: site configs, ROI series in, model-ready windows out, generated cohorts."""

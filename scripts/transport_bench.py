@@ -1,0 +1,214 @@
+"""What one federated round costs on Flower's real transport: time, bytes, memory.
+
+Starts a real SuperLink and N SuperNodes (separate processes, loopback), runs the app in
+`scripts/transport_bench_app` (ServerApp sends ViT-sized random weight sets for Brain-JEPA's encoder,
+predictor and EMA target to every SuperNode, each sends them back changed) and samples the resident memory
+of every Flower process from /proc while it runs.
+
+    python scripts/transport_bench.py --model vit-b --chunk-mib 5 --chunk-mib 64 --wire-dtype float16
+
+Each (model, wire dtype, chunk size, database) combination is one fresh federation. Results are appended
+to a JSON-lines file and printed as a Markdown table.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import typer
+
+from server.launch import LocalFederation
+
+APP_DIR = Path(__file__).resolve().parent / "transport_bench_app"
+log = logging.getLogger("transport_bench")
+
+
+def _proc_table() -> dict[int, tuple[int, str, int, float]]:
+    """pid -> (ppid, command name, RSS bytes, CPU seconds) for every process we can read."""
+    table: dict[int, tuple[int, str, int, float]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    page = os.sysconf("SC_PAGE_SIZE")
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+            statm = Path(entry.path, "statm").read_text().split()
+            cmdline = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        name = " ".join(c.decode(errors="replace").rsplit("/", 1)[-1] for c in cmdline[:2])
+        cpu = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        table[int(entry.name)] = (int(fields[1]), name, int(statm[1]) * page, cpu)
+    return table
+
+
+def _role(name: str) -> str:
+    for role in ("flwr-serverapp", "flwr-clientapp", "flower-superlink", "flower-supernode"):
+        if role in name:
+            return role
+    return "other"
+
+
+class RssSampler(threading.Thread):
+    """Peak RSS per Flower role (and of all of them together) under a set of root pids."""
+
+    def __init__(self, roots: list[int], interval_s: float = 0.1):
+        super().__init__(daemon=True)
+        self.roots, self.interval_s = roots, interval_s
+        self.peak: dict[str, int] = {}
+        self.cpu_by_pid: dict[int, tuple[str, float]] = {}
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            table = _proc_table()
+            children: dict[int, list[int]] = {}
+            for pid, (ppid, _, _, _) in table.items():
+                children.setdefault(ppid, []).append(pid)
+            todo, seen = list(self.roots), set()
+            per_role: dict[str, int] = {}
+            while todo:
+                pid = todo.pop()
+                if pid in seen or pid not in table:
+                    continue
+                seen.add(pid)
+                role = _role(table[pid][1])
+                per_role[role] = per_role.get(role, 0) + table[pid][2]
+                self.cpu_by_pid[pid] = (role, table[pid][3])
+                todo += children.get(pid, [])
+            per_role["all"] = sum(per_role.values())
+            for role, rss in per_role.items():
+                self.peak[role] = max(self.peak.get(role, 0), rss)
+            self._halt.wait(self.interval_s)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds used per role (as last seen; processes are sampled until they exit)."""
+        out: dict[str, float] = {}
+        for role, cpu in self.cpu_by_pid.values():
+            out[role] = out.get(role, 0.0) + cpu
+        return out
+
+
+def run_one(model: str, wire_dtype: str, chunk_mib: float, database: str, packing: str, sites: int,
+            rounds: int, work_root: Path) -> dict:
+    work = Path(tempfile.mkdtemp(prefix=f"bench-{model}-{wire_dtype}-{chunk_mib}-", dir=work_root))
+    result_path = work / "result.json"
+    env = {"FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE": str(int(chunk_mib * 2**20))}
+    db = str(work / "state.db") if database == "sqlite" else None
+    with LocalFederation(work, [{"site-id": i} for i in range(sites)], env_extra=env, database=db) as fed:
+        roots = [p.pid for p in [fed.superlink, *fed.supernodes] if p is not None]
+        sampler = RssSampler(roots)
+        sampler.start()
+        t0 = time.perf_counter()
+        res = fed.run(APP_DIR, {"model": model, "wire-dtype": wire_dtype, "packing": packing, "rounds": rounds,
+                                "min-nodes": sites, "result-path": str(result_path)}, timeout_s=1800)
+        wall = time.perf_counter() - t0
+        sampler.stop()
+    if res.returncode != 0 or not result_path.exists():
+        raise RuntimeError(f"flwr run failed ({res.returncode}); logs in {work / 'logs'}:\n"
+                           f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    per_round = json.loads(result_path.read_text())
+    best = min(per_round, key=lambda r: r["roundtrip_s"])
+    mb = best["bytes_per_site"] / 1e6
+    return {
+        "model": model, "wire_dtype": wire_dtype, "chunk_mib": chunk_mib, "database": database,
+        "packing": packing,        "sites": sites, "rounds": rounds, "mb_per_direction_per_site": mb,
+        "mb_per_direction": mb * sites, "roundtrip_s": [r["roundtrip_s"] for r in per_round],
+        "effective_mb_s": 2 * mb * sites / best["roundtrip_s"], "flwr_run_wall_s": wall,
+        "verified_sites": best["verified"],
+        "peak_rss_mb": {k: v / 1e6 for k, v in sampler.peak.items()},
+        "cpu_s": sampler.cpu_seconds(),
+        "server_serialize_s": best["serialize_s"], "server_deserialize_s": best["deserialize_s"],
+        "client": best["client"],
+    }
+
+
+def fp16_averaging_error(model: str, sites: int, update_scale: float, seed: int = 0) -> dict:
+    """Max |fp16-transported average - fp32 average| for ViT-like weights and site updates.
+
+    Weights: N(0, 0.02) for matrices (ViT init), 1 +- 0.02 for 1-D (LayerNorm-like); each site's result =
+    global + N(0, update_scale). 'weights' = sites send fp16 weights; 'deltas' = sites send fp16 of
+    (result - received), the server adds the averaged delta to its fp32 master copy.
+    """
+    from benchapp_shapes import model_shapes  # noqa: PLC0415  (path set up in main)
+
+    rng = np.random.default_rng(seed)
+    err_w, err_d, n = 0.0, 0.0, 0
+    for _, shape in model_shapes(model):
+        g = (rng.standard_normal(shape, dtype=np.float32) * 0.02 if len(shape) > 1
+             else 1 + rng.standard_normal(shape, dtype=np.float32) * 0.02)
+        received = g.astype(np.float16).astype(np.float32)  # what fp16 downlink delivers
+        results = [received + rng.standard_normal(shape, dtype=np.float32) * update_scale
+                   for _ in range(sites)]
+        ref = np.mean(results, axis=0)
+        via_w = np.mean([r.astype(np.float16).astype(np.float32) for r in results], axis=0)
+        via_d = g + np.mean([(r - received).astype(np.float16).astype(np.float32) for r in results], axis=0)
+        # For deltas the reference is the fp32 master plus the fp32 mean update.
+        ref_d = g + np.mean([r - received for r in results], axis=0)
+        err_w = max(err_w, float(np.abs(via_w - ref).max()))
+        err_d = max(err_d, float(np.abs(via_d - ref_d).max()))
+        n += g.size
+    return {"model": model, "update_scale": update_scale, "max_abs_err_fp16_weights": err_w,
+            "max_abs_err_fp16_deltas": err_d, "params": n}
+
+
+def main(
+    model: list[str] = typer.Option(["vit-s", "vit-b"], help="vit-tiny, vit-s, vit-b, vit-l"),
+    wire_dtype: list[str] = typer.Option(["float32", "float16"], help="dtype on the wire"),
+    chunk_mib: list[float] = typer.Option([5.0], help="FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE in MiB"),
+    database: list[str] = typer.Option(["memory"], help="SuperLink state: memory or sqlite"),
+    packing: list[str] = typer.Option(["flat"], help="flat (one array per weight set) or per-tensor"),
+    sites: int = typer.Option(2, help="number of SuperNodes"),
+    rounds: int = typer.Option(2, help="rounds per federation (the fastest is reported)"),
+    out: Path = typer.Option(Path("transport_bench.jsonl"), help="JSON lines, appended"),
+    numerics: bool = typer.Option(True, help="also compute the fp16 averaging error"),
+) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    work_root = Path(tempfile.mkdtemp(prefix="transport-bench-"))
+    rows = []
+    for m, w, c, d, p in itertools.product(model, wire_dtype, chunk_mib, database, packing):
+        log.info("=== %s %s chunk %.0f MiB, %s state, %s packing", m, w, c, d, p)
+        row = run_one(m, w, c, d, p, sites, rounds, work_root)
+        log.info("%s", json.dumps(row))
+        with out.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        rows.append(row)
+    print("| model | packing | wire | chunk MiB | state | MB/direction | round s | eff. MB/s | "
+          "peak RSS SuperLink MB | peak RSS ServerApp MB | peak RSS all MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        p = r["peak_rss_mb"]
+        print(f"| {r['model']} | {r['packing']} | {r['wire_dtype']} | {r['chunk_mib']:g} | {r['database']} | "
+              f"{r['mb_per_direction']:.0f} | {min(r['roundtrip_s']):.1f} | {r['effective_mb_s']:.0f} | "
+              f"{p.get('flower-superlink', 0):.0f} | {p.get('flwr-serverapp', 0):.0f} | {p.get('all', 0):.0f} |")
+    if numerics:
+        import sys  # noqa: PLC0415
+
+        sys.path.insert(0, str(APP_DIR / "benchapp"))
+        import shapes as benchapp_shapes  # noqa: PLC0415
+
+        sys.modules["benchapp_shapes"] = benchapp_shapes
+        for m in model:
+            for scale in (1e-4, 1e-3, 1e-2):
+                e = fp16_averaging_error(m, sites, scale)
+                print(json.dumps(e))
+                with out.open("a") as fh:
+                    fh.write(json.dumps(e) + "\n")
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,1 @@
+"""Transport benchmark Flower app (see scripts/transport_bench.py)."""

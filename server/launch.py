@@ -1,0 +1,320 @@
+"""Flower processes on one machine: a SuperLink, SuperNodes and `flwr run`, started and stopped cleanly.
+
+Used by `brainjepa-server start` (SuperLink + the run), by the integration tests (SuperLink + N
+SuperNodes on free loopback ports) and by `scripts/transport_bench.py`.
+
+Every process is started in its own session (process group) so that stopping it also stops the
+`flwr-serverapp` / `flwr-clientapp` subprocesses Flower spawns under it. Processes are only ever
+stopped by their own id / group id.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Environment every Flower process of ours gets (environment-notes.md): no `uv sync` of the app's
+# dependencies at run time (offline it fails; with torch listed it fetches a CUDA build), no update
+# check, no telemetry.
+FLOWER_QUIET_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+}
+
+
+def flower_bin(name: str) -> str:
+    """Path of a Flower console script installed next to this Python (falls back to PATH)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a Flower process: ours + a private FLWR_HOME + `extra`."""
+    env = dict(os.environ)
+    env.update(FLOWER_QUIET_ENV)
+    env["FLWR_HOME"] = str(flwr_home)
+    # Flower starts further console scripts (flower-superexec, flwr-serverapp, flwr-clientapp) by name.
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in env.get("PATH", "").split(os.pathsep):
+        env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    if extra:
+        env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def toml_value(value: object) -> str:
+    """A Python scalar as a TOML value (node config and run config overrides are TOML)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def toml_pairs(values: Mapping[str, object]) -> str:
+    """`k1=v1 k2="v2"` as Flower's --node-config / --run-config expect."""
+    return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendants of `pid` (from /proc), including ones that started their own session."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        out.append(child)
+        todo += children.get(child, [])
+    return out
+
+
+@dataclass
+class ManagedProcess:
+    """A subprocess in its own process group, with its output in a log file."""
+
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, n_chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n_chars:]
+        except FileNotFoundError:
+            return ""
+
+    def signal_group(self, sig: int) -> None:
+        """Send `sig` to this process's group (the process and the Flower subprocesses it spawned)."""
+        try:
+            os.killpg(self.popen.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, grace_s: float = 10.0) -> int | None:
+        """SIGINT (Flower shuts down cleanly on it), then SIGTERM, then SIGKILL; returns the exit code.
+
+        Descendants that detached into their own session (Flower's SuperExec, ServerApp and ClientApp
+        processes) are remembered first and killed by pid if they outlive their parent.
+        """
+        tree = descendants(self.popen.pid) if self.alive() else []
+        for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            if not self.alive():
+                break
+            self.signal_group(sig)
+            try:
+                self.popen.wait(timeout=wait_s)
+            except subprocess.TimeoutExpired:
+                continue
+        # Children may outlive the leader: make sure none is left.
+        self.signal_group(signal.SIGKILL)
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return self.popen.poll()
+
+
+def start_process(
+    name: str, cmd: Sequence[str], log_path: Path, env: Mapping[str, str], cwd: Path | None = None
+) -> ManagedProcess:
+    """Start `cmd` in a new session with stdout+stderr to `log_path`."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log.info("starting %s: %s (log: %s)", name, " ".join(cmd), log_path)
+    with open(log_path, "ab") as out:
+        popen = subprocess.Popen(
+            list(cmd), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=dict(env), cwd=cwd, start_new_session=True,
+        )
+    return ManagedProcess(name=name, popen=popen, log_path=log_path)
+
+
+def wait_for_port(proc: ManagedProcess, host: str, port: int, timeout_s: float = 60.0) -> None:
+    """Wait until `host:port` accepts TCP connections; error with the log tail if the process dies."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(
+                f"{proc.name} exited with code {proc.popen.returncode} before listening on {host}:{port}; "
+                f"log {proc.log_path}:\n{proc.log_tail()}"
+            )
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.5)
+            if sock.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"{proc.name} did not listen on {host}:{port} within {timeout_s:.0f} s; "
+                       f"log {proc.log_path}:\n{proc.log_tail()}")
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Certificates of a TLS-enabled SuperLink (CA, server certificate and key)."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+
+def superlink_command(
+    host: str, port: int, database: str | None, tls: TlsFiles | None,
+    enable_supernode_auth: bool = False,
+) -> list[str]:
+    """Command line of a SuperLink serving Fleet, Control and Runtime APIs on one HTTP port."""
+    cmd = [flower_bin("flower-superlink"), "--host", host, "--port", str(port)]
+    if tls is None:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
+                "--ssl-keyfile", str(tls.server_key)]
+    if database:
+        cmd += ["--database", database]
+    if enable_supernode_auth:
+        cmd.append("--enable-supernode-auth")
+    return cmd
+
+
+def supernode_command(
+    superlink: str, port: int, node_config: Mapping[str, object], root_cert: Path | None = None,
+    auth_private_key: Path | None = None,
+) -> list[str]:
+    """Command line of a SuperNode joining `superlink` (host:port) with `node_config`."""
+    cmd = [flower_bin("flower-supernode"), "--superlink", superlink, "--port", str(port)]
+    if root_cert is None:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--root-certificates", str(root_cert)]
+    if auth_private_key is not None:
+        cmd += ["--auth-supernode-private-key", str(auth_private_key)]
+    if node_config:
+        cmd += ["--node-config", toml_pairs(node_config)]
+    return cmd
+
+
+def write_connection(flwr_home: Path, name: str, address: str, root_cert: Path | None = None) -> Path:
+    """Write `$FLWR_HOME/config.toml` with one SuperLink connection `name` (the default)."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]", f'address = "{address}"']
+    if root_cert is None:
+        lines.append("insecure = true")
+    else:
+        lines.append(f'root-certificates = "{root_cert}"')
+    path = flwr_home / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def flwr_run_command(app_dir: Path, connection: str, run_config: Mapping[str, object] | None = None,
+                     stream: bool = True) -> list[str]:
+    cmd = [flower_bin("flwr"), "run", str(app_dir), connection]
+    if run_config:
+        cmd += ["--run-config", toml_pairs(run_config)]
+    if stream:
+        cmd.append("--stream")
+    return cmd
+
+
+@dataclass
+class LocalFederation:
+    """A SuperLink and N SuperNodes on free loopback ports, as separate processes (for tests / benches).
+
+    Use as a context manager; `run()` submits an app with `flwr run ... --stream` and waits for it.
+    """
+
+    work_dir: Path
+    node_configs: Sequence[Mapping[str, object]]
+    env_extra: Mapping[str, str] = field(default_factory=dict)
+    database: str | None = None
+    host: str = "127.0.0.1"
+    superlink: ManagedProcess | None = None
+    supernodes: list[ManagedProcess] = field(default_factory=list)
+    port: int = 0
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.work_dir / "flwr_home"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        return flower_env(self.flwr_home, self.env_extra)
+
+    def start(self, ready_timeout_s: float = 60.0) -> LocalFederation:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port(self.host)
+        write_connection(self.flwr_home, "local-deploy", self.address)
+        self.superlink = start_process(
+            "superlink", superlink_command(self.host, self.port, self.database, None),
+            self.work_dir / "logs" / "superlink.log", self.env(), cwd=self.work_dir)
+        wait_for_port(self.superlink, self.host, self.port, ready_timeout_s)
+        for i, node_config in enumerate(self.node_configs):
+            self.add_supernode(node_config, name=f"supernode{i}")
+        return self
+
+    def add_supernode(self, node_config: Mapping[str, object], name: str) -> ManagedProcess:
+        port = free_port(self.host)
+        proc = start_process(name, supernode_command(self.address, port, node_config),
+                             self.work_dir / "logs" / f"{name}.log", self.env(), cwd=self.work_dir)
+        wait_for_port(proc, self.host, port)
+        self.supernodes.append(proc)
+        return proc
+
+    def run(self, app_dir: Path, run_config: Mapping[str, object] | None = None,
+            timeout_s: float = 600.0) -> subprocess.CompletedProcess:
+        """`flwr run app_dir local-deploy --stream`; its output goes to logs/flwr_run.log too."""
+        cmd = flwr_run_command(app_dir, "local-deploy", run_config)
+        log.info("running %s", " ".join(cmd))
+        result = subprocess.run(cmd, env=self.env(), cwd=self.work_dir, capture_output=True, text=True,
+                                timeout=timeout_s, check=False)
+        (self.work_dir / "logs" / "flwr_run.log").write_text(result.stdout + result.stderr)
+        return result
+
+    def stop(self) -> None:
+        for proc in [*self.supernodes, self.superlink]:
+            if proc is not None:
+                proc.stop()
+
+    def __enter__(self) -> LocalFederation:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -54,6 +54,7 @@ class PreprocessConfig:
     high_pass: float | None = None  # Hz
     low_pass: float | None = None  # Hz
     confound_columns: tuple[str, ...] = ()  # columns of the confounds TSV to regress out
+    drop_initial: int = 0  # non-steady-state frames dropped at the start (counted as frames lost)
     n_jobs: int = 2  # subjects processed in parallel
 
 
@@ -163,6 +164,8 @@ def _validate(cfg: SiteConfig) -> None:
             raise err("split", f"train/val/test fractions must be >= 0 and sum to 1, got {fr}")
     if cfg.batch_size <= 0:
         raise err("batch_size", f"expected a positive integer, got {cfg.batch_size}")
+    if cfg.preprocess.drop_initial < 0:
+        raise err("preprocess.drop_initial", f"expected a frame count >= 0, got {cfg.preprocess.drop_initial}")
     if cfg.preprocess.n_jobs <= 0:
         raise err("preprocess.n_jobs", f"expected a positive integer, got {cfg.preprocess.n_jobs}")
     for key, v in (("preprocess.high_pass", cfg.preprocess.high_pass), ("preprocess.low_pass", cfg.preprocess.low_pass)):

@@ -104,3 +104,165 @@ def save_gradients(path: str | Path, g: np.ndarray) -> Path:
         raise DataError(f"gradient file '{path}': expected suffix .npy or .csv")
     tmp.replace(path)
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Alignment, connectivity sources, metadata, plots
+# --------------------------------------------------------------------------------------------------
+
+GRADIENT_METHOD = {"approach": "dm", "kernel": "normalized_angle", "sparsity": 0.9, "library": "brainspace"}
+
+
+def align_gradients(g: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Procrustes-rotate (R, k) gradients onto a reference (R, k') set (BrainSpace `procrustes`).
+
+    Only rotations/reflections among the components are applied (no centring, no scaling), so the
+    result is still a valid diffusion-map embedding. With k != k' the common first min(k, k')
+    components are aligned and any extra ones are kept as they are.
+    """
+    from brainspace.gradient.alignment import procrustes
+
+    g = np.asarray(g, dtype=np.float64)
+    ref = np.asarray(reference, dtype=np.float64)
+    if g.shape[0] != ref.shape[0]:
+        raise DataError(f"gradient alignment: {g.shape[0]} ROIs vs {ref.shape[0]} in the reference set")
+    k = min(g.shape[1], ref.shape[1])
+    out = g.copy()
+    out[:, :k] = procrustes(g[:, :k], ref[:, :k])
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def fisher_z_fc(x: np.ndarray) -> np.ndarray:
+    """Fisher-z FC of one subject: (R, L) -> (R, R) float64, diagonal zero."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x - x.mean(axis=1, keepdims=True)
+    x = x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
+    z = np.arctanh(np.clip(x @ x.T, -0.999999, 0.999999))  # (R, R)
+    np.fill_diagonal(z, 0.0)
+    return z
+
+
+def site_fc_sum(series: list[np.ndarray]) -> tuple[np.ndarray, int]:
+    """What a site contributes to a federation's connectivity: (sum of Fisher-z FC (R, R), subject count).
+
+    Series may differ in length (N x (R, L_i)); no raw series leave the site, only this sum.
+    """
+    if not series:
+        raise DataError("site FC: no series")
+    r = {s.shape[0] for s in series}
+    if len(r) != 1:
+        raise DataError(f"site FC: series have different ROI counts {sorted(r)}")
+    total = np.zeros((r.pop(),) * 2)
+    for s in series:  # one (R, R) product per subject, not a hot path
+        total += fisher_z_fc(s)
+    return total, len(series)
+
+
+def federated_fc(contributions: list[tuple[np.ndarray, int]]) -> np.ndarray:
+    """Mean Fisher-z FC of a federation from the sites' (sum, count) pairs -> (R, R)."""
+    if not contributions:
+        raise DataError("federated FC: no site contributions")
+    shapes = {np.asarray(s).shape for s, _ in contributions}
+    if len(shapes) != 1:
+        raise DataError(f"federated FC: sites sent FC sums of different shapes {sorted(shapes)}: ROI-count mismatch")
+    n = sum(int(c) for _, c in contributions)
+    if n <= 0:
+        raise DataError("federated FC: no subjects in any site")
+    return sum(np.asarray(s, dtype=np.float64) for s, _ in contributions) / n
+
+
+def load_connectivity(path: str | Path) -> np.ndarray:
+    """A square connectivity matrix from .npy or headerless .csv -> float64 (R, R)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"connectivity file '{path}' does not exist")
+    if path.suffix == ".npy":
+        fc = np.load(path, allow_pickle=False)
+    else:
+        try:
+            fc = np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, dtype=np.float64, ndmin=2)
+        except ValueError as e:
+            raise DataError(f"connectivity file '{path}': not a numeric matrix: {e}") from e
+    fc = np.asarray(fc, dtype=np.float64)
+    if fc.ndim != 2 or fc.shape[0] != fc.shape[1]:
+        raise DataError(f"connectivity file '{path}': expected a square R x R matrix, got shape {fc.shape}")
+    if not np.isfinite(fc).all():
+        raise DataError(f"connectivity file '{path}': contains NaN or Inf values")
+    return fc
+
+
+def schaefer400_fc(group: str = "main") -> np.ndarray:
+    """BrainSpace's shipped HCP group FC for Schaefer-400 (`main` or `holdout`) -> (400, 400)."""
+    from sites.connectome import schaefer_fc
+
+    return schaefer_fc(400, group)
+
+
+def default_schaefer400_gradients(n_components: int = 30, seed: int = 0) -> np.ndarray:
+    """The ready default for Schaefer-400: gradients of BrainSpace's shipped main-group FC -> (400, k)."""
+    return compute_gradients(schaefer400_fc("main"), n_components, seed)
+
+
+def gradient_metadata(g: np.ndarray, source: str, **params: object) -> dict:
+    """The sidecar record of a gradient file: source, method, parameters, shape and checksum."""
+    return {
+        "kind": "brain_gradients",
+        "source": source,
+        "method": GRADIENT_METHOD,
+        "n_rois": int(g.shape[0]),
+        "n_components": int(g.shape[1]),
+        "checksum": gradient_checksum(g),
+        "params": params,
+    }
+
+
+def save_gradients_with_metadata(path: str | Path, g: np.ndarray, metadata: dict) -> tuple[Path, Path]:
+    """Write the gradient file and `<file>.json` beside it (both atomically); the checksum is recomputed."""
+    import json
+
+    path = save_gradients(path, g)
+    g_saved = load_gradients(path)  # what readers will see (CSV rounds through float64 text)
+    meta = {**metadata, "checksum": gradient_checksum(g_saved), "file": path.name}
+    side = path.with_name(path.name + ".json")
+    tmp = side.with_name(side.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1, default=str))
+    tmp.replace(side)
+    return path, side
+
+
+def component_correlations(a: np.ndarray, b: np.ndarray, n: int = 3) -> np.ndarray:
+    """|Pearson r| between matching columns of two (R, k) gradient sets, first `n` -> (n,)."""
+    return np.array([abs(np.corrcoef(a[:, i], b[:, i])[0, 1]) for i in range(n)])
+
+
+def plot_gradients(g: np.ndarray, path: str | Path, networks: np.ndarray | None = None, title: str = "") -> Path:
+    """Scatter of gradient 1 vs 2 (and 1 vs 3), ROIs coloured by network, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    k = g.shape[1]
+    pairs = [(0, 1)] + ([(0, 2)] if k > 2 else [])
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5.2 * len(pairs), 4.6), squeeze=False)
+    nets = np.zeros(g.shape[0], dtype=int) if networks is None else np.asarray(networks)
+    cmap = plt.get_cmap("tab10" if len(np.unique(nets)) <= 10 else "tab20")
+    for ax, (i, j) in zip(axes[0], pairs, strict=True):
+        for c, lab in enumerate(np.unique(nets)):
+            m = nets == lab
+            ax.scatter(g[m, i], g[m, j], s=10, color=cmap(c % cmap.N), label=f"network {lab}", alpha=0.8)
+        ax.set_xlabel(f"gradient {i + 1}")
+        ax.set_ylabel(f"gradient {j + 1}")
+        ax.axhline(0, lw=0.5, color="grey")
+        ax.axvline(0, lw=0.5, color="grey")
+    if networks is not None:
+        axes[0, -1].legend(fontsize=7, markerscale=1.5, loc="best")
+    fig.suptitle(title or f"brain gradients ({g.shape[0]} ROIs)")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

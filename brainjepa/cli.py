@@ -1,0 +1,88 @@
+"""The `brainjepa` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sites.errors import InputError
+
+app = typer.Typer(
+    help="Brain-JEPA: pretrain a brain-dynamics foundation model on ROI fMRI series, on one machine "
+    "or federated across imaging sites. Run `brainjepa COMMAND --help` for each command.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+
+
+def _fail(err: Exception) -> typer.Exit:
+    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=2)
+
+
+@app.command()
+def pretrain(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Pretraining YAML (sections model, mask, optim, data, train).")],
+    resume: Annotated[bool, typer.Option(help="Continue from OUT_DIR/checkpoint.pt with the same schedule.")] = False,
+    steps: Annotated[int | None, typer.Option(help="Override train.steps (the planned optimizer steps).")] = None,
+    out_dir: Annotated[Path | None, typer.Option(help="Override train.out_dir.")] = None,
+    device: Annotated[str | None, typer.Option(help="Override train.device (auto, cpu, cuda, cuda:N).")] = None,
+    verbose: bool = False,
+) -> None:
+    """Pretrain Brain-JEPA on one machine. Writes metrics.csv, gradients.npy and checkpoint.pt to the
+    run folder; Ctrl-C leaves the last checkpoint intact and `--resume` continues bit-for-bit."""
+    from brainjepa.config import load_pretrain_config
+    from brainjepa.pretrain import pretrain as run
+
+    _setup_logging(verbose)
+    overrides = {k: v for k, v in {"train.steps": steps, "train.out_dir": str(out_dir) if out_dir else None,
+                                   "train.device": device}.items() if v is not None}  # fmt: skip
+    try:
+        cfg = load_pretrain_config(config, overrides)
+        result = run(cfg, resume=resume)
+    except InputError as e:
+        raise _fail(e) from e
+    except KeyboardInterrupt:
+        typer.secho("interrupted: the last checkpoint is intact; continue with --resume", err=True)
+        raise typer.Exit(code=130) from None
+    typer.echo(f"loss {result.first_loss:.4f} -> {result.final_loss:.4f}")
+    typer.echo(f"outputs in {result.out_dir.resolve()}: checkpoint.pt, metrics.csv, gradients.npy")
+
+
+@app.command()
+def bench(
+    size: Annotated[list[str], typer.Option("--size", help="Model size(s): tiny, small, base, large.")] = ["base"],  # noqa: B006
+    batch: Annotated[list[int], typer.Option("--batch", help="Batch size(s).")] = [16],  # noqa: B006
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    steps: Annotated[int, typer.Option(help="Timed optimizer steps (after 2 warm-up steps).")] = 5,
+    rois: Annotated[int, typer.Option(help="ROIs per sample.")] = 450,
+    frames: Annotated[int, typer.Option(help="Frames per sample.")] = 160,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per line instead of a table.")] = False,
+) -> None:
+    """Time the pretraining step (one optimizer step per batch, default masking, random inputs):
+    samples/s, achieved TFLOP/s (FlopCounterMode) and peak memory, plus parameter counts. Compare
+    with shared/reference/gpu-anchor.md on the same GPU kind."""
+    from brainjepa.bench import format_table, run_bench
+
+    results = []
+    for s in size:
+        for b in batch:
+            r = run_bench(size=s, batch=b, device=device, steps=steps, n_rois=rois, n_frames=frames)
+            results.append(r)
+            if as_json:
+                typer.echo(json.dumps(r.as_dict()))
+    if not as_json:
+        typer.echo(format_table(results))
+
+
+def main() -> None:
+    app()

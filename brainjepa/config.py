@@ -1,0 +1,231 @@
+"""Frozen dataclass configs and strict YAML loading.
+
+An unknown key, a missing section or a wrong type is a `ConfigError` naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sites.errors import ConfigError, where
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Encoder / predictor shapes. `n_rois` x `n_frames` is one sample; `patch_size` frames per token."""
+
+    size: str = "tiny"  # tiny | small | base | large (sets the encoder width/depth/heads)
+    n_rois: int = 450
+    n_frames: int = 160
+    patch_size: int = 16
+    gradient_components: int = 30
+    embed_dim: int = 0  # 0 = from `size`
+    depth: int = 0
+    num_heads: int = 0
+    pred_dim: int = 0  # 0 = from `size` (384 / 6 layers / 12 heads for small, base, large)
+    pred_depth: int = 0
+    pred_heads: int = 0
+    mlp_ratio: float = 4.0
+    pos_embed: str = "gradient"  # gradient | learned_roi | sincos_roi (ablations)
+
+    def __post_init__(self) -> None:
+        if self.size not in ENCODER_SIZES:
+            raise ConfigError(f"model.size: expected one of {sorted(ENCODER_SIZES)}, got '{self.size}'")
+        d, depth, heads = ENCODER_SIZES[self.size]
+        object.__setattr__(self, "embed_dim", self.embed_dim or d)
+        object.__setattr__(self, "depth", self.depth or depth)
+        object.__setattr__(self, "num_heads", self.num_heads or heads)
+        pd, pdepth, pheads = PREDICTOR_SIZES[self.size]
+        object.__setattr__(self, "pred_dim", self.pred_dim or pd)
+        object.__setattr__(self, "pred_depth", self.pred_depth or pdepth)
+        object.__setattr__(self, "pred_heads", self.pred_heads or pheads)
+        if self.n_frames % self.patch_size:
+            raise ConfigError(
+                f"model.n_frames: must be divisible by model.patch_size={self.patch_size}, got {self.n_frames}"
+            )
+        for name, dim, heads in (("", self.embed_dim, self.num_heads), ("pred_", self.pred_dim, self.pred_heads)):
+            if dim % heads or dim % 4:
+                raise ConfigError(
+                    f"model.{name}dim={dim}: must be divisible by 4 and by model.{name}heads={heads}"
+                )
+        if self.pos_embed not in ("gradient", "learned_roi", "sincos_roi"):
+            raise ConfigError(f"model.pos_embed: expected gradient|learned_roi|sincos_roi, got '{self.pos_embed}'")
+
+    @property
+    def n_time_patches(self) -> int:
+        return self.n_frames // self.patch_size
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_rois * self.n_time_patches
+
+
+# size -> (embed_dim, depth, heads). tiny is for tests and CPU demos.
+ENCODER_SIZES: dict[str, tuple[int, int, int]] = {
+    "tiny": (64, 4, 4),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+}
+# size -> (pred_dim, pred_depth, pred_heads): the reference predictor for real sizes.
+PREDICTOR_SIZES: dict[str, tuple[int, int, int]] = {
+    "tiny": (64, 2, 4),
+    "small": (384, 6, 12),
+    "base": (384, 6, 12),
+    "large": (384, 6, 12),
+}
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """Spatiotemporal masking (fractions of ROIs / time patches), as in the reference config."""
+
+    obs_roi_scale: tuple[float, float] = (0.84, 1.0)  # observed share of the non-Cross-ROI ROIs
+    obs_time_scale: tuple[float, float] = (0.84, 1.0)  # observation window, share of W
+    alpha_roi_scale: tuple[float, float] = (0.45, 0.6)  # Cross-ROI target: share of ROIs
+    alpha_time_scale: tuple[float, float] = (0.2, 0.6)  # Cross-ROI target: share of W (contiguous)
+    edge_roi_scale: tuple[float, float] = (0.15, 0.3)  # Cross-Time / Double-Cross: share of ROI pools
+    edge_time_scale: tuple[float, float] = (0.0, 0.4)  # columns per side, share of W
+    edge_width: float = 0.3  # the left/right edge zones, share of W (ref: 3 of 10)
+    reference_truncation: bool = False  # reproduce the ref's per-sample sampling + batch-min truncation
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW + schedules over the planned optimizer steps of the whole run."""
+
+    lr: float = 1e-3
+    start_lr: float = 5e-5
+    final_lr: float = 1e-6
+    warmup_fraction: float = 40 / 300  # ref: 40 of 300 epochs
+    weight_decay: float = 0.04
+    final_weight_decay: float = 0.4
+    ema: tuple[float, float] = (0.996, 1.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    loss: str = "smooth_l1"  # smooth_l1 | l2
+    accumulation_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("smooth_l1", "l2"):
+            raise ConfigError(f"optim.loss: expected smooth_l1 or l2, got '{self.loss}'")
+        if self.accumulation_steps < 1:
+            raise ConfigError(f"optim.accumulation_steps: expected >= 1, got {self.accumulation_steps}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the pretraining cohort lives: a site YAML (`site`) or a folder of ROI `.npy` files."""
+
+    site: str = ""  # path of a site YAML (sites.config schema)
+    roi_dir: str = ""  # or: a folder of per-subject (R, L) .npy files, already at the model TR
+    gradients: str = ""  # gradient file (.npy/.csv, R x k); empty = computed from the cohort's FC
+    model_tr: float = 2.205
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200  # planned optimizer steps (the schedules span these)
+    batch_size: int = 16
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    out_dir: str = "runs/pretrain"
+    checkpoint_every: int = 50
+    log_every: int = 1
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _coerce(value: Any, tp: Any, path: Path | None, key: str) -> Any:
+    """Check `value` against the annotation `tp`; convert lists to tuples and ints to floats."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where(path, key)}: expected a mapping (section), got {type(value).__name__}")
+        return from_dict(tp, value, path, key)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where(path, key)}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, path, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if origin in (typing.Union, types.UnionType):
+        for a in typing.get_args(tp):
+            if a is type(None) and value is None:
+                return None
+        return _coerce(value, next(a for a in typing.get_args(tp) if a is not type(None)), path, key)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where(path, key)}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where(path, key)}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where(path, key)}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where(path, key)}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")
+
+
+def from_dict(cls: type, data: dict, path: Path | None = None, prefix: str = "") -> Any:
+    """Build the frozen dataclass `cls` from a nested dict; unknown keys and wrong types raise."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"{where(path, key)}: unknown key; expected one of {sorted(names)}")
+        kwargs[k] = _coerce(v, hints[k], path, key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where(path)}: {e}") from e
+
+
+def load_pretrain_config(path: str | Path, overrides: dict | None = None) -> PretrainConfig:
+    """Read a pretraining YAML file (sections model, mask, optim, data, train).
+
+    Relative paths inside the `data` section are resolved against the YAML file's folder.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where(path)}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where(path)}: expected a mapping of sections at the top level")
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        raw.setdefault(section, {})[key] = value
+    data = raw.get("data") or {}
+    for key in ("site", "roi_dir", "gradients"):
+        if isinstance(data.get(key), str) and data[key] and not Path(data[key]).is_absolute():
+            data[key] = str((path.parent / data[key]).resolve())
+    return from_dict(PretrainConfig, raw, path)
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain, YAML/JSON-friendly dict of a (nested) config dataclass."""
+    return dataclasses.asdict(cfg)

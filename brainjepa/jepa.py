@@ -1,0 +1,123 @@
+"""The JEPA pretraining step: online encoder + predictor regress the EMA target's normalised tokens.
+
+`JEPAModels` holds the three networks; `jepa_loss` is the loss of one (micro-)batch; `PretrainStep`
+owns AdamW and the schedules and performs one optimizer step (with gradient accumulation) followed by
+the EMA update. It is plain PyTorch: the single-machine loop, the benchmark and the federated client
+all call the same object.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from brainjepa.config import ModelConfig, OptimConfig
+from brainjepa.masks import Masks
+from brainjepa.predictor import Predictor
+from brainjepa.schedules import SchedulePoint, schedule_at
+from brainjepa.vit import Encoder, gather_tokens
+
+
+class JEPAModels(nn.Module):
+    """encoder (trained), predictor (trained), target (EMA of the encoder, never gets gradients)."""
+
+    def __init__(self, cfg: ModelConfig, gradients: torch.Tensor) -> None:
+        super().__init__()
+        if gradients.shape != (cfg.n_rois, cfg.gradient_components):
+            raise ValueError(
+                f"gradients have shape {tuple(gradients.shape)}, the model config expects "
+                f"({cfg.n_rois}, {cfg.gradient_components}) (model.n_rois, model.gradient_components)"
+            )
+        self.cfg = cfg
+        self.encoder = Encoder(cfg, gradients)
+        self.predictor = Predictor(cfg, gradients)
+        self.target = copy.deepcopy(self.encoder)
+        self.target.requires_grad_(False)
+
+
+def jepa_loss(models: JEPAModels, x: torch.Tensor, masks: Masks, loss: str = "smooth_l1") -> torch.Tensor:
+    """x (B, R, T) -> scalar loss between predictions and LayerNorm-ed target tokens."""
+    with torch.no_grad():
+        h = models.target(x)  # (B, N, D) all tokens
+        h = F.layer_norm(h, (h.shape[-1],))  # no affine
+        target = gather_tokens(h, masks.target)  # (B, Nt, D)
+    z = models.encoder(x, masks.context)  # (B, Nc, D)
+    pred = models.predictor(z, masks.context, masks.target)  # (B, Nt, D)
+    if loss == "l2":
+        return F.mse_loss(pred.float(), target.float())
+    return F.smooth_l1_loss(pred.float(), target.float(), beta=1.0)
+
+
+def param_groups(models: JEPAModels) -> list[dict]:
+    """AdamW groups: weight decay on weight matrices, none on biases and 1-D parameters."""
+    decay, no_decay = [], []
+    for module in (models.encoder, models.predictor):
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
+    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
+
+
+class PretrainStep:
+    """One optimizer step of JEPA pretraining at an explicit position of the run's schedule."""
+
+    def __init__(
+        self, models: JEPAModels, cfg: OptimConfig, total_steps: int, device: torch.device | str = "cpu",
+        fused: bool | None = None,
+    ) -> None:  # fmt: skip
+        self.models, self.cfg, self.total_steps = models, cfg, total_steps
+        self.device = torch.device(device)
+        self.models.to(self.device)
+        fused = self.device.type == "cuda" if fused is None else fused
+        self.optimizer = torch.optim.AdamW(param_groups(models), lr=cfg.start_lr, betas=cfg.betas, fused=fused)
+        self.amp = self.device.type == "cuda"
+        self._online = list(models.encoder.parameters())
+        self._target = list(models.target.parameters())
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
+
+    def set_schedule(self, point: SchedulePoint) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = point.lr
+            if group["apply_wd"]:
+                group["weight_decay"] = point.weight_decay
+
+    def __call__(self, micro_batches: Sequence[tuple[torch.Tensor, Masks]], step: int) -> torch.Tensor:
+        """Accumulate gradients over the micro-batches, step AdamW, update the EMA target.
+
+        Returns the mean loss as a detached device tensor (no host sync).
+        """
+        point = schedule_at(self.cfg, step, self.total_steps)
+        self.set_schedule(point)
+        self.models.encoder.train()
+        self.models.predictor.train()
+        total = torch.zeros((), device=self.device)
+        for x, masks in micro_batches:
+            x = x.to(self.device, non_blocking=True)
+            masks = masks.to(self.device)
+            with self.autocast():
+                loss = jepa_loss(self.models, x, masks, self.cfg.loss) / len(micro_batches)
+            loss.backward()
+            total += loss.detach()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema_update(point.momentum)
+        return total
+
+    @torch.no_grad()
+    def ema_update(self, momentum: float) -> None:
+        """target <- momentum * target + (1 - momentum) * encoder, for every parameter."""
+        torch._foreach_lerp_(self._target, self._online, 1.0 - momentum)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])

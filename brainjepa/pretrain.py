@@ -1,0 +1,157 @@
+"""Single-machine pretraining: the run loop around `PretrainStep`, with metrics and checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from brainjepa.checkpoint import load_checkpoint, save_checkpoint
+from brainjepa.config import PretrainConfig, to_dict
+from brainjepa.data import BatchStream, load_roi_dir, stack_series
+from brainjepa.gradients import compute_gradients, gradient_checksum, group_connectivity, load_gradients, save_gradients
+from brainjepa.jepa import JEPAModels, PretrainStep
+from brainjepa.schedules import schedule_at
+from sites.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+METRIC_FIELDS = ["step", "loss", "lr", "weight_decay", "momentum", "samples", "seconds"]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: '{name}' asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class Cohort:
+    series: list[np.ndarray]  # each (R, L_i) float32 at the model TR
+    subject_ids: list[str]
+    source: str
+
+
+def load_cohort(cfg: PretrainConfig) -> Cohort:
+    """The pretraining subjects named by the config's `data` section."""
+    if cfg.data.roi_dir:
+        series, ids = load_roi_dir(cfg.data.roi_dir)
+        return Cohort(series, ids, cfg.data.roi_dir)
+    raise ConfigError("data: set 'roi_dir' (a folder of per-subject ROI x time .npy files)")
+
+
+def resolve_gradients(cfg: PretrainConfig, cohort: Cohort) -> tuple[np.ndarray, str]:
+    """The gradient matrix (R, k) and where it came from (a file, or the cohort's connectivity)."""
+    m = cfg.model
+    if cfg.data.gradients:
+        return load_gradients(cfg.data.gradients, m.n_rois, m.gradient_components), cfg.data.gradients
+    log.info("no gradient file given: computing %d diffusion-map gradients from the cohort's mean FC",
+             m.gradient_components)  # fmt: skip
+    n = min(len(cohort.series), 256)
+    min_len = min(s.shape[1] for s in cohort.series[:n])
+    fc = group_connectivity(np.stack([s[:, :min_len] for s in cohort.series[:n]]))
+    return compute_gradients(fc, m.gradient_components), f"computed from {n} subjects of {cohort.source}"
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    out_dir: Path
+    checkpoint: Path
+    metrics: Path
+    final_loss: float
+    first_loss: float
+
+
+def _open_metrics(path: Path, start: int) -> tuple[object, csv.DictWriter]:
+    """Open the metrics CSV for appending; on resume drop rows past the checkpoint's step."""
+    rows = []
+    if start > 0 and path.exists():
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) < start]
+    f = open(path, "w", newline="")  # noqa: SIM115 (closed by the caller)
+    writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return f, writer
+
+
+def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> PretrainResult:
+    """Pretrain for cfg.train.steps optimizer steps; resumable from out_dir/checkpoint.pt."""
+    t = cfg.train
+    out = Path(t.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.csv"
+    device = resolve_device(t.device)
+    torch.manual_seed(t.seed)
+
+    cohort = load_cohort(cfg)
+    if cohort.series[0].shape[0] != cfg.model.n_rois:
+        raise DataError(
+            f"data '{cohort.source}' has {cohort.series[0].shape[0]} ROIs but model.n_rois is {cfg.model.n_rois}"
+        )
+    series, lengths = stack_series(cohort.series, cfg.model.n_frames, cohort.subject_ids)
+    grads, grad_source = resolve_gradients(cfg, cohort)
+    checksum = gradient_checksum(grads)
+    save_gradients(out / "gradients.npy", grads)
+
+    models = JEPAModels(cfg.model, torch.from_numpy(grads))
+    step_fn = PretrainStep(models, cfg.optim, t.steps, device)
+    start = 0
+    if resume:
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt["gradient_checksum"] != checksum:
+            raise DataError(f"checkpoint '{ckpt_path}' was trained with other gradients (checksum mismatch)")
+        if ckpt["config"]["model"] != to_dict(cfg)["model"] or ckpt["config"]["train"]["steps"] != t.steps:
+            raise ConfigError(f"checkpoint '{ckpt_path}': model config or train.steps differ from the config given")
+        models.load_state_dict(ckpt["models"])
+        step_fn.load_state_dict(ckpt["trainer"])
+        start = ckpt["step"]
+        log.info("resuming from %s at step %d of %d", ckpt_path, start, t.steps)
+
+    stream = BatchStream(series, lengths, cfg.model.n_frames, cfg.model.patch_size, t.batch_size, cfg.mask, t.seed)
+    accum = cfg.optim.accumulation_steps
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(
+            ckpt_path, kind="pretrain", step=step, config=to_dict(cfg), model_config=to_dict(cfg.model),
+            gradients=grads, gradient_checksum=checksum, gradient_source=grad_source,
+            models=models.state_dict(), trainer=step_fn.state_dict(),
+        )  # fmt: skip
+
+    f, writer = _open_metrics(metrics_path, start)
+    pending: list[tuple[int, torch.Tensor, float]] = []
+    first_loss = last_loss = float("nan")
+    bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc="pretrain", disable=not progress)
+    t0 = time.perf_counter()
+    try:
+        for step in bar:
+            loss = step_fn([stream[step * accum + a] for a in range(accum)], step)
+            pending.append((step, loss, time.perf_counter() - t0))
+            if len(pending) >= t.log_every or step == t.steps - 1:
+                losses = torch.stack([p[1] for p in pending]).tolist()  # one host sync per flush
+                for (s, _, sec), value in zip(pending, losses, strict=True):
+                    pt = schedule_at(cfg.optim, s, t.steps)
+                    writer.writerow({"step": s, "loss": f"{value:.6f}", "lr": f"{pt.lr:.3e}",
+                                     "weight_decay": f"{pt.weight_decay:.4f}", "momentum": f"{pt.momentum:.6f}",
+                                     "samples": (s + 1) * t.batch_size * accum, "seconds": f"{sec:.2f}"})  # fmt: skip
+                f.flush()
+                if first_loss != first_loss and pending[0][0] == 0:
+                    first_loss = losses[0]
+                last_loss = losses[-1]
+                bar.set_postfix(loss=f"{last_loss:.4f}")
+                pending.clear()
+            if (step + 1) % t.checkpoint_every == 0 or step == t.steps - 1:
+                checkpoint(step + 1)
+    finally:
+        f.close()
+        bar.close()
+    log.info("pretraining done: %d steps, final loss %.4f, checkpoint %s", t.steps, last_loss, ckpt_path)
+    return PretrainResult(out, ckpt_path, metrics_path, last_loss, first_loss)

@@ -1,0 +1,97 @@
+"""Pre-LN ViT blocks and the Brain-JEPA encoder over ROI-patch tokens."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from brainjepa.attention import Attention
+from brainjepa.config import ModelConfig
+from brainjepa.pos_embed import BrainPositionalEmbedding
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """x + attn(LN(x)), then x + mlp(LN(x)). LayerNorm eps 1e-6."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def init_weights(module: nn.Module) -> None:
+    """Truncated-normal(0.02) linear weights, zero biases, unit LayerNorms (the ViT/I-JEPA convention)."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def rescale_blocks(blocks: nn.ModuleList) -> None:
+    """Scale each block's output projections by 1/sqrt(2 * layer), as I-JEPA does at init."""
+    for layer, blk in enumerate(blocks, start=1):
+        blk.attn.proj.weight.data.div_((2.0 * layer) ** 0.5)
+        blk.mlp.fc2.weight.data.div_((2.0 * layer) ** 0.5)
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Select tokens per sample: x (B, N, D), idx (B, M) -> (B, M, D)."""
+    return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+class PatchEmbed(nn.Module):
+    """Each ROI's series cut into patches of p frames, each mapped by one shared Linear(p -> D)."""
+
+    def __init__(self, patch_size: int, dim: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Linear(patch_size, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, R, T = x.shape
+        patches = x.reshape(B, R * (T // self.patch_size), self.patch_size)  # (B, R*W, p), ROI-major
+        return self.proj(patches)  # (B, N, D)
+
+
+class Encoder(nn.Module):
+    """ROI-patch embedding + brain-gradient positions + pre-LN ViT. No CLS token."""
+
+    def __init__(self, cfg: ModelConfig, gradients: torch.Tensor) -> None:
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.embed_dim
+        self.patch_embed = PatchEmbed(cfg.patch_size, D)
+        self.pos_embed = BrainPositionalEmbedding(gradients, cfg.n_time_patches, D, cfg.pos_embed)
+        self.blocks = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.apply(init_weights)
+        rescale_blocks(self.blocks)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, R, T) -> (B, N, D) over all tokens, or (B, M, D) over `keep` (B, M) token indices."""
+        tokens = self.patch_embed(x) + self.pos_embed()[None].to(x.dtype)  # (B, N, D)
+        if keep is not None:
+            tokens = gather_tokens(tokens, keep)  # (B, M, D)
+        for blk in self.blocks:
+            tokens = blk(tokens)
+        return self.norm(tokens)

@@ -1,0 +1,269 @@
+"""One site's cohort in memory: every subject's ROI series at the model TR, with phenotypes and splits.
+
+`load_site_series(cfg, model_tr)` is the one entry point the training core uses. It matches
+`participants.tsv` rows to per-subject files (a row without a file, or a file without a row, is an
+error naming both, unless `data.on_missing: skip`), reads and checks each series, resamples it to the
+model TR and, given `min_frames`, rejects (or with `data.on_short: skip`, drops and counts) scans
+shorter than the model window. NIfTI sites are read from `prepare`'s output folder and manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sites.config import SiteConfig
+from sites.errors import DataError, where
+from sites.manifest import read_manifest
+from sites.participants import Participants, read_participants
+from sites.roi_io import read_roi_file
+from sites.temporal import DEFAULT_MODEL_TR, n_frames_after, resample
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class SiteSeries:
+    site: str
+    series: list[np.ndarray]  # N x float32 (R, L_i), at `tr`
+    subject_ids: list[str]
+    phenotypes: dict[str, np.ndarray]  # column -> (N,) float64 (NaN = missing) or str
+    splits: np.ndarray  # (N,) 'train' | 'val' | 'test'
+    n_rois: int
+    tr: float  # seconds (the model TR)
+    source: Path  # the site YAML
+    files: list[tuple[Path, ...]] = field(default_factory=list)  # N x the files each series came from
+    skipped: dict[str, str] = field(default_factory=dict)  # subject id -> reason
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([s.shape[1] for s in self.series], dtype=np.int64)  # (N,)
+
+    def __len__(self) -> int:
+        return len(self.series)
+
+    def subset(self, split: str) -> SiteSeries:
+        """Only the subjects of one split ('train', 'val' or 'test')."""
+        if split not in SPLITS:
+            raise DataError(f"unknown split '{split}', expected one of {SPLITS}")
+        keep = np.flatnonzero(self.splits == split)
+        return dataclasses.replace(
+            self,
+            series=[self.series[i] for i in keep],
+            subject_ids=[self.subject_ids[i] for i in keep],
+            phenotypes={k: v[keep] for k, v in self.phenotypes.items()},
+            splits=self.splits[keep],
+            files=[self.files[i] for i in keep] if self.files else [],
+        )
+
+
+def subject_label(sid: str) -> str:
+    return sid[4:] if sid.startswith("sub-") else sid
+
+
+def _fill(pattern: str, sid: str) -> str:
+    return pattern.replace("{subject}", sid).replace("{label}", subject_label(sid))
+
+
+def find_subject_file(root: Path, pattern: str, sid: str, key: str, cfg_file: Path) -> Path | None:
+    """The one file matching `pattern` for subject `sid` under `root`; None when there is none."""
+    rel = _fill(pattern, sid)
+    if glob.has_magic(rel):
+        hits = sorted(root.glob(rel))
+        if len(hits) > 1:
+            raise DataError(
+                f"{where(cfg_file, key)}: pattern '{pattern}' matches {len(hits)} files for subject '{sid}' "
+                f"({', '.join(h.name for h in hits[:4])}...): make it specific (one file per subject)"
+            )
+        return hits[0] if hits else None
+    p = root / rel
+    return p if p.is_file() else None
+
+
+def discover_subjects(root: Path, pattern: str) -> dict[str, Path]:
+    """Subject ids that have a file matching `pattern` under `root` (id as `{subject}` would be filled)."""
+    glob_pat = re.sub(r"\{(subject|label)\}", "*", pattern)
+    rx = ""
+    for part in re.split(r"(\{subject\}|\{label\}|\*|\?)", pattern):
+        if part == "{subject}":
+            rx += r"(?P<subject>[^/]+)" if "(?P<subject>" not in rx else r"(?P=subject)"
+        elif part == "{label}":
+            rx += r"(?P<label>[^/]+)" if "(?P<label>" not in rx else r"(?P=label)"
+        elif part == "*":
+            rx += r"[^/]*"
+        elif part == "?":
+            rx += r"[^/]"
+        else:
+            rx += re.escape(part)
+    cre = re.compile(rx + r"\Z")
+    found: dict[str, Path] = {}
+    for p in root.glob(glob_pat):
+        m = cre.match(p.relative_to(root).as_posix())
+        if m:
+            gd = m.groupdict()
+            sid = gd.get("subject") or "sub-" + gd["label"]
+            found[sid] = p
+    return found
+
+
+def assign_splits(ids: list[str], cfg: SiteConfig, parts: Participants) -> np.ndarray:
+    """(N,) split names: from the participants column, or drawn once from the ids with the split seed."""
+    s = cfg.split
+    if s.column is not None:
+        col = parts.column(s.column)
+        bad = sorted({str(v) for v in col} - set(SPLITS))
+        if bad:
+            raise DataError(f"{where(parts.source, s.column)}: split values must be {SPLITS}, got {bad}")
+        by_id = dict(zip(parts.ids, col, strict=True))
+        return np.array([by_id[i] for i in ids], dtype="<U5")
+    order = sorted(parts.ids)  # independent of row order and of later skips
+    perm = np.random.default_rng(s.seed).permutation(len(order))
+    n_train = int(round(s.train * len(order)))
+    n_val = int(round(s.val * len(order)))
+    names = np.empty(len(order), dtype="<U5")
+    names[perm[:n_train]] = "train"
+    names[perm[n_train : n_train + n_val]] = "val"
+    names[perm[n_train + n_val :]] = "test"
+    by_id = dict(zip(order, names, strict=True))
+    return np.array([by_id[i] for i in ids], dtype="<U5")
+
+
+def _subject_sources(cfg: SiteConfig, parts: Participants) -> tuple[dict[str, list[Path]], dict[str, float], dict[str, str]]:
+    """Per subject: the files to concatenate (ROI-block order), its TR, and the subjects skipped."""
+    root = cfg.data.root
+    skipped: dict[str, str] = {}
+    files: dict[str, list[Path]] = {}
+    trs: dict[str, float] = {}
+    if cfg.data.format == "nifti":
+        manifest = read_manifest(cfg.output_dir, cfg.source)
+        subjects = manifest.get("subjects", {})
+        for sid in parts.ids:
+            entry = subjects.get(sid)
+            if entry is None or entry.get("status") != "ok":
+                why = "not prepared" if entry is None else f"prepare failed: {entry.get('error', '?')}"
+                skipped[sid] = why
+                continue
+            files[sid] = [cfg.output_dir / entry["file"]]
+            trs[sid] = float(cfg.tr if cfg.tr is not None else entry["tr"])
+        if not files:
+            raise DataError(
+                f"{where(cfg.source)}: no prepared subjects in '{cfg.output_dir}' (run `brainjepa prepare --site "
+                f"{cfg.source}` first)"
+            )
+        return files, trs, skipped
+    patterns = (
+        [("data.file", cfg.data.file)]
+        if cfg.data.file is not None
+        else [(f"rois[{i}].file", b.file) for i, b in enumerate(cfg.rois)]
+    )
+    missing: list[str] = []
+    for sid in parts.ids:
+        paths = [find_subject_file(root, pat, sid, key, cfg.source) for key, pat in patterns]
+        if any(p is None for p in paths):
+            absent = [_fill(pat, sid) for (key, pat), p in zip(patterns, paths, strict=True) if p is None]
+            missing.append(f"'{sid}' (no {', '.join(absent)})")
+            skipped[sid] = "no data file"
+            continue
+        files[sid] = paths
+        trs[sid] = float(cfg.tr)
+    known = set(parts.ids)
+    orphans = sorted({sid for key, pat in patterns for sid in discover_subjects(root, pat)} - known)
+    problems = []
+    if missing:
+        problems.append(
+            f"{len(missing)} participants row(s) without a data file under '{root}': {', '.join(missing[:5])}"
+        )
+    if orphans:
+        problems.append(
+            f"{len(orphans)} data file(s) whose subject has no row in '{parts.source}': {', '.join(orphans[:5])}"
+        )
+    if problems:
+        msg = f"{where(cfg.source, 'data')}: " + "; ".join(problems)
+        if cfg.data.on_missing == "error":
+            raise DataError(msg + " (set 'data.on_missing: skip' to skip them)")
+        log.warning("%s (skipped)", msg)
+    if not files:
+        raise DataError(f"{where(cfg.source, 'data')}: no subject has a data file under '{root}'")
+    return files, trs, skipped
+
+
+def load_site_series(
+    cfg: SiteConfig,
+    model_tr: float = DEFAULT_MODEL_TR,
+    split: str | None = None,
+    min_frames: int | None = None,
+    method: str = "polyphase",
+    progress: bool = False,
+) -> SiteSeries:
+    """Load a site's subjects as float32 (R, L_i) series at `model_tr` (see module doc)."""
+    parts = read_participants(cfg.participants.file, cfg.participants.id_column, cfg.participants.phenotypes)
+    files, trs, skipped = _subject_sources(cfg, parts)
+    ids = [sid for sid in parts.ids if sid in files]
+    if split is not None and split not in SPLITS:
+        raise DataError(f"unknown split '{split}', expected one of {SPLITS}")
+    splits = assign_splits(ids, cfg, parts)
+    if split is not None:
+        ids = [sid for sid, s in zip(ids, splits, strict=True) if s == split]
+    series: list[np.ndarray] = []
+    kept: list[str] = []
+    short: list[str] = []
+    iterator = ids
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(ids, desc=f"loading {cfg.site}", unit="subject")
+    orientation = cfg.data.orientation if cfg.data.format == "roi" else "rois_x_time"
+    hdr = cfg.data.csv_header
+    for sid in iterator:
+        if len(files[sid]) == 1:
+            x = read_roi_file(files[sid][0], orientation, n_rois=cfg.n_rois, csv_header=hdr)
+        else:  # UKB style: one file per ROI block, concatenated in the declared order
+            blocks = [
+                read_roi_file(p, orientation, n_rois=b.n_rois, csv_header=hdr) for p, b in zip(files[sid], cfg.rois, strict=True)
+            ]
+            lens = {b.shape[1] for b in blocks}
+            if len(lens) != 1:
+                raise DataError(
+                    f"{where(files[sid][0])}: subject '{sid}' has ROI blocks of different lengths {sorted(lens)}"
+                )
+            x = np.concatenate(blocks, axis=0)  # (R, L)
+        n_out = n_frames_after(x.shape[1], trs[sid], model_tr)
+        if min_frames is not None and n_out < min_frames:
+            msg = (
+                f"{where(files[sid][0])}: subject '{sid}' has {x.shape[1]} frames at TR {trs[sid]} s = {n_out} "
+                f"frames at the model TR {model_tr} s, shorter than the window of {min_frames} frames"
+            )
+            if cfg.data.on_short == "error":
+                raise DataError(msg + " (set 'data.on_short: skip' to skip such scans)")
+            short.append(sid)
+            skipped[sid] = f"too short ({n_out} < {min_frames} frames)"
+            continue
+        series.append(resample(x, trs[sid], model_tr, method))
+        kept.append(sid)
+    if short:
+        log.warning("site %s: skipped %d scan(s) shorter than %d frames: %s", cfg.site, len(short), min_frames, short[:5])
+    if not kept:
+        raise DataError(f"{where(cfg.source)}: no usable subject (split={split}); skipped: {dict(list(skipped.items())[:5])}")
+    rows = {sid: i for i, sid in enumerate(parts.ids)}
+    idx = np.array([rows[s] for s in kept], dtype=np.int64)
+    phen = {c: parts.column(c)[idx] for c in cfg.participants.phenotypes}
+    return SiteSeries(
+        site=cfg.site,
+        series=series,
+        subject_ids=kept,
+        phenotypes=phen,
+        splits=assign_splits(kept, cfg, parts),
+        n_rois=cfg.n_rois,
+        tr=float(model_tr),
+        source=cfg.source,
+        files=[tuple(files[s]) for s in kept],
+        skipped=skipped,
+    )

@@ -1,0 +1,220 @@
+"""A site's YAML config: where its data lives, how it is laid out, and what it must agree on.
+
+Relative paths in the file are taken relative to the YAML file's folder. Subject file patterns use
+`{subject}` (the participants id as written, e.g. `sub-001`) and `{label}` (the id without a leading
+`sub-`), and may contain `*` wildcards that must match exactly one file. See `docs/data.md` and
+`configs/site_*.yaml` for documented examples of both formats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from sites.errors import ConfigError, where
+from sites.schema import from_mapping
+
+
+@dataclass(frozen=True)
+class RoiBlock:
+    """One contiguous block of the ROI layout (e.g. 50 Tian-III subcortical ROIs, then 400 Schaefer)."""
+
+    name: str
+    n_rois: int
+    atlas: Path | None = None  # nifti format: an integer label image for this block
+    labels: tuple[int, ...] | None = None  # nifti: label values in ROI order (default: sorted non-zero)
+    file: str | None = None  # roi format: this block's per-subject file pattern (UKB-style split files)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    format: Literal["nifti", "roi"]
+    root: Path = Path(".")
+    # roi format: one per-subject file holding every ROI (else each RoiBlock names its own `file`)
+    file: str | None = None
+    orientation: Literal["rois_x_time", "time_x_rois"] = "rois_x_time"
+    csv_header: bool | None = None  # CSV/TSV first row = column names? null: detect (non-numeric cells)
+    # nifti format: BIDS-derivatives pattern of the 4D BOLD image and (optional) confounds TSV
+    bold: str = "{subject}/func/{subject}_*space-MNI152NLin6Asym*_bold.nii.gz"
+    confounds: str | None = None
+    output: Path = Path("derivatives/brainjepa")  # where `prepare` writes ROI series + manifest
+    on_missing: Literal["error", "skip"] = "error"  # participants row without a data file
+    on_short: Literal["error", "skip"] = "error"  # scan shorter than the model window
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """nilearn signal cleaning applied by `prepare` (NiftiLabelsMasker arguments)."""
+
+    detrend: bool = False
+    high_pass: float | None = None  # Hz
+    low_pass: float | None = None  # Hz
+    confound_columns: tuple[str, ...] = ()  # columns of the confounds TSV to regress out
+    drop_initial: int = 0  # non-steady-state frames dropped at the start (counted as frames lost)
+    n_jobs: int = 2  # subjects processed in parallel
+
+
+@dataclass(frozen=True)
+class ParticipantsConfig:
+    file: Path = Path("participants.tsv")
+    id_column: str = "participant_id"
+    phenotypes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Either a participants column holding train/val/test, or fractions drawn with a seed."""
+
+    column: str | None = None
+    train: float = 0.8
+    val: float = 0.1
+    test: float = 0.1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """This site's DP-SGD budget (used by the Flower client; not by `sites` itself)."""
+
+    enabled: bool = False
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    site: str
+    data: DataConfig
+    rois: tuple[RoiBlock, ...]
+    tr: float | None = None  # seconds; nifti: read from the header when null
+    participants: ParticipantsConfig = field(default_factory=ParticipantsConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    batch_size: int = 16
+    device: str = "cpu"
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    source: Path = field(default=Path("<memory>"), compare=False)  # the YAML file (set by the loader)
+
+    @property
+    def n_rois(self) -> int:
+        return sum(b.n_rois for b in self.rois)
+
+    @property
+    def roi_names(self) -> list[str]:
+        """One name per ROI, in model order: `<block>_<index within block>`."""
+        return [f"{b.name}_{i}" for b in self.rois for i in range(b.n_rois)]
+
+    @property
+    def output_dir(self) -> Path:
+        return self.data.root / self.data.output
+
+
+def _resolve(base: Path, p: Path | None) -> Path | None:
+    if p is None:
+        return None
+    p = p.expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _validate(cfg: SiteConfig) -> None:
+    f = cfg.source
+
+    def err(key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{where(f, key)}: {msg}")
+
+    if not cfg.site.strip():
+        raise err("site", "expected a non-empty site name")
+    if cfg.tr is not None and cfg.tr <= 0:
+        raise err("tr", f"expected a repetition time in seconds > 0, got {cfg.tr}")
+    if cfg.data.format == "roi" and cfg.tr is None:
+        raise err("tr", "ROI-series input has no header to read the TR from: set 'tr' (seconds)")
+    if not cfg.rois:
+        raise err("rois", "expected at least one ROI block")
+    names = [b.name for b in cfg.rois]
+    if len(set(names)) != len(names):
+        raise err("rois", f"block names must be unique, got {names}")
+    for i, b in enumerate(cfg.rois):
+        if b.n_rois <= 0:
+            raise err(f"rois[{i}].n_rois", f"expected a positive ROI count, got {b.n_rois}")
+        if b.labels is not None and len(b.labels) != b.n_rois:
+            raise err(f"rois[{i}].labels", f"has {len(b.labels)} labels but n_rois is {b.n_rois}")
+        if cfg.data.format == "nifti" and b.atlas is None:
+            raise err(f"rois[{i}].atlas", "format 'nifti' needs a label atlas image for every ROI block")
+    if cfg.data.format == "roi":
+        per_block = [b.file is not None for b in cfg.rois]
+        if cfg.data.file is None and not all(per_block):
+            raise err("data.file", "format 'roi' needs 'data.file' (all ROIs in one file) or a 'file' in every ROI block")
+        if cfg.data.file is not None and any(per_block):
+            raise err("data.file", "give either 'data.file' or per-block 'file' patterns, not both")
+    for key, pat in [("data.file", cfg.data.file), ("data.bold", cfg.data.bold)] + [
+        (f"rois[{i}].file", b.file) for i, b in enumerate(cfg.rois)
+    ]:
+        if pat is not None and "{subject}" not in pat and "{label}" not in pat:
+            raise err(key, f"pattern '{pat}' must contain '{{subject}}' or '{{label}}'")
+    s = cfg.split
+    if s.column is None:
+        fr = (s.train, s.val, s.test)
+        if min(fr) < 0 or abs(sum(fr) - 1.0) > 1e-6:
+            raise err("split", f"train/val/test fractions must be >= 0 and sum to 1, got {fr}")
+    if cfg.batch_size <= 0:
+        raise err("batch_size", f"expected a positive integer, got {cfg.batch_size}")
+    if cfg.preprocess.drop_initial < 0:
+        raise err("preprocess.drop_initial", f"expected a frame count >= 0, got {cfg.preprocess.drop_initial}")
+    if cfg.preprocess.n_jobs <= 0:
+        raise err("preprocess.n_jobs", f"expected a positive integer, got {cfg.preprocess.n_jobs}")
+    for key, v in (("preprocess.high_pass", cfg.preprocess.high_pass), ("preprocess.low_pass", cfg.preprocess.low_pass)):
+        if v is not None and v <= 0:
+            raise err(key, f"expected a frequency in Hz > 0, got {v}")
+
+
+def parse_site_config(data: object, source: Path | str = "<memory>") -> SiteConfig:
+    """Build a SiteConfig from an already-parsed mapping; relative paths resolve against `source`'s folder."""
+    source = Path(source)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where(source)}: expected a YAML mapping at the top level, got {type(data).__name__}")
+    if "source" in data:
+        raise ConfigError(f"{where(source, 'source')}: unknown key (reserved: set by the loader)")
+    cfg = from_mapping(SiteConfig, data, source)
+    base = source.parent if source.name != "<memory>" else Path(".")
+    root = _resolve(base, cfg.data.root)
+    data_cfg = dataclasses.replace(cfg.data, root=root, output=_resolve(root, cfg.data.output))
+    blocks = tuple(dataclasses.replace(b, atlas=_resolve(base, b.atlas)) for b in cfg.rois)
+    parts = dataclasses.replace(cfg.participants, file=_resolve(root, cfg.participants.file))
+    cfg = dataclasses.replace(cfg, data=data_cfg, rois=blocks, participants=parts, source=source)
+    _validate(cfg)
+    return cfg
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    """Read and check a site YAML file. Errors name the file and the offending key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{where(path)}: site config file does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where(path)}: malformed YAML: {e}") from e
+    return parse_site_config(data, path)
+
+
+def site_config_to_dict(cfg: SiteConfig) -> dict:
+    """The YAML-ready mapping of a config (paths as strings; `source` left out)."""
+
+    def conv(v: object) -> object:
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    d = dataclasses.asdict(cfg)
+    d.pop("source")
+    return conv(d)

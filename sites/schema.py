@@ -1,0 +1,103 @@
+"""Turn parsed YAML mappings into frozen dataclasses, checking every key and type.
+
+A small, strict converter: an unknown key, a missing required key or a value of the wrong type is a
+`ConfigError` that names the file, the dotted key, what was expected and what came. Supported field
+types: bool, int, float (ints accepted), str, Path, `X | None`, `Literal[...]`, `tuple[X, ...]`, and
+nested dataclasses (also as `tuple[Dataclass, ...]` from a YAML list).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from sites.errors import ConfigError, where
+
+_MISSING = dataclasses.MISSING
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if _is_optional(tp):
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        return f"{_type_name(inner[0])} or null"
+    if get_origin(tp) is tuple:
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if tp is Path:
+        return "a path (string)"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _is_optional(tp: Any) -> bool:
+    return get_origin(tp) in (typing.Union, types.UnionType) and type(None) in get_args(tp)
+
+
+def _convert(value: Any, tp: Any, file: Path | str | None, key: str) -> Any:
+    def bad() -> ConfigError:
+        return ConfigError(f"{where(file, key)}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+    if _is_optional(tp):
+        if value is None:
+            return None
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        return _convert(value, inner[0], file, key)
+    if get_origin(tp) is Literal:
+        if value not in get_args(tp):
+            raise bad()
+        return value
+    if get_origin(tp) is tuple:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise bad()
+        (item,) = [a for a in get_args(tp) if a is not Ellipsis]
+        return tuple(_convert(v, item, file, f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad()
+        return from_mapping(tp, value, file, prefix=key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            raise bad()
+        return Path(value)
+    raise TypeError(f"schema: unsupported field type {tp!r} for key '{key}'")  # programming error
+
+
+def from_mapping(cls: type, data: dict, file: Path | str | None, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping; errors name `file` and the dotted key."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for k in data:
+        if not isinstance(k, str) or k not in fields:
+            full = f"{prefix}.{k}" if prefix else str(k)
+            raise ConfigError(
+                f"{where(file, full)}: unknown key; allowed keys here: {', '.join(sorted(fields))}"
+            )
+    kwargs = {}
+    for name, f in fields.items():
+        full = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], file, full)
+        elif f.default is _MISSING and f.default_factory is _MISSING:
+            raise ConfigError(f"{where(file, full)}: required key is missing (expected {_type_name(hints[name])})")
+    return cls(**kwargs)

@@ -1,0 +1,107 @@
+"""The JEPA step: gradients flow where they should, EMA formula, schedules, accumulation."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from brainjepa.config import MaskConfig, ModelConfig, OptimConfig
+from brainjepa.jepa import JEPAModels, PretrainStep, jepa_loss
+from brainjepa.masks import Masks, sample_masks
+from brainjepa.schedules import ema_momentum, learning_rate, weight_decay
+
+CFG = ModelConfig(size="tiny", n_rois=24, n_frames=64, gradient_components=6)
+
+
+def _setup(seed: int = 0, batch: int = 4) -> tuple[JEPAModels, torch.Tensor, Masks]:
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    models = JEPAModels(CFG, torch.randn(24, 6, generator=g))
+    x = torch.randn(batch, 24, 64, generator=g)
+    return models, x, sample_masks(MaskConfig(), batch, 24, CFG.n_time_patches, g)
+
+
+def test_target_gets_no_gradient_and_every_trained_parameter_does() -> None:
+    models, x, masks = _setup()
+    jepa_loss(models, x, masks).backward()
+    assert all(p.grad is None and not p.requires_grad for p in models.target.parameters())
+    for name, module in (("encoder", models.encoder), ("predictor", models.predictor)):
+        for pname, p in module.named_parameters():
+            assert p.grad is not None, f"{name}.{pname} got no gradient"
+            assert p.grad.abs().sum() > 0, f"{name}.{pname} has an all-zero gradient"
+
+
+def test_ema_update_equals_the_formula() -> None:
+    models, x, masks = _setup()
+    step = PretrainStep(models, OptimConfig(), total_steps=10)
+    with torch.no_grad():
+        for p in models.encoder.parameters():
+            p.add_(torch.randn_like(p))
+    before = [p.clone() for p in models.target.parameters()]
+    online = [p.clone() for p in models.encoder.parameters()]
+    step.ema_update(0.9)
+    for t, t0, o in zip(models.target.parameters(), before, online, strict=True):
+        assert torch.allclose(t, 0.9 * t0 + 0.1 * o, atol=1e-6)
+
+
+def test_step_applies_the_schedule_and_updates_target_with_the_scheduled_momentum() -> None:
+    models, x, masks = _setup()
+    cfg = OptimConfig()
+    step = PretrainStep(models, cfg, total_steps=10)
+    t0 = [p.clone() for p in models.target.parameters()]
+    step([(x, masks)], 3)
+    groups = step.optimizer.param_groups
+    assert groups[0]["lr"] == learning_rate(cfg, 3, 10)
+    assert groups[0]["weight_decay"] == weight_decay(cfg, 3, 10) and groups[1]["weight_decay"] == 0.0
+    m = ema_momentum(cfg, 3, 10)
+    for t, old, o in zip(models.target.parameters(), t0, models.encoder.parameters(), strict=True):
+        assert torch.allclose(t, m * old + (1 - m) * o, atol=1e-6)
+
+
+def test_no_weight_decay_on_biases_and_1d_parameters() -> None:
+    models, _, _ = _setup()
+    step = PretrainStep(models, OptimConfig(), total_steps=10)
+    decay, no_decay = step.optimizer.param_groups
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert all(p.ndim == 1 for p in no_decay["params"])
+    n_trained = sum(1 for m in (models.encoder, models.predictor) for _ in m.parameters())
+    assert len(decay["params"]) + len(no_decay["params"]) == n_trained
+
+
+def test_schedules_endpoints() -> None:
+    cfg = OptimConfig()
+    total = 300
+    warm = round(cfg.warmup_fraction * total)
+    assert learning_rate(cfg, 0, total) == cfg.start_lr
+    assert math.isclose(learning_rate(cfg, warm, total), cfg.lr)
+    assert math.isclose(learning_rate(cfg, total, total), cfg.final_lr)
+    assert all(learning_rate(cfg, s + 1, total) <= learning_rate(cfg, s, total) + 1e-12 for s in range(warm, total))
+    assert math.isclose(weight_decay(cfg, 0, total), cfg.weight_decay)
+    assert math.isclose(weight_decay(cfg, total, total), cfg.final_weight_decay)
+    assert math.isclose(ema_momentum(cfg, total - 1, total), cfg.ema[1])
+    assert ema_momentum(cfg, 0, total) > cfg.ema[0]
+
+
+def test_gradient_accumulation_equals_the_full_batch() -> None:
+    models, x, masks = _setup(batch=4)
+    models_b = JEPAModels(CFG, models.encoder.pos_embed.spatial.gradients.clone())
+    models_b.load_state_dict(models.state_dict())
+    full = PretrainStep(models, OptimConfig(), total_steps=10)
+    accum = PretrainStep(models_b, OptimConfig(), total_steps=10)
+    half = [
+        (x[:2], Masks(masks.context[:2], masks.target[:2], masks.region_sizes)),
+        (x[2:], Masks(masks.context[2:], masks.target[2:], masks.region_sizes)),
+    ]
+    loss_full = full([(x, masks)], 0)
+    loss_acc = accum(half, 0)
+    assert torch.allclose(loss_full, loss_acc, atol=1e-6)
+    for a, b in zip(models.parameters(), models_b.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_l2_loss_option() -> None:
+    models, x, masks = _setup()
+    l1, l2 = jepa_loss(models, x, masks, "smooth_l1"), jepa_loss(models, x, masks, "l2")
+    assert torch.isfinite(l1) and torch.isfinite(l2)
+    assert l1.item() < l2.item()  # smooth-L1(e) <= e^2 for every element, equal only at e = 0

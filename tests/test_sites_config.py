@@ -1,0 +1,130 @@
+"""Site YAML schema: valid files parse into frozen dataclasses; bad ones name the file and key."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from sites.config import load_site_config, parse_site_config, site_config_to_dict
+from sites.errors import ConfigError
+
+ROI_YAML = """\
+site: site_x
+data:
+  format: roi
+  root: data
+  file: "{subject}/{subject}_rois.npy"
+  orientation: time_x_rois
+tr: 0.8
+rois:
+  - {name: tian_s3, n_rois: 50}
+  - {name: schaefer400, n_rois: 400}
+participants:
+  file: participants.tsv
+  phenotypes: [age, sex]
+split: {train: 0.7, val: 0.15, test: 0.15, seed: 3}
+batch_size: 8
+device: cpu
+"""
+
+NIFTI_YAML = """\
+site: site_n
+data:
+  format: nifti
+  root: bids
+  confounds: "{subject}/func/{subject}_*desc-confounds_timeseries.tsv"
+rois:
+  - {name: sub, n_rois: 2, atlas: atlases/sub.nii.gz}
+  - {name: ctx, n_rois: 3, atlas: atlases/ctx.nii.gz, labels: [3, 1, 2]}
+preprocess: {detrend: true, high_pass: 0.01, confound_columns: [trans_x]}
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "site.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_roi_config_parses_and_resolves_paths(tmp_path):
+    cfg = load_site_config(write(tmp_path, ROI_YAML))
+    assert cfg.site == "site_x" and cfg.data.format == "roi" and cfg.tr == 0.8
+    assert cfg.n_rois == 450 and cfg.roi_names[0] == "tian_s3_0" and cfg.roi_names[50] == "schaefer400_0"
+    assert cfg.data.root == tmp_path / "data"
+    assert cfg.participants.file == tmp_path / "data" / "participants.tsv"
+    assert cfg.participants.phenotypes == ("age", "sex")
+    assert cfg.split.seed == 3 and cfg.batch_size == 8
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.tr = 2.0  # type: ignore[misc]
+    # round trip through the YAML-ready mapping
+    d = site_config_to_dict(cfg)
+    assert d["rois"][1] == {"name": "schaefer400", "n_rois": 400, "atlas": None, "labels": None, "file": None}
+
+
+def test_nifti_config_parses(tmp_path):
+    cfg = load_site_config(write(tmp_path, NIFTI_YAML))
+    assert cfg.tr is None and cfg.data.format == "nifti"
+    assert cfg.rois[1].labels == (3, 1, 2) and cfg.rois[0].atlas == tmp_path / "atlases/sub.nii.gz"
+    assert cfg.preprocess.detrend and cfg.preprocess.high_pass == 0.01
+    assert cfg.output_dir == tmp_path / "bids" / "derivatives" / "brainjepa"
+
+
+@pytest.mark.parametrize(
+    "edit, key, what",
+    [
+        (("batch_size: 8", "batch_size: 8\nbatchsize: 4"), "batchsize", "unknown key"),
+        (("  orientation: time_x_rois", "  orientation: time_x_rois\n  fromat: roi"), "data.fromat", "unknown key"),
+        (("batch_size: 8", "batch_size: eight"), "batch_size", "expected an integer"),
+        (("tr: 0.8", "tr: fast"), "tr", "expected a number"),
+        (("tr: 0.8", "tr: true"), "tr", "expected a number"),
+        (("  format: roi", "  format: csv"), "data.format", "one of 'nifti', 'roi'"),
+        (("  - {name: tian_s3, n_rois: 50}", "  - {name: tian_s3, n_rois: 5.5}"), "rois[0].n_rois", "expected an integer"),
+        (("  phenotypes: [age, sex]", "  phenotypes: age"), "participants.phenotypes", "a list of"),
+        (("site: site_x\n", ""), "site", "required key is missing"),
+        (("tr: 0.8", "tr: -1"), "tr", "> 0"),
+        (("tr: 0.8\n", ""), "tr", "no header to read the TR"),
+        (("split: {train: 0.7, val: 0.15, test: 0.15, seed: 3}", "split: {train: 0.7, val: 0.5, test: 0.1}"), "split", "sum to 1"),
+        (('  file: "{subject}/{subject}_rois.npy"', '  file: "rois.npy"'), "data.file", "must contain"),
+    ],
+)
+def test_bad_keys_and_types_name_file_and_key(tmp_path, edit, key, what):
+    p = write(tmp_path, ROI_YAML.replace(*edit))
+    with pytest.raises(ConfigError) as e:
+        load_site_config(p)
+    msg = str(e.value)
+    assert str(p) in msg and f"'{key}'" in msg and what in msg
+
+
+def test_nifti_block_without_atlas_is_an_error(tmp_path):
+    p = write(tmp_path, NIFTI_YAML.replace(", atlas: atlases/sub.nii.gz", ""))
+    with pytest.raises(ConfigError, match=r"rois\[0\]\.atlas"):
+        load_site_config(p)
+
+
+def test_labels_count_must_match(tmp_path):
+    p = write(tmp_path, NIFTI_YAML.replace("labels: [3, 1, 2]", "labels: [3, 1]"))
+    with pytest.raises(ConfigError, match=r"rois\[1\]\.labels.*2 labels but n_rois is 3"):
+        load_site_config(p)
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    p = write(tmp_path, "site: [unclosed\n  data: {")
+    with pytest.raises(ConfigError, match="malformed YAML") as e:
+        load_site_config(p)
+    assert str(p) in str(e.value)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_site_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="top level"):
+        load_site_config(write(tmp_path, "- a\n- b\n", "list.yaml"))
+    with pytest.raises(ConfigError, match="reserved"):
+        parse_site_config({"source": "x", "site": "a"}, tmp_path / "s.yaml")
+
+
+def test_shipped_example_configs_parse():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.glob("site_*.yaml"))
+    assert files, "configs/site_*.yaml examples are missing"
+    formats = {load_site_config(f).data.format for f in files}
+    assert formats == {"roi", "nifti"}

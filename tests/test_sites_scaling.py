@@ -1,0 +1,81 @@
+"""Robust per-ROI scaling: exact fit, saved/restored, and the federation-wide sketch combine."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sites.errors import DataError
+from sites.scaling import RobustScaling, ScalingSummary, combine, fit, subject_means, summarize
+
+
+def cohort(rng, n, n_rois=4, shift=0.0, gain=1.0, length=(30, 50)):
+    base = rng.normal(100.0, 10.0, (n, n_rois)) * gain + shift  # (N, R) per-subject ROI levels
+    return [(b[:, None] + rng.standard_normal((n_rois, int(rng.integers(*length))))).astype(np.float32) for b in base]
+
+
+def test_fit_is_median_and_iqr_of_time_means():
+    rng = np.random.default_rng(0)
+    series = cohort(rng, 41)
+    sc = fit(series)
+    means = np.stack([s.astype(np.float64).mean(axis=1) for s in series])  # (N, R)
+    np.testing.assert_allclose(sc.median, np.median(means, axis=0))
+    np.testing.assert_allclose(sc.iqr, np.percentile(means, 75, axis=0) - np.percentile(means, 25, axis=0))
+    y = sc.apply(series[3])
+    assert y.dtype == np.float32 and y.shape == series[3].shape
+    np.testing.assert_allclose(y, (series[3] - sc.median[:, None]) / sc.iqr[:, None], rtol=1e-5, atol=1e-5)
+    # after scaling, the training subjects' means have median 0 and IQR 1
+    m = subject_means(sc.apply_all(series))
+    np.testing.assert_allclose(np.median(m, axis=0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(np.percentile(m, 75, axis=0) - np.percentile(m, 25, axis=0), 1.0, atol=1e-5)
+    batch = np.stack([s[:, :20] for s in series[:3]])  # (B, R, T)
+    assert sc.apply(batch).shape == (3, 4, 20)
+
+
+def test_round_trip_through_json():
+    rng = np.random.default_rng(1)
+    sc = fit(cohort(rng, 10))
+    back = RobustScaling.from_dict(json.loads(json.dumps(sc.to_dict())))
+    np.testing.assert_array_equal(back.median, sc.median)
+    np.testing.assert_array_equal(back.iqr, sc.iqr)
+    assert back.checksum() == sc.checksum() and back.n_subjects == 10
+    with pytest.raises(DataError, match="robust_roi_scaling"):
+        RobustScaling.from_dict({"median": [0.0]})
+
+
+def test_errors_name_the_problem():
+    rng = np.random.default_rng(2)
+    sc = fit(cohort(rng, 10))
+    with pytest.raises(DataError, match=r"statistics are for 4 ROIs but the series has shape \(5, 7\)"):
+        sc.apply(np.zeros((5, 7)))
+    with pytest.raises(DataError, match=r"need \(N >= 2, R\)"):
+        fit(cohort(rng, 1))
+    const = [np.full((4, 10), 5.0, np.float32) for _ in range(5)]
+    with pytest.raises(DataError, match=r"ROI\(s\) \[0, 1, 2, 3\] have zero"):
+        fit(const)
+
+
+def test_federated_sketch_close_to_pooled_exact():
+    """Three sites with offsets and gains: combine(summaries) ~ fit(all series), within 3 % of the IQR."""
+    rng = np.random.default_rng(3)
+    sites = [cohort(rng, 120, 30, 0.0, 1.0), cohort(rng, 80, 30, 8.0, 1.2), cohort(rng, 150, 30, -5.0, 0.9)]
+    pooled = fit([s for site in sites for s in site])
+    summaries = [summarize(s, f"s{i}") for i, s in enumerate(sites)]
+    # what travels is plain JSON of quantiles and a count
+    summaries = [ScalingSummary.from_dict(json.loads(json.dumps(s.to_dict()))) for s in summaries]
+    fed = combine(summaries)
+    assert fed.n_subjects == 350 and fed.method == "federated-sketch"
+    err_med = np.abs(fed.median - pooled.median) / pooled.iqr
+    err_iqr = np.abs(fed.iqr - pooled.iqr) / pooled.iqr
+    assert err_med.max() < 0.03 and err_iqr.max() < 0.03, (err_med.max(), err_iqr.max())
+    # per-site statistics differ from the pooled ones (the choice matters)
+    per_site = fit(sites[1])
+    assert np.abs(per_site.median - pooled.median).mean() / pooled.iqr.mean() > 0.2
+
+
+def test_combine_rejects_mismatched_sites():
+    rng = np.random.default_rng(4)
+    with pytest.raises(DataError, match="disagree on the ROI count"):
+        combine([summarize(cohort(rng, 5, 4), "a"), summarize(cohort(rng, 5, 6), "b")])

@@ -318,3 +318,28 @@ class LocalFederation:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def app_toml(run_config: Mapping[str, object], name: str = "brainjepa-federation") -> str:
+    """A `pyproject.toml` declaring the brainjepa Flower app (ServerApp + ClientApp) with `run_config`.
+
+    The app's code is the installed `server` / `client` packages; this file only wires them (the same
+    `[tool.flwr.app]` section the project's own pyproject.toml carries, docs/federation.md).
+    """
+    lines = [
+        "[build-system]", 'requires = ["setuptools>=68"]', 'build-backend = "setuptools.build_meta"', "",
+        "[project]", f'name = "{name}"', 'version = "0.1.0"', 'license = "Apache-2.0"',
+        'description = "Brain-JEPA federated pretraining (brainjepa)"', "dependencies = []", "",
+        "[tool.flwr.app]", 'publisher = "brainjepa"', "",
+        "[tool.flwr.app.components]", 'serverapp = "server.server_app:app"', 'clientapp = "client.client_app:app"', "",
+        "[tool.flwr.app.config]",
+    ]
+    lines += [f"{k} = {toml_value(v)}" for k, v in run_config.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_app_dir(path: Path, run_config: Mapping[str, object]) -> Path:
+    """A folder `flwr run` can submit: just the pyproject.toml of `app_toml`."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "pyproject.toml").write_text(app_toml(run_config))
+    return path

@@ -1,0 +1,122 @@
+"""Aggregation of the sites' weight sets: checks, sample-weighted mean, FedAvgM / FedAdam server steps.
+
+Pure PyTorch, no Flower: each weight set (encoder, predictor, target) travels as ONE flat 1-D vector
+(the module's parameters in `named_parameters()` order, `torch.nn.utils.parameters_to_vector`), so a
+check of shape is a check of length, and the mean is one fused operation per set.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+WEIGHT_SETS = ("encoder", "predictor", "target")
+# Weight sets the server optimiser (FedAvgM / FedAdam) steps; the EMA target is always plainly
+# averaged (it is a moving average of the encoders, not a trained quantity).
+TRAINED_SETS = ("encoder", "predictor")
+
+
+@dataclass
+class SiteUpdate:
+    """What one site sent back in a round (weights already decoded to fp32 flat vectors)."""
+
+    site: str
+    num_examples: int
+    sets: dict[str, torch.Tensor]  # name -> (P_name,) float32
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def check_update(update: SiteUpdate, expected: dict[str, int]) -> str | None:
+    """Why `update` must not be averaged (missing / wrong-length set, NaN/Inf, no samples), or None."""
+    if not (isinstance(update.num_examples, int) and update.num_examples > 0):
+        return f"num-examples must be a positive integer, got {update.num_examples!r}"
+    for name, n in expected.items():
+        vec = update.sets.get(name)
+        if vec is None:
+            return f"weight set '{name}' missing (got {sorted(update.sets)})"
+        if vec.ndim != 1 or vec.numel() != n:
+            return f"weight set '{name}' has shape {tuple(vec.shape)}, expected ({n},)"
+        if not bool(torch.isfinite(vec).all()):
+            bad = int((~torch.isfinite(vec)).sum())
+            return f"weight set '{name}' contains {bad} NaN/Inf value(s)"
+    extra = set(update.sets) - set(expected)
+    if extra:
+        return f"unexpected weight set(s) {sorted(extra)}"
+    return None
+
+
+def sample_weights(updates: list[SiteUpdate]) -> list[float]:
+    """n_i / sum(n): a single site gets exactly 1.0 (so one-site FedAvg is the identity, bit for bit)."""
+    total = sum(u.num_examples for u in updates)
+    return [u.num_examples / total for u in updates]
+
+
+def weighted_mean(updates: list[SiteUpdate]) -> dict[str, torch.Tensor]:
+    """Sample-weighted mean of every weight set: sum_i (n_i / N) * w_i, accumulated in fp32."""
+    if not updates:
+        raise ValueError("no updates to average")
+    coefs = sample_weights(updates)
+    out: dict[str, torch.Tensor] = {}
+    for name in updates[0].sets:
+        acc = updates[0].sets[name] * coefs[0]  # (P,)
+        for u, c in zip(updates[1:], coefs[1:], strict=True):
+            acc.add_(u.sets[name], alpha=c)
+        out[name] = acc
+    return out
+
+
+@dataclass(frozen=True)
+class ServerOptConfig:
+    """`fedavg` (x <- mean), `fedavgm` (server momentum) or `fedadam` (Reddi et al. 2021, FedOpt)."""
+
+    method: str = "fedavg"
+    lr: float = 1.0  # server learning rate (eta); fedavg ignores it
+    momentum: float = 0.9  # fedavgm
+    beta1: float = 0.9  # fedadam
+    beta2: float = 0.99
+    tau: float = 1e-3  # fedadam adaptivity (epsilon)
+
+    def __post_init__(self) -> None:
+        if self.method not in ("fedavg", "fedavgm", "fedadam"):
+            raise ValueError(f"strategy: expected fedavg, fedavgm or fedadam, got '{self.method}'")
+
+
+class ServerOptimizer:
+    """Turns the sites' mean into the next global weights; its state is checkpointed."""
+
+    def __init__(self, cfg: ServerOptConfig) -> None:
+        self.cfg = cfg
+        self.state: dict[str, torch.Tensor] = {}  # "m.encoder", "v.encoder", ...
+
+    def step(self, current: dict[str, torch.Tensor], mean: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        c = self.cfg
+        out = dict(mean)
+        if c.method == "fedavg":
+            return out
+        for name in TRAINED_SETS:
+            delta = mean[name] - current[name]  # pseudo-gradient (negative)
+            if c.method == "fedavgm":
+                m = self.state.get(f"m.{name}")
+                m = delta.clone() if m is None else m.mul_(c.momentum).add_(delta)
+                self.state[f"m.{name}"] = m
+                out[name] = current[name] + c.lr * m
+            else:  # fedadam
+                m = self.state.get(f"m.{name}", torch.zeros_like(delta))
+                v = self.state.get(f"v.{name}", torch.zeros_like(delta))
+                m.mul_(c.beta1).add_(delta, alpha=1 - c.beta1)
+                v.mul_(c.beta2).addcmul_(delta, delta, value=1 - c.beta2)
+                self.state[f"m.{name}"], self.state[f"v.{name}"] = m, v
+                out[name] = current[name] + c.lr * m / (v.sqrt() + c.tau)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"cfg": self.cfg.__dict__, "state": {k: v.clone() for k, v in self.state.items()}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.state = {k: v.clone() for k, v in sd["state"].items()}
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max((float((a[k] - b[k]).abs().max()) for k in a), default=math.nan)

@@ -1,0 +1,104 @@
+"""The federation's run-wide settings: Flower's run config (`[tool.flwr.app.config]`) as a frozen dataclass.
+
+The server is the single source of truth: it turns these settings into a `PretrainConfig` (model, mask,
+optimiser) and sends that to every site with each round, together with checksums the site verifies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from brainjepa.config import ModelConfig, PretrainConfig, TrainConfig, load_pretrain_config
+from server.aggregate import ServerOptConfig
+from sites.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    num_rounds: int = 3
+    local_steps: int = 4  # K optimizer steps per site per round
+    min_sites: int = 2  # fewer valid updates than this: the round fails (the run stops, resumable)
+    fraction_sites: float = 1.0  # share of connected sites sampled each round (at least min_sites)
+    wait_for_sites_s: float = 120.0  # how long a round waits for min_sites to be connected
+    round_timeout_s: float = 600.0  # a site that has not replied by then is dropped from the round
+    strategy: str = "fedavg"  # fedavg | fedavgm | fedadam
+    server_lr: float = 1.0
+    server_momentum: float = 0.9
+    wire_dtype: str = "float32"  # float32 | float16 (half-precision transfer, uplink as deltas)
+    seed: int = 0
+    pretrain_config: str = ""  # optional pretraining YAML (model / mask / optim sections)
+    model_size: str = "tiny"
+    n_rois: int = 100
+    n_frames: int = 96
+    lr: float = 1e-3
+    batch_size: int = 8  # local batch size (a site's YAML batch_size is used only by local pretraining)
+    gradients: str = ""  # the federation's gradient file (.npy / .csv, R x k)
+    out_dir: str = "runs/federated"
+    resume_dir: str = ""  # continue this run folder from its last completed round
+    demo_sites: int = 3  # simulation demo: sites generated when `sites_dir` holds no site YAML
+    demo_subjects: int = 24
+    sites_dir: str = ""  # simulation: folder of site YAMLs (partition-id -> sorted YAML); "" = <out>/sites
+    save_updates: bool = False  # keep every site's decoded update per round (tests, audits)
+
+    def __post_init__(self) -> None:
+        if self.wire_dtype not in ("float32", "float16"):
+            raise ConfigError(f"run config 'wire-dtype': expected float32 or float16, got '{self.wire_dtype}'")
+        if self.num_rounds < 1 or self.local_steps < 1 or self.min_sites < 1:
+            raise ConfigError("run config: 'num-rounds', 'local-steps' and 'min-sites' must be >= 1")
+        if not 0.0 < self.fraction_sites <= 1.0:
+            raise ConfigError(f"run config 'fraction-sites': expected (0, 1], got {self.fraction_sites}")
+        ServerOptConfig(self.strategy)  # validates the name
+
+    @property
+    def total_steps(self) -> int:
+        """Planned optimizer steps of the whole run: the schedules span these."""
+        return self.num_rounds * self.local_steps
+
+    def server_opt(self) -> ServerOptConfig:
+        return ServerOptConfig(method=self.strategy, lr=self.server_lr, momentum=self.server_momentum)
+
+    def pretrain(self, base_dir: Path | None = None) -> PretrainConfig:
+        """Model / mask / optimiser settings every site trains with (train.steps = the run's total)."""
+        if self.pretrain_config:
+            path = Path(self.pretrain_config)
+            if not path.is_absolute() and base_dir is not None:
+                path = base_dir / path
+            cfg = load_pretrain_config(path)
+        else:
+            cfg = PretrainConfig(model=ModelConfig(size=self.model_size, n_rois=self.n_rois, n_frames=self.n_frames))
+            cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=self.lr))
+        train = TrainConfig(steps=self.total_steps, batch_size=self.batch_size, seed=self.seed, device="cpu")
+        return dataclasses.replace(cfg, train=train)
+
+
+def from_run_config(run_config: Mapping[str, object]) -> FederationConfig:
+    """Flower run config (kebab-case keys) -> FederationConfig; unknown keys and wrong types are errors."""
+    fields = {f.name: f for f in dataclasses.fields(FederationConfig)}
+    kwargs: dict[str, object] = {}
+    for key, value in run_config.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            raise ConfigError(f"run config key '{key}': unknown; expected one of "
+                              f"{sorted(k.replace('_', '-') for k in fields)}")
+        default = fields[name].default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            raise ConfigError(f"run config key '{key}': expected {type(default).__name__}, got {value!r}")
+        kwargs[name] = value
+    return FederationConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def to_run_config(cfg: FederationConfig) -> dict[str, object]:
+    """The inverse of `from_run_config` (kebab-case keys), e.g. for `--run-config` or checkpoints."""
+    return {k.replace("_", "-"): v for k, v in dataclasses.asdict(cfg).items()}

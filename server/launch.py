@@ -123,6 +123,17 @@ class ManagedProcess:
         except ProcessLookupError:
             pass
 
+    def kill(self) -> None:
+        """SIGKILL the process, its group and every descendant at once (a crash, not a shutdown)."""
+        tree = descendants(self.popen.pid) if self.alive() else []
+        self.signal_group(signal.SIGKILL)
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.popen.wait(timeout=10)
+
     def stop(self, grace_s: float = 10.0) -> int | None:
         """SIGINT (Flower shuts down cleanly on it), then SIGTERM, then SIGKILL; returns the exit code.
 
@@ -304,6 +315,25 @@ class LocalFederation:
         (self.work_dir / "logs" / "flwr_run.log").write_text(result.stdout + result.stderr)
         return result
 
+    def start_run(self, app_dir: Path, run_config: Mapping[str, object] | None = None,
+                  name: str = "flwr_run") -> ManagedProcess:
+        """`flwr run ... --stream` in the background (tests that kill things mid-run)."""
+        return start_process(name, flwr_run_command(app_dir, "local-deploy", run_config),
+                             self.work_dir / "logs" / f"{name}.log", self.env(), cwd=self.work_dir)
+
+    def crash_superlink(self) -> None:
+        """Kill the SuperLink and the ServerApp it runs, as a machine failure would."""
+        assert self.superlink is not None
+        self.superlink.kill()
+
+    def restart_superlink(self, ready_timeout_s: float = 60.0) -> ManagedProcess:
+        """A new SuperLink on the same address (SuperNodes reconnect to it by themselves)."""
+        self.superlink = start_process(
+            "superlink", superlink_command(self.host, self.port, self.database, None),
+            self.work_dir / "logs" / "superlink-restarted.log", self.env(), cwd=self.work_dir)
+        wait_for_port(self.superlink, self.host, self.port, ready_timeout_s)
+        return self.superlink
+
     def stop(self) -> None:
         for proc in [*self.supernodes, self.superlink]:
             if proc is not None:
@@ -320,7 +350,8 @@ class LocalFederation:
         self.stop()
 
 
-def app_toml(run_config: Mapping[str, object], name: str = "brainjepa-federation") -> str:
+def app_toml(run_config: Mapping[str, object], name: str = "brainjepa-federation",
+             serverapp: str = "server.server_app:app", clientapp: str = "client.client_app:app") -> str:
     """A `pyproject.toml` declaring the brainjepa Flower app (ServerApp + ClientApp) with `run_config`.
 
     The app's code is the installed `server` / `client` packages; this file only wires them (the same
@@ -331,15 +362,15 @@ def app_toml(run_config: Mapping[str, object], name: str = "brainjepa-federation
         "[project]", f'name = "{name}"', 'version = "0.1.0"', 'license = "Apache-2.0"',
         'description = "Brain-JEPA federated pretraining (brainjepa)"', "dependencies = []", "",
         "[tool.flwr.app]", 'publisher = "brainjepa"', "",
-        "[tool.flwr.app.components]", 'serverapp = "server.server_app:app"', 'clientapp = "client.client_app:app"', "",
+        "[tool.flwr.app.components]", f'serverapp = "{serverapp}"', f'clientapp = "{clientapp}"', "",
         "[tool.flwr.app.config]",
     ]
     lines += [f"{k} = {toml_value(v)}" for k, v in run_config.items()]
     return "\n".join(lines) + "\n"
 
 
-def write_app_dir(path: Path, run_config: Mapping[str, object]) -> Path:
+def write_app_dir(path: Path, run_config: Mapping[str, object], **components: str) -> Path:
     """A folder `flwr run` can submit: just the pyproject.toml of `app_toml`."""
     path.mkdir(parents=True, exist_ok=True)
-    (path / "pyproject.toml").write_text(app_toml(run_config))
+    (path / "pyproject.toml").write_text(app_toml(run_config, **components))
     return path

@@ -69,7 +69,8 @@ def wait_for_nodes(grid: Grid, n: int, timeout_s: float) -> list[int]:
 
 def sample_nodes(nodes: list[int], fraction: float, min_sites: int, rng: np.random.Generator) -> list[int]:
     k = min(len(nodes), max(min_sites, math.ceil(fraction * len(nodes))))
-    return sorted(int(n) for n in rng.choice(nodes, size=k, replace=False))
+    picked = rng.choice(len(nodes), size=k, replace=False)  # indices: node ids are uint64 (no numpy floats)
+    return sorted(nodes[int(i)] for i in picked)
 
 
 def resolve_gradients(cfg: FederationConfig, pcfg: PretrainConfig, run_dir: Path) -> tuple[np.ndarray, str]:

@@ -1,0 +1,210 @@
+"""Federated pretraining over Flower's real network transport: a SuperLink and SuperNodes as separate
+processes on loopback (server.launch.LocalFederation), `flwr run ... --stream` submitting the app.
+
+Tiny model (50 ROIs x 64 frames), few steps: each test takes ~20-60 s on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.utils import parameters_to_vector
+
+from brainjepa.checkpoint import load_checkpoint
+from brainjepa.config import ModelConfig, from_dict
+from brainjepa.gradients import load_gradients, save_gradients
+from brainjepa.jepa import JEPAModels
+from server.config import FederationConfig, to_run_config
+from server.demo import prepare_demo_sites
+from server.launch import LocalFederation, write_app_dir
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+BASE = dict(n_rois=50, n_frames=64, local_steps=2, batch_size=4, demo_sites=3, demo_subjects=10)
+
+# A ClientApp wrapping the real one, for fault tests only: node config `inject-nan` poisons the reply,
+# `fault-sleep-s` makes the site hang (after touching `fault-marker`) so that the test can kill it.
+FAULTY_CLIENT = '''
+import time
+from pathlib import Path
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message
+from flwr.clientapp import ClientApp
+from client.client_app import train as real_train
+
+app = ClientApp()
+
+@app.train()
+def train(msg, context):
+    node = context.node_config
+    if float(node.get("fault-sleep-s", 0)) > 0:
+        Path(str(node["fault-marker"])).touch()
+        time.sleep(float(node["fault-sleep-s"]))
+    reply = real_train(msg, context)
+    if bool(node.get("inject-nan", False)) and not reply.has_error():
+        arrays = reply.content["arrays"]
+        poisoned = {}
+        for k in arrays.keys():
+            a = arrays[k].numpy().copy()
+            if k == "encoder":
+                a[::97] = np.nan
+            poisoned[k] = Array(a)
+        reply.content["arrays"] = ArrayRecord(poisoned)
+    return reply
+'''
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], Path]:
+    """Three generated sites and the federation's gradient file (from their FC sums)."""
+    root = tmp_path_factory.mktemp("fed_sites")
+    cfg = FederationConfig(**BASE, sites_dir=str(root))
+    grads = prepare_demo_sites(cfg, cfg.pretrain(), root)
+    return sorted(root.glob("*/*.yaml")), grads
+
+
+def run_config(tmp: Path, grads: Path, **kw: object) -> dict[str, object]:
+    cfg = FederationConfig(**{**BASE, "out_dir": str(tmp / "runs"), "gradients": str(grads), **kw})
+    return to_run_config(cfg)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def the_run_dir(tmp: Path) -> Path:
+    (run_dir,) = list((tmp / "runs").glob("*-run*"))
+    return run_dir
+
+
+def flat_sets(state: dict, model_cfg: dict, grads: np.ndarray) -> dict[str, torch.Tensor]:
+    """Flatten a checkpoint's models the way the wire does (independently of server code)."""
+    models = JEPAModels(from_dict(ModelConfig, model_cfg), torch.from_numpy(grads))
+    models.load_state_dict(state)
+    return {n: parameters_to_vector(getattr(models, n).parameters()).detach() for n in ("encoder", "predictor", "target")}
+
+
+def test_two_sites_two_rounds_average_is_sample_weighted_mean(tmp_path: Path, demo) -> None:
+    yamls, grads = demo
+    dumps = tmp_path / "dumps"
+    nodes = [{"site-config": str(y), "gradients": str(grads), "dump-updates-dir": str(dumps)} for y in yamls[:2]]
+    app = write_app_dir(tmp_path / "app", run_config(tmp_path, grads, num_rounds=2, min_sites=2))
+    with LocalFederation(tmp_path, nodes, env_extra=ENV) as fed:
+        res = fed.run(app, timeout_s=400)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_dir = the_run_dir(tmp_path)
+    assert "outputs under" in res.stdout
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+    assert ckpt["round"] == 2 and ckpt["federated"] and ckpt["kind"] == "pretrain"
+    g = load_gradients(grads)
+    final = flat_sets(ckpt["models"], ckpt["model_config"], g)
+    # What each site sent in round 2, as dumped by the site itself; mean recomputed here in float64.
+    sent = [np.load(p) for p in sorted((dumps / "round-002").glob("*.npz"))]
+    assert len(sent) == 2
+    n = np.array([float(s["num_examples"]) for s in sent])
+    for name in ("encoder", "predictor", "target"):
+        expected = sum(ni * s[name].astype(np.float64) for ni, s in zip(n, sent, strict=True)) / n.sum()
+        np.testing.assert_allclose(final[name].numpy(), expected, rtol=0, atol=2e-6)
+        assert not np.allclose(sent[0][name], sent[1][name])  # the sites really differ
+    rows = read_csv(run_dir / "site_metrics.csv")
+    assert [(r["round"], r["status"]) for r in rows] == [("1", "ok")] * 2 + [("2", "ok")] * 2
+    assert all(int(r["bytes_sent"]) > 0 and int(r["bytes_received"]) > 0 and float(r["loss"]) > 0 for r in rows)
+    rounds = read_csv(run_dir / "round_metrics.csv")
+    assert float(rounds[1]["loss"]) < float(rounds[0]["loss"])
+    assert (run_dir / "loss_per_round.png").stat().st_size > 1000
+
+
+def test_nan_update_rejected_and_wrong_gradients_refused(tmp_path: Path, demo) -> None:
+    yamls, grads = demo
+    other = tmp_path / "other_gradients.npy"
+    g = load_gradients(grads)
+    save_gradients(other, g[:, ::-1].copy())  # same shape, other content
+    nodes = [
+        {"site-config": str(yamls[0]), "gradients": str(grads)},
+        {"site-config": str(yamls[1]), "gradients": str(grads), "inject-nan": True},
+        {"site-config": str(yamls[2]), "gradients": str(other)},
+    ]
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "faulty_client.py").write_text(FAULTY_CLIENT)
+    app = write_app_dir(tmp_path / "app", run_config(tmp_path, grads, num_rounds=1, min_sites=1),
+                        clientapp="faulty_client:app")
+    with LocalFederation(tmp_path, nodes, env_extra=ENV) as fed:
+        res = fed.run(app, timeout_s=400)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = {r["site"]: r for r in read_csv(the_run_dir(tmp_path) / "site_metrics.csv")}
+    assert rows["site_a"]["status"] == "ok"
+    assert rows["site_b"]["status"] == "rejected" and "NaN" in rows["site_b"]["detail"]
+    (refused,) = [r for r in rows.values() if r["status"] == "failed"]
+    assert "refused" in refused["detail"] and "gradient file" in refused["detail"] and str(other) in refused["detail"]
+    assert "checksum" in refused["detail"]
+    assert "rejected" in res.stdout and "NaN" in res.stdout
+    rounds = read_csv(the_run_dir(tmp_path) / "round_metrics.csv")
+    assert rounds[0]["sites_ok"] == "1" and rounds[0]["sites_rejected"] == "1" and rounds[0]["sites_failed"] == "1"
+
+
+def test_site_killed_mid_round_round_completes_with_the_rest(tmp_path: Path, demo) -> None:
+    yamls, grads = demo
+    marker = tmp_path / "site_b_is_training"
+    nodes = [
+        {"site-config": str(yamls[0]), "gradients": str(grads)},
+        {"site-config": str(yamls[1]), "gradients": str(grads), "fault-sleep-s": 300, "fault-marker": str(marker)},
+    ]
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "faulty_client.py").write_text(FAULTY_CLIENT)
+    app = write_app_dir(tmp_path / "app", run_config(tmp_path, grads, num_rounds=1, min_sites=1, round_timeout_s=120.0),
+                        clientapp="faulty_client:app")
+    with LocalFederation(tmp_path, nodes, env_extra=ENV) as fed:
+        run = fed.start_run(app)
+        deadline = time.monotonic() + 120
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert marker.exists(), run.log_tail()
+        t_kill = time.monotonic()
+        fed.supernodes[1].kill()  # the site's machine dies mid-round
+        run.popen.wait(timeout=200)
+        waited = time.monotonic() - t_kill
+        out = run.log_tail(20000)
+    assert run.popen.returncode == 0, out
+    assert waited < 110, f"the round waited {waited:.0f} s for a dead site"
+    rows = read_csv(the_run_dir(tmp_path) / "site_metrics.csv")
+    assert len(rows) == 2
+    (ok,) = [r for r in rows if r["status"] == "ok"]
+    (dead,) = [r for r in rows if r["status"] != "ok"]
+    assert ok["site"] == "site_a" and dead["status"] in ("failed", "timeout"), rows
+    assert load_checkpoint(the_run_dir(tmp_path) / "checkpoint.pt")["round"] == 1
+
+
+def test_server_killed_and_resumed_run_finishes(tmp_path: Path, demo) -> None:
+    yamls, grads = demo
+    nodes = [{"site-config": str(yamls[0]), "gradients": str(grads)}]
+    rc = run_config(tmp_path, grads, num_rounds=3, min_sites=1)
+    app = write_app_dir(tmp_path / "app", rc)
+    with LocalFederation(tmp_path, nodes, env_extra=ENV) as fed:
+        run = fed.start_run(app)
+        deadline = time.monotonic() + 200
+        ckpt = None
+        while time.monotonic() < deadline:
+            found = list((tmp_path / "runs").glob("*/checkpoint.pt"))
+            if found and load_checkpoint(found[0])["round"] >= 1:
+                ckpt = found[0]
+                break
+            time.sleep(0.3)
+        assert ckpt is not None, run.log_tail()
+        fed.crash_superlink()  # the coordinator's machine dies (SuperLink + ServerApp)
+        run.kill()
+        done = load_checkpoint(ckpt)["round"]
+        assert done < 3
+        fed.restart_superlink()
+        res = fed.run(app, {"resume-dir": str(ckpt.parent)}, timeout_s=400)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"resuming {ckpt.parent} after round {done}" in res.stdout
+    assert load_checkpoint(ckpt)["round"] == 3
+    rounds = [int(r["round"]) for r in read_csv(ckpt.parent / "round_metrics.csv")]
+    assert rounds == [1, 2, 3]

@@ -15,11 +15,11 @@ ROUND_FIELDS = ["round", "loss", "sites_ok", "sites_failed", "sites_rejected", "
 
 
 def _rewrite_until(path: Path, fields: list[str], keep_rounds: int) -> None:
-    """Keep the header and the rows of rounds < keep_rounds (resume after a crash)."""
+    """Keep the header and the rows of rounds 1..keep_rounds (the completed ones, on resume)."""
     rows = []
     if path.exists():
         with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["round"]) < keep_rounds]
+            rows = [r for r in csv.DictReader(f) if int(r["round"]) <= keep_rounds]
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)

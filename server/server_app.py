@@ -21,20 +21,26 @@ log = logging.getLogger(__name__)
 app = ServerApp()
 
 
-def _attach_logging(run_dir: Path) -> None:
-    """Our loggers -> the (Flower-redirected) stdout and run_dir/server.log."""
+FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _attach_logging(run_dir: Path | None = None) -> None:
+    """Our loggers -> the (Flower-redirected) stdout, then also run_dir/server.log."""
     root = logging.getLogger("server")
     root.setLevel(logging.INFO)
-    root.handlers.clear()
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "server.log")):
-        handler.setFormatter(fmt)
-        root.addHandler(handler)
     root.propagate = False
+    if run_dir is None:
+        root.handlers.clear()
+        handler: logging.Handler = logging.StreamHandler(sys.stdout)
+    else:
+        handler = logging.FileHandler(run_dir / "server.log")
+    handler.setFormatter(FORMAT)
+    root.addHandler(handler)
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    _attach_logging()
     cfg: FederationConfig = from_run_config(context.run_config)
     run = FederatedRun.create(cfg, run_id=context.run_id)
     _attach_logging(run.run_dir)

@@ -28,13 +28,16 @@ REFUSED = 4001  # error code of a refused round (the reason names the problem)
 FAILED = 4002  # the round raised (bad data, ...)
 
 
-def _demo_dir(context: Context) -> Path:
+def _demo_dir(context: Context, conf: dict) -> Path:
+    """The demo sites' folder: as resolved by the server (absolute), else from the run config."""
+    if conf.get("demo-sites-dir"):
+        return Path(str(conf["demo-sites-dir"]))
     run = context.run_config
     sites_dir = str(run.get("sites-dir", "")) or str(Path(str(run.get("out-dir", "runs/federated"))) / "sites")
     return Path(sites_dir).resolve()
 
 
-def site_paths(context: Context) -> tuple[Path, Path]:
+def site_paths(context: Context, conf: dict) -> tuple[Path, Path]:
     """(site YAML, gradient file) of this node."""
     node = context.node_config
     if "site-config" in node:
@@ -48,7 +51,7 @@ def site_paths(context: Context) -> tuple[Path, Path]:
                                "(the federation's gradient file, the same as the server's)")  # fmt: skip
         return site, grads
     if "partition-id" in node:  # simulation
-        demo = _demo_dir(context)
+        demo = _demo_dir(context, conf)
         yamls = sorted(demo.glob("*/*.yaml"))
         pid = int(node["partition-id"])
         if pid >= len(yamls):
@@ -72,8 +75,9 @@ def encode_reply(sets: dict[str, torch.Tensor], received: dict[str, torch.Tensor
 
 def run_round(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
-    spec = RoundSpec.from_config(dict(msg.content["config"]))
-    site_yaml, grad_file = site_paths(context)
+    conf = dict(msg.content["config"])
+    spec = RoundSpec.from_config(conf)
+    site_yaml, grad_file = site_paths(context, conf)
     site_cfg = resolve_site_config(site_yaml)
     trainer = SiteTrainer(spec, grad_file)
     received = decode_sets(msg.content["arrays"])

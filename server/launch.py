@@ -374,3 +374,48 @@ def write_app_dir(path: Path, run_config: Mapping[str, object], **components: st
     path.mkdir(parents=True, exist_ok=True)
     (path / "pyproject.toml").write_text(app_toml(run_config, **components))
     return path
+
+
+def _pids_with_args(*needles: str) -> list[int]:
+    """Pids of processes whose command line contains every one of `needles`."""
+    out = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        text = [a.decode(errors="replace") for a in args]
+        if all(n in text for n in needles):
+            out.append(int(entry.name))
+    return out
+
+
+def run_simulation(app_dir: Path, work_dir: Path, num_supernodes: int, run_config: Mapping[str, object] | None = None,
+                   env_extra: Mapping[str, str] | None = None, timeout_s: float = 900.0) -> subprocess.CompletedProcess:
+    """`flwr run APP local --stream` (Ray simulation) with a private FLWR_HOME and private ports.
+
+    `flwr run` starts a detached `flower-superlink --simulation` that outlives it: it is found by its
+    (private) port and stopped, with everything under it, before returning.
+    """
+    port, control = free_port(), free_port()
+    env = flower_env(work_dir / "flwr_home", {**(env_extra or {}),
+                     "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port), "FLWR_LOCAL_CONTROL_API_PORT": str(control)})
+    cmd = [*flwr_run_command(app_dir, "local", run_config), "--federation-config",
+           f"num-supernodes={num_supernodes} client-resources-num-cpus=1"]
+    log.info("running %s", " ".join(cmd))
+    try:
+        result = subprocess.run(cmd, env=env, cwd=work_dir, capture_output=True, text=True, timeout=timeout_s,
+                                check=False)
+    finally:
+        for pid in _pids_with_args("--simulation", str(port)):
+            tree = descendants(pid)
+            for p in [pid, *tree]:
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+    (work_dir / "logs").mkdir(parents=True, exist_ok=True)
+    (work_dir / "logs" / "flwr_run_simulation.log").write_text(result.stdout + result.stderr)
+    return result

@@ -162,8 +162,13 @@ class FederatedRun:
     def round_config(self, rnd: int) -> ConfigRecord:
         step = rnd * self.cfg.local_steps
         pt = schedule_at(self.pcfg.optim, step, self.cfg.total_steps)
+        demo = {}
+        if not self.cfg.gradients:  # simulation demo: where the nodes find their generated site
+            from server.demo import demo_sites_dir
+
+            demo = {"demo-sites-dir": str(demo_sites_dir(self.cfg))}
         return ConfigRecord({
-            "round": rnd, "num-rounds": self.cfg.num_rounds, "step-start": step,
+            **demo, "round": rnd, "num-rounds": self.cfg.num_rounds, "step-start": step,
             "total-steps": self.cfg.total_steps, "local-steps": self.cfg.local_steps,
             "lr": pt.lr, "weight-decay": pt.weight_decay, "ema-momentum": pt.momentum,
             "seed": self.cfg.seed, "wire-dtype": self.cfg.wire_dtype,

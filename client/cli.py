@@ -1,0 +1,91 @@
+"""`brainjepa-client`: join a federation as one imaging site (a Flower SuperNode with the site's config)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sites.errors import InputError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
+
+QUIET_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
+             "FLWR_TELEMETRY_ENABLED": "0"}  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _toml_str(value: Path) -> str:
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@app.command()
+def main_command(
+    site: Annotated[Path, typer.Option(help="This site's YAML config (data location, TR, ROI layout, ...).")],
+    gradients: Annotated[Path, typer.Option(help="The federation's gradient file (the same as the server's).")],
+    server: Annotated[str, typer.Option(help="The coordinator's HOST:PORT.")] = "127.0.0.1:9092",
+    root_certificates: Annotated[Path | None, typer.Option(help="CA certificate to verify the server (TLS).")] = None,
+    insecure: Annotated[bool, typer.Option(help="No TLS (testing only): weights travel unencrypted.")] = False,
+    auth_key: Annotated[Path | None, typer.Option(help="This site's SuperNode private key (registered at the server).")] = None,
+    log_dir: Annotated[Path, typer.Option(help="Where the SuperNode log goes.")] = Path("runs/site-logs"),
+    runtime_port: Annotated[int, typer.Option(help="Local port for the site's ClientApp API (0: any free port).")] = 0,
+) -> None:
+    """Join the federation at --server as the site described by --site. Scans never leave this machine:
+    only model weights and metrics do. Ctrl-C leaves the federation cleanly."""
+    from brainjepa.gradients import gradient_checksum, load_gradients
+    from sites.config import load_site_config
+
+    if insecure == (root_certificates is not None):
+        raise typer.BadParameter("give --root-certificates CA.crt, or --insecure (testing only)")
+    try:  # fail here, with a clear message, rather than in the first round
+        cfg = load_site_config(site)
+        grads = load_gradients(gradients, n_rois=cfg.n_rois)
+    except InputError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from e
+    if insecure:
+        typer.secho("!! --insecure: NO TLS. Model weights travel unencrypted. Local tests only. !!",
+                    fg=typer.colors.RED, bold=True, err=True)  # fmt: skip
+    port = runtime_port or _free_port()
+    node_config = f"site-config={_toml_str(site.resolve())} gradients={_toml_str(gradients.resolve())}"
+    cmd = [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", server, "--port", str(port),
+           "--node-config", node_config]  # fmt: skip
+    cmd += ["--insecure"] if insecure else ["--root-certificates", str(root_certificates.resolve())]  # type: ignore[union-attr]
+    if auth_key is not None:
+        cmd += ["--auth-supernode-private-key", str(auth_key.resolve())]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = (log_dir / f"supernode-{cfg.site}.log").resolve()
+    env = {**os.environ, **QUIET_ENV}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    typer.echo(f"site '{cfg.site}': {cfg.n_rois} ROIs, TR {cfg.tr} s, data under {cfg.data.root}")
+    typer.echo(f"gradient file {gradients} (checksum {gradient_checksum(grads)[:16]}...)")
+    typer.echo(f"joining the federation at {server}; SuperNode log: {log_path} (Ctrl-C to leave)")
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        code = proc.wait()
+        typer.echo(f"SuperNode exited with code {code}; see {log_path}")
+        raise typer.Exit(code)
+    except KeyboardInterrupt:
+        typer.echo("\nCtrl-C: leaving the federation")
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise typer.Exit(130) from None
+
+
+def main() -> None:
+    app()

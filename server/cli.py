@@ -1,0 +1,152 @@
+"""`brainjepa-server`: run the federation's coordinator (a Flower SuperLink plus the pretraining run)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from server.config import FederationConfig, from_run_config, to_run_config
+from server.launch import (
+    TlsFiles,
+    flower_bin,
+    flower_env,
+    flwr_run_command,
+    start_process,
+    superlink_command,
+    wait_for_port,
+    write_app_dir,
+    write_connection,
+)
+from sites.errors import InputError
+
+app = typer.Typer(help="Coordinate a federated Brain-JEPA pretraining run (Flower SuperLink + ServerApp).",
+                  no_args_is_help=True, pretty_exceptions_show_locals=False)  # fmt: skip
+log = logging.getLogger("server.cli")
+
+
+@app.callback()
+def _root() -> None:
+    """Coordinate a federated Brain-JEPA pretraining run (Flower SuperLink + ServerApp)."""
+
+
+def _parse_pairs(pairs: list[str]) -> dict[str, object]:
+    import tomllib
+
+    out: dict[str, object] = {}
+    for pair in pairs:
+        try:
+            out.update(tomllib.loads(pair))
+        except tomllib.TOMLDecodeError as e:
+            raise typer.BadParameter(f"--run-config '{pair}': expected key=value with a TOML value ({e})") from e
+    return out
+
+
+@app.command()
+def start(
+    address: Annotated[str, typer.Option(help="HOST:PORT the SuperLink listens on (sites connect here).")] = "0.0.0.0:9092",
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 3,
+    local_steps: Annotated[int, typer.Option(help="Local JEPA optimizer steps per site per round.")] = 4,
+    min_sites: Annotated[int, typer.Option(help="Sites a round needs (fewer valid updates: the run stops, resumable).")] = 2,
+    fraction_sites: Annotated[float, typer.Option(help="Share of connected sites sampled per round.")] = 1.0,
+    strategy: Annotated[str, typer.Option(help="fedavg, fedavgm or fedadam.")] = "fedavg",
+    wire_dtype: Annotated[str, typer.Option(help="float32, or float16 (half-precision transfer).")] = "float32",
+    gradients: Annotated[Path | None, typer.Option(help="The federation's gradient file (every site uses the same).")] = None,
+    model_size: Annotated[str, typer.Option(help="tiny, small, base or large.")] = "tiny",
+    pretrain_config: Annotated[Path | None, typer.Option(help="Pretraining YAML (model/mask/optim) instead of --model-size.")] = None,
+    out_dir: Annotated[Path, typer.Option(help="Where run folders, logs and the SuperLink database go.")] = Path("runs/federated"),
+    resume: Annotated[Path | None, typer.Option(help="Continue RUN_DIR from its last completed round.")] = None,
+    run_config: Annotated[list[str], typer.Option(help="Extra run-config pairs, e.g. 'n-rois=450' (repeatable).")] = [],  # noqa: B006
+    insecure: Annotated[bool, typer.Option(help="No TLS: traffic (model weights) unencrypted. Testing only.")] = False,
+    ssl_ca_certfile: Annotated[Path | None, typer.Option(help="CA certificate (TLS).")] = None,
+    ssl_certfile: Annotated[Path | None, typer.Option(help="Server certificate (TLS).")] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="Server private key (TLS).")] = None,
+    auth_public_key: Annotated[list[Path], typer.Option(help="A site's SuperNode public key (ssh-keygen -t ecdsa -b 384); enables SuperNode authentication (needs TLS). Repeatable.")] = [],  # noqa: B006
+    keep_running: Annotated[bool, typer.Option(help="Keep the SuperLink up after the run (Ctrl-C to stop).")] = False,
+) -> None:
+    """Start a SuperLink on ADDRESS and submit the federated pretraining run to it.
+
+    Sites join with `brainjepa-client --site SITE.yaml --server THIS_HOST:PORT`. Rounds wait until
+    --min-sites sites are connected. Ctrl-C stops the run and the SuperLink cleanly; the last completed
+    round's checkpoint stays, and `--resume RUN_DIR` continues it.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    tls_files = [ssl_ca_certfile, ssl_certfile, ssl_keyfile]
+    if insecure and any(tls_files):
+        raise typer.BadParameter("--insecure and TLS certificates are exclusive")
+    if not insecure and not all(tls_files):
+        raise typer.BadParameter("give --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile, or --insecure (testing only)")
+    if auth_public_key and insecure:
+        raise typer.BadParameter("SuperNode authentication (--auth-public-key) needs TLS")
+    host, _, port_text = address.rpartition(":")
+    if not host or not port_text.isdigit():
+        raise typer.BadParameter(f"--address: expected HOST:PORT, got '{address}'")
+    try:
+        cfg = from_run_config({
+            **to_run_config(FederationConfig()), "num-rounds": rounds, "local-steps": local_steps,
+            "min-sites": min_sites, "fraction-sites": fraction_sites, "strategy": strategy, "wire-dtype": wire_dtype,
+            "gradients": str(gradients.resolve()) if gradients else "", "model-size": model_size,
+            "pretrain-config": str(pretrain_config.resolve()) if pretrain_config else "",
+            "out-dir": str(out_dir.resolve()), "resume-dir": str(resume.resolve()) if resume else "",
+            **_parse_pairs(run_config),
+        })  # fmt: skip
+    except InputError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from e
+    if not cfg.gradients:
+        typer.secho("warning: no --gradients: the run generates demo sites and their gradient file (demo only)",
+                    fg=typer.colors.YELLOW, err=True)  # fmt: skip
+    work = out_dir.resolve()
+    logs = work / "logs"
+    flwr_home = work / ".flwr"
+    env = flower_env(flwr_home)
+    tls = None if insecure else TlsFiles(ssl_ca_certfile.resolve(), ssl_certfile.resolve(), ssl_keyfile.resolve())  # type: ignore[union-attr]
+    if insecure:
+        typer.secho("!! --insecure: NO TLS. Model weights and metrics cross the network UNENCRYPTED and any "
+                    "machine that reaches this port can join as a site. Use only for local tests. !!",
+                    fg=typer.colors.RED, bold=True, err=True)  # fmt: skip
+    connect_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    write_connection(flwr_home, "coordinator", f"{connect_host}:{port_text}", root_cert=tls.ca_cert if tls else None)
+    superlink = start_process("superlink", superlink_command(host, int(port_text), str(work / "superlink.db"), tls,
+                              enable_supernode_auth=bool(auth_public_key)), logs / "superlink.log", env, cwd=work)  # fmt: skip
+    typer.echo(f"SuperLink listening on {address} (log: {logs / 'superlink.log'}, state: {work / 'superlink.db'})")
+    run_proc: subprocess.Popen | None = None
+    try:
+        wait_for_port(superlink, connect_host, int(port_text))
+        for key in auth_public_key:
+            subprocess.run([flower_bin("flwr"), "supernode", "register", str(key.resolve()), "coordinator"],
+                           env=env, check=True)  # fmt: skip
+            typer.echo(f"registered SuperNode key {key}")
+        app_dir = write_app_dir(work / "app", to_run_config(cfg))
+        cmd = flwr_run_command(app_dir, "coordinator")
+        typer.echo(f"submitting the run: {cfg.num_rounds} rounds x {cfg.local_steps} local steps, waiting for "
+                   f"{cfg.min_sites} site(s); sites join with: brainjepa-client --site SITE.yaml --server "
+                   f"{connect_host}:{port_text} --gradients GRADIENT_FILE{' --insecure' if insecure else ''}")  # fmt: skip
+        run_proc = subprocess.Popen(cmd, env=env, cwd=work)  # streams the ServerApp's log to this console
+        code = run_proc.wait()
+        if keep_running:
+            typer.echo("run finished; SuperLink still up (Ctrl-C to stop)")
+            while superlink.alive():
+                time.sleep(1)
+        raise typer.Exit(code)
+    except KeyboardInterrupt:
+        typer.echo("\nCtrl-C: stopping the run and the SuperLink (the last completed round's checkpoint is kept)")
+        if run_proc is not None and run_proc.poll() is None:
+            run_proc.send_signal(signal.SIGINT)
+            try:
+                run_proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                run_proc.kill()
+        raise typer.Exit(130) from None
+    finally:
+        superlink.stop()
+        typer.echo(f"SuperLink stopped; logs in {logs}")
+
+
+def main() -> None:
+    app()

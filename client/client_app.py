@@ -18,7 +18,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 
 from client.state import load_optimizer, save_optimizer
-from client.training import WEIGHT_SETS, RoundRefused, RoundSpec, SiteTrainer, load_site_data, resolve_site_config
+from client.training import (
+    WEIGHT_SETS,
+    RoundRefused,
+    RoundSpec,
+    SiteTrainer,
+    load_site_data,
+    resolve_site_config,
+)
 from sites.errors import InputError
 
 log = logging.getLogger(__name__)

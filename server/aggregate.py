@@ -67,6 +67,32 @@ def weighted_mean(updates: list[SiteUpdate]) -> dict[str, torch.Tensor]:
     return out
 
 
+class RunningMean:
+    """Sample-weighted mean accumulated one site at a time (a round holds one update, not all of them).
+
+    Sums n_i * w_i in float64 and divides by sum(n) at the end: with one site the result is w exactly
+    (n * w is exact in float64 for n < 2**29), with several it is the mean rounded once to fp32.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.total = 0
+
+    def add(self, update: SiteUpdate) -> None:
+        for name, vec in update.sets.items():
+            acc = self.sums.get(name)
+            if acc is None:
+                self.sums[name] = vec.double() * update.num_examples
+            else:
+                acc.add_(vec.double(), alpha=update.num_examples)
+        self.total += update.num_examples
+
+    def result(self) -> dict[str, torch.Tensor]:
+        if self.total <= 0:
+            raise ValueError("no updates to average")
+        return {name: (acc / self.total).float() for name, acc in self.sums.items()}
+
+
 @dataclass(frozen=True)
 class ServerOptConfig:
     """`fedavg` (x <- mean), `fedavgm` (server momentum) or `fedadam` (Reddi et al. 2021, FedOpt)."""

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from brainjepa.config import PretrainConfig, to_dict
 from brainjepa.gradients import gradient_checksum, load_gradients, save_gradients
 from brainjepa.jepa import JEPAModels
 from brainjepa.schedules import schedule_at
-from server.aggregate import WEIGHT_SETS, ServerOptimizer, SiteUpdate, check_update, weighted_mean
+from server.aggregate import WEIGHT_SETS, RunningMean, ServerOptimizer, SiteUpdate, check_update
 from server.config import FederationConfig, to_run_config
 from server.report import RunReport
 from server.wire import decode_reply, encode_sets, flat_parameters, load_flat_parameters, model_checksum
@@ -198,24 +199,15 @@ class FederatedRun:
                  cfg.num_rounds, sent_bytes / 1e6, len(sampled), conf["lr"], conf["ema-momentum"])  # fmt: skip
         msgs = [Message(RecordDict({"arrays": arrays, "config": conf}), dst_node_id=node, message_type="train",
                         group_id=str(rnd)) for node in sampled]  # fmt: skip
-        results = self.collect(grid, msgs, sent_bytes)
-        expected = {k: v.numel() for k, v in self.sets.items()}
-        for res in results:
-            if res.status == "ok" and res.update is not None:
-                reason = check_update(res.update, expected)
-                if reason:
-                    res.status, res.detail = "rejected", reason
-                    log.warning("round %d: update of site %s rejected: %s", rnd + 1, res.site, reason)
+        mean = RunningMean()
+        results = self.collect(grid, msgs, sent_bytes, lambda res: self._accept(rnd, res, mean))
         ok = [r.update for r in results if r.status == "ok" and r.update is not None]
-        if cfg.save_updates:
-            self._save_updates(rnd, results)
         rows = [self._site_row(rnd, r) for r in results]
         report.site_rows(rows)
         if len(ok) < cfg.min_sites:
             raise RoundFailed(f"round {rnd + 1}: {len(ok)} valid update(s), fewer than min-sites={cfg.min_sites}; "
                               f"the global model stays at round {rnd} (resume with resume-dir={self.run_dir})")
-        mean = weighted_mean(ok)
-        self.sets = self.server_opt.step(self.sets, mean)
+        self.sets = self.server_opt.step(self.sets, mean.result())
         for name in WEIGHT_SETS:
             load_flat_parameters(getattr(self.models, name), self.sets[name])
         self._save(rnd + 1)
@@ -234,8 +226,24 @@ class FederatedRun:
                  rnd + 1, cfg.num_rounds, wall, loss, len(ok), sum(r.status in ("failed", "timeout") for r in results),
                  sum(r.status == "rejected" for r in results))  # fmt: skip
 
-    def collect(self, grid: Grid, msgs: list[Message], sent_bytes: int) -> list[SiteResult]:
-        """Push the round's messages and pull replies until all came, a site left, or the timeout."""
+    def _accept(self, rnd: int, res: SiteResult, mean: RunningMean) -> None:
+        """Check one decoded reply; add it to the mean (then drop its weights) or reject it."""
+        if res.status != "ok" or res.update is None:
+            return
+        reason = check_update(res.update, {k: v.numel() for k, v in self.sets.items()})
+        if reason:
+            res.status, res.detail = "rejected", reason
+            log.warning("round %d: update of site %s rejected: %s", rnd + 1, res.site, reason)
+        else:
+            mean.add(res.update)
+        if self.cfg.save_updates:
+            self._save_update(rnd, res)
+        res.update.sets = {}  # memory: one site's weights at a time
+
+    def collect(self, grid: Grid, msgs: list[Message], sent_bytes: int,
+                on_result: Callable[[SiteResult], None]) -> list[SiteResult]:
+        """Push the round's messages and pull replies (one at a time, each handed to `on_result` and
+        released) until all came, a site left, or the timeout."""
         ids = list(grid.push_messages(msgs))
         node_of = {mid: m.metadata.dst_node_id for mid, m in zip(ids, msgs, strict=True)}
         pending = set(ids)
@@ -243,11 +251,14 @@ class FederatedRun:
         deadline = time.monotonic() + self.cfg.round_timeout_s
         gone_since: dict[str, float] = {}
         while pending and time.monotonic() < deadline:
-            for reply in grid.pull_messages(list(pending)):
-                mid = reply.metadata.reply_to_message_id
-                if mid in pending:
-                    pending.discard(mid)
-                    results.append(self.decode(reply, node_of[mid], sent_bytes))
+            for asked in list(pending):
+                for reply in grid.pull_messages([asked]):
+                    mid = reply.metadata.reply_to_message_id
+                    if mid in pending:
+                        pending.discard(mid)
+                        results.append(self.decode(reply, node_of[mid], sent_bytes))
+                        on_result(results[-1])
+                    del reply
             if not pending:
                 break
             connected = set(grid.get_node_ids())
@@ -296,11 +307,10 @@ class FederatedRun:
             "detail": r.detail.splitlines()[-1][:300] if r.detail else "",
         }  # fmt: skip
 
-    def _save_updates(self, rnd: int, results: list[SiteResult]) -> None:
+    def _save_update(self, rnd: int, r: SiteResult) -> None:
         out = self.run_dir / "updates" / f"round-{rnd + 1:03d}"
         out.mkdir(parents=True, exist_ok=True)
-        for r in results:
-            if r.update is not None:
-                torch.save({"site": r.site, "status": r.status, "num_examples": r.update.num_examples,
-                            "sets": r.update.sets}, out / f"{r.site}.pt")  # fmt: skip
+        assert r.update is not None
+        torch.save({"site": r.site, "status": r.status, "num_examples": r.update.num_examples,
+                    "sets": r.update.sets}, out / f"{r.site}.pt")  # fmt: skip
 

@@ -1,0 +1,141 @@
+"""Federation pieces without processes: checks, averaging, server optimisers, wire format, site state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import RecordDict
+
+from brainjepa.config import ModelConfig, OptimConfig
+from brainjepa.jepa import JEPAModels, PretrainStep
+from client.client_app import encode_reply
+from client.state import load_optimizer, save_optimizer
+from client.training import model_checksum as client_checksum
+from server.aggregate import RunningMean, ServerOptConfig, ServerOptimizer, SiteUpdate, check_update, weighted_mean
+from server.config import FederationConfig, from_run_config, to_run_config
+from server.wire import decode_reply, encode_sets, sent_as
+from server.wire import model_checksum as server_checksum
+from sites.errors import ConfigError
+
+
+def _update(site: str, n: int, rng: np.random.Generator, sizes: dict[str, int]) -> SiteUpdate:
+    return SiteUpdate(site, n, {k: torch.from_numpy(rng.standard_normal(v).astype(np.float32)) for k, v in sizes.items()})
+
+
+SIZES = {"encoder": 300, "predictor": 120, "target": 300}
+
+
+def test_weighted_mean_matches_float64_recomputation() -> None:
+    rng = np.random.default_rng(0)
+    ups = [_update(f"s{i}", n, rng, SIZES) for i, n in enumerate([3, 10, 7])]
+    running = RunningMean()
+    for u in ups:
+        running.add(u)
+    for got in (weighted_mean([SiteUpdate(u.site, u.num_examples, {k: v.clone() for k, v in u.sets.items()}) for u in ups]),
+                running.result()):  # fmt: skip
+        for k in SIZES:
+            ref = sum(u.num_examples * u.sets[k].double().numpy() for u in ups) / 20
+            np.testing.assert_allclose(got[k].numpy(), ref, rtol=0, atol=1e-6)
+
+
+def test_one_site_mean_is_exact_identity() -> None:
+    u = _update("a", 37, np.random.default_rng(1), SIZES)
+    running = RunningMean()
+    running.add(u)
+    for k, v in running.result().items():
+        assert torch.equal(v, u.sets[k])
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda u: u.sets["encoder"].__setitem__(5, float("nan")), "NaN/Inf"),
+        (lambda u: u.sets["predictor"].__setitem__(0, float("inf")), "NaN/Inf"),
+        (lambda u: u.sets.__setitem__("target", torch.zeros(299)), "shape (299,), expected (300,)"),
+        (lambda u: u.sets.pop("predictor"), "'predictor' missing"),
+        (lambda u: setattr(u, "num_examples", 0), "positive integer"),
+    ],
+)
+def test_bad_updates_are_rejected_with_the_reason(mutate, reason: str) -> None:
+    u = _update("a", 5, np.random.default_rng(2), SIZES)
+    assert check_update(u, SIZES) is None
+    mutate(u)
+    got = check_update(u, SIZES)
+    assert got is not None and reason in got
+
+
+def test_fedavgm_and_fedadam_move_towards_the_mean() -> None:
+    cur = {k: torch.zeros(v) for k, v in SIZES.items()}
+    mean = {k: torch.ones(v) for k, v in SIZES.items()}
+    avg = ServerOptimizer(ServerOptConfig("fedavg")).step(cur, mean)
+    assert all(torch.equal(avg[k], mean[k]) for k in SIZES)
+    m = ServerOptimizer(ServerOptConfig("fedavgm", lr=1.0, momentum=0.5))
+    first = m.step(cur, mean)
+    second = m.step(cur, mean)  # same pseudo-gradient again: momentum 1 + 0.5
+    assert torch.allclose(first["encoder"], torch.ones(300)) and torch.allclose(second["encoder"], torch.full((300,), 1.5))
+    assert torch.equal(second["target"], mean["target"])  # the EMA target is plainly averaged
+    adam = ServerOptimizer(ServerOptConfig("fedadam", lr=0.1))
+    out = adam.step(cur, mean)
+    assert float(out["encoder"].min()) > 0 and float(out["encoder"].max()) <= 0.1 + 1e-6
+    state = adam.state_dict()
+    again = ServerOptimizer(ServerOptConfig("fedadam", lr=0.1))
+    again.load_state_dict(state)
+    assert torch.equal(again.step(out, mean)["encoder"], adam.step(out, mean)["encoder"])
+
+
+def test_fp16_wire_uplink_deltas_keep_the_fp32_master() -> None:
+    rng = np.random.default_rng(3)
+    master = {k: torch.from_numpy((rng.standard_normal(v) * 0.02).astype(np.float32)) for k, v in SIZES.items()}
+    down = encode_sets(master, "float16")
+    assert all(down[k].dtype == "float16" for k in SIZES)
+    received = {k: torch.from_numpy(down[k].numpy().astype(np.float32)) for k in SIZES}
+    assert all(torch.equal(received[k], sent_as(master[k], "float16")) for k in SIZES)
+    trained = {k: received[k] + 1e-3 * torch.from_numpy(rng.standard_normal(v).astype(np.float32)) for k, v in SIZES.items()}
+    up = encode_reply(trained, received, "float16")
+    full = decode_reply(up, "float16", master)
+    for k in SIZES:  # master + fp16(delta): error ~ |delta| * 2**-11, not |w| * 2**-11
+        err = float((full[k] - (master[k] + (trained[k] - received[k]))).abs().max())
+        assert err < 1e-3 * 5 * 2**-11
+    with pytest.raises(ValueError, match="beyond fp16 range"):
+        encode_sets({"encoder": torch.full((3,), 1e6)}, "float16")
+
+
+def test_server_and_client_agree_on_the_model_checksum() -> None:
+    cfg = ModelConfig(size="tiny", n_rois=12, n_frames=32)
+    models = JEPAModels(cfg, torch.randn(12, 30))
+    mods = {n: getattr(models, n) for n in ("encoder", "predictor", "target")}
+    assert server_checksum(cfg, mods) == client_checksum(cfg, mods)
+    other = ModelConfig(size="tiny", n_rois=12, n_frames=48)
+    assert server_checksum(other, mods) != server_checksum(cfg, mods)
+
+
+def test_optimizer_state_survives_the_context_round_trip() -> None:
+    cfg = ModelConfig(size="tiny", n_rois=8, n_frames=32)
+    models = JEPAModels(cfg, torch.randn(8, 30))
+    step = PretrainStep(models, OptimConfig(), total_steps=10)
+    for p in models.encoder.parameters():  # give AdamW some moments
+        p.grad = torch.randn_like(p)
+    step.optimizer.step()
+    state = RecordDict()
+    save_optimizer(state, step.optimizer, "abc", rounds_done=1)
+    fresh = PretrainStep(JEPAModels(cfg, torch.randn(8, 30)), OptimConfig(), total_steps=10)
+    assert load_optimizer(state, fresh.optimizer, "other-model") == 0  # another model: not restored
+    assert load_optimizer(state, fresh.optimizer, "abc") == 1
+    a, b = step.optimizer.state_dict(), fresh.optimizer.state_dict()
+    assert a["state"].keys() == b["state"].keys() and len(a["state"]) > 0
+    for i in a["state"]:
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(a["state"][i][key], b["state"][i][key])
+
+
+def test_run_config_round_trip_and_errors() -> None:
+    cfg = FederationConfig(num_rounds=5, wire_dtype="float16")
+    assert from_run_config(to_run_config(cfg)) == cfg
+    with pytest.raises(ConfigError, match="'num-roundz': unknown"):
+        from_run_config({"num-roundz": 3})
+    with pytest.raises(ConfigError, match="'local-steps': expected int"):
+        from_run_config({"local-steps": "4"})
+    with pytest.raises(ConfigError, match="wire-dtype"):
+        from_run_config({"wire-dtype": "bfloat16"})
+    assert cfg.pretrain().train.steps == 5 * cfg.local_steps

@@ -25,7 +25,8 @@ from server.demo import prepare_demo_sites
 from server.launch import LocalFederation, write_app_dir
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+# One BLAS thread per Flower process: several sites share the 2 test cores.
+ENV = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
 BASE = dict(n_rois=50, n_frames=64, local_steps=2, batch_size=4, demo_sites=3, demo_subjects=10)
 
 # A ClientApp wrapping the real one, for fault tests only: node config `inject-nan` poisons the reply,
@@ -91,65 +92,64 @@ def flat_sets(state: dict, model_cfg: dict, grads: np.ndarray) -> dict[str, torc
     return {n: parameters_to_vector(getattr(models, n).parameters()).detach() for n in ("encoder", "predictor", "target")}
 
 
-def test_two_sites_two_rounds_average_is_sample_weighted_mean(tmp_path: Path, demo) -> None:
+def test_two_rounds_weighted_mean_nan_rejected_wrong_gradients_refused(tmp_path: Path, demo) -> None:
+    """Four sites over real transport, two rounds: site_a and site_b train normally, site_c sends NaN
+    (rejected), a fourth site uses another gradient file (refused). The global weights must equal the
+    sample-weighted mean of what site_a and site_b sent (dumped by the sites, recomputed here)."""
     yamls, grads = demo
+    other = tmp_path / "other_gradients.npy"
+    g = load_gradients(grads)
+    save_gradients(other, g[:, ::-1].copy())  # same shape, other content
     dumps = tmp_path / "dumps"
-    nodes = [{"site-config": str(y), "gradients": str(grads), "dump-updates-dir": str(dumps)} for y in yamls[:2]]
-    app = write_app_dir(tmp_path / "app", run_config(tmp_path, grads, num_rounds=2, min_sites=2))
+    nodes = [
+        {"site-config": str(yamls[0]), "gradients": str(grads), "dump-updates-dir": str(dumps)},
+        {"site-config": str(yamls[1]), "gradients": str(grads), "dump-updates-dir": str(dumps)},
+        {"site-config": str(yamls[2]), "gradients": str(grads), "inject-nan": True},
+        {"site-config": str(yamls[0]), "gradients": str(other)},
+    ]
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "faulty_client.py").write_text(FAULTY_CLIENT)
+    app = write_app_dir(tmp_path / "app", run_config(tmp_path, grads, num_rounds=2, min_sites=2),
+                        clientapp="faulty_client:app")
     with LocalFederation(tmp_path, nodes, env_extra=ENV) as fed:
         res = fed.run(app, timeout_s=400)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.returncode == 0 and "outputs under" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
     run_dir = the_run_dir(tmp_path)
-    assert "outputs under" in res.stdout
     ckpt = load_checkpoint(run_dir / "checkpoint.pt")
     assert ckpt["round"] == 2 and ckpt["federated"] and ckpt["kind"] == "pretrain"
-    g = load_gradients(grads)
     final = flat_sets(ckpt["models"], ckpt["model_config"], g)
-    # What each site sent in round 2, as dumped by the site itself; mean recomputed here in float64.
-    sent = [np.load(p) for p in sorted((dumps / "round-002").glob("*.npz"))]
-    assert len(sent) == 2
+    # What site_a and site_b sent in round 2, as dumped by the sites; mean recomputed here in float64.
+    sent = [np.load(dumps / "round-002" / f"{site}.npz") for site in ("site_a", "site_b")]
     n = np.array([float(s["num_examples"]) for s in sent])
     for name in ("encoder", "predictor", "target"):
         expected = sum(ni * s[name].astype(np.float64) for ni, s in zip(n, sent, strict=True)) / n.sum()
         np.testing.assert_allclose(final[name].numpy(), expected, rtol=0, atol=2e-6)
         assert not np.allclose(sent[0][name], sent[1][name])  # the sites really differ
+
     rows = read_csv(run_dir / "site_metrics.csv")
-    assert [(r["round"], r["status"]) for r in rows] == [("1", "ok")] * 2 + [("2", "ok")] * 2
-    assert all(int(r["bytes_sent"]) > 0 and int(r["bytes_received"]) > 0 and float(r["loss"]) > 0 for r in rows)
+    for rnd in ("1", "2"):
+        by_status = sorted((r["status"], r["site"]) for r in rows if r["round"] == rnd)
+        assert [st for st, _ in by_status] == ["failed", "ok", "ok", "rejected"], by_status
+        assert ("ok", "site_a") in by_status and ("ok", "site_b") in by_status and ("rejected", "site_c") in by_status
+    rejected = [r for r in rows if r["status"] == "rejected"]
+    assert all("NaN" in r["detail"] for r in rejected)
+    refused = [r for r in rows if r["status"] == "failed"]
+    for r in refused:
+        assert "refused" in r["detail"] and "gradient file" in r["detail"] and str(other) in r["detail"]
+        assert "checksum" in r["detail"]
+    assert "rejected" in res.stdout and "NaN" in res.stdout
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert all(int(r["bytes_sent"]) > 0 and int(r["bytes_received"]) > 0 and float(r["loss"]) > 0 for r in ok)
     rounds = read_csv(run_dir / "round_metrics.csv")
+    assert [(r["sites_ok"], r["sites_rejected"], r["sites_failed"]) for r in rounds] == [("2", "1", "1")] * 2
     assert float(rounds[1]["loss"]) < float(rounds[0]["loss"])
     assert (run_dir / "loss_per_round.png").stat().st_size > 1000
 
 
-def test_nan_update_rejected_and_wrong_gradients_refused(tmp_path: Path, demo) -> None:
-    yamls, grads = demo
-    other = tmp_path / "other_gradients.npy"
-    g = load_gradients(grads)
-    save_gradients(other, g[:, ::-1].copy())  # same shape, other content
-    nodes = [
-        {"site-config": str(yamls[0]), "gradients": str(grads)},
-        {"site-config": str(yamls[1]), "gradients": str(grads), "inject-nan": True},
-        {"site-config": str(yamls[2]), "gradients": str(other)},
-    ]
-    (tmp_path / "app").mkdir()
-    (tmp_path / "app" / "faulty_client.py").write_text(FAULTY_CLIENT)
-    app = write_app_dir(tmp_path / "app", run_config(tmp_path, grads, num_rounds=1, min_sites=1),
-                        clientapp="faulty_client:app")
-    with LocalFederation(tmp_path, nodes, env_extra=ENV) as fed:
-        res = fed.run(app, timeout_s=400)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    rows = {r["site"]: r for r in read_csv(the_run_dir(tmp_path) / "site_metrics.csv")}
-    assert rows["site_a"]["status"] == "ok"
-    assert rows["site_b"]["status"] == "rejected" and "NaN" in rows["site_b"]["detail"]
-    (refused,) = [r for r in rows.values() if r["status"] == "failed"]
-    assert "refused" in refused["detail"] and "gradient file" in refused["detail"] and str(other) in refused["detail"]
-    assert "checksum" in refused["detail"]
-    assert "rejected" in res.stdout and "NaN" in res.stdout
-    rounds = read_csv(the_run_dir(tmp_path) / "round_metrics.csv")
-    assert rounds[0]["sites_ok"] == "1" and rounds[0]["sites_rejected"] == "1" and rounds[0]["sites_failed"] == "1"
-
-
-def test_site_killed_mid_round_round_completes_with_the_rest(tmp_path: Path, demo) -> None:
+def test_site_killed_mid_round_then_server_killed_and_resumed(tmp_path: Path, demo) -> None:
+    """Round 1: site_b's machine dies mid-round; the round completes with site_a. Then the coordinator's
+    machine dies (SuperLink + ServerApp killed); a new SuperLink on the same address (same state
+    database) and `resume-dir` finish the run."""
     yamls, grads = demo
     marker = tmp_path / "site_b_is_training"
     nodes = [
@@ -158,54 +158,37 @@ def test_site_killed_mid_round_round_completes_with_the_rest(tmp_path: Path, dem
     ]
     (tmp_path / "app").mkdir()
     (tmp_path / "app" / "faulty_client.py").write_text(FAULTY_CLIENT)
-    app = write_app_dir(tmp_path / "app", run_config(tmp_path, grads, num_rounds=1, min_sites=1, round_timeout_s=30.0),
-                        clientapp="faulty_client:app")
-    with LocalFederation(tmp_path, nodes, env_extra=ENV) as fed:
-        run = fed.start_run(app)
-        deadline = time.monotonic() + 120
-        while not marker.exists() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert marker.exists(), run.log_tail()
-        t_kill = time.monotonic()
-        fed.supernodes[1].kill()  # the site's machine dies mid-round
-        run.popen.wait(timeout=200)
-        waited = time.monotonic() - t_kill
-        out = run.log_tail(20000)
-    assert run.popen.returncode == 0, out
-    assert waited < 60, f"the round waited {waited:.0f} s for a dead site"
-    rows = read_csv(the_run_dir(tmp_path) / "site_metrics.csv")
-    assert len(rows) == 2
-    (ok,) = [r for r in rows if r["status"] == "ok"]
-    (dead,) = [r for r in rows if r["status"] != "ok"]
-    assert ok["site"] == "site_a" and dead["status"] in ("failed", "timeout"), rows
-    assert load_checkpoint(the_run_dir(tmp_path) / "checkpoint.pt")["round"] == 1
-
-
-def test_server_killed_and_resumed_run_finishes(tmp_path: Path, demo) -> None:
-    yamls, grads = demo
-    nodes = [{"site-config": str(yamls[0]), "gradients": str(grads)}]
-    rc = run_config(tmp_path, grads, num_rounds=2, min_sites=1, wait_for_sites_s=60.0)
-    app = write_app_dir(tmp_path / "app", rc)
+    rc = run_config(tmp_path, grads, num_rounds=2, min_sites=1, round_timeout_s=25.0, wait_for_sites_s=60.0)
+    app = write_app_dir(tmp_path / "app", rc, clientapp="faulty_client:app")
     # The SuperLink keeps its state in a database file, so that the restarted one knows the site.
     with LocalFederation(tmp_path, nodes, env_extra=ENV, database=str(tmp_path / "superlink.db")) as fed:
         run = fed.start_run(app)
-        deadline = time.monotonic() + 200
+        deadline = time.monotonic() + 120
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert marker.exists(), run.log_tail()
+        t_kill = time.monotonic()
+        fed.supernodes[1].kill()  # site_b's machine dies mid-round
         ckpt = None
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline + 60:
             found = list((tmp_path / "runs").glob("*/checkpoint.pt"))
             if found and load_checkpoint(found[0])["round"] >= 1:
                 ckpt = found[0]
                 break
             time.sleep(0.3)
         assert ckpt is not None, run.log_tail()
+        assert time.monotonic() - t_kill < 60, "the round waited too long for a dead site"
         fed.crash_superlink()  # the coordinator's machine dies (SuperLink + ServerApp)
         run.kill()
+        first = read_csv(ckpt.parent / "site_metrics.csv")
         done = load_checkpoint(ckpt)["round"]
-        assert done < 2
+        assert done == 1
         fed.restart_superlink()
         res = fed.run(app, {"resume-dir": str(ckpt.parent)}, timeout_s=400)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert f"resuming {ckpt.parent} after round {done}" in res.stdout
+    assert res.returncode == 0 and "outputs under" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    assert sorted(r["status"] for r in first) == ["ok", "timeout"] or sorted(r["status"] for r in first) == ["failed", "ok"]
+    assert [r["site"] for r in first if r["status"] == "ok"] == ["site_a"]
+    assert f"resuming {ckpt.parent} after round 1" in res.stdout
     assert load_checkpoint(ckpt)["round"] == 2
     rounds = [int(r["round"]) for r in read_csv(ckpt.parent / "round_metrics.csv")]
     assert rounds == [1, 2]

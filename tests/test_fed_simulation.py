@@ -10,7 +10,8 @@ from server.config import FederationConfig, to_run_config
 from server.launch import run_simulation, write_app_dir
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+# One BLAS thread per Flower process: several sites share the 2 test cores.
+ENV = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
 
 
 def _live_cmdlines() -> list[str]:

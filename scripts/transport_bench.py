@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import typer
@@ -167,15 +168,15 @@ def fp16_averaging_error(model: str, sites: int, update_scale: float, seed: int 
 
 
 def main(
-    model: list[str] = typer.Option(["vit-s", "vit-b"], help="vit-tiny, vit-s, vit-b, vit-l"),
-    wire_dtype: list[str] = typer.Option(["float32", "float16"], help="dtype on the wire"),
-    chunk_mib: list[float] = typer.Option([5.0], help="FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE in MiB"),
-    database: list[str] = typer.Option(["memory"], help="SuperLink state: memory or sqlite"),
-    packing: list[str] = typer.Option(["flat"], help="flat (one array per weight set) or per-tensor"),
-    sites: int = typer.Option(2, help="number of SuperNodes"),
-    rounds: int = typer.Option(2, help="rounds per federation (the fastest is reported)"),
-    out: Path = typer.Option(Path("transport_bench.jsonl"), help="JSON lines, appended"),
-    numerics: bool = typer.Option(True, help="also compute the fp16 averaging error"),
+    model: Annotated[list[str], typer.Option(help="vit-tiny, vit-s, vit-b, vit-l")] = ["vit-s", "vit-b"],  # noqa: B006
+    wire_dtype: Annotated[list[str], typer.Option(help="dtype on the wire")] = ["float32", "float16"],  # noqa: B006
+    chunk_mib: Annotated[list[float], typer.Option(help="FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE in MiB")] = [16.0],  # noqa: B006
+    database: Annotated[list[str], typer.Option(help="SuperLink state: memory or sqlite")] = ["memory"],  # noqa: B006
+    packing: Annotated[list[str], typer.Option(help="flat (one array per weight set) or per-tensor")] = ["flat"],  # noqa: B006
+    sites: Annotated[int, typer.Option(help="number of SuperNodes")] = 2,
+    rounds: Annotated[int, typer.Option(help="rounds per federation (the fastest is reported)")] = 1,
+    out: Annotated[Path, typer.Option(help="JSON lines, appended")] = Path("transport_bench.jsonl"),
+    numerics: Annotated[bool, typer.Option(help="also compute the fp16 averaging error")] = True,
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     work_root = Path(tempfile.mkdtemp(prefix="transport-bench-"))

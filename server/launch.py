@@ -393,7 +393,8 @@ def _pids_with_args(*needles: str) -> list[int]:
 
 
 def run_simulation(app_dir: Path, work_dir: Path, num_supernodes: int, run_config: Mapping[str, object] | None = None,
-                   env_extra: Mapping[str, str] | None = None, timeout_s: float = 900.0) -> subprocess.CompletedProcess:
+                   env_extra: Mapping[str, str] | None = None, timeout_s: float | None = 900.0,
+                   stream: bool = False) -> subprocess.CompletedProcess:
     """`flwr run APP local --stream` (Ray simulation) with a private FLWR_HOME and private ports.
 
     `flwr run` starts a detached `flower-superlink --simulation` that outlives it: it is found by its
@@ -406,8 +407,8 @@ def run_simulation(app_dir: Path, work_dir: Path, num_supernodes: int, run_confi
            f"num-supernodes={num_supernodes} client-resources-num-cpus=1"]
     log.info("running %s", " ".join(cmd))
     try:
-        result = subprocess.run(cmd, env=env, cwd=work_dir, capture_output=True, text=True, timeout=timeout_s,
-                                check=False)
+        result = subprocess.run(cmd, env=env, cwd=work_dir, capture_output=not stream, text=True,
+                                timeout=timeout_s, check=False)  # fmt: skip
     finally:
         for pid in _pids_with_args("--simulation", str(port)):
             tree = descendants(pid)
@@ -416,6 +417,7 @@ def run_simulation(app_dir: Path, work_dir: Path, num_supernodes: int, run_confi
                     os.kill(p, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-    (work_dir / "logs").mkdir(parents=True, exist_ok=True)
-    (work_dir / "logs" / "flwr_run_simulation.log").write_text(result.stdout + result.stderr)
+    if not stream:
+        (work_dir / "logs").mkdir(parents=True, exist_ok=True)
+        (work_dir / "logs" / "flwr_run_simulation.log").write_text(result.stdout + result.stderr)
     return result

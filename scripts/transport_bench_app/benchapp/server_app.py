@@ -47,22 +47,30 @@ def main(grid: Grid, context: Context) -> None:
         n_bytes = record.count_bytes()
         msgs = [Message(RecordDict({"arrays": record, "config": ConfigRecord({"round": rnd})}),
                         dst_node_id=node, message_type="train") for node in nodes]
+        # As the brainjepa ServerApp does: push, then pull replies one at a time every 0.5 s, verify,
+        # keep only the metrics (one reply's weights in memory at a time).
         t1 = time.perf_counter()
-        replies = list(grid.send_and_receive(msgs))
+        pending = set(grid.push_messages(msgs))
+        ok, t_de, client = 0, 0.0, []
+        first = next(iter(weights.values()))
+        while pending:
+            for mid in list(pending):
+                for reply in grid.pull_messages([mid]):
+                    pending.discard(reply.metadata.reply_to_message_id)
+                    if reply.has_error():
+                        raise RuntimeError(f"reply error: {reply.error}")
+                    t2 = time.perf_counter()
+                    arrays = reply.content["arrays"].to_numpy_ndarrays()
+                    got = arrays[0].reshape(-1)[: first.size].astype(np.float32)
+                    ok += int(np.allclose(got, first.reshape(-1).astype(wire).astype(np.float32) + 1, atol=1e-2))
+                    t_de += time.perf_counter() - t2
+                    client.append(dict(reply.content["metrics"]))
+                    del arrays, reply
+            if pending:
+                time.sleep(0.5)
         t_rt = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        ok = 0
-        for reply in replies:
-            if reply.has_error():
-                raise RuntimeError(f"reply error: {reply.error}")
-            arrays = reply.content["arrays"].to_numpy_ndarrays()
-            first = next(iter(weights.values()))
-            got = arrays[0].reshape(-1)[: first.size].astype(np.float32)
-            ok += int(np.allclose(got, first.reshape(-1).astype(wire).astype(np.float32) + 1, atol=1e-2))
-        t_de = time.perf_counter() - t2
-        client = [dict(r.content["metrics"]) for r in replies]
         rounds.append({"round": rnd, "serialize_s": t_ser, "roundtrip_s": t_rt, "deserialize_s": t_de,
-                       "bytes_per_site": n_bytes, "sites": len(replies), "verified": ok, "client": client})
+                       "bytes_per_site": n_bytes, "sites": len(client), "verified": ok, "client": client})
         log.info("round %d: %.1f MB per site, round trip %.1f s", rnd, n_bytes / 1e6, t_rt)
     out = str(cfg["result-path"])
     if out:

@@ -12,7 +12,14 @@ from brainjepa.jepa import JEPAModels, PretrainStep
 from client.client_app import encode_reply
 from client.state import load_optimizer, save_optimizer
 from client.training import model_checksum as client_checksum
-from server.aggregate import RunningMean, ServerOptConfig, ServerOptimizer, SiteUpdate, check_update, weighted_mean
+from server.aggregate import (
+    RunningMean,
+    ServerOptConfig,
+    ServerOptimizer,
+    SiteUpdate,
+    check_update,
+    weighted_mean,
+)
 from server.config import FederationConfig, from_run_config, to_run_config
 from server.wire import decode_reply, encode_sets, sent_as
 from server.wire import model_checksum as server_checksum
@@ -139,3 +146,17 @@ def test_run_config_round_trip_and_errors() -> None:
     with pytest.raises(ConfigError, match="wire-dtype"):
         from_run_config({"wire-dtype": "bfloat16"})
     assert cfg.pretrain().train.steps == 5 * cfg.local_steps
+
+
+def test_pyproject_flower_app_section_matches_the_code() -> None:
+    """Once pyproject.toml carries [tool.flwr.app] (docs/federation.md), it must wire our apps and list
+    exactly the run-config keys the ServerApp understands, with the same defaults."""
+    import tomllib
+    from pathlib import Path
+
+    data = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    app = data.get("tool", {}).get("flwr", {}).get("app")
+    if app is None:
+        pytest.skip("pyproject.toml has no [tool.flwr.app] section yet")
+    assert app["components"] == {"serverapp": "server.server_app:app", "clientapp": "client.client_app:app"}
+    assert app["config"] == to_run_config(FederationConfig())

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from brainjepa import data_cli
 from sites.errors import InputError
 
 app = typer.Typer(
@@ -82,6 +83,9 @@ def bench(
                 typer.echo(json.dumps(r.as_dict()))
     if not as_json:
         typer.echo(format_table(results))
+
+
+data_cli.register(app)
 
 
 def main() -> None:

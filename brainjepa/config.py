@@ -126,7 +126,12 @@ class DataConfig:
     site: str = ""  # path of a site YAML (sites.config schema)
     roi_dir: str = ""  # or: a folder of per-subject (R, L) .npy files, already at the model TR
     gradients: str = ""  # gradient file (.npy/.csv, R x k); empty = computed from the cohort's FC
-    model_tr: float = 2.205
+    model_tr: float = 2.205  # seconds: every site's series is resampled to it (site input only)
+    scaling: str = "robust"  # robust: (x - median_r) / IQR_r over training subjects' ROI means | none
+
+    def __post_init__(self) -> None:
+        if self.scaling not in ("robust", "none"):
+            raise ConfigError(f"data.scaling: expected robust or none, got '{self.scaling}'")
 
 
 @dataclass(frozen=True)
@@ -223,6 +228,9 @@ def load_pretrain_config(path: str | Path, overrides: dict | None = None) -> Pre
     for key in ("site", "roi_dir", "gradients"):
         if isinstance(data.get(key), str) and data[key] and not Path(data[key]).is_absolute():
             data[key] = str((path.parent / data[key]).resolve())
+    train = raw.get("train") or {}
+    if isinstance(train, dict) and isinstance(train.get("out_dir"), str) and not Path(train["out_dir"]).is_absolute():
+        train["out_dir"] = str((path.parent / train["out_dir"]).resolve())
     return from_dict(PretrainConfig, raw, path)
 
 

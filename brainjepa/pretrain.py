@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -12,13 +13,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from brainjepa.checkpoint import load_checkpoint, save_checkpoint
+from brainjepa.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from brainjepa.config import PretrainConfig, to_dict
 from brainjepa.data import BatchStream, load_roi_dir, stack_series
 from brainjepa.gradients import compute_gradients, gradient_checksum, group_connectivity, load_gradients, save_gradients
 from brainjepa.jepa import JEPAModels, PretrainStep
 from brainjepa.schedules import schedule_at
+from sites.cohort import load_site_series
+from sites.config import load_site_config
 from sites.errors import ConfigError, DataError
+from sites.scaling import RobustScaling
+from sites.scaling import fit as fit_scaling
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +40,28 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass(frozen=True)
 class Cohort:
-    series: list[np.ndarray]  # each (R, L_i) float32 at the model TR
+    series: list[np.ndarray]  # each (R, L_i) float32 at the model TR, scaled
     subject_ids: list[str]
     source: str
+    scaling: RobustScaling | None
 
 
 def load_cohort(cfg: PretrainConfig) -> Cohort:
-    """The pretraining subjects named by the config's `data` section."""
-    if cfg.data.roi_dir:
+    """The training subjects named by the config's `data` section, scaled as configured."""
+    if bool(cfg.data.site) == bool(cfg.data.roi_dir):
+        raise ConfigError("data: set exactly one of 'site' (a site YAML) or 'roi_dir' (a folder of .npy files)")
+    if cfg.data.site:
+        site = load_site_series(load_site_config(cfg.data.site), cfg.data.model_tr, split="train",
+                                min_frames=cfg.model.n_frames)  # fmt: skip
+        series, ids, source = site.series, site.subject_ids, cfg.data.site
+    else:
         series, ids = load_roi_dir(cfg.data.roi_dir)
-        return Cohort(series, ids, cfg.data.roi_dir)
-    raise ConfigError("data: set 'roi_dir' (a folder of per-subject ROI x time .npy files)")
+        source = cfg.data.roi_dir
+    scaling = None
+    if cfg.data.scaling == "robust":
+        scaling = fit_scaling(series)
+        series = scaling.apply_all(series)
+    return Cohort(series, ids, source, scaling)
 
 
 def resolve_gradients(cfg: PretrainConfig, cohort: Cohort) -> tuple[np.ndarray, str]:
@@ -101,6 +117,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
     grads, grad_source = resolve_gradients(cfg, cohort)
     checksum = gradient_checksum(grads)
     save_gradients(out / "gradients.npy", grads)
+    if cohort.scaling is not None:
+        atomic_write_text(out / "scaling.json", json.dumps(cohort.scaling.to_dict()))
 
     models = JEPAModels(cfg.model, torch.from_numpy(grads))
     step_fn = PretrainStep(models, cfg.optim, t.steps, device)
@@ -124,6 +142,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
             ckpt_path, kind="pretrain", step=step, config=to_dict(cfg), model_config=to_dict(cfg.model),
             gradients=grads, gradient_checksum=checksum, gradient_source=grad_source,
             models=models.state_dict(), trainer=step_fn.state_dict(),
+            scaling=cohort.scaling.to_dict() if cohort.scaling else None,
         )  # fmt: skip
 
     f, writer = _open_metrics(metrics_path, start)

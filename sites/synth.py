@@ -10,7 +10,8 @@ Model (per subject; everything from one seeded `numpy.random.Generator` per site
   convolved with the canonical double-gamma HRF (BOLD-like), computed in the frequency domain.
 - Phenotypes change the dynamics in known, modest ways (`Effects`): sex shifts the strength of two
   network drivers in opposite directions; diagnosis weakens one network's driver and slows its
-  timescale; age lowers the signal amplitude and raises the unstructured noise.
+  timescale, and strengthens another's (compensation); age lowers the signal amplitude and raises
+  the unstructured noise. Individual variability keeps every effect far from decisive.
 - Site effects (`SiteSpec`): TR, scan length, thermal noise level, intensity gain, motion spikes.
 - Populations A and B: B has a shifted FC (fixed per-factor gains), stronger drivers in two other
   networks, an older age distribution, a higher diagnosis prevalence and a lower baseline intensity.
@@ -66,14 +67,16 @@ class Effects:
     """How phenotypes and populations change the generated dynamics (all modest by design)."""
 
     sex_networks: tuple[int, int] = (1, 2)  # driver +sex_gain in the first for M, in the second for F
-    sex_gain: float = 0.30
-    dx_network: int = 3  # patients: driver amplitude x (1 - dx_weaken), timescale x dx_slow
-    dx_weaken: float = 0.40
+    sex_gain: float = 0.6
+    dx_network: int = 0  # patients: driver amplitude x (1 - dx_weaken), timescale x dx_slow
+    dx_weaken: float = 0.6
+    dx_boost_network: int = 3  # patients: compensatory stronger driver in another network
+    dx_boost: float = 0.6
     dx_slow: float = 1.6
     age_amplitude: float = -0.006  # per year from 60: structured signal amplitude
     age_noise: float = 0.006  # per year from 60: unstructured ROI noise
     subject_factor_sd: float = 0.25  # log-normal individual variability of factor amplitudes
-    subject_driver_sd: float = 0.30  # log-normal individual variability of driver amplitudes
+    subject_driver_sd: float = 0.25  # log-normal individual variability of driver amplitudes
     driver_amplitude: float = 0.6
     pop_b_factor_sd: float = 0.30  # population B: fixed log-normal gains on the factors
     pop_b_networks: tuple[int, int] = (4, 5)  # population B: drivers x pop_b_driver_gain
@@ -184,6 +187,7 @@ def _simulate_chunk(
     da[:, fe[0]] *= 1.0 + eff.sex_gain * m
     da[:, fe[1]] *= 1.0 + eff.sex_gain * (1.0 - m)
     da[:, eff.dx_network] *= np.where(ph["diagnosis"] > 0, 1.0 - eff.dx_weaken, 1.0)
+    da[:, eff.dx_boost_network] *= np.where(ph["diagnosis"] > 0, 1.0 + eff.dx_boost, 1.0)
     if spec.population == "B":
         da[:, list(eff.pop_b_networks)] *= eff.pop_b_driver_gain
     years = ph["age"] - 60.0

@@ -105,7 +105,9 @@ def hrf(tr: float, length_s: float = 32.0) -> np.ndarray:
     return h / h.max()
 
 
-def _filtered_noise(rng: np.random.Generator, shape: tuple[int, ...], phi: np.ndarray, h: np.ndarray, n: int) -> np.ndarray:
+def _filtered_noise(
+    rng: np.random.Generator, shape: tuple[int, ...], phi: np.ndarray, h: np.ndarray, n: int
+) -> np.ndarray:
     """OU (AR(1) with coefficients `phi`, broadcastable to `shape`) noise convolved with `h`.
 
     Returns (*shape, n) float32 with unit variance per channel (the filter's theoretical variance,
@@ -200,7 +202,11 @@ def _simulate_chunk(
     s *= amp.astype(f32)[:, None, None]
     s += spec.noise * rng.standard_normal(s.shape, dtype=np.float32)  # thermal noise (white)
     # motion spikes: a global jump of a few signal SDs, ROI-varying amplitude
-    spikes = (rng.random((b, n)) < spec.spike_rate) * rng.choice([-1.0, 1.0], (b, n)) * rng.uniform(2.0, 5.0, (b, n))
+    spikes = (
+        (rng.random((b, n)) < spec.spike_rate)
+        * rng.choice([-1.0, 1.0], (b, n))
+        * rng.uniform(2.0, 5.0, (b, n))
+    )
     s += spikes.astype(f32)[:, None, :] * rng.uniform(0.5, 1.0, (b, r, 1)).astype(f32)
     s += rng.normal(0.0, 0.5, (b, r, 1)).astype(f32) * np.linspace(-1.0, 1.0, n, dtype=f32)  # slow drift
     # intensities: ROI baseline x subject x site gain; fluctuations ~1 % of it
@@ -248,7 +254,11 @@ def generate_site(
         x = _simulate_chunk(rng, model, spec, {k: v[sl] for k, v in ph.items()}, effects)  # (B, R, L)
         for j, sid in enumerate(ids[sl]):
             write_roi_npy(site_dir / "roi" / f"{sid}.npy", x[j])
-    cols = {**ph, "population": np.array([spec.population] * n_subjects), "site": np.array([spec.name] * n_subjects)}
+    cols = {
+        **ph,
+        "population": np.array([spec.population] * n_subjects),
+        "site": np.array([spec.name] * n_subjects),
+    }
     write_participants(site_dir / "participants.tsv", ids, cols)
     n_rois = model.loadings.shape[0]
     cfg = _site_yaml(spec, n_rois, model.conn.n_subcortical, seed)
@@ -293,7 +303,9 @@ def generate_cohorts(
     Deterministic: the same arguments give byte-identical files.
     """
     specs = sites if sites is not None else default_site_specs(n_sites, duration_s)
-    counts = [subjects_per_site] * len(specs) if isinstance(subjects_per_site, int) else list(subjects_per_site)
+    counts = (
+        [subjects_per_site] * len(specs) if isinstance(subjects_per_site, int) else list(subjects_per_site)
+    )
     if len(counts) != len(specs):
         raise DataError(f"synth: {len(specs)} sites but {len(counts)} subject counts")
     if min(counts) < 1:

@@ -40,7 +40,9 @@ def _is_optional(tp: Any) -> bool:
 
 def _convert(value: Any, tp: Any, file: Path | str | None, key: str) -> Any:
     def bad() -> ConfigError:
-        return ConfigError(f"{where(file, key)}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        return ConfigError(
+            f"{where(file, key)}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+        )
 
     if _is_optional(tp):
         if value is None:
@@ -99,5 +101,7 @@ def from_mapping(cls: type, data: dict, file: Path | str | None, prefix: str = "
         if name in data:
             kwargs[name] = _convert(data[name], hints[name], file, full)
         elif f.default is _MISSING and f.default_factory is _MISSING:
-            raise ConfigError(f"{where(file, full)}: required key is missing (expected {_type_name(hints[name])})")
+            raise ConfigError(
+                f"{where(file, full)}: required key is missing (expected {_type_name(hints[name])})"
+            )
     return cls(**kwargs)

@@ -45,7 +45,7 @@ def pretrain(
     from brainjepa.pretrain import pretrain as run
 
     _setup_logging(verbose)
-    overrides = {k: v for k, v in {"train.steps": steps, "train.out_dir": str(out_dir) if out_dir else None,
+    overrides = {k: v for k, v in {"train.steps": steps, "train.out_dir": str(out_dir.resolve()) if out_dir else None,
                                    "train.device": device}.items() if v is not None}  # fmt: skip
     try:
         cfg = load_pretrain_config(config, overrides)
@@ -57,6 +57,35 @@ def pretrain(
         raise typer.Exit(code=130) from None
     typer.echo(f"loss {result.first_loss:.4f} -> {result.final_loss:.4f}")
     typer.echo(f"outputs in {result.out_dir.resolve()}: checkpoint.pt, metrics.csv, gradients.npy")
+
+
+@app.command()
+def demo(
+    config: Annotated[Path, typer.Option(help="Pretraining YAML of the demo.")] = Path("configs/demo_pretrain.yaml"),
+    data: Annotated[Path, typer.Option(help="Where the generated sites are written.")] = Path("data/demo"),
+    subjects: Annotated[int, typer.Option(help="Subjects per generated site.")] = 40,
+    steps: Annotated[int | None, typer.Option(help="Override the demo's optimizer steps.")] = None,
+    verbose: bool = False,
+) -> None:
+    """Generate three small sites (100 ROIs, 10-minute scans) and pretrain a tiny Brain-JEPA on
+    site A on this machine (a few minutes on a laptop CPU). Prints where the outputs went."""
+    from brainjepa.config import load_pretrain_config
+    from brainjepa.pretrain import pretrain as run
+    from sites.synth import generate_cohorts
+
+    _setup_logging(verbose)
+    try:
+        sites = generate_cohorts(data, n_sites=3, subjects_per_site=subjects, n_rois=100, duration_s=600, progress=True)
+        typer.echo("generated sites: " + ", ".join(str(p) for p in sites))
+        overrides = {"data.site": str(sites[0].resolve())} | ({"train.steps": steps} if steps else {})
+        cfg = load_pretrain_config(config, overrides)
+        result = run(cfg)
+    except InputError as e:
+        raise _fail(e) from e
+    typer.echo(f"loss {result.first_loss:.4f} -> {result.final_loss:.4f} over {cfg.train.steps} steps")
+    typer.echo(f"outputs in {result.out_dir.resolve()}:")
+    for name in ("checkpoint.pt", "metrics.csv", "gradients.npy", "scaling.json"):
+        typer.echo(f"  {result.out_dir.resolve() / name}")
 
 
 @app.command()

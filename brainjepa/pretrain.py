@@ -15,8 +15,14 @@ from tqdm.auto import tqdm
 
 from brainjepa.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from brainjepa.config import PretrainConfig, to_dict
-from brainjepa.data import BatchStream, load_roi_dir, stack_series
-from brainjepa.gradients import compute_gradients, gradient_checksum, group_connectivity, load_gradients, save_gradients
+from brainjepa.data import BatchStream, load_roi_dir, pack_cohort
+from brainjepa.gradients import (
+    compute_gradients,
+    gradient_checksum,
+    group_connectivity,
+    load_gradients,
+    save_gradients,
+)
 from brainjepa.jepa import JEPAModels, PretrainStep
 from brainjepa.schedules import schedule_at
 from sites.cohort import load_site_series
@@ -61,6 +67,13 @@ def load_cohort(cfg: PretrainConfig) -> Cohort:
     if cfg.data.scaling == "robust":
         scaling = fit_scaling(series)
         series = scaling.apply_all(series)
+        spread = float(np.median([np.median(s.std(axis=1)) for s in series[:64]]))
+        if spread > 1e3:
+            raise DataError(
+                f"data '{source}': robust scaling divides by the IQR of the subjects' ROI time-means, which is "
+                f"~{spread:.1e} times smaller than the signal: the series look already demeaned (z-scored). "
+                "Set `data.scaling: none` for such data, or give raw (not demeaned) series"
+            )
     return Cohort(series, ids, source, scaling)
 
 
@@ -113,7 +126,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
         raise DataError(
             f"data '{cohort.source}' has {cohort.series[0].shape[0]} ROIs but model.n_rois is {cfg.model.n_rois}"
         )
-    series, lengths = stack_series(cohort.series, cfg.model.n_frames, cohort.subject_ids)
+    packed = pack_cohort(cohort.series, cohort.subject_ids, cfg.model.n_frames)
     grads, grad_source = resolve_gradients(cfg, cohort)
     checksum = gradient_checksum(grads)
     save_gradients(out / "gradients.npy", grads)
@@ -134,7 +147,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
         start = ckpt["step"]
         log.info("resuming from %s at step %d of %d", ckpt_path, start, t.steps)
 
-    stream = BatchStream(series, lengths, cfg.model.n_frames, cfg.model.patch_size, t.batch_size, cfg.mask, t.seed)
+    stream = BatchStream(packed, cfg.model.n_frames, cfg.model.patch_size, t.batch_size, cfg.mask, t.seed)
     accum = cfg.optim.accumulation_steps
 
     def checkpoint(step: int) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import structured_cohort
 from typer.testing import CliRunner
 
 from brainjepa.checkpoint import load_checkpoint
@@ -17,13 +18,12 @@ from brainjepa.cli import app
 from brainjepa.config import DataConfig, ModelConfig, OptimConfig, PretrainConfig, TrainConfig
 from brainjepa.jepa import JEPAModels
 from brainjepa.pretrain import pretrain
-from conftest import structured_cohort
 
 
 def _config(roi_dir: Path, out: Path, steps: int, **train) -> PretrainConfig:
     return PretrainConfig(
         model=ModelConfig(size="tiny", n_rois=32, n_frames=64, gradient_components=8),
-        data=DataConfig(roi_dir=str(roi_dir)),
+        data=DataConfig(roi_dir=str(roi_dir), scaling="none"),  # the fixture's series are z-scored
         optim=OptimConfig(),
         train=TrainConfig(steps=steps, batch_size=8, out_dir=str(out), checkpoint_every=steps, **train),
     )
@@ -129,7 +129,7 @@ def test_checkpoint_is_self_describing(roi_dir: Path, tmp_path: Path) -> None:
 def test_cli_pretrain_from_yaml(roi_dir: Path, tmp_path: Path) -> None:
     cfg = {
         "model": {"size": "tiny", "n_rois": 32, "n_frames": 64, "gradient_components": 8},
-        "data": {"roi_dir": str(roi_dir)},
+        "data": {"roi_dir": str(roi_dir), "scaling": "none"},
         "train": {"steps": 3, "batch_size": 4, "out_dir": str(tmp_path / "cli_run")},
     }
     path = tmp_path / "pretrain.yaml"

@@ -6,8 +6,6 @@ An unknown key, a missing section or a wrong type is a `ConfigError` naming the 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ from typing import Any
 import yaml
 
 from sites.errors import ConfigError, where
+from sites.schema import from_mapping
 
 
 @dataclass(frozen=True)
@@ -155,58 +154,6 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def _coerce(value: Any, tp: Any, path: Path | None, key: str) -> Any:
-    """Check `value` against the annotation `tp`; convert lists to tuples and ints to floats."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where(path, key)}: expected a mapping (section), got {type(value).__name__}")
-        return from_dict(tp, value, path, key)
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{where(path, key)}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, path, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
-    if origin in (typing.Union, types.UnionType):
-        for a in typing.get_args(tp):
-            if a is type(None) and value is None:
-                return None
-        return _coerce(value, next(a for a in typing.get_args(tp) if a is not type(None)), path, key)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where(path, key)}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where(path, key)}: expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where(path, key)}: expected true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where(path, key)}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config annotation {tp!r} for {key}")
-
-
-def from_dict(cls: type, data: dict, path: Path | None = None, prefix: str = "") -> Any:
-    """Build the frozen dataclass `cls` from a nested dict; unknown keys and wrong types raise."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    kwargs = {}
-    for k, v in data.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in names:
-            raise ConfigError(f"{where(path, key)}: unknown key; expected one of {sorted(names)}")
-        kwargs[k] = _coerce(v, hints[k], path, key)
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(f"{where(path)}: {e}") from e
-
-
 def load_pretrain_config(path: str | Path, overrides: dict | None = None) -> PretrainConfig:
     """Read a pretraining YAML file (sections model, mask, optim, data, train).
 
@@ -231,7 +178,12 @@ def load_pretrain_config(path: str | Path, overrides: dict | None = None) -> Pre
     train = raw.get("train") or {}
     if isinstance(train, dict) and isinstance(train.get("out_dir"), str) and not Path(train["out_dir"]).is_absolute():
         train["out_dir"] = str((path.parent / train["out_dir"]).resolve())
-    return from_dict(PretrainConfig, raw, path)
+    try:
+        return from_mapping(PretrainConfig, raw, path)
+    except ConfigError as e:
+        if str(path) in str(e):
+            raise
+        raise ConfigError(f"{where(path)}: {e}") from e
 
 
 def to_dict(cfg: Any) -> dict:

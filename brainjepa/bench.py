@@ -53,6 +53,7 @@ def run_bench(size: str = "base", batch: int = 16, device: str = "cpu", steps: i
     models = JEPAModels(cfg, grads)
     step_fn = PretrainStep(models, OptimConfig(), total_steps=1000, device=dev)
     mask_cfg = MaskConfig()
+    warmup = max(1, warmup)
     n = warmup + steps
     xs = [torch.randn(batch, n_rois, n_frames, generator=g) for _ in range(n)]
     masks = [sample_masks(mask_cfg, batch, n_rois, cfg.n_time_patches, g) for _ in range(n)]

@@ -93,7 +93,8 @@ def bench(
     size: Annotated[list[str], typer.Option("--size", help="Model size(s): tiny, small, base, large.")] = ["base"],  # noqa: B006
     batch: Annotated[list[int], typer.Option("--batch", help="Batch size(s).")] = [16],  # noqa: B006
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
-    steps: Annotated[int, typer.Option(help="Timed optimizer steps (after 2 warm-up steps).")] = 5,
+    steps: Annotated[int, typer.Option(help="Timed optimizer steps.")] = 5,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up steps (the first also counts FLOPs).")] = 2,
     rois: Annotated[int, typer.Option(help="ROIs per sample.")] = 450,
     frames: Annotated[int, typer.Option(help="Frames per sample.")] = 160,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per line instead of a table.")] = False,
@@ -106,7 +107,7 @@ def bench(
     results = []
     for s in size:
         for b in batch:
-            r = run_bench(size=s, batch=b, device=device, steps=steps, n_rois=rois, n_frames=frames)
+            r = run_bench(size=s, batch=b, device=device, steps=steps, warmup=warmup, n_rois=rois, n_frames=frames)
             results.append(r)
             if as_json:
                 typer.echo(json.dumps(r.as_dict()))

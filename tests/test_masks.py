@@ -59,7 +59,10 @@ def test_mask_invariants_over_many_draws(R: int, W: int) -> None:
             # per side: columns within the edge-time range, ROI shares within the edge-ROI range
             ct = m.target[b, n_alpha : n_alpha + n_ct]
             dc = m.target[b, n_alpha + n_ct :]
-            for side in (lambda c: c >= W - edge, lambda c: c < edge):
+            for lo_col, hi_col in ((W - edge, W), (0, edge)):
+                def side(c: int, lo_col: int = lo_col, hi_col: int = hi_col) -> bool:
+                    return lo_col <= c < hi_col
+
                 cols = {c for c in edge_cols if side(c)}
                 assert len(cols) <= int(W * CFG.edge_time_scale[1])
                 if not cols:

@@ -34,6 +34,7 @@ def _fail(err: Exception) -> typer.Exit:
 def pretrain(
     config: Annotated[Path, typer.Option("--config", "-c", help="Pretraining YAML (sections model, mask, optim, data, train).")],
     resume: Annotated[bool, typer.Option(help="Continue from OUT_DIR/checkpoint.pt with the same schedule.")] = False,
+    site: Annotated[Path | None, typer.Option(help="Override data.site: train on this site YAML.")] = None,
     steps: Annotated[int | None, typer.Option(help="Override train.steps (the planned optimizer steps).")] = None,
     out_dir: Annotated[Path | None, typer.Option(help="Override train.out_dir.")] = None,
     device: Annotated[str | None, typer.Option(help="Override train.device (auto, cpu, cuda, cuda:N).")] = None,
@@ -46,7 +47,10 @@ def pretrain(
 
     _setup_logging(verbose)
     overrides = {k: v for k, v in {"train.steps": steps, "train.out_dir": str(out_dir.resolve()) if out_dir else None,
-                                   "train.device": device}.items() if v is not None}  # fmt: skip
+                                   "train.device": device, "data.site": str(site.resolve()) if site else None,
+                                   }.items() if v is not None}  # fmt: skip
+    if site:
+        overrides["data.roi_dir"] = ""
     try:
         cfg = load_pretrain_config(config, overrides)
         result = run(cfg, resume=resume)

@@ -60,7 +60,7 @@ def pretrain(
         typer.secho("interrupted: the last checkpoint is intact; continue with --resume", err=True)
         raise typer.Exit(code=130) from None
     typer.echo(f"loss {result.first_loss:.4f} -> {result.final_loss:.4f}")
-    typer.echo(f"outputs in {result.out_dir.resolve()}: checkpoint.pt, metrics.csv, gradients.npy")
+    typer.echo(f"outputs in {result.out_dir.resolve()}: checkpoint.pt, metrics.csv, loss.png, gradients.npy")
 
 
 @app.command()
@@ -88,7 +88,7 @@ def demo(
         raise _fail(e) from e
     typer.echo(f"loss {result.first_loss:.4f} -> {result.final_loss:.4f} over {cfg.train.steps} steps")
     typer.echo(f"outputs in {result.out_dir.resolve()}:")
-    for name in ("checkpoint.pt", "metrics.csv", "gradients.npy", "scaling.json"):
+    for name in ("checkpoint.pt", "metrics.csv", "loss.png", "gradients.npy", "scaling.json"):
         typer.echo(f"  {result.out_dir.resolve() / name}")
 
 

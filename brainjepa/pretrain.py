@@ -24,6 +24,7 @@ from brainjepa.gradients import (
     save_gradients,
 )
 from brainjepa.jepa import JEPAModels, PretrainStep
+from brainjepa.plots import plot_loss_curve
 from brainjepa.schedules import schedule_at
 from sites.cohort import load_site_series
 from sites.config import load_site_config
@@ -185,5 +186,6 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
     finally:
         f.close()
         bar.close()
+    plot_loss_curve(metrics_path, out / "loss.png")
     log.info("pretraining done: %d steps, final loss %.4f, checkpoint %s", t.steps, last_loss, ckpt_path)
     return PretrainResult(out, ckpt_path, metrics_path, last_loss, first_loss)

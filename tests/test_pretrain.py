@@ -139,6 +139,7 @@ def test_cli_pretrain_from_yaml(roi_dir: Path, tmp_path: Path) -> None:
     assert "checkpoint.pt" in result.output
     assert (tmp_path / "cli_run" / "checkpoint.pt").is_file()
     assert (tmp_path / "cli_run" / "metrics.csv").is_file()
+    assert (tmp_path / "cli_run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_synth_then_pretrain_end_to_end_from_the_cli(tmp_path: Path) -> None:

@@ -68,13 +68,15 @@ def _sync(device: torch.device) -> None:
 
 
 def run_bench(size: str = "base", batch: int = 16, device: str = "cpu", steps: int = 5, warmup: int = 2,
-              n_rois: int = 450, n_frames: int = 160, seed: int = 0) -> BenchResult:  # fmt: skip
+              n_rois: int = 450, n_frames: int = 160, seed: int = 0,
+              activation_checkpointing: bool = False) -> BenchResult:  # fmt: skip
     dev = torch.device(device)
     cfg = ModelConfig(size=size, n_rois=n_rois, n_frames=n_frames)
     g = torch.Generator().manual_seed(seed)
     grads = torch.randn(n_rois, cfg.gradient_components, generator=g)
     models = JEPAModels(cfg, grads)
-    step_fn = PretrainStep(models, OptimConfig(), total_steps=1000, device=dev)
+    step_fn = PretrainStep(models, OptimConfig(), total_steps=1000, device=dev,
+                           activation_checkpointing=activation_checkpointing)  # fmt: skip
     mask_cfg = MaskConfig()
     warmup = max(1, warmup)
     n = warmup + steps

@@ -101,6 +101,7 @@ def bench(
     warmup: Annotated[int, typer.Option(help="Untimed warm-up steps (the first also counts FLOPs).")] = 2,
     rois: Annotated[int, typer.Option(help="ROIs per sample.")] = 450,
     frames: Annotated[int, typer.Option(help="Frames per sample.")] = 160,
+    checkpointing: Annotated[bool, typer.Option("--activation-checkpointing", help="Recompute block activations in backward (less memory, ~1/3 more compute).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per line instead of a table.")] = False,
 ) -> None:
     """Time the pretraining step (one optimizer step per batch, default masking, random inputs):
@@ -111,7 +112,8 @@ def bench(
     results = []
     for s in size:
         for b in batch:
-            r = run_bench(size=s, batch=b, device=device, steps=steps, warmup=warmup, n_rois=rois, n_frames=frames)
+            r = run_bench(size=s, batch=b, device=device, steps=steps, warmup=warmup, n_rois=rois, n_frames=frames,
+                          activation_checkpointing=checkpointing)
             results.append(r)
             if as_json:
                 typer.echo(json.dumps(r.as_dict()))

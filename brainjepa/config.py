@@ -142,7 +142,7 @@ class TrainConfig:
     out_dir: str = "runs/pretrain"
     checkpoint_every: int = 50
     log_every: int = 1
-    compile: bool = False
+    activation_checkpointing: bool = False  # recompute block activations in backward (less memory)
 
 
 @dataclass(frozen=True)

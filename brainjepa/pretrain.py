@@ -135,7 +135,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
         atomic_write_text(out / "scaling.json", json.dumps(cohort.scaling.to_dict()))
 
     models = JEPAModels(cfg.model, torch.from_numpy(grads))
-    step_fn = PretrainStep(models, cfg.optim, t.steps, device)
+    step_fn = PretrainStep(models, cfg.optim, t.steps, device, activation_checkpointing=t.activation_checkpointing)
     start = 0
     if resume:
         ckpt = load_checkpoint(ckpt_path)

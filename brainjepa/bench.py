@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from brainjepa.config import MaskConfig, ModelConfig, OptimConfig
 from brainjepa.jepa import JEPAModels, PretrainStep
@@ -39,29 +39,53 @@ class BenchResult:
         return asdict(self)
 
 
+def _cpu_sdpa_forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_sdpa_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# torch's FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel: without
+# these entries attention (about a third of ViT-B's FLOPs) would be missing from CPU figures.
+CPU_SDPA_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_forward,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward,
+}
+
+
+def count_step_flops(fn) -> int:  # noqa: ANN001 (any callable running one step)
+    """FLOPs of one call of `fn` (forward + backward), attention included on every device."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def run_bench(size: str = "base", batch: int = 16, device: str = "cpu", steps: int = 5, warmup: int = 2,
-              n_rois: int = 450, n_frames: int = 160, seed: int = 0) -> BenchResult:  # fmt: skip
+              n_rois: int = 450, n_frames: int = 160, seed: int = 0,
+              activation_checkpointing: bool = False) -> BenchResult:  # fmt: skip
     dev = torch.device(device)
     cfg = ModelConfig(size=size, n_rois=n_rois, n_frames=n_frames)
     g = torch.Generator().manual_seed(seed)
     grads = torch.randn(n_rois, cfg.gradient_components, generator=g)
     models = JEPAModels(cfg, grads)
-    step_fn = PretrainStep(models, OptimConfig(), total_steps=1000, device=dev)
+    step_fn = PretrainStep(models, OptimConfig(), total_steps=1000, device=dev,
+                           activation_checkpointing=activation_checkpointing)  # fmt: skip
     mask_cfg = MaskConfig()
+    warmup = max(1, warmup)
     n = warmup + steps
     xs = [torch.randn(batch, n_rois, n_frames, generator=g) for _ in range(n)]
     masks = [sample_masks(mask_cfg, batch, n_rois, cfg.n_time_patches, g) for _ in range(n)]
     if dev.type == "cuda":
         xs = [x.pin_memory() for x in xs]
 
-    with FlopCounterMode(display=False) as counter:
-        step_fn([(xs[0], masks[0])], 0)
-    flops = counter.get_total_flops()
+    flops = count_step_flops(lambda: step_fn([(xs[0], masks[0])], 0))
     for i in range(1, warmup):
         step_fn([(xs[i], masks[i])], i)
     _sync(dev)

@@ -45,3 +45,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise DataError(f"checkpoint '{path}': not a brainjepa checkpoint (expected format '{FORMAT}')")
     return ckpt
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write a small text file (JSON, YAML) via a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from brainjepa import data_cli
 from sites.errors import InputError
 
 app = typer.Typer(
@@ -33,6 +34,7 @@ def _fail(err: Exception) -> typer.Exit:
 def pretrain(
     config: Annotated[Path, typer.Option("--config", "-c", help="Pretraining YAML (sections model, mask, optim, data, train).")],
     resume: Annotated[bool, typer.Option(help="Continue from OUT_DIR/checkpoint.pt with the same schedule.")] = False,
+    site: Annotated[Path | None, typer.Option(help="Override data.site: train on this site YAML.")] = None,
     steps: Annotated[int | None, typer.Option(help="Override train.steps (the planned optimizer steps).")] = None,
     out_dir: Annotated[Path | None, typer.Option(help="Override train.out_dir.")] = None,
     device: Annotated[str | None, typer.Option(help="Override train.device (auto, cpu, cuda, cuda:N).")] = None,
@@ -44,8 +46,11 @@ def pretrain(
     from brainjepa.pretrain import pretrain as run
 
     _setup_logging(verbose)
-    overrides = {k: v for k, v in {"train.steps": steps, "train.out_dir": str(out_dir) if out_dir else None,
-                                   "train.device": device}.items() if v is not None}  # fmt: skip
+    overrides = {k: v for k, v in {"train.steps": steps, "train.out_dir": str(out_dir.resolve()) if out_dir else None,
+                                   "train.device": device, "data.site": str(site.resolve()) if site else None,
+                                   }.items() if v is not None}  # fmt: skip
+    if site:
+        overrides["data.roi_dir"] = ""
     try:
         cfg = load_pretrain_config(config, overrides)
         result = run(cfg, resume=resume)
@@ -55,7 +60,36 @@ def pretrain(
         typer.secho("interrupted: the last checkpoint is intact; continue with --resume", err=True)
         raise typer.Exit(code=130) from None
     typer.echo(f"loss {result.first_loss:.4f} -> {result.final_loss:.4f}")
-    typer.echo(f"outputs in {result.out_dir.resolve()}: checkpoint.pt, metrics.csv, gradients.npy")
+    typer.echo(f"outputs in {result.out_dir.resolve()}: checkpoint.pt, metrics.csv, loss.png, gradients.npy")
+
+
+@app.command()
+def demo(
+    config: Annotated[Path, typer.Option(help="Pretraining YAML of the demo.")] = Path("configs/demo_pretrain.yaml"),
+    data: Annotated[Path, typer.Option(help="Where the generated sites are written.")] = Path("data/demo"),
+    subjects: Annotated[int, typer.Option(help="Subjects per generated site.")] = 40,
+    steps: Annotated[int | None, typer.Option(help="Override the demo's optimizer steps.")] = None,
+    verbose: bool = False,
+) -> None:
+    """Generate three small sites (100 ROIs, 10-minute scans) and pretrain a tiny Brain-JEPA on
+    site A on this machine (a few minutes on a laptop CPU). Prints where the outputs went."""
+    from brainjepa.config import load_pretrain_config
+    from brainjepa.pretrain import pretrain as run
+    from sites.synth import generate_cohorts
+
+    _setup_logging(verbose)
+    try:
+        sites = generate_cohorts(data, n_sites=3, subjects_per_site=subjects, n_rois=100, duration_s=600, progress=True)
+        typer.echo("generated sites: " + ", ".join(str(p) for p in sites))
+        overrides = {"data.site": str(sites[0].resolve())} | ({"train.steps": steps} if steps else {})
+        cfg = load_pretrain_config(config, overrides)
+        result = run(cfg)
+    except InputError as e:
+        raise _fail(e) from e
+    typer.echo(f"loss {result.first_loss:.4f} -> {result.final_loss:.4f} over {cfg.train.steps} steps")
+    typer.echo(f"outputs in {result.out_dir.resolve()}:")
+    for name in ("checkpoint.pt", "metrics.csv", "loss.png", "gradients.npy", "scaling.json"):
+        typer.echo(f"  {result.out_dir.resolve() / name}")
 
 
 @app.command()
@@ -63,9 +97,11 @@ def bench(
     size: Annotated[list[str], typer.Option("--size", help="Model size(s): tiny, small, base, large.")] = ["base"],  # noqa: B006
     batch: Annotated[list[int], typer.Option("--batch", help="Batch size(s).")] = [16],  # noqa: B006
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
-    steps: Annotated[int, typer.Option(help="Timed optimizer steps (after 2 warm-up steps).")] = 5,
+    steps: Annotated[int, typer.Option(help="Timed optimizer steps.")] = 5,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up steps (the first also counts FLOPs).")] = 2,
     rois: Annotated[int, typer.Option(help="ROIs per sample.")] = 450,
     frames: Annotated[int, typer.Option(help="Frames per sample.")] = 160,
+    checkpointing: Annotated[bool, typer.Option("--activation-checkpointing", help="Recompute block activations in backward (less memory, ~1/3 more compute).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per line instead of a table.")] = False,
 ) -> None:
     """Time the pretraining step (one optimizer step per batch, default masking, random inputs):
@@ -76,12 +112,16 @@ def bench(
     results = []
     for s in size:
         for b in batch:
-            r = run_bench(size=s, batch=b, device=device, steps=steps, n_rois=rois, n_frames=frames)
+            r = run_bench(size=s, batch=b, device=device, steps=steps, warmup=warmup, n_rois=rois, n_frames=frames,
+                          activation_checkpointing=checkpointing)
             results.append(r)
             if as_json:
                 typer.echo(json.dumps(r.as_dict()))
     if not as_json:
         typer.echo(format_table(results))
+
+
+data_cli.register(app)
 
 
 def main() -> None:

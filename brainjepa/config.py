@@ -6,8 +6,6 @@ An unknown key, a missing section or a wrong type is a `ConfigError` naming the 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ from typing import Any
 import yaml
 
 from sites.errors import ConfigError, where
+from sites.schema import from_mapping
 
 
 @dataclass(frozen=True)
@@ -126,7 +125,12 @@ class DataConfig:
     site: str = ""  # path of a site YAML (sites.config schema)
     roi_dir: str = ""  # or: a folder of per-subject (R, L) .npy files, already at the model TR
     gradients: str = ""  # gradient file (.npy/.csv, R x k); empty = computed from the cohort's FC
-    model_tr: float = 2.205
+    model_tr: float = 2.205  # seconds: every site's series is resampled to it (site input only)
+    scaling: str = "robust"  # robust: (x - median_r) / IQR_r over training subjects' ROI means | none
+
+    def __post_init__(self) -> None:
+        if self.scaling not in ("robust", "none"):
+            raise ConfigError(f"data.scaling: expected robust or none, got '{self.scaling}'")
 
 
 @dataclass(frozen=True)
@@ -138,7 +142,7 @@ class TrainConfig:
     out_dir: str = "runs/pretrain"
     checkpoint_every: int = 50
     log_every: int = 1
-    compile: bool = False
+    activation_checkpointing: bool = False  # recompute block activations in backward (less memory)
 
 
 @dataclass(frozen=True)
@@ -148,58 +152,6 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-
-
-def _coerce(value: Any, tp: Any, path: Path | None, key: str) -> Any:
-    """Check `value` against the annotation `tp`; convert lists to tuples and ints to floats."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where(path, key)}: expected a mapping (section), got {type(value).__name__}")
-        return from_dict(tp, value, path, key)
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{where(path, key)}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, path, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
-    if origin in (typing.Union, types.UnionType):
-        for a in typing.get_args(tp):
-            if a is type(None) and value is None:
-                return None
-        return _coerce(value, next(a for a in typing.get_args(tp) if a is not type(None)), path, key)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where(path, key)}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where(path, key)}: expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where(path, key)}: expected true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where(path, key)}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config annotation {tp!r} for {key}")
-
-
-def from_dict(cls: type, data: dict, path: Path | None = None, prefix: str = "") -> Any:
-    """Build the frozen dataclass `cls` from a nested dict; unknown keys and wrong types raise."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    kwargs = {}
-    for k, v in data.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in names:
-            raise ConfigError(f"{where(path, key)}: unknown key; expected one of {sorted(names)}")
-        kwargs[k] = _coerce(v, hints[k], path, key)
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(f"{where(path)}: {e}") from e
 
 
 def load_pretrain_config(path: str | Path, overrides: dict | None = None) -> PretrainConfig:
@@ -223,7 +175,15 @@ def load_pretrain_config(path: str | Path, overrides: dict | None = None) -> Pre
     for key in ("site", "roi_dir", "gradients"):
         if isinstance(data.get(key), str) and data[key] and not Path(data[key]).is_absolute():
             data[key] = str((path.parent / data[key]).resolve())
-    return from_dict(PretrainConfig, raw, path)
+    train = raw.get("train") or {}
+    if isinstance(train, dict) and isinstance(train.get("out_dir"), str) and not Path(train["out_dir"]).is_absolute():
+        train["out_dir"] = str((path.parent / train["out_dir"]).resolve())
+    try:
+        return from_mapping(PretrainConfig, raw, path)
+    except ConfigError as e:
+        if str(path) in str(e):
+            raise
+        raise ConfigError(f"{where(path)}: {e}") from e
 
 
 def to_dict(cfg: Any) -> dict:

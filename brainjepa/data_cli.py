@@ -26,7 +26,9 @@ def _fail(e: Exception) -> typer.Exit:
 def prepare(
     site: Annotated[Path, typer.Option("--site", help="Site YAML (data.format: nifti).")],
     force: Annotated[bool, typer.Option(help="Redo subjects already extracted.")] = False,
-    jobs: Annotated[int | None, typer.Option(help="Subjects in parallel (default: preprocess.n_jobs).")] = None,
+    jobs: Annotated[
+        int | None, typer.Option(help="Subjects in parallel (default: preprocess.n_jobs).")
+    ] = None,
     min_frames: Annotated[
         int | None, typer.Option(help="Model window T: count scans shorter than T frames at --model-tr.")
     ] = None,
@@ -46,7 +48,9 @@ def prepare(
 
     try:
         cfg = load_site_config(site)
-        m = prepare_site(cfg, force=force, n_jobs=jobs, progress=progress, min_frames=min_frames, model_tr=model_tr)
+        m = prepare_site(
+            cfg, force=force, n_jobs=jobs, progress=progress, min_frames=min_frames, model_tr=model_tr
+        )
     except InputError as e:
         raise _fail(e) from e
     s = m["summary"]
@@ -60,25 +64,51 @@ def prepare(
 
 
 def gradients(
-    out: Annotated[Path, typer.Option("--out", help="Gradient file to write (.npy or .csv); metadata goes to <out>.json.")],
-    fc: Annotated[Path | None, typer.Option(help="Source: a square connectivity matrix (.npy / .csv).")] = None,
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="Gradient file to write (.npy or .csv); metadata goes to <out>.json."),
+    ],
+    fc: Annotated[
+        Path | None, typer.Option(help="Source: a square connectivity matrix (.npy / .csv).")
+    ] = None,
     site: Annotated[
-        list[Path] | None, typer.Option(help="Source: site YAML(s); one = its subjects' mean Fisher-z FC, several = a federation.")
+        list[Path] | None,
+        typer.Option(
+            help="Source: site YAML(s); one = its subjects' mean Fisher-z FC, several = a federation."
+        ),
     ] = None,
     fc_sum: Annotated[
-        list[Path] | None, typer.Option(help="Source: site FC contributions (.npz from --export-fc-sum), summed as a federation.")
+        list[Path] | None,
+        typer.Option(
+            help="Source: site FC contributions (.npz from --export-fc-sum), summed as a federation."
+        ),
     ] = None,
-    schaefer400: Annotated[bool, typer.Option(help="Source: BrainSpace's shipped Schaefer-400 group FC (the ready default).")] = False,
+    schaefer400: Annotated[
+        bool, typer.Option(help="Source: BrainSpace's shipped Schaefer-400 group FC (the ready default).")
+    ] = False,
     group: Annotated[str, typer.Option(help="BrainSpace group for --schaefer400: main or holdout.")] = "main",
     n_components: Annotated[int, typer.Option(help="Gradient components k.")] = 30,
-    align_to: Annotated[Path | None, typer.Option(help="Reference gradient file: Procrustes-align to it.")] = None,
-    split: Annotated[str | None, typer.Option(help="With --site: use only this split's subjects (e.g. train).")] = "train",
-    model_tr: Annotated[float, typer.Option(help="With --site: model TR the series are resampled to.")] = 2.205,
-    export_fc_sum: Annotated[
-        Path | None, typer.Option(help="With one --site: also write its (FC sum, count) contribution (.npz) for a federation.")
+    align_to: Annotated[
+        Path | None, typer.Option(help="Reference gradient file: Procrustes-align to it.")
     ] = None,
-    plot: Annotated[Path | None, typer.Option(help="PNG scatter of the first gradients, coloured by network.")] = None,
-    networks: Annotated[Path | None, typer.Option(help="Text file, one network label per ROI (default: data-driven).")] = None,
+    split: Annotated[
+        str | None, typer.Option(help="With --site: use only this split's subjects (e.g. train).")
+    ] = "train",
+    model_tr: Annotated[
+        float, typer.Option(help="With --site: model TR the series are resampled to.")
+    ] = 2.205,
+    export_fc_sum: Annotated[
+        Path | None,
+        typer.Option(
+            help="With one --site: also write its (FC sum, count) contribution (.npz) for a federation."
+        ),
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="PNG scatter of the first gradients, coloured by network.")
+    ] = None,
+    networks: Annotated[
+        Path | None, typer.Option(help="Text file, one network label per ROI (default: data-driven).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random state of the diffusion-map solver.")] = 0,
 ) -> None:
     """Compute brain gradients (BrainSpace diffusion map, normalized-angle kernel) of a group FC.
@@ -91,7 +121,11 @@ def gradients(
 
     sources = [fc is not None, bool(site), bool(fc_sum), schaefer400]
     if sum(sources) != 1:
-        raise _fail(ValueError("give exactly one source: --fc, --site (repeatable), --fc-sum (repeatable) or --schaefer400"))
+        raise _fail(
+            ValueError(
+                "give exactly one source: --fc, --site (repeatable), --fc-sum (repeatable) or --schaefer400"
+            )
+        )
     try:
         params: dict = {"n_components": n_components, "seed": seed}
         if fc is not None:
@@ -131,7 +165,9 @@ def gradients(
     except (InputError, ValueError) as e:
         raise _fail(e) from e
     meta = json.loads(side.read_text())
-    typer.echo(f"wrote {path} ({g.shape[0]} ROIs x {g.shape[1]} components, sha256 {meta['checksum'][:12]}) and {side.name}")
+    typer.echo(
+        f"wrote {path} ({g.shape[0]} ROIs x {g.shape[1]} components, sha256 {meta['checksum'][:12]}) and {side.name}"
+    )
 
 
 def _read_fc_sum(path: Path) -> tuple[np.ndarray, int]:
@@ -141,7 +177,9 @@ def _read_fc_sum(path: Path) -> tuple[np.ndarray, int]:
         raise DataError(f"FC contribution '{path}' does not exist")
     with np.load(path) as z:
         if "fc_sum" not in z or "count" not in z:
-            raise DataError(f"FC contribution '{path}': expected arrays 'fc_sum' and 'count' (from --export-fc-sum)")
+            raise DataError(
+                f"FC contribution '{path}': expected arrays 'fc_sum' and 'count' (from --export-fc-sum)"
+            )
         return z["fc_sum"], int(z["count"])
 
 
@@ -158,13 +196,21 @@ def _networks(path: Path | None, mat: np.ndarray) -> np.ndarray:
 
 
 def synth(
-    out: Annotated[Path, typer.Option("--out", help="Folder to write the sites into (one subfolder per site).")],
-    sites: Annotated[int, typer.Option(help="Number of sites (the last of two or more is population B).")] = 3,
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder to write the sites into (one subfolder per site).")
+    ],
+    sites: Annotated[
+        int, typer.Option(help="Number of sites (the last of two or more is population B).")
+    ] = 3,
     subjects: Annotated[int, typer.Option(help="Subjects per site.")] = 100,
     seed: Annotated[int, typer.Option(help="Seed: same seed, same files.")] = 0,
     rois: Annotated[int, typer.Option(help="ROIs in all, subcortical block included.")] = 450,
-    subcortical: Annotated[int | None, typer.Option(help="Subcortical ROIs (default rois/9: 50 of 450).")] = None,
-    duration: Annotated[float | None, typer.Option(help="Scan length in seconds for every site (default: per-site presets).")] = None,
+    subcortical: Annotated[
+        int | None, typer.Option(help="Subcortical ROIs (default rois/9: 50 of 450).")
+    ] = None,
+    duration: Annotated[
+        float | None, typer.Option(help="Scan length in seconds for every site (default: per-site presets).")
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Generate realistic multi-site ROI-series cohorts (BOLD-like, BrainSpace Schaefer-400 FC driven).
@@ -177,8 +223,14 @@ def synth(
 
     try:
         paths = generate_cohorts(
-            out, n_sites=sites, subjects_per_site=subjects, seed=seed, n_rois=rois,
-            n_subcortical=subcortical, duration_s=duration, progress=progress,
+            out,
+            n_sites=sites,
+            subjects_per_site=subjects,
+            seed=seed,
+            n_rois=rois,
+            n_subcortical=subcortical,
+            duration_s=duration,
+            progress=progress,
         )
     except InputError as e:
         raise _fail(e) from e

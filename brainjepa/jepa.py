@@ -69,7 +69,7 @@ class PretrainStep:
 
     def __init__(
         self, models: JEPAModels, cfg: OptimConfig, total_steps: int, device: torch.device | str = "cpu",
-        fused: bool | None = None,
+        fused: bool | None = None, activation_checkpointing: bool = False,
     ) -> None:  # fmt: skip
         self.models, self.cfg, self.total_steps = models, cfg, total_steps
         self.device = torch.device(device)
@@ -77,6 +77,8 @@ class PretrainStep:
         fused = self.device.type == "cuda" if fused is None else fused
         self.optimizer = torch.optim.AdamW(param_groups(models), lr=cfg.start_lr, betas=cfg.betas, fused=fused)
         self.amp = self.device.type == "cuda"
+        models.encoder.activation_checkpointing = activation_checkpointing
+        models.predictor.activation_checkpointing = activation_checkpointing
         self._online = list(models.encoder.parameters())
         self._target = list(models.target.parameters())
 

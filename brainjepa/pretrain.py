@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -12,13 +13,24 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from brainjepa.checkpoint import load_checkpoint, save_checkpoint
+from brainjepa.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from brainjepa.config import PretrainConfig, to_dict
-from brainjepa.data import BatchStream, load_roi_dir, stack_series
-from brainjepa.gradients import compute_gradients, gradient_checksum, group_connectivity, load_gradients, save_gradients
+from brainjepa.data import BatchStream, load_roi_dir, pack_cohort
+from brainjepa.gradients import (
+    compute_gradients,
+    gradient_checksum,
+    group_connectivity,
+    load_gradients,
+    save_gradients,
+)
 from brainjepa.jepa import JEPAModels, PretrainStep
+from brainjepa.plots import plot_loss_curve
 from brainjepa.schedules import schedule_at
+from sites.cohort import load_site_series
+from sites.config import load_site_config
 from sites.errors import ConfigError, DataError
+from sites.scaling import RobustScaling
+from sites.scaling import fit as fit_scaling
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +47,35 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass(frozen=True)
 class Cohort:
-    series: list[np.ndarray]  # each (R, L_i) float32 at the model TR
+    series: list[np.ndarray]  # each (R, L_i) float32 at the model TR, scaled
     subject_ids: list[str]
     source: str
+    scaling: RobustScaling | None
 
 
 def load_cohort(cfg: PretrainConfig) -> Cohort:
-    """The pretraining subjects named by the config's `data` section."""
-    if cfg.data.roi_dir:
+    """The training subjects named by the config's `data` section, scaled as configured."""
+    if bool(cfg.data.site) == bool(cfg.data.roi_dir):
+        raise ConfigError("data: set exactly one of 'site' (a site YAML) or 'roi_dir' (a folder of .npy files)")
+    if cfg.data.site:
+        site = load_site_series(load_site_config(cfg.data.site), cfg.data.model_tr, split="train",
+                                min_frames=cfg.model.n_frames)  # fmt: skip
+        series, ids, source = site.series, site.subject_ids, cfg.data.site
+    else:
         series, ids = load_roi_dir(cfg.data.roi_dir)
-        return Cohort(series, ids, cfg.data.roi_dir)
-    raise ConfigError("data: set 'roi_dir' (a folder of per-subject ROI x time .npy files)")
+        source = cfg.data.roi_dir
+    scaling = None
+    if cfg.data.scaling == "robust":
+        scaling = fit_scaling(series)
+        series = scaling.apply_all(series)
+        spread = float(np.median([np.median(s.std(axis=1)) for s in series[:64]]))
+        if spread > 1e3:
+            raise DataError(
+                f"data '{source}': robust scaling divides by the IQR of the subjects' ROI time-means, which is "
+                f"~{spread:.1e} times smaller than the signal: the series look already demeaned (z-scored). "
+                "Set `data.scaling: none` for such data, or give raw (not demeaned) series"
+            )
+    return Cohort(series, ids, source, scaling)
 
 
 def resolve_gradients(cfg: PretrainConfig, cohort: Cohort) -> tuple[np.ndarray, str]:
@@ -97,13 +127,15 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
         raise DataError(
             f"data '{cohort.source}' has {cohort.series[0].shape[0]} ROIs but model.n_rois is {cfg.model.n_rois}"
         )
-    series, lengths = stack_series(cohort.series, cfg.model.n_frames, cohort.subject_ids)
+    packed = pack_cohort(cohort.series, cohort.subject_ids, cfg.model.n_frames)
     grads, grad_source = resolve_gradients(cfg, cohort)
     checksum = gradient_checksum(grads)
     save_gradients(out / "gradients.npy", grads)
+    if cohort.scaling is not None:
+        atomic_write_text(out / "scaling.json", json.dumps(cohort.scaling.to_dict()))
 
     models = JEPAModels(cfg.model, torch.from_numpy(grads))
-    step_fn = PretrainStep(models, cfg.optim, t.steps, device)
+    step_fn = PretrainStep(models, cfg.optim, t.steps, device, activation_checkpointing=t.activation_checkpointing)
     start = 0
     if resume:
         ckpt = load_checkpoint(ckpt_path)
@@ -116,7 +148,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
         start = ckpt["step"]
         log.info("resuming from %s at step %d of %d", ckpt_path, start, t.steps)
 
-    stream = BatchStream(series, lengths, cfg.model.n_frames, cfg.model.patch_size, t.batch_size, cfg.mask, t.seed)
+    stream = BatchStream(packed, cfg.model.n_frames, cfg.model.patch_size, t.batch_size, cfg.mask, t.seed)
     accum = cfg.optim.accumulation_steps
 
     def checkpoint(step: int) -> None:
@@ -124,6 +156,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
             ckpt_path, kind="pretrain", step=step, config=to_dict(cfg), model_config=to_dict(cfg.model),
             gradients=grads, gradient_checksum=checksum, gradient_source=grad_source,
             models=models.state_dict(), trainer=step_fn.state_dict(),
+            scaling=cohort.scaling.to_dict() if cohort.scaling else None,
         )  # fmt: skip
 
     f, writer = _open_metrics(metrics_path, start)
@@ -153,5 +186,6 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
     finally:
         f.close()
         bar.close()
+    plot_loss_curve(metrics_path, out / "loss.png")
     log.info("pretraining done: %d steps, final loss %.4f, checkpoint %s", t.steps, last_loss, ckpt_path)
     return PretrainResult(out, ckpt_path, metrics_path, last_loss, first_loss)

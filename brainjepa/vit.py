@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from brainjepa.attention import Attention
 from brainjepa.config import ModelConfig
@@ -54,6 +55,14 @@ def rescale_blocks(blocks: nn.ModuleList) -> None:
         blk.mlp.fc2.weight.data.div_((2.0 * layer) ** 0.5)
 
 
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, checkpointing: bool) -> torch.Tensor:
+    """Apply the blocks; with `checkpointing`, recompute each block's activations in backward
+    (saves activation memory at the cost of one more forward pass of the trained networks)."""
+    for blk in blocks:
+        x = checkpoint(blk, x, use_reentrant=False) if checkpointing and torch.is_grad_enabled() else blk(x)
+    return x
+
+
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Select tokens per sample: x (B, N, D), idx (B, M) -> (B, M, D)."""
     return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
@@ -84,6 +93,7 @@ class Encoder(nn.Module):
         self.pos_embed = BrainPositionalEmbedding(gradients, cfg.n_time_patches, D, cfg.pos_embed)
         self.blocks = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.activation_checkpointing = False
         self.apply(init_weights)
         rescale_blocks(self.blocks)
 
@@ -92,6 +102,5 @@ class Encoder(nn.Module):
         tokens = self.patch_embed(x) + self.pos_embed()[None].to(x.dtype)  # (B, N, D)
         if keep is not None:
             tokens = gather_tokens(tokens, keep)  # (B, M, D)
-        for blk in self.blocks:
-            tokens = blk(tokens)
+        tokens = run_blocks(self.blocks, tokens, self.activation_checkpointing)
         return self.norm(tokens)

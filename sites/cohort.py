@@ -136,7 +136,9 @@ def assign_splits(ids: list[str], cfg: SiteConfig, parts: Participants) -> np.nd
     return np.array([by_id[i] for i in ids], dtype="<U5")
 
 
-def _subject_sources(cfg: SiteConfig, parts: Participants) -> tuple[dict[str, list[Path]], dict[str, float], dict[str, str]]:
+def _subject_sources(
+    cfg: SiteConfig, parts: Participants
+) -> tuple[dict[str, list[Path]], dict[str, float], dict[str, str]]:
     """Per subject: the files to concatenate (ROI-block order), its TR, and the subjects skipped."""
     root = cfg.data.root
     skipped: dict[str, str] = {}
@@ -227,7 +229,8 @@ def load_site_series(
             x = read_roi_file(files[sid][0], orientation, n_rois=cfg.n_rois, csv_header=hdr)
         else:  # UKB style: one file per ROI block, concatenated in the declared order
             blocks = [
-                read_roi_file(p, orientation, n_rois=b.n_rois, csv_header=hdr) for p, b in zip(files[sid], cfg.rois, strict=True)
+                read_roi_file(p, orientation, n_rois=b.n_rois, csv_header=hdr)
+                for p, b in zip(files[sid], cfg.rois, strict=True)
             ]
             lens = {b.shape[1] for b in blocks}
             if len(lens) != 1:
@@ -249,9 +252,17 @@ def load_site_series(
         series.append(resample(x, trs[sid], model_tr, method))
         kept.append(sid)
     if short:
-        log.warning("site %s: skipped %d scan(s) shorter than %d frames: %s", cfg.site, len(short), min_frames, short[:5])
+        log.warning(
+            "site %s: skipped %d scan(s) shorter than %d frames: %s",
+            cfg.site,
+            len(short),
+            min_frames,
+            short[:5],
+        )
     if not kept:
-        raise DataError(f"{where(cfg.source)}: no usable subject (split={split}); skipped: {dict(list(skipped.items())[:5])}")
+        raise DataError(
+            f"{where(cfg.source)}: no usable subject (split={split}); skipped: {dict(list(skipped.items())[:5])}"
+        )
     rows = {sid: i for i, sid in enumerate(parts.ids)}
     idx = np.array([rows[s] for s in kept], dtype=np.int64)
     phen = {c: parts.column(c)[idx] for c in cfg.participants.phenotypes}

@@ -149,7 +149,10 @@ def _validate(cfg: SiteConfig) -> None:
     if cfg.data.format == "roi":
         per_block = [b.file is not None for b in cfg.rois]
         if cfg.data.file is None and not all(per_block):
-            raise err("data.file", "format 'roi' needs 'data.file' (all ROIs in one file) or a 'file' in every ROI block")
+            raise err(
+                "data.file",
+                "format 'roi' needs 'data.file' (all ROIs in one file) or a 'file' in every ROI block",
+            )
         if cfg.data.file is not None and any(per_block):
             raise err("data.file", "give either 'data.file' or per-block 'file' patterns, not both")
     for key, pat in [("data.file", cfg.data.file), ("data.bold", cfg.data.bold)] + [
@@ -165,10 +168,15 @@ def _validate(cfg: SiteConfig) -> None:
     if cfg.batch_size <= 0:
         raise err("batch_size", f"expected a positive integer, got {cfg.batch_size}")
     if cfg.preprocess.drop_initial < 0:
-        raise err("preprocess.drop_initial", f"expected a frame count >= 0, got {cfg.preprocess.drop_initial}")
+        raise err(
+            "preprocess.drop_initial", f"expected a frame count >= 0, got {cfg.preprocess.drop_initial}"
+        )
     if cfg.preprocess.n_jobs <= 0:
         raise err("preprocess.n_jobs", f"expected a positive integer, got {cfg.preprocess.n_jobs}")
-    for key, v in (("preprocess.high_pass", cfg.preprocess.high_pass), ("preprocess.low_pass", cfg.preprocess.low_pass)):
+    for key, v in (
+        ("preprocess.high_pass", cfg.preprocess.high_pass),
+        ("preprocess.low_pass", cfg.preprocess.low_pass),
+    ):
         if v is not None and v <= 0:
             raise err(key, f"expected a frequency in Hz > 0, got {v}")
 
@@ -177,7 +185,9 @@ def parse_site_config(data: object, source: Path | str = "<memory>") -> SiteConf
     """Build a SiteConfig from an already-parsed mapping; relative paths resolve against `source`'s folder."""
     source = Path(source)
     if not isinstance(data, dict):
-        raise ConfigError(f"{where(source)}: expected a YAML mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(
+            f"{where(source)}: expected a YAML mapping at the top level, got {type(data).__name__}"
+        )
     if "source" in data:
         raise ConfigError(f"{where(source, 'source')}: unknown key (reserved: set by the loader)")
     cfg = from_mapping(SiteConfig, data, source)

@@ -33,10 +33,14 @@ def _as_array(values: list[str]) -> np.ndarray:
         [float(v) for v in present]
     except ValueError:
         return np.array(values, dtype=str)
-    return np.array([float(v) if v.strip().lower() not in MISSING else np.nan for v in values], dtype=np.float64)
+    return np.array(
+        [float(v) if v.strip().lower() not in MISSING else np.nan for v in values], dtype=np.float64
+    )
 
 
-def read_participants(path: str | Path, id_column: str = "participant_id", columns: tuple[str, ...] = ()) -> Participants:
+def read_participants(
+    path: str | Path, id_column: str = "participant_id", columns: tuple[str, ...] = ()
+) -> Participants:
     """Read a tab-separated participants file; `columns` (phenotypes) must exist."""
     path = Path(path)
     if not path.is_file():
@@ -70,7 +74,9 @@ def read_participants(path: str | Path, id_column: str = "participant_id", colum
     return Participants(ids=tuple(ids), columns=out, source=path)
 
 
-def write_participants(path: str | Path, ids: list[str], columns: dict[str, np.ndarray], id_column: str = "participant_id") -> Path:
+def write_participants(
+    path: str | Path, ids: list[str], columns: dict[str, np.ndarray], id_column: str = "participant_id"
+) -> Path:
     """Write a participants.tsv (numbers with 6 significant digits, NaN as n/a), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

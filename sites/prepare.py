@@ -75,14 +75,20 @@ def load_atlases(cfg: SiteConfig) -> tuple[AtlasSpec, ...]:
         if data.ndim == 4 and data.shape[3] == 1:
             data = data[..., 0]
         if data.ndim != 3:
-            raise DataError(f"{where(b.atlas)}: a label atlas must be a 3D image, got shape {data.shape} ({key})")
+            raise DataError(
+                f"{where(b.atlas)}: a label atlas must be a 3D image, got shape {data.shape} ({key})"
+            )
         if not np.allclose(data, np.round(data)):
-            raise DataError(f"{where(b.atlas)}: a label atlas must hold integer labels, got non-integer values ({key})")
+            raise DataError(
+                f"{where(b.atlas)}: a label atlas must hold integer labels, got non-integer values ({key})"
+            )
         present = [int(v) for v in np.unique(np.round(data).astype(np.int64)) if v != 0]
         if b.labels is not None:
             absent = sorted(set(b.labels) - set(present))
             if absent:
-                raise DataError(f"{where(b.atlas)}: labels {absent[:10]} listed in {key.replace('atlas', 'labels')} are not in the atlas")
+                raise DataError(
+                    f"{where(b.atlas)}: labels {absent[:10]} listed in {key.replace('atlas', 'labels')} are not in the atlas"
+                )
             labels = tuple(b.labels)
         else:
             labels = tuple(present)
@@ -113,7 +119,9 @@ def _read_confounds(path: Path, columns: tuple[str, ...], n_frames: int) -> np.n
         raise DataError(f"{where(path)}: cannot read the confounds TSV: {e}") from e
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise DataError(f"{where(path, missing[0])}: confound column(s) {missing} not found (have {list(df.columns)[:8]}...)")
+        raise DataError(
+            f"{where(path, missing[0])}: confound column(s) {missing} not found (have {list(df.columns)[:8]}...)"
+        )
     if len(df) != n_frames:
         raise DataError(f"{where(path)}: has {len(df)} rows but the BOLD image has {n_frames} frames")
     x = df[list(columns)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)  # (L, C)
@@ -122,7 +130,9 @@ def _read_confounds(path: Path, columns: tuple[str, ...], n_frames: int) -> np.n
 
 def _overlap(a_aff: np.ndarray, a_shape: tuple, b_aff: np.ndarray, b_shape: tuple) -> bool:
     def box(aff, shape):
-        corners = np.array([[i, j, k, 1] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
+        corners = np.array(
+            [[i, j, k, 1] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)]
+        )
         w = corners @ aff.T
         return w[:, :3].min(axis=0), w[:, :3].max(axis=0)
 
@@ -154,11 +164,15 @@ def _extract(job: SubjectJob) -> tuple[np.ndarray, dict, list[str]]:
     except nib.filebasedimages.ImageFileError as e:
         raise DataError(f"{where(job.bold)}: not a readable NIfTI image: {e}") from e
     if img.ndim != 4:
-        raise DataError(f"{where(job.bold)}: expected a 4D BOLD image (x, y, z, time), got a {img.ndim}D image of shape {img.shape}")
+        raise DataError(
+            f"{where(job.bold)}: expected a 4D BOLD image (x, y, z, time), got a {img.ndim}D image of shape {img.shape}"
+        )
     n_frames = img.shape[3]
     tr = job.tr if job.tr is not None else _header_tr(img, job.bold)
     if tr is None:
-        raise DataError(f"{where(job.bold)}: no repetition time in the header (pixdim[4] is 0): set 'tr' in the site config")
+        raise DataError(
+            f"{where(job.bold)}: no repetition time in the header (pixdim[4] is 0): set 'tr' in the site config"
+        )
     data_codes = nib.aff2axcodes(img.affine)
     arr = np.asarray(img.dataobj, dtype=np.float32)  # (X, Y, Z, L) read once
     finite = np.isfinite(arr)
@@ -168,9 +182,13 @@ def _extract(job: SubjectJob) -> tuple[np.ndarray, dict, list[str]]:
             f"{where(job.bold)}: {int((~finite).sum())} NaN or Inf voxel value(s) in frame(s) {frames[:10].tolist()}"
         )
     img = nib.Nifti1Image(arr, img.affine, img.header)
-    conf = _read_confounds(job.confounds, job.confound_columns, n_frames) if job.confounds is not None else None
+    conf = (
+        _read_confounds(job.confounds, job.confound_columns, n_frames) if job.confounds is not None else None
+    )
     if job.drop_initial >= n_frames:
-        raise DataError(f"{where(job.bold)}: has {n_frames} frames, all dropped by preprocess.drop_initial={job.drop_initial}")
+        raise DataError(
+            f"{where(job.bold)}: has {n_frames} frames, all dropped by preprocess.drop_initial={job.drop_initial}"
+        )
     keep = np.arange(job.drop_initial, n_frames) if job.drop_initial else None  # nilearn sample_mask
     blocks, empty, resampled = [], [], []
     for a in job.atlases:
@@ -182,16 +200,28 @@ def _extract(job: SubjectJob) -> tuple[np.ndarray, dict, list[str]]:
                 f"({''.join(a_codes)}): reorient one of them (e.g. nibabel.as_closest_canonical) so both agree"
             )
         if not _overlap(atlas.affine, atlas.shape, img.affine, img.shape):
-            raise DataError(f"{where(job.bold)}: does not overlap atlas '{a.file}' in world space (different template space?)")
+            raise DataError(
+                f"{where(job.bold)}: does not overlap atlas '{a.file}' in world space (different template space?)"
+            )
         if atlas.shape[:3] != img.shape[:3] or not np.allclose(atlas.affine, img.affine, atol=1e-4):
             resampled.append(a.name)
-            notes.append(f"atlas '{a.file}' grid {atlas.shape[:3]} differs from data '{job.bold}' grid {img.shape[:3]}: atlas resampled (nearest) to the data")
+            notes.append(
+                f"atlas '{a.file}' grid {atlas.shape[:3]} differs from data '{job.bold}' grid {img.shape[:3]}: atlas resampled (nearest) to the data"
+            )
         masker = NiftiLabelsMasker(
-            atlas, resampling_target="data", detrend=job.detrend, high_pass=job.high_pass, low_pass=job.low_pass,
-            t_r=tr, standardize=False, strategy="mean",
+            atlas,
+            resampling_target="data",
+            detrend=job.detrend,
+            high_pass=job.high_pass,
+            low_pass=job.low_pass,
+            t_r=tr,
+            standardize=False,
+            strategy="mean",
         )
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # nilearn's resampling / empty-label warnings: reported as QC instead
+            warnings.simplefilter(
+                "ignore"
+            )  # nilearn's resampling / empty-label warnings: reported as QC instead
             sig = masker.fit_transform(img, confounds=conf, sample_mask=keep)  # (L', n_present)
         col_of = {int(v): k for k, v in masker.region_ids_.items() if k != "background"}
         block = np.zeros((len(a.labels), sig.shape[0]), dtype=np.float32)  # (R_block, L')
@@ -204,7 +234,13 @@ def _extract(job: SubjectJob) -> tuple[np.ndarray, dict, list[str]]:
     x = np.concatenate(blocks, axis=0)  # (R, L)
     nan_rois = np.flatnonzero(~np.isfinite(x).all(axis=1)).tolist()
     const_rois = np.flatnonzero(np.ptp(np.nan_to_num(x), axis=1) == 0).tolist()
-    qc = {"empty_labels": empty, "nan_rois": nan_rois, "constant_rois": const_rois, "frames_lost": int(job.drop_initial), "resampled_atlases": resampled}
+    qc = {
+        "empty_labels": empty,
+        "nan_rois": nan_rois,
+        "constant_rois": const_rois,
+        "frames_lost": int(job.drop_initial),
+        "resampled_atlases": resampled,
+    }
     if empty or nan_rois or const_rois:
         raise DataError(
             f"{where(job.bold)}: QC failed: empty atlas labels {empty[:10]}, NaN ROIs {nan_rois[:10]}, "
@@ -218,8 +254,10 @@ def _job_key(cfg: SiteConfig, atlases: tuple[AtlasSpec, ...], bold: Path, confou
     blob = json.dumps(
         {
             "atlases": [(a.name, a.sha256, a.labels) for a in atlases],
-            "bold": str(bold), "bold_mtime": bold.stat().st_mtime_ns,
-            "confounds": str(confounds), "tr": cfg.tr,
+            "bold": str(bold),
+            "bold_mtime": bold.stat().st_mtime_ns,
+            "confounds": str(confounds),
+            "tr": cfg.tr,
             "preprocess": [p.detrend, p.high_pass, p.low_pass, list(p.confound_columns), p.drop_initial],
         },
         sort_keys=True,
@@ -253,7 +291,9 @@ def prepare_site(
     `data.on_short`.
     """
     if cfg.data.format != "nifti":
-        raise ConfigError(f"{where(cfg.source, 'data.format')}: `prepare` needs format 'nifti', got '{cfg.data.format}' (ROI series are read directly)")
+        raise ConfigError(
+            f"{where(cfg.source, 'data.format')}: `prepare` needs format 'nifti', got '{cfg.data.format}' (ROI series are read directly)"
+        )
     parts = read_participants(cfg.participants.file, cfg.participants.id_column, cfg.participants.phenotypes)
     atlases = load_atlases(cfg)
     root, out_dir = cfg.data.root, cfg.output_dir
@@ -263,10 +303,16 @@ def prepare_site(
     if (missing or orphans) and cfg.data.on_missing == "error":
         msg = []
         if missing:
-            msg.append(f"participants row(s) without a BOLD file matching '{cfg.data.bold}' under '{root}': {missing[:5]}")
+            msg.append(
+                f"participants row(s) without a BOLD file matching '{cfg.data.bold}' under '{root}': {missing[:5]}"
+            )
         if orphans:
             msg.append(f"BOLD file(s) whose subject has no row in '{parts.source}': {orphans[:5]}")
-        raise DataError(f"{where(cfg.source, 'data.bold')}: " + "; ".join(msg) + " (set 'data.on_missing: skip' to skip them)")
+        raise DataError(
+            f"{where(cfg.source, 'data.bold')}: "
+            + "; ".join(msg)
+            + " (set 'data.on_missing: skip' to skip them)"
+        )
     existing = {} if force else _read_existing(out_dir)
     subjects: dict[str, dict] = {}
     jobs: list[SubjectJob] = []
@@ -279,7 +325,11 @@ def prepare_site(
         if cfg.data.confounds is not None:
             conf = find_subject_file(root, cfg.data.confounds, sid, "data.confounds", cfg.source)
             if conf is None:
-                subjects[sid] = {"status": "failed", "bold": str(bold), "error": f"no confounds file matching '{cfg.data.confounds}'"}
+                subjects[sid] = {
+                    "status": "failed",
+                    "bold": str(bold),
+                    "error": f"no confounds file matching '{cfg.data.confounds}'",
+                }
                 continue
         key = _job_key(cfg, atlases, bold, conf)
         old = existing.get(sid, {})
@@ -288,7 +338,20 @@ def prepare_site(
             continue
         p = cfg.preprocess
         jobs.append(
-            SubjectJob(sid, bold, conf, atlases, out_dir / f"{sid}.npy", cfg.tr, p.detrend, p.high_pass, p.low_pass, p.confound_columns, p.drop_initial, key)
+            SubjectJob(
+                sid,
+                bold,
+                conf,
+                atlases,
+                out_dir / f"{sid}.npy",
+                cfg.tr,
+                p.detrend,
+                p.high_pass,
+                p.low_pass,
+                p.confound_columns,
+                p.drop_initial,
+                key,
+            )
         )
     manifest = {
         "version": MANIFEST_VERSION,
@@ -321,7 +384,14 @@ def prepare_site(
             if e["qc"]["too_short"]:
                 short.append(sid)
     if short:
-        log.warning("prepare %s: %d scan(s) shorter than %s frames at TR %s s: %s", cfg.site, len(short), min_frames, model_tr, short[:5])
+        log.warning(
+            "prepare %s: %d scan(s) shorter than %s frames at TR %s s: %s",
+            cfg.site,
+            len(short),
+            min_frames,
+            model_tr,
+            short[:5],
+        )
     manifest["summary"] = {
         "ok": sum(s["status"] == "ok" for s in subjects.values()),
         "failed": sum(s["status"] != "ok" for s in subjects.values()),

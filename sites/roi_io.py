@@ -40,7 +40,9 @@ def _read_table(path: Path, sep: str, header: bool | None = None) -> np.ndarray:
         raise DataError(f"{where(path)}: the table is empty")
 
     def numeric(values) -> np.ndarray:
-        return pd.to_numeric(pd.Series(values).str.strip().replace({"n/a": "nan", "NA": "nan", "": "nan"}), errors="coerce").to_numpy()
+        return pd.to_numeric(
+            pd.Series(values).str.strip().replace({"n/a": "nan", "NA": "nan", "": "nan"}), errors="coerce"
+        ).to_numpy()
 
     first_col = numeric(df.iloc[1:, 0].to_numpy())
     if df.shape[0] > 1 and df.shape[1] > 1 and np.isnan(first_col).all():  # label column (ROI or frame names)
@@ -91,7 +93,9 @@ def read_roi_file(
     elif suffix in (".tsv", ".tsv.gz"):
         x = _read_table(path, "\t", csv_header)
     else:
-        raise DataError(f"{where(path)}: unsupported ROI file type '{suffix}', expected one of {ROI_SUFFIXES}")
+        raise DataError(
+            f"{where(path)}: unsupported ROI file type '{suffix}', expected one of {ROI_SUFFIXES}"
+        )
     if x.ndim != 2:
         raise DataError(f"{where(path)}: expected a 2-D ROI series ({orientation}), got shape {x.shape}")
     if orientation == "time_x_rois":
@@ -114,7 +118,9 @@ def check_series(x: np.ndarray, path: object) -> None:
     finite = np.isfinite(x)
     if not finite.all():
         rois = np.flatnonzero(~finite.all(axis=1))
-        raise DataError(f"{where(path)}: NaN or Inf values in ROI(s) {_list(rois)} (0-based, of {x.shape[0]})")
+        raise DataError(
+            f"{where(path)}: NaN or Inf values in ROI(s) {_list(rois)} (0-based, of {x.shape[0]})"
+        )
     const = np.ptp(x, axis=1) == 0
     if const.any():
         rois = np.flatnonzero(const)

@@ -83,7 +83,9 @@ class RobustScaling:
     @classmethod
     def from_dict(cls, d: dict) -> RobustScaling:
         if not isinstance(d, dict) or d.get("kind") != "robust_roi_scaling":
-            raise DataError("scaling: not a saved robust_roi_scaling mapping (missing kind='robust_roi_scaling')")
+            raise DataError(
+                "scaling: not a saved robust_roi_scaling mapping (missing kind='robust_roi_scaling')"
+            )
         med = np.asarray(d["median"], dtype=np.float64)
         iqr = np.asarray(d["iqr"], dtype=np.float64)
         if med.shape != iqr.shape or med.ndim != 1:

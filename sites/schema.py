@@ -3,7 +3,7 @@
 A small, strict converter: an unknown key, a missing required key or a value of the wrong type is a
 `ConfigError` that names the file, the dotted key, what was expected and what came. Supported field
 types: bool, int, float (ints accepted), str, Path, `X | None`, `Literal[...]`, `tuple[X, ...]`, and
-nested dataclasses (also as `tuple[Dataclass, ...]` from a YAML list).
+fixed-length `tuple[X, Y]`, nested dataclasses (also as `tuple[Dataclass, ...]` from a YAML list).
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ def _type_name(tp: Any) -> str:
         inner = [a for a in get_args(tp) if a is not type(None)]
         return f"{_type_name(inner[0])} or null"
     if get_origin(tp) is tuple:
-        return f"a list of {_type_name(get_args(tp)[0])}"
+        args = get_args(tp)
+        if Ellipsis not in args:
+            return f"a list of {len(args)} values ({', '.join(_type_name(a) for a in args)})"
+        return f"a list of {_type_name(args[0])}"
     if dataclasses.is_dataclass(tp):
         return "a mapping"
     if tp is Path:
@@ -40,7 +43,9 @@ def _is_optional(tp: Any) -> bool:
 
 def _convert(value: Any, tp: Any, file: Path | str | None, key: str) -> Any:
     def bad() -> ConfigError:
-        return ConfigError(f"{where(file, key)}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        return ConfigError(
+            f"{where(file, key)}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+        )
 
     if _is_optional(tp):
         if value is None:
@@ -54,7 +59,12 @@ def _convert(value: Any, tp: Any, file: Path | str | None, key: str) -> Any:
     if get_origin(tp) is tuple:
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             raise bad()
-        (item,) = [a for a in get_args(tp) if a is not Ellipsis]
+        args = get_args(tp)
+        if Ellipsis not in args:  # fixed length, e.g. tuple[float, float]
+            if len(value) != len(args):
+                raise bad()
+            return tuple(_convert(v, a, file, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+        (item,) = [a for a in args if a is not Ellipsis]
         return tuple(_convert(v, item, file, f"{key}[{i}]") for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -99,5 +109,7 @@ def from_mapping(cls: type, data: dict, file: Path | str | None, prefix: str = "
         if name in data:
             kwargs[name] = _convert(data[name], hints[name], file, full)
         elif f.default is _MISSING and f.default_factory is _MISSING:
-            raise ConfigError(f"{where(file, full)}: required key is missing (expected {_type_name(hints[name])})")
+            raise ConfigError(
+                f"{where(file, full)}: required key is missing (expected {_type_name(hints[name])})"
+            )
     return cls(**kwargs)

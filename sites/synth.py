@@ -10,7 +10,8 @@ Model (per subject; everything from one seeded `numpy.random.Generator` per site
   convolved with the canonical double-gamma HRF (BOLD-like), computed in the frequency domain.
 - Phenotypes change the dynamics in known, modest ways (`Effects`): sex shifts the strength of two
   network drivers in opposite directions; diagnosis weakens one network's driver and slows its
-  timescale; age lowers the signal amplitude and raises the unstructured noise.
+  timescale, and strengthens another's (compensation); age lowers the signal amplitude and raises
+  the unstructured noise. Individual variability keeps every effect far from decisive.
 - Site effects (`SiteSpec`): TR, scan length, thermal noise level, intensity gain, motion spikes.
 - Populations A and B: B has a shifted FC (fixed per-factor gains), stronger drivers in two other
   networks, an older age distribution, a higher diagnosis prevalence and a lower baseline intensity.
@@ -66,14 +67,16 @@ class Effects:
     """How phenotypes and populations change the generated dynamics (all modest by design)."""
 
     sex_networks: tuple[int, int] = (1, 2)  # driver +sex_gain in the first for M, in the second for F
-    sex_gain: float = 0.30
-    dx_network: int = 3  # patients: driver amplitude x (1 - dx_weaken), timescale x dx_slow
-    dx_weaken: float = 0.40
+    sex_gain: float = 0.6
+    dx_network: int = 0  # patients: driver amplitude x (1 - dx_weaken), timescale x dx_slow
+    dx_weaken: float = 0.6
+    dx_boost_network: int = 3  # patients: compensatory stronger driver in another network
+    dx_boost: float = 0.6
     dx_slow: float = 1.6
     age_amplitude: float = -0.006  # per year from 60: structured signal amplitude
     age_noise: float = 0.006  # per year from 60: unstructured ROI noise
     subject_factor_sd: float = 0.25  # log-normal individual variability of factor amplitudes
-    subject_driver_sd: float = 0.30  # log-normal individual variability of driver amplitudes
+    subject_driver_sd: float = 0.25  # log-normal individual variability of driver amplitudes
     driver_amplitude: float = 0.6
     pop_b_factor_sd: float = 0.30  # population B: fixed log-normal gains on the factors
     pop_b_networks: tuple[int, int] = (4, 5)  # population B: drivers x pop_b_driver_gain
@@ -102,7 +105,9 @@ def hrf(tr: float, length_s: float = 32.0) -> np.ndarray:
     return h / h.max()
 
 
-def _filtered_noise(rng: np.random.Generator, shape: tuple[int, ...], phi: np.ndarray, h: np.ndarray, n: int) -> np.ndarray:
+def _filtered_noise(
+    rng: np.random.Generator, shape: tuple[int, ...], phi: np.ndarray, h: np.ndarray, n: int
+) -> np.ndarray:
     """OU (AR(1) with coefficients `phi`, broadcastable to `shape`) noise convolved with `h`.
 
     Returns (*shape, n) float32 with unit variance per channel (the filter's theoretical variance,
@@ -184,6 +189,7 @@ def _simulate_chunk(
     da[:, fe[0]] *= 1.0 + eff.sex_gain * m
     da[:, fe[1]] *= 1.0 + eff.sex_gain * (1.0 - m)
     da[:, eff.dx_network] *= np.where(ph["diagnosis"] > 0, 1.0 - eff.dx_weaken, 1.0)
+    da[:, eff.dx_boost_network] *= np.where(ph["diagnosis"] > 0, 1.0 + eff.dx_boost, 1.0)
     if spec.population == "B":
         da[:, list(eff.pop_b_networks)] *= eff.pop_b_driver_gain
     years = ph["age"] - 60.0
@@ -196,7 +202,11 @@ def _simulate_chunk(
     s *= amp.astype(f32)[:, None, None]
     s += spec.noise * rng.standard_normal(s.shape, dtype=np.float32)  # thermal noise (white)
     # motion spikes: a global jump of a few signal SDs, ROI-varying amplitude
-    spikes = (rng.random((b, n)) < spec.spike_rate) * rng.choice([-1.0, 1.0], (b, n)) * rng.uniform(2.0, 5.0, (b, n))
+    spikes = (
+        (rng.random((b, n)) < spec.spike_rate)
+        * rng.choice([-1.0, 1.0], (b, n))
+        * rng.uniform(2.0, 5.0, (b, n))
+    )
     s += spikes.astype(f32)[:, None, :] * rng.uniform(0.5, 1.0, (b, r, 1)).astype(f32)
     s += rng.normal(0.0, 0.5, (b, r, 1)).astype(f32) * np.linspace(-1.0, 1.0, n, dtype=f32)  # slow drift
     # intensities: ROI baseline x subject x site gain; fluctuations ~1 % of it
@@ -244,7 +254,11 @@ def generate_site(
         x = _simulate_chunk(rng, model, spec, {k: v[sl] for k, v in ph.items()}, effects)  # (B, R, L)
         for j, sid in enumerate(ids[sl]):
             write_roi_npy(site_dir / "roi" / f"{sid}.npy", x[j])
-    cols = {**ph, "population": np.array([spec.population] * n_subjects), "site": np.array([spec.name] * n_subjects)}
+    cols = {
+        **ph,
+        "population": np.array([spec.population] * n_subjects),
+        "site": np.array([spec.name] * n_subjects),
+    }
     write_participants(site_dir / "participants.tsv", ids, cols)
     n_rois = model.loadings.shape[0]
     cfg = _site_yaml(spec, n_rois, model.conn.n_subcortical, seed)
@@ -289,7 +303,9 @@ def generate_cohorts(
     Deterministic: the same arguments give byte-identical files.
     """
     specs = sites if sites is not None else default_site_specs(n_sites, duration_s)
-    counts = [subjects_per_site] * len(specs) if isinstance(subjects_per_site, int) else list(subjects_per_site)
+    counts = (
+        [subjects_per_site] * len(specs) if isinstance(subjects_per_site, int) else list(subjects_per_site)
+    )
     if len(counts) != len(specs):
         raise DataError(f"synth: {len(specs)} sites but {len(counts)} subject counts")
     if min(counts) < 1:

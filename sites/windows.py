@@ -91,7 +91,9 @@ def random_windows(
     return gather(packed, idx, starts, n_frames), starts
 
 
-def fixed_windows(packed: PackedSeries, n_frames: int, position: str = "start", idx: np.ndarray | None = None) -> np.ndarray:
+def fixed_windows(
+    packed: PackedSeries, n_frames: int, position: str = "start", idx: np.ndarray | None = None
+) -> np.ndarray:
     """Evaluation crops: one window per subject at the series' 'start' or 'center' -> (N, R, T)."""
     idx = np.arange(len(packed)) if idx is None else np.asarray(idx, dtype=np.int64)
     span = packed.lengths[idx] - n_frames
@@ -106,7 +108,9 @@ def fixed_windows(packed: PackedSeries, n_frames: int, position: str = "start", 
     return gather(packed, idx, starts, n_frames)
 
 
-def multi_windows(packed: PackedSeries, n_frames: int, n_windows: int, idx: np.ndarray | None = None) -> np.ndarray:
+def multi_windows(
+    packed: PackedSeries, n_frames: int, n_windows: int, idx: np.ndarray | None = None
+) -> np.ndarray:
     """Evaluation crops: `n_windows` evenly spaced windows per subject -> (N, n_windows, R, T).
 
     Windows run from the first to the last possible start (they overlap when the scan is short);

@@ -49,8 +49,9 @@ def test_gradient_shape_mismatches_name_both_sides(tmp_path: Path) -> None:
 def test_wrong_roi_count_between_data_and_model(roi_dir: Path, tmp_path: Path) -> None:
     cfg = PretrainConfig(
         model=ModelConfig(size="tiny", n_rois=450, n_frames=64, gradient_components=8),
-        data=DataConfig(roi_dir=str(roi_dir)), train=TrainConfig(steps=1, batch_size=4, out_dir=str(tmp_path)),
-    )  # fmt: skip
+        data=DataConfig(roi_dir=str(roi_dir), scaling="none"),
+        train=TrainConfig(steps=1, batch_size=4, out_dir=str(tmp_path)),
+    )
     with pytest.raises(DataError, match=r"has 32 ROIs but model.n_rois is 450"):
         pretrain(cfg, progress=False)
 
@@ -64,6 +65,16 @@ def test_nan_in_data_names_the_subject(roi_dir: Path, tmp_path: Path) -> None:
         data=DataConfig(roi_dir=str(roi_dir)), train=TrainConfig(steps=1, batch_size=4, out_dir=str(tmp_path)),
     )  # fmt: skip
     with pytest.raises(DataError, match=r"sub-005.*NaN"):
+        pretrain(cfg, progress=False)
+
+
+def test_robust_scaling_of_demeaned_series_is_refused(roi_dir: Path, tmp_path: Path) -> None:
+    cfg = PretrainConfig(
+        model=ModelConfig(size="tiny", n_rois=32, n_frames=64, gradient_components=8),
+        data=DataConfig(roi_dir=str(roi_dir), scaling="robust"),
+        train=TrainConfig(steps=1, batch_size=4, out_dir=str(tmp_path)),
+    )
+    with pytest.raises(DataError, match=r"rois.*already demeaned.*data.scaling: none"):
         pretrain(cfg, progress=False)
 
 

@@ -75,7 +75,9 @@ def test_federated_fc_equals_pooled_mean():
     np.testing.assert_allclose(G.federated_fc(contribs), pooled, atol=1e-12)
     # the older cohort helper (equal lengths) agrees
     eq = [s[:, :40] for s in subjects]
-    np.testing.assert_allclose(G.group_connectivity(np.stack(eq)), G.federated_fc([G.site_fc_sum(eq)]), atol=1e-5)
+    np.testing.assert_allclose(
+        G.group_connectivity(np.stack(eq)), G.federated_fc([G.site_fc_sum(eq)]), atol=1e-5
+    )
     with pytest.raises(DataError, match="ROI-count mismatch"):
         G.federated_fc([contribs[0], (np.zeros((5, 5)), 3)])
 

@@ -105,3 +105,15 @@ def test_l2_loss_option() -> None:
     l1, l2 = jepa_loss(models, x, masks, "smooth_l1"), jepa_loss(models, x, masks, "l2")
     assert torch.isfinite(l1) and torch.isfinite(l2)
     assert l1.item() < l2.item()  # smooth-L1(e) <= e^2 for every element, equal only at e = 0
+
+
+def test_activation_checkpointing_gives_the_same_gradients() -> None:
+    models, x, masks = _setup()
+    jepa_loss(models, x, masks).backward()
+    plain = [p.grad.clone() for p in models.parameters() if p.requires_grad]
+    models.zero_grad(set_to_none=True)
+    models.encoder.activation_checkpointing = models.predictor.activation_checkpointing = True
+    jepa_loss(models, x, masks).backward()
+    ckpt = [p.grad for p in models.parameters() if p.requires_grad]
+    for a, b in zip(plain, ckpt, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)

@@ -56,6 +56,22 @@ def test_mask_invariants_over_many_draws(R: int, W: int) -> None:
             assert edge_rois_dc <= alpha_rois
             edge = max(1, min(round(W * CFG.edge_width), (W - 1) // 2))
             assert all(c < edge or c >= W - edge for c in edge_cols)
+            # per side: columns within the edge-time range, ROI shares within the edge-ROI range
+            ct = m.target[b, n_alpha : n_alpha + n_ct]
+            dc = m.target[b, n_alpha + n_ct :]
+            for lo_col, hi_col in ((W - edge, W), (0, edge)):
+                def side(c: int, lo_col: int = lo_col, hi_col: int = hi_col) -> bool:
+                    return lo_col <= c < hi_col
+
+                cols = {c for c in edge_cols if side(c)}
+                assert len(cols) <= int(W * CFG.edge_time_scale[1])
+                if not cols:
+                    continue
+                ct_rois = {int(t) // W for t in ct if side(int(t) % W)}
+                dc_rois = {int(t) // W for t in dc if side(int(t) % W)}
+                lo, hi = CFG.edge_roi_scale
+                for rois, pool in ((ct_rois, len(ctx_rois)), (dc_rois, len(alpha_rois))):
+                    assert len(rois) == 1 or lo - 1 / pool <= len(rois) / pool <= hi
 
 
 def test_same_seed_same_masks_and_different_seed_differs() -> None:

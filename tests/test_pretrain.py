@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import structured_cohort
 from typer.testing import CliRunner
 
 from brainjepa.checkpoint import load_checkpoint
@@ -17,13 +18,12 @@ from brainjepa.cli import app
 from brainjepa.config import DataConfig, ModelConfig, OptimConfig, PretrainConfig, TrainConfig
 from brainjepa.jepa import JEPAModels
 from brainjepa.pretrain import pretrain
-from conftest import structured_cohort
 
 
 def _config(roi_dir: Path, out: Path, steps: int, **train) -> PretrainConfig:
     return PretrainConfig(
         model=ModelConfig(size="tiny", n_rois=32, n_frames=64, gradient_components=8),
-        data=DataConfig(roi_dir=str(roi_dir)),
+        data=DataConfig(roi_dir=str(roi_dir), scaling="none"),  # the fixture's series are z-scored
         optim=OptimConfig(),
         train=TrainConfig(steps=steps, batch_size=8, out_dir=str(out), checkpoint_every=steps, **train),
     )
@@ -129,7 +129,7 @@ def test_checkpoint_is_self_describing(roi_dir: Path, tmp_path: Path) -> None:
 def test_cli_pretrain_from_yaml(roi_dir: Path, tmp_path: Path) -> None:
     cfg = {
         "model": {"size": "tiny", "n_rois": 32, "n_frames": 64, "gradient_components": 8},
-        "data": {"roi_dir": str(roi_dir)},
+        "data": {"roi_dir": str(roi_dir), "scaling": "none"},
         "train": {"steps": 3, "batch_size": 4, "out_dir": str(tmp_path / "cli_run")},
     }
     path = tmp_path / "pretrain.yaml"
@@ -139,3 +139,24 @@ def test_cli_pretrain_from_yaml(roi_dir: Path, tmp_path: Path) -> None:
     assert "checkpoint.pt" in result.output
     assert (tmp_path / "cli_run" / "checkpoint.pt").is_file()
     assert (tmp_path / "cli_run" / "metrics.csv").is_file()
+    assert (tmp_path / "cli_run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_synth_then_pretrain_end_to_end_from_the_cli(tmp_path: Path) -> None:
+    """The README's path: `brainjepa synth`, then `brainjepa pretrain --site` on one generated site."""
+    runner = CliRunner()
+    out = runner.invoke(app, ["synth", "--out", str(tmp_path / "synth"), "--sites", "2", "--subjects", "12",
+                              "--rois", "40", "--duration", "400", "--no-progress"])  # fmt: skip
+    assert out.exit_code == 0, out.output
+    site = tmp_path / "synth" / "site_b" / "site_b.yaml"
+    assert site.is_file()
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": {"size": "tiny", "n_rois": 40, "n_frames": 160, "gradient_components": 10},
+        "train": {"steps": 2, "batch_size": 4, "out_dir": str(tmp_path / "run")},
+    }))  # fmt: skip
+    res = runner.invoke(app, ["pretrain", "--config", str(cfg), "--site", str(site)])
+    assert res.exit_code == 0, res.output
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert ckpt["scaling"]["kind"] == "robust_roi_scaling" and len(ckpt["scaling"]["median"]) == 40
+    assert ckpt["gradients"].shape == (40, 10)

@@ -23,7 +23,11 @@ def app():
 
 
 def test_help_texts(app):
-    for cmd, words in (("prepare", "NiftiLabelsMasker"), ("gradients", "diffusion map"), ("synth", "multi-site")):
+    for cmd, words in (
+        ("prepare", "NiftiLabelsMasker"),
+        ("gradients", "diffusion map"),
+        ("synth", "multi-site"),
+    ):
         r = runner.invoke(app, [cmd, "--help"])
         assert r.exit_code == 0 and words in r.output
 
@@ -31,8 +35,25 @@ def test_help_texts(app):
 @pytest.fixture(scope="module")
 def synth_sites(app, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli")
-    r = runner.invoke(app, ["synth", "--out", str(out), "--sites", "2", "--subjects", "10", "--rois", "60",
-                            "--duration", "300", "--seed", "3", "--no-progress"])
+    r = runner.invoke(
+        app,
+        [
+            "synth",
+            "--out",
+            str(out),
+            "--sites",
+            "2",
+            "--subjects",
+            "10",
+            "--rois",
+            "60",
+            "--duration",
+            "300",
+            "--seed",
+            "3",
+            "--no-progress",
+        ],
+    )
     assert r.exit_code == 0, r.output
     return out, [line for line in r.output.split() if line.endswith(".yaml")]
 
@@ -44,22 +65,77 @@ def test_synth_then_site_and_federated_gradients(app, synth_sites, tmp_path):
     sums = []
     for i, y in enumerate(yamls):
         s = tmp_path / f"fc{i}.npz"
-        r = runner.invoke(app, ["gradients", "--site", y, "--export-fc-sum", str(s), "--out", str(tmp_path / f"g{i}.npy"), "--n-components", "10"])
+        r = runner.invoke(
+            app,
+            [
+                "gradients",
+                "--site",
+                y,
+                "--export-fc-sum",
+                str(s),
+                "--out",
+                str(tmp_path / f"g{i}.npy"),
+                "--n-components",
+                "10",
+            ],
+        )
         assert r.exit_code == 0, r.output
         sums.append(str(s))
-    r = runner.invoke(app, ["gradients", "--fc-sum", sums[0], "--fc-sum", sums[1], "--out", str(tmp_path / "fed.npy"),
-                            "--n-components", "10", "--plot", str(tmp_path / "fed.png")])
+    r = runner.invoke(
+        app,
+        [
+            "gradients",
+            "--fc-sum",
+            sums[0],
+            "--fc-sum",
+            sums[1],
+            "--out",
+            str(tmp_path / "fed.npy"),
+            "--n-components",
+            "10",
+            "--plot",
+            str(tmp_path / "fed.png"),
+        ],
+    )
     assert r.exit_code == 0, r.output
-    r2 = runner.invoke(app, ["gradients", "--site", yamls[0], "--site", yamls[1], "--out", str(tmp_path / "both.npy"), "--n-components", "10"])
+    r2 = runner.invoke(
+        app,
+        [
+            "gradients",
+            "--site",
+            yamls[0],
+            "--site",
+            yamls[1],
+            "--out",
+            str(tmp_path / "both.npy"),
+            "--n-components",
+            "10",
+        ],
+    )
     assert r2.exit_code == 0, r2.output
-    fed, both = load_gradients(tmp_path / "fed.npy", n_rois=60), load_gradients(tmp_path / "both.npy", n_rois=60)
+    fed, both = (
+        load_gradients(tmp_path / "fed.npy", n_rois=60),
+        load_gradients(tmp_path / "both.npy", n_rois=60),
+    )
     np.testing.assert_allclose(fed, both, atol=1e-5)
     meta = json.loads((tmp_path / "fed.npy.json").read_text())
     assert meta["source"].startswith("federation of 2 site FC sums") and meta["n_components"] == 10
     assert (tmp_path / "fed.png").stat().st_size > 5000
     # aligned to a reference: stays close to it
-    r = runner.invoke(app, ["gradients", "--site", yamls[1], "--out", str(tmp_path / "al.npy"), "--n-components", "10",
-                            "--align-to", str(tmp_path / "fed.npy")])
+    r = runner.invoke(
+        app,
+        [
+            "gradients",
+            "--site",
+            yamls[1],
+            "--out",
+            str(tmp_path / "al.npy"),
+            "--n-components",
+            "10",
+            "--align-to",
+            str(tmp_path / "fed.npy"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     al = load_gradients(tmp_path / "al.npy")
     assert abs(np.corrcoef(al[:, 0], fed[:, 0])[0, 1]) > 0.8
@@ -71,8 +147,19 @@ def test_gradients_errors(app, tmp_path):
     np.save(tmp_path / "fc.npy", np.zeros((5, 4)))
     r = runner.invoke(app, ["gradients", "--fc", str(tmp_path / "fc.npy"), "--out", str(tmp_path / "g.npy")])
     assert r.exit_code == 2 and "fc.npy" in r.output and "square" in r.output
-    r = runner.invoke(app, ["gradients", "--schaefer400", "--out", str(tmp_path / "g.npy"), "--n-components", "5",
-                            "--align-to", str(tmp_path / "nope.npy")])
+    r = runner.invoke(
+        app,
+        [
+            "gradients",
+            "--schaefer400",
+            "--out",
+            str(tmp_path / "g.npy"),
+            "--n-components",
+            "5",
+            "--align-to",
+            str(tmp_path / "nope.npy"),
+        ],
+    )
     assert r.exit_code == 2 and "nope.npy" in r.output
 
 
@@ -98,11 +185,18 @@ def test_prepare_command(app, tmp_path):
     }
     y = tmp_path / "site.yaml"
     y.write_text(yaml.safe_dump(raw))
-    r = runner.invoke(app, ["prepare", "--site", str(y), "--no-progress", "--min-frames", "30", "--model-tr", "2.0"])
+    r = runner.invoke(
+        app, ["prepare", "--site", str(y), "--no-progress", "--min-frames", "30", "--model-tr", "2.0"]
+    )
     assert r.exit_code == 0, r.output
-    assert "2 subject(s) ready, 0 failed, 1 too short" not in r.output and "2 subject(s) ready, 0 failed, 0 too short" in r.output
+    assert (
+        "2 subject(s) ready, 0 failed, 1 too short" not in r.output
+        and "2 subject(s) ready, 0 failed, 0 too short" in r.output
+    )
     np.testing.assert_allclose(np.load(cfg.output_dir / "sub-01.npy"), truth["sub-01"], rtol=1e-6)
-    r = runner.invoke(app, ["prepare", "--site", str(y), "--no-progress", "--min-frames", "60", "--model-tr", "2.0"])
+    r = runner.invoke(
+        app, ["prepare", "--site", str(y), "--no-progress", "--min-frames", "60", "--model-tr", "2.0"]
+    )
     assert "2 too short" in r.output
     y.write_text("site: [oops\n")
     r = runner.invoke(app, ["prepare", "--site", str(y)])

@@ -75,17 +75,32 @@ def test_nifti_config_parses(tmp_path):
     "edit, key, what",
     [
         (("batch_size: 8", "batch_size: 8\nbatchsize: 4"), "batchsize", "unknown key"),
-        (("  orientation: time_x_rois", "  orientation: time_x_rois\n  fromat: roi"), "data.fromat", "unknown key"),
+        (
+            ("  orientation: time_x_rois", "  orientation: time_x_rois\n  fromat: roi"),
+            "data.fromat",
+            "unknown key",
+        ),
         (("batch_size: 8", "batch_size: eight"), "batch_size", "expected an integer"),
         (("tr: 0.8", "tr: fast"), "tr", "expected a number"),
         (("tr: 0.8", "tr: true"), "tr", "expected a number"),
         (("  format: roi", "  format: csv"), "data.format", "one of 'nifti', 'roi'"),
-        (("  - {name: tian_s3, n_rois: 50}", "  - {name: tian_s3, n_rois: 5.5}"), "rois[0].n_rois", "expected an integer"),
+        (
+            ("  - {name: tian_s3, n_rois: 50}", "  - {name: tian_s3, n_rois: 5.5}"),
+            "rois[0].n_rois",
+            "expected an integer",
+        ),
         (("  phenotypes: [age, sex]", "  phenotypes: age"), "participants.phenotypes", "a list of"),
         (("site: site_x\n", ""), "site", "required key is missing"),
         (("tr: 0.8", "tr: -1"), "tr", "> 0"),
         (("tr: 0.8\n", ""), "tr", "no header to read the TR"),
-        (("split: {train: 0.7, val: 0.15, test: 0.15, seed: 3}", "split: {train: 0.7, val: 0.5, test: 0.1}"), "split", "sum to 1"),
+        (
+            (
+                "split: {train: 0.7, val: 0.15, test: 0.15, seed: 3}",
+                "split: {train: 0.7, val: 0.5, test: 0.1}",
+            ),
+            "split",
+            "sum to 1",
+        ),
         (('  file: "{subject}/{subject}_rois.npy"', '  file: "rois.npy"'), "data.file", "must contain"),
     ],
 )

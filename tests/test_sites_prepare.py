@@ -95,7 +95,12 @@ def test_recovers_painted_series_in_declared_order(tmp_path, caplog):
     assert on_disk["atlases"][1]["labels"] == [3, 1, 2]
     assert on_disk["atlases"][0]["sha256"] == file_sha256(tmp_path / "atlases" / "sub.nii.gz")
     e = on_disk["subjects"]["sub-01"]
-    assert e["tr"] == 2.0 and e["frames"] == N_FRAMES and e["qc"]["empty_labels"] == [] and e["qc"]["frames_lost"] == 0
+    assert (
+        e["tr"] == 2.0
+        and e["frames"] == N_FRAMES
+        and e["qc"]["empty_labels"] == []
+        and e["qc"]["frames_lost"] == 0
+    )
     # a second run skips what is done
     mtime = (cfg.output_dir / "sub-00.npy").stat().st_mtime_ns
     with caplog.at_level(logging.INFO, logger="sites.prepare"):
@@ -140,9 +145,16 @@ def test_bad_subjects_are_reported_and_skipped(tmp_path):
     m = prepare_site(cfg, progress=False)
     s = m["subjects"]
     assert s["sub-00"]["status"] == "ok" and m["summary"] == {**m["summary"], "ok": 1, "failed": 3}
-    assert str(p1) in s["sub-01"]["error"] and "expected a 4D BOLD image" in s["sub-01"]["error"] and "3D" in s["sub-01"]["error"]
+    assert (
+        str(p1) in s["sub-01"]["error"]
+        and "expected a 4D BOLD image" in s["sub-01"]["error"]
+        and "3D" in s["sub-01"]["error"]
+    )
     assert str(p2) in s["sub-02"]["error"] and "no repetition time" in s["sub-02"]["error"]
-    assert str(p3) in s["sub-03"]["error"] and "1 NaN or Inf voxel value(s) in frame(s) [7]" in s["sub-03"]["error"]
+    assert (
+        str(p3) in s["sub-03"]["error"]
+        and "1 NaN or Inf voxel value(s) in frame(s) [7]" in s["sub-03"]["error"]
+    )
     assert not (cfg.output_dir / "sub-01.npy").exists()
     # a TR given in the config overrides the header
     cfg2, _ = build(tmp_path / "b", n_sub=1, extra={"tr": 0.8})
@@ -203,7 +215,9 @@ def test_confound_regression_detrend_and_parallel(tmp_path):
         c = rng.standard_normal(N_FRAMES)
         conf[sid] = c
         lines = ["trans_x\tother"] + [f"{'n/a' if t == 0 else c[t]}\t1" for t in range(N_FRAMES)]
-        (cfg.data.root / sid / "func" / f"{sid}_task-rest_desc-confounds_timeseries.tsv").write_text("\n".join(lines) + "\n")
+        (cfg.data.root / sid / "func" / f"{sid}_task-rest_desc-confounds_timeseries.tsv").write_text(
+            "\n".join(lines) + "\n"
+        )
     m = prepare_site(cfg, progress=False)
     assert m["summary"]["ok"] == 2 and m["summary"]["frames_lost"] == 4
     for sid in truth:

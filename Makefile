@@ -1,0 +1,37 @@
+# One command each: `make demo` (set up + run the demo), `make test` (set up + run the tests).
+# The virtual environment is created on first use. torch is installed FIRST and pinned, so that no
+# dependency pulls a multi-GB CUDA build on a CPU machine; GPU users: see README "GPU".
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+TORCH_INDEX ?=
+BIN    := $(VENV)/bin
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+export FLWR_DISABLE_UPDATE_CHECK=1
+export FLWR_TELEMETRY_ENABLED=0
+
+.PHONY: setup demo test lint bench clean
+
+$(BIN)/brainjepa: pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(BIN)/brainjepa
+
+setup: $(BIN)/brainjepa
+
+demo: setup
+	$(BIN)/brainjepa demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/brainjepa bench --size tiny --size base --batch 1 --steps 2
+
+clean:
+	rm -rf runs data/demo

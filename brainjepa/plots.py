@@ -1,0 +1,34 @@
+"""PNG plots of training runs (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+
+def plot_loss_curve(metrics_csv: str | Path, png: str | Path, title: str = "Brain-JEPA pretraining") -> Path:
+    """Loss and learning rate per optimizer step, from a run's metrics.csv."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(metrics_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    steps = [int(r["step"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [float(r["loss"]) for r in rows], lw=1.2, label="loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("JEPA loss")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    lr_ax = ax.twinx()
+    lr_ax.plot(steps, [float(r["lr"]) for r in rows], color="grey", lw=0.8, ls="--", label="learning rate")
+    lr_ax.set_ylabel("learning rate", color="grey")
+    fig.tight_layout()
+    png = Path(png)
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(png)
+    return png

@@ -5,6 +5,7 @@ The Flower ClientApp (`client.client_app`) only converts between messages and th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -16,12 +17,14 @@ import torch
 from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from brainjepa.config import ModelConfig, PretrainConfig, from_dict, to_dict
-from brainjepa.data import BatchStream, stack_series
+from brainjepa.config import ModelConfig, PretrainConfig, to_dict
+from brainjepa.data import BatchStream, pack_cohort
 from brainjepa.gradients import gradient_checksum, load_gradients
 from brainjepa.jepa import JEPAModels, PretrainStep
+from brainjepa.pretrain import load_cohort, resolve_device
 from sites.config import SiteConfig, load_site_config
 from sites.errors import DataError, InputError
+from sites.schema import from_mapping
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +37,13 @@ class RoundRefused(InputError):
 
 def flat_parameters(module: nn.Module) -> torch.Tensor:
     """(P,) fp32 copy of a module's parameters in named_parameters() order (the wire layout)."""
-    return parameters_to_vector([p.detach() for p in module.parameters()]).float().clone()
+    return parameters_to_vector([p.detach() for p in module.parameters()]).float().cpu().clone()
 
 
 def load_flat_parameters(module: nn.Module, vec: torch.Tensor) -> None:
+    params = list(module.parameters())
     with torch.no_grad():
-        vector_to_parameters(vec, list(module.parameters()))
+        vector_to_parameters(vec.to(params[0].device, params[0].dtype), params)
 
 
 def model_checksum(cfg: ModelConfig, modules: dict[str, nn.Module]) -> str:
@@ -67,7 +71,7 @@ class RoundSpec:
     @classmethod
     def from_config(cls, conf: dict) -> RoundSpec:
         try:
-            pcfg = from_dict(PretrainConfig, json.loads(str(conf["pretrain-config"])))
+            pcfg = from_mapping(PretrainConfig, json.loads(str(conf["pretrain-config"])), "<the server's round config>")
             return cls(int(conf["round"]), int(conf["step-start"]), int(conf["total-steps"]),
                        int(conf["local-steps"]), str(conf["wire-dtype"]), str(conf["model-checksum"]),
                        str(conf["gradient-checksum"]), pcfg)  # fmt: skip
@@ -83,23 +87,23 @@ class SiteData:
 
 
 def load_site_data(site_cfg: SiteConfig, pcfg: PretrainConfig) -> SiteData:
-    """The site's training split at the model TR, as deterministic batches."""
-    from sites.cohort import load_site_series  # reads files: only when a round runs
-
+    """The site's training split at the model TR, scaled, as deterministic batches: exactly what
+    `brainjepa pretrain` reads for `data.site` = this site's YAML (`brainjepa.pretrain.load_cohort`)."""
     m = pcfg.model
     if site_cfg.n_rois != m.n_rois:
         raise RoundRefused(f"site config '{site_cfg.source}' declares {site_cfg.n_rois} ROIs, the federation's "
                            f"model expects model.n_rois={m.n_rois}")  # fmt: skip
-    data = load_site_series(site_cfg, model_tr=pcfg.data.model_tr, split="train", min_frames=m.n_frames)
-    series, lengths = stack_series(data.series, m.n_frames, data.subject_ids)  # (N, R, L_max), (N,)
-    stream = BatchStream(series, lengths, m.n_frames, m.patch_size, pcfg.train.batch_size, pcfg.mask, pcfg.train.seed)
-    return SiteData(site_cfg.site, stream, int(series.shape[0]))
+    local = dataclasses.replace(pcfg, data=dataclasses.replace(pcfg.data, site=str(site_cfg.source), roi_dir=""))
+    cohort = load_cohort(local)
+    packed = pack_cohort(cohort.series, cohort.subject_ids, m.n_frames)
+    stream = BatchStream(packed, m.n_frames, m.patch_size, pcfg.train.batch_size, pcfg.mask, pcfg.train.seed)
+    return SiteData(site_cfg.site, stream, len(packed))
 
 
 class SiteTrainer:
     """Models + AdamW of one site for one round (a fresh process per round: state comes from outside)."""
 
-    def __init__(self, spec: RoundSpec, gradient_file: Path) -> None:
+    def __init__(self, spec: RoundSpec, gradient_file: Path, device: str = "cpu") -> None:
         m = spec.pretrain.model
         try:
             grads = load_gradients(gradient_file, m.n_rois, m.gradient_components)
@@ -116,7 +120,12 @@ class SiteTrainer:
         if mine != spec.model_checksum:
             raise RoundRefused(f"model checksum {mine[:16]}... differs from the server's {spec.model_checksum[:16]}...: "
                                "site and server build different models (package versions or model config)")  # fmt: skip
-        self.step_fn = PretrainStep(self.models, spec.pretrain.optim, spec.total_steps, "cpu")
+        try:
+            dev = resolve_device(device)
+        except InputError as e:
+            raise RoundRefused(f"site device: {e}") from e
+        self.step_fn = PretrainStep(self.models, spec.pretrain.optim, spec.total_steps, dev,
+                                    activation_checkpointing=spec.pretrain.train.activation_checkpointing)
 
     @property
     def modules(self) -> dict[str, nn.Module]:

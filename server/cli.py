@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -129,8 +130,17 @@ def start(
         typer.echo(f"submitting the run: {cfg.num_rounds} rounds x {cfg.local_steps} local steps, waiting for "
                    f"{cfg.min_sites} site(s); sites join with: brainjepa-client --site SITE.yaml --server "
                    f"{connect_host}:{port_text} --gradients GRADIENT_FILE{' --insecure' if insecure else ''}")  # fmt: skip
-        run_proc = subprocess.Popen(cmd, env=env, cwd=work)  # streams the ServerApp's log to this console
-        code = run_proc.wait()
+        # Stream the ServerApp's log to this console; `flwr run` exits 0 even when the ServerApp failed.
+        run_proc = subprocess.Popen(cmd, env=env, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, bufsize=1)  # fmt: skip
+        failed = False
+        assert run_proc.stdout is not None
+        for line in run_proc.stdout:
+            sys.stdout.write(line)
+            failed = failed or "ServerApp raised an exception" in line or "Exit Code:" in line
+        code = run_proc.wait() or int(failed)
+        if failed:
+            typer.secho(f"the run failed (see above and {work}/<run folder>/server.log)", fg=typer.colors.RED, err=True)
         if keep_running:
             typer.echo("run finished; SuperLink still up (Ctrl-C to stop)")
             while superlink.alive():

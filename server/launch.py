@@ -248,6 +248,11 @@ def write_connection(flwr_home: Path, name: str, address: str, root_cert: Path |
     return path
 
 
+def run_failed(output: str) -> bool:
+    """`flwr run --stream` exits 0 even when the ServerApp raised: look for Flower's failure lines."""
+    return "ServerApp raised an exception" in output or "Exit Code:" in output
+
+
 def flwr_run_command(app_dir: Path, connection: str, run_config: Mapping[str, object] | None = None,
                      stream: bool = True) -> list[str]:
     cmd = [flower_bin("flwr"), "run", str(app_dir), connection]
@@ -313,6 +318,8 @@ class LocalFederation:
         result = subprocess.run(cmd, env=self.env(), cwd=self.work_dir, capture_output=True, text=True,
                                 timeout=timeout_s, check=False)
         (self.work_dir / "logs" / "flwr_run.log").write_text(result.stdout + result.stderr)
+        if result.returncode == 0 and run_failed(result.stdout + result.stderr):
+            result.returncode = 1
         return result
 
     def start_run(self, app_dir: Path, run_config: Mapping[str, object] | None = None,
@@ -420,4 +427,6 @@ def run_simulation(app_dir: Path, work_dir: Path, num_supernodes: int, run_confi
     if not stream:
         (work_dir / "logs").mkdir(parents=True, exist_ok=True)
         (work_dir / "logs" / "flwr_run_simulation.log").write_text(result.stdout + result.stderr)
+        if result.returncode == 0 and run_failed(result.stdout + result.stderr):
+            result.returncode = 1
     return result

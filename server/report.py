@@ -85,6 +85,7 @@ def plot_site_losses(sites_csv: Path, out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for site, pts in sorted(series.items()):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=site)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("round")
     ax.set_ylabel("mean local JEPA loss")
     ax.set_title("Federated pretraining: loss per round per site")

@@ -17,12 +17,13 @@ import torch
 from torch.nn.utils import parameters_to_vector
 
 from brainjepa.checkpoint import load_checkpoint
-from brainjepa.config import ModelConfig, from_dict
+from brainjepa.config import ModelConfig
 from brainjepa.gradients import load_gradients, save_gradients
 from brainjepa.jepa import JEPAModels
 from server.config import FederationConfig, to_run_config
 from server.demo import prepare_demo_sites
 from server.launch import LocalFederation, write_app_dir
+from sites.schema import from_mapping
 
 REPO = Path(__file__).resolve().parents[1]
 # One BLAS thread per Flower process: several sites share the 2 test cores.
@@ -87,7 +88,7 @@ def the_run_dir(tmp: Path) -> Path:
 
 def flat_sets(state: dict, model_cfg: dict, grads: np.ndarray) -> dict[str, torch.Tensor]:
     """Flatten a checkpoint's models the way the wire does (independently of server code)."""
-    models = JEPAModels(from_dict(ModelConfig, model_cfg), torch.from_numpy(grads))
+    models = JEPAModels(from_mapping(ModelConfig, model_cfg, "checkpoint"), torch.from_numpy(grads))
     models.load_state_dict(state)
     return {n: parameters_to_vector(getattr(models, n).parameters()).detach() for n in ("encoder", "predictor", "target")}
 

@@ -11,19 +11,17 @@ import dataclasses
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from brainjepa.checkpoint import load_checkpoint
-from brainjepa.config import PretrainConfig, from_dict
+from brainjepa.config import PretrainConfig
 from brainjepa.gradients import load_gradients
 from brainjepa.jepa import JEPAModels
 from brainjepa.pretrain import pretrain
 from server.config import FederationConfig, to_run_config
 from server.demo import prepare_demo_sites
 from server.launch import LocalFederation, write_app_dir
-from sites.cohort import load_site_series
-from sites.config import load_site_config
+from sites.schema import from_mapping
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -44,16 +42,10 @@ def test_one_site_federated_equals_local_pretraining(tmp_path: Path) -> None:
     (fed_ckpt,) = list((tmp_path / "runs").glob("*/checkpoint.pt"))
     fed_state = load_checkpoint(fed_ckpt)
 
-    # The same data, as `brainjepa pretrain` reads it: the site's training series at the model TR.
-    pcfg: PretrainConfig = from_dict(PretrainConfig, fed_state["config"])
-    series = load_site_series(load_site_config(site_yaml), model_tr=pcfg.data.model_tr, split="train",
-                              min_frames=pcfg.model.n_frames).series  # fmt: skip
-    roi_dir = tmp_path / "local_rois"
-    roi_dir.mkdir()
-    for i, s in enumerate(series):
-        np.save(roi_dir / f"{i:04d}.npy", s)
+    # Local pretraining on the same site (`data.site`: same loading, resampling and scaling).
+    pcfg: PretrainConfig = from_mapping(PretrainConfig, fed_state["config"], "checkpoint")
     local_cfg = dataclasses.replace(
-        pcfg, data=dataclasses.replace(pcfg.data, roi_dir=str(roi_dir), gradients=str(grads)),
+        pcfg, data=dataclasses.replace(pcfg.data, site=str(site_yaml), gradients=str(grads)),
         train=dataclasses.replace(pcfg.train, steps=rounds * k, out_dir=str(tmp_path / "local"), checkpoint_every=100),
     )  # fmt: skip
     local = pretrain(local_cfg, progress=False)

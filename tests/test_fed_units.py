@@ -151,8 +151,9 @@ def test_run_config_round_trip_and_errors() -> None:
 def test_pyproject_flower_app_section_matches_the_code() -> None:
     """Once pyproject.toml carries [tool.flwr.app] (docs/federation.md), it must wire our apps and list
     exactly the run-config keys the ServerApp understands, with the same defaults."""
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     data = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     app = data.get("tool", {}).get("flwr", {}).get("app")

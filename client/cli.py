@@ -67,6 +67,7 @@ def main_command(
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = (log_dir / f"supernode-{cfg.site}.log").resolve()
     env = {**os.environ, **QUIET_ENV}
+    env.setdefault("FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE", str(16 * 2**20))  # 16 MiB chunks: docs/federation.md
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     typer.echo(f"site '{cfg.site}': {cfg.n_rois} ROIs, TR {cfg.tr} s, data under {cfg.data.root}")
     typer.echo(f"gradient file {gradients} (checksum {gradient_checksum(grads)[:16]}...)")

@@ -77,6 +77,14 @@ def main_command(
     try:
         code = proc.wait()
         typer.echo(f"SuperNode exited with code {code}; see {log_path}")
+        if code:
+            lines = log_path.read_text(errors="replace").splitlines()[-40:]
+            why = [ln for ln in lines if "Exit Code" in ln or "[code:" in ln or "Failed" in ln]
+            for ln in why:
+                typer.secho(f"  {ln.strip()}", fg=typer.colors.RED, err=True)
+            if any("305" in ln for ln in why):
+                typer.secho("  (exit 305: the SuperLink refused this site: is its public key registered at the "
+                            "coordinator with --auth-public-key?)", fg=typer.colors.RED, err=True)  # fmt: skip
         raise typer.Exit(code)
     except KeyboardInterrupt:
         typer.echo("\nCtrl-C: leaving the federation")

@@ -9,8 +9,9 @@ BIN    := $(VENV)/bin
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_TELEMETRY_ENABLED=0
+export FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE=16777216
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo demo-local test lint bench clean
 
 $(BIN)/brainjepa: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +23,9 @@ $(BIN)/brainjepa: pyproject.toml
 setup: $(BIN)/brainjepa
 
 demo: setup
+	$(BIN)/brainjepa-server simulate --sites 3 --rounds 3
+
+demo-local: setup
 	$(BIN)/brainjepa demo
 
 test: setup

@@ -6,7 +6,6 @@ The Flower ClientApp (`client.client_app`) only converts between messages and th
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import time
@@ -15,44 +14,23 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from brainjepa.config import ModelConfig, PretrainConfig, to_dict
+from brainjepa.config import PretrainConfig
 from brainjepa.data import BatchStream, pack_cohort
 from brainjepa.gradients import gradient_checksum, load_gradients
 from brainjepa.jepa import JEPAModels, PretrainStep
 from brainjepa.pretrain import load_cohort, resolve_device
+from brainjepa.weights import WEIGHT_SETS, flat_parameters, load_flat_parameters, model_checksum  # noqa: F401
 from sites.config import SiteConfig, load_site_config
 from sites.errors import DataError, InputError
 from sites.schema import from_mapping
 
 log = logging.getLogger(__name__)
 
-WEIGHT_SETS = ("encoder", "predictor", "target")
 
 
 class RoundRefused(InputError):
     """The site will not train this round (checksum mismatch, bad config): the message says why."""
-
-
-def flat_parameters(module: nn.Module) -> torch.Tensor:
-    """(P,) fp32 copy of a module's parameters in named_parameters() order (the wire layout)."""
-    return parameters_to_vector([p.detach() for p in module.parameters()]).float().cpu().clone()
-
-
-def load_flat_parameters(module: nn.Module, vec: torch.Tensor) -> None:
-    params = list(module.parameters())
-    with torch.no_grad():
-        vector_to_parameters(vec.to(params[0].device, params[0].dtype), params)
-
-
-def model_checksum(cfg: ModelConfig, modules: dict[str, nn.Module]) -> str:
-    """SHA-256 of the model config and every parameter's name, shape and dtype (same as the server's)."""
-    h = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode())
-    for set_name, module in modules.items():
-        for name, p in module.named_parameters():
-            h.update(f"{set_name}.{name}:{tuple(p.shape)}:{p.dtype};".encode())
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-WEIGHT_SETS = ("encoder", "predictor", "target")
+from brainjepa.weights import WEIGHT_SETS  # noqa: F401 (re-exported)
+
 # Weight sets the server optimiser (FedAvgM / FedAdam) steps; the EMA target is always plainly
 # averaged (it is a moving average of the encoders, not a trained quantity).
 TRAINED_SETS = ("encoder", "predictor")

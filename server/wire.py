@@ -9,37 +9,13 @@ received, added to the server's fp32 master copy (so the master never gets round
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
-from torch import nn
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from brainjepa.config import ModelConfig, to_dict
+from brainjepa.weights import flat_parameters, load_flat_parameters, model_checksum  # noqa: F401 (re-exported)
 
 FP16_MAX = float(np.finfo(np.float16).max)
-
-
-def flat_parameters(module: nn.Module) -> torch.Tensor:
-    """(P,) fp32 copy of a module's parameters in named_parameters() order."""
-    return parameters_to_vector([p.detach() for p in module.parameters()]).float().clone()
-
-
-def load_flat_parameters(module: nn.Module, vec: torch.Tensor) -> None:
-    with torch.no_grad():
-        vector_to_parameters(vec.to(next(module.parameters()).dtype), list(module.parameters()))
-
-
-def model_checksum(cfg: ModelConfig, modules: dict[str, nn.Module]) -> str:
-    """SHA-256 of the model config and every parameter's name, shape and dtype (the wire layout)."""
-    h = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode())
-    for set_name, module in modules.items():
-        for name, p in module.named_parameters():
-            h.update(f"{set_name}.{name}:{tuple(p.shape)}:{p.dtype};".encode())
-    return h.hexdigest()
 
 
 def encode_sets(sets: dict[str, torch.Tensor], wire_dtype: str) -> ArrayRecord:

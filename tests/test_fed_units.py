@@ -9,9 +9,9 @@ from flwr.app import RecordDict
 
 from brainjepa.config import ModelConfig, OptimConfig
 from brainjepa.jepa import JEPAModels, PretrainStep
+from brainjepa.weights import model_checksum
 from client.client_app import encode_reply
 from client.state import load_optimizer, save_optimizer
-from client.training import model_checksum as client_checksum
 from server.aggregate import (
     RunningMean,
     ServerOptConfig,
@@ -22,7 +22,6 @@ from server.aggregate import (
 )
 from server.config import FederationConfig, from_run_config, to_run_config
 from server.wire import decode_reply, encode_sets, sent_as
-from server.wire import model_checksum as server_checksum
 from sites.errors import ConfigError
 
 
@@ -108,13 +107,15 @@ def test_fp16_wire_uplink_deltas_keep_the_fp32_master() -> None:
         encode_sets({"encoder": torch.full((3,), 1e6)}, "float16")
 
 
-def test_server_and_client_agree_on_the_model_checksum() -> None:
+def test_model_checksum_identifies_config_and_layout() -> None:
     cfg = ModelConfig(size="tiny", n_rois=12, n_frames=32)
     models = JEPAModels(cfg, torch.randn(12, 30))
     mods = {n: getattr(models, n) for n in ("encoder", "predictor", "target")}
-    assert server_checksum(cfg, mods) == client_checksum(cfg, mods)
+    again = JEPAModels(cfg, torch.randn(12, 30))  # other weights, same layout: same checksum
+    assert model_checksum(cfg, mods) == model_checksum(cfg, {n: getattr(again, n) for n in mods})
     other = ModelConfig(size="tiny", n_rois=12, n_frames=48)
-    assert server_checksum(other, mods) != server_checksum(cfg, mods)
+    assert model_checksum(other, mods) != model_checksum(cfg, mods)
+    assert model_checksum(cfg, {"encoder": models.encoder}) != model_checksum(cfg, mods)
 
 
 def test_optimizer_state_survives_the_context_round_trip() -> None:

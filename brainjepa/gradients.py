@@ -261,8 +261,6 @@ def plot_gradients(g: np.ndarray, path: str | Path, networks: np.ndarray | None 
         axes[0, -1].legend(fontsize=7, markerscale=1.5, loc="best")
     fig.suptitle(title or f"brain gradients ({g.shape[0]} ROIs)")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    from brainjepa.plots import save_figure
+
+    return save_figure(fig, path)

@@ -6,6 +6,19 @@ import csv
 from pathlib import Path
 
 
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:  # noqa: ANN001 (a matplotlib Figure)
+    """Save a figure as PNG via a temporary file and a rename, then close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def plot_loss_curve(metrics_csv: str | Path, png: str | Path, title: str = "Brain-JEPA pretraining") -> Path:
     """Loss and learning rate per optimizer step, from a run's metrics.csv."""
     import matplotlib
@@ -26,9 +39,4 @@ def plot_loss_curve(metrics_csv: str | Path, png: str | Path, title: str = "Brai
     lr_ax.plot(steps, [float(r["lr"]) for r in rows], color="grey", lw=0.8, ls="--", label="learning rate")
     lr_ax.set_ylabel("learning rate", color="grey")
     fig.tight_layout()
-    png = Path(png)
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(png)
-    return png
+    return save_figure(fig, png)

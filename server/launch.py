@@ -135,11 +135,7 @@ class ManagedProcess:
         """SIGKILL the process, its group and every descendant at once (a crash, not a shutdown)."""
         tree = descendants(self.popen.pid) if self.alive() else []
         self.signal_group(signal.SIGKILL)
-        for pid in tree:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_pids(tree)
         self.popen.wait(timeout=10)
 
     def stop(self, grace_s: float = 10.0) -> int | None:
@@ -159,12 +155,17 @@ class ManagedProcess:
                 continue
         # Children may outlive the leader: make sure none is left.
         self.signal_group(signal.SIGKILL)
-        for pid in tree:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_pids(tree)
         return self.popen.poll()
+
+
+def kill_pids(pids: list[int]) -> None:
+    """SIGKILL each pid that is still there."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def start_process(

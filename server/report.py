@@ -6,6 +6,8 @@ import csv
 import logging
 from pathlib import Path
 
+from brainjepa.plots import save_figure
+
 log = logging.getLogger(__name__)
 
 SITE_FIELDS = ["round", "site", "node_id", "status", "loss", "local_steps", "samples", "wall_s",
@@ -91,8 +93,4 @@ def plot_site_losses(sites_csv: Path, out: Path) -> Path | None:
     ax.set_title("Federated pretraining: loss per round per site")
     ax.legend()
     fig.tight_layout()
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return save_figure(fig, out, dpi=100)

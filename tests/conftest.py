@@ -25,11 +25,14 @@ def structured_cohort(n_subjects: int, n_rois: int, n_frames: int, seed: int = 0
     return out
 
 
+def write_roi_dir(data: np.ndarray, folder: Path) -> Path:
+    """One (R, L) .npy file per subject of data (N, R, L): the `data.roi_dir` layout."""
+    folder.mkdir(parents=True)
+    for i, x in enumerate(data):
+        np.save(folder / f"sub-{i:03d}.npy", x)
+    return folder
+
+
 @pytest.fixture
 def roi_dir(tmp_path: Path) -> Path:
-    data = structured_cohort(24, 32, 96, seed=1)
-    d = tmp_path / "rois"
-    d.mkdir()
-    for i, x in enumerate(data):
-        np.save(d / f"sub-{i:03d}.npy", x)
-    return d
+    return write_roi_dir(structured_cohort(24, 32, 96, seed=1), tmp_path / "rois")

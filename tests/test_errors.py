@@ -46,12 +46,17 @@ def test_gradient_shape_mismatches_name_both_sides(tmp_path: Path) -> None:
         JEPAModels(ModelConfig(size="tiny", n_rois=32, n_frames=32, gradient_components=5), torch.zeros(40, 5))
 
 
-def test_wrong_roi_count_between_data_and_model(roi_dir: Path, tmp_path: Path) -> None:
-    cfg = PretrainConfig(
-        model=ModelConfig(size="tiny", n_rois=450, n_frames=64, gradient_components=8),
-        data=DataConfig(roi_dir=str(roi_dir), scaling="none"),
-        train=TrainConfig(steps=1, batch_size=4, out_dir=str(tmp_path)),
+def _one_step(roi_dir: Path, out: Path, n_rois: int = 32, scaling: str = "none") -> PretrainConfig:
+    """A one-step tiny pretraining config on the fixture's folder of ROI series."""
+    return PretrainConfig(
+        model=ModelConfig(size="tiny", n_rois=n_rois, n_frames=64, gradient_components=8),
+        data=DataConfig(roi_dir=str(roi_dir), scaling=scaling),
+        train=TrainConfig(steps=1, batch_size=4, out_dir=str(out)),
     )
+
+
+def test_wrong_roi_count_between_data_and_model(roi_dir: Path, tmp_path: Path) -> None:
+    cfg = _one_step(roi_dir, tmp_path, n_rois=450)
     with pytest.raises(DataError, match=r"has 32 ROIs but model.n_rois is 450"):
         pretrain(cfg, progress=False)
 
@@ -60,20 +65,13 @@ def test_nan_in_data_names_the_subject(roi_dir: Path, tmp_path: Path) -> None:
     bad = np.load(roi_dir / "sub-005.npy")
     bad[3, 10] = np.nan
     np.save(roi_dir / "sub-005.npy", bad)
-    cfg = PretrainConfig(
-        model=ModelConfig(size="tiny", n_rois=32, n_frames=64, gradient_components=8),
-        data=DataConfig(roi_dir=str(roi_dir)), train=TrainConfig(steps=1, batch_size=4, out_dir=str(tmp_path)),
-    )  # fmt: skip
+    cfg = _one_step(roi_dir, tmp_path, scaling="robust")
     with pytest.raises(DataError, match=r"sub-005.*NaN"):
         pretrain(cfg, progress=False)
 
 
 def test_robust_scaling_of_demeaned_series_is_refused(roi_dir: Path, tmp_path: Path) -> None:
-    cfg = PretrainConfig(
-        model=ModelConfig(size="tiny", n_rois=32, n_frames=64, gradient_components=8),
-        data=DataConfig(roi_dir=str(roi_dir), scaling="robust"),
-        train=TrainConfig(steps=1, batch_size=4, out_dir=str(tmp_path)),
-    )
+    cfg = _one_step(roi_dir, tmp_path, scaling="robust")
     with pytest.raises(DataError, match=r"rois.*already demeaned.*data.scaling: none"):
         pretrain(cfg, progress=False)
 

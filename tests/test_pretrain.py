@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import structured_cohort
+from conftest import structured_cohort, write_roi_dir
 from typer.testing import CliRunner
 
 from brainjepa.checkpoint import load_checkpoint
@@ -44,10 +44,7 @@ def _embedding_spread(models: JEPAModels, x: torch.Tensor) -> tuple[float, float
 
 def test_pretraining_learns_without_collapse(tmp_path: Path) -> None:
     data = structured_cohort(48, 32, 96, seed=1)
-    d = tmp_path / "rois"
-    d.mkdir()
-    for i, x in enumerate(data):
-        np.save(d / f"sub-{i:03d}.npy", x)
+    d = write_roi_dir(data, tmp_path / "rois")
     cfg = _config(d, tmp_path / "run", steps=200, log_every=20)
     result = pretrain(cfg, progress=False)
     with open(result.metrics) as f:

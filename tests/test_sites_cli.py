@@ -171,18 +171,10 @@ def test_schaefer400_default(app, tmp_path):
 
 def test_prepare_command(app, tmp_path):
     import yaml
-    from test_sites_prepare import build
+    from test_sites_prepare import build, site_raw
 
     cfg, truth = build(tmp_path, n_sub=2)
-    raw = {
-        "site": "nii",
-        "data": {"format": "nifti", "root": "derivatives/fmriprep"},
-        "rois": [
-            {"name": "sub", "n_rois": 2, "atlas": "atlases/sub.nii.gz"},
-            {"name": "ctx", "n_rois": 3, "atlas": "atlases/ctx.nii.gz", "labels": [3, 1, 2]},
-        ],
-        "preprocess": {"n_jobs": 1},
-    }
+    raw = site_raw()
     y = tmp_path / "site.yaml"
     y.write_text(yaml.safe_dump(raw))
     r = runner.invoke(

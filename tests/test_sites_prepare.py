@@ -46,6 +46,20 @@ def paint(rng, sub, ctx, tr=2.0):
     return img, series
 
 
+def site_raw() -> dict:
+    """The NIfTI site config (as parsed YAML) matching the tree `build` writes."""
+    return {
+        "site": "nii",
+        "data": {"format": "nifti", "root": "derivatives/fmriprep"},
+        "rois": [
+            {"name": "sub", "n_rois": 2, "atlas": "atlases/sub.nii.gz"},
+            {"name": "ctx", "n_rois": 3, "atlas": "atlases/ctx.nii.gz", "labels": [3, 1, 2]},
+        ],
+        "participants": {"phenotypes": ["age"]},
+        "preprocess": {"n_jobs": 1},
+    }
+
+
 def build(tmp_path: Path, n_sub=3, atlas_aff=None, atlas_scale=1, extra=None, seed=0):
     """A BIDS-derivatives tree + atlases + site config; returns (cfg, {id: truth})."""
     rng = np.random.default_rng(seed)
@@ -67,16 +81,7 @@ def build(tmp_path: Path, n_sub=3, atlas_aff=None, atlas_scale=1, extra=None, se
         for ax in range(3):
             lab = np.repeat(lab, atlas_scale, axis=ax)
         nib.save(nib.Nifti1Image(lab, aff), adir / f"{name}.nii.gz")
-    raw = {
-        "site": "nii",
-        "data": {"format": "nifti", "root": "derivatives/fmriprep"},
-        "rois": [
-            {"name": "sub", "n_rois": 2, "atlas": "atlases/sub.nii.gz"},
-            {"name": "ctx", "n_rois": 3, "atlas": "atlases/ctx.nii.gz", "labels": [3, 1, 2]},
-        ],
-        "participants": {"phenotypes": ["age"]},
-        "preprocess": {"n_jobs": 1},
-    }
+    raw = site_raw()
     for k, v in (extra or {}).items():
         raw[k] = {**raw[k], **v} if isinstance(v, dict) else v
     return parse_site_config(raw, tmp_path / "site.yaml"), truth

@@ -1,7 +1,8 @@
 """Benchmark of the pretraining step: samples/s, achieved TFLOP/s and peak memory.
 
 One optimizer step per batch with the default masking, random inputs of R x T, exactly as the
-reference's figures in shared/reference/gpu-anchor.md were taken. FLOPs are counted once with
+reference's figures in shared/reference/gpu-anchor.md were taken; eager or the fast path
+(`brainjepa.fastpath`), our masks or the reference's (for a like-for-like FLOP budget). FLOPs are counted once with
 torch's FlopCounterMode over a whole step (forward, backward; the optimizer adds no matmul FLOPs).
 """
 
@@ -9,14 +10,19 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from brainjepa.config import MaskConfig, ModelConfig, OptimConfig
+from brainjepa.config import MaskConfig, ModelConfig, OptimConfig, PerfConfig
+from brainjepa.fastpath import attention_backends
 from brainjepa.jepa import JEPAModels, PretrainStep
 from brainjepa.masks import sample_masks
+from brainjepa.prefetch import MicroBatches, Prefetcher
+from brainjepa.profiling import profile_steps
 
 
 @dataclass(frozen=True)
@@ -24,6 +30,8 @@ class BenchResult:
     size: str
     batch: int
     device: str
+    mode: str  # "eager", or what the fast path switched on: compile, cuda-graphs, attention=<order>
+    masks: str  # "ours" (equal counts by construction) or "reference" (the reference's algorithm + truncation)
     samples_per_s: float
     tflops_per_s: float
     tflop_per_sample: float
@@ -34,6 +42,7 @@ class BenchResult:
     context_tokens: float
     target_tokens: float
     step_ms: float
+    first_step_s: float  # wall time of the first step: compilation, cuDNN plans, allocator warm-up
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -67,56 +76,111 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_bench(size: str = "base", batch: int = 16, device: str = "cpu", steps: int = 5, warmup: int = 2,
-              n_rois: int = 450, n_frames: int = 160, seed: int = 0,
-              activation_checkpointing: bool = False) -> BenchResult:  # fmt: skip
+def synthetic_batches(batch: int, n_rois: int, n_frames: int, n_time: int, mask_cfg: MaskConfig,
+                      seed: int = 0) -> Callable[[int], MicroBatches]:  # fmt: skip
+    """step -> [(x (B, R, T) standard normal, masks)]: a pure function of (seed, step), like real data."""
+
+    def make(step: int) -> MicroBatches:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        x = torch.randn(batch, n_rois, n_frames, generator=g)
+        return [(x, sample_masks(mask_cfg, batch, n_rois, n_time, g))]
+
+    return make
+
+
+def fast_perf(device: torch.device | str, cuda_graphs: bool = False, attention: str = "auto") -> PerfConfig:
+    """The fast path's settings for a device: compiled blocks, SDPA backend order, prefetching."""
+    return PerfConfig(compile=True, attention=attention, cuda_graphs=cuda_graphs and torch.device(device).type == "cuda")
+
+
+def _eager_step_flops(models: JEPAModels, batches: MicroBatches, device: torch.device) -> int:
+    """FLOPs of one plain eager step (the anchor's counter), with an optimizer that is then freed."""
+    step_fn = PretrainStep(models, OptimConfig(), total_steps=1000, device=device)
+    flops = count_step_flops(lambda: step_fn(batches, 0))
+    step_fn.optimizer.state.clear()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return flops
+
+
+def describe(perf: PerfConfig, device: torch.device | str) -> str:
+    """A short label of what `perf` switches on for `device`: "eager" when nothing."""
     dev = torch.device(device)
+    parts = ["compile"] if perf.compile else []
+    if perf.cuda_graphs and dev.type == "cuda":
+        parts.append("cuda-graphs")
+    if attention_backends(perf.attention, dev) is not None:
+        parts.append(f"attention={perf.attention}")
+    return "+".join(parts) or "eager"
+
+
+def run_bench(size: str = "base", batch: int = 16, device: str = "cpu", steps: int = 5, warmup: int = 2,
+              n_rois: int = 450, n_frames: int = 160, seed: int = 0, activation_checkpointing: bool = False,
+              perf: PerfConfig | None = None, reference_masks: bool = False,
+              profile_dir: Path | None = None) -> BenchResult:  # fmt: skip
+    """Time `steps` optimizer steps after `warmup` untimed ones; batches are built by the same
+    background prefetcher as in training, so mask sampling is timed only where it is not hidden.
+    With `profile_dir`, three more steps run under torch.profiler (`brainjepa.profiling`)."""
+    dev = torch.device(device)
+    perf = perf or PerfConfig(attention="default")
     cfg = ModelConfig(size=size, n_rois=n_rois, n_frames=n_frames)
     g = torch.Generator().manual_seed(seed)
-    grads = torch.randn(n_rois, cfg.gradient_components, generator=g)
-    models = JEPAModels(cfg, grads)
-    step_fn = PretrainStep(models, OptimConfig(), total_steps=1000, device=dev,
-                           activation_checkpointing=activation_checkpointing)  # fmt: skip
-    mask_cfg = MaskConfig()
+    models = JEPAModels(cfg, torch.randn(n_rois, cfg.gradient_components, generator=g))
+    mask_cfg = MaskConfig(reference_truncation=reference_masks)
+    make = synthetic_batches(batch, n_rois, n_frames, cfg.n_time_patches, mask_cfg, seed)
     warmup = max(1, warmup)
-    n = warmup + steps
-    xs = [torch.randn(batch, n_rois, n_frames, generator=g) for _ in range(n)]
-    masks = [sample_masks(mask_cfg, batch, n_rois, cfg.n_time_patches, g) for _ in range(n)]
-    if dev.type == "cuda":
-        xs = [x.pin_memory() for x in xs]
 
-    flops = count_step_flops(lambda: step_fn([(xs[0], masks[0])], 0))
-    for i in range(1, warmup):
-        step_fn([(xs[i], masks[i])], i)
+    flops = _eager_step_flops(models, make(0), dev)
+    step_fn = PretrainStep(models, OptimConfig(), total_steps=1000, device=dev,
+                           activation_checkpointing=activation_checkpointing, perf=perf)  # fmt: skip
+    batches = iter(Prefetcher(make, range(1, 1 + warmup + steps), perf.prefetch, pin=dev.type == "cuda"))
+    tokens = []
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        s, mb = next(batches)
+        step_fn(mb, s)
+        if i == 0:
+            _sync(dev)
+            first_step_s = time.perf_counter() - t0
     _sync(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()
-    for i in range(warmup, n):
-        step_fn([(xs[i], masks[i])], i)
+    for s, mb in batches:
+        step_fn(mb, s)
+        tokens.append((mb[0][1].context.shape[1], mb[0][1].target.shape[1]))
     _sync(dev)
     per_step = (time.perf_counter() - t0) / steps
     if dev.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(dev) / 2**30, "cuda max allocated"
     else:
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process peak RSS"
+    if profile_dir is not None:
+        n = 1 + warmup + steps
+        profile_steps(step_fn, make, range(n, n + 3), dev, profile_dir)
     return BenchResult(
-        size=size, batch=batch, device=str(dev), samples_per_s=batch / per_step,
+        size=size, batch=batch, device=str(dev), mode=describe(perf, dev),
+        masks="reference" if reference_masks else "ours", samples_per_s=batch / per_step,
         tflops_per_s=flops / per_step / 1e12, tflop_per_sample=flops / batch / 1e12, peak_memory_gib=peak,
         memory_kind=kind, encoder_params=sum(p.numel() for p in models.encoder.parameters()),
         predictor_params=sum(p.numel() for p in models.predictor.parameters()),
-        context_tokens=sum(m.context.shape[1] for m in masks) / n,
-        target_tokens=sum(m.target.shape[1] for m in masks) / n, step_ms=per_step * 1e3,
+        context_tokens=sum(c for c, _ in tokens) / len(tokens), target_tokens=sum(t for _, t in tokens) / len(tokens),
+        step_ms=per_step * 1e3, first_step_s=first_step_s,
     )  # fmt: skip
 
 
 def format_table(results: list[BenchResult]) -> str:
-    head = "| model | batch | device | samples/s | achieved TFLOP/s | TFLOP/sample | peak memory | encoder / predictor params |"
-    rows = [head, "|" + "---|" * 8]
+    """Markdown table; `x eager` is samples/s over the eager row of the same size, batch and masks."""
+    eager = {(r.size, r.batch, r.masks): r.samples_per_s for r in results if r.mode == "eager"}
+    head = ("| model | batch | masks | mode | samples/s | x eager | achieved TFLOP/s | TFLOP/sample | peak memory "
+            "| first step | encoder / predictor params |")  # fmt: skip
+    rows = [head, "|" + "---|" * 11]
     for r in results:
+        base = eager.get((r.size, r.batch, r.masks))
+        ratio = f"{r.samples_per_s / base:.2f}" if base else "-"
         rows.append(
-            f"| {r.size} | {r.batch} | {r.device} | {r.samples_per_s:.2f} | {r.tflops_per_s:.3f} | "
-            f"{r.tflop_per_sample:.3f} | {r.peak_memory_gib:.2f} GiB ({r.memory_kind}) | "
+            f"| {r.size} | {r.batch} | {r.masks} | {r.mode} | {r.samples_per_s:.2f} | {ratio} | {r.tflops_per_s:.3f} | "
+            f"{r.tflop_per_sample:.3f} | {r.peak_memory_gib:.2f} GiB ({r.memory_kind}) | {r.first_step_s:.1f} s | "
             f"{r.encoder_params / 1e6:.1f} M / {r.predictor_params / 1e6:.1f} M |"
         )
     return "\n".join(rows)

@@ -97,28 +97,83 @@ def bench(
     size: Annotated[list[str], typer.Option("--size", help="Model size(s): tiny, small, base, large.")] = ["base"],  # noqa: B006
     batch: Annotated[list[int], typer.Option("--batch", help="Batch size(s).")] = [16],  # noqa: B006
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    mode: Annotated[str, typer.Option(help="eager (plain PyTorch), fast (compiled blocks, SDPA backend order, "
+                                           "prefetching) or compare (both, with the speed-up).")] = "compare",
+    attention: Annotated[str, typer.Option(help="Fast mode's SDPA backend order on CUDA: auto (cuDNN first on "
+                                                "Hopper), cudnn, flash, efficient, math, default.")] = "auto",
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Fast mode: replay the target encoder's "
+                                              "forward as a CUDA graph.")] = False,
+    reference_masks: Annotated[bool, typer.Option("--reference-masks", help="Sample masks with the reference's "
+                                                  "algorithm and truncation (its token counts and FLOPs).")] = False,
     steps: Annotated[int, typer.Option(help="Timed optimizer steps.")] = 5,
-    warmup: Annotated[int, typer.Option(help="Untimed warm-up steps (the first also counts FLOPs).")] = 2,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up steps (the first also compiles).")] = 2,
     rois: Annotated[int, typer.Option(help="ROIs per sample.")] = 450,
     frames: Annotated[int, typer.Option(help="Frames per sample.")] = 160,
     checkpointing: Annotated[bool, typer.Option("--activation-checkpointing", help="Recompute block activations in backward (less memory, ~1/3 more compute).")] = False,
+    profile: Annotated[Path | None, typer.Option(help="Also profile 3 steps of each run: trace.json.gz and "
+                                                      "profile.md (time per phase and op) in a subfolder here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per line instead of a table.")] = False,
 ) -> None:
     """Time the pretraining step (one optimizer step per batch, default masking, random inputs):
     samples/s, achieved TFLOP/s (FlopCounterMode) and peak memory, plus parameter counts. Compare
-    with shared/reference/gpu-anchor.md on the same GPU kind."""
-    from brainjepa.bench import format_table, run_bench
+    with shared/reference/gpu-anchor.md on the same GPU kind; docs/performance.md explains the figures."""
+    from brainjepa.bench import fast_perf, format_table, run_bench
+    from brainjepa.config import PerfConfig
 
+    modes = {"eager": ["eager"], "fast": ["fast"], "compare": ["eager", "fast"]}
+    if mode not in modes:
+        raise _fail(ValueError(f"--mode: expected eager, fast or compare, got '{mode}'"))
+    try:
+        perfs = {"eager": PerfConfig(attention="default"), "fast": fast_perf(device, cuda_graphs, attention)}
+    except InputError as e:
+        raise _fail(e) from e
     results = []
     for s in size:
         for b in batch:
-            r = run_bench(size=s, batch=b, device=device, steps=steps, warmup=warmup, n_rois=rois, n_frames=frames,
-                          activation_checkpointing=checkpointing)
-            results.append(r)
-            if as_json:
-                typer.echo(json.dumps(r.as_dict()))
+            for m in modes[mode]:
+                where = profile / f"{s}-b{b}-{m}" if profile else None
+                r = run_bench(size=s, batch=b, device=device, steps=steps, warmup=warmup, n_rois=rois, n_frames=frames,
+                              activation_checkpointing=checkpointing, perf=perfs[m], reference_masks=reference_masks,
+                              profile_dir=where)  # fmt: skip
+                results.append(r)
+                if as_json:
+                    typer.echo(json.dumps(r.as_dict()))
+                if where:
+                    typer.echo(f"profile of {s} batch {b} {m}: {where / 'profile.md'}", err=True)
     if not as_json:
         typer.echo(format_table(results))
+
+
+@app.command()
+def numerics(
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N (bf16 autocast on CUDA, fp32 on CPU).")] = "cpu",
+    size: Annotated[str, typer.Option(help="Model size.")] = "tiny",
+    steps: Annotated[int, typer.Option(help="Optimizer steps of each run.")] = 200,
+    batch: Annotated[int, typer.Option(help="Batch size.")] = 8,
+    rois: Annotated[int, typer.Option(help="ROIs per sample.")] = 32,
+    frames: Annotated[int, typer.Option(help="Frames per sample.")] = 64,
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Include the CUDA-graph target forward.")] = False,
+    out: Annotated[Path, typer.Option(help="Where numerics.png and numerics.json go.")] = Path("runs/numerics"),
+) -> None:
+    """Train twice from the same seed and batches, plain eager and the fast path, and compare the loss
+    curves: exits 1 when they differ by more than the stated tolerance (docs/performance.md)."""
+    from brainjepa.bench import fast_perf
+    from brainjepa.checkpoint import atomic_write_text
+    from brainjepa.numerics import compare_paths
+    from brainjepa.plots import plot_loss_pair
+
+    r = compare_paths(fast_perf(device, cuda_graphs), size=size, batch=batch, steps=steps, n_rois=rois,
+                      n_frames=frames, device=device)  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "numerics.json", json.dumps(r.summary(), indent=2))
+    plot_loss_pair(r.eager_loss, r.fast_loss, out / "numerics.png", ("eager", r.fast),
+                   title=f"{size}, {device}: fast path vs eager")  # fmt: skip
+    typer.echo(json.dumps(r.summary()))
+    verdict = "within" if r.ok else "OUTSIDE"
+    typer.echo(f"max relative loss difference {r.max_rel_loss_diff:.2e} over {steps} steps: {verdict} the "
+               f"tolerance {r.tolerance:.0e}; {r.graphs} compiled graphs; plot in {out / 'numerics.png'}")  # fmt: skip
+    if not r.ok:
+        raise typer.Exit(code=1)
 
 
 data_cli.register(app)

@@ -145,6 +145,28 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute block activations in backward (less memory)
 
 
+ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "default")
+
+
+@dataclass(frozen=True)
+class PerfConfig:
+    """Speed switches. None changes the model or the maths beyond float rounding (docs/performance.md);
+    all off is the plain eager path that Opacus hooks and debuggers see."""
+
+    compile: bool = False  # torch.compile every transformer block (one graph per width, dynamic token count)
+    attention: str = "auto"  # SDPA backend order on CUDA: auto (cuDNN first on Hopper) | cudnn | flash | efficient | math | default
+    cuda_graphs: bool = False  # CUDA + compile only: replay the target encoder's static-shape forward as a CUDA graph
+    prefetch: int = 2  # steps of batches (windows + masks) prepared ahead in a background thread; 0 = inline
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ConfigError(f"perf.attention: expected one of {'|'.join(ATTENTION_BACKENDS)}, got '{self.attention}'")
+        if self.cuda_graphs and not self.compile:
+            raise ConfigError("perf.cuda_graphs: needs perf.compile: true (the graphs are captured by torch.compile)")
+        if self.prefetch < 0:
+            raise ConfigError(f"perf.prefetch: expected >= 0, got {self.prefetch}")
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -152,10 +174,11 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
 
 
 def load_pretrain_config(path: str | Path, overrides: dict | None = None) -> PretrainConfig:
-    """Read a pretraining YAML file (sections model, mask, optim, data, train).
+    """Read a pretraining YAML file (sections model, mask, optim, data, train, perf).
 
     Relative paths inside the `data` section are resolved against the YAML file's folder.
     """

@@ -9,14 +9,16 @@ all call the same object.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.profiler import record_function
 
-from brainjepa.config import ModelConfig, OptimConfig
+from brainjepa.config import ModelConfig, OptimConfig, PerfConfig
+from brainjepa.fastpath import accelerate, attention_backends, attention_context
 from brainjepa.masks import Masks
 from brainjepa.predictor import Predictor
 from brainjepa.schedules import SchedulePoint, schedule_at
@@ -40,17 +42,26 @@ class JEPAModels(nn.Module):
         self.target.requires_grad_(False)
 
 
-def jepa_loss(models: JEPAModels, x: torch.Tensor, masks: Masks, loss: str = "smooth_l1") -> torch.Tensor:
-    """x (B, R, T) -> scalar loss between predictions and LayerNorm-ed target tokens."""
-    with torch.no_grad():
-        h = models.target(x)  # (B, N, D) all tokens
-        h = F.layer_norm(h, (h.shape[-1],))  # no affine
-        target = gather_tokens(h, masks.target)  # (B, Nt, D)
-    z = models.encoder(x, masks.context)  # (B, Nc, D)
-    pred = models.predictor(z, masks.context, masks.target)  # (B, Nt, D)
-    if loss == "l2":
-        return F.mse_loss(pred.float(), target.float())
-    return F.smooth_l1_loss(pred.float(), target.float(), beta=1.0)
+def jepa_loss(models: JEPAModels, x: torch.Tensor, masks: Masks, loss: str = "smooth_l1",
+              target_forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
+    """x (B, R, T) -> scalar loss between predictions and LayerNorm-ed target tokens.
+
+    `target_forward` replaces the target encoder's call (a CUDA-graph replay, `brainjepa.fastpath`).
+    """
+    with torch.no_grad(), record_function("jepa/target"):
+        if target_forward is None:
+            h = models.target(x, select=masks.target)  # (B, Nt, D): all tokens in, targets out
+        else:
+            h = gather_tokens(target_forward(x), masks.target)  # (B, N, D) -> (B, Nt, D)
+        target = F.layer_norm(h, (h.shape[-1],))  # no affine
+    with record_function("jepa/context_encoder"):
+        z = models.encoder(x, masks.context)  # (B, Nc, D)
+    with record_function("jepa/predictor"):
+        pred = models.predictor(z, masks.context, masks.target)  # (B, Nt, D)
+    with record_function("jepa/loss"):
+        if loss == "l2":
+            return F.mse_loss(pred.float(), target.float())
+        return F.smooth_l1_loss(pred.float(), target.float(), beta=1.0)
 
 
 def param_groups(models: JEPAModels) -> list[dict]:
@@ -65,14 +76,19 @@ def param_groups(models: JEPAModels) -> list[dict]:
 
 
 class PretrainStep:
-    """One optimizer step of JEPA pretraining at an explicit position of the run's schedule."""
+    """One optimizer step of JEPA pretraining at an explicit position of the run's schedule.
+
+    `perf` picks the fast path (`brainjepa.fastpath`): SDPA backend order, compiled blocks, a
+    CUDA-graph target forward. The default is plain eager PyTorch.
+    """
 
     def __init__(
         self, models: JEPAModels, cfg: OptimConfig, total_steps: int, device: torch.device | str = "cpu",
-        fused: bool | None = None, activation_checkpointing: bool = False,
+        fused: bool | None = None, activation_checkpointing: bool = False, perf: PerfConfig | None = None,
     ) -> None:  # fmt: skip
         self.models, self.cfg, self.total_steps = models, cfg, total_steps
         self.device = torch.device(device)
+        self.perf = perf or PerfConfig()
         self.models.to(self.device)
         fused = self.device.type == "cuda" if fused is None else fused
         self.optimizer = torch.optim.AdamW(param_groups(models), lr=cfg.start_lr, betas=cfg.betas, fused=fused)
@@ -81,6 +97,8 @@ class PretrainStep:
         models.predictor.activation_checkpointing = activation_checkpointing
         self._online = list(models.encoder.parameters())
         self._target = list(models.target.parameters())
+        self.backends = attention_backends(self.perf.attention, self.device)
+        self.target_forward = accelerate(models, self.perf, self.device)
 
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
@@ -102,15 +120,22 @@ class PretrainStep:
         self.models.predictor.train()
         total = torch.zeros((), device=self.device)
         for x, masks in micro_batches:
-            x = x.to(self.device, non_blocking=True)
-            masks = masks.to(self.device)
-            with self.autocast():
-                loss = jepa_loss(self.models, x, masks, self.cfg.loss) / len(micro_batches)
-            loss.backward()
+            with record_function("jepa/to_device"):
+                x = x.to(self.device, non_blocking=True)  # (B, R, T)
+                masks = masks.to(self.device)
+            if self.target_forward is not None:
+                torch.compiler.cudagraph_mark_step_begin()
+            with attention_context(self.backends):
+                with self.autocast():
+                    loss = jepa_loss(self.models, x, masks, self.cfg.loss, self.target_forward) / len(micro_batches)
+                with record_function("jepa/backward"):
+                    loss.backward()
             total += loss.detach()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.ema_update(point.momentum)
+        with record_function("jepa/optimizer"):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        with record_function("jepa/ema"):
+            self.ema_update(point.momentum)
         return total
 
     @torch.no_grad()

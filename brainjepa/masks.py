@@ -35,6 +35,9 @@ class Masks:
     target: torch.Tensor  # (B, Nt) int64: [Cross-ROI | Cross-Time | Double-Cross]
     region_sizes: tuple[int, int, int]  # tokens per sample in each target region, in that order
 
+    def pin_memory(self) -> Masks:
+        return Masks(self.context.pin_memory(), self.target.pin_memory(), self.region_sizes)
+
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Masks:
         return Masks(
             self.context.to(device, non_blocking=non_blocking),

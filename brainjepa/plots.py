@@ -40,3 +40,28 @@ def plot_loss_curve(metrics_csv: str | Path, png: str | Path, title: str = "Brai
     lr_ax.set_ylabel("learning rate", color="grey")
     fig.tight_layout()
     return save_figure(fig, png)
+
+
+def plot_loss_pair(a: list[float], b: list[float], png: str | Path, labels: tuple[str, str],
+                   title: str = "fast path vs eager") -> Path:  # fmt: skip
+    """Two loss curves over the same steps (top) and their relative difference (bottom, log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = range(len(a))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, height_ratios=(2, 1))
+    top.plot(steps, a, lw=1.6, label=labels[0])
+    top.plot(steps, b, lw=1.0, ls="--", label=labels[1])
+    top.set_yscale("log")
+    top.set_ylabel("JEPA loss")
+    top.legend()
+    top.set_title(title)
+    rel = [abs(x - y) / abs(x) if x else 0.0 for x, y in zip(a, b, strict=True)]
+    bottom.plot(steps, [max(r, 1e-12) for r in rel], lw=1.0, color="tab:red")
+    bottom.set_yscale("log")
+    bottom.set_ylabel("|relative diff|")
+    bottom.set_xlabel("optimizer step")
+    fig.tight_layout()
+    return save_figure(fig, png)

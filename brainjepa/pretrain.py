@@ -25,6 +25,7 @@ from brainjepa.gradients import (
 )
 from brainjepa.jepa import JEPAModels, PretrainStep
 from brainjepa.plots import plot_loss_curve
+from brainjepa.prefetch import Prefetcher
 from brainjepa.schedules import schedule_at
 from sites.cohort import load_site_series
 from sites.config import load_site_config
@@ -135,7 +136,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
         atomic_write_text(out / "scaling.json", json.dumps(cohort.scaling.to_dict()))
 
     models = JEPAModels(cfg.model, torch.from_numpy(grads))
-    step_fn = PretrainStep(models, cfg.optim, t.steps, device, activation_checkpointing=t.activation_checkpointing)
+    step_fn = PretrainStep(models, cfg.optim, t.steps, device, activation_checkpointing=t.activation_checkpointing,
+                           perf=cfg.perf)  # fmt: skip
     start = 0
     if resume:
         ckpt = load_checkpoint(ckpt_path)
@@ -162,11 +164,13 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
     f, writer = _open_metrics(metrics_path, start)
     pending: list[tuple[int, torch.Tensor, float]] = []
     first_loss = last_loss = float("nan")
-    bar = tqdm(range(start, t.steps), initial=start, total=t.steps, desc="pretrain", disable=not progress)
+    batches = Prefetcher(lambda step: [stream[step * accum + a] for a in range(accum)], range(start, t.steps),
+                         cfg.perf.prefetch, pin=device.type == "cuda")  # fmt: skip
+    bar = tqdm(batches, initial=start, total=t.steps, desc="pretrain", disable=not progress)
     t0 = time.perf_counter()
     try:
-        for step in bar:
-            loss = step_fn([stream[step * accum + a] for a in range(accum)], step)
+        for step, micro_batches in bar:
+            loss = step_fn(micro_batches, step)
             pending.append((step, loss, time.perf_counter() - t0))
             if len(pending) >= t.log_every or step == t.steps - 1:
                 losses = torch.stack([p[1] for p in pending]).tolist()  # one host sync per flush

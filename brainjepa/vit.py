@@ -97,10 +97,17 @@ class Encoder(nn.Module):
         self.apply(init_weights)
         rescale_blocks(self.blocks)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, R, T) -> (B, N, D) over all tokens, or (B, M, D) over `keep` (B, M) token indices."""
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None,
+                select: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """x (B, R, T) -> (B, N, D) over all tokens, or (B, M, D) over `keep` (B, M) token indices.
+
+        `select` (B, S) picks output tokens after the blocks (the final LayerNorm then runs on those
+        only): the target encoder sees every token but only the targets' outputs are used.
+        """
         tokens = self.patch_embed(x) + self.pos_embed()[None].to(x.dtype)  # (B, N, D)
         if keep is not None:
             tokens = gather_tokens(tokens, keep)  # (B, M, D)
         tokens = run_blocks(self.blocks, tokens, self.activation_checkpointing)
+        if select is not None:
+            tokens = gather_tokens(tokens, select)  # (B, S, D)
         return self.norm(tokens)

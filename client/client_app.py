@@ -86,7 +86,7 @@ def run_round(msg: Message, context: Context) -> Message:
     spec = RoundSpec.from_config(conf)
     site_yaml, grad_file = site_paths(context, conf)
     site_cfg = resolve_site_config(site_yaml)
-    trainer = SiteTrainer(spec, grad_file, site_cfg.device)
+    trainer = SiteTrainer(spec, grad_file, site_cfg.device, site_cfg.perf)
     received = decode_sets(msg.content["arrays"])
     trainer.load_sets(received)
     rounds_done = load_optimizer(context.state, trainer.step_fn.optimizer, spec.model_checksum)

@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from brainjepa.config import PretrainConfig
+from brainjepa.config import PerfConfig, PretrainConfig
 from brainjepa.data import BatchStream, pack_cohort
 from brainjepa.gradients import gradient_checksum, load_gradients
 from brainjepa.jepa import JEPAModels, PretrainStep
+from brainjepa.prefetch import Prefetcher
 from brainjepa.pretrain import load_cohort, resolve_device
 from brainjepa.weights import WEIGHT_SETS, flat_parameters, load_flat_parameters, model_checksum  # noqa: F401
 from sites.config import SiteConfig, load_site_config
@@ -81,7 +82,7 @@ def load_site_data(site_cfg: SiteConfig, pcfg: PretrainConfig) -> SiteData:
 class SiteTrainer:
     """Models + AdamW of one site for one round (a fresh process per round: state comes from outside)."""
 
-    def __init__(self, spec: RoundSpec, gradient_file: Path, device: str = "cpu") -> None:
+    def __init__(self, spec: RoundSpec, gradient_file: Path, device: str = "cpu", perf: PerfConfig | None = None) -> None:
         m = spec.pretrain.model
         try:
             grads = load_gradients(gradient_file, m.n_rois, m.gradient_components)
@@ -102,8 +103,10 @@ class SiteTrainer:
             dev = resolve_device(device)
         except InputError as e:
             raise RoundRefused(f"site device: {e}") from e
+        self.perf = perf or PerfConfig()
         self.step_fn = PretrainStep(self.models, spec.pretrain.optim, spec.total_steps, dev,
-                                    activation_checkpointing=spec.pretrain.train.activation_checkpointing)
+                                    activation_checkpointing=spec.pretrain.train.activation_checkpointing,
+                                    perf=self.perf)  # fmt: skip
 
     @property
     def modules(self) -> dict[str, nn.Module]:
@@ -129,9 +132,11 @@ class SiteTrainer:
         spec, accum = self.spec, self.spec.pretrain.optim.accumulation_steps
         t0 = time.perf_counter()
         losses = []
-        for k in range(spec.local_steps):
-            step = spec.step_start + k
-            losses.append(self.step_fn([data.stream[step * accum + a] for a in range(accum)], step))
+        steps = range(spec.step_start, spec.step_start + spec.local_steps)
+        batches = Prefetcher(lambda step: [data.stream[step * accum + a] for a in range(accum)], steps,
+                             self.perf.prefetch, pin=self.step_fn.device.type == "cuda")  # fmt: skip
+        for step, micro_batches in batches:
+            losses.append(self.step_fn(micro_batches, step))
         values = torch.stack(losses).tolist()  # one host sync per round
         return {"loss": sum(values) / len(values), "loss-first": values[0], "loss-last": values[-1],
                 "local-steps": float(spec.local_steps), "wall-s": time.perf_counter() - t0,

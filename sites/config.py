@@ -15,6 +15,7 @@ from typing import Literal
 
 import yaml
 
+from brainjepa.config import PerfConfig
 from sites.errors import ConfigError, where
 from sites.schema import from_mapping
 
@@ -98,6 +99,7 @@ class SiteConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     batch_size: int = 16
     device: str = "cpu"
+    perf: PerfConfig = field(default_factory=PerfConfig)  # this machine's speed switches (brainjepa.fastpath)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     source: Path = field(default=Path("<memory>"), compare=False)  # the YAML file (set by the loader)
 

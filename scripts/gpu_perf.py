@@ -1,0 +1,177 @@
+"""Issue 5's GPU measurements in one device call, most important first, inside a time budget.
+
+On the device machine (its image has torch, pyyaml, tqdm, matplotlib; nothing to install):
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 scripts/gpu_perf.py --out $OUT --budget 480
+
+Writes to --out (8 files, the device tool's limit): results.jsonl (one line per run, appended as it
+goes), table.md (environment, ours beside the reference's anchor in shared/reference/gpu-anchor.md),
+numerics.json / numerics.png (fast vs eager, 200 steps, bf16), two profile-*.md (time per phase and
+op) and one Chrome trace. Prints table.md last.
+`--device cpu --quick` runs the same plan on tiny models, to check the script itself here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch._dynamo
+
+from brainjepa.bench import BenchResult, fast_perf, run_bench
+from brainjepa.config import PerfConfig
+from brainjepa.numerics import compare_paths
+from brainjepa.plots import plot_loss_pair
+from brainjepa.profiling import profile_steps  # noqa: F401 (run_bench profiles through it)
+
+log = logging.getLogger("gpu_perf")
+
+# shared/reference/gpu-anchor.md, H200, reference code, flash path via SDPA: samples/s, peak GiB
+ANCHOR = {("small", 16): (134, 5.5), ("small", 64): (259, 21.1), ("base", 16): (55.7, 8.8),
+          ("base", 32): (114.5, 16.6), ("base", 64): (128.8, 32.2), ("large", 16): (44.7, 19.4),
+          ("large", 32): (51.5, 34.3)}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Item:
+    name: str
+    size: str
+    batch: int
+    perf: PerfConfig
+    reference_masks: bool = False
+    checkpointing: bool = False
+    profile: bool = False
+
+
+def plan(device: str) -> list[Item]:
+    eager, cudnn = PerfConfig(attention="default"), PerfConfig(attention="cudnn")
+    fast, graphs = fast_perf(device), fast_perf(device, cuda_graphs=True)
+    return [
+        Item("B16 eager", "base", 16, eager),
+        Item("B16 fast", "base", 16, fast, profile=True),
+        Item("B64 eager", "base", 64, eager),
+        Item("B64 fast", "base", 64, fast, profile=True),
+        Item("B16 eager cudnn", "base", 16, cudnn),
+        Item("B16 fast graphs", "base", 16, graphs),
+        Item("B32 eager", "base", 32, eager),
+        Item("B32 fast", "base", 32, fast),
+        Item("B16 fast refmasks", "base", 16, fast, reference_masks=True),
+        Item("B64 fast refmasks", "base", 64, fast, reference_masks=True),
+        Item("S16 eager", "small", 16, eager),
+        Item("S16 fast", "small", 16, fast),
+        Item("S64 eager", "small", 64, eager),
+        Item("S64 fast", "small", 64, fast),
+        Item("L16 eager", "large", 16, eager),
+        Item("L16 fast", "large", 16, fast),
+        Item("L32 eager", "large", 32, eager),
+        Item("L32 fast", "large", 32, fast),
+        Item("B64 fast graphs", "base", 64, graphs),
+        Item("L32 fast ckpt", "large", 32, fast, checkpointing=True),
+        Item("B64 eager refmasks", "base", 64, eager, reference_masks=True),
+    ]
+
+
+def table(rows: list[tuple[Item, BenchResult]]) -> str:
+    lines = ["| run | masks | mode | samples/s | x reference | TFLOP/s | TFLOP/sample | peak GiB | x ref memory "
+             "| ctx / tgt tokens | first step s |", "|" + "---|" * 11]  # fmt: skip
+    for item, r in rows:
+        ref = ANCHOR.get((r.size, r.batch))
+        x = f"{r.samples_per_s / ref[0]:.2f}" if ref else "-"
+        xm = f"{r.peak_memory_gib / ref[1]:.2f}" if ref else "-"
+        lines.append(f"| {item.name} | {r.masks} | {r.mode}{' +ckpt' if item.checkpointing else ''} | "
+                     f"{r.samples_per_s:.1f} | {x} | {r.tflops_per_s:.0f} | {r.tflop_per_sample:.3f} | "
+                     f"{r.peak_memory_gib:.1f} | {xm} | {r.context_tokens:.0f} / {r.target_tokens:.0f} | "
+                     f"{r.first_step_s:.0f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def matmul_ceiling(device: str) -> float:
+    """bf16 TFLOP/s of an 8192^3 product on random data (the card's practical ceiling)."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (time.perf_counter() - t0) / 1e12
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--budget", type=float, default=480, help="seconds; items not started by then are skipped")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--quick", action="store_true", help="tiny models on a small grid (checks the script)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    dev = torch.device(args.device)
+    env = {"torch": torch.__version__, "device": args.device}
+    if dev.type == "cuda":
+        env |= {"gpu": torch.cuda.get_device_name(dev), "capability": torch.cuda.get_device_capability(dev),
+                "bf16_matmul_tflops": round(matmul_ceiling(args.device), 1)}  # fmt: skip
+    log.info("environment %s", env)
+    # blocks of every width share Block.forward's cache (train and no-grad graphs per width): room for all
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
+
+    # 1. numerics: fast vs eager, same precision, 200 steps
+    n = compare_paths(fast_perf(args.device), size="tiny" if args.quick else "small", batch=8,
+                      steps=20 if args.quick else 200, n_rois=32 if args.quick else 100,
+                      n_frames=64 if args.quick else 160, device=args.device)  # fmt: skip
+    (args.out / "numerics.json").write_text(json.dumps(n.summary(), indent=2))
+    plot_loss_pair(n.eager_loss, n.fast_loss, args.out / "numerics.png", ("eager", n.fast), f"{args.device}: fast vs eager")
+    log.info("numerics %s", n.summary())
+
+    # 2. throughput, in priority order
+    rows: list[tuple[Item, BenchResult]] = []
+    grid = dict(n_rois=100, n_frames=160) if args.quick else dict(n_rois=450, n_frames=160)
+    for item in plan(args.device):
+        elapsed = time.perf_counter() - t_start
+        if elapsed > args.budget:
+            log.info("budget spent (%.0f s): skipping %s", elapsed, item.name)
+            continue
+        size = "tiny" if args.quick else item.size
+        batch = max(2, item.batch // 8) if args.quick else item.batch
+        prof = args.out / f"profile-{item.name.replace(' ', '-')}" if item.profile else None
+        try:
+            r = run_bench(size=size, batch=batch, device=args.device, steps=3 if args.quick else 10, warmup=3,
+                          activation_checkpointing=item.checkpointing, perf=item.perf,
+                          reference_masks=item.reference_masks, profile_dir=prof, **grid)  # fmt: skip
+        except (RuntimeError, torch.OutOfMemoryError) as e:  # one failed variant must not lose the others
+            log.warning("%s failed: %s", item.name, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            with open(args.out / "results.jsonl", "a") as f:
+                f.write(json.dumps({"run": item.name, "error": str(e)[:2000]}) + "\n")
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        rows.append((item, r))
+        with open(args.out / "results.jsonl", "a") as f:
+            f.write(json.dumps({"run": item.name, "checkpointing": item.checkpointing} | r.as_dict()) + "\n")
+        log.info("%s: %.1f samples/s, %.0f TFLOP/s, %.1f GiB, first step %.0f s", item.name, r.samples_per_s,
+                 r.tflops_per_s, r.peak_memory_gib, r.first_step_s)  # fmt: skip
+        if prof is not None:  # flatten: the device tool returns files at most two folders down
+            (prof / "profile.md").rename(args.out / f"{prof.name}.md")
+            trace = prof / "trace.json.gz"
+            if item.name == "B16 fast" and trace.stat().st_size < 15 * 2**20:
+                trace.rename(args.out / "trace-B16-fast.json.gz")
+            shutil.rmtree(prof)
+    md = table(rows)
+    (args.out / "table.md").write_text(f"{json.dumps(env)}\n\n{md}\n\nnumerics: {json.dumps(n.summary())}\n")
+    print(md)
+    print("numerics:", json.dumps(n.summary()))
+
+
+if __name__ == "__main__":
+    main()

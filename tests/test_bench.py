@@ -3,14 +3,18 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from brainjepa.bench import count_step_flops
+from brainjepa.bench import count_step_flops, run_bench
 from brainjepa.cli import app
+from brainjepa.config import MaskConfig, PerfConfig
+from brainjepa.masks import sample_masks
+from brainjepa.profiling import PHASES
 
 
 def test_flop_count_includes_attention_on_cpu() -> None:
@@ -30,3 +34,31 @@ def test_bench_command_reports_throughput_flops_memory_and_params() -> None:
     row = json.loads(result.output.strip().splitlines()[-1])
     for key in ("samples_per_s", "tflops_per_s", "peak_memory_gib", "encoder_params", "predictor_params"):
         assert row[key] > 0, key
+
+
+def test_bench_profile_writes_phase_table_and_trace(tmp_path) -> None:  # noqa: ANN001
+    result = CliRunner().invoke(
+        app, ["bench", "--size", "tiny", "--batch", "2", "--rois", "20", "--frames", "32", "--steps", "1",
+              "--warmup", "1", "--mode", "eager", "--profile", str(tmp_path)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "| tiny | 2 | ours | eager |" in result.output
+    run = tmp_path / "tiny-b2-eager"
+    text = (run / "profile.md").read_text()
+    for phase in PHASES:  # every phase of the step shows up, with a time
+        assert f"| {phase} |" in text, phase
+    ms = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in text.splitlines() if "| jepa/" in line}
+    assert ms["jepa/target"] > 0 and ms["jepa/backward"] > 0
+    with gzip.open(run / "trace.json.gz") as f:
+        assert json.load(f)["traceEvents"], "empty Chrome trace"
+
+
+def test_reference_masks_cost_fewer_flops_than_ours() -> None:
+    """Our masks keep every drawn token; the reference truncates to the batch minimum (docs/performance.md)."""
+    ours = run_bench(size="tiny", batch=8, steps=1, warmup=1, n_rois=60, n_frames=160, perf=PerfConfig(prefetch=0))
+    ref = run_bench(size="tiny", batch=8, steps=1, warmup=1, n_rois=60, n_frames=160, reference_masks=True)
+    assert ref.masks == "reference" and ours.masks == "ours" and ours.mode == ref.mode == "eager"
+    g = torch.Generator().manual_seed(0)
+    counts = {name: sum(sample_masks(MaskConfig(reference_truncation=name == "ref"), 8, 450, 10, g).context.shape[1]
+                        for _ in range(40)) / 40 for name in ("ours", "ref")}  # fmt: skip
+    assert counts["ref"] < 0.9 * counts["ours"], counts  # measured ~810 vs ~1,100 context tokens

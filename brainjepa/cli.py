@@ -146,7 +146,9 @@ def bench(
 
 @app.command()
 def numerics(
-    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N (bf16 autocast on CUDA, fp32 on CPU).")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 (also on a CPU: "
+                                                "emulates the GPU's rounding) or fp32; the same on both paths.")] = "auto",
     size: Annotated[str, typer.Option(help="Model size.")] = "tiny",
     steps: Annotated[int, typer.Option(help="Optimizer steps of each run.")] = 200,
     batch: Annotated[int, typer.Option(help="Batch size.")] = 8,
@@ -163,15 +165,16 @@ def numerics(
     from brainjepa.plots import plot_loss_pair
 
     r = compare_paths(fast_perf(device, cuda_graphs), size=size, batch=batch, steps=steps, n_rois=rois,
-                      n_frames=frames, device=device)  # fmt: skip
+                      n_frames=frames, device=device, precision=precision)  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "numerics.json", json.dumps(r.summary(), indent=2))
     plot_loss_pair(r.eager_loss, r.fast_loss, out / "numerics.png", ("eager", r.fast),
-                   title=f"{size}, {device}: fast path vs eager")  # fmt: skip
+                   title=f"{size}, {device}, {r.precision}: fast path vs eager")  # fmt: skip
     typer.echo(json.dumps(r.summary()))
     verdict = "within" if r.ok else "OUTSIDE"
-    typer.echo(f"max relative loss difference {r.max_rel_loss_diff:.2e} over {steps} steps: {verdict} the "
-               f"tolerance {r.tolerance:.0e}; {r.graphs} compiled graphs; plot in {out / 'numerics.png'}")  # fmt: skip
+    typer.echo(f"relative loss difference over {steps} steps ({r.precision}): largest {r.max_rel_loss_diff:.2e}, mean "
+               f"{r.mean_rel_loss_diff:.2e}: {verdict} the tolerance {r.tolerance[0]:.0e} / {r.tolerance[1]:.0e}; "
+               f"{r.graphs} compiled graphs; plot in {out / 'numerics.png'}")  # fmt: skip
     if not r.ok:
         raise typer.Exit(code=1)
 

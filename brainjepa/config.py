@@ -143,6 +143,11 @@ class TrainConfig:
     checkpoint_every: int = 50
     log_every: int = 1
     activation_checkpointing: bool = False  # recompute block activations in backward (less memory)
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"train.precision: expected auto, bf16 or fp32, got '{self.precision}'")
 
 
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "default")

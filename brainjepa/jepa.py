@@ -75,6 +75,15 @@ def param_groups(models: JEPAModels) -> list[dict]:
     return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` -> bf16 autocast on CUDA, fp32 elsewhere; `bf16` / `fp32` as asked (bf16 works on CPUs too)."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision: expected auto, bf16 or fp32, got '{precision}'")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
 class PretrainStep:
     """One optimizer step of JEPA pretraining at an explicit position of the run's schedule.
 
@@ -85,6 +94,7 @@ class PretrainStep:
     def __init__(
         self, models: JEPAModels, cfg: OptimConfig, total_steps: int, device: torch.device | str = "cpu",
         fused: bool | None = None, activation_checkpointing: bool = False, perf: PerfConfig | None = None,
+        precision: str = "auto",
     ) -> None:  # fmt: skip
         self.models, self.cfg, self.total_steps = models, cfg, total_steps
         self.device = torch.device(device)
@@ -92,7 +102,7 @@ class PretrainStep:
         self.models.to(self.device)
         fused = self.device.type == "cuda" if fused is None else fused
         self.optimizer = torch.optim.AdamW(param_groups(models), lr=cfg.start_lr, betas=cfg.betas, fused=fused)
-        self.amp = self.device.type == "cuda"
+        self.precision = resolve_precision(precision, self.device)
         models.encoder.activation_checkpointing = activation_checkpointing
         models.predictor.activation_checkpointing = activation_checkpointing
         self._online = list(models.encoder.parameters())
@@ -101,7 +111,8 @@ class PretrainStep:
         self.target_forward = accelerate(models, self.perf, self.device)
 
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
+        """bf16 autocast (matmuls and attention in bf16, reductions and weights in fp32) or nothing."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
 
     def set_schedule(self, point: SchedulePoint) -> None:
         for group in self.optimizer.param_groups:

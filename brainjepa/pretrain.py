@@ -137,7 +137,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
 
     models = JEPAModels(cfg.model, torch.from_numpy(grads))
     step_fn = PretrainStep(models, cfg.optim, t.steps, device, activation_checkpointing=t.activation_checkpointing,
-                           perf=cfg.perf)  # fmt: skip
+                           perf=cfg.perf, precision=t.precision)  # fmt: skip
     start = 0
     if resume:
         ckpt = load_checkpoint(ckpt_path)

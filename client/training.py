@@ -106,7 +106,7 @@ class SiteTrainer:
         self.perf = perf or PerfConfig()
         self.step_fn = PretrainStep(self.models, spec.pretrain.optim, spec.total_steps, dev,
                                     activation_checkpointing=spec.pretrain.train.activation_checkpointing,
-                                    perf=self.perf)  # fmt: skip
+                                    perf=self.perf, precision=spec.pretrain.train.precision)  # fmt: skip
 
     @property
     def modules(self) -> dict[str, nn.Module]:

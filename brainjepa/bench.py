@@ -88,9 +88,11 @@ def synthetic_batches(batch: int, n_rois: int, n_frames: int, n_time: int, mask_
     return make
 
 
-def fast_perf(device: torch.device | str, cuda_graphs: bool = False, attention: str = "auto") -> PerfConfig:
+def fast_perf(device: torch.device | str, cuda_graphs: bool = False, attention: str = "auto",
+              selective_checkpointing: bool = False) -> PerfConfig:  # fmt: skip
     """The fast path's settings for a device: compiled blocks, SDPA backend order, prefetching."""
-    return PerfConfig(compile=True, attention=attention, cuda_graphs=cuda_graphs and torch.device(device).type == "cuda")
+    return PerfConfig(compile=True, attention=attention, cuda_graphs=cuda_graphs and torch.device(device).type == "cuda",
+                      selective_checkpointing=selective_checkpointing)  # fmt: skip
 
 
 def _eager_step_flops(models: JEPAModels, batches: MicroBatches, device: torch.device) -> int:
@@ -109,6 +111,8 @@ def describe(perf: PerfConfig, device: torch.device | str) -> str:
     parts = ["compile"] if perf.compile else []
     if perf.cuda_graphs and dev.type == "cuda":
         parts.append("cuda-graphs")
+    if perf.selective_checkpointing:
+        parts.append("selective-ckpt")
     if attention_backends(perf.attention, dev) is not None:
         parts.append(f"attention={perf.attention}")
     return "+".join(parts) or "eager"

@@ -162,6 +162,7 @@ class PerfConfig:
     attention: str = "auto"  # SDPA backend order on CUDA: auto (cuDNN first on Hopper) | cudnn | flash | efficient | math | default
     cuda_graphs: bool = False  # CUDA + compile only: replay the target encoder's static-shape forward as a CUDA graph
     prefetch: int = 2  # steps of batches (windows + masks) prepared ahead in a background thread; 0 = inline
+    selective_checkpointing: bool = False  # backward keeps matmul/attention outputs, recomputes pointwise ops (less memory)
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_BACKENDS:

@@ -103,8 +103,10 @@ class PretrainStep:
         fused = self.device.type == "cuda" if fused is None else fused
         self.optimizer = torch.optim.AdamW(param_groups(models), lr=cfg.start_lr, betas=cfg.betas, fused=fused)
         self.precision = resolve_precision(precision, self.device)
-        models.encoder.activation_checkpointing = activation_checkpointing
-        models.predictor.activation_checkpointing = activation_checkpointing
+        for net in (models.encoder, models.predictor):
+            net.activation_checkpointing = activation_checkpointing
+            for blk in net.blocks:
+                blk.selective_checkpointing = self.perf.selective_checkpointing and not activation_checkpointing
         self._online = list(models.encoder.parameters())
         self._target = list(models.target.parameters())
         self.backends = attention_backends(self.perf.attention, self.device)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from brainjepa.attention import Attention
 from brainjepa.config import ModelConfig
@@ -22,8 +22,34 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+# Selective activation checkpointing: in backward, keep what the matrix units produced (linear
+# layers, attention with its log-sum-exp) and recompute the cheap pointwise work from it (LayerNorm,
+# GELU, dtype casts, residual adds). Same gradients, no matmul recomputed.
+_KEEP_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def _keep_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:  # noqa: ANN001 (torch's policy signature)
+    return CheckpointPolicy.MUST_SAVE if op in _KEEP_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():  # noqa: ANN202
+    return create_selective_checkpoint_contexts(_keep_matmuls)
+
+
 class Block(nn.Module):
-    """x + attn(LN(x)), then x + mlp(LN(x)). LayerNorm eps 1e-6."""
+    """x + attn(LN(x)), then x + mlp(LN(x)). LayerNorm eps 1e-6.
+
+    `selective_checkpointing` (set by the training step) keeps only matmul and attention outputs for
+    backward and recomputes the pointwise ops: about a third less activation memory.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
@@ -31,10 +57,16 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.selective_checkpointing = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _residual(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.selective_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._residual, x, use_reentrant=False, context_fn=_selective_context)
+        return self._residual(x)
 
 
 def init_weights(module: nn.Module) -> None:

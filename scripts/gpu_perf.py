@@ -65,6 +65,8 @@ def plan(device: str) -> list[Item]:
         Item("B16 compile flash", "base", 16, PerfConfig(compile=True, attention="default")),
         Item("B32 eager", "base", 32, eager),
         Item("B32 fast", "base", 32, fast),
+        Item("B16 fast sac", "base", 16, fast_perf(device, selective_checkpointing=True)),
+        Item("B64 fast sac", "base", 64, fast_perf(device, selective_checkpointing=True)),
         Item("B16 fast refmasks", "base", 16, fast, reference_masks=True),
         Item("B64 fast refmasks", "base", 64, fast, reference_masks=True),
         Item("S16 eager", "small", 16, eager),

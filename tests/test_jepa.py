@@ -117,3 +117,22 @@ def test_activation_checkpointing_gives_the_same_gradients() -> None:
     ckpt = [p.grad for p in models.parameters() if p.requires_grad]
     for a, b in zip(plain, ckpt, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_selective_checkpointing_gives_the_same_gradients() -> None:
+    """Keeping matmul outputs and recomputing LayerNorm / GELU / adds in backward changes no gradient."""
+    models, x, masks = _setup()
+    jepa_loss(models, x, masks).backward()
+    plain = [p.grad.clone() for p in models.parameters() if p.requires_grad]
+    models.zero_grad(set_to_none=True)
+    blocks = [*models.encoder.blocks, *models.predictor.blocks]
+    for blk in blocks:
+        blk.selective_checkpointing = True
+    recomputed = []
+    handles = [blk.norm2.register_forward_hook(lambda *_: recomputed.append(1)) for blk in blocks]
+    jepa_loss(models, x, masks).backward()
+    for h in handles:
+        h.remove()
+    assert len(recomputed) == 2 * len(blocks), "LayerNorm was not recomputed in backward"
+    for a, b in zip(plain, [p.grad for p in models.parameters() if p.requires_grad], strict=True):
+        assert torch.allclose(a, b, atol=1e-6)

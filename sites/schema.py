@@ -112,4 +112,9 @@ def from_mapping(cls: type, data: dict, file: Path | str | None, prefix: str = "
             raise ConfigError(
                 f"{where(file, full)}: required key is missing (expected {_type_name(hints[name])})"
             )
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # a dataclass's own check (__post_init__): add the file it came from
+        if file is None or str(file) in str(e):
+            raise
+        raise ConfigError(f"{where(file)}: {e}") from e

@@ -102,6 +102,7 @@ def test_nifti_config_parses(tmp_path):
             "sum to 1",
         ),
         (('  file: "{subject}/{subject}_rois.npy"', '  file: "rois.npy"'), "data.file", "must contain"),
+        (("device: cpu", "device: cpu\nperf: {compile: maybe}"), "perf.compile", "expected true/false"),
     ],
 )
 def test_bad_keys_and_types_name_file_and_key(tmp_path, edit, key, what):
@@ -143,3 +144,11 @@ def test_shipped_example_configs_parse():
     assert files, "configs/site_*.yaml examples are missing"
     formats = {load_site_config(f).data.format for f in files}
     assert formats == {"roi", "nifti"}
+
+
+def test_perf_section_sets_this_sites_speed_switches(tmp_path):
+    cfg = load_site_config(write(tmp_path, ROI_YAML + "perf: {compile: true, attention: cudnn}\n"))
+    assert cfg.perf.compile and cfg.perf.attention == "cudnn" and not cfg.perf.cuda_graphs
+    p = write(tmp_path, ROI_YAML + "perf: {attention: fastest}\n", "bad.yaml")
+    with pytest.raises(ConfigError, match=r"file '.*bad.yaml'.*perf.attention.*fastest"):
+        load_site_config(p)

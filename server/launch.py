@@ -408,6 +408,34 @@ def _pids_with_args(*needles: str) -> list[int]:
     return out
 
 
+def _pids_mentioning(text: str) -> list[int]:
+    """Pids of live processes with `text` inside one of their command-line arguments (not ours)."""
+    out = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            args = Path(entry.path, "cmdline").read_bytes()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        if text.encode() in args:
+            out.append(int(entry.name))
+    return out
+
+
+def _wait_gone(pids: list[int], timeout_s: float) -> None:
+    """Wait until every pid has exited (a zombie counts as gone: its command line is empty)."""
+    deadline = time.monotonic() + timeout_s
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                if not Path(f"/proc/{pid}/cmdline").read_bytes():
+                    break
+            except (FileNotFoundError, ProcessLookupError):
+                break
+            time.sleep(0.1)
+
+
 def run_simulation(app_dir: Path, work_dir: Path, num_supernodes: int, run_config: Mapping[str, object] | None = None,
                    env_extra: Mapping[str, str] | None = None, timeout_s: float | None = 900.0,
                    stream: bool = False) -> subprocess.CompletedProcess:
@@ -426,13 +454,11 @@ def run_simulation(app_dir: Path, work_dir: Path, num_supernodes: int, run_confi
         result = subprocess.run(cmd, env=env, cwd=work_dir, capture_output=not stream, text=True,
                                 timeout=timeout_s, check=False)  # fmt: skip
     finally:
-        for pid in _pids_with_args("--simulation", str(port)):
-            tree = descendants(pid)
-            for p in [pid, *tree]:
-                try:
-                    os.kill(p, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        home = str(work_dir / "flwr_home")  # the detached SuperLink's state and log live under it
+        stray = set(_pids_with_args("--simulation", str(port))) | set(_pids_mentioning(home))
+        doomed = [q for pid in stray for q in (pid, *descendants(pid))]
+        kill_pids(doomed)
+        _wait_gone(doomed, timeout_s=15.0)
     if not stream:
         (work_dir / "logs").mkdir(parents=True, exist_ok=True)
         (work_dir / "logs" / "flwr_run_simulation.log").write_text(result.stdout + result.stderr)

@@ -24,6 +24,12 @@ from brainjepa.masks import sample_masks
 from brainjepa.prefetch import MicroBatches, Prefetcher
 from brainjepa.profiling import profile_steps
 
+# The reference code on one H200 (shared/reference/gpu-anchor.md, flash path via SDPA, bf16):
+# (size, batch) -> (samples/s, peak GiB of torch.cuda.max_memory_allocated).
+REFERENCE_H200 = {("small", 16): (134, 5.5), ("small", 64): (259, 21.1), ("base", 16): (55.7, 8.8),
+                  ("base", 32): (114.5, 16.6), ("base", 64): (128.8, 32.2), ("large", 16): (44.7, 19.4),
+                  ("large", 32): (51.5, 34.3)}  # fmt: skip
+
 
 @dataclass(frozen=True)
 class BenchResult:

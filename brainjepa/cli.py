@@ -148,6 +148,43 @@ def bench(
 
 
 @app.command()
+def memory(
+    size: Annotated[list[str], typer.Option("--size", help="Model size(s): tiny, small, base, large.")] = ["base"],  # noqa: B006
+    batch: Annotated[list[int], typer.Option("--batch", help="Batch size(s).")] = [16],  # noqa: B006
+    setting: Annotated[list[str], typer.Option("--setting", help="eager, selective (keep matmul outputs, recompute "
+                                               "pointwise ops) or full (recompute every block).")] = ["eager"],  # noqa: B006
+    reference_masks: Annotated[bool, typer.Option("--reference-masks", help="The reference's masks and token "
+                                                  "counts (its batch-minimum truncation).")] = False,
+    steps: Annotated[int, typer.Option(help="Steps whose peak counts (after 2 warm-up steps), the bench's batches.")] = 5,
+    rois: Annotated[int, typer.Option(help="ROIs per sample.")] = 450,
+    frames: Annotated[int, typer.Option(help="Frames per sample.")] = 160,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per line instead of a table.")] = False,
+) -> None:
+    """Estimate the peak GPU memory of a bf16 training step without a GPU: the step runs on fake
+    tensors (shapes only) and every live tensor's bytes are added up. Ratios are against the
+    reference's measured H200 peaks (shared/reference/gpu-anchor.md); docs/performance.md shows how
+    close the estimate comes for the reference's own code."""
+    from brainjepa.bench import REFERENCE_H200
+    from brainjepa.memory import estimate_step_memory, format_estimates
+
+    kinds = {"eager": {}, "selective": {"selective_checkpointing": True}, "full": {"activation_checkpointing": True}}
+    for s in setting:
+        if s not in kinds:
+            raise _fail(ValueError(f"--setting: expected eager, selective or full, got '{s}'"))
+    estimates = []
+    for sz in size:
+        for b in batch:
+            for s in setting:
+                e = estimate_step_memory(sz, b, n_rois=rois, n_frames=frames, steps=steps,
+                                         reference_masks=reference_masks, **kinds[s])  # fmt: skip
+                estimates.append(e)
+                if as_json:
+                    typer.echo(json.dumps(e.as_dict()))
+    if not as_json:
+        typer.echo(format_estimates(estimates, {k: v[1] for k, v in REFERENCE_H200.items()}))
+
+
+@app.command()
 def numerics(
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 (also on a CPU: "

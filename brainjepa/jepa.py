@@ -99,7 +99,8 @@ class PretrainStep:
         self.models, self.cfg, self.total_steps = models, cfg, total_steps
         self.device = torch.device(device)
         self.perf = perf or PerfConfig()
-        self.models.to(self.device)
+        if any(p.device != self.device for p in models.parameters()):
+            self.models.to(self.device)
         fused = self.device.type == "cuda" if fused is None else fused
         self.optimizer = torch.optim.AdamW(param_groups(models), lr=cfg.start_lr, betas=cfg.betas, fused=fused)
         self.precision = resolve_precision(precision, self.device)

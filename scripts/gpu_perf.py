@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch._dynamo
 
+from brainjepa.bench import REFERENCE_H200 as ANCHOR
 from brainjepa.bench import BenchResult, fast_perf, run_bench, synthetic_batches
 from brainjepa.config import MaskConfig, ModelConfig, OptimConfig, PerfConfig
 from brainjepa.jepa import JEPAModels, PretrainStep
@@ -34,12 +35,6 @@ from brainjepa.prefetch import pinned
 from brainjepa.profiling import profile_steps  # noqa: F401 (run_bench profiles through it)
 
 log = logging.getLogger("gpu_perf")
-
-# shared/reference/gpu-anchor.md, H200, reference code, flash path via SDPA: samples/s, peak GiB
-ANCHOR = {("small", 16): (134, 5.5), ("small", 64): (259, 21.1), ("base", 16): (55.7, 8.8),
-          ("base", 32): (114.5, 16.6), ("base", 64): (128.8, 32.2), ("large", 16): (44.7, 19.4),
-          ("large", 32): (51.5, 34.3)}  # fmt: skip
-
 
 @dataclass(frozen=True)
 class Item:

@@ -1,0 +1,154 @@
+"""Peak memory of a training step on a GPU, estimated on any machine.
+
+The step runs on fake tensors (`torch._subclasses.fake_tensor`): every op computes shapes and dtypes,
+no data, so ViT-L at batch 64 takes seconds on a laptop. A dispatch mode adds up the bytes of every
+storage while it is alive; the peak of that sum over a step is what `torch.cuda.max_memory_allocated`
+reports, less what the CUDA caching allocator rounds up and what cuBLAS / cuDNN keep as workspace.
+
+bf16 autocast runs on the CPU's autocast policy, which casts the same ops as CUDA's (matmuls and
+attention in bf16; LayerNorm, softmax and the loss in fp32), and SDPA takes the CPU flash kernel,
+which saves for backward what the CUDA flash and cuDNN kernels save (output and log-sum-exp, no
+attention matrix). docs/performance.md compares the estimate with the reference code's measured H200
+peaks. Eager only: compiled blocks keep the same tensors for backward (measured on CPU).
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
+
+from brainjepa.bench import synthetic_batches
+from brainjepa.config import MaskConfig, ModelConfig, OptimConfig, PerfConfig
+from brainjepa.jepa import JEPAModels, PretrainStep
+from brainjepa.masks import Masks
+
+GIB = 2**30
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of all storages alive now, and the largest that sum has been since `reset_peak`.
+
+    A storage counts from the op that creates it until its last reference goes away (a view shares its
+    base's storage and adds nothing); tensors made outside the mode count once passed to `track`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.now = 0
+        self.peak = 0
+
+    def track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        if storage in self._seen:
+            return
+        n = storage.nbytes()
+        self._seen[storage] = n
+        self.now += n
+        self.peak = max(self.peak, self.now)
+        weakref.finalize(storage, self._free, n)
+
+    def _free(self, n: int) -> None:
+        self.now -= n
+
+    def reset_peak(self) -> None:
+        self.peak = self.now
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's protocol)
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        return out
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    size: str
+    batch: int
+    masks: str  # "ours" or "reference" (the reference's token counts)
+    setting: str  # "eager", "selective-ckpt" or "full-ckpt"
+    weights_gib: float  # encoder, predictor and target, fp32
+    optimizer_gib: float  # AdamW's two moments
+    peak_gib: float  # the largest per-step peak over the timed steps
+    step_peaks_gib: tuple[float, ...]  # per timed step
+    context_tokens: tuple[int, ...]  # per timed step
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _fake_models(cfg: ModelConfig, fake: FakeTensorMode) -> JEPAModels:
+    """JEPAModels whose parameters and buffers are fake CPU tensors (built on meta: no allocation)."""
+    with torch.device("meta"):
+        models = JEPAModels(cfg, torch.zeros(cfg.n_rois, cfg.gradient_components))
+    with fake:
+        for module in models.modules():
+            for name, p in module._parameters.items():
+                if p is not None:
+                    module._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
+                                                                  requires_grad=p.requires_grad)  # fmt: skip
+            for name, b in module._buffers.items():
+                if b is not None:
+                    module._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
+    return models
+
+
+def estimate_step_memory(size: str = "base", batch: int = 16, n_rois: int = 450, n_frames: int = 160,
+                         steps: int = 5, warmup: int = 2, seed: int = 0, reference_masks: bool = False,
+                         selective_checkpointing: bool = False, activation_checkpointing: bool = False,
+                         fake: bool = True) -> MemoryEstimate:  # fmt: skip
+    """Peak bytes of bf16 training steps on the batches `brainjepa bench` times (same seed, same
+    masks): `warmup` steps first (the first allocates AdamW's state), then the peak of each of `steps`.
+    `fake=False` runs the same count on real CPU tensors (slow; it checks the fake run)."""
+    cfg = ModelConfig(size=size, n_rois=n_rois, n_frames=n_frames)
+    make = synthetic_batches(batch, n_rois, n_frames, cfg.n_time_patches, MaskConfig(reference_truncation=reference_masks), seed)
+    mode = FakeTensorMode() if fake else None
+    if mode is None:
+        models = JEPAModels(cfg, torch.randn(n_rois, cfg.gradient_components, generator=torch.Generator().manual_seed(seed)))
+    else:
+        models = _fake_models(cfg, mode)
+    live = LiveBytes()
+    for t in [*models.parameters(), *models.buffers()]:
+        live.track(t)
+    weights = live.now
+    perf = PerfConfig(attention="default", selective_checkpointing=selective_checkpointing)
+    step_fn = PretrainStep(models, OptimConfig(), total_steps=1000, device="cpu", fused=True, precision="bf16",
+                           activation_checkpointing=activation_checkpointing, perf=perf)  # fmt: skip
+    batches = [make(s)[0] for s in range(1, 1 + warmup + steps)]  # real: mask sampling reads values
+    peaks, contexts = [], []
+    as_input = mode.from_tensor if mode is not None else (lambda t: t)
+    with mode or nullcontext(), live:
+        for s, (x, m) in enumerate(batches, start=1):
+            masks = Masks(as_input(m.context), as_input(m.target), m.region_sizes)
+            live.reset_peak()
+            step_fn([(as_input(x), masks)], s)
+            if s > warmup:
+                peaks.append(live.peak / GIB)
+                contexts.append(m.context.shape[1])
+    optimizer = sum(live._seen.get(t.untyped_storage(), 0) for st in step_fn.optimizer.state.values()
+                    for t in st.values() if isinstance(t, torch.Tensor) and t.ndim > 0)  # fmt: skip
+    setting = "full-ckpt" if activation_checkpointing else "selective-ckpt" if selective_checkpointing else "eager"
+    return MemoryEstimate(size=size, batch=batch, masks="reference" if reference_masks else "ours", setting=setting,
+                          weights_gib=weights / GIB, optimizer_gib=optimizer / GIB, peak_gib=max(peaks),
+                          step_peaks_gib=tuple(round(p, 3) for p in peaks), context_tokens=tuple(contexts))  # fmt: skip
+
+
+def format_estimates(estimates: list[MemoryEstimate], anchor: dict[tuple[str, int], float] | None = None) -> str:
+    """Markdown table; with `anchor` ((size, batch) -> the reference's measured GiB), a ratio column."""
+    anchor = anchor or {}
+    rows = ["| model | batch | masks | setting | estimated peak | x reference | weights | AdamW state | context tokens |",
+            "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for e in estimates:
+        ref = anchor.get((e.size, e.batch))
+        ratio = f"{e.peak_gib / ref:.2f}" if ref else "-"
+        rows.append(f"| {e.size} | {e.batch} | {e.masks} | {e.setting} | {e.peak_gib:.2f} GiB | {ratio} | "
+                    f"{e.weights_gib:.2f} GiB | {e.optimizer_gib:.2f} GiB | {min(e.context_tokens)}-{max(e.context_tokens)} |")  # fmt: skip
+    return "\n".join(rows)

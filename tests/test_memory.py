@@ -1,0 +1,45 @@
+"""The fake-tensor memory estimate (brainjepa/memory.py): exact against real tensors, and it ranks the settings."""
+
+import torch
+
+from brainjepa.config import ModelConfig
+from brainjepa.jepa import JEPAModels
+from brainjepa.memory import GIB, LiveBytes, estimate_step_memory
+
+SMALL = dict(size="tiny", batch=2, n_rois=32, n_frames=64, steps=2, warmup=1)
+
+
+def test_live_bytes_counts_storages_while_alive() -> None:
+    live = LiveBytes()
+    with live:
+        a = torch.zeros(1000)  # 4,000 bytes
+        b = a.view(10, 100)  # a view: no new storage
+        c = torch.ones(500, dtype=torch.bfloat16)  # 1,000 bytes
+        assert live.now == 5000
+        del a, b
+        assert live.now == 1000
+        d = torch.zeros(10)
+    assert live.peak == 5000
+    assert live.now == 1040
+    del c, d
+
+
+def test_fake_estimate_equals_the_real_count() -> None:
+    """Same ops, same shapes: the fake run must count exactly the bytes a real run allocates."""
+    fake = estimate_step_memory(**SMALL)
+    real = estimate_step_memory(**SMALL, fake=False)
+    assert fake.step_peaks_gib == real.step_peaks_gib
+    assert fake.peak_gib > fake.weights_gib + fake.optimizer_gib
+    cfg = ModelConfig(size="tiny", n_rois=32, n_frames=64)
+    with torch.device("meta"):
+        models = JEPAModels(cfg, torch.zeros(32, cfg.gradient_components))
+    trainable = sum(p.numel() for p in models.parameters() if p.requires_grad)
+    assert fake.optimizer_gib * GIB == 2 * 4 * trainable  # AdamW's two fp32 moments
+
+
+def test_checkpointing_lowers_the_estimate() -> None:
+    eager = estimate_step_memory(**SMALL)
+    selective = estimate_step_memory(**SMALL, selective_checkpointing=True)
+    full = estimate_step_memory(**SMALL, activation_checkpointing=True)
+    assert full.peak_gib < selective.peak_gib < eager.peak_gib
+    assert eager.context_tokens == selective.context_tokens == full.context_tokens

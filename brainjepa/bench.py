@@ -95,10 +95,10 @@ def synthetic_batches(batch: int, n_rois: int, n_frames: int, n_time: int, mask_
 
 
 def fast_perf(device: torch.device | str, cuda_graphs: bool = False, attention: str = "auto",
-              selective_checkpointing: bool = False) -> PerfConfig:  # fmt: skip
+              selective_checkpointing: bool = False, recompute_fraction: float = 0.0) -> PerfConfig:  # fmt: skip
     """The fast path's settings for a device: compiled blocks, SDPA backend order, prefetching."""
     return PerfConfig(compile=True, attention=attention, cuda_graphs=cuda_graphs and torch.device(device).type == "cuda",
-                      selective_checkpointing=selective_checkpointing)  # fmt: skip
+                      selective_checkpointing=selective_checkpointing, recompute_fraction=recompute_fraction)  # fmt: skip
 
 
 def _eager_step_flops(models: JEPAModels, batches: MicroBatches, device: torch.device) -> int:
@@ -119,6 +119,8 @@ def describe(perf: PerfConfig, device: torch.device | str) -> str:
         parts.append("cuda-graphs")
     if perf.selective_checkpointing:
         parts.append("selective-ckpt")
+    if perf.recompute_fraction:
+        parts.append(f"recompute-{perf.recompute_fraction:.0%}")
     if attention_backends(perf.attention, dev) is not None:
         parts.append(f"attention={perf.attention}")
     return "+".join(parts) or "eager"

@@ -106,6 +106,8 @@ def bench(
     selective: Annotated[bool, typer.Option("--selective-checkpointing", help="Fast mode: keep matmul outputs, "
                                             "recompute pointwise ops in backward (about a third less activation "
                                             "memory).")] = False,
+    recompute: Annotated[float, typer.Option(help="Fast mode: share of the trained networks' blocks recomputed whole "
+                                             "in backward (perf.recompute_fraction; less memory, more FLOPs).")] = 0.0,
     reference_masks: Annotated[bool, typer.Option("--reference-masks", help="Sample masks with the reference's "
                                                   "algorithm and truncation (its token counts and FLOPs).")] = False,
     steps: Annotated[int, typer.Option(help="Timed optimizer steps.")] = 5,
@@ -127,7 +129,7 @@ def bench(
     if mode not in modes:
         raise _fail(ValueError(f"--mode: expected eager, fast or compare, got '{mode}'"))
     try:
-        perfs = {"eager": PerfConfig(attention="default"), "fast": fast_perf(device, cuda_graphs, attention, selective)}
+        perfs = {"eager": PerfConfig(attention="default"), "fast": fast_perf(device, cuda_graphs, attention, selective, recompute)}
     except InputError as e:
         raise _fail(e) from e
     results = []
@@ -151,8 +153,10 @@ def bench(
 def memory(
     size: Annotated[list[str], typer.Option("--size", help="Model size(s): tiny, small, base, large.")] = ["base"],  # noqa: B006
     batch: Annotated[list[int], typer.Option("--batch", help="Batch size(s).")] = [16],  # noqa: B006
-    setting: Annotated[list[str], typer.Option("--setting", help="eager, selective (keep matmul outputs, recompute "
-                                               "pointwise ops) or full (recompute every block).")] = ["eager"],  # noqa: B006
+    setting: Annotated[list[str], typer.Option("--setting", help="eager; selective (keep matmul outputs, recompute "
+                                               "pointwise ops); full (recompute every block); recompute:F (the first "
+                                               "share F of the blocks, perf.recompute_fraction); or selective+recompute:F."
+                                               )] = ["eager"],  # noqa: B006
     reference_masks: Annotated[bool, typer.Option("--reference-masks", help="The reference's masks and token "
                                                   "counts (its batch-minimum truncation).")] = False,
     steps: Annotated[int, typer.Option(help="Steps whose peak counts (after 2 warm-up steps), the bench's batches.")] = 5,
@@ -165,18 +169,19 @@ def memory(
     reference's measured H200 peaks (shared/reference/gpu-anchor.md); docs/performance.md shows how
     close the estimate comes for the reference's own code."""
     from brainjepa.bench import REFERENCE_H200
-    from brainjepa.memory import estimate_step_memory, format_estimates
+    from brainjepa.memory import estimate_step_memory, format_estimates, parse_setting
 
-    kinds = {"eager": {}, "selective": {"selective_checkpointing": True}, "full": {"activation_checkpointing": True}}
-    for s in setting:
-        if s not in kinds:
-            raise _fail(ValueError(f"--setting: expected eager, selective or full, got '{s}'"))
+    try:
+        kinds = {s: parse_setting(s) for s in setting}
+    except ValueError as e:
+        raise _fail(ValueError(f"--setting: {e}")) from e
     estimates = []
     for sz in size:
         for b in batch:
             for s in setting:
-                e = estimate_step_memory(sz, b, n_rois=rois, n_frames=frames, steps=steps,
-                                         reference_masks=reference_masks, **kinds[s])  # fmt: skip
+                selective, fraction = kinds[s]
+                e = estimate_step_memory(sz, b, n_rois=rois, n_frames=frames, steps=steps, reference_masks=reference_masks,
+                                         selective_checkpointing=selective, recompute_fraction=fraction)  # fmt: skip
                 estimates.append(e)
                 if as_json:
                     typer.echo(json.dumps(e.as_dict()))

@@ -163,6 +163,7 @@ class PerfConfig:
     cuda_graphs: bool = False  # CUDA + compile only: replay the target encoder's static-shape forward as a CUDA graph
     prefetch: int = 2  # steps of batches (windows + masks) prepared ahead in a background thread; 0 = inline
     selective_checkpointing: bool = False  # backward keeps matmul/attention outputs, recomputes pointwise ops (less memory)
+    recompute_fraction: float = 0.0  # share of each trained network's blocks recomputed whole in backward (1 = train.activation_checkpointing)
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_BACKENDS:
@@ -171,6 +172,8 @@ class PerfConfig:
             raise ConfigError("perf.cuda_graphs: needs perf.compile: true (the graphs are captured by torch.compile)")
         if self.prefetch < 0:
             raise ConfigError(f"perf.prefetch: expected >= 0, got {self.prefetch}")
+        if not 0.0 <= self.recompute_fraction <= 1.0:
+            raise ConfigError(f"perf.recompute_fraction: expected a share from 0 to 1, got {self.recompute_fraction}")
 
 
 @dataclass(frozen=True)

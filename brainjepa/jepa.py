@@ -9,6 +9,7 @@ all call the same object.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
@@ -84,6 +85,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def recompute_count(share: float, depth: int) -> int:
+    """Blocks recomputed whole for a share of a network's `depth` (rounded up: 0.25 of 6 -> 2)."""
+    return min(depth, math.ceil(share * depth - 1e-9))
+
+
 class PretrainStep:
     """One optimizer step of JEPA pretraining at an explicit position of the run's schedule.
 
@@ -104,10 +110,11 @@ class PretrainStep:
         fused = self.device.type == "cuda" if fused is None else fused
         self.optimizer = torch.optim.AdamW(param_groups(models), lr=cfg.start_lr, betas=cfg.betas, fused=fused)
         self.precision = resolve_precision(precision, self.device)
+        share = 1.0 if activation_checkpointing else self.perf.recompute_fraction
         for net in (models.encoder, models.predictor):
-            net.activation_checkpointing = activation_checkpointing
-            for blk in net.blocks:
-                blk.selective_checkpointing = self.perf.selective_checkpointing and not activation_checkpointing
+            net.recompute_blocks = recompute_count(share, len(net.blocks))
+            for i, blk in enumerate(net.blocks):  # the blocks recomputed whole need no selective policy
+                blk.selective_checkpointing = self.perf.selective_checkpointing and i >= net.recompute_blocks
         self._online = list(models.encoder.parameters())
         self._target = list(models.target.parameters())
         self.backends = attention_backends(self.perf.attention, self.device)

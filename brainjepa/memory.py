@@ -74,7 +74,7 @@ class MemoryEstimate:
     size: str
     batch: int
     masks: str  # "ours" or "reference" (the reference's token counts)
-    setting: str  # "eager", "selective-ckpt" or "full-ckpt"
+    setting: str  # setting_label(): "eager", "selective", "full", "recompute 50%", "selective + recompute 50%"
     weights_gib: float  # encoder, predictor and target, fp32
     optimizer_gib: float  # AdamW's two moments
     peak_gib: float  # the largest per-step peak over the timed steps
@@ -83,6 +83,33 @@ class MemoryEstimate:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def setting_label(selective: bool, recompute_fraction: float) -> str:
+    if recompute_fraction >= 1.0:
+        return "full"
+    parts = (["selective"] if selective else []) + ([f"recompute {recompute_fraction:.0%}"] if recompute_fraction else [])
+    return " + ".join(parts) or "eager"
+
+
+def parse_setting(text: str) -> tuple[bool, float]:
+    """'eager' | 'selective' | 'full' | 'recompute:F' | 'selective+recompute:F' -> (selective, fraction)."""
+    selective, fraction = False, 0.0
+    for part in text.replace(" ", "").split("+"):
+        if part == "selective":
+            selective = True
+        elif part == "full":
+            fraction = 1.0
+        elif part.startswith("recompute:"):
+            try:
+                fraction = float(part.removeprefix("recompute:"))
+            except ValueError:
+                fraction = -1.0
+            if not 0.0 <= fraction <= 1.0:
+                raise ValueError(f"setting '{text}': recompute:F needs a share F from 0 to 1")
+        elif part != "eager":
+            raise ValueError(f"setting '{text}': expected eager, selective, full, recompute:F or selective+recompute:F")
+    return selective, fraction
 
 
 def _fake_models(cfg: ModelConfig, fake: FakeTensorMode) -> JEPAModels:
@@ -103,10 +130,11 @@ def _fake_models(cfg: ModelConfig, fake: FakeTensorMode) -> JEPAModels:
 
 def estimate_step_memory(size: str = "base", batch: int = 16, n_rois: int = 450, n_frames: int = 160,
                          steps: int = 5, warmup: int = 2, seed: int = 0, reference_masks: bool = False,
-                         selective_checkpointing: bool = False, activation_checkpointing: bool = False,
+                         selective_checkpointing: bool = False, recompute_fraction: float = 0.0,
                          fake: bool = True) -> MemoryEstimate:  # fmt: skip
     """Peak bytes of bf16 training steps on the batches `brainjepa bench` times (same seed, same
     masks): `warmup` steps first (the first allocates AdamW's state), then the peak of each of `steps`.
+    `recompute_fraction` is `perf.recompute_fraction` (1 = full activation checkpointing).
     `fake=False` runs the same count on real CPU tensors (slow; it checks the fake run)."""
     cfg = ModelConfig(size=size, n_rois=n_rois, n_frames=n_frames)
     make = synthetic_batches(batch, n_rois, n_frames, cfg.n_time_patches, MaskConfig(reference_truncation=reference_masks), seed)
@@ -119,9 +147,9 @@ def estimate_step_memory(size: str = "base", batch: int = 16, n_rois: int = 450,
     for t in [*models.parameters(), *models.buffers()]:
         live.track(t)
     weights = live.now
-    perf = PerfConfig(attention="default", selective_checkpointing=selective_checkpointing)
-    step_fn = PretrainStep(models, OptimConfig(), total_steps=1000, device="cpu", fused=True, precision="bf16",
-                           activation_checkpointing=activation_checkpointing, perf=perf)  # fmt: skip
+    perf = PerfConfig(attention="default", selective_checkpointing=selective_checkpointing,
+                      recompute_fraction=recompute_fraction)  # fmt: skip
+    step_fn = PretrainStep(models, OptimConfig(), total_steps=1000, device="cpu", fused=True, precision="bf16", perf=perf)
     batches = [make(s)[0] for s in range(1, 1 + warmup + steps)]  # real: mask sampling reads values
     peaks, contexts = [], []
     as_input = mode.from_tensor if mode is not None else (lambda t: t)
@@ -135,7 +163,7 @@ def estimate_step_memory(size: str = "base", batch: int = 16, n_rois: int = 450,
                 contexts.append(m.context.shape[1])
     optimizer = sum(live._seen.get(t.untyped_storage(), 0) for st in step_fn.optimizer.state.values()
                     for t in st.values() if isinstance(t, torch.Tensor) and t.ndim > 0)  # fmt: skip
-    setting = "full-ckpt" if activation_checkpointing else "selective-ckpt" if selective_checkpointing else "eager"
+    setting = setting_label(selective_checkpointing, recompute_fraction)
     return MemoryEstimate(size=size, batch=batch, masks="reference" if reference_masks else "ours", setting=setting,
                           weights_gib=weights / GIB, optimizer_gib=optimizer / GIB, peak_gib=max(peaks),
                           step_peaks_gib=tuple(round(p, 3) for p in peaks), context_tokens=tuple(contexts))  # fmt: skip

@@ -32,7 +32,7 @@ class Predictor(nn.Module):
         self.blocks = nn.ModuleList(Block(Dp, cfg.pred_heads, cfg.mlp_ratio) for _ in range(cfg.pred_depth))
         self.norm = nn.LayerNorm(Dp, eps=1e-6)
         self.proj = nn.Linear(Dp, cfg.embed_dim)
-        self.activation_checkpointing = False
+        self.recompute_blocks = 0  # leading blocks recomputed whole in backward (set by the training step)
         self.apply(init_weights)
         rescale_blocks(self.blocks)
         nn.init.trunc_normal_(self.mask_token.token, std=0.02)
@@ -43,6 +43,6 @@ class Predictor(nn.Module):
         x = self.embed(ctx) + gather_tokens(pos, ctx_idx).to(ctx.dtype)  # (B, Nc, Dp)
         m = self.mask_token(gather_tokens(pos, tgt_idx).to(x.dtype))  # (B, Nt, Dp)
         x = torch.cat([x, m], dim=1)  # (B, Nc+Nt, Dp)
-        x = run_blocks(self.blocks, x, self.activation_checkpointing)
+        x = run_blocks(self.blocks, x, self.recompute_blocks)
         x = self.norm(x[:, ctx.shape[1]:])  # (B, Nt, Dp)
         return self.proj(x)  # (B, Nt, D)

@@ -87,11 +87,11 @@ def rescale_blocks(blocks: nn.ModuleList) -> None:
         blk.mlp.fc2.weight.data.div_((2.0 * layer) ** 0.5)
 
 
-def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, checkpointing: bool) -> torch.Tensor:
-    """Apply the blocks; with `checkpointing`, recompute each block's activations in backward
-    (saves activation memory at the cost of one more forward pass of the trained networks)."""
-    for blk in blocks:
-        x = checkpoint(blk, x, use_reentrant=False) if checkpointing and torch.is_grad_enabled() else blk(x)
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, recompute: int = 0) -> torch.Tensor:
+    """Apply the blocks; the first `recompute` keep only their input for backward and run their
+    forward again there (activation checkpointing: less memory for one more forward of those blocks)."""
+    for i, blk in enumerate(blocks):
+        x = checkpoint(blk, x, use_reentrant=False) if i < recompute and torch.is_grad_enabled() else blk(x)
     return x
 
 
@@ -125,7 +125,7 @@ class Encoder(nn.Module):
         self.pos_embed = BrainPositionalEmbedding(gradients, cfg.n_time_patches, D, cfg.pos_embed)
         self.blocks = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(D, eps=1e-6)
-        self.activation_checkpointing = False
+        self.recompute_blocks = 0  # leading blocks recomputed whole in backward (set by the training step)
         self.apply(init_weights)
         rescale_blocks(self.blocks)
 
@@ -139,7 +139,7 @@ class Encoder(nn.Module):
         tokens = self.patch_embed(x) + self.pos_embed()[None].to(x.dtype)  # (B, N, D)
         if keep is not None:
             tokens = gather_tokens(tokens, keep)  # (B, M, D)
-        tokens = run_blocks(self.blocks, tokens, self.activation_checkpointing)
+        tokens = run_blocks(self.blocks, tokens, self.recompute_blocks)
         if select is not None:
             tokens = gather_tokens(tokens, select)  # (B, S, D)
         return self.norm(tokens)

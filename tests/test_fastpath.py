@@ -114,6 +114,9 @@ def test_perf_section_is_validated_with_the_field_named(tmp_path: Path) -> None:
     bad.write_text("perf:\n  cuda_graphs: true\n")
     with pytest.raises(ConfigError, match="perf.cuda_graphs.*perf.compile"):
         load_pretrain_config(bad)
+    bad.write_text("perf:\n  recompute_fraction: 1.5\n")
+    with pytest.raises(ConfigError, match="perf.recompute_fraction.*1.5"):
+        load_pretrain_config(bad)
     bad.write_text("train:\n  precision: fp16\n")
     with pytest.raises(ConfigError, match="train.precision.*fp16"):
         load_pretrain_config(bad)

@@ -7,7 +7,7 @@ import math
 import torch
 
 from brainjepa.config import MaskConfig, ModelConfig, OptimConfig
-from brainjepa.jepa import JEPAModels, PretrainStep, jepa_loss
+from brainjepa.jepa import JEPAModels, PretrainStep, jepa_loss, recompute_count
 from brainjepa.masks import Masks, sample_masks
 from brainjepa.schedules import ema_momentum, learning_rate, weight_decay
 
@@ -107,12 +107,17 @@ def test_l2_loss_option() -> None:
     assert l1.item() < l2.item()  # smooth-L1(e) <= e^2 for every element, equal only at e = 0
 
 
+def test_recompute_count_rounds_up() -> None:
+    assert [recompute_count(f, 6) for f in (0.0, 0.1, 0.25, 0.5, 1.0)] == [0, 1, 2, 3, 6]
+    assert recompute_count(0.5, 12) == 6
+
+
 def test_activation_checkpointing_gives_the_same_gradients() -> None:
     models, x, masks = _setup()
     jepa_loss(models, x, masks).backward()
     plain = [p.grad.clone() for p in models.parameters() if p.requires_grad]
     models.zero_grad(set_to_none=True)
-    models.encoder.activation_checkpointing = models.predictor.activation_checkpointing = True
+    models.encoder.recompute_blocks, models.predictor.recompute_blocks = len(models.encoder.blocks), 1  # all / some
     jepa_loss(models, x, masks).backward()
     ckpt = [p.grad for p in models.parameters() if p.requires_grad]
     for a, b in zip(plain, ckpt, strict=True):

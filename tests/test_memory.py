@@ -1,12 +1,14 @@
 """The fake-tensor memory estimate (brainjepa/memory.py): exact against real tensors, and it ranks the settings."""
 
+import pytest
 import torch
 
 from brainjepa.config import ModelConfig
 from brainjepa.jepa import JEPAModels
-from brainjepa.memory import GIB, LiveBytes, estimate_step_memory
+from brainjepa.memory import GIB, LiveBytes, estimate_step_memory, parse_setting
 
 SMALL = dict(size="tiny", batch=2, n_rois=32, n_frames=64, steps=2, warmup=1)
+WIDER = SMALL | {"batch": 8}
 
 
 def test_live_bytes_counts_storages_while_alive() -> None:
@@ -38,8 +40,20 @@ def test_fake_estimate_equals_the_real_count() -> None:
 
 
 def test_checkpointing_lowers_the_estimate() -> None:
-    eager = estimate_step_memory(**SMALL)
-    selective = estimate_step_memory(**SMALL, selective_checkpointing=True)
-    full = estimate_step_memory(**SMALL, activation_checkpointing=True)
-    assert full.peak_gib < selective.peak_gib < eager.peak_gib
+    """At a batch where activations dominate the peak, each step of recomputation must lower it."""
+    eager = estimate_step_memory(**WIDER)
+    selective = estimate_step_memory(**WIDER, selective_checkpointing=True)
+    half = estimate_step_memory(**WIDER, selective_checkpointing=True, recompute_fraction=0.5)
+    full = estimate_step_memory(**WIDER, recompute_fraction=1.0)
+    assert full.peak_gib < half.peak_gib < selective.peak_gib < eager.peak_gib
     assert eager.context_tokens == selective.context_tokens == full.context_tokens
+    assert [e.setting for e in (eager, selective, half, full)] == ["eager", "selective", "selective + recompute 50%", "full"]
+
+
+def test_setting_parser() -> None:
+    assert parse_setting("selective+recompute:0.25") == (True, 0.25)
+    assert parse_setting("full") == (False, 1.0)
+    with pytest.raises(ValueError, match="recompute:F"):
+        parse_setting("recompute:2")
+    with pytest.raises(ValueError, match="expected eager"):
+        parse_setting("fastest")

@@ -112,12 +112,10 @@ def parse_setting(text: str) -> tuple[bool, float]:
     return selective, fraction
 
 
-def _fake_models(cfg: ModelConfig, fake: FakeTensorMode) -> JEPAModels:
-    """JEPAModels whose parameters and buffers are fake CPU tensors (built on meta: no allocation)."""
-    with torch.device("meta"):
-        models = JEPAModels(cfg, torch.zeros(cfg.n_rois, cfg.gradient_components))
+def fake_parameters(model: torch.nn.Module, fake: FakeTensorMode) -> None:
+    """Replace every parameter and buffer of `model` by a fake CPU tensor of its shape and dtype."""
     with fake:
-        for module in models.modules():
+        for module in model.modules():
             for name, p in module._parameters.items():
                 if p is not None:
                     module._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
@@ -125,6 +123,13 @@ def _fake_models(cfg: ModelConfig, fake: FakeTensorMode) -> JEPAModels:
             for name, b in module._buffers.items():
                 if b is not None:
                     module._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
+
+
+def _fake_models(cfg: ModelConfig, fake: FakeTensorMode) -> JEPAModels:
+    """JEPAModels whose parameters and buffers are fake CPU tensors (built on meta: no allocation)."""
+    with torch.device("meta"):
+        models = JEPAModels(cfg, torch.zeros(cfg.n_rois, cfg.gradient_components))
+    fake_parameters(models, fake)
     return models
 
 

@@ -22,9 +22,10 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from brainjepa.bench import synthetic_batches
+from brainjepa.bench import CPU_SDPA_FLOPS, synthetic_batches
 from brainjepa.config import MaskConfig, ModelConfig, OptimConfig, PerfConfig
 from brainjepa.jepa import JEPAModels, PretrainStep
 from brainjepa.masks import Masks
@@ -79,6 +80,7 @@ class MemoryEstimate:
     optimizer_gib: float  # AdamW's two moments
     peak_gib: float  # the largest per-step peak over the timed steps
     step_peaks_gib: tuple[float, ...]  # per timed step
+    tflop_per_sample: float  # of the last timed batch, recomputation included (what the GPU must do)
     context_tokens: tuple[int, ...]  # per timed step
 
     def as_dict(self) -> dict:
@@ -166,22 +168,26 @@ def estimate_step_memory(size: str = "base", batch: int = 16, n_rois: int = 450,
             if s > warmup:
                 peaks.append(live.peak / GIB)
                 contexts.append(m.context.shape[1])
+    with mode or nullcontext(), FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as counter:
+        step_fn([(as_input(x), masks)], s + 1)  # once more, apart: the counter holds tensors of its own
+
     optimizer = sum(live._seen.get(t.untyped_storage(), 0) for st in step_fn.optimizer.state.values()
                     for t in st.values() if isinstance(t, torch.Tensor) and t.ndim > 0)  # fmt: skip
     setting = setting_label(selective_checkpointing, recompute_fraction)
     return MemoryEstimate(size=size, batch=batch, masks="reference" if reference_masks else "ours", setting=setting,
                           weights_gib=weights / GIB, optimizer_gib=optimizer / GIB, peak_gib=max(peaks),
-                          step_peaks_gib=tuple(round(p, 3) for p in peaks), context_tokens=tuple(contexts))  # fmt: skip
+                          step_peaks_gib=tuple(round(p, 3) for p in peaks), context_tokens=tuple(contexts),
+                          tflop_per_sample=counter.get_total_flops() / batch / 1e12)  # fmt: skip
 
 
 def format_estimates(estimates: list[MemoryEstimate], anchor: dict[tuple[str, int], float] | None = None) -> str:
     """Markdown table; with `anchor` ((size, batch) -> the reference's measured GiB), a ratio column."""
     anchor = anchor or {}
-    rows = ["| model | batch | masks | setting | estimated peak | x reference | weights | AdamW state | context tokens |",
-            "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    rows = ["| model | batch | masks | setting | estimated peak | x reference | TFLOP/sample | weights | AdamW state "
+            "| context tokens |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for e in estimates:
         ref = anchor.get((e.size, e.batch))
         ratio = f"{e.peak_gib / ref:.2f}" if ref else "-"
-        rows.append(f"| {e.size} | {e.batch} | {e.masks} | {e.setting} | {e.peak_gib:.2f} GiB | {ratio} | "
+        rows.append(f"| {e.size} | {e.batch} | {e.masks} | {e.setting} | {e.peak_gib:.2f} GiB | {ratio} | {e.tflop_per_sample:.2f} | "
                     f"{e.weights_gib:.2f} GiB | {e.optimizer_gib:.2f} GiB | {min(e.context_tokens)}-{max(e.context_tokens)} |")  # fmt: skip
     return "\n".join(rows)

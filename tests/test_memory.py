@@ -47,6 +47,7 @@ def test_checkpointing_lowers_the_estimate() -> None:
     full = estimate_step_memory(**WIDER, recompute_fraction=1.0)
     assert full.peak_gib < half.peak_gib < selective.peak_gib < eager.peak_gib
     assert eager.context_tokens == selective.context_tokens == full.context_tokens
+    assert eager.tflop_per_sample == selective.tflop_per_sample < half.tflop_per_sample < full.tflop_per_sample
     assert [e.setting for e in (eager, selective, half, full)] == ["eager", "selective", "selective + recompute 50%", "full"]
 
 

@@ -168,6 +168,8 @@ def memory(
     tensors (shapes only) and every live tensor's bytes are added up. Ratios are against the
     reference's measured H200 peaks (shared/reference/gpu-anchor.md); docs/performance.md shows how
     close the estimate comes for the reference's own code."""
+    from tqdm.auto import tqdm
+
     from brainjepa.bench import REFERENCE_H200
     from brainjepa.memory import estimate_step_memory, format_estimates, parse_setting
 
@@ -176,15 +178,16 @@ def memory(
     except ValueError as e:
         raise _fail(ValueError(f"--setting: {e}")) from e
     estimates = []
-    for sz in size:
-        for b in batch:
-            for s in setting:
-                selective, fraction = kinds[s]
-                e = estimate_step_memory(sz, b, n_rois=rois, n_frames=frames, steps=steps, reference_masks=reference_masks,
-                                         selective_checkpointing=selective, recompute_fraction=fraction)  # fmt: skip
-                estimates.append(e)
-                if as_json:
-                    typer.echo(json.dumps(e.as_dict()))
+    runs = [(sz, b, s) for sz in size for b in batch for s in setting]
+    with tqdm(runs, desc="memory", unit="setting", disable=len(runs) < 2) as bar:
+        for sz, b, s in bar:
+            bar.set_postfix_str(f"{sz} batch {b} {s}")
+            selective, fraction = kinds[s]
+            e = estimate_step_memory(sz, b, n_rois=rois, n_frames=frames, steps=steps, reference_masks=reference_masks,
+                                     selective_checkpointing=selective, recompute_fraction=fraction)  # fmt: skip
+            estimates.append(e)
+            if as_json:
+                typer.echo(json.dumps(e.as_dict()))
     if not as_json:
         typer.echo(format_estimates(estimates, {k: v[1] for k, v in REFERENCE_H200.items()}))
 

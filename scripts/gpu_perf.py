@@ -62,6 +62,11 @@ def plan(device: str) -> list[Item]:
         Item("B32 fast", "base", 32, fast),
         Item("B16 fast sac", "base", 16, fast_perf(device, selective_checkpointing=True)),
         Item("B64 fast sac", "base", 64, fast_perf(device, selective_checkpointing=True)),
+        # brainjepa memory's picks for <= 0.75x the reference's peak: our masks need half the blocks
+        # recomputed as well; the reference's masks need selective checkpointing only
+        Item("B16 fast sac+rc50", "base", 16, fast_perf(device, selective_checkpointing=True, recompute_fraction=0.5)),
+        Item("B64 fast sac+rc50", "base", 64, fast_perf(device, selective_checkpointing=True, recompute_fraction=0.5)),
+        Item("B16 fast sac refmasks", "base", 16, fast_perf(device, selective_checkpointing=True), reference_masks=True),
         Item("B16 fast refmasks", "base", 16, fast, reference_masks=True),
         Item("B64 fast refmasks", "base", 64, fast, reference_masks=True),
         Item("S16 eager", "small", 16, eager),

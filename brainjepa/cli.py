@@ -162,6 +162,10 @@ def memory(
     steps: Annotated[int, typer.Option(help="Steps whose peak counts (after 2 warm-up steps), the bench's batches.")] = 5,
     rois: Annotated[int, typer.Option(help="ROIs per sample.")] = 450,
     frames: Annotated[int, typer.Option(help="Frames per sample.")] = 160,
+    fit: Annotated[float | None, typer.Option(help="Your GPU's memory in GiB: try eager, then ever more recomputation, "
+                                                  "and print the fastest setting that fits (--setting is ignored).")] = None,
+    headroom: Annotated[float, typer.Option(help="With --fit: share of the GPU kept free for what the estimate leaves "
+                                                 "out (CUDA context, allocator rounding, workspaces).")] = 0.15,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per line instead of a table.")] = False,
 ) -> None:
     """Estimate the peak GPU memory of a bf16 training step without a GPU: the step runs on fake
@@ -171,8 +175,24 @@ def memory(
     from tqdm.auto import tqdm
 
     from brainjepa.bench import REFERENCE_H200
-    from brainjepa.memory import estimate_step_memory, format_estimates, parse_setting
+    from brainjepa.memory import estimate_step_memory, fit_setting, format_estimates, parse_setting, perf_yaml
 
+    anchor = {k: v[1] for k, v in REFERENCE_H200.items()}
+    if fit is not None:
+        if fit <= 0 or not 0 <= headroom < 1:
+            raise _fail(ValueError(f"--fit must be > 0 GiB and --headroom in [0, 1), got {fit} and {headroom}"))
+        for sz in size:
+            for b in batch:
+                chosen, tried = fit_setting(fit, headroom, size=sz, batch=b, n_rois=rois, n_frames=frames, steps=steps,
+                                            reference_masks=reference_masks)  # fmt: skip
+                typer.echo(format_estimates(tried, anchor))
+                if chosen is None:
+                    typer.echo(f"{sz} at batch {b} does not fit in {fit:g} GiB even with full recomputation: "
+                               f"use a smaller batch (with gradient accumulation) or a larger GPU.")  # fmt: skip
+                else:
+                    typer.echo(f"{sz} at batch {b} fits in {fit:g} GiB ({headroom:.0%} kept free) with "
+                               f"'{chosen.setting}': put this in the YAML:\n{perf_yaml(chosen)}")  # fmt: skip
+        return
     try:
         kinds = {s: parse_setting(s) for s in setting}
     except ValueError as e:
@@ -189,7 +209,7 @@ def memory(
             if as_json:
                 typer.echo(json.dumps(e.as_dict()))
     if not as_json:
-        typer.echo(format_estimates(estimates, {k: v[1] for k, v in REFERENCE_H200.items()}))
+        typer.echo(format_estimates(estimates, anchor))
 
 
 @app.command()

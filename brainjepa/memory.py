@@ -76,6 +76,8 @@ class MemoryEstimate:
     batch: int
     masks: str  # "ours" or "reference" (the reference's token counts)
     setting: str  # setting_label(): "eager", "selective", "full", "recompute 50%", "selective + recompute 50%"
+    selective_checkpointing: bool
+    recompute_fraction: float
     weights_gib: float  # encoder, predictor and target, fp32
     optimizer_gib: float  # AdamW's two moments
     peak_gib: float  # the largest per-step peak over the timed steps
@@ -175,9 +177,34 @@ def estimate_step_memory(size: str = "base", batch: int = 16, n_rois: int = 450,
                     for t in st.values() if isinstance(t, torch.Tensor) and t.ndim > 0)  # fmt: skip
     setting = setting_label(selective_checkpointing, recompute_fraction)
     return MemoryEstimate(size=size, batch=batch, masks="reference" if reference_masks else "ours", setting=setting,
+                          selective_checkpointing=selective_checkpointing, recompute_fraction=recompute_fraction,
                           weights_gib=weights / GIB, optimizer_gib=optimizer / GIB, peak_gib=max(peaks),
                           step_peaks_gib=tuple(round(p, 3) for p in peaks), context_tokens=tuple(contexts),
                           tflop_per_sample=counter.get_total_flops() / batch / 1e12)  # fmt: skip
+
+
+# From least to most recomputation: the first setting whose peak fits is the fastest that fits.
+LADDER = ("eager", "selective", "selective+recompute:0.25", "selective+recompute:0.5", "selective+recompute:0.75", "full")
+
+
+def fit_setting(budget_gib: float, headroom: float = 0.15, **kwargs) -> tuple[MemoryEstimate | None, list[MemoryEstimate]]:  # noqa: ANN003
+    """Walk `LADDER` until the estimated peak is at most (1 - headroom) of `budget_gib`: the GPU's
+    memory, less what the estimate leaves out (CUDA context, allocator rounding, workspaces).
+    `kwargs` go to `estimate_step_memory`. Returns (the fitting estimate or None, all estimates tried)."""
+    tried = []
+    for text in LADDER:
+        selective, fraction = parse_setting(text)
+        e = estimate_step_memory(selective_checkpointing=selective, recompute_fraction=fraction, **kwargs)
+        tried.append(e)
+        if e.peak_gib <= budget_gib * (1.0 - headroom):
+            return e, tried
+    return None, tried
+
+
+def perf_yaml(e: MemoryEstimate) -> str:
+    """The `perf:` lines of a site or pretraining YAML that give estimate `e`'s setting."""
+    selective = str(e.selective_checkpointing).lower()
+    return f"perf:\n  selective_checkpointing: {selective}\n  recompute_fraction: {e.recompute_fraction:g}"
 
 
 def format_estimates(estimates: list[MemoryEstimate], anchor: dict[tuple[str, int], float] | None = None) -> str:

@@ -1,13 +1,15 @@
 """The fake-tensor memory estimate (brainjepa/memory.py): exact against real tensors, and it ranks the settings."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from brainjepa.config import ModelConfig
+from brainjepa.config import ModelConfig, load_pretrain_config
 from brainjepa.jepa import JEPAModels
-from brainjepa.memory import GIB, LiveBytes, estimate_step_memory, parse_setting
+from brainjepa.memory import GIB, LiveBytes, estimate_step_memory, fit_setting, parse_setting, perf_yaml
 
-SMALL = dict(size="tiny", batch=2, n_rois=32, n_frames=64, steps=2, warmup=1)
+SMALL = dict(size="tiny", batch=2, n_rois=32, n_frames=64, steps=1, warmup=1)
 WIDER = SMALL | {"batch": 8}
 
 
@@ -58,3 +60,22 @@ def test_setting_parser() -> None:
         parse_setting("recompute:2")
     with pytest.raises(ValueError, match="expected eager"):
         parse_setting("fastest")
+
+
+def test_fit_picks_the_first_setting_that_fits_and_prints_a_loadable_perf_section(tmp_path: Path) -> None:
+    eager = estimate_step_memory(**WIDER)
+    chosen, tried = fit_setting(eager.peak_gib * 0.99, headroom=0.0, **WIDER)
+    assert tried[0].setting == "eager" and tried[0].peak_gib == eager.peak_gib
+    assert chosen is tried[-1] and chosen.setting != "eager" and chosen.peak_gib <= eager.peak_gib * 0.99
+    assert all(e.peak_gib > eager.peak_gib * 0.99 for e in tried[:-1])
+    config = tmp_path / "site.yaml"
+    config.write_text(perf_yaml(chosen) + "\n")
+    perf = load_pretrain_config(config).perf
+    assert (perf.selective_checkpointing, perf.recompute_fraction) == (chosen.selective_checkpointing, chosen.recompute_fraction)
+
+
+def test_fit_says_none_when_even_full_recomputation_does_not_fit() -> None:
+    chosen, tried = fit_setting(1e-6, **SMALL)
+    assert chosen is None
+    assert [e.setting for e in tried] == ["eager", "selective", "selective + recompute 25%", "selective + recompute 50%",
+                                          "selective + recompute 75%", "full"]  # fmt: skip

@@ -162,6 +162,9 @@ def memory(
     steps: Annotated[int, typer.Option(help="Steps whose peak counts (after 2 warm-up steps), the bench's batches.")] = 5,
     rois: Annotated[int, typer.Option(help="ROIs per sample.")] = 450,
     frames: Annotated[int, typer.Option(help="Frames per sample.")] = 160,
+    worst_of: Annotated[int | None, typer.Option(help="Time one step on the heaviest of N mask draws (what a long "
+                                                      "run meets) instead of the bench's batches. Default: 0, and "
+                                                      "1000 with --fit (our masks only).")] = None,
     fit: Annotated[float | None, typer.Option(help="Your GPU's memory in GiB: try eager, then ever more recomputation, "
                                                   "and print the fastest setting that fits (--setting is ignored).")] = None,
     headroom: Annotated[float, typer.Option(help="With --fit: share of the GPU kept free for what the estimate leaves "
@@ -177,14 +180,17 @@ def memory(
     from brainjepa.bench import REFERENCE_H200
     from brainjepa.memory import estimate_step_memory, fit_setting, format_estimates, parse_setting, perf_yaml
 
+    if worst_of and reference_masks:
+        raise _fail(ValueError("--worst-of: only for our masks (the reference's counts depend on the whole batch)"))
     anchor = {k: v[1] for k, v in REFERENCE_H200.items()}
     if fit is not None:
         if fit <= 0 or not 0 <= headroom < 1:
             raise _fail(ValueError(f"--fit must be > 0 GiB and --headroom in [0, 1), got {fit} and {headroom}"))
+        worst = (0 if reference_masks else 1000) if worst_of is None else worst_of
         for sz in size:
             for b in batch:
                 chosen, tried = fit_setting(fit, headroom, size=sz, batch=b, n_rois=rois, n_frames=frames, steps=steps,
-                                            reference_masks=reference_masks)  # fmt: skip
+                                            reference_masks=reference_masks, worst_of=worst)  # fmt: skip
                 typer.echo(format_estimates(tried, anchor))
                 if chosen is None:
                     typer.echo(f"{sz} at batch {b} does not fit in {fit:g} GiB even with full recomputation: "
@@ -204,7 +210,8 @@ def memory(
             bar.set_postfix_str(f"{sz} batch {b} {s}")
             selective, fraction = kinds[s]
             e = estimate_step_memory(sz, b, n_rois=rois, n_frames=frames, steps=steps, reference_masks=reference_masks,
-                                     selective_checkpointing=selective, recompute_fraction=fraction)  # fmt: skip
+                                     selective_checkpointing=selective, recompute_fraction=fraction,
+                                     worst_of=worst_of or 0)  # fmt: skip
             estimates.append(e)
             if as_json:
                 typer.echo(json.dumps(e.as_dict()))

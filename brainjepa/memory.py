@@ -28,7 +28,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from brainjepa.bench import CPU_SDPA_FLOPS, synthetic_batches
 from brainjepa.config import MaskConfig, ModelConfig, OptimConfig, PerfConfig
 from brainjepa.jepa import JEPAModels, PretrainStep
-from brainjepa.masks import Masks
+from brainjepa.masks import Masks, sample_masks
 
 GIB = 2**30
 
@@ -74,7 +74,7 @@ class LiveBytes(TorchDispatchMode):
 class MemoryEstimate:
     size: str
     batch: int
-    masks: str  # "ours" or "reference" (the reference's token counts)
+    masks: str  # "ours", "ours, worst of N" or "reference" (the reference's token counts)
     setting: str  # setting_label(): "eager", "selective", "full", "recompute 50%", "selective + recompute 50%"
     selective_checkpointing: bool
     recompute_fraction: float
@@ -137,16 +137,37 @@ def _fake_models(cfg: ModelConfig, fake: FakeTensorMode) -> JEPAModels:
     return models
 
 
+def heaviest_masks(cfg: MaskConfig, batch: int, n_rois: int, n_time: int, draws: int, seed: int = 0) -> Masks:
+    """The batch masks with the most context tokens (then target tokens) among `draws` seeds.
+
+    Block sizes are drawn once per batch and first from the generator, so one sample per draw shows
+    the batch's token counts. The reference's masks truncate to the batch's smallest sample, which
+    depends on the batch: there is no per-draw count to rank.
+    """
+    if cfg.reference_truncation:
+        raise ValueError("worst-case masks: only for our masks (the reference's counts depend on the whole batch)")
+
+    def weight(i: int) -> tuple[int, int]:
+        m = sample_masks(cfg, 1, n_rois, n_time, torch.Generator().manual_seed(seed + i))
+        return m.context.shape[1], m.target.shape[1]
+
+    heaviest = max(range(draws), key=weight)
+    return sample_masks(cfg, batch, n_rois, n_time, torch.Generator().manual_seed(seed + heaviest))
+
+
 def estimate_step_memory(size: str = "base", batch: int = 16, n_rois: int = 450, n_frames: int = 160,
                          steps: int = 5, warmup: int = 2, seed: int = 0, reference_masks: bool = False,
                          selective_checkpointing: bool = False, recompute_fraction: float = 0.0,
-                         fake: bool = True) -> MemoryEstimate:  # fmt: skip
+                         worst_of: int = 0, fake: bool = True) -> MemoryEstimate:  # fmt: skip
     """Peak bytes of bf16 training steps on the batches `brainjepa bench` times (same seed, same
     masks): `warmup` steps first (the first allocates AdamW's state), then the peak of each of `steps`.
     `recompute_fraction` is `perf.recompute_fraction` (1 = full activation checkpointing).
+    `worst_of=N` times one step on the heaviest masks of N draws instead (`heaviest_masks`): what a
+    long run meets sooner or later, so what a GPU must hold.
     `fake=False` runs the same count on real CPU tensors (slow; it checks the fake run)."""
     cfg = ModelConfig(size=size, n_rois=n_rois, n_frames=n_frames)
-    make = synthetic_batches(batch, n_rois, n_frames, cfg.n_time_patches, MaskConfig(reference_truncation=reference_masks), seed)
+    mask_cfg = MaskConfig(reference_truncation=reference_masks)
+    make = synthetic_batches(batch, n_rois, n_frames, cfg.n_time_patches, mask_cfg, seed)
     mode = FakeTensorMode() if fake else None
     if mode is None:
         models = JEPAModels(cfg, torch.randn(n_rois, cfg.gradient_components, generator=torch.Generator().manual_seed(seed)))
@@ -159,7 +180,10 @@ def estimate_step_memory(size: str = "base", batch: int = 16, n_rois: int = 450,
     perf = PerfConfig(attention="default", selective_checkpointing=selective_checkpointing,
                       recompute_fraction=recompute_fraction)  # fmt: skip
     step_fn = PretrainStep(models, OptimConfig(), total_steps=1000, device="cpu", fused=True, precision="bf16", perf=perf)
-    batches = [make(s)[0] for s in range(1, 1 + warmup + steps)]  # real: mask sampling reads values
+    batches = [make(s)[0] for s in range(1, 1 + warmup + (0 if worst_of else steps))]  # real: masks read values
+    if worst_of:
+        heavy = heaviest_masks(mask_cfg, batch, n_rois, cfg.n_time_patches, worst_of, seed)
+        batches.append((torch.zeros(batch, n_rois, n_frames), heavy))
     peaks, contexts = [], []
     as_input = mode.from_tensor if mode is not None else (lambda t: t)
     with mode or nullcontext(), live:
@@ -176,7 +200,8 @@ def estimate_step_memory(size: str = "base", batch: int = 16, n_rois: int = 450,
     optimizer = sum(live._seen.get(t.untyped_storage(), 0) for st in step_fn.optimizer.state.values()
                     for t in st.values() if isinstance(t, torch.Tensor) and t.ndim > 0)  # fmt: skip
     setting = setting_label(selective_checkpointing, recompute_fraction)
-    return MemoryEstimate(size=size, batch=batch, masks="reference" if reference_masks else "ours", setting=setting,
+    masks = "reference" if reference_masks else f"ours, worst of {worst_of}" if worst_of else "ours"
+    return MemoryEstimate(size=size, batch=batch, masks=masks, setting=setting,
                           selective_checkpointing=selective_checkpointing, recompute_fraction=recompute_fraction,
                           weights_gib=weights / GIB, optimizer_gib=optimizer / GIB, peak_gib=max(peaks),
                           step_peaks_gib=tuple(round(p, 3) for p in peaks), context_tokens=tuple(contexts),

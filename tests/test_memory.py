@@ -5,9 +5,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from brainjepa.config import ModelConfig, load_pretrain_config
+from brainjepa.config import MaskConfig, ModelConfig, load_pretrain_config
 from brainjepa.jepa import JEPAModels
-from brainjepa.memory import GIB, LiveBytes, estimate_step_memory, fit_setting, parse_setting, perf_yaml
+from brainjepa.masks import sample_masks
+from brainjepa.memory import (
+    GIB,
+    LiveBytes,
+    estimate_step_memory,
+    fit_setting,
+    heaviest_masks,
+    parse_setting,
+    perf_yaml,
+)
 
 SMALL = dict(size="tiny", batch=2, n_rois=32, n_frames=64, steps=1, warmup=1)
 WIDER = SMALL | {"batch": 8}
@@ -79,3 +88,13 @@ def test_fit_says_none_when_even_full_recomputation_does_not_fit() -> None:
     assert chosen is None
     assert [e.setting for e in tried] == ["eager", "selective", "selective + recompute 25%", "selective + recompute 50%",
                                           "selective + recompute 75%", "full"]  # fmt: skip
+
+
+def test_heaviest_masks_are_the_largest_draw_at_any_batch() -> None:
+    cfg = MaskConfig()
+    counts = [sample_masks(cfg, 1, 450, 10, torch.Generator().manual_seed(i)).context.shape[1] for i in range(50)]
+    heavy = heaviest_masks(cfg, 16, 450, 10, draws=50)
+    assert heavy.context.shape == (16, max(counts))  # sizes are drawn per batch, before any per-sample draw
+    assert max(counts) > sorted(counts)[len(counts) // 2]
+    with pytest.raises(ValueError, match="only for our masks"):
+        heaviest_masks(MaskConfig(reference_truncation=True), 16, 450, 10, draws=5)

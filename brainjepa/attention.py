@@ -22,12 +22,22 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.use_sdpa = use_sdpa
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, D) -> (B, N, D); with `queries` (B, S, D), only those attend (to all of x): (B, S, D).
+
+        The queries' rows of the output equal those of the full call: each query row of attention
+        depends on its own query and on every key and value, nothing else.
+        """
         B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, Dh)
-        if self.use_sdpa:
-            out = F.scaled_dot_product_attention(q, k, v)
+        H, Dh = self.num_heads, D // self.num_heads
+        if queries is None:
+            qkv = self.qkv(x).reshape(B, N, 3, H, Dh)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, Dh)
         else:
-            out = explicit_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(queries, w[:D], None if b is None else b[:D])  # (B, S, D)
+            q = q.reshape(B, -1, H, Dh).transpose(1, 2)  # (B, H, S, Dh)
+            kv = F.linear(x, w[D:], None if b is None else b[D:]).reshape(B, N, 2, H, Dh)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, Dh)
+        out = F.scaled_dot_product_attention(q, k, v) if self.use_sdpa else explicit_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(B, q.shape[2], D))  # (B, N or S, D)

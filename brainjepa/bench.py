@@ -101,10 +101,11 @@ def fast_perf(device: torch.device | str, cuda_graphs: bool = False, attention: 
                       selective_checkpointing=selective_checkpointing, recompute_fraction=recompute_fraction)  # fmt: skip
 
 
-def _eager_step_flops(models: JEPAModels, batches: MicroBatches, device: torch.device) -> int:
-    """FLOPs of one plain eager step (the anchor's counter), with an optimizer that is then freed."""
+def _eager_step_flops(models: JEPAModels, batches: list[MicroBatches], device: torch.device) -> int:
+    """FLOPs of plain eager steps on `batches` (the anchor's counter), summed, with an optimizer that is
+    then freed. Our token counts change per batch, so the timed batches themselves are counted."""
     step_fn = PretrainStep(models, OptimConfig(), total_steps=1000, device=device)
-    flops = count_step_flops(lambda: step_fn(batches, 0))
+    flops = sum(count_step_flops(lambda mb=mb: step_fn(mb, 0)) for mb in batches)
     step_fn.optimizer.state.clear()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -142,7 +143,8 @@ def run_bench(size: str = "base", batch: int = 16, device: str = "cpu", steps: i
     make = synthetic_batches(batch, n_rois, n_frames, cfg.n_time_patches, mask_cfg, seed)
     warmup = max(1, warmup)
 
-    flops = _eager_step_flops(models, make(0), dev)
+    timed = range(1 + warmup, 1 + warmup + steps)
+    flops = _eager_step_flops(models, [make(s) for s in timed], dev) / steps  # per timed step, on average
     step_fn = PretrainStep(models, OptimConfig(), total_steps=1000, device=dev,
                            activation_checkpointing=activation_checkpointing, perf=perf)  # fmt: skip
     batches = iter(Prefetcher(make, range(1, 1 + warmup + steps), perf.prefetch, pin=dev.type == "cuda"))

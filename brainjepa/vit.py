@@ -63,7 +63,14 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, D) -> (B, N, D); with `select` (B, S) token indices, the block's output at those
+        tokens only, (B, S, D): every token is a key and value, only the selected ones are queries,
+        and the MLP runs on those alone (the same numbers as selecting after the full block)."""
+        if select is not None:
+            h = self.norm1(x)  # (B, N, D)
+            x = gather_tokens(x, select) + self.attn(h, queries=gather_tokens(h, select))  # (B, S, D)
+            return x + self.mlp(self.norm2(x))
         if self.selective_checkpointing and torch.is_grad_enabled():
             return checkpoint(self._residual, x, use_reentrant=False, context_fn=_selective_context)
         return self._residual(x)
@@ -126,6 +133,7 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(D, eps=1e-6)
         self.recompute_blocks = 0  # leading blocks recomputed whole in backward (set by the training step)
+        self.select_in_last_block = True  # `select`: the last block computes the selected tokens only
         self.apply(init_weights)
         rescale_blocks(self.blocks)
 
@@ -139,7 +147,11 @@ class Encoder(nn.Module):
         tokens = self.patch_embed(x) + self.pos_embed()[None].to(x.dtype)  # (B, N, D)
         if keep is not None:
             tokens = gather_tokens(tokens, keep)  # (B, M, D)
-        tokens = run_blocks(self.blocks, tokens, self.recompute_blocks)
-        if select is not None:
-            tokens = gather_tokens(tokens, select)  # (B, S, D)
+        if select is None or not self.select_in_last_block:
+            tokens = run_blocks(self.blocks, tokens, self.recompute_blocks)
+            if select is not None:
+                tokens = gather_tokens(tokens, select)  # (B, S, D)
+        else:  # the last block computes only the selected tokens' outputs
+            tokens = run_blocks(self.blocks[:-1], tokens, self.recompute_blocks)
+            tokens = self.blocks[-1](tokens, select)  # (B, S, D)
         return self.norm(tokens)

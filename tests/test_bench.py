@@ -6,13 +6,15 @@ from __future__ import annotations
 import gzip
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from brainjepa.bench import count_step_flops, run_bench
+from brainjepa.bench import count_step_flops, run_bench, synthetic_batches
 from brainjepa.cli import app
-from brainjepa.config import MaskConfig, PerfConfig
+from brainjepa.config import MaskConfig, ModelConfig, OptimConfig, PerfConfig
+from brainjepa.jepa import JEPAModels, PretrainStep
 from brainjepa.masks import sample_masks
 from brainjepa.profiling import PHASES
 
@@ -62,3 +64,16 @@ def test_reference_masks_cost_fewer_flops_than_ours() -> None:
     counts = {name: sum(sample_masks(MaskConfig(reference_truncation=name == "ref"), 8, 450, 10, g).context.shape[1]
                         for _ in range(40)) / 40 for name in ("ours", "ref")}  # fmt: skip
     assert counts["ref"] < 0.9 * counts["ours"], counts  # measured ~810 vs ~1,100 context tokens
+
+
+def test_flops_are_counted_on_the_timed_batches() -> None:
+    """Our token counts change per batch: achieved TFLOP/s must divide the timed batches' own FLOPs."""
+    kw = dict(size="tiny", batch=4, n_rois=40, n_frames=160)
+    r = run_bench(**kw, steps=2, warmup=1, perf=PerfConfig(prefetch=0))
+    cfg = ModelConfig(size="tiny", n_rois=40, n_frames=160)
+    make = synthetic_batches(4, 40, 160, cfg.n_time_patches, MaskConfig(), seed=0)
+    step = PretrainStep(JEPAModels(cfg, torch.randn(40, cfg.gradient_components)), OptimConfig(), total_steps=10)
+    per_batch = [count_step_flops(lambda s=s: step(make(s), 0)) for s in (2, 3)]  # after 1 warm-up step
+    assert len(set(per_batch)) == 2, "pick a seed whose two timed batches differ"
+    assert r.tflop_per_sample * 4 * 1e12 == pytest.approx(sum(per_batch) / 2, rel=1e-9)
+    assert r.context_tokens == sum(make(s)[0][1].context.shape[1] for s in (2, 3)) / 2

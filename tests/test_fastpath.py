@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
-from brainjepa.bench import synthetic_batches
+from brainjepa.bench import CPU_SDPA_FLOPS, synthetic_batches
 from brainjepa.cli import app
 from brainjepa.config import MaskConfig, ModelConfig, OptimConfig, PerfConfig, load_pretrain_config
 from brainjepa.fastpath import attention_backends, compile_blocks
@@ -51,8 +52,30 @@ def test_target_selects_tokens_after_the_blocks_exactly() -> None:
     idx = torch.stack([torch.randperm(cfg.n_rois * cfg.n_time_patches)[:17] for _ in range(3)])  # (B, 17)
     with torch.no_grad():
         full = gather_tokens(models.target(x), idx)
-        selected = models.target(x, select=idx)
-    assert torch.equal(full, selected)
+        models.target.select_in_last_block = False
+        after_blocks = models.target(x, select=idx)  # the final LayerNorm on the selected tokens only
+        models.target.select_in_last_block = True
+        in_last_block = models.target(x, select=idx)  # the last block's queries and MLP on them only
+    assert torch.equal(full, after_blocks)
+    assert in_last_block.shape == (3, 17, cfg.embed_dim)
+    torch.testing.assert_close(in_last_block, full, rtol=1e-5, atol=1e-5)  # other matmul shapes: rounding only
+    assert not torch.equal(in_last_block, gather_tokens(models.target(x), idx.flip(1)))  # the order is kept
+
+
+def test_selecting_in_the_last_block_saves_its_flops() -> None:
+    cfg = ModelConfig(size="small", n_rois=100, n_frames=160)
+    with torch.device("meta"):
+        target = JEPAModels(cfg, torch.zeros(100, cfg.gradient_components)).target
+        x, idx = torch.zeros(2, 100, 160), torch.zeros(2, 250, dtype=torch.long)  # 250 of 1,000 tokens
+    flops = {}
+    for flag in (False, True):
+        target.select_in_last_block = flag
+        with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as counter, torch.no_grad():
+            target(x, select=idx)
+        flops[flag] = counter.get_total_flops()
+    per_block = flops[False] / cfg.depth
+    saved = (flops[False] - flops[True]) / per_block
+    assert 0.6 < saved < 0.8  # 3/4 of the queries, projections and MLP rows; the keys and values stay
 
 
 @needs_compiler

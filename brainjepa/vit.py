@@ -37,7 +37,13 @@ _KEEP_OPS = {
 
 
 def _keep_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:  # noqa: ANN001 (torch's policy signature)
-    return CheckpointPolicy.MUST_SAVE if op in _KEEP_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    if op not in _KEEP_OPS:
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    if op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+        inp, weight = args[-2:]  # mm(input, weight) / addmm(bias, input, weight): (M, K) @ (K, N)
+        if weight.shape[1] < inp.shape[1]:  # the MLP's down-projection: its output only joins the
+            return CheckpointPolicy.PREFER_RECOMPUTE  # residual, backward never reads it (never recomputed)
+    return CheckpointPolicy.MUST_SAVE
 
 
 def _selective_context():  # noqa: ANN202

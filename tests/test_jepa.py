@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from brainjepa.bench import CPU_SDPA_FLOPS
 from brainjepa.config import MaskConfig, ModelConfig, OptimConfig
 from brainjepa.jepa import JEPAModels, PretrainStep, jepa_loss, recompute_count
 from brainjepa.masks import Masks, sample_masks
@@ -125,19 +127,28 @@ def test_activation_checkpointing_gives_the_same_gradients() -> None:
 
 
 def test_selective_checkpointing_gives_the_same_gradients() -> None:
-    """Keeping matmul outputs and recomputing LayerNorm / GELU / adds in backward changes no gradient."""
+    """Keeping matmul outputs and recomputing LayerNorm / GELU / adds in backward changes no gradient,
+    and recomputes no matmul."""
     models, x, masks = _setup()
-    jepa_loss(models, x, masks).backward()
-    plain = [p.grad.clone() for p in models.parameters() if p.requires_grad]
-    models.zero_grad(set_to_none=True)
     blocks = [*models.encoder.blocks, *models.predictor.blocks]
-    for blk in blocks:
-        blk.selective_checkpointing = True
+
+    def grads_and_flops(selective: bool) -> tuple[list[torch.Tensor], int]:
+        models.zero_grad(set_to_none=True)
+        for blk in blocks:
+            blk.selective_checkpointing = selective
+        with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as counter:
+            jepa_loss(models, x, masks).backward()
+        return [p.grad.clone() for p in models.parameters() if p.requires_grad], counter.get_total_flops()
+
+    plain, plain_flops = grads_and_flops(False)
     recomputed = []
     handles = [blk.norm2.register_forward_hook(lambda *_: recomputed.append(1)) for blk in blocks]
-    jepa_loss(models, x, masks).backward()
+    selective, selective_flops = grads_and_flops(True)
     for h in handles:
         h.remove()
     assert len(recomputed) == 2 * len(blocks), "LayerNorm was not recomputed in backward"
-    for a, b in zip(plain, [p.grad for p in models.parameters() if p.requires_grad], strict=True):
+    for a, b in zip(plain, selective, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+    # kept outputs come from the cache; the MLP's down-projection, read by no backward, is neither
+    # kept nor recomputed
+    assert selective_flops == plain_flops

@@ -79,11 +79,13 @@ def test_selecting_in_the_last_block_saves_its_flops() -> None:
 
 
 @needs_compiler
-def test_compiled_blocks_keep_parameters_and_gradients() -> None:
+@pytest.mark.parametrize("selective", [False, True], ids=["plain", "selective-checkpointing"])
+def test_compiled_blocks_keep_parameters_and_gradients(selective: bool) -> None:
     torch.manual_seed(0)
     blk = Block(32, 4)
     ref = Block(32, 4)
     ref.load_state_dict(blk.state_dict())
+    blk.selective_checkpointing = selective  # the policy runs inside the compiled graph
     assert compile_blocks(torch.nn.ModuleList([blk])) == 1
     for n in (5, 9):  # two token counts, one graph
         x = torch.randn(2, n, 32, requires_grad=True)

@@ -1,10 +1,13 @@
 """The fake-tensor memory estimate (brainjepa/memory.py): exact against real tensors, and it ranks the settings."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from brainjepa.cli import app
 from brainjepa.config import MaskConfig, ModelConfig, load_pretrain_config
 from brainjepa.jepa import JEPAModels
 from brainjepa.masks import sample_masks
@@ -98,3 +101,15 @@ def test_heaviest_masks_are_the_largest_draw_at_any_batch() -> None:
     assert max(counts) > sorted(counts)[len(counts) // 2]
     with pytest.raises(ValueError, match="only for our masks"):
         heaviest_masks(MaskConfig(reference_truncation=True), 16, 450, 10, draws=5)
+
+
+def test_memory_command_prints_estimates_and_rejects_bad_settings() -> None:
+    args = ["memory", "--size", "tiny", "--batch", "2", "--rois", "32", "--frames", "64", "--steps", "1"]
+    result = CliRunner().invoke(app, [*args, "--setting", "selective", "--json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.output.strip().splitlines()[-1])
+    assert row["setting"] == "selective" and row["peak_gib"] > row["weights_gib"] > 0
+    bad = CliRunner().invoke(app, [*args, "--setting", "fastest"])
+    assert bad.exit_code == 2 and "--setting" in bad.output and "fastest" in bad.output
+    bad = CliRunner().invoke(app, [*args, "--reference-masks", "--worst-of", "5"])
+    assert bad.exit_code == 2 and "only for our masks" in bad.output

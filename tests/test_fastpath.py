@@ -131,20 +131,20 @@ def test_prefetcher_yields_every_step_in_order_and_stops_cleanly() -> None:
     assert threading.active_count() == before
 
 
-def test_perf_section_is_validated_with_the_field_named(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("text", "error"), [
+    ("perf:\n  attention: fastest\n", "perf.attention.*fastest"),
+    ("perf:\n  cuda_graphs: true\n", "perf.cuda_graphs.*perf.compile"),
+    ("perf:\n  recompute_fraction: 1.5\n", "perf.recompute_fraction.*1.5"),
+    ("train:\n  precision: fp16\n", "train.precision.*fp16"),
+])  # fmt: skip
+def test_perf_section_is_validated_with_the_field_named(tmp_path: Path, text: str, error: str) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text("perf:\n  attention: fastest\n")
-    with pytest.raises(ConfigError, match="perf.attention.*fastest"):
+    bad.write_text(text)
+    with pytest.raises(ConfigError, match=error):
         load_pretrain_config(bad)
-    bad.write_text("perf:\n  cuda_graphs: true\n")
-    with pytest.raises(ConfigError, match="perf.cuda_graphs.*perf.compile"):
-        load_pretrain_config(bad)
-    bad.write_text("perf:\n  recompute_fraction: 1.5\n")
-    with pytest.raises(ConfigError, match="perf.recompute_fraction.*1.5"):
-        load_pretrain_config(bad)
-    bad.write_text("train:\n  precision: fp16\n")
-    with pytest.raises(ConfigError, match="train.precision.*fp16"):
-        load_pretrain_config(bad)
+
+
+def test_perf_section_is_read(tmp_path: Path) -> None:
     good = tmp_path / "good.yaml"
     good.write_text("perf:\n  compile: true\n  prefetch: 0\n")
     assert load_pretrain_config(good).perf == PerfConfig(compile=True, prefetch=0)

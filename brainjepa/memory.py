@@ -56,6 +56,10 @@ class LiveBytes(TorchDispatchMode):
         self.peak = max(self.peak, self.now)
         weakref.finalize(storage, self._free, n)
 
+    def bytes_of(self, t: torch.Tensor) -> int:
+        """Bytes of `t`'s storage if it is tracked and alive, else 0."""
+        return self._seen.get(t.untyped_storage(), 0)
+
     def _free(self, n: int) -> None:
         self.now -= n
 
@@ -197,7 +201,7 @@ def estimate_step_memory(size: str = "base", batch: int = 16, n_rois: int = 450,
     with mode or nullcontext(), FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as counter:
         step_fn([(as_input(x), masks)], s + 1)  # once more, apart: the counter holds tensors of its own
 
-    optimizer = sum(live._seen.get(t.untyped_storage(), 0) for st in step_fn.optimizer.state.values()
+    optimizer = sum(live.bytes_of(t) for st in step_fn.optimizer.state.values()
                     for t in st.values() if isinstance(t, torch.Tensor) and t.ndim > 0)  # fmt: skip
     setting = setting_label(selective_checkpointing, recompute_fraction)
     masks = "reference" if reference_masks else f"ours, worst of {worst_of}" if worst_of else "ours"

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from brainjepa.bench import count_step_flops, run_bench, synthetic_batches
 from brainjepa.cli import app
 from brainjepa.config import MaskConfig, ModelConfig, OptimConfig, PerfConfig
 from brainjepa.jepa import JEPAModels, PretrainStep
 from brainjepa.masks import sample_masks
-from brainjepa.profiling import PHASES
+from brainjepa.perf.bench import count_step_flops, run_bench, synthetic_batches
+from brainjepa.perf.profiling import PHASES
 
 
 def test_flop_count_includes_attention_on_cpu() -> None:

@@ -15,12 +15,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
-from brainjepa.bench import CPU_SDPA_FLOPS, synthetic_batches
 from brainjepa.cli import app
 from brainjepa.config import MaskConfig, ModelConfig, OptimConfig, PerfConfig, load_pretrain_config
 from brainjepa.fastpath import attention_backends, compile_blocks
 from brainjepa.jepa import JEPAModels, PretrainStep, resolve_precision
-from brainjepa.numerics import compare_paths
+from brainjepa.perf.bench import CPU_SDPA_FLOPS, synthetic_batches
+from brainjepa.perf.numerics import compare_paths
 from brainjepa.prefetch import Prefetcher
 from brainjepa.vit import Block, gather_tokens
 from sites.errors import ConfigError

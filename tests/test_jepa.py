@@ -7,10 +7,10 @@ import math
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from brainjepa.bench import CPU_SDPA_FLOPS
 from brainjepa.config import MaskConfig, ModelConfig, OptimConfig
 from brainjepa.jepa import JEPAModels, PretrainStep, jepa_loss, recompute_count
 from brainjepa.masks import Masks, sample_masks
+from brainjepa.perf.bench import CPU_SDPA_FLOPS
 from brainjepa.schedules import ema_momentum, learning_rate, weight_decay
 
 CFG = ModelConfig(size="tiny", n_rois=24, n_frames=64, gradient_components=6)

@@ -11,7 +11,7 @@ from brainjepa.cli import app
 from brainjepa.config import MaskConfig, ModelConfig, load_pretrain_config
 from brainjepa.jepa import JEPAModels
 from brainjepa.masks import sample_masks
-from brainjepa.memory import (
+from brainjepa.perf.memory import (
     GIB,
     LiveBytes,
     estimate_step_memory,

@@ -21,8 +21,8 @@ from brainjepa.config import MaskConfig, ModelConfig, OptimConfig, PerfConfig
 from brainjepa.fastpath import attention_backends
 from brainjepa.jepa import JEPAModels, PretrainStep
 from brainjepa.masks import sample_masks
+from brainjepa.perf.profiling import profile_steps
 from brainjepa.prefetch import MicroBatches, Prefetcher
-from brainjepa.profiling import profile_steps
 
 # The reference code on one H200 (shared/reference/gpu-anchor.md, flash path via SDPA, bf16):
 # (size, batch) -> (samples/s, peak GiB of torch.cuda.max_memory_allocated).
@@ -133,7 +133,7 @@ def run_bench(size: str = "base", batch: int = 16, device: str = "cpu", steps: i
               profile_dir: Path | None = None) -> BenchResult:  # fmt: skip
     """Time `steps` optimizer steps after `warmup` untimed ones; batches are built by the same
     background prefetcher as in training, so mask sampling is timed only where it is not hidden.
-    With `profile_dir`, three more steps run under torch.profiler (`brainjepa.profiling`)."""
+    With `profile_dir`, three more steps run under torch.profiler (`brainjepa.perf.profiling`)."""
     dev = torch.device(device)
     perf = perf or PerfConfig(attention="default")
     cfg = ModelConfig(size=size, n_rois=n_rois, n_frames=n_frames)

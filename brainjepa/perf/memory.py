@@ -25,10 +25,10 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from brainjepa.bench import CPU_SDPA_FLOPS, synthetic_batches
 from brainjepa.config import MaskConfig, ModelConfig, OptimConfig, PerfConfig
 from brainjepa.jepa import JEPAModels, PretrainStep
 from brainjepa.masks import Masks, sample_masks
+from brainjepa.perf.bench import CPU_SDPA_FLOPS, synthetic_batches
 
 GIB = 2**30
 

@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from brainjepa.bench import describe, synthetic_batches
 from brainjepa.config import MaskConfig, ModelConfig, OptimConfig, PerfConfig
 from brainjepa.jepa import JEPAModels, PretrainStep, resolve_precision
+from brainjepa.perf.bench import describe, synthetic_batches
 
 # Stated tolerances (docs/performance.md): (largest, mean) relative loss difference over the run.
 # fp32: the compiler only reorders float sums (measured on CPU: ~7e-7 largest over 200 steps).

@@ -2,13 +2,13 @@
 
 On the device machine (its image has torch, pyyaml, tqdm, matplotlib; nothing to install):
 
-    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 scripts/gpu_perf.py --out $OUT --budget 480
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 -m brainjepa.perf.gpu_plan --out $OUT --budget 480
 
 Writes to --out (8 files, the device tool's limit): results.jsonl (one line per run, appended as it
 goes), table.md (environment, ours beside the reference's anchor in shared/reference/gpu-anchor.md),
 numerics.json / numerics.png (fast vs eager, 200 steps, bf16), two profile-*.md (time per phase and
 op) and one Chrome trace. Prints table.md last.
-`--device cpu --quick` runs the same plan on tiny models, to check the script itself here.
+`--device cpu --quick` runs the same plan on tiny models, to check the plan itself here.
 """
 
 from __future__ import annotations
@@ -25,16 +25,16 @@ from pathlib import Path
 import torch
 import torch._dynamo
 
-from brainjepa.bench import REFERENCE_H200 as ANCHOR
-from brainjepa.bench import BenchResult, fast_perf, run_bench, synthetic_batches
 from brainjepa.config import MaskConfig, ModelConfig, OptimConfig, PerfConfig
 from brainjepa.jepa import JEPAModels, PretrainStep
-from brainjepa.numerics import compare_paths
+from brainjepa.perf.bench import REFERENCE_H200 as ANCHOR
+from brainjepa.perf.bench import BenchResult, fast_perf, run_bench, synthetic_batches
+from brainjepa.perf.numerics import compare_paths
+from brainjepa.perf.profiling import profile_steps  # noqa: F401 (run_bench profiles through it)
 from brainjepa.plots import plot_loss_pair
 from brainjepa.prefetch import pinned
-from brainjepa.profiling import profile_steps  # noqa: F401 (run_bench profiles through it)
 
-log = logging.getLogger("gpu_perf")
+log = logging.getLogger("gpu_plan")
 
 @dataclass(frozen=True)
 class Item:

@@ -1,7 +1,7 @@
 """How close is `brainjepa memory`? Run the reference Brain-JEPA code's own training step under the same
 fake-tensor byte count and compare with its measured H200 peaks (shared/reference/gpu-anchor.md).
 
-    python scripts/reference_memory.py --reference-repo PATH/TO/Brain-JEPA --size base --batch 16
+    PYTHONPATH=. python3 -m brainjepa.perf.reference_memory --reference-repo PATH/TO/Brain-JEPA --size base --batch 16
 
 It imports the reference's encoder, predictor, mask collator and helpers from a checkout (nothing of
 it is copied here). Its flash-attn import is served by SDPA, as in the anchor's measurement; the step
@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from brainjepa.bench import REFERENCE_H200
-from brainjepa.memory import GIB, LiveBytes, fake_parameters
+from brainjepa.perf.bench import REFERENCE_H200
+from brainjepa.perf.memory import GIB, LiveBytes, fake_parameters
 
 
 def _qkv_packed_sdpa(qkv: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:

@@ -8,19 +8,28 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
 
+from sites.config import SiteConfig, load_site_yaml
 from sites.errors import ConfigError, where
-from sites.schema import from_mapping
+from sites.schema import check_choices, from_mapping
+from sites.temporal import DEFAULT_MODEL_TR
+
+ModelSize = Literal["tiny", "small", "base", "large"]
+PosEmbed = Literal["gradient", "learned_roi", "sincos_roi"]  # gradient: Brain-JEPA; the others are ablations
+Loss = Literal["smooth_l1", "l2"]
+Scaling = Literal["robust", "none"]
+Precision = Literal["auto", "bf16", "fp32"]  # auto: bf16 autocast on CUDA, fp32 on CPU
+AttentionBackend = Literal["auto", "cudnn", "flash", "efficient", "math", "default"]
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Encoder / predictor shapes. `n_rois` x `n_frames` is one sample; `patch_size` frames per token."""
 
-    size: str = "tiny"  # tiny | small | base | large (sets the encoder width/depth/heads)
+    size: ModelSize = "tiny"  # sets the encoder width/depth/heads
     n_rois: int = 450
     n_frames: int = 160
     patch_size: int = 16
@@ -32,11 +41,10 @@ class ModelConfig:
     pred_depth: int = 0
     pred_heads: int = 0
     mlp_ratio: float = 4.0
-    pos_embed: str = "gradient"  # gradient | learned_roi | sincos_roi (ablations)
+    pos_embed: PosEmbed = "gradient"
 
     def __post_init__(self) -> None:
-        if self.size not in ENCODER_SIZES:
-            raise ConfigError(f"model.size: expected one of {sorted(ENCODER_SIZES)}, got '{self.size}'")
+        check_choices(self, "model")
         d, depth, heads = ENCODER_SIZES[self.size]
         object.__setattr__(self, "embed_dim", self.embed_dim or d)
         object.__setattr__(self, "depth", self.depth or depth)
@@ -54,8 +62,6 @@ class ModelConfig:
                 raise ConfigError(
                     f"model.{name}dim={dim}: must be divisible by 4 and by model.{name}heads={heads}"
                 )
-        if self.pos_embed not in ("gradient", "learned_roi", "sincos_roi"):
-            raise ConfigError(f"model.pos_embed: expected gradient|learned_roi|sincos_roi, got '{self.pos_embed}'")
 
     @property
     def n_time_patches(self) -> int:
@@ -108,12 +114,11 @@ class OptimConfig:
     final_weight_decay: float = 0.4
     ema: tuple[float, float] = (0.996, 1.0)
     betas: tuple[float, float] = (0.9, 0.999)
-    loss: str = "smooth_l1"  # smooth_l1 | l2
+    loss: Loss = "smooth_l1"
     accumulation_steps: int = 1
 
     def __post_init__(self) -> None:
-        if self.loss not in ("smooth_l1", "l2"):
-            raise ConfigError(f"optim.loss: expected smooth_l1 or l2, got '{self.loss}'")
+        check_choices(self, "optim")
         if self.accumulation_steps < 1:
             raise ConfigError(f"optim.accumulation_steps: expected >= 1, got {self.accumulation_steps}")
 
@@ -125,12 +130,11 @@ class DataConfig:
     site: str = ""  # path of a site YAML (sites.config schema)
     roi_dir: str = ""  # or: a folder of per-subject (R, L) .npy files, already at the model TR
     gradients: str = ""  # gradient file (.npy/.csv, R x k); empty = computed from the cohort's FC
-    model_tr: float = 2.205  # seconds: every site's series is resampled to it (site input only)
-    scaling: str = "robust"  # robust: (x - median_r) / IQR_r over training subjects' ROI means | none
+    model_tr: float = DEFAULT_MODEL_TR  # seconds: every site's series is resampled to it (site input only)
+    scaling: Scaling = "robust"  # robust: (x - median_r) / IQR_r over training subjects' ROI means
 
     def __post_init__(self) -> None:
-        if self.scaling not in ("robust", "none"):
-            raise ConfigError(f"data.scaling: expected robust or none, got '{self.scaling}'")
+        check_choices(self, "data")
 
 
 @dataclass(frozen=True)
@@ -143,14 +147,13 @@ class TrainConfig:
     checkpoint_every: int = 50
     log_every: int = 1
     activation_checkpointing: bool = False  # recompute block activations in backward (less memory)
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    precision: Precision = "auto"
 
     def __post_init__(self) -> None:
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"train.precision: expected auto, bf16 or fp32, got '{self.precision}'")
+        check_choices(self, "train")
 
 
-ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "default")
+ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 
 
 @dataclass(frozen=True)
@@ -159,15 +162,14 @@ class PerfConfig:
     all off is the plain eager path that Opacus hooks and debuggers see."""
 
     compile: bool = False  # torch.compile every transformer block (one graph per width, dynamic token count)
-    attention: str = "auto"  # SDPA backend order on CUDA: auto (cuDNN first on Hopper) | cudnn | flash | efficient | math | default
+    attention: AttentionBackend = "auto"  # SDPA backend order on CUDA (auto: cuDNN first on Hopper)
     cuda_graphs: bool = False  # CUDA + compile only: replay the target encoder's static-shape forward as a CUDA graph
     prefetch: int = 2  # steps of batches (windows + masks) prepared ahead in a background thread; 0 = inline
     selective_checkpointing: bool = False  # backward keeps matmul/attention outputs, recomputes pointwise ops (less memory)
     recompute_fraction: float = 0.0  # share of each trained network's blocks recomputed whole in backward (1 = train.activation_checkpointing)
 
     def __post_init__(self) -> None:
-        if self.attention not in ATTENTION_BACKENDS:
-            raise ConfigError(f"perf.attention: expected one of {'|'.join(ATTENTION_BACKENDS)}, got '{self.attention}'")
+        check_choices(self, "perf")
         if self.cuda_graphs and not self.compile:
             raise ConfigError("perf.cuda_graphs: needs perf.compile: true (the graphs are captured by torch.compile)")
         if self.prefetch < 0:
@@ -184,6 +186,45 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """A site's DP-SGD budget (the `privacy` section of a site YAML)."""
+
+    enabled: bool = False
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.enabled:  # never accept a protection we do not give
+            raise ConfigError("privacy.enabled: true asks for DP-SGD, which this version does not implement yet; "
+                              "the site would train WITHOUT differential privacy. Set 'enabled: false' (or remove "
+                              "the privacy section) to train without it, or do not join")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SiteRuntime:
+    """How a site trains, from the top-level keys of its YAML that are not about its data
+    (`sites.config.RUNTIME_KEYS`): the machine's device and speed switches, and its privacy budget."""
+
+    batch_size: int = 16  # not used yet: federated rounds use the run's batch-size, `pretrain` its train.batch_size
+    device: str = "cpu"  # auto | cpu | cuda | cuda:N
+    perf: PerfConfig = field(default_factory=PerfConfig)  # this machine's speed switches (brainjepa.fastpath)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise ConfigError(f"batch_size: expected a positive integer, got {self.batch_size}")
+
+
+def load_site(path: str | Path) -> tuple[SiteConfig, SiteRuntime]:
+    """Read a site YAML once: its data description (`sites`) and how it trains (`SiteRuntime`).
+    Errors name the file and the key."""
+    site, runtime = load_site_yaml(path)
+    return site, from_mapping(SiteRuntime, runtime, site.source)
 
 
 def load_pretrain_config(path: str | Path, overrides: dict | None = None) -> PretrainConfig:

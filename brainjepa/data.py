@@ -9,32 +9,15 @@ seen without the interruption, and a federated site can pick up where its last r
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from brainjepa.config import MaskConfig
+from brainjepa.config import MaskConfig, PretrainConfig
 from brainjepa.masks import Masks, sample_masks
+from sites.cohort import Cohort
 from sites.errors import DataError
-from sites.roi_io import check_series
 from sites.windows import PackedSeries, check_lengths, pack, random_windows
-
-
-def load_roi_dir(path: str | Path) -> tuple[list[np.ndarray], list[str]]:
-    """Read every `*.npy` (R, L) file of a folder, sorted by name: (series, subject ids)."""
-    path = Path(path)
-    files = sorted(path.glob("*.npy"))
-    if not files:
-        raise DataError(f"data folder '{path}': no .npy ROI-series files found")
-    series = []
-    for f in files:
-        x = np.load(f).astype(np.float32)
-        if x.ndim != 2:
-            raise DataError(f"'{f}': expected a 2-D ROI x time array, got shape {x.shape}")
-        check_series(x, f)
-        series.append(x)
-    return series, [f.stem for f in files]
 
 
 def pack_cohort(series: Sequence[np.ndarray], subject_ids: Sequence[str], n_frames: int) -> PackedSeries:
@@ -71,3 +54,12 @@ class BatchStream:
         g = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, 2, index]).integers(2**62)))
         masks = sample_masks(self.mask_cfg, self.batch_size, self.packed.n_rois, self.n_time, g)
         return torch.from_numpy(x), masks  # (B, R, T)
+
+
+def pretraining_stream(cohort: Cohort, cfg: PretrainConfig) -> BatchStream:
+    """The batches `cfg` trains on from `cohort` (one site's, or a folder's): checked, packed, seeded."""
+    m, t = cfg.model, cfg.train
+    if cohort.series[0].shape[0] != m.n_rois:
+        raise DataError(f"data '{cohort.source}' has {cohort.series[0].shape[0]} ROIs but model.n_rois is {m.n_rois}")
+    packed = pack_cohort(cohort.series, cohort.subject_ids, m.n_frames)
+    return BatchStream(packed, m.n_frames, m.patch_size, t.batch_size, cfg.mask, t.seed)

@@ -14,6 +14,7 @@ import numpy as np
 import typer
 
 from sites.errors import InputError
+from sites.temporal import DEFAULT_MODEL_TR
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def prepare(
     min_frames: Annotated[
         int | None, typer.Option(help="Model window T: count scans shorter than T frames at --model-tr.")
     ] = None,
-    model_tr: Annotated[float, typer.Option(help="Model TR in seconds (for the too-short count).")] = 2.205,
+    model_tr: Annotated[float, typer.Option(help="Model TR in seconds (for the too-short count).")] = DEFAULT_MODEL_TR,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Extract ROI x time series from a site's 4D NIfTI (BIDS derivatives) with its label atlases.
@@ -96,7 +97,7 @@ def gradients(
     ] = "train",
     model_tr: Annotated[
         float, typer.Option(help="With --site: model TR the series are resampled to.")
-    ] = 2.205,
+    ] = DEFAULT_MODEL_TR,
     export_fc_sum: Annotated[
         Path | None,
         typer.Option(
@@ -138,13 +139,9 @@ def gradients(
             source = f"federation of {len(contribs)} site FC sums ({sum(c for _, c in contribs)} subjects)"
             params["sites"] = [str(p) for p in fc_sum]
         else:
-            from sites.cohort import load_site_series
             from sites.config import load_site_config
 
-            contribs = []
-            for y in site:
-                ss = load_site_series(load_site_config(y), model_tr=model_tr, split=split)
-                contribs.append(G.site_fc_sum(ss.series))
+            contribs = [G.site_contribution(load_site_config(y), model_tr, split) for y in site]
             if export_fc_sum is not None:
                 if len(site) != 1:
                     raise ValueError("--export-fc-sum takes exactly one --site")

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sites.cohort import load_cohort
+from sites.config import SiteConfig
 from sites.errors import DataError
 
 
@@ -158,6 +160,11 @@ def site_fc_sum(series: list[np.ndarray]) -> tuple[np.ndarray, int]:
     return total, len(series)
 
 
+def site_contribution(site: SiteConfig, model_tr: float, split: str | None = "train") -> tuple[np.ndarray, int]:
+    """`site_fc_sum` of a site's `split` subjects (None: all) at the model TR: what it shares for gradients."""
+    return site_fc_sum(load_cohort(site, model_tr, split=split, scaling="none").series)
+
+
 def federated_fc(contributions: list[tuple[np.ndarray, int]]) -> np.ndarray:
     """Mean Fisher-z FC of a federation from the sites' (sum, count) pairs -> (R, R)."""
     if not contributions:
@@ -198,11 +205,6 @@ def schaefer400_fc(group: str = "main") -> np.ndarray:
     return schaefer_fc(400, group)
 
 
-def default_schaefer400_gradients(n_components: int = 30, seed: int = 0) -> np.ndarray:
-    """The ready default for Schaefer-400: gradients of BrainSpace's shipped main-group FC -> (400, k)."""
-    return compute_gradients(schaefer400_fc("main"), n_components, seed)
-
-
 def gradient_metadata(g: np.ndarray, source: str, **params: object) -> dict:
     """The sidecar record of a gradient file: source, method, parameters, shape and checksum."""
     return {
@@ -230,9 +232,16 @@ def save_gradients_with_metadata(path: str | Path, g: np.ndarray, metadata: dict
     return path, side
 
 
-def component_correlations(a: np.ndarray, b: np.ndarray, n: int = 3) -> np.ndarray:
-    """|Pearson r| between matching columns of two (R, k) gradient sets, first `n` -> (n,)."""
-    return np.array([abs(np.corrcoef(a[:, i], b[:, i])[0, 1]) for i in range(n)])
+def gradients_for(path: str, series: list[np.ndarray], n_components: int, source: str) -> tuple[np.ndarray, str]:
+    """A run's gradient matrix (R, k) and where it came from: the file at `path`, or (`path` empty) the
+    diffusion-map gradients of the mean connectivity of up to 256 of the cohort's `series`."""
+    n_rois = series[0].shape[0]
+    if path:
+        return load_gradients(path, n_rois, n_components), path
+    n = min(len(series), 256)
+    min_len = min(s.shape[1] for s in series[:n])
+    fc = group_connectivity(np.stack([s[:, :min_len] for s in series[:n]]))
+    return compute_gradients(fc, n_components), f"computed from {n} subjects of {source}"
 
 
 def plot_gradients(g: np.ndarray, path: str | Path, networks: np.ndarray | None = None, title: str = "") -> Path:

@@ -24,6 +24,7 @@ from brainjepa.masks import Masks
 from brainjepa.predictor import Predictor
 from brainjepa.schedules import SchedulePoint, schedule_at
 from brainjepa.vit import Encoder, gather_tokens
+from sites.errors import ConfigError
 
 
 class JEPAModels(nn.Module):
@@ -74,6 +75,15 @@ def param_groups(models: JEPAModels) -> list[dict]:
                 continue
             (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
     return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> CUDA when there is one, else the CPU; a named CUDA device that is not there is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: '{name}' asked for, but no CUDA device is available")
+    return torch.device(name)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

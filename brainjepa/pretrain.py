@@ -9,87 +9,32 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from brainjepa.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from brainjepa.config import PretrainConfig, to_dict
-from brainjepa.data import BatchStream, load_roi_dir, pack_cohort
-from brainjepa.gradients import (
-    compute_gradients,
-    gradient_checksum,
-    group_connectivity,
-    load_gradients,
-    save_gradients,
-)
-from brainjepa.jepa import JEPAModels, PretrainStep
+from brainjepa.data import pretraining_stream
+from brainjepa.gradients import gradient_checksum, gradients_for, save_gradients
+from brainjepa.jepa import JEPAModels, PretrainStep, resolve_device
 from brainjepa.plots import plot_loss_curve
 from brainjepa.prefetch import Prefetcher
 from brainjepa.schedules import schedule_at
-from sites.cohort import load_site_series
+from sites.cohort import Cohort, load_cohort
 from sites.config import load_site_config
 from sites.errors import ConfigError, DataError
-from sites.scaling import RobustScaling
-from sites.scaling import fit as fit_scaling
 
 log = logging.getLogger(__name__)
 
 METRIC_FIELDS = ["step", "loss", "lr", "weight_decay", "momentum", "samples", "seconds"]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: '{name}' asked for, but no CUDA device is available")
-    return torch.device(name)
-
-
-@dataclass(frozen=True)
-class Cohort:
-    series: list[np.ndarray]  # each (R, L_i) float32 at the model TR, scaled
-    subject_ids: list[str]
-    source: str
-    scaling: RobustScaling | None
-
-
-def load_cohort(cfg: PretrainConfig) -> Cohort:
-    """The training subjects named by the config's `data` section, scaled as configured."""
+def load_pretraining_cohort(cfg: PretrainConfig) -> Cohort:
+    """The training subjects named by the config's `data` section (a site YAML or a folder), scaled."""
     if bool(cfg.data.site) == bool(cfg.data.roi_dir):
         raise ConfigError("data: set exactly one of 'site' (a site YAML) or 'roi_dir' (a folder of .npy files)")
-    if cfg.data.site:
-        site = load_site_series(load_site_config(cfg.data.site), cfg.data.model_tr, split="train",
-                                min_frames=cfg.model.n_frames)  # fmt: skip
-        series, ids, source = site.series, site.subject_ids, cfg.data.site
-    else:
-        series, ids = load_roi_dir(cfg.data.roi_dir)
-        source = cfg.data.roi_dir
-    scaling = None
-    if cfg.data.scaling == "robust":
-        scaling = fit_scaling(series)
-        series = scaling.apply_all(series)
-        spread = float(np.median([np.median(s.std(axis=1)) for s in series[:64]]))
-        if spread > 1e3:
-            raise DataError(
-                f"data '{source}': robust scaling divides by the IQR of the subjects' ROI time-means, which is "
-                f"~{spread:.1e} times smaller than the signal: the series look already demeaned (z-scored). "
-                "Set `data.scaling: none` for such data, or give raw (not demeaned) series"
-            )
-    return Cohort(series, ids, source, scaling)
-
-
-def resolve_gradients(cfg: PretrainConfig, cohort: Cohort) -> tuple[np.ndarray, str]:
-    """The gradient matrix (R, k) and where it came from (a file, or the cohort's connectivity)."""
-    m = cfg.model
-    if cfg.data.gradients:
-        return load_gradients(cfg.data.gradients, m.n_rois, m.gradient_components), cfg.data.gradients
-    log.info("no gradient file given: computing %d diffusion-map gradients from the cohort's mean FC",
-             m.gradient_components)  # fmt: skip
-    n = min(len(cohort.series), 256)
-    min_len = min(s.shape[1] for s in cohort.series[:n])
-    fc = group_connectivity(np.stack([s[:, :min_len] for s in cohort.series[:n]]))
-    return compute_gradients(fc, m.gradient_components), f"computed from {n} subjects of {cohort.source}"
+    source = load_site_config(cfg.data.site) if cfg.data.site else cfg.data.roi_dir
+    return load_cohort(source, cfg.data.model_tr, min_frames=cfg.model.n_frames, scaling=cfg.data.scaling)
 
 
 @dataclass(frozen=True)
@@ -123,13 +68,12 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
     device = resolve_device(t.device)
     torch.manual_seed(t.seed)
 
-    cohort = load_cohort(cfg)
-    if cohort.series[0].shape[0] != cfg.model.n_rois:
-        raise DataError(
-            f"data '{cohort.source}' has {cohort.series[0].shape[0]} ROIs but model.n_rois is {cfg.model.n_rois}"
-        )
-    packed = pack_cohort(cohort.series, cohort.subject_ids, cfg.model.n_frames)
-    grads, grad_source = resolve_gradients(cfg, cohort)
+    cohort = load_pretraining_cohort(cfg)
+    stream = pretraining_stream(cohort, cfg)
+    if not cfg.data.gradients:
+        log.info("no gradient file given: computing %d diffusion-map gradients from the cohort's mean FC",
+                 cfg.model.gradient_components)  # fmt: skip
+    grads, grad_source = gradients_for(cfg.data.gradients, cohort.series, cfg.model.gradient_components, cohort.source)
     checksum = gradient_checksum(grads)
     save_gradients(out / "gradients.npy", grads)
     if cohort.scaling is not None:
@@ -150,7 +94,6 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
         start = ckpt["step"]
         log.info("resuming from %s at step %d of %d", ckpt_path, start, t.steps)
 
-    stream = BatchStream(packed, cfg.model.n_frames, cfg.model.patch_size, t.batch_size, cfg.mask, t.seed)
     accum = cfg.optim.accumulation_steps
 
     def checkpoint(step: int) -> None:

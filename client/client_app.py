@@ -2,8 +2,9 @@
 
 Site settings come from the node config: `site-config` (the site YAML) and `gradients` (the federation's
 gradient file). In a simulation (`flwr run .`) nodes only have a `partition-id`: the site is then the
-partition-id-th site YAML of the run config's `sites-dir` (the demo sites the ServerApp generates).
-A refusal (checksum mismatch, bad site config) is an error reply whose reason says what is wrong.
+partition-id-th site YAML (sorted) under the run config's `sites-dir`. The message format is the round
+contract (`brainjepa.federation.contract`); this module only converts between Flower records and it.
+A refusal (contract or checksum mismatch, bad site config) is an error reply whose reason says what is wrong.
 """
 
 from __future__ import annotations
@@ -13,94 +14,72 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.state import load_optimizer, save_optimizer
-from client.training import (
-    WEIGHT_SETS,
-    RoundRefused,
+from brainjepa.federation.contract import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    SITE,
+    ContractError,
+    ErrorCode,
+    Metric,
     RoundSpec,
-    SiteTrainer,
-    load_site_data,
-    resolve_site_config,
+    decode_global,
+    encode_update,
 )
+from client.state import load_optimizer, save_optimizer
+from client.training import RoundRefused, SiteTrainer, load_site_data, resolve_site
 from sites.errors import InputError
 
 log = logging.getLogger(__name__)
 app = ClientApp()
 
-REFUSED = 4001  # error code of a refused round (the reason names the problem)
-FAILED = 4002  # the round raised (bad data, ...)
 
-
-def _demo_dir(context: Context, conf: dict) -> Path:
-    """The demo sites' folder: as resolved by the server (absolute), else from the run config."""
-    if conf.get("demo-sites-dir"):
-        return Path(str(conf["demo-sites-dir"]))
-    run = context.run_config
-    sites_dir = str(run.get("sites-dir", "")) or str(Path(str(run.get("out-dir", "runs/federated"))) / "sites")
-    return Path(sites_dir).resolve()
-
-
-def site_paths(context: Context, conf: dict) -> tuple[Path, Path]:
+def site_paths(context: Context) -> tuple[Path, Path]:
     """(site YAML, gradient file) of this node."""
-    node = context.node_config
+    node, run = context.node_config, context.run_config
+    run_gradients = str(run.get("gradients", ""))
     if "site-config" in node:
         site = Path(str(node["site-config"]))
-        if "gradients" in node:
-            grads = Path(str(node["gradients"]))
-        elif str(context.run_config.get("gradients", "")):
-            grads = Path(str(context.run_config["gradients"]))
-        else:
+        grads = str(node.get("gradients", "")) or run_gradients
+        if not grads:
             raise RoundRefused(f"site '{site}': no gradient file; start the site with --gradients FILE "
                                "(the federation's gradient file, the same as the server's)")  # fmt: skip
-        return site, grads
-    if "partition-id" in node:  # simulation
-        demo = _demo_dir(context, conf)
-        yamls = sorted(demo.glob("*/*.yaml"))
+        return site, Path(grads)
+    if "partition-id" in node:  # simulation: one site YAML per simulated node
+        sites_dir = str(run.get("sites-dir", ""))
+        if not sites_dir or not run_gradients:
+            raise RoundRefused("simulation node: the run config needs 'sites-dir' (a folder of site folders) and "
+                               "'gradients' (`brainjepa-server simulate` prepares both)")  # fmt: skip
+        yamls = sorted(Path(sites_dir).glob("*/*.yaml"))
         pid = int(node["partition-id"])
         if pid >= len(yamls):
-            raise RoundRefused(f"simulation node {pid}: only {len(yamls)} site YAML(s) under '{demo}' "
-                               "(set num-supernodes to the number of demo sites)")  # fmt: skip
-        grads = str(context.run_config.get("gradients", "")) or str(demo / "gradients.npy")
-        return yamls[pid], Path(grads)
+            raise RoundRefused(f"simulation node {pid}: only {len(yamls)} site YAML(s) under '{sites_dir}' "
+                               "(set num-supernodes to the number of sites)")  # fmt: skip
+        return yamls[pid], Path(run_gradients)
     raise RoundRefused("node config has no 'site-config' (start the site with `brainjepa-client --site FILE`)")
-
-
-def decode_sets(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.array(record[k].numpy(), copy=True)).float() for k in record.keys()}
-
-
-def encode_reply(sets: dict[str, torch.Tensor], received: dict[str, torch.Tensor], wire_dtype: str) -> ArrayRecord:
-    """fp32 weights, or fp16 deltas relative to what this site received (the server adds them to its fp32 copy)."""
-    if wire_dtype == "float16":
-        return ArrayRecord({k: Array((sets[k] - received[k]).to(torch.float16).numpy()) for k in WEIGHT_SETS})
-    return ArrayRecord({k: Array(sets[k].numpy()) for k in WEIGHT_SETS})
 
 
 def run_round(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
-    conf = dict(msg.content["config"])
-    spec = RoundSpec.from_config(conf)
-    site_yaml, grad_file = site_paths(context, conf)
-    site_cfg = resolve_site_config(site_yaml)
-    trainer = SiteTrainer(spec, grad_file, site_cfg.device, site_cfg.perf)
-    received = decode_sets(msg.content["arrays"])
+    spec = RoundSpec.from_record(msg.content[CONFIG])
+    site_yaml, grad_file = site_paths(context)
+    site, runtime = resolve_site(site_yaml)
+    trainer = SiteTrainer(spec, grad_file, runtime)
+    received = decode_global(msg.content[ARRAYS].to_torch_state_dict())
     trainer.load_sets(received)
     rounds_done = load_optimizer(context.state, trainer.step_fn.optimizer, spec.model_checksum)
-    data = load_site_data(site_cfg, spec.pretrain)
+    data = load_site_data(site, spec.task_config)
     metrics = trainer.train(data)
-    sets = trainer.sets()
     save_optimizer(context.state, trainer.step_fn.optimizer, spec.model_checksum, rounds_done + 1)
-    arrays = encode_reply(sets, received, spec.wire_dtype)
-    _maybe_dump(context, site_cfg.site, spec, arrays, data.n_subjects)
-    metrics.update({"num-examples": float(data.n_subjects), "round-wall-s": time.perf_counter() - t0,
-                    "bytes-received": float(msg.content["arrays"].count_bytes()),
-                    "bytes-sent": float(arrays.count_bytes()), "rounds-done": float(rounds_done + 1)})  # fmt: skip
-    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
-                          "site": ConfigRecord({"name": site_cfg.site})})  # fmt: skip
+    arrays = ArrayRecord(encode_update(trainer.sets(), received, spec.wire_dtype))
+    _maybe_dump(context, site.site, spec, arrays, data.n_subjects)
+    metrics.update({Metric.NUM_EXAMPLES: float(data.n_subjects), Metric.ROUND_WALL_S: time.perf_counter() - t0,
+                    Metric.BYTES_RECEIVED: float(msg.content[ARRAYS].count_bytes()),
+                    Metric.BYTES_SENT: float(arrays.count_bytes()), Metric.ROUNDS_DONE: float(rounds_done + 1)})  # fmt: skip
+    content = RecordDict({ARRAYS: arrays, METRICS: MetricRecord(metrics), SITE: ConfigRecord({"name": site.site})})
     return Message(content, reply_to=msg)
 
 
@@ -117,7 +96,7 @@ def _maybe_dump(context: Context, site: str, spec: RoundSpec, arrays: ArrayRecor
 def train(msg: Message, context: Context) -> Message:
     try:
         return run_round(msg, context)
-    except RoundRefused as e:
-        return Message(Error(code=REFUSED, reason=f"site refused the round: {e}"), reply_to=msg)
+    except (RoundRefused, ContractError) as e:
+        return Message(Error(code=ErrorCode.REFUSED, reason=f"site refused the round: {e}"), reply_to=msg)
     except InputError as e:
-        return Message(Error(code=FAILED, reason=f"site failed: {e}"), reply_to=msg)
+        return Message(Error(code=ErrorCode.FAILED, reason=f"site failed: {e}"), reply_to=msg)

@@ -7,12 +7,14 @@ check of shape is a check of length, and the mean is one fused operation per set
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
-from brainjepa.weights import WEIGHT_SETS  # noqa: F401 (re-exported)
+from sites.schema import check_choices
+
+Strategy = Literal["fedavg", "fedavgm", "fedadam"]
 
 # Weight sets the server optimiser (FedAvgM / FedAdam) steps; the EMA target is always plainly
 # averaged (it is a moving average of the encoders, not a trained quantity).
@@ -48,26 +50,6 @@ def check_update(update: SiteUpdate, expected: dict[str, int]) -> str | None:
     return None
 
 
-def sample_weights(updates: list[SiteUpdate]) -> list[float]:
-    """n_i / sum(n): a single site gets exactly 1.0 (so one-site FedAvg is the identity, bit for bit)."""
-    total = sum(u.num_examples for u in updates)
-    return [u.num_examples / total for u in updates]
-
-
-def weighted_mean(updates: list[SiteUpdate]) -> dict[str, torch.Tensor]:
-    """Sample-weighted mean of every weight set: sum_i (n_i / N) * w_i, accumulated in fp32."""
-    if not updates:
-        raise ValueError("no updates to average")
-    coefs = sample_weights(updates)
-    out: dict[str, torch.Tensor] = {}
-    for name in updates[0].sets:
-        acc = updates[0].sets[name] * coefs[0]  # (P,)
-        for u, c in zip(updates[1:], coefs[1:], strict=True):
-            acc.add_(u.sets[name], alpha=c)
-        out[name] = acc
-    return out
-
-
 class RunningMean:
     """Sample-weighted mean accumulated one site at a time (a round holds one update, not all of them).
 
@@ -98,7 +80,7 @@ class RunningMean:
 class ServerOptConfig:
     """`fedavg` (x <- mean), `fedavgm` (server momentum) or `fedadam` (Reddi et al. 2021, FedOpt)."""
 
-    method: str = "fedavg"
+    method: Strategy = "fedavg"
     lr: float = 1.0  # server learning rate (eta); fedavg ignores it
     momentum: float = 0.9  # fedavgm
     beta1: float = 0.9  # fedadam
@@ -106,8 +88,7 @@ class ServerOptConfig:
     tau: float = 1e-3  # fedadam adaptivity (epsilon)
 
     def __post_init__(self) -> None:
-        if self.method not in ("fedavg", "fedavgm", "fedadam"):
-            raise ValueError(f"strategy: expected fedavg, fedavgm or fedadam, got '{self.method}'")
+        check_choices(self, "server optimizer")
 
 
 class ServerOptimizer:
@@ -144,6 +125,3 @@ class ServerOptimizer:
     def load_state_dict(self, sd: dict) -> None:
         self.state = {k: v.clone() for k, v in sd["state"].items()}
 
-
-def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    return max((float((a[k] - b[k]).abs().max()) for k in a), default=math.nan)

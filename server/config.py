@@ -1,7 +1,10 @@
 """The federation's run-wide settings: Flower's run config (`[tool.flwr.app.config]`) as a frozen dataclass.
 
-The server is the single source of truth: it turns these settings into a `PretrainConfig` (model, mask,
-optimiser) and sends that to every site with each round, together with checksums the site verifies.
+The defaults below are the only copy: pyproject.toml's `[tool.flwr.app.config]`, the `brainjepa-server`
+options and the table in docs/federation.md are checked against them by tests. The server is the single
+source of truth for training: it turns these settings into a `PretrainConfig` (model, mask, optimiser)
+and sends that to every site with each round (`brainjepa.federation.contract`), with checksums the site
+verifies.
 """
 
 from __future__ import annotations
@@ -11,9 +14,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from brainjepa.config import ModelConfig, PretrainConfig, TrainConfig, load_pretrain_config
-from server.aggregate import ServerOptConfig
-from sites.errors import ConfigError
+from brainjepa.config import ModelConfig, ModelSize, PretrainConfig, TrainConfig, load_pretrain_config
+from brainjepa.federation.contract import WireDtype
+from server.aggregate import ServerOptConfig, Strategy
+from sites.errors import ConfigError, Origin
+from sites.schema import check_choices, from_mapping
+
+RUN_CONFIG = Origin("run config")
 
 
 @dataclass(frozen=True)
@@ -24,13 +31,13 @@ class FederationConfig:
     fraction_sites: float = 1.0  # share of connected sites sampled each round (at least min_sites)
     wait_for_sites_s: float = 120.0  # how long a round waits for min_sites to be connected
     round_timeout_s: float = 600.0  # a site that has not replied by then is dropped from the round
-    strategy: str = "fedavg"  # fedavg | fedavgm | fedadam
+    strategy: Strategy = "fedavg"
     server_lr: float = 1.0
     server_momentum: float = 0.9
-    wire_dtype: str = "float32"  # float32 | float16 (half-precision transfer, uplink as deltas)
+    wire_dtype: WireDtype = "float32"  # float16: half-precision transfer, uplink as deltas
     seed: int = 0
     pretrain_config: str = ""  # optional pretraining YAML (model / mask / optim sections)
-    model_size: str = "tiny"
+    model_size: ModelSize = "tiny"
     n_rois: int = 100
     n_frames: int = 96
     lr: float = 1e-3
@@ -38,19 +45,15 @@ class FederationConfig:
     gradients: str = ""  # the federation's gradient file (.npy / .csv, R x k)
     out_dir: str = "runs/federated"
     resume_dir: str = ""  # continue this run folder from its last completed round
-    demo_sites: int = 3  # simulation demo: sites generated when `sites_dir` holds no site YAML
-    demo_subjects: int = 24
-    sites_dir: str = ""  # simulation: folder of site YAMLs (partition-id -> sorted YAML); "" = <out>/sites
+    sites_dir: str = ""  # simulation: folder of site folders (partition-id -> the sorted site YAMLs)
     save_updates: bool = False  # keep every site's decoded update per round (tests, audits)
 
     def __post_init__(self) -> None:
-        if self.wire_dtype not in ("float32", "float16"):
-            raise ConfigError(f"run config 'wire-dtype': expected float32 or float16, got '{self.wire_dtype}'")
+        check_choices(self, RUN_CONFIG)
         if self.num_rounds < 1 or self.local_steps < 1 or self.min_sites < 1:
             raise ConfigError("run config: 'num-rounds', 'local-steps' and 'min-sites' must be >= 1")
         if not 0.0 < self.fraction_sites <= 1.0:
             raise ConfigError(f"run config 'fraction-sites': expected (0, 1], got {self.fraction_sites}")
-        ServerOptConfig(self.strategy)  # validates the name
 
     @property
     def total_steps(self) -> int:
@@ -74,31 +77,17 @@ class FederationConfig:
         return dataclasses.replace(cfg, train=train)
 
 
+def run_config_key(name: str) -> str:
+    """A FederationConfig field as Flower's run config spells it (`num_rounds` -> `num-rounds`)."""
+    return name.replace("_", "-")
+
+
 def from_run_config(run_config: Mapping[str, object]) -> FederationConfig:
-    """Flower run config (kebab-case keys) -> FederationConfig; unknown keys and wrong types are errors."""
-    fields = {f.name: f for f in dataclasses.fields(FederationConfig)}
-    kwargs: dict[str, object] = {}
-    for key, value in run_config.items():
-        name = key.replace("-", "_")
-        if name not in fields:
-            raise ConfigError(f"run config key '{key}': unknown; expected one of "
-                              f"{sorted(k.replace('_', '-') for k in fields)}")
-        default = fields[name].default
-        if isinstance(default, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(default, float):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            value = float(value) if ok else value
-        elif isinstance(default, int):
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        else:
-            ok = isinstance(value, str)
-        if not ok:
-            raise ConfigError(f"run config key '{key}': expected {type(default).__name__}, got {value!r}")
-        kwargs[name] = value
-    return FederationConfig(**kwargs)  # type: ignore[arg-type]
+    """Flower run config (kebab-case keys) -> FederationConfig, through the one strict loader: unknown keys,
+    wrong types and choices outside the allowed ones are errors naming the key."""
+    return from_mapping(FederationConfig, dict(run_config), RUN_CONFIG, spell=run_config_key)
 
 
 def to_run_config(cfg: FederationConfig) -> dict[str, object]:
     """The inverse of `from_run_config` (kebab-case keys), e.g. for `--run-config` or checkpoints."""
-    return {k.replace("_", "-"): v for k, v in dataclasses.asdict(cfg).items()}
+    return {run_config_key(k): v for k, v in dataclasses.asdict(cfg).items()}

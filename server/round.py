@@ -1,12 +1,11 @@
 """One federated pretraining run on the server: global model, rounds, checkpoints, resume.
 
 Flower-facing code is limited to `Grid` calls and message (de)construction; checks and aggregation are
-in `server.aggregate`, the wire format in `server.wire`.
+in `server.aggregate`, the message format in the round contract (`brainjepa.federation.contract`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -16,18 +15,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from brainjepa.checkpoint import load_checkpoint, save_checkpoint
 from brainjepa.config import PretrainConfig, to_dict
+from brainjepa.federation.contract import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    SITE,
+    Metric,
+    RoundSpec,
+    decode_update,
+    encode_global,
+)
 from brainjepa.gradients import gradient_checksum, load_gradients, save_gradients
 from brainjepa.jepa import JEPAModels
-from brainjepa.schedules import schedule_at
-from server.aggregate import WEIGHT_SETS, RunningMean, ServerOptimizer, SiteUpdate, check_update
+from brainjepa.weights import WEIGHT_SETS, flat_parameters, load_flat_parameters, model_checksum
+from server.aggregate import RunningMean, ServerOptimizer, SiteUpdate, check_update
 from server.config import FederationConfig, to_run_config
 from server.report import RunReport
-from server.wire import decode_reply, encode_sets, flat_parameters, load_flat_parameters, model_checksum
 from sites.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -74,15 +82,14 @@ def sample_nodes(nodes: list[int], fraction: float, min_sites: int, rng: np.rand
     return sorted(nodes[int(i)] for i in picked)
 
 
-def resolve_gradients(cfg: FederationConfig, pcfg: PretrainConfig, run_dir: Path) -> tuple[np.ndarray, str]:
-    """The federation's gradient matrix: the configured file, or (simulation demo) the demo sites' one."""
+def resolve_gradients(cfg: FederationConfig, pcfg: PretrainConfig) -> tuple[np.ndarray, str]:
+    """The federation's gradient matrix (every site must hold the same file) and its path."""
+    if not cfg.gradients:
+        raise ConfigError("run config 'gradients': empty; the federation needs one gradient file that the server "
+                          "and every site share (`brainjepa gradients --site ...` makes one from the sites' FC "
+                          "sums; `brainjepa-server simulate` prepares sites and gradients for a demo)")  # fmt: skip
     m = pcfg.model
-    if cfg.gradients:
-        return load_gradients(cfg.gradients, m.n_rois, m.gradient_components), str(Path(cfg.gradients).resolve())
-    from server.demo import demo_sites_dir, prepare_demo_sites
-
-    path = prepare_demo_sites(cfg, pcfg, demo_sites_dir(cfg))
-    return load_gradients(path, m.n_rois, m.gradient_components), str(path)
+    return load_gradients(cfg.gradients, m.n_rois, m.gradient_components), str(Path(cfg.gradients).resolve())
 
 
 @dataclass
@@ -108,7 +115,7 @@ class FederatedRun:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             run_dir = (Path(cfg.out_dir) / f"{stamp}-run{run_id}").resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
-        grads, source = resolve_gradients(cfg, pcfg, run_dir)
+        grads, source = resolve_gradients(cfg, pcfg)
         torch.manual_seed(cfg.seed)  # same initial weights as `brainjepa pretrain` with this seed
         models = JEPAModels(pcfg.model, torch.from_numpy(grads))
         run = cls(cfg, pcfg, run_dir, models, grads, source, ServerOptimizer(cfg.server_opt()))
@@ -160,22 +167,12 @@ class FederatedRun:
                  self.pcfg.model.size, n["encoder"], n["predictor"], n["target"], self.gradient_source)
         log.info("run folder: %s", self.run_dir)
 
-    def round_config(self, rnd: int) -> ConfigRecord:
-        step = rnd * self.cfg.local_steps
-        pt = schedule_at(self.pcfg.optim, step, self.cfg.total_steps)
-        demo = {}
-        if not self.cfg.gradients:  # simulation demo: where the nodes find their generated site
-            from server.demo import demo_sites_dir
-
-            demo = {"demo-sites-dir": str(demo_sites_dir(self.cfg))}
-        return ConfigRecord({
-            **demo, "round": rnd, "num-rounds": self.cfg.num_rounds, "step-start": step,
-            "total-steps": self.cfg.total_steps, "local-steps": self.cfg.local_steps,
-            "lr": pt.lr, "weight-decay": pt.weight_decay, "ema-momentum": pt.momentum,
-            "seed": self.cfg.seed, "wire-dtype": self.cfg.wire_dtype,
-            "model-checksum": self.model_checksum, "gradient-checksum": gradient_checksum(self.gradients),
-            "pretrain-config": json.dumps(to_dict(self.pcfg)),
-        })  # fmt: skip
+    def round_spec(self, rnd: int) -> RoundSpec:
+        return RoundSpec(
+            task="pretrain", round=rnd, num_rounds=self.cfg.num_rounds, step_start=rnd * self.cfg.local_steps,
+            local_steps=self.cfg.local_steps, wire_dtype=self.cfg.wire_dtype, model_checksum=self.model_checksum,
+            gradient_checksum=gradient_checksum(self.gradients), task_config=self.pcfg,
+        )  # fmt: skip
 
     def execute(self, grid: Grid) -> Path:
         report = RunReport(self.run_dir, self.start_round)
@@ -192,12 +189,14 @@ class FederatedRun:
         cfg = self.cfg
         nodes = wait_for_nodes(grid, cfg.min_sites, cfg.wait_for_sites_s)
         sampled = sample_nodes(nodes, cfg.fraction_sites, cfg.min_sites, np.random.default_rng([cfg.seed, rnd]))
-        conf = self.round_config(rnd)
-        arrays = encode_sets(self.sets, cfg.wire_dtype)
+        spec = self.round_spec(rnd)
+        sched = spec.schedule()
+        conf = ConfigRecord(spec.to_record())
+        arrays = ArrayRecord(encode_global(self.sets, cfg.wire_dtype))
         sent_bytes = arrays.count_bytes()
         log.info("round %d/%d: sending %.1f MB to each of %d site(s) (lr %.2e, ema %.5f)", rnd + 1,
-                 cfg.num_rounds, sent_bytes / 1e6, len(sampled), conf["lr"], conf["ema-momentum"])  # fmt: skip
-        msgs = [Message(RecordDict({"arrays": arrays, "config": conf}), dst_node_id=node, message_type="train",
+                 cfg.num_rounds, sent_bytes / 1e6, len(sampled), sched.lr, sched.momentum)  # fmt: skip
+        msgs = [Message(RecordDict({ARRAYS: arrays, CONFIG: conf}), dst_node_id=node, message_type="train",
                         group_id=str(rnd)) for node in sampled]  # fmt: skip
         mean = RunningMean()
         results = self.collect(grid, msgs, sent_bytes, lambda res: self._accept(rnd, res, mean))
@@ -212,14 +211,14 @@ class FederatedRun:
             load_flat_parameters(getattr(self.models, name), self.sets[name])
         self._save(rnd + 1)
         samples = sum(u.num_examples for u in ok)
-        loss = sum(u.metrics.get("loss", float("nan")) * u.num_examples for u in ok) / samples
+        loss = sum(u.metrics.get(Metric.LOSS, float("nan")) * u.num_examples for u in ok) / samples
         wall = time.perf_counter() - t0
         report.round_row({
             "round": rnd + 1, "loss": f"{loss:.6f}", "sites_ok": len(ok),
             "sites_failed": sum(r.status in ("failed", "timeout") for r in results),
             "sites_rejected": sum(r.status == "rejected" for r in results), "samples": samples,
-            "step_start": conf["step-start"], "lr": f"{conf['lr']:.3e}", "weight_decay": f"{conf['weight-decay']:.4f}",
-            "momentum": f"{conf['ema-momentum']:.6f}", "wall_s": f"{wall:.2f}",
+            "step_start": spec.step_start, "lr": f"{sched.lr:.3e}", "weight_decay": f"{sched.weight_decay:.4f}",
+            "momentum": f"{sched.momentum:.6f}", "wall_s": f"{wall:.2f}",
             "bytes_sent": sum(r.bytes_sent for r in results), "bytes_received": sum(r.bytes_received for r in results),
         })  # fmt: skip
         log.info("round %d/%d done in %.1f s: loss %.4f (%d site(s) ok, %d failed, %d rejected), checkpoint saved",
@@ -285,15 +284,15 @@ class FederatedRun:
             log.warning("site node %d failed: %s", node_id, reason.splitlines()[-1] if reason else reply.error.code)
             return SiteResult(node_id, "failed", detail=reason[-2000:], bytes_sent=sent_bytes)
         content = reply.content
-        site = str(content["site"]["name"]) if "site" in content.config_records else f"node-{node_id}"
-        metrics = {k: float(v) for k, v in content["metrics"].items()}
-        arrays = content["arrays"]
+        site = str(content[SITE]["name"]) if SITE in content.config_records else f"node-{node_id}"
+        metrics = {k: float(v) for k, v in content[METRICS].items()}
+        arrays = content[ARRAYS]
         try:
-            sets = decode_reply(arrays, self.cfg.wire_dtype, self.sets)
+            sets = decode_update(arrays.to_torch_state_dict(), self.cfg.wire_dtype, self.sets)
         except (ValueError, TypeError) as e:
             return SiteResult(node_id, "rejected", site, f"undecodable weights: {e}", bytes_sent=sent_bytes,
                               bytes_received=arrays.count_bytes())  # fmt: skip
-        n = metrics.get("num-examples", 0.0)
+        n = metrics.get(Metric.NUM_EXAMPLES, 0.0)
         update = SiteUpdate(site, int(n) if float(n).is_integer() else -1, sets, metrics)
         return SiteResult(node_id, "ok", site, update=update, bytes_sent=sent_bytes, bytes_received=arrays.count_bytes())
 
@@ -301,8 +300,8 @@ class FederatedRun:
         m = r.update.metrics if r.update is not None else {}
         return {
             "round": rnd + 1, "site": r.site or f"node-{r.node_id}", "node_id": r.node_id, "status": r.status,
-            "loss": f"{m['loss']:.6f}" if "loss" in m else "", "local_steps": int(m.get("local-steps", 0)),
-            "samples": int(m.get("num-examples", 0)), "wall_s": f"{m.get('wall-s', 0.0):.2f}",
+            "loss": f"{m[Metric.LOSS]:.6f}" if Metric.LOSS in m else "", "local_steps": int(m.get(Metric.LOCAL_STEPS, 0)),
+            "samples": int(m.get(Metric.NUM_EXAMPLES, 0)), "wall_s": f"{m.get(Metric.WALL_S, 0.0):.2f}",
             "bytes_sent": r.bytes_sent, "bytes_received": r.bytes_received,
             "detail": r.detail.splitlines()[-1][:300] if r.detail else "",
         }  # fmt: skip

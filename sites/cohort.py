@@ -1,6 +1,8 @@
 """One site's cohort in memory: every subject's ROI series at the model TR, with phenotypes and splits.
 
-`load_site_series(cfg, model_tr)` is the one entry point the training core uses. It matches
+`load_cohort(source, model_tr)` is the one entry point of training code: a parsed site config (or a
+folder of `.npy` series) -> the training subjects, resampled and scaled. Below it, `load_site_series`
+reads a site with its phenotypes and splits (what fine-tuning and the data commands need). It matches
 `participants.tsv` rows to per-subject files (a row without a file, or a file without a row, is an
 error naming both, unless `data.on_missing: skip`), reads and checks each series, resamples it to the
 model TR and, given `min_frames`, rejects (or with `data.on_short: skip`, drops and counts) scans
@@ -15,6 +17,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -22,7 +25,9 @@ from sites.config import SiteConfig
 from sites.errors import DataError, where
 from sites.manifest import read_manifest
 from sites.participants import Participants, read_participants
-from sites.roi_io import read_roi_file
+from sites.roi_io import read_roi_dir, read_roi_file
+from sites.scaling import RobustScaling
+from sites.scaling import fit as fit_scaling
 from sites.temporal import DEFAULT_MODEL_TR, n_frames_after, resample
 
 log = logging.getLogger(__name__)
@@ -278,3 +283,45 @@ def load_site_series(
         files=[tuple(files[s]) for s in kept],
         skipped=skipped,
     )
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """The subjects a model trains on: float32 (R, L_i) series at the model TR, scaled as asked."""
+
+    series: list[np.ndarray]
+    subject_ids: list[str]
+    source: str  # the site YAML or the folder the series came from
+    scaling: RobustScaling | None  # fitted on these series (None: `scaling="none"`)
+
+
+def load_cohort(
+    source: SiteConfig | str | Path,
+    model_tr: float = DEFAULT_MODEL_TR,
+    split: str | None = "train",
+    min_frames: int | None = None,
+    scaling: Literal["robust", "none"] = "robust",
+) -> Cohort:
+    """A site's `split` subjects (None: all), or every `.npy` of a folder (already at the model TR), scaled.
+
+    `scaling="robust"`: (x - median_r) / IQR_r of the subjects' ROI time-means (the reference's recipe),
+    refused for series that look already demeaned (it would blow them up by orders of magnitude).
+    """
+    if isinstance(source, SiteConfig):
+        site = load_site_series(source, model_tr, split=split, min_frames=min_frames)
+        series, ids, name = site.series, site.subject_ids, str(source.source)
+    else:
+        series, ids = read_roi_dir(source)
+        name = str(source)
+    fitted = None
+    if scaling == "robust":
+        fitted = fit_scaling(series)
+        series = fitted.apply_all(series)
+        spread = float(np.median([np.median(s.std(axis=1)) for s in series[:64]]))
+        if spread > 1e3:
+            raise DataError(
+                f"data '{name}': robust scaling divides by the IQR of the subjects' ROI time-means, which is "
+                f"~{spread:.1e} times smaller than the signal: the series look already demeaned (z-scored). "
+                "Set `data.scaling: none` for such data, or give raw (not demeaned) series"
+            )
+    return Cohort(series, ids, name, fitted)

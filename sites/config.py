@@ -15,7 +15,6 @@ from typing import Literal
 
 import yaml
 
-from brainjepa.config import PerfConfig
 from sites.errors import ConfigError, where
 from sites.schema import from_mapping
 
@@ -77,15 +76,9 @@ class SplitConfig:
     seed: int = 0
 
 
-@dataclass(frozen=True)
-class PrivacyConfig:
-    """This site's DP-SGD budget (used by the Flower client; not by `sites` itself)."""
-
-    enabled: bool = False
-    target_epsilon: float | None = None
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    noise_multiplier: float | None = None
+# Top-level keys of a site YAML about how the site trains, not about its data (batch size, device, speed
+# switches, privacy budget): `sites` passes them on unparsed and the training side checks them.
+RUNTIME_KEYS = ("batch_size", "device", "perf", "privacy")
 
 
 @dataclass(frozen=True)
@@ -97,10 +90,6 @@ class SiteConfig:
     participants: ParticipantsConfig = field(default_factory=ParticipantsConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
-    batch_size: int = 16
-    device: str = "cpu"
-    perf: PerfConfig = field(default_factory=PerfConfig)  # this machine's speed switches (brainjepa.fastpath)
-    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     source: Path = field(default=Path("<memory>"), compare=False)  # the YAML file (set by the loader)
 
     @property
@@ -167,8 +156,6 @@ def _validate(cfg: SiteConfig) -> None:
         fr = (s.train, s.val, s.test)
         if min(fr) < 0 or abs(sum(fr) - 1.0) > 1e-6:
             raise err("split", f"train/val/test fractions must be >= 0 and sum to 1, got {fr}")
-    if cfg.batch_size <= 0:
-        raise err("batch_size", f"expected a positive integer, got {cfg.batch_size}")
     if cfg.preprocess.drop_initial < 0:
         raise err(
             "preprocess.drop_initial", f"expected a frame count >= 0, got {cfg.preprocess.drop_initial}"
@@ -184,15 +171,20 @@ def _validate(cfg: SiteConfig) -> None:
 
 
 def parse_site_config(data: object, source: Path | str = "<memory>") -> SiteConfig:
-    """Build a SiteConfig from an already-parsed mapping; relative paths resolve against `source`'s folder."""
-    source = Path(source)
+    """Build a SiteConfig from an already-parsed mapping; relative paths resolve against `source`'s folder.
+    The runtime keys (`RUNTIME_KEYS`) are left out: the training side checks them (`brainjepa.config`)."""
+    return _parse(data, Path(source))[0]
+
+
+def _parse(data: object, source: Path) -> tuple[SiteConfig, dict]:
     if not isinstance(data, dict):
         raise ConfigError(
             f"{where(source)}: expected a YAML mapping at the top level, got {type(data).__name__}"
         )
     if "source" in data:
         raise ConfigError(f"{where(source, 'source')}: unknown key (reserved: set by the loader)")
-    cfg = from_mapping(SiteConfig, data, source)
+    runtime = {k: v for k, v in data.items() if k in RUNTIME_KEYS}
+    cfg = from_mapping(SiteConfig, {k: v for k, v in data.items() if k not in RUNTIME_KEYS}, source)
     base = source.parent if source.name != "<memory>" else Path(".")
     root = _resolve(base, cfg.data.root)
     data_cfg = dataclasses.replace(cfg.data, root=root, output=_resolve(root, cfg.data.output))
@@ -200,11 +192,17 @@ def parse_site_config(data: object, source: Path | str = "<memory>") -> SiteConf
     parts = dataclasses.replace(cfg.participants, file=_resolve(root, cfg.participants.file))
     cfg = dataclasses.replace(cfg, data=data_cfg, rois=blocks, participants=parts, source=source)
     _validate(cfg)
-    return cfg
+    return cfg, runtime
 
 
 def load_site_config(path: str | Path) -> SiteConfig:
-    """Read and check a site YAML file. Errors name the file and the offending key."""
+    """Read and check a site YAML file's data description. Errors name the file and the offending key."""
+    return load_site_yaml(path)[0]
+
+
+def load_site_yaml(path: str | Path) -> tuple[SiteConfig, dict]:
+    """Read a site YAML once: (its checked data description, its runtime sections as parsed mappings).
+    The training side turns the second into `brainjepa.config.SiteRuntime`."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{where(path)}: site config file does not exist")
@@ -212,7 +210,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{where(path)}: malformed YAML: {e}") from e
-    return parse_site_config(data, path)
+    return _parse(data, path)
 
 
 def site_config_to_dict(cfg: SiteConfig) -> dict:

@@ -44,19 +44,6 @@ def schaefer_fc(scale: int = 400, group: str = "main") -> np.ndarray:
     return np.loadtxt(path, delimiter=",", dtype=np.float64)
 
 
-def conte69_fc_gradient_parcellated(scale: int = 400, component: int = 0) -> np.ndarray:
-    """BrainSpace's conte69 FC gradient `component` averaged into Schaefer-`scale` parcels -> (scale,)."""
-    d = brainspace_data_dir()
-    grad = np.loadtxt(d / "matrices" / "main_group" / f"conte69_32k_fc_gradient{component}.csv")  # (V,)
-    labels = np.loadtxt(
-        d / "parcellations" / f"schaefer_{scale}_conte69.csv", dtype=np.int64
-    )  # (V,) 0 = wall
-    ok = (labels > 0) & np.isfinite(grad)
-    sums = np.bincount(labels[ok], weights=grad[ok], minlength=scale + 1)[1:]
-    counts = np.bincount(labels[ok], minlength=scale + 1)[1:]
-    return sums / np.maximum(counts, 1)
-
-
 def reduce_fc(fc: np.ndarray, n: int) -> np.ndarray:
     """Average an (M, M) FC into n groups of contiguous parcels -> (n, n), unit diagonal."""
     m = fc.shape[0]

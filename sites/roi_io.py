@@ -137,6 +137,22 @@ def _list(idx: np.ndarray, k: int = 10) -> str:
     return s + (f", ... ({len(idx)} in all)" if len(idx) > k else "")
 
 
+def read_roi_dir(path: str | Path) -> tuple[list[np.ndarray], list[str]]:
+    """Every `*.npy` (R, L) file of a folder, sorted by name: (float32 series, subject ids = file stems)."""
+    path = Path(path)
+    files = sorted(path.glob("*.npy"))
+    if not files:
+        raise DataError(f"data folder '{path}': no .npy ROI-series files found")
+    series = []
+    for f in files:
+        x = np.load(f).astype(np.float32)
+        if x.ndim != 2:
+            raise DataError(f"'{f}': expected a 2-D ROI x time array, got shape {x.shape}")
+        check_series(x, f)
+        series.append(x)
+    return series, [f.stem for f in files]
+
+
 def write_roi_npy(path: str | Path, x: np.ndarray) -> Path:
     """Write a float32 (R, L) series atomically (temp file, then rename)."""
     path = Path(path)

@@ -9,8 +9,10 @@ fixed-length `tuple[X, Y]`, nested dataclasses (also as `tuple[Dataclass, ...]` 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -93,10 +95,16 @@ def _convert(value: Any, tp: Any, file: Path | str | None, key: str) -> Any:
     raise TypeError(f"schema: unsupported field type {tp!r} for key '{key}'")  # programming error
 
 
-def from_mapping(cls: type, data: dict, file: Path | str | None, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a mapping; errors name `file` and the dotted key."""
+def from_mapping(cls: type, data: dict, file: Path | str | None, prefix: str = "",
+                 spell: Callable[[str], str] | None = None) -> Any:  # fmt: skip
+    """Build dataclass `cls` from a mapping; errors name `file` and the dotted key.
+
+    `spell` maps a field name to how the source writes its key (e.g. `num_rounds` -> `num-rounds` in
+    Flower's run config); keys are looked up, and named in errors, as spelled.
+    """
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    spell = spell or (lambda name: name)
+    fields = {spell(f.name): f for f in dataclasses.fields(cls) if f.init}
     for k in data:
         if not isinstance(k, str) or k not in fields:
             full = f"{prefix}.{k}" if prefix else str(k)
@@ -104,13 +112,13 @@ def from_mapping(cls: type, data: dict, file: Path | str | None, prefix: str = "
                 f"{where(file, full)}: unknown key; allowed keys here: {', '.join(sorted(fields))}"
             )
     kwargs = {}
-    for name, f in fields.items():
-        full = f"{prefix}.{name}" if prefix else name
-        if name in data:
-            kwargs[name] = _convert(data[name], hints[name], file, full)
+    for key, f in fields.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key in data:
+            kwargs[f.name] = _convert(data[key], hints[f.name], file, full)
         elif f.default is _MISSING and f.default_factory is _MISSING:
             raise ConfigError(
-                f"{where(file, full)}: required key is missing (expected {_type_name(hints[name])})"
+                f"{where(file, full)}: required key is missing (expected {_type_name(hints[f.name])})"
             )
     try:
         return cls(**kwargs)
@@ -118,3 +126,28 @@ def from_mapping(cls: type, data: dict, file: Path | str | None, prefix: str = "
         if file is None or str(file) in str(e):
             raise
         raise ConfigError(f"{where(file)}: {e}") from e
+
+
+@functools.cache
+def _choice_fields(cls: type) -> tuple[tuple[str, tuple, bool], ...]:
+    """(name, allowed values, may be None) of every `Literal[...]` (or `Literal[...] | None`) field."""
+    out = []
+    for name, tp in typing.get_type_hints(cls).items():
+        optional = _is_optional(tp)
+        if optional:
+            tp = next(a for a in get_args(tp) if a is not type(None))
+        if get_origin(tp) is Literal:
+            out.append((name, get_args(tp), optional))
+    return tuple(out)
+
+
+def check_choices(obj: Any, section: str) -> None:
+    """Every `Literal[...]` field of the dataclass instance `obj` holds one of its choices.
+
+    The one check of choices for configs built in code (a YAML or run config is already checked while
+    parsed); call it from `__post_init__`. The error names `section.field`, the choices and the value.
+    """
+    for name, allowed, optional in _choice_fields(type(obj)):
+        value = getattr(obj, name)
+        if value not in allowed and not (optional and value is None):
+            raise ConfigError(f"{section}.{name}: expected one of {', '.join(repr(a) for a in allowed)}, got {value!r}")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import RecordDict
+from flwr.app import ArrayRecord, RecordDict
 
 from brainjepa.config import ModelConfig, OptimConfig
 from brainjepa.jepa import JEPAModels, PretrainStep
+from brainjepa.federation.contract import decode_global, decode_update, encode_global, encode_update
 from brainjepa.weights import model_checksum
-from client.client_app import encode_reply
 from client.state import load_optimizer, save_optimizer
 from server.aggregate import (
     RunningMean,
@@ -18,10 +18,8 @@ from server.aggregate import (
     ServerOptimizer,
     SiteUpdate,
     check_update,
-    weighted_mean,
 )
 from server.config import FederationConfig, from_run_config, to_run_config
-from server.wire import decode_reply, encode_sets, sent_as
 from sites.errors import ConfigError
 
 
@@ -38,11 +36,10 @@ def test_weighted_mean_matches_float64_recomputation() -> None:
     running = RunningMean()
     for u in ups:
         running.add(u)
-    for got in (weighted_mean([SiteUpdate(u.site, u.num_examples, {k: v.clone() for k, v in u.sets.items()}) for u in ups]),
-                running.result()):  # fmt: skip
-        for k in SIZES:
-            ref = sum(u.num_examples * u.sets[k].double().numpy() for u in ups) / 20
-            np.testing.assert_allclose(got[k].numpy(), ref, rtol=0, atol=1e-6)
+    got = running.result()
+    for k in SIZES:
+        ref = sum(u.num_examples * u.sets[k].double().numpy() for u in ups) / 20
+        np.testing.assert_allclose(got[k].numpy(), ref, rtol=0, atol=1e-6)
 
 
 def test_one_site_mean_is_exact_identity() -> None:
@@ -93,18 +90,29 @@ def test_fedavgm_and_fedadam_move_towards_the_mean() -> None:
 def test_fp16_wire_uplink_deltas_keep_the_fp32_master() -> None:
     rng = np.random.default_rng(3)
     master = {k: torch.from_numpy((rng.standard_normal(v) * 0.02).astype(np.float32)) for k, v in SIZES.items()}
-    down = encode_sets(master, "float16")
+    down = ArrayRecord(encode_global(master, "float16"))  # as Flower carries it
     assert all(down[k].dtype == "float16" for k in SIZES)
-    received = {k: torch.from_numpy(down[k].numpy().astype(np.float32)) for k in SIZES}
-    assert all(torch.equal(received[k], sent_as(master[k], "float16")) for k in SIZES)
+    received = decode_global(down.to_torch_state_dict())
+    assert all(torch.equal(received[k], master[k].half().float()) for k in SIZES)
     trained = {k: received[k] + 1e-3 * torch.from_numpy(rng.standard_normal(v).astype(np.float32)) for k, v in SIZES.items()}
-    up = encode_reply(trained, received, "float16")
-    full = decode_reply(up, "float16", master)
+    up = ArrayRecord(encode_update(trained, received, "float16"))
+    assert all(up[k].dtype == "float16" for k in SIZES)
+    full = decode_update(up.to_torch_state_dict(), "float16", master)
     for k in SIZES:  # master + fp16(delta): error ~ |delta| * 2**-11, not |w| * 2**-11
         err = float((full[k] - (master[k] + (trained[k] - received[k]))).abs().max())
         assert err < 1e-3 * 5 * 2**-11
     with pytest.raises(ValueError, match="beyond fp16 range"):
-        encode_sets({"encoder": torch.full((3,), 1e6)}, "float16")
+        encode_global({"encoder": torch.full((3,), 1e6)}, "float16")
+    with pytest.raises(ValueError, match="expected float16 deltas"):
+        decode_update({k: v.float() for k, v in up.to_torch_state_dict().items()}, "float16", master)
+
+
+def test_fp32_wire_is_bit_exact_both_ways() -> None:
+    rng = np.random.default_rng(4)
+    master = {k: torch.from_numpy(rng.standard_normal(v).astype(np.float32)) for k, v in SIZES.items()}
+    received = decode_global(ArrayRecord(encode_global(master, "float32")).to_torch_state_dict())
+    back = decode_update(ArrayRecord(encode_update(received, received, "float32")).to_torch_state_dict(), "float32", master)
+    assert all(torch.equal(back[k], master[k]) and back[k].dtype == torch.float32 for k in SIZES)
 
 
 def test_model_checksum_identifies_config_and_layout() -> None:
@@ -142,7 +150,7 @@ def test_run_config_round_trip_and_errors() -> None:
     assert from_run_config(to_run_config(cfg)) == cfg
     with pytest.raises(ConfigError, match="'num-roundz': unknown"):
         from_run_config({"num-roundz": 3})
-    with pytest.raises(ConfigError, match="'local-steps': expected int"):
+    with pytest.raises(ConfigError, match="'local-steps': expected an integer"):
         from_run_config({"local-steps": "4"})
     with pytest.raises(ConfigError, match="wire-dtype"):
         from_run_config({"wire-dtype": "bfloat16"})

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sites.config import load_site_config, parse_site_config, site_config_to_dict
+from brainjepa.config import load_site
+from sites.config import RUNTIME_KEYS, load_site_config, parse_site_config, site_config_to_dict
 from sites.errors import ConfigError
 
 ROI_YAML = """\
@@ -55,7 +56,9 @@ def test_roi_config_parses_and_resolves_paths(tmp_path):
     assert cfg.data.root == tmp_path / "data"
     assert cfg.participants.file == tmp_path / "data" / "participants.tsv"
     assert cfg.participants.phenotypes == ("age", "sex")
-    assert cfg.split.seed == 3 and cfg.batch_size == 8
+    assert cfg.split.seed == 3
+    same, runtime = load_site(tmp_path / "site.yaml")  # the whole file: data + how the site trains
+    assert same == cfg and runtime.batch_size == 8 and runtime.device == "cpu" and not runtime.privacy.enabled
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.tr = 2.0  # type: ignore[misc]
     # round trip through the YAML-ready mapping
@@ -108,7 +111,7 @@ def test_nifti_config_parses(tmp_path):
 def test_bad_keys_and_types_name_file_and_key(tmp_path, edit, key, what):
     p = write(tmp_path, ROI_YAML.replace(*edit))
     with pytest.raises(ConfigError) as e:
-        load_site_config(p)
+        load_site(p)
     msg = str(e.value)
     assert str(p) in msg and f"'{key}'" in msg and what in msg
 
@@ -142,13 +145,33 @@ def test_shipped_example_configs_parse():
     root = Path(__file__).resolve().parents[1] / "configs"
     files = sorted(root.glob("site_*.yaml"))
     assert files, "configs/site_*.yaml examples are missing"
-    formats = {load_site_config(f).data.format for f in files}
+    formats = {load_site(f)[0].data.format for f in files}  # the whole file, runtime sections included
     assert formats == {"roi", "nifti"}
 
 
 def test_perf_section_sets_this_sites_speed_switches(tmp_path):
-    cfg = load_site_config(write(tmp_path, ROI_YAML + "perf: {compile: true, attention: cudnn}\n"))
-    assert cfg.perf.compile and cfg.perf.attention == "cudnn" and not cfg.perf.cuda_graphs
+    _, runtime = load_site(write(tmp_path, ROI_YAML + "perf: {compile: true, attention: cudnn}\n"))
+    assert runtime.perf.compile and runtime.perf.attention == "cudnn" and not runtime.perf.cuda_graphs
     p = write(tmp_path, ROI_YAML + "perf: {attention: fastest}\n", "bad.yaml")
     with pytest.raises(ConfigError, match=r"file '.*bad.yaml'.*perf.attention.*fastest"):
-        load_site_config(p)
+        load_site(p)
+
+
+def test_runtime_sections_are_the_training_sides(tmp_path):
+    """`sites` parses the data description and passes the runtime keys on; the training side checks them."""
+    p = write(tmp_path, ROI_YAML + "perf: {compile: maybe}\n")
+    assert load_site_config(p).site == "site_x"  # data commands (prepare, synth) do not need them
+    with pytest.raises(ConfigError, match="perf.compile"):
+        load_site(p)
+    assert set(RUNTIME_KEYS) == {"batch_size", "device", "perf", "privacy"}
+
+
+def test_privacy_enabled_is_refused_until_dp_sgd_exists(tmp_path):
+    """A site admin who asks for DP-SGD must not get a run without it: the file and the key are named."""
+    p = write(tmp_path, ROI_YAML + "privacy: {enabled: true, target_epsilon: 8}\n")
+    with pytest.raises(ConfigError) as e:
+        load_site(p)
+    msg = str(e.value)
+    assert str(p) in msg and "privacy.enabled" in msg and "not implement" in msg
+    _, runtime = load_site(write(tmp_path, ROI_YAML + "privacy: {enabled: false}\n", "off.yaml"))
+    assert not runtime.privacy.enabled

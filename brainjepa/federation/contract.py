@@ -1,0 +1,199 @@
+"""The round contract: what the server asks of a site in a round, and what the site sends back.
+
+Both Flower apps import this module (and nothing of each other). One message each way per site and round:
+
+    server -> site  RecordDict {ARRAYS: the global weight sets (`encode_global`),
+                                CONFIG: `RoundSpec.to_record()`}
+    site -> server  RecordDict {ARRAYS: the site's weight sets (`encode_update`),
+                                METRICS: {`Metric.*`: float}, SITE: {"name": site name}}
+                    or an error whose code is an `ErrorCode` and whose reason says why.
+
+A weight set (encoder, predictor, target) travels as ONE flat 1-D vector of the module's parameters in
+`named_parameters()` order (`brainjepa.weights`): three objects per message instead of ~400. Downlink in
+fp32 or fp16; uplink fp32 weights, or with fp16 the *deltas* to what the site received, added to the
+server's fp32 master copy (the master is never rounded to fp16). The wire payloads here are plain
+`{name: tensor}` dicts; the apps wrap them in Flower's `ArrayRecord` (and read them back with
+`to_torch_state_dict()`).
+
+The schedule (learning rate, weight decay, EMA momentum) has one source of truth: it is a pure function
+of the task config, the step and the run's planned steps (`brainjepa.schedules`), so the record carries
+only the round's position (`step_start`), never the values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Literal, get_args
+
+import numpy as np
+import torch
+
+from brainjepa.config import PretrainConfig, to_dict
+from brainjepa.schedules import SchedulePoint, schedule_at
+from brainjepa.weights import WEIGHT_SETS
+from sites.errors import ConfigError, InputError, Origin
+from sites.schema import check_choices, from_mapping
+
+# Bumped whenever a field changes meaning: a site and a server of different versions refuse each other.
+CONTRACT_VERSION = 1
+
+Task = Literal["pretrain", "finetune", "probe", "evaluate"]
+WireDtype = Literal["float32", "float16"]
+# The config each task's site work is described by (finetune / probe / evaluate join as they are built).
+TASK_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig}
+
+# Records of a message's RecordDict.
+ARRAYS, CONFIG, METRICS, SITE = "arrays", "config", "metrics", "site"
+
+FP16_MAX = float(np.finfo(np.float16).max)
+
+
+class Metric:
+    """Keys of a site's reply MetricRecord (all values are floats)."""
+
+    NUM_EXAMPLES = "num-examples"  # the sample count the server weights this update by
+    LOSS = "loss"  # mean training loss of the round's local steps
+    LOSS_FIRST = "loss-first"
+    LOSS_LAST = "loss-last"
+    LOCAL_STEPS = "local-steps"
+    SAMPLES_SEEN = "samples-seen"
+    WALL_S = "wall-s"  # seconds of local training
+    ROUND_WALL_S = "round-wall-s"  # seconds of the whole round at the site (load, train, encode)
+    BYTES_RECEIVED = "bytes-received"
+    BYTES_SENT = "bytes-sent"
+    ROUNDS_DONE = "rounds-done"  # rounds this site has trained in this run (its own count)
+    # Site-side differential privacy: the site's accountant, over the whole federation so far.
+    EPSILON_SPENT = "epsilon-spent"
+    EPSILON_BUDGET = "epsilon-budget"
+    DELTA = "delta"
+
+
+class ErrorCode(IntEnum):
+    """Codes of a site's error reply (the reason text says what is wrong)."""
+
+    REFUSED = 4001  # the site will not train this round: contract, checksum or config mismatch
+    FAILED = 4002  # the round raised at the site (bad data, ...)
+    BUDGET_EXHAUSTED = 4003  # the next round would exceed the site's privacy budget
+
+
+class ContractError(InputError):
+    """A round record this side cannot honour: the message says which field and why."""
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    """One round as the server asks for it. `task_config` describes the work (e.g. a PretrainConfig
+    whose `train.steps` is the run's planned optimizer steps, which the schedules span)."""
+
+    task: Task
+    round: int  # 0-based index of this round
+    num_rounds: int
+    step_start: int  # global optimizer step this round's first local step has
+    local_steps: int
+    wire_dtype: WireDtype
+    model_checksum: str
+    gradient_checksum: str
+    task_config: PretrainConfig
+
+    def __post_init__(self) -> None:
+        check_choices(self, "round record")
+        expected = TASK_CONFIGS.get(self.task)
+        if expected is None or not isinstance(self.task_config, expected):
+            raise ContractError(f"round record: task '{self.task}' is not supported by this version "
+                                f"(supported: {sorted(TASK_CONFIGS)})")  # fmt: skip
+        if not 0 <= self.round < self.num_rounds or self.local_steps < 1 or self.step_start < 0:
+            raise ContractError(f"round record: round {self.round} of {self.num_rounds}, {self.local_steps} local "
+                                f"steps from step {self.step_start}: not a valid round")  # fmt: skip
+
+    @property
+    def total_steps(self) -> int:
+        """Planned optimizer steps of the whole run (what the schedules span)."""
+        return self.task_config.train.steps
+
+    def schedule(self, step: int | None = None) -> SchedulePoint:
+        """LR, weight decay and EMA momentum at `step` (default: the round's first step)."""
+        at = self.step_start if step is None else step
+        return schedule_at(self.task_config.optim, at, self.total_steps)
+
+    def to_record(self) -> dict[str, int | str]:
+        """The values of the message's CONFIG record (Flower ConfigRecord scalars)."""
+        return {
+            "contract-version": CONTRACT_VERSION, "task": self.task, "round": self.round,
+            "num-rounds": self.num_rounds, "step-start": self.step_start, "local-steps": self.local_steps,
+            "wire-dtype": self.wire_dtype, "model-checksum": self.model_checksum,
+            "gradient-checksum": self.gradient_checksum, "task-config": json.dumps(to_dict(self.task_config)),
+        }  # fmt: skip
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, object]) -> RoundSpec:
+        """Inverse of `to_record`; a missing field, another contract version or a bad value is a ContractError."""
+        version = record.get("contract-version")
+        if version != CONTRACT_VERSION:
+            raise ContractError(f"round record: contract version {version!r}, this side speaks {CONTRACT_VERSION}: "
+                                "server and site run different brainjepa versions")  # fmt: skip
+        fields = {f.name.replace("_", "-"): f.name for f in dataclasses.fields(cls)}
+        missing = sorted(set(fields) - set(record))
+        if missing:
+            raise ContractError(f"round record lacks {missing}: server and site run different brainjepa versions")
+        task = str(record["task"])
+        if task not in TASK_CONFIGS:
+            raise ContractError(f"round record: task '{task}' is not supported by this version "
+                                f"(supported: {sorted(TASK_CONFIGS)})")  # fmt: skip
+        values = {name: record[key] for key, name in fields.items()}
+        try:
+            values["task_config"] = json.loads(str(record["task-config"]))
+            return from_mapping(cls, values, Origin("round record"), spell=lambda name: name.replace("_", "-"))
+        except json.JSONDecodeError as e:
+            raise ContractError(f"round record: task-config is not JSON ({e})") from e
+        except ConfigError as e:
+            raise ContractError(str(e)) from e
+
+
+# ---------------------------------------------------------------------------------------- weight sets
+def encode_global(sets: Mapping[str, torch.Tensor], wire_dtype: str) -> dict[str, torch.Tensor]:
+    """Server -> site: the global flat fp32 vectors as they travel (fp32, or fp16 after a range check)."""
+    out = {}
+    for name, vec in sets.items():
+        vec = vec.detach()
+        if wire_dtype == "float16":
+            peak = float(vec.abs().max())
+            if peak > FP16_MAX:
+                raise ValueError(f"weight set '{name}' has |w| up to {peak:.3g}, beyond fp16 range: use wire-dtype float32")
+            out[name] = vec.to(torch.float16)
+        else:
+            out[name] = vec.float()
+    return out
+
+
+def decode_global(payload: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a site trains from: each received set as an fp32 vector (the base of its fp16 deltas)."""
+    return {name: vec.float().clone() for name, vec in payload.items()}
+
+
+def encode_update(trained: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor],
+                  wire_dtype: str) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Site -> server: fp32 weights, or fp16 deltas to what the site received."""
+    if wire_dtype == "float16":
+        return {k: (trained[k] - received[k]).to(torch.float16) for k in WEIGHT_SETS}
+    return {k: trained[k].float() for k in WEIGHT_SETS}
+
+
+def decode_update(payload: Mapping[str, torch.Tensor], wire_dtype: str,
+                  master: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # fmt: skip
+    """A site's reply -> full fp32 vectors (fp16 deltas are added to the server's fp32 master copy)."""
+    out = {}
+    for name, vec in payload.items():
+        if wire_dtype == "float16" and name in master:
+            if vec.dtype != torch.float16:
+                raise ValueError(f"weight set '{name}' arrived as {vec.dtype}, expected float16 deltas")
+            out[name] = master[name] + vec.float()
+        else:
+            out[name] = vec.float().clone()
+    return out
+
+
+TASKS: tuple[str, ...] = get_args(Task)

@@ -143,9 +143,9 @@ class RoundSpec:
         if task not in TASK_CONFIGS:
             raise ContractError(f"round record: task '{task}' is not supported by this version "
                                 f"(supported: {sorted(TASK_CONFIGS)})")  # fmt: skip
-        values = {name: record[key] for key, name in fields.items()}
+        values = {key: record[key] for key in fields}
         try:
-            values["task_config"] = json.loads(str(record["task-config"]))
+            values["task-config"] = json.loads(str(record["task-config"]))
             return from_mapping(cls, values, Origin("round record"), spell=lambda name: name.replace("_", "-"))
         except json.JSONDecodeError as e:
             raise ContractError(f"round record: task-config is not JSON ({e})") from e

@@ -1,0 +1,238 @@
+"""One subject's extraction: a 4D BOLD image -> float32 (R, L) ROI series with nilearn, checked.
+
+`load_atlases` reads and checks the site's label atlases once; `extract_subject` runs one `SubjectJob`
+(find the TR, check 4D / orientation / overlap with the atlases, mean signal per label with
+`NiftiLabelsMasker`, optional cleaning, QC) and writes the subject's `.npy`. `sites.prepare` runs the
+jobs of a whole site and keeps the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sites.config import SiteConfig
+from sites.errors import ConfigError, DataError, InputError, where
+from sites.manifest import file_sha256
+from sites.roi_io import write_roi_npy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AtlasSpec:
+    name: str
+    file: Path
+    labels: tuple[int, ...]  # label values, in ROI order
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SubjectJob:
+    subject: str
+    bold: Path
+    confounds: Path | None
+    atlases: tuple[AtlasSpec, ...]
+    out_file: Path
+    tr: float | None  # override (None: header)
+    detrend: bool
+    high_pass: float | None
+    low_pass: float | None
+    confound_columns: tuple[str, ...]
+    drop_initial: int
+    key: str  # hash of everything that determines the output
+
+
+def load_atlases(cfg: SiteConfig) -> tuple[AtlasSpec, ...]:
+    """Check every block's label image (3D, integer labels, declared count) -> AtlasSpecs."""
+    import nibabel as nib
+
+    out = []
+    for i, b in enumerate(cfg.rois):
+        key = f"rois[{i}].atlas"
+        if b.atlas is None or not b.atlas.is_file():
+            raise ConfigError(f"{where(cfg.source, key)}: atlas file '{b.atlas}' does not exist")
+        try:
+            img = nib.load(b.atlas)
+        except (nib.filebasedimages.ImageFileError, OSError, EOFError) as e:
+            raise DataError(f"{where(b.atlas)}: cannot read the atlas image ({key}): {e}") from e
+        data = np.asanyarray(img.dataobj)
+        if data.ndim == 4 and data.shape[3] == 1:
+            data = data[..., 0]
+        if data.ndim != 3:
+            raise DataError(
+                f"{where(b.atlas)}: a label atlas must be a 3D image, got shape {data.shape} ({key})"
+            )
+        if not np.allclose(data, np.round(data)):
+            raise DataError(
+                f"{where(b.atlas)}: a label atlas must hold integer labels, got non-integer values ({key})"
+            )
+        present = [int(v) for v in np.unique(np.round(data).astype(np.int64)) if v != 0]
+        if b.labels is not None:
+            absent = sorted(set(b.labels) - set(present))
+            if absent:
+                raise DataError(
+                    f"{where(b.atlas)}: labels {absent[:10]} listed in {key.replace('atlas', 'labels')} are not in the atlas"
+                )
+            labels = tuple(b.labels)
+        else:
+            labels = tuple(present)
+        if len(labels) != b.n_rois:
+            raise DataError(
+                f"{where(b.atlas)}: has {len(labels)} labels but {where(cfg.source, f'rois[{i}].n_rois')} declares "
+                f"{b.n_rois}: ROI-count mismatch between the atlas and the ROI layout"
+            )
+        out.append(AtlasSpec(b.name, b.atlas, labels, file_sha256(b.atlas)))
+    return tuple(out)
+
+
+def _header_tr(img, path: Path) -> float | None:
+    zooms = img.header.get_zooms()
+    if len(zooms) < 4 or not np.isfinite(zooms[3]) or zooms[3] <= 0:
+        return None
+    unit = img.header.get_xyzt_units()[1]
+    tr = float(zooms[3])
+    return tr / 1000.0 if unit == "msec" else tr / 1e6 if unit == "usec" else tr
+
+
+def _read_confounds(path: Path, columns: tuple[str, ...], n_frames: int) -> np.ndarray:
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path, sep="\t")
+    except (ValueError, OSError) as e:
+        raise DataError(f"{where(path)}: cannot read the confounds TSV: {e}") from e
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise DataError(
+            f"{where(path, missing[0])}: confound column(s) {missing} not found (have {list(df.columns)[:8]}...)"
+        )
+    if len(df) != n_frames:
+        raise DataError(f"{where(path)}: has {len(df)} rows but the BOLD image has {n_frames} frames")
+    x = df[list(columns)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)  # (L, C)
+    return np.where(np.isnan(x), 0.0, x)  # fMRIPrep derivatives start with n/a
+
+
+def _overlap(a_aff: np.ndarray, a_shape: tuple, b_aff: np.ndarray, b_shape: tuple) -> bool:
+    def box(aff, shape):
+        corners = np.array(
+            [[i, j, k, 1] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)]
+        )
+        w = corners @ aff.T
+        return w[:, :3].min(axis=0), w[:, :3].max(axis=0)
+
+    (alo, ahi), (blo, bhi) = box(a_aff, a_shape), box(b_aff, b_shape)
+    return bool(np.all(alo <= bhi) and np.all(blo <= ahi))
+
+
+def extract_subject(job: SubjectJob) -> tuple[dict, list[str]]:
+    """Run one subject (in a worker process). Returns (manifest entry, warnings). Never raises for bad data."""
+    entry: dict = {"status": "failed", "bold": str(job.bold), "key": job.key}
+    notes: list[str] = []
+    try:
+        x, info, notes = _extract(job)
+    except (InputError, OSError, EOFError, ValueError) as e:  # bad input: record, skip the subject
+        entry["error"] = str(e)
+        return entry, notes
+    write_roi_npy(job.out_file, x)
+    entry.update(status="ok", file=job.out_file.name, **info)
+    return entry, notes
+
+
+def _extract(job: SubjectJob) -> tuple[np.ndarray, dict, list[str]]:
+    import nibabel as nib
+    from nilearn.maskers import NiftiLabelsMasker
+
+    notes: list[str] = []
+    try:
+        img = nib.load(job.bold)
+    except nib.filebasedimages.ImageFileError as e:
+        raise DataError(f"{where(job.bold)}: not a readable NIfTI image: {e}") from e
+    if img.ndim != 4:
+        raise DataError(
+            f"{where(job.bold)}: expected a 4D BOLD image (x, y, z, time), got a {img.ndim}D image of shape {img.shape}"
+        )
+    n_frames = img.shape[3]
+    tr = job.tr if job.tr is not None else _header_tr(img, job.bold)
+    if tr is None:
+        raise DataError(
+            f"{where(job.bold)}: no repetition time in the header (pixdim[4] is 0): set 'tr' in the site config"
+        )
+    data_codes = nib.aff2axcodes(img.affine)
+    arr = np.asarray(img.dataobj, dtype=np.float32)  # (X, Y, Z, L) read once
+    finite = np.isfinite(arr)
+    if not finite.all():  # nilearn would silently zero them
+        frames = np.flatnonzero(~finite.all(axis=(0, 1, 2)))
+        raise DataError(
+            f"{where(job.bold)}: {int((~finite).sum())} NaN or Inf voxel value(s) in frame(s) {frames[:10].tolist()}"
+        )
+    img = nib.Nifti1Image(arr, img.affine, img.header)
+    conf = (
+        _read_confounds(job.confounds, job.confound_columns, n_frames) if job.confounds is not None else None
+    )
+    if job.drop_initial >= n_frames:
+        raise DataError(
+            f"{where(job.bold)}: has {n_frames} frames, all dropped by preprocess.drop_initial={job.drop_initial}"
+        )
+    keep = np.arange(job.drop_initial, n_frames) if job.drop_initial else None  # nilearn sample_mask
+    blocks, empty, resampled = [], [], []
+    for a in job.atlases:
+        atlas = nib.load(a.file)
+        a_codes = nib.aff2axcodes(atlas.affine)
+        if a_codes != data_codes:
+            raise DataError(
+                f"{where(job.bold)}: orientation {''.join(data_codes)} differs from atlas '{a.file}' "
+                f"({''.join(a_codes)}): reorient one of them (e.g. nibabel.as_closest_canonical) so both agree"
+            )
+        if not _overlap(atlas.affine, atlas.shape, img.affine, img.shape):
+            raise DataError(
+                f"{where(job.bold)}: does not overlap atlas '{a.file}' in world space (different template space?)"
+            )
+        if atlas.shape[:3] != img.shape[:3] or not np.allclose(atlas.affine, img.affine, atol=1e-4):
+            resampled.append(a.name)
+            notes.append(
+                f"atlas '{a.file}' grid {atlas.shape[:3]} differs from data '{job.bold}' grid {img.shape[:3]}: atlas resampled (nearest) to the data"
+            )
+        masker = NiftiLabelsMasker(
+            atlas,
+            resampling_target="data",
+            detrend=job.detrend,
+            high_pass=job.high_pass,
+            low_pass=job.low_pass,
+            t_r=tr,
+            standardize=False,
+            strategy="mean",
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter(
+                "ignore"
+            )  # nilearn's resampling / empty-label warnings: reported as QC instead
+            sig = masker.fit_transform(img, confounds=conf, sample_mask=keep)  # (L', n_present)
+        col_of = {int(v): k for k, v in masker.region_ids_.items() if k != "background"}
+        block = np.zeros((len(a.labels), sig.shape[0]), dtype=np.float32)  # (R_block, L')
+        for r, lab in enumerate(a.labels):  # small loop over labels, not over samples
+            if lab in col_of:
+                block[r] = sig[:, col_of[lab]]
+            else:
+                empty.append(f"{a.name}:{lab}")
+        blocks.append(block)
+    x = np.concatenate(blocks, axis=0)  # (R, L)
+    nan_rois = np.flatnonzero(~np.isfinite(x).all(axis=1)).tolist()
+    const_rois = np.flatnonzero(np.ptp(np.nan_to_num(x), axis=1) == 0).tolist()
+    qc = {
+        "empty_labels": empty,
+        "nan_rois": nan_rois,
+        "constant_rois": const_rois,
+        "frames_lost": int(job.drop_initial),
+        "resampled_atlases": resampled,
+    }
+    if empty or nan_rois or const_rois:
+        raise DataError(
+            f"{where(job.bold)}: QC failed: empty atlas labels {empty[:10]}, NaN ROIs {nan_rois[:10]}, "
+            f"constant/all-zero ROIs {const_rois[:10]} (0-based): check the brain coverage and the atlas space"
+        )
+    return x, {"tr": tr, "frames": int(x.shape[1]), "frames_in_image": int(n_frames), "qc": qc}, notes

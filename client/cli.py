@@ -2,32 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from brainjepa.federation.flower import flower_env, supernode_command
+from brainjepa.federation.processes import free_port, start_process
 from sites.errors import InputError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
-
-QUIET_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
-             "FLWR_TELEMETRY_ENABLED": "0"}  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _toml_str(value: Path) -> str:
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 @app.command()
@@ -57,23 +41,17 @@ def main_command(
     if insecure:
         typer.secho("!! --insecure: NO TLS. Model weights travel unencrypted. Local tests only. !!",
                     fg=typer.colors.RED, bold=True, err=True)  # fmt: skip
-    port = runtime_port or _free_port()
-    node_config = f"site-config={_toml_str(site.resolve())} gradients={_toml_str(gradients.resolve())}"
-    cmd = [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", server, "--port", str(port),
-           "--node-config", node_config]  # fmt: skip
-    cmd += ["--insecure"] if insecure else ["--root-certificates", str(root_certificates.resolve())]  # type: ignore[union-attr]
-    if auth_key is not None:
-        cmd += ["--auth-supernode-private-key", str(auth_key.resolve())]
-    log_dir.mkdir(parents=True, exist_ok=True)
+    cmd = supernode_command(
+        server, runtime_port or free_port(), {"site-config": str(site.resolve()), "gradients": str(gradients.resolve())},
+        root_cert=root_certificates.resolve() if root_certificates else None,
+        auth_private_key=auth_key.resolve() if auth_key else None,
+    )
     log_path = (log_dir / f"supernode-{cfg.site}.log").resolve()
-    env = {**os.environ, **QUIET_ENV}
-    env.setdefault("FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE", str(16 * 2**20))  # 16 MiB chunks: docs/federation.md
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     typer.echo(f"site '{cfg.site}': {cfg.n_rois} ROIs, TR {cfg.tr} s, data under {cfg.data.root}")
     typer.echo(f"gradient file {gradients} (checksum {gradient_checksum(grads)[:16]}...)")
     typer.echo(f"joining the federation at {server}; SuperNode log: {log_path} (Ctrl-C to leave)")
-    with open(log_path, "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    # The user's FLWR_HOME (None); a new session: Ctrl-C reaches only us, and we stop the SuperNode's tree.
+    proc = start_process("supernode", cmd, log_path, flower_env(None))
     try:
         code = proc.wait()
         typer.echo(f"SuperNode exited with code {code}; see {log_path}")
@@ -88,11 +66,7 @@ def main_command(
         raise typer.Exit(code)
     except KeyboardInterrupt:
         typer.echo("\nCtrl-C: leaving the federation")
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        proc.stop(grace_s=15.0)  # SIGINT (a clean leave), then SIGTERM, then SIGKILL, the whole tree
         raise typer.Exit(130) from None
 
 

@@ -26,7 +26,7 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from server.launch import LocalFederation
+from brainjepa.federation.flower import LocalFederation
 
 APP_DIR = Path(__file__).resolve().parent / "transport_bench_app"
 log = logging.getLogger("transport_bench")

@@ -12,18 +12,18 @@ from typing import Annotated
 
 import typer
 
-from server.config import FederationConfig, from_run_config, to_run_config
-from server.launch import (
+from brainjepa.federation.flower import (
     TlsFiles,
     flower_bin,
     flower_env,
     flwr_run_command,
-    start_process,
+    run_failed,
+    run_simulation,
     superlink_command,
-    wait_for_port,
     write_app_dir,
     write_connection,
 )
+from brainjepa.federation.processes import start_process, wait_for_port
 from sites.errors import InputError
 
 app = typer.Typer(help="Coordinate a federated Brain-JEPA pretraining run (Flower SuperLink + ServerApp).",
@@ -37,7 +37,10 @@ def _root() -> None:
 
 
 def _parse_pairs(pairs: list[str]) -> dict[str, object]:
-    import tomllib
+    try:
+        import tomllib  # Python 3.11+
+    except ModuleNotFoundError:  # Python 3.10: tomli, the package tomllib was taken from
+        import tomli as tomllib
 
     out: dict[str, object] = {}
     for pair in pairs:
@@ -77,6 +80,8 @@ def start(
     --min-sites sites are connected. Ctrl-C stops the run and the SuperLink cleanly; the last completed
     round's checkpoint stays, and `--resume RUN_DIR` continues it.
     """
+    from server.config import FederationConfig, from_run_config, to_run_config  # imports torch
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     tls_files = [ssl_ca_certfile, ssl_certfile, ssl_keyfile]
     if insecure and any(tls_files):
@@ -137,7 +142,7 @@ def start(
         assert run_proc.stdout is not None
         for line in run_proc.stdout:
             sys.stdout.write(line)
-            failed = failed or "ServerApp raised an exception" in line or "Exit Code:" in line
+            failed = failed or run_failed(line)
         code = run_proc.wait() or int(failed)
         if failed:
             typer.secho(f"the run failed (see above and {work}/<run folder>/server.log)", fg=typer.colors.RED, err=True)
@@ -173,7 +178,7 @@ def simulate(
     Same ServerApp and ClientApp as a real deployment; stops Flower's detached simulation SuperLink at
     the end. Outputs (checkpoint, CSVs, loss PNG) under the run folder printed at the end.
     """
-    from server.launch import run_simulation
+    from server.config import FederationConfig, from_run_config, to_run_config  # imports torch
 
     work = out_dir.resolve()
     try:

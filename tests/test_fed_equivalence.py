@@ -15,12 +15,12 @@ import torch
 
 from brainjepa.checkpoint import load_checkpoint
 from brainjepa.config import PretrainConfig
+from brainjepa.federation.flower import LocalFederation, write_app_dir
 from brainjepa.gradients import load_gradients
 from brainjepa.jepa import JEPAModels
 from brainjepa.pretrain import pretrain
 from server.config import FederationConfig, to_run_config
 from server.demo import prepare_demo_sites
-from server.launch import LocalFederation, write_app_dir
 from sites.schema import from_mapping
 
 REPO = Path(__file__).resolve().parents[1]

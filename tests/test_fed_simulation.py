@@ -6,8 +6,8 @@ import csv
 import os
 from pathlib import Path
 
+from brainjepa.federation.flower import run_simulation, write_app_dir
 from server.config import FederationConfig, to_run_config
-from server.launch import run_simulation, write_app_dir
 
 REPO = Path(__file__).resolve().parents[1]
 # One BLAS thread per Flower process: several sites share the 2 test cores.

@@ -8,8 +8,8 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 
 from brainjepa.config import ModelConfig, OptimConfig
-from brainjepa.jepa import JEPAModels, PretrainStep
 from brainjepa.federation.contract import decode_global, decode_update, encode_global, encode_update
+from brainjepa.jepa import JEPAModels, PretrainStep
 from brainjepa.weights import model_checksum
 from client.state import load_optimizer, save_optimizer
 from server.aggregate import (

@@ -1,25 +1,31 @@
-"""Flower processes on one machine: a SuperLink, SuperNodes and `flwr run`, started and stopped cleanly.
+"""Flower's processes on one machine: a SuperLink, SuperNodes and `flwr run`, started and stopped cleanly.
 
-Used by `brainjepa-server start` (SuperLink + the run), by the integration tests (SuperLink + N
-SuperNodes on free loopback ports) and by `scripts/transport_bench.py`.
+Used by `brainjepa-server start` (SuperLink + the run), `brainjepa-client` (one SuperNode), the
+integration tests (SuperLink + N SuperNodes on free loopback ports) and `scripts/transport_bench.py`.
 
-Every process is started in its own session (process group) so that stopping it also stops the
-`flwr-serverapp` / `flwr-clientapp` subprocesses Flower spawns under it. Processes are only ever
-stopped by their own id / group id.
+Imports no Flower: it only builds the command lines and environments of Flower's console scripts and
+runs them with `processes.start_process` (each in its own session, stopped by its own ids).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from brainjepa.federation.processes import (
+    ManagedProcess,
+    free_port,
+    kill_trees,
+    pids_mentioning,
+    pids_with_args,
+    start_process,
+    wait_for_port,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +52,13 @@ def flower_bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on `host` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment for a Flower process: ours + a private FLWR_HOME + `extra`."""
+def flower_env(flwr_home: Path | None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a Flower process: ours + a private FLWR_HOME (None: the user's) + `extra`."""
     env = dict(os.environ)
     env.update(FLOWER_QUIET_ENV)
     env.setdefault(CHUNK_SIZE_ENV, str(DEFAULT_CHUNK_SIZE))
-    env["FLWR_HOME"] = str(flwr_home)
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
     # Flower starts further console scripts (flower-superexec, flwr-serverapp, flwr-clientapp) by name.
     bin_dir = str(Path(sys.executable).parent)
     if bin_dir not in env.get("PATH", "").split(os.pathsep):
@@ -81,123 +81,6 @@ def toml_value(value: object) -> str:
 def toml_pairs(values: Mapping[str, object]) -> str:
     """`k1=v1 k2="v2"` as Flower's --node-config / --run-config expect."""
     return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
-
-
-def descendants(pid: int) -> list[int]:
-    """All live descendants of `pid` (from /proc), including ones that started their own session."""
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(entry.path, "stat").read_text()
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], list(children.get(pid, []))
-    while todo:
-        child = todo.pop()
-        out.append(child)
-        todo += children.get(child, [])
-    return out
-
-
-@dataclass
-class ManagedProcess:
-    """A subprocess in its own process group, with its output in a log file."""
-
-    name: str
-    popen: subprocess.Popen
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def log_tail(self, n_chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n_chars:]
-        except FileNotFoundError:
-            return ""
-
-    def signal_group(self, sig: int) -> None:
-        """Send `sig` to this process's group (the process and the Flower subprocesses it spawned)."""
-        try:
-            os.killpg(self.popen.pid, sig)
-        except ProcessLookupError:
-            pass
-
-    def kill(self) -> None:
-        """SIGKILL the process, its group and every descendant at once (a crash, not a shutdown)."""
-        tree = descendants(self.popen.pid) if self.alive() else []
-        self.signal_group(signal.SIGKILL)
-        kill_pids(tree)
-        self.popen.wait(timeout=10)
-
-    def stop(self, grace_s: float = 10.0) -> int | None:
-        """SIGINT (Flower shuts down cleanly on it), then SIGTERM, then SIGKILL; returns the exit code.
-
-        Descendants that detached into their own session (Flower's SuperExec, ServerApp and ClientApp
-        processes) are remembered first and killed by pid if they outlive their parent.
-        """
-        tree = descendants(self.popen.pid) if self.alive() else []
-        for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-            if not self.alive():
-                break
-            self.signal_group(sig)
-            try:
-                self.popen.wait(timeout=wait_s)
-            except subprocess.TimeoutExpired:
-                continue
-        # Children may outlive the leader: make sure none is left.
-        self.signal_group(signal.SIGKILL)
-        kill_pids(tree)
-        return self.popen.poll()
-
-
-def kill_pids(pids: list[int]) -> None:
-    """SIGKILL each pid that is still there."""
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def start_process(
-    name: str, cmd: Sequence[str], log_path: Path, env: Mapping[str, str], cwd: Path | None = None
-) -> ManagedProcess:
-    """Start `cmd` in a new session with stdout+stderr to `log_path`."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log.info("starting %s: %s (log: %s)", name, " ".join(cmd), log_path)
-    with open(log_path, "ab") as out:
-        popen = subprocess.Popen(
-            list(cmd), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=dict(env), cwd=cwd, start_new_session=True,
-        )
-    return ManagedProcess(name=name, popen=popen, log_path=log_path)
-
-
-def wait_for_port(proc: ManagedProcess, host: str, port: int, timeout_s: float = 60.0) -> None:
-    """Wait until `host:port` accepts TCP connections; error with the log tail if the process dies."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not proc.alive():
-            raise RuntimeError(
-                f"{proc.name} exited with code {proc.popen.returncode} before listening on {host}:{port}; "
-                f"log {proc.log_path}:\n{proc.log_tail()}"
-            )
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.settimeout(0.5)
-            if sock.connect_ex((host, port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"{proc.name} did not listen on {host}:{port} within {timeout_s:.0f} s; "
-                       f"log {proc.log_path}:\n{proc.log_tail()}")
 
 
 @dataclass(frozen=True)
@@ -262,6 +145,15 @@ def run_failed(output: str) -> bool:
     return "ServerApp raised an exception" in output or "Exit Code:" in output
 
 
+def _checked(result: subprocess.CompletedProcess, log_path: Path) -> subprocess.CompletedProcess:
+    """`result` of a captured `flwr run`, its output saved to `log_path`, returncode 1 if it failed."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text(result.stdout + result.stderr)
+    if result.returncode == 0 and run_failed(result.stdout + result.stderr):
+        result.returncode = 1
+    return result
+
+
 def flwr_run_command(app_dir: Path, connection: str, run_config: Mapping[str, object] | None = None,
                      stream: bool = True) -> list[str]:
     cmd = [flower_bin("flwr"), "run", str(app_dir), connection]
@@ -303,10 +195,7 @@ class LocalFederation:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port(self.host)
         write_connection(self.flwr_home, "local-deploy", self.address)
-        self.superlink = start_process(
-            "superlink", superlink_command(self.host, self.port, self.database, None),
-            self.work_dir / "logs" / "superlink.log", self.env(), cwd=self.work_dir)
-        wait_for_port(self.superlink, self.host, self.port, ready_timeout_s)
+        self._start_superlink("superlink.log", ready_timeout_s)
         for i, node_config in enumerate(self.node_configs):
             self.add_supernode(node_config, name=f"supernode{i}")
         return self
@@ -326,10 +215,7 @@ class LocalFederation:
         log.info("running %s", " ".join(cmd))
         result = subprocess.run(cmd, env=self.env(), cwd=self.work_dir, capture_output=True, text=True,
                                 timeout=timeout_s, check=False)
-        (self.work_dir / "logs" / "flwr_run.log").write_text(result.stdout + result.stderr)
-        if result.returncode == 0 and run_failed(result.stdout + result.stderr):
-            result.returncode = 1
-        return result
+        return _checked(result, self.work_dir / "logs" / "flwr_run.log")
 
     def start_run(self, app_dir: Path, run_config: Mapping[str, object] | None = None,
                   name: str = "flwr_run") -> ManagedProcess:
@@ -344,9 +230,12 @@ class LocalFederation:
 
     def restart_superlink(self, ready_timeout_s: float = 60.0) -> ManagedProcess:
         """A new SuperLink on the same address (SuperNodes reconnect to it by themselves)."""
+        return self._start_superlink("superlink-restarted.log", ready_timeout_s)
+
+    def _start_superlink(self, log_name: str, ready_timeout_s: float) -> ManagedProcess:
         self.superlink = start_process(
             "superlink", superlink_command(self.host, self.port, self.database, None),
-            self.work_dir / "logs" / "superlink-restarted.log", self.env(), cwd=self.work_dir)
+            self.work_dir / "logs" / log_name, self.env(), cwd=self.work_dir)
         wait_for_port(self.superlink, self.host, self.port, ready_timeout_s)
         return self.superlink
 
@@ -392,50 +281,6 @@ def write_app_dir(path: Path, run_config: Mapping[str, object], **components: st
     return path
 
 
-def _pids_with_args(*needles: str) -> list[int]:
-    """Pids of processes whose command line contains every one of `needles`."""
-    out = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = Path(entry.path, "cmdline").read_bytes().split(b"\0")
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-        text = [a.decode(errors="replace") for a in args]
-        if all(n in text for n in needles):
-            out.append(int(entry.name))
-    return out
-
-
-def _pids_mentioning(text: str) -> list[int]:
-    """Pids of live processes with `text` inside one of their command-line arguments (not ours)."""
-    out = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            args = Path(entry.path, "cmdline").read_bytes()
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-        if text.encode() in args:
-            out.append(int(entry.name))
-    return out
-
-
-def _wait_gone(pids: list[int], timeout_s: float) -> None:
-    """Wait until every pid has exited (a zombie counts as gone: its command line is empty)."""
-    deadline = time.monotonic() + timeout_s
-    for pid in pids:
-        while time.monotonic() < deadline:
-            try:
-                if not Path(f"/proc/{pid}/cmdline").read_bytes():
-                    break
-            except (FileNotFoundError, ProcessLookupError):
-                break
-            time.sleep(0.1)
-
-
 def run_simulation(app_dir: Path, work_dir: Path, num_supernodes: int, run_config: Mapping[str, object] | None = None,
                    env_extra: Mapping[str, str] | None = None, timeout_s: float | None = 900.0,
                    stream: bool = False) -> subprocess.CompletedProcess:
@@ -455,13 +300,5 @@ def run_simulation(app_dir: Path, work_dir: Path, num_supernodes: int, run_confi
                                 timeout=timeout_s, check=False)  # fmt: skip
     finally:
         home = str(work_dir / "flwr_home")  # the detached SuperLink's state and log live under it
-        stray = set(_pids_with_args("--simulation", str(port))) | set(_pids_mentioning(home))
-        doomed = [q for pid in stray for q in (pid, *descendants(pid))]
-        kill_pids(doomed)
-        _wait_gone(doomed, timeout_s=15.0)
-    if not stream:
-        (work_dir / "logs").mkdir(parents=True, exist_ok=True)
-        (work_dir / "logs" / "flwr_run_simulation.log").write_text(result.stdout + result.stderr)
-        if result.returncode == 0 and run_failed(result.stdout + result.stderr):
-            result.returncode = 1
-    return result
+        kill_trees(set(pids_with_args("--simulation", str(port))) | set(pids_mentioning(home)), timeout_s=15.0)
+    return result if stream else _checked(result, work_dir / "logs" / "flwr_run_simulation.log")

@@ -22,6 +22,7 @@ PosEmbed = Literal["gradient", "learned_roi", "sincos_roi"]  # gradient: Brain-J
 Loss = Literal["smooth_l1", "l2"]
 Scaling = Literal["robust", "none"]
 Precision = Literal["auto", "bf16", "fp32"]  # auto: bf16 autocast on CUDA, fp32 on CPU
+WireDtype = Literal["float32", "float16"]  # how weights travel in a federated round (float16: deltas uplink)
 AttentionBackend = Literal["auto", "cudnn", "flash", "efficient", "math", "default"]
 
 

@@ -27,13 +27,13 @@ def main_command(
 ) -> None:
     """Join the federation at --server as the site described by --site. Scans never leave this machine:
     only model weights and metrics do. Ctrl-C leaves the federation cleanly."""
+    from brainjepa.config import load_site
     from brainjepa.gradients import gradient_checksum, load_gradients
-    from sites.config import load_site_config
 
     if insecure == (root_certificates is not None):
         raise typer.BadParameter("give --root-certificates CA.crt, or --insecure (testing only)")
     try:  # fail here, with a clear message, rather than in the first round
-        cfg = load_site_config(site)
+        cfg, _ = load_site(site)  # the whole file, runtime sections (device, perf, privacy) included
         grads = load_gradients(gradients, n_rois=cfg.n_rois)
     except InputError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)

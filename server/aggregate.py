@@ -8,13 +8,10 @@ check of shape is a check of length, and the mean is one fused operation per set
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
-from sites.schema import check_choices
-
-Strategy = Literal["fedavg", "fedavgm", "fedadam"]
+from server.config import ServerOptConfig
 
 # Weight sets the server optimiser (FedAvgM / FedAdam) steps; the EMA target is always plainly
 # averaged (it is a moving average of the encoders, not a trained quantity).
@@ -74,21 +71,6 @@ class RunningMean:
         if self.total <= 0:
             raise ValueError("no updates to average")
         return {name: (acc / self.total).float() for name, acc in self.sums.items()}
-
-
-@dataclass(frozen=True)
-class ServerOptConfig:
-    """`fedavg` (x <- mean), `fedavgm` (server momentum) or `fedadam` (Reddi et al. 2021, FedOpt)."""
-
-    method: Strategy = "fedavg"
-    lr: float = 1.0  # server learning rate (eta); fedavg ignores it
-    momentum: float = 0.9  # fedavgm
-    beta1: float = 0.9  # fedadam
-    beta2: float = 0.99
-    tau: float = 1e-3  # fedadam adaptivity (epsilon)
-
-    def __post_init__(self) -> None:
-        check_choices(self, "server optimizer")
 
 
 class ServerOptimizer:

@@ -20,11 +20,16 @@ from brainjepa.federation.flower import (
     run_failed,
     run_simulation,
     superlink_command,
+    toml_pairs,
     write_app_dir,
     write_connection,
 )
 from brainjepa.federation.processes import start_process, wait_for_port
+from server.config import FederationConfig, from_run_config, to_run_config
 from sites.errors import InputError
+
+# Option defaults are the run config's (server.config.FederationConfig), never written twice.
+D = FederationConfig()
 
 app = typer.Typer(help="Coordinate a federated Brain-JEPA pretraining run (Flower SuperLink + ServerApp).",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)  # fmt: skip
@@ -53,17 +58,17 @@ def _parse_pairs(pairs: list[str]) -> dict[str, object]:
 
 @app.command()
 def start(
+    gradients: Annotated[Path, typer.Option(help="The federation's gradient file (every site uses the same; `brainjepa gradients --site ...` makes one from the sites' FC sums).")],
     address: Annotated[str, typer.Option(help="HOST:PORT the SuperLink listens on (sites connect here).")] = "0.0.0.0:9092",
-    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 3,
-    local_steps: Annotated[int, typer.Option(help="Local JEPA optimizer steps per site per round.")] = 4,
-    min_sites: Annotated[int, typer.Option(help="Sites a round needs (fewer valid updates: the run stops, resumable).")] = 2,
-    fraction_sites: Annotated[float, typer.Option(help="Share of connected sites sampled per round.")] = 1.0,
-    strategy: Annotated[str, typer.Option(help="fedavg, fedavgm or fedadam.")] = "fedavg",
-    wire_dtype: Annotated[str, typer.Option(help="float32, or float16 (half-precision transfer).")] = "float32",
-    gradients: Annotated[Path | None, typer.Option(help="The federation's gradient file (every site uses the same).")] = None,
-    model_size: Annotated[str, typer.Option(help="tiny, small, base or large.")] = "tiny",
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = D.num_rounds,
+    local_steps: Annotated[int, typer.Option(help="Local JEPA optimizer steps per site per round.")] = D.local_steps,
+    min_sites: Annotated[int, typer.Option(help="Sites a round needs (fewer valid updates: the run stops, resumable).")] = D.min_sites,
+    fraction_sites: Annotated[float, typer.Option(help="Share of connected sites sampled per round.")] = D.fraction_sites,
+    strategy: Annotated[str, typer.Option(help="fedavg, fedavgm or fedadam.")] = D.strategy,
+    wire_dtype: Annotated[str, typer.Option(help="float32, or float16 (half-precision transfer).")] = D.wire_dtype,
+    model_size: Annotated[str, typer.Option(help="tiny, small, base or large.")] = D.model_size,
     pretrain_config: Annotated[Path | None, typer.Option(help="Pretraining YAML (model/mask/optim) instead of --model-size.")] = None,
-    out_dir: Annotated[Path, typer.Option(help="Where run folders, logs and the SuperLink database go.")] = Path("runs/federated"),
+    out_dir: Annotated[Path, typer.Option(help="Where run folders, logs and the SuperLink database go.")] = Path(D.out_dir),
     resume: Annotated[Path | None, typer.Option(help="Continue RUN_DIR from its last completed round.")] = None,
     run_config: Annotated[list[str], typer.Option(help="Extra run-config pairs, e.g. 'n-rois=450' (repeatable).")] = [],  # noqa: B006
     insecure: Annotated[bool, typer.Option(help="No TLS: traffic (model weights) unencrypted. Testing only.")] = False,
@@ -80,8 +85,6 @@ def start(
     --min-sites sites are connected. Ctrl-C stops the run and the SuperLink cleanly; the last completed
     round's checkpoint stays, and `--resume RUN_DIR` continues it.
     """
-    from server.config import FederationConfig, from_run_config, to_run_config  # imports torch
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     tls_files = [ssl_ca_certfile, ssl_certfile, ssl_keyfile]
     if insecure and any(tls_files):
@@ -97,7 +100,7 @@ def start(
         cfg = from_run_config({
             **to_run_config(FederationConfig()), "num-rounds": rounds, "local-steps": local_steps,
             "min-sites": min_sites, "fraction-sites": fraction_sites, "strategy": strategy, "wire-dtype": wire_dtype,
-            "gradients": str(gradients.resolve()) if gradients else "", "model-size": model_size,
+            "gradients": str(gradients.resolve()), "model-size": model_size,
             "pretrain-config": str(pretrain_config.resolve()) if pretrain_config else "",
             "out-dir": str(out_dir.resolve()), "resume-dir": str(resume.resolve()) if resume else "",
             **_parse_pairs(run_config),
@@ -105,9 +108,6 @@ def start(
     except InputError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from e
-    if not cfg.gradients:
-        typer.secho("warning: no --gradients: the run generates demo sites and their gradient file (demo only)",
-                    fg=typer.colors.YELLOW, err=True)  # fmt: skip
     work = out_dir.resolve()
     logs = work / "logs"
     flwr_home = work / ".flwr"
@@ -168,29 +168,47 @@ def start(
 @app.command()
 def simulate(
     sites: Annotated[int, typer.Option(help="Generated demo sites (one simulated SuperNode each).")] = 3,
-    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 3,
-    local_steps: Annotated[int, typer.Option(help="Local JEPA optimizer steps per site per round.")] = 4,
-    out_dir: Annotated[Path, typer.Option(help="Run folders and the generated sites go here.")] = Path("runs/federated"),
-    run_config: Annotated[list[str], typer.Option(help="Extra run-config pairs, e.g. 'strategy=\"fedadam\"'.")] = [],  # noqa: B006
+    subjects: Annotated[int, typer.Option(help="Subjects per generated site.")] = 24,
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = D.num_rounds,
+    local_steps: Annotated[int, typer.Option(help="Local JEPA optimizer steps per site per round.")] = D.local_steps,
+    out_dir: Annotated[Path, typer.Option(help="Run folders and the generated sites (OUT_DIR/sites) go here.")] = Path(D.out_dir),
+    run_config: Annotated[list[str], typer.Option(help="Extra run-config pairs, e.g. 'strategy=\"fedadam\"'; 'sites-dir' and 'gradients' together simulate your own sites.")] = [],  # noqa: B006
+    prepare_only: Annotated[bool, typer.Option(help="Only prepare the sites and their gradient file, and print the `flwr run` command that simulates them.")] = False,
 ) -> None:
     """One-machine demo: `flwr run` with Flower's simulation engine, N generated sites, a tiny model.
 
-    Same ServerApp and ClientApp as a real deployment; stops Flower's detached simulation SuperLink at
-    the end. Outputs (checkpoint, CSVs, loss PNG) under the run folder printed at the end.
+    First generates the sites and their federation's gradient file (from the sites' FC sums) under
+    OUT_DIR/sites, unless they are there already; then runs the same ServerApp and ClientApp as a real
+    deployment, and stops Flower's detached simulation SuperLink at the end. Outputs (checkpoint, CSVs,
+    loss PNG) under the run folder printed at the end.
     """
-    from server.config import FederationConfig, from_run_config, to_run_config  # imports torch
+    import dataclasses
 
+    from brainjepa.demo import prepare_federation  # imports torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     work = out_dir.resolve()
     try:
         cfg = from_run_config({**to_run_config(FederationConfig()), "num-rounds": rounds, "local-steps": local_steps,
-                               "demo-sites": sites, "min-sites": sites, "out-dir": str(work),
-                               **_parse_pairs(run_config)})  # fmt: skip
+                               "min-sites": sites, "out-dir": str(work), **_parse_pairs(run_config)})  # fmt: skip
+        if not cfg.sites_dir:
+            m, tr = cfg.pretrain().model, cfg.pretrain().data.model_tr
+            demo = prepare_federation(work / "sites", sites, subjects, m.n_rois, m.n_frames, tr,
+                                      m.gradient_components, cfg.seed)  # fmt: skip
+            cfg = dataclasses.replace(cfg, sites_dir=str(demo.sites_dir), gradients=str(demo.gradients))
     except InputError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from e
+    n_nodes = len(list(Path(cfg.sites_dir).glob("*/*.yaml")))
+    run = {k: v for k, v in to_run_config(cfg).items() if k in ("sites-dir", "gradients", "out-dir")}
+    if prepare_only:
+        typer.echo(f"{n_nodes} sites under {cfg.sites_dir}, gradient file {cfg.gradients}; simulate them with:")
+        typer.echo(f"  flwr run . --stream --run-config '{toml_pairs(run)}' "
+                   f"--federation-config 'num-supernodes={n_nodes} client-resources-num-cpus=1'")  # fmt: skip
+        raise typer.Exit(0)
     app_dir = write_app_dir(work / "app", to_run_config(cfg))
-    typer.echo(f"simulating {sites} sites x {rounds} rounds x {local_steps} local steps (Flower simulation engine)")
-    res = run_simulation(app_dir, work, num_supernodes=sites, timeout_s=None, stream=True)
+    typer.echo(f"simulating {n_nodes} sites x {rounds} rounds x {local_steps} local steps (Flower simulation engine)")
+    res = run_simulation(app_dir, work, num_supernodes=n_nodes, timeout_s=None, stream=True)
     raise typer.Exit(res.returncode)
 
 

@@ -13,14 +13,36 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from brainjepa.config import ModelConfig, ModelSize, PretrainConfig, TrainConfig, load_pretrain_config
-from brainjepa.federation.contract import WireDtype
-from server.aggregate import ServerOptConfig, Strategy
+from brainjepa.config import (
+    ModelConfig,
+    ModelSize,
+    PretrainConfig,
+    TrainConfig,
+    WireDtype,
+    load_pretrain_config,
+)
 from sites.errors import ConfigError, Origin
 from sites.schema import check_choices, from_mapping
 
 RUN_CONFIG = Origin("run config")
+Strategy = Literal["fedavg", "fedavgm", "fedadam"]
+
+
+@dataclass(frozen=True)
+class ServerOptConfig:
+    """`fedavg` (x <- mean), `fedavgm` (server momentum) or `fedadam` (Reddi et al. 2021, FedOpt)."""
+
+    method: Strategy = "fedavg"
+    lr: float = 1.0  # server learning rate (eta); fedavg ignores it
+    momentum: float = 0.9  # fedavgm
+    beta1: float = 0.9  # fedadam
+    beta2: float = 0.99
+    tau: float = 1e-3  # fedadam adaptivity (epsilon)
+
+    def __post_init__(self) -> None:
+        check_choices(self, "server optimizer")
 
 
 @dataclass(frozen=True)

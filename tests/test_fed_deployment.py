@@ -18,17 +18,17 @@ from torch.nn.utils import parameters_to_vector
 
 from brainjepa.checkpoint import load_checkpoint
 from brainjepa.config import ModelConfig
+from brainjepa.demo import prepare_federation
 from brainjepa.federation.flower import LocalFederation, write_app_dir
 from brainjepa.gradients import load_gradients, save_gradients
 from brainjepa.jepa import JEPAModels
 from server.config import FederationConfig, to_run_config
-from server.demo import prepare_demo_sites
 from sites.schema import from_mapping
 
 REPO = Path(__file__).resolve().parents[1]
 # One BLAS thread per Flower process: several sites share the 2 test cores.
 ENV = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-BASE = dict(n_rois=50, n_frames=64, local_steps=2, batch_size=4, demo_sites=3, demo_subjects=10)
+BASE = dict(n_rois=50, n_frames=64, local_steps=2, batch_size=4)
 
 # A ClientApp wrapping the real one, for fault tests only: node config `inject-nan` poisons the reply,
 # `fault-sleep-s` makes the site hang (after touching `fault-marker`) so that the test can kill it.
@@ -66,9 +66,8 @@ def train(msg, context):
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], Path]:
     """Three generated sites and the federation's gradient file (from their FC sums)."""
     root = tmp_path_factory.mktemp("fed_sites")
-    cfg = FederationConfig(**BASE, sites_dir=str(root))
-    grads = prepare_demo_sites(cfg, cfg.pretrain(), root)
-    return sorted(root.glob("*/*.yaml")), grads
+    demo = prepare_federation(root, n_sites=3, subjects=10, n_rois=BASE["n_rois"], n_frames=BASE["n_frames"])
+    return sorted(root.glob("*/*.yaml")), demo.gradients
 
 
 def run_config(tmp: Path, grads: Path, **kw: object) -> dict[str, object]:

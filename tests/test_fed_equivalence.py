@@ -15,12 +15,12 @@ import torch
 
 from brainjepa.checkpoint import load_checkpoint
 from brainjepa.config import PretrainConfig
+from brainjepa.demo import prepare_federation
 from brainjepa.federation.flower import LocalFederation, write_app_dir
 from brainjepa.gradients import load_gradients
 from brainjepa.jepa import JEPAModels
 from brainjepa.pretrain import pretrain
 from server.config import FederationConfig, to_run_config
-from server.demo import prepare_demo_sites
 from sites.schema import from_mapping
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,11 +29,10 @@ ENV = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 def test_one_site_federated_equals_local_pretraining(tmp_path: Path) -> None:
     rounds, k = 2, 2
+    demo = prepare_federation(tmp_path / "sites", n_sites=1, subjects=10, n_rois=40, n_frames=64, seed=3)
+    grads = demo.gradients
     cfg = FederationConfig(n_rois=40, n_frames=64, local_steps=k, num_rounds=rounds, min_sites=1, batch_size=4,
-                           demo_sites=1, demo_subjects=10, sites_dir=str(tmp_path / "sites"),
-                           out_dir=str(tmp_path / "runs"), seed=3)  # fmt: skip
-    grads = prepare_demo_sites(cfg, cfg.pretrain(), tmp_path / "sites")
-    cfg = dataclasses.replace(cfg, gradients=str(grads))
+                           gradients=str(grads), out_dir=str(tmp_path / "runs"), seed=3)  # fmt: skip
     (site_yaml,) = sorted((tmp_path / "sites").glob("*/*.yaml"))
     app = write_app_dir(tmp_path / "app", to_run_config(cfg))
     with LocalFederation(tmp_path, [{"site-config": str(site_yaml), "gradients": str(grads)}], env_extra=ENV) as fed:

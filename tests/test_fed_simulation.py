@@ -1,13 +1,12 @@
-"""`flwr run APP local` (Flower's Ray simulation): the demo generates its sites, trains, loss falls."""
+"""`brainjepa-server simulate` (Flower's Ray simulation): it prepares its sites first, trains, loss falls."""
 
 from __future__ import annotations
 
 import csv
 import os
+import subprocess
+import sys
 from pathlib import Path
-
-from brainjepa.federation.flower import run_simulation, write_app_dir
-from server.config import FederationConfig, to_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 # One BLAS thread per Flower process: several sites share the 2 test cores.
@@ -26,12 +25,14 @@ def _live_cmdlines() -> list[str]:
 
 
 def test_simulation_demo_three_sites(tmp_path: Path) -> None:
-    cfg = FederationConfig(out_dir=str(tmp_path / "runs"), n_rois=50, n_frames=64, batch_size=4, demo_sites=3,
-                           demo_subjects=10, num_rounds=3, local_steps=2, min_sites=3)  # fmt: skip
-    app = write_app_dir(tmp_path / "app", to_run_config(cfg))
-    res = run_simulation(app, tmp_path, num_supernodes=3, env_extra=ENV, timeout_s=400)
+    cli = Path(sys.executable).parent / "brainjepa-server"
+    cmd = [str(cli), "simulate", "--sites", "3", "--subjects", "10", "--rounds", "3", "--local-steps", "2",
+           "--out-dir", str(tmp_path / "runs"), "--run-config", "n-rois=50", "--run-config", "n-frames=64",
+           "--run-config", "batch-size=4"]  # fmt: skip
+    res = subprocess.run(cmd, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=500, check=False)
     out = res.stdout + res.stderr
     assert res.returncode == 0 and "outputs under" in out, out[-4000:]
+    assert len(list((tmp_path / "runs" / "sites").glob("*/*.yaml"))) == 3  # prepared before Flower started
     # The detached simulation SuperLink (its --log-file lies under our FLWR_HOME) was stopped.
     assert not [p for p in _live_cmdlines() if str(tmp_path) in p]
     (run_dir,) = [p for p in (tmp_path / "runs").glob("*-run*") if p.is_dir()]

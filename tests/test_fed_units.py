@@ -14,12 +14,11 @@ from brainjepa.weights import model_checksum
 from client.state import load_optimizer, save_optimizer
 from server.aggregate import (
     RunningMean,
-    ServerOptConfig,
     ServerOptimizer,
     SiteUpdate,
     check_update,
 )
-from server.config import FederationConfig, from_run_config, to_run_config
+from server.config import FederationConfig, ServerOptConfig, from_run_config, to_run_config
 from sites.errors import ConfigError
 
 
@@ -155,18 +154,3 @@ def test_run_config_round_trip_and_errors() -> None:
     with pytest.raises(ConfigError, match="wire-dtype"):
         from_run_config({"wire-dtype": "bfloat16"})
     assert cfg.pretrain().train.steps == 5 * cfg.local_steps
-
-
-def test_pyproject_flower_app_section_matches_the_code() -> None:
-    """Once pyproject.toml carries [tool.flwr.app] (docs/federation.md), it must wire our apps and list
-    exactly the run-config keys the ServerApp understands, with the same defaults."""
-    from pathlib import Path
-
-    import tomllib
-
-    data = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
-    app = data.get("tool", {}).get("flwr", {}).get("app")
-    if app is None:
-        pytest.skip("pyproject.toml has no [tool.flwr.app] section yet")
-    assert app["components"] == {"serverapp": "server.server_app:app", "clientapp": "client.client_app:app"}
-    assert app["config"] == to_run_config(FederationConfig())

@@ -32,7 +32,7 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 
-from brainjepa.config import PretrainConfig, to_dict
+from brainjepa.config import PretrainConfig, WireDtype, to_dict
 from brainjepa.schedules import SchedulePoint, schedule_at
 from brainjepa.weights import WEIGHT_SETS
 from sites.errors import ConfigError, InputError, Origin
@@ -42,7 +42,6 @@ from sites.schema import check_choices, from_mapping
 CONTRACT_VERSION = 1
 
 Task = Literal["pretrain", "finetune", "probe", "evaluate"]
-WireDtype = Literal["float32", "float16"]
 # The config each task's site work is described by (finetune / probe / evaluate join as they are built).
 TASK_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig}
 

@@ -15,8 +15,9 @@ import torch
 
 from brainjepa.config import MaskConfig, PretrainConfig
 from brainjepa.masks import Masks, sample_masks
-from sites.cohort import Cohort
-from sites.errors import DataError
+from sites.cohort import Cohort, load_cohort
+from sites.config import load_site_config
+from sites.errors import ConfigError, DataError
 from sites.windows import PackedSeries, check_lengths, pack, random_windows
 
 
@@ -54,6 +55,14 @@ class BatchStream:
         g = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, 2, index]).integers(2**62)))
         masks = sample_masks(self.mask_cfg, self.batch_size, self.packed.n_rois, self.n_time, g)
         return torch.from_numpy(x), masks  # (B, R, T)
+
+
+def load_pretraining_cohort(cfg: PretrainConfig) -> Cohort:
+    """The training subjects named by the config's `data` section (a site YAML or a folder), scaled."""
+    if bool(cfg.data.site) == bool(cfg.data.roi_dir):
+        raise ConfigError("data: set exactly one of 'site' (a site YAML) or 'roi_dir' (a folder of .npy files)")
+    source = load_site_config(cfg.data.site) if cfg.data.site else cfg.data.roi_dir
+    return load_cohort(source, cfg.data.model_tr, min_frames=cfg.model.n_frames, scaling=cfg.data.scaling)
 
 
 def pretraining_stream(cohort: Cohort, cfg: PretrainConfig) -> BatchStream:

@@ -14,27 +14,17 @@ from tqdm.auto import tqdm
 
 from brainjepa.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from brainjepa.config import PretrainConfig, to_dict
-from brainjepa.data import pretraining_stream
+from brainjepa.data import load_pretraining_cohort, pretraining_stream
 from brainjepa.gradients import gradient_checksum, gradients_for, save_gradients
 from brainjepa.jepa import JEPAModels, PretrainStep, resolve_device
 from brainjepa.plots import plot_loss_curve
 from brainjepa.prefetch import Prefetcher
 from brainjepa.schedules import schedule_at
-from sites.cohort import Cohort, load_cohort
-from sites.config import load_site_config
 from sites.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 METRIC_FIELDS = ["step", "loss", "lr", "weight_decay", "momentum", "samples", "seconds"]
-
-
-def load_pretraining_cohort(cfg: PretrainConfig) -> Cohort:
-    """The training subjects named by the config's `data` section (a site YAML or a folder), scaled."""
-    if bool(cfg.data.site) == bool(cfg.data.roi_dir):
-        raise ConfigError("data: set exactly one of 'site' (a site YAML) or 'roi_dir' (a folder of .npy files)")
-    source = load_site_config(cfg.data.site) if cfg.data.site else cfg.data.roi_dir
-    return load_cohort(source, cfg.data.model_tr, min_frames=cfg.model.n_frames, scaling=cfg.data.scaling)
 
 
 @dataclass(frozen=True)

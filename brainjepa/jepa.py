@@ -12,13 +12,14 @@ import copy
 import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.profiler import record_function
 
-from brainjepa.config import ModelConfig, OptimConfig, PerfConfig
+from brainjepa.config import ModelConfig, OptimConfig, PerfConfig, Precision
 from brainjepa.fastpath import accelerate, attention_backends, attention_context
 from brainjepa.masks import Masks
 from brainjepa.predictor import Predictor
@@ -88,8 +89,8 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """`auto` -> bf16 autocast on CUDA, fp32 elsewhere; `bf16` / `fp32` as asked (bf16 works on CPUs too)."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision: expected auto, bf16 or fp32, got '{precision}'")
+    if precision not in get_args(Precision):
+        raise ValueError(f"precision: expected one of {get_args(Precision)}, got '{precision}'")
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return precision

@@ -80,3 +80,11 @@ def test_model_tr_is_written_once() -> None:
     hits = [str(p.relative_to(ROOT)) for pkg in ("sites", "brainjepa", "client", "server")
             for p in (ROOT / pkg).rglob("*.py") if re.search(r"(?<![\d.])2\.205(?!\d)", p.read_text())]  # fmt: skip
     assert hits == ["sites/temporal.py"], hits
+
+
+def test_model_sizes_are_one_list() -> None:
+    from typing import get_args
+
+    from brainjepa.config import ENCODER_SIZES, PREDICTOR_SIZES, ModelSize
+
+    assert tuple(ENCODER_SIZES) == tuple(PREDICTOR_SIZES) == get_args(ModelSize)

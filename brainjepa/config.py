@@ -38,7 +38,7 @@ class ModelConfig:
     embed_dim: int = 0  # 0 = from `size`
     depth: int = 0
     num_heads: int = 0
-    pred_dim: int = 0  # 0 = from `size` (384 / 6 layers / 12 heads for small, base, large)
+    pred_dim: int = 0  # 0 = from `size` (384 wide, 6 layers, the encoder's head count for small, base, large)
     pred_depth: int = 0
     pred_heads: int = 0
     mlp_ratio: float = 4.0
@@ -80,12 +80,14 @@ ENCODER_SIZES: dict[str, tuple[int, int, int]] = {
     "base": (768, 12, 12),
     "large": (1024, 24, 16),
 }
-# size -> (pred_dim, pred_depth, pred_heads): the reference predictor for real sizes.
+# size -> (pred_dim, pred_depth, pred_heads): the reference predictor for real sizes. Its head count
+# is the ENCODER's (ref `init_model` passes `num_heads=encoder.num_heads`): 6 / 12 / 16. Same weight
+# shapes for any head count, so a wrong one would load silently and compute another function.
 PREDICTOR_SIZES: dict[str, tuple[int, int, int]] = {
     "tiny": (64, 2, 4),
-    "small": (384, 6, 12),
+    "small": (384, 6, 6),
     "base": (384, 6, 12),
-    "large": (384, 6, 12),
+    "large": (384, 6, 16),
 }
 
 

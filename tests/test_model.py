@@ -25,6 +25,15 @@ def test_vit_base_parameter_counts_at_450_by_160() -> None:
     assert _count(Predictor(cfg, g)) == 11_244_864
 
 
+@pytest.mark.parametrize("size,heads", [("small", 6), ("base", 12), ("large", 16)])
+def test_predictor_uses_the_encoders_head_count(size: str, heads: int) -> None:
+    # the reference builds its predictor with num_heads=encoder.num_heads (brain-jepa.md, predictor)
+    cfg = ModelConfig(size=size)
+    assert cfg.pred_heads == heads == cfg.num_heads
+    assert (cfg.pred_dim, cfg.pred_depth) == (384, 6)
+    assert ModelConfig(size="tiny").pred_heads == 4
+
+
 @pytest.mark.parametrize("R,T,p", [(450, 160, 16), (37, 48, 16), (100, 90, 10)])
 def test_any_rois_and_frames(R: int, T: int, p: int) -> None:
     cfg = ModelConfig(size="tiny", n_rois=R, n_frames=T, patch_size=p, gradient_components=5)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from brainjepa import data_cli, reference_cli
+from brainjepa import data_cli, embed_cli, reference_cli
 from brainjepa.perf import cli as perf_cli
 from sites.errors import InputError
 
@@ -94,6 +94,7 @@ def demo(
 
 perf_cli.register(app)
 data_cli.register(app)
+embed_cli.register(app)
 reference_cli.register(app)
 
 

@@ -24,6 +24,7 @@ Scaling = Literal["robust", "none"]
 Precision = Literal["auto", "bf16", "fp32"]  # auto: bf16 autocast on CUDA, fp32 on CPU
 WireDtype = Literal["float32", "float16"]  # how weights travel in a federated round (float16: deltas uplink)
 AttentionBackend = Literal["auto", "cudnn", "flash", "efficient", "math", "default"]
+MaskMode = Literal["spatiotemporal", "random"]  # spatiotemporal: Brain-JEPA; random: the ablation
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,10 @@ PREDICTOR_SIZES: dict[str, tuple[int, int, int]] = {
 
 @dataclass(frozen=True)
 class MaskConfig:
-    """Spatiotemporal masking (fractions of ROIs / time patches), as in the reference config."""
+    """Spatiotemporal masking (fractions of ROIs / time patches), as in the reference config.
+
+    `mode: random` (ablation) draws the same per-batch token counts, then places the context and the
+    targets uniformly at random over the whole R x W grid (brainjepa.masks.sample_random_masks)."""
 
     obs_roi_scale: tuple[float, float] = (0.84, 1.0)  # observed share of the non-Cross-ROI ROIs
     obs_time_scale: tuple[float, float] = (0.84, 1.0)  # observation window, share of W
@@ -103,6 +107,12 @@ class MaskConfig:
     edge_time_scale: tuple[float, float] = (0.0, 0.4)  # columns per side, share of W
     edge_width: float = 0.3  # the left/right edge zones, share of W (ref: 3 of 10)
     reference_truncation: bool = False  # reproduce the ref's per-sample sampling + batch-min truncation
+    mode: MaskMode = "spatiotemporal"  # random: the same token counts, placed uniformly over the R x W grid
+
+    def __post_init__(self) -> None:
+        check_choices(self, "mask")
+        if self.mode == "random" and self.reference_truncation:
+            raise ConfigError("mask.reference_truncation: applies to mode 'spatiotemporal' only, not 'random'")
 
 
 @dataclass(frozen=True)

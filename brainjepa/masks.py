@@ -16,6 +16,10 @@ columns left after removing the edge columns, as long as the observation window 
 it would lose. `reference_truncation=True` instead reproduces the reference algorithm (per-sample
 sizes for the edge blocks, overlapping regions, time patch W-1 never observed) and its truncation of
 every sample's context and target lists to the batch minimum.
+
+`mode: random` (ablation: spatiotemporal vs random masking) keeps the per-batch token counts of the
+spatiotemporal sampler (same sizes drawn first, same generator calls) and places the context and a
+disjoint target set uniformly at random over the whole grid: only WHERE the tokens are changes.
 """
 
 from __future__ import annotations
@@ -81,6 +85,20 @@ class BatchMaskSizes:
     n_dc_left: int
     edge: int  # width of each edge zone
 
+    @property
+    def n_context(self) -> int:
+        """Context tokens per sample."""
+        return self.n_ctx_roi * self.w_ctx
+
+    @property
+    def region_counts(self) -> tuple[int, int, int]:
+        """Target tokens per sample in (Cross-ROI, Cross-Time, Double-Cross)."""
+        return (
+            self.n_alpha * self.w_alpha,
+            self.n_ct_right * self.w_right + self.n_ct_left * self.w_left,
+            self.n_dc_right * self.w_right + self.n_dc_left * self.w_left,
+        )
+
 
 def sample_sizes(cfg: MaskConfig, n_rois: int, n_time: int, g: torch.Generator) -> BatchMaskSizes:
     R, W = n_rois, n_time
@@ -115,6 +133,8 @@ def sample_sizes(cfg: MaskConfig, n_rois: int, n_time: int, g: torch.Generator) 
 
 def sample_masks(cfg: MaskConfig, batch: int, n_rois: int, n_time: int, g: torch.Generator) -> Masks:
     """Draw context and target token indices for a batch, all from `g` (CPU tensors)."""
+    if cfg.mode == "random":
+        return sample_random_masks(cfg, batch, n_rois, n_time, g)
     if cfg.reference_truncation:
         return sample_reference_masks(cfg, batch, n_rois, n_time, g)
     B, R, W = batch, n_rois, n_time
@@ -145,6 +165,20 @@ def sample_masks(cfg: MaskConfig, batch: int, n_rois: int, n_time: int, g: torch
     double_cross = torch.cat([_grid_tokens(dc_right, right, W), _grid_tokens(dc_left, left, W)], dim=1)
     target = torch.cat([cross_roi, cross_time, double_cross], dim=1)  # (B, Nt)
     return Masks(context, target, (cross_roi.shape[1], cross_time.shape[1], double_cross.shape[1]))
+
+
+def sample_random_masks(cfg: MaskConfig, batch: int, n_rois: int, n_time: int, g: torch.Generator) -> Masks:
+    """The random-masking ablation: the spatiotemporal sampler's per-batch counts (`sample_sizes`),
+    then per sample a uniformly random context set and a disjoint uniformly random target set over
+    all R * W tokens. `region_sizes` keeps the spatiotemporal split of the counts, so the fields and
+    shapes match; the regions carry no structure here (the targets are sorted as one set)."""
+    B, N = batch, n_rois * n_time
+    s = sample_sizes(cfg, n_rois, n_time, g)
+    n_ctx, regions = s.n_context, s.region_counts
+    order = _rand_perm(B, N, g)  # (B, N): a uniform random order of all tokens per sample
+    context = order[:, :n_ctx].sort(dim=1).values  # (B, Nc)
+    target = order[:, n_ctx : n_ctx + sum(regions)].sort(dim=1).values  # (B, Nt)
+    return Masks(context, target, regions)
 
 
 def sample_reference_masks(cfg: MaskConfig, batch: int, n_rois: int, n_time: int, g: torch.Generator) -> Masks:

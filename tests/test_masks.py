@@ -1,12 +1,15 @@
-"""Invariants of the spatiotemporal mask sampler over many seeded draws."""
+"""Invariants of the spatiotemporal mask sampler over many seeded draws; the random-masking ablation."""
 
 from __future__ import annotations
+
+import hashlib
 
 import pytest
 import torch
 
 from brainjepa.config import MaskConfig
 from brainjepa.masks import sample_masks, sample_sizes
+from sites.errors import ConfigError
 
 CFG = MaskConfig()
 GRIDS = [(450, 10), (50, 10), (32, 4), (100, 20)]
@@ -119,3 +122,91 @@ def test_sizes_are_deterministic() -> None:
     s1 = sample_sizes(CFG, 450, 10, torch.Generator().manual_seed(1))
     s2 = sample_sizes(CFG, 450, 10, torch.Generator().manual_seed(1))
     assert s1 == s2
+
+
+# -- the random-masking ablation and the default path's stability -----------------------------------
+
+RANDOM = MaskConfig(mode="random")
+
+
+def _fingerprint(cfg: MaskConfig, batch: int, R: int, W: int) -> str:
+    """sha256 over three seeds x three draws: indices, region sizes and the generator state after."""
+    h = hashlib.sha256()
+    for seed in (0, 1, 2):
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(3):
+            m = sample_masks(cfg, batch, R, W, g)
+            h.update(m.context.numpy().tobytes())
+            h.update(m.target.numpy().tobytes())
+            h.update(repr(m.region_sizes).encode())
+        h.update(g.get_state().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_default_draws_are_unchanged_by_the_random_mode() -> None:
+    """Recorded from the sampler before `mode` existed: the default draws the same masks and
+    consumes the generator the same way, bit for bit."""
+    assert MaskConfig().mode == "spatiotemporal"
+    assert _fingerprint(CFG, 4, 50, 10) == "44c5866776752d7bc7914adeb3983271545677be538bac87fec93ff072068660"
+    assert _fingerprint(CFG, 8, 450, 10) == "5752dd595b7d1119c34a51123f31dce8de7893bb065f0a6a6f2626343541df01"
+    assert _fingerprint(MaskConfig(reference_truncation=True), 4, 50, 10) == (
+        "61149d677d86d590c1e9da30082da74269e8979e9a0b415d7bf74a41d2cfd5cc"
+    )
+
+
+def test_mask_mode_is_checked() -> None:
+    with pytest.raises(ConfigError, match="mask.mode"):
+        MaskConfig(mode="blocks")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="mask.reference_truncation"):
+        MaskConfig(mode="random", reference_truncation=True)
+
+
+@pytest.mark.parametrize("R,W", GRIDS)
+def test_random_mode_same_counts_disjoint_and_same_fields(R: int, W: int) -> None:
+    for seed in range(30):  # same seed: the sizes are drawn first, so the counts are the same
+        st = sample_masks(CFG, 6, R, W, torch.Generator().manual_seed(seed))
+        rd = sample_masks(RANDOM, 6, R, W, torch.Generator().manual_seed(seed))
+        assert rd.context.shape == st.context.shape and rd.target.shape == st.target.shape
+        assert rd.region_sizes == st.region_sizes and sum(rd.region_sizes) == rd.target.shape[1]
+        assert rd.context.dtype == rd.target.dtype == torch.int64
+        assert int(rd.context.min()) >= 0 and int(rd.target.max()) < R * W
+        assert bool((rd.context.diff(dim=1) > 0).all()), "context sorted and distinct"
+        assert bool((rd.target.diff(dim=1) > 0).all()), "targets sorted and distinct"
+        both = torch.cat([rd.context, rd.target], dim=1).sort(dim=1).values
+        assert bool((both.diff(dim=1) > 0).all()), "context and targets must be disjoint"
+
+
+def test_random_mode_is_deterministic_per_generator() -> None:
+    a = [sample_masks(RANDOM, 4, 100, 10, torch.Generator().manual_seed(11)) for _ in range(2)]
+    assert torch.equal(a[0].context, a[1].context) and torch.equal(a[0].target, a[1].target)
+    c = sample_masks(RANDOM, 4, 100, 10, torch.Generator().manual_seed(12))
+    assert c.context.shape != a[0].context.shape or not torch.equal(c.context, a[0].context)
+
+
+def _neighbour_rate(tokens: torch.Tensor, R: int, W: int) -> float:
+    """Share of selected tokens (r, t < W-1) whose next time patch (r, t+1) is selected too."""
+    grid = torch.zeros(tokens.shape[0], R * W, dtype=torch.bool).scatter_(1, tokens, True).view(-1, R, W)
+    pairs = grid[:, :, :-1]
+    return float((pairs & grid[:, :, 1:]).sum() / pairs.sum())
+
+
+def test_random_mode_covers_the_grid_uniformly_without_blocks() -> None:
+    R, W, draws, B = 50, 10, 300, 8
+    g = torch.Generator().manual_seed(0)
+    per_roi, per_col = torch.zeros(R), torch.zeros(W)
+    rate_rd, rate_st, density = [], [], []
+    for _ in range(draws):
+        m = sample_masks(RANDOM, B, R, W, g)
+        per_roi += torch.bincount((m.target // W).flatten(), minlength=R)
+        per_col += torch.bincount((m.target % W).flatten(), minlength=W)
+        rate_rd.append(_neighbour_rate(m.target, R, W))
+        density.append(m.target.shape[1] / (R * W))
+        rate_st.append(_neighbour_rate(sample_masks(CFG, B, R, W, g).target, R, W))
+    # every ROI and every time patch is a target equally often (within sampling noise)
+    assert float((per_roi / per_roi.mean() - 1).abs().max()) < 0.1
+    assert float((per_col / per_col.mean() - 1).abs().max()) < 0.05
+    # no block structure: a target's next time patch is a target at the overall density only,
+    # while the spatiotemporal targets come in contiguous runs
+    mean = sum(rate_rd) / draws
+    assert abs(mean - sum(density) / draws) < 0.02
+    assert sum(rate_st) / draws > mean + 0.3

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from brainjepa import data_cli, embed_cli, reference_cli
+from brainjepa.downstream import cli as downstream_cli
 from brainjepa.perf import cli as perf_cli
 from sites.errors import InputError
 
@@ -95,6 +96,7 @@ def demo(
 perf_cli.register(app)
 data_cli.register(app)
 embed_cli.register(app)
+downstream_cli.register(app)
 reference_cli.register(app)
 
 

@@ -141,6 +141,7 @@ class DataConfig:
     """Where the pretraining cohort lives: a site YAML (`site`) or a folder of ROI `.npy` files."""
 
     site: str = ""  # path of a site YAML (sites.config schema)
+    sites: tuple[str, ...] = ()  # or: several site YAMLs, pooled (each scaled with its own statistics)
     roi_dir: str = ""  # or: a folder of per-subject (R, L) .npy files, already at the model TR
     gradients: str = ""  # gradient file (.npy/.csv, R x k); empty = computed from the cohort's FC
     model_tr: float = DEFAULT_MODEL_TR  # seconds: every site's series is resampled to it (site input only)
@@ -261,6 +262,8 @@ def load_pretrain_config(path: str | Path, overrides: dict | None = None) -> Pre
     for key in ("site", "roi_dir", "gradients"):
         if isinstance(data.get(key), str) and data[key] and not Path(data[key]).is_absolute():
             data[key] = str((path.parent / data[key]).resolve())
+    if isinstance(data.get("sites"), list):
+        data["sites"] = [str((path.parent / p).resolve()) if isinstance(p, str) else p for p in data["sites"]]
     train = raw.get("train") or {}
     if isinstance(train, dict) and isinstance(train.get("out_dir"), str) and not Path(train["out_dir"]).is_absolute():
         train["out_dir"] = str((path.parent / train["out_dir"]).resolve())

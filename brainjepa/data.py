@@ -58,11 +58,20 @@ class BatchStream:
 
 
 def load_pretraining_cohort(cfg: PretrainConfig) -> Cohort:
-    """The training subjects named by the config's `data` section (a site YAML or a folder), scaled."""
-    if bool(cfg.data.site) == bool(cfg.data.roi_dir):
-        raise ConfigError("data: set exactly one of 'site' (a site YAML) or 'roi_dir' (a folder of .npy files)")
-    source = load_site_config(cfg.data.site) if cfg.data.site else cfg.data.roi_dir
-    return load_cohort(source, cfg.data.model_tr, min_frames=cfg.model.n_frames, scaling=cfg.data.scaling)
+    """The training subjects named by the config's `data` section, scaled: one site YAML, several site
+    YAMLs pooled (each site scaled with its own statistics, as each would in a federation), or a folder."""
+    d = cfg.data
+    if sum((bool(d.site), bool(d.sites), bool(d.roi_dir))) != 1:
+        raise ConfigError("data: set exactly one of 'site' (a site YAML), 'sites' (several, pooled) or 'roi_dir' "
+                          "(a folder of .npy files)")  # fmt: skip
+    if d.roi_dir:
+        return load_cohort(d.roi_dir, d.model_tr, min_frames=cfg.model.n_frames, scaling=d.scaling)
+    cohorts = [load_cohort(load_site_config(p), d.model_tr, min_frames=cfg.model.n_frames, scaling=d.scaling)
+               for p in ((d.site,) if d.site else d.sites)]  # fmt: skip
+    if len(cohorts) == 1:
+        return cohorts[0]
+    return Cohort([x for c in cohorts for x in c.series], [f"{c.source}:{i}" for c in cohorts for i in c.subject_ids],
+                  " + ".join(c.source for c in cohorts), None)  # fmt: skip
 
 
 def pretraining_stream(cohort: Cohort, cfg: PretrainConfig) -> BatchStream:

@@ -208,6 +208,9 @@ def synth(
     duration: Annotated[
         float | None, typer.Option(help="Scan length in seconds for every site (default: per-site presets).")
     ] = None,
+    split: Annotated[
+        tuple[float, float, float], typer.Option(help="Train / val / test fractions written to each site YAML.")
+    ] = (0.8, 0.1, 0.1),
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Generate realistic multi-site ROI-series cohorts (BOLD-like, BrainSpace Schaefer-400 FC driven).
@@ -228,6 +231,7 @@ def synth(
             n_subcortical=subcortical,
             duration_s=duration,
             progress=progress,
+            split=split,
         )
     except InputError as e:
         raise _fail(e) from e

@@ -64,10 +64,20 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
         self.selective_checkpointing = False
+        self.drop_path = 0.0  # stochastic depth (fine-tuning): chance of skipping each residual branch
+
+    def _branch(self, y: torch.Tensor) -> torch.Tensor:
+        """Stochastic depth: in training, zero a residual branch for a random share `drop_path` of the
+        samples and scale the others by 1 / (1 - drop_path); otherwise (and at 0) the branch as is."""
+        if self.drop_path == 0.0 or not self.training:
+            return y
+        keep = 1.0 - self.drop_path
+        mask = torch.empty(y.shape[0], *(1,) * (y.ndim - 1), device=y.device, dtype=y.dtype).bernoulli_(keep)
+        return y * mask / keep  # (B, N, D)
 
     def _residual(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self._branch(self.attn(self.norm1(x)))
+        return x + self._branch(self.mlp(self.norm2(x)))
 
     def forward(self, x: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, N, D) -> (B, N, D); with `select` (B, S) token indices, the block's output at those
@@ -125,6 +135,13 @@ class PatchEmbed(nn.Module):
         B, R, T = x.shape
         patches = x.reshape(B, R * (T // self.patch_size), self.patch_size)  # (B, R*W, p), ROI-major
         return self.proj(patches)  # (B, N, D)
+
+
+def set_drop_path(blocks: nn.ModuleList, rate: float) -> None:
+    """Stochastic depth rising linearly from 0 at the first block to `rate` at the last (the ViT recipe)."""
+    n = len(blocks)
+    for i, blk in enumerate(blocks):
+        blk.drop_path = rate * i / max(1, n - 1)
 
 
 class Encoder(nn.Module):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from brainjepa.federation.averaging import RunningMean  # noqa: F401 (the server's averaging)
 from server.config import ServerOptConfig
 
 # Weight sets the server optimiser (FedAvgM / FedAdam) steps; the EMA target is always plainly
@@ -45,32 +46,6 @@ def check_update(update: SiteUpdate, expected: dict[str, int]) -> str | None:
     if extra:
         return f"unexpected weight set(s) {sorted(extra)}"
     return None
-
-
-class RunningMean:
-    """Sample-weighted mean accumulated one site at a time (a round holds one update, not all of them).
-
-    Sums n_i * w_i in float64 and divides by sum(n) at the end: with one site the result is w exactly
-    (n * w is exact in float64 for n < 2**29), with several it is the mean rounded once to fp32.
-    """
-
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.total = 0
-
-    def add(self, update: SiteUpdate) -> None:
-        for name, vec in update.sets.items():
-            acc = self.sums.get(name)
-            if acc is None:
-                self.sums[name] = vec.double() * update.num_examples
-            else:
-                acc.add_(vec.double(), alpha=update.num_examples)
-        self.total += update.num_examples
-
-    def result(self) -> dict[str, torch.Tensor]:
-        if self.total <= 0:
-            raise ValueError("no updates to average")
-        return {name: (acc / self.total).float() for name, acc in self.sums.items()}
 
 
 class ServerOptimizer:

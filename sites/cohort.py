@@ -120,23 +120,42 @@ def discover_subjects(root: Path, pattern: str) -> dict[str, Path]:
 
 
 def assign_splits(ids: list[str], cfg: SiteConfig, parts: Participants) -> np.ndarray:
-    """(N,) split names: from the participants column, or drawn once from the ids with the split seed."""
+    """(N,) split names: from the participants column, or drawn once with the split seed.
+
+    With `split.group_column` (e.g. the subject of each scan when a subject has several runs), whole
+    groups are drawn, so no group is in two splits; a given split column that puts one group in two
+    splits is an error naming the group.
+    """
     s = cfg.split
+    groups = None
+    if s.group_column is not None:
+        groups = dict(zip(parts.ids, (str(g) for g in parts.column(s.group_column)), strict=True))
     if s.column is not None:
         col = parts.column(s.column)
         bad = sorted({str(v) for v in col} - set(SPLITS))
         if bad:
             raise DataError(f"{where(parts.source, s.column)}: split values must be {SPLITS}, got {bad}")
         by_id = dict(zip(parts.ids, col, strict=True))
+        if groups is not None:
+            seen: dict[str, str] = {}
+            for sid in parts.ids:
+                first = seen.setdefault(groups[sid], str(by_id[sid]))
+                if first != str(by_id[sid]):
+                    raise DataError(f"{where(parts.source, s.column)}: {s.group_column} '{groups[sid]}' is in "
+                                    f"both '{first}' and '{by_id[sid]}' (one group must stay in one split)")  # fmt: skip
         return np.array([by_id[i] for i in ids], dtype="<U5")
-    order = sorted(parts.ids)  # independent of row order and of later skips
-    perm = np.random.default_rng(s.seed).permutation(len(order))
-    n_train = int(round(s.train * len(order)))
-    n_val = int(round(s.val * len(order)))
-    names = np.empty(len(order), dtype="<U5")
+    units = sorted(set(groups.values())) if groups is not None else sorted(parts.ids)  # row order and skips
+    perm = np.random.default_rng(s.seed).permutation(len(units))  # do not change the draw
+    n_train = int(round(s.train * len(units)))
+    n_val = int(round(s.val * len(units)))
+    names = np.empty(len(units), dtype="<U5")
     names[perm[:n_train]] = "train"
     names[perm[n_train : n_train + n_val]] = "val"
     names[perm[n_train + n_val :]] = "test"
+    if groups is not None:
+        of_group = dict(zip(units, names, strict=True))
+        return np.array([of_group[groups[i]] for i in ids], dtype="<U5")
+    order = units
     by_id = dict(zip(order, names, strict=True))
     return np.array([by_id[i] for i in ids], dtype="<U5")
 

@@ -70,6 +70,7 @@ class SplitConfig:
     """Either a participants column holding train/val/test, or fractions drawn with a seed."""
 
     column: str | None = None
+    group_column: str | None = None  # e.g. the subject of each scan: whole groups go to one split
     train: float = 0.8
     val: float = 0.1
     test: float = 0.1

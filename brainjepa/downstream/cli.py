@@ -1,0 +1,51 @@
+"""The `brainjepa evaluate` command: run an evaluation protocol, print its table, write its reports."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sites.errors import InputError
+
+
+def evaluate(
+    protocol: Annotated[Path, typer.Option(help="Protocol YAML: sites, experiments (pretrain / finetune / test sites), tasks, methods, seeds (see configs/protocols/).")],
+    out_dir: Annotated[Path, typer.Option(help="Where results.csv, summary.csv, report.md, the PNG plots and the cached pretraining runs go.")] = Path("runs/evaluate"),
+    checkpoint: Annotated[Path | None, typer.Option(help="Use this pretraining checkpoint in every experiment (instead of the protocol's pretraining).")] = None,
+    seeds: Annotated[int | None, typer.Option(help="Use only the protocol's first N seeds (a quick look).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    verbose: bool = False,
+) -> None:
+    """Fine-tune, probe and score a pretrained Brain-JEPA across sites as the protocol says, with the
+    baselines beside it (the same ViT from scratch, a probe on random weights, connectivity + logistic /
+    ridge regression), federated vs centralized vs local. Model selection on validation; each test split
+    is scored once per seed. Prints the Markdown table and where the full reports went."""
+    import dataclasses
+
+    from brainjepa.downstream.evaluate import run_protocol
+    from brainjepa.downstream.protocol import load_protocol
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    try:
+        p = load_protocol(protocol)
+        if seeds is not None:
+            p = dataclasses.replace(p, seeds=p.seeds[:seeds])
+        if checkpoint is not None:
+            experiments = tuple(dataclasses.replace(e, pretrain=(), checkpoint=str(checkpoint.resolve()))
+                                for e in p.experiments)  # fmt: skip
+            p = dataclasses.replace(p, experiments=experiments, ablations=())
+        result = run_protocol(p, out_dir.resolve(), progress=True, device=device)
+    except (InputError, FileNotFoundError) as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from e
+    typer.echo(result.markdown)
+    typer.echo(f"\nreports in {result.out_dir}: {result.report_md.name}, {result.rows_csv.name}, "
+               f"{result.summary_csv.name}, " + ", ".join(p.name for p in result.plots))  # fmt: skip
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(evaluate)

@@ -1,0 +1,91 @@
+"""What a downstream run predicts and how it trains: frozen configs read by the one strict loader.
+
+`TaskSpec` names a `participants.tsv` column and how to read it (classification with an explicit class
+list: the class filter and the label order every site shares; or regression). `DownstreamConfig` is
+the training recipe of one method (fine-tuning, linear probing, the same ViT from scratch), defaults
+from the reference's downstream recipe (brain-jepa.md "Downstream"), with layer-wise LR decay and
+drop-path that do take effect (the reference configures both and uses neither).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from sites.errors import ConfigError
+from sites.schema import check_choices
+from sites.temporal import DEFAULT_MODEL_TR
+
+TaskKind = Literal["classification", "regression"]
+# finetune: pretrained backbone + head, all trained; probe: frozen pretrained backbone, BatchNorm + Linear;
+# scratch: the same ViT and head from random weights (no pretraining); random_probe: a probe on a frozen
+# untrained backbone (what pretraining must beat).
+Method = Literal["finetune", "probe", "scratch", "random_probe"]
+NEURAL_METHODS: tuple[str, ...] = ("finetune", "probe", "scratch", "random_probe")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str  # how tables call it, e.g. "sex"
+    column: str  # the participants.tsv column
+    kind: TaskKind = "classification"
+    classes: tuple[str, ...] = ()  # classification: the values kept, in label order (e.g. ["0", "1"])
+
+    def __post_init__(self) -> None:
+        check_choices(self, f"task '{self.name}'")
+        if self.kind == "classification" and len(self.classes) < 2:
+            raise ConfigError(f"task '{self.name}': classification needs 'classes', the column values to keep "
+                              f"in label order (at least 2), got {list(self.classes)}")  # fmt: skip
+        if self.kind == "regression" and self.classes:
+            raise ConfigError(f"task '{self.name}': 'classes' is for classification, the task is a regression")
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self.classes) if self.kind == "classification" else 1
+
+
+@dataclass(frozen=True)
+class DownstreamConfig:
+    """One method's training recipe. Steps are optimizer steps over the training scans."""
+
+    method: Method = "finetune"
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 6.25e-5  # ref fine-tuning LR (AdamW, batch 16); short runs on small data want more
+    probe_lr: float = 1e-2  # linear probe (BatchNorm + Linear on frozen features; the ref uses LARS 2.5e-4 x 64/256)
+    weight_decay: float = 0.05
+    layer_decay: float = 0.75  # LR of block i = lr * layer_decay ** (depth - i); 1.0 = off
+    drop_path: float = 0.1  # stochastic depth at the last block (linear from 0 at the first)
+    warmup_fraction: float = 0.1
+    eval_every: int = 25  # validation (model selection) every this many steps, and at the end
+    eval_windows: int = 4  # windows per scan at evaluation, predictions averaged
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choices(self, "downstream")
+        for name in ("steps", "batch_size", "eval_every", "eval_windows"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"downstream.{name}: expected >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(f"downstream.layer_decay: expected (0, 1], got {self.layer_decay}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f"downstream.drop_path: expected [0, 1), got {self.drop_path}")
+
+    @property
+    def frozen_backbone(self) -> bool:
+        return self.method in ("probe", "random_probe")
+
+    @property
+    def pretrained(self) -> bool:
+        return self.method in ("finetune", "probe")
+
+
+@dataclass(frozen=True)
+class DownstreamTask:
+    """What a site is asked to do in a downstream round: the task, the recipe and the data window
+    (the model's window and TR, which come from the pretraining checkpoint)."""
+
+    task: TaskSpec
+    recipe: DownstreamConfig = field(default_factory=DownstreamConfig)
+    model_tr: float = DEFAULT_MODEL_TR
+    scaling: Literal["robust", "none"] = "robust"

@@ -1,0 +1,132 @@
+"""Fitting a downstream model three ways with one recipe: federated, centralized (pooled), local.
+
+- `centralized`: one model on the pooled training scans of the given sites (what a consortium that
+  could pool its data would do).
+- `local`: the same, on one site's scans alone (call it once per site).
+- `federated`: FedAvg. Each round every site starts from the global weights, runs `local_steps`
+  optimizer steps on its own scans (a fresh AdamW whose schedule position is the round's global step;
+  `site_round`, also what the Flower ClientApp runs), and the global weights become the scan-weighted
+  mean of the sites' (`brainjepa.federation.averaging.RunningMean`, also the coordinator's).
+Model selection on validation only: every `eval_every` steps (federated: at the round that reaches
+them) the model is scored on each site's validation split; the scan-weighted mean of the primary
+metric picks the weights that are kept. The test split is not touched here.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from brainjepa.downstream.config import DownstreamConfig, TaskSpec
+from brainjepa.downstream.data import LabelledSite, Split, TrainBatches
+from brainjepa.downstream.metrics import PRIMARY, is_better
+from brainjepa.downstream.model import Backbone, DownstreamModel
+from brainjepa.downstream.train import DownstreamStep, TargetScale, split_metrics, weighted_metrics
+from brainjepa.federation.averaging import RunningMean
+
+log = logging.getLogger(__name__)
+
+
+def state_vector(model: torch.nn.Module) -> torch.Tensor:
+    """(P,) fp32: every floating entry of the state dict (weights and BatchNorm statistics), in order."""
+    return torch.cat([v.detach().reshape(-1).float() for v in model.state_dict().values() if v.is_floating_point()])
+
+
+def load_state_vector(model: torch.nn.Module, vec: torch.Tensor) -> None:
+    state, offset = model.state_dict(), 0
+    with torch.no_grad():
+        for v in state.values():
+            if v.is_floating_point():
+                v.copy_(vec[offset : offset + v.numel()].view_as(v))
+                offset += v.numel()
+    if offset != vec.numel():
+        raise ValueError(f"weight vector has {vec.numel()} values, the model {offset}")
+
+
+@dataclass
+class FitResult:
+    model: DownstreamModel  # holding the selected weights
+    target: TargetScale
+    best_step: int
+    val: dict[str, float]  # the selected model's scan-weighted validation metrics
+    history: list[tuple[int, float, float]] = field(default_factory=list)  # (step, train loss, val primary)
+
+
+def pooled(sites: list[LabelledSite], split: str) -> Split:
+    parts = [s.splits[split] for s in sites]
+    return Split([x for p in parts for x in p.series], np.concatenate([p.y for p in parts]),
+                 [f"{s.site}/{i}" for s, p in zip(sites, parts, strict=True) for i in p.ids])  # fmt: skip
+
+
+def validate(model: DownstreamModel, sites: list[LabelledSite], target: TargetScale, n_frames: int) -> dict:
+    task, w = sites[0].task, model.recipe.eval_windows
+    per_site = [(split_metrics(model, s.val, task, target, n_frames, w), len(s.val)) for s in sites if len(s.val)]
+    return weighted_metrics(per_site, task.kind)
+
+
+def site_round(model: DownstreamModel, site: LabelledSite, target: TargetScale, start: int, n_steps: int,
+               total: int, n_frames: int, device: torch.device | str = "cpu") -> float:  # fmt: skip
+    """`n_steps` optimizer steps of `model` on the site's training scans from global step `start`;
+    returns the mean loss (one host sync)."""
+    r = model.recipe
+    step_fn = DownstreamStep(model, site.task, total, target, device)
+    batches = TrainBatches(site.train, n_frames, r.batch_size, r.seed)
+    losses = [step_fn(*batches[s], s) for s in range(start, start + n_steps)]
+    return float(torch.stack(losses).mean())
+
+
+def fit(backbone: Backbone, task: TaskSpec, recipe: DownstreamConfig, sites: list[LabelledSite], mode: str,
+        local_steps: int = 10, device: torch.device | str = "cpu", progress: bool = False) -> FitResult:  # fmt: skip
+    """Train `recipe.steps` optimizer steps (per site, in `federated` mode) and keep the best on validation."""
+    if mode not in ("federated", "centralized", "local"):
+        raise ValueError(f"mode: expected federated, centralized or local, got '{mode}'")
+    if mode == "local" and len(sites) != 1:
+        raise ValueError(f"local mode trains on one site, got {len(sites)}")
+    torch.manual_seed(recipe.seed)  # head init and drop-path
+    model = DownstreamModel(backbone, task, recipe).to(device)
+    n_frames = backbone.model.n_frames
+    target = TargetScale.of(task, [s.train.y for s in sites])
+    primary = PRIMARY[task.kind]
+    best: tuple[dict, dict, int] | None = None
+    history: list[tuple[int, float, float]] = []
+    total = recipe.steps
+    chunk = local_steps if mode == "federated" else recipe.eval_every
+    if mode != "federated":  # one optimizer over the whole run
+        step_fn = DownstreamStep(model, task, total, target, device)
+        batches = TrainBatches(pooled(sites, "train"), n_frames, recipe.batch_size, recipe.seed)
+    bar = tqdm(total=total, desc=f"{recipe.method} {mode} {task.name}", disable=not progress, leave=False)
+    for start in range(0, total, chunk):
+        n = min(chunk, total - start)
+        if mode == "federated":
+            loss = _federated_round(model, sites, target, start, n, total, n_frames, device)
+        else:
+            loss = float(torch.stack([step_fn(*batches[s], s) for s in range(start, start + n)]).mean())
+        bar.update(n)
+        done = start + n
+        if done % recipe.eval_every < n or done == total:  # reached an evaluation point in this chunk
+            val = validate(model, sites, target, n_frames)
+            history.append((done, loss, val[primary]))
+            if best is None or is_better(task.kind, val[primary], best[1][primary]):
+                best = (copy.deepcopy(model.state_dict()), val, done)
+    bar.close()
+    assert best is not None
+    model.load_state_dict(best[0])
+    return FitResult(model, target, best[2], best[1], history)
+
+
+def _federated_round(model: DownstreamModel, sites: list[LabelledSite], target: TargetScale, start: int,
+                     n: int, total: int, n_frames: int, device: torch.device | str) -> float:  # fmt: skip
+    """One FedAvg round in this process: the same site work and averaging as over Flower."""
+    global_vec = state_vector(model)
+    mean, losses = RunningMean(), []
+    for site in sites:
+        load_state_vector(model, global_vec)
+        losses.append(site_round(model, site, target, start, n, total, n_frames, device))
+        mean.add({"model": state_vector(model)}, len(site.train))
+    load_state_vector(model, mean.result()["model"])
+    return float(np.mean(losses))

@@ -1,0 +1,107 @@
+"""Downstream models: the pretrained target encoder as backbone, with a fine-tuning or a probing head.
+
+- Backbone: `brainjepa.vit.Encoder` with the checkpoint's target-encoder weights (the reference's
+  choice), run on ALL tokens of a window; features = mean over tokens (no CLS token).
+- Fine-tuning head: LayerNorm -> Linear; every weight trains, with layer-wise LR decay (block i of
+  depth d gets lr * decay ** (d + 1 - i); embeddings the lowest, the head the full LR) and drop-path
+  rising linearly over the blocks.
+- Linear probe: frozen backbone (eval mode, no gradients), BatchNorm1d(affine=False) -> Linear.
+- `scratch` / `random_probe`: the same model with the backbone left at its random initialisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from brainjepa.checkpoint import load_checkpoint
+from brainjepa.config import ModelConfig
+from brainjepa.downstream.config import DownstreamConfig, TaskSpec
+from brainjepa.vit import Encoder, init_weights, set_drop_path
+from sites.errors import DataError
+from sites.schema import from_mapping
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """What a downstream model is built from: the model shape, its gradients and (pretrained) weights."""
+
+    model: ModelConfig
+    gradients: np.ndarray  # (R, k) float32
+    weights: dict[str, torch.Tensor]  # Encoder state dict (the EMA target's)
+    source: str
+    scaling: dict | None = None  # the pretraining run's robust-scaling statistics, when it kept them
+
+
+def load_backbone(path: str | Path) -> Backbone:
+    """The target encoder of a pretraining checkpoint (`brainjepa pretrain`, federated, or imported)."""
+    ckpt = load_checkpoint(path)
+    for key in ("model_config", "gradients", "models"):
+        if key not in ckpt:
+            raise DataError(f"checkpoint '{path}': no '{key}' entry; expected a pretraining checkpoint")
+    cfg = from_mapping(ModelConfig, ckpt["model_config"], f"{path} (model_config)")
+    weights = {k.removeprefix("target."): v for k, v in ckpt["models"].items() if k.startswith("target.")}
+    if not weights:
+        raise DataError(f"checkpoint '{path}': no 'target.*' weights (the EMA target encoder) in 'models'")
+    grads = np.asarray(ckpt["gradients"], dtype=np.float32)
+    return Backbone(cfg, grads, weights, str(path), ckpt.get("scaling"))
+
+
+class DownstreamModel(nn.Module):
+    """x (B, R, T) -> (B, n_outputs): class logits or the regression prediction."""
+
+    def __init__(self, backbone: Backbone, task: TaskSpec, recipe: DownstreamConfig) -> None:
+        super().__init__()
+        self.recipe = recipe
+        self.backbone = Encoder(backbone.model, torch.from_numpy(backbone.gradients))
+        if recipe.pretrained:
+            missing = self.backbone.load_state_dict(backbone.weights, strict=True)
+            assert not missing.missing_keys  # strict=True raised otherwise
+        D = backbone.model.embed_dim
+        if recipe.frozen_backbone:
+            self.backbone.requires_grad_(False)
+            self.head = nn.Sequential(nn.BatchNorm1d(D, affine=False), nn.Linear(D, task.n_outputs))
+        else:
+            set_drop_path(self.backbone.blocks, recipe.drop_path)
+            self.head = nn.Sequential(nn.LayerNorm(D, eps=1e-6), nn.Linear(D, task.n_outputs))
+        self.head.apply(init_weights)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, R, T) -> (B, D): the backbone's tokens, mean-pooled."""
+        if self.recipe.frozen_backbone:
+            self.backbone.eval()
+            with torch.no_grad():
+                return self.backbone(x).mean(dim=1)
+        return self.backbone(x).mean(dim=1)  # (B, N, D) -> (B, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))  # (B, n_outputs)
+
+
+def layer_of(name: str, depth: int) -> int:
+    """Layer index for LR decay: embeddings 0, block i -> i + 1, final norm and head depth + 1."""
+    if name.startswith("backbone.blocks."):
+        return int(name.split(".")[2]) + 1
+    if name.startswith(("backbone.patch_embed", "backbone.pos_embed")):
+        return 0
+    return depth + 1
+
+
+def param_groups(model: DownstreamModel) -> list[dict]:
+    """AdamW groups: per layer an LR scale (`lr_scale`), weight decay on matrices only."""
+    r = model.recipe
+    depth = len(model.backbone.blocks)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer = layer_of(name, depth)
+        decay = not (name.endswith(".bias") or p.ndim == 1)
+        g = groups.setdefault((layer, decay), {"params": [], "lr_scale": r.layer_decay ** (depth + 1 - layer),
+                                               "weight_decay": r.weight_decay if decay else 0.0})  # fmt: skip
+        g["params"].append(p)
+    return [groups[k] for k in sorted(groups)]

@@ -30,6 +30,7 @@ from brainjepa.downstream.train import DownstreamStep, TargetScale, split_metric
 from brainjepa.federation.averaging import RunningMean
 
 log = logging.getLogger(__name__)
+RANDOM_INIT_SEED = 10_000  # offset of the seeds that draw untrained backbones
 
 
 def state_vector(model: torch.nn.Module) -> torch.Tensor:
@@ -87,7 +88,9 @@ def fit(backbone: Backbone, task: TaskSpec, recipe: DownstreamConfig, sites: lis
         raise ValueError(f"mode: expected federated, centralized or local, got '{mode}'")
     if mode == "local" and len(sites) != 1:
         raise ValueError(f"local mode trains on one site, got {len(sites)}")
-    torch.manual_seed(recipe.seed)  # head init and drop-path
+    # Head init and drop-path from the seed; an untrained backbone (scratch, random_probe) from its own
+    # stream, so that it is not the very initialisation a pretraining run with the same seed started from.
+    torch.manual_seed(recipe.seed if recipe.pretrained else RANDOM_INIT_SEED + recipe.seed)
     model = DownstreamModel(backbone, task, recipe).to(device)
     n_frames = backbone.model.n_frames
     target = TargetScale.of(task, [s.train.y for s in sites])

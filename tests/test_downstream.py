@@ -1,0 +1,163 @@
+"""The downstream harness: labels and grouped splits, the heads, LR decay and drop-path that take effect,
+protocol errors, and a whole protocol through `brainjepa evaluate` on generated sites."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from brainjepa.cli import app
+from brainjepa.config import DataConfig, ModelConfig, PretrainConfig, TrainConfig
+from brainjepa.downstream.config import DownstreamConfig, TaskSpec
+from brainjepa.downstream.data import encode_labels, load_labelled_site
+from brainjepa.downstream.fit import fit
+from brainjepa.downstream.model import DownstreamModel, load_backbone, param_groups
+from brainjepa.downstream.protocol import load_protocol
+from brainjepa.pretrain import pretrain
+from sites.cohort import load_site_series
+from sites.config import load_site_config
+from sites.errors import ConfigError, DataError
+from sites.synth import generate_cohorts
+
+SEX = TaskSpec("sex", "sex", "classification", ("0", "1"))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path], Path]:
+    """Three generated sites (20 ROIs) and a tiny checkpoint pretrained 3 steps on the first."""
+    root = tmp_path_factory.mktemp("downstream")
+    yamls = generate_cohorts(root / "sites", n_sites=3, subjects_per_site=15, n_rois=20, duration_s=200,
+                             split=(0.6, 0.2, 0.2))  # fmt: skip
+    cfg = PretrainConfig(model=ModelConfig(size="tiny", n_rois=20, n_frames=32, gradient_components=8),
+                         data=DataConfig(site=str(yamls[0])),
+                         train=TrainConfig(steps=3, batch_size=4, out_dir=str(root / "pre"), checkpoint_every=3))  # fmt: skip
+    pretrain(cfg, progress=False)
+    return root, yamls, root / "pre" / "checkpoint.pt"
+
+
+def test_labels_keep_the_task_classes_in_their_order() -> None:
+    y = encode_labels(np.array([0.0, 1.0, 2.0, np.nan, 1.0]), TaskSpec("s", "s", "classification", ("1", "0")))
+    assert y.tolist() == [1, 0, -1, -1, 0]  # class filter: 2 and missing are left out; "1" is class 0
+    assert np.isnan(encode_labels(np.array([3.5, np.nan]), TaskSpec("a", "a", "regression"))[1])
+    with pytest.raises(ConfigError, match="needs 'classes'"):
+        TaskSpec("s", "s", "classification")
+
+
+def test_grouped_splits_never_put_one_subject_in_two_splits(tmp_path: Path, world) -> None:
+    _, yamls, _ = world
+    site_dir = yamls[0].parent
+    rows = (site_dir / "participants.tsv").read_text().splitlines()
+    header, body = rows[0], rows[1:]
+    # three scans ("runs") per subject: the subject column groups them
+    lines = [header + "\tsubject"] + [f"{r}\tS{i // 3:02d}" for i, r in enumerate(body)]
+    (site_dir / "participants_runs.tsv").write_text("\n".join(lines) + "\n")
+    cfg = yaml.safe_load(yamls[0].read_text())
+    cfg["participants"]["file"] = "participants_runs.tsv"
+    cfg["split"] = {"train": 0.6, "val": 0.2, "test": 0.2, "seed": 1, "group_column": "subject"}
+    grouped = site_dir / "grouped.yaml"
+    grouped.write_text(yaml.safe_dump(cfg))
+    ss = load_site_series(load_site_config(grouped))
+    subject = {r.split("\t")[0]: r.split("\t")[-1] for r in lines[1:]}
+    split_of: dict[str, set] = {}
+    for sid, split in zip(ss.subject_ids, ss.splits, strict=True):
+        split_of.setdefault(subject[sid], set()).add(str(split))
+    assert all(len(s) == 1 for s in split_of.values()), split_of
+    assert {next(iter(s)) for s in split_of.values()} == {"train", "val", "test"}
+    # a given split column that puts one subject's runs in two splits is refused, naming the subject
+    col = [f"{r}\t{'train' if i % 3 else 'test'}" for i, r in enumerate(lines[1:])]
+    (site_dir / "participants_runs.tsv").write_text("\n".join([lines[0] + "\tfold", *col]) + "\n")
+    cfg["split"] = {"column": "fold", "group_column": "subject"}
+    grouped.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(DataError, match="subject 'S00' is in both"):
+        load_site_series(load_site_config(grouped))
+
+
+def test_heads_lr_decay_and_drop_path_take_effect(world) -> None:
+    _, _, ckpt = world
+    bb = load_backbone(ckpt)
+    ft = DownstreamModel(bb, SEX, DownstreamConfig(method="finetune", layer_decay=0.5, drop_path=0.3))
+    scales = {(g["lr_scale"]) for g in param_groups(ft)}
+    depth = bb.model.depth
+    assert scales == {0.5 ** (depth + 1 - layer) for layer in range(depth + 2)}
+    assert ft.backbone.blocks[-1].drop_path == pytest.approx(0.3) and ft.backbone.blocks[0].drop_path == 0.0
+    x = torch.randn(4, 20, 32)
+    ft.train()
+    torch.manual_seed(0)
+    a = ft(x)
+    torch.manual_seed(1)
+    assert not torch.allclose(a, ft(x))  # drop-path draws differ in training
+    ft.eval()
+    assert torch.equal(ft(x), ft(x))  # and vanish at evaluation
+    probe = DownstreamModel(bb, SEX, DownstreamConfig(method="probe"))
+    assert not any(p.requires_grad for p in probe.backbone.parameters())
+    assert isinstance(probe.head[0], torch.nn.BatchNorm1d) and not probe.head[0].affine
+    torch.testing.assert_close(probe.backbone.state_dict()["blocks.0.attn.qkv.weight"],
+                               bb.weights["blocks.0.attn.qkv.weight"])  # the target encoder's weights  # fmt: skip
+
+
+def test_probe_leaves_the_backbone_alone_and_all_modes_run(world) -> None:
+    _, yamls, ckpt = world
+    bb = load_backbone(ckpt)
+    sites = [load_labelled_site(load_site_config(y), SEX, 2.205, 32) for y in yamls[:2]]
+    recipe = DownstreamConfig(method="probe", steps=6, batch_size=4, eval_every=3, eval_windows=2)
+    res = fit(bb, SEX, recipe, sites, "federated", local_steps=3)
+    for k, v in bb.weights.items():
+        torch.testing.assert_close(res.model.backbone.state_dict()[k], v)
+    assert res.best_step in (3, 6) and 0.0 <= res.val["balanced_acc"] <= 1.0
+    for mode, group in (("centralized", sites), ("local", sites[:1])):
+        r = fit(bb, SEX, DownstreamConfig(method="finetune", steps=4, batch_size=4, eval_every=2), group, mode)
+        assert [h[0] for h in r.history] == [2, 4]
+
+
+def _protocol(root: Path, yamls: list[Path], ckpt: Path, **edit) -> Path:
+    p = {
+        "name": "tiny", "pretrain": {}, "seeds": [0],
+        "sites": [{"name": y.parent.name, "config": str(y)} for y in yamls],
+        "tasks": [{"name": "sex", "column": "sex", "kind": "classification", "classes": ["0", "1"]}],
+        "methods": ["finetune", "probe", "random_probe", "fc"],
+        "recipe": {"steps": 4, "batch_size": 4, "eval_every": 2, "eval_windows": 2},
+        "local_steps": 2,
+        "experiments": [{"name": "held out", "checkpoint": str(ckpt), "finetune": ["site_a", "site_b"],
+                         "test": ["site_c"]}],
+    }  # fmt: skip
+    p.update(edit)
+    path = root / "protocol.yaml"
+    path.write_text(yaml.safe_dump(p))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        ({"experiments": [{"name": "x", "checkpoint": "c.pt", "finetune": ["site_z"], "test": ["site_c"]}]},
+         "site 'site_z' of experiment 'x' is not declared"),
+        ({"tasks": [{"name": "iq", "column": "iq", "kind": "regression"}]}, "uses column 'iq'"),
+        ({"methods": ["finetune", "transformer_xl"]}, "'methods[1]'"),
+    ],
+)  # fmt: skip
+def test_a_protocol_with_an_unknown_site_column_or_method_is_refused(tmp_path: Path, world, edit, needle) -> None:
+    _, yamls, ckpt = world
+    path = _protocol(tmp_path, yamls, ckpt, **edit)
+    with pytest.raises(ConfigError) as e:
+        load_protocol(path)
+    assert needle in str(e.value) and str(path) in str(e.value)
+
+
+def test_evaluate_runs_a_protocol_and_writes_the_tables(tmp_path: Path, world) -> None:
+    _, yamls, ckpt = world
+    path = _protocol(tmp_path, yamls, ckpt)
+    res = CliRunner().invoke(app, ["evaluate", "--protocol", str(path), "--out-dir", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert "| finetune · federated |" in res.output and "| fc · centralized |" in res.output
+    for name in ("results.csv", "summary.csv", "report.md"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    rows = (tmp_path / "out" / "results.csv").read_text().splitlines()
+    # finetune: federated, centralized, local (one model per fine-tuning site); probe, random probe, fc:
+    # centralized; each with a site_c row and an "all" row
+    assert len(rows) - 1 == 2 * (1 + 1 + 2 + 1 + 1 + 1)
+    assert list((tmp_path / "out").glob("*.png"))

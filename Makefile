@@ -24,6 +24,10 @@ setup: $(BIN)/brainjepa
 
 demo: setup
 	$(BIN)/brainjepa-server simulate --sites 3 --rounds 3
+	$(BIN)/brainjepa synth --out data/demo-eval --sites 3 --subjects 36 --rois 100 --duration 300 \
+		--split 0.6 0.2 0.2 --seed 1 --no-progress
+	$(BIN)/brainjepa evaluate --protocol configs/protocols/demo.yaml --out-dir runs/demo-eval \
+		--checkpoint "$$(ls -td runs/federated/*-run*/ | head -1)checkpoint.pt"
 
 demo-local: setup
 	$(BIN)/brainjepa demo
@@ -38,4 +42,4 @@ bench: setup
 	$(BIN)/brainjepa bench --size tiny --size base --batch 1 --steps 2
 
 clean:
-	rm -rf runs data/demo
+	rm -rf runs data/demo data/demo-eval

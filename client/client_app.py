@@ -1,22 +1,27 @@
-"""The Flower ClientApp: one site's federated pretraining round.
+"""The Flower ClientApp: one site's round of federated pretraining, fine-tuning, probing or evaluation.
 
 Site settings come from the node config: `site-config` (the site YAML) and `gradients` (the federation's
 gradient file). In a simulation (`flwr run .`) nodes only have a `partition-id`: the site is then the
 partition-id-th site YAML (sorted) under the run config's `sites-dir`. The message format is the round
-contract (`brainjepa.federation.contract`); this module only converts between Flower records and it.
+contract (`brainjepa.federation.contract`); this module only converts between Flower records and it,
+and hands the round to its task's site work: `client.training` (pretrain) or `client.downstream`
+(finetune, probe, evaluate, label-stats; `evaluate` / `label-stats` come as Flower "evaluate" messages).
 A refusal (contract or checksum mismatch, bad site config) is an error reply whose reason says what is wrong.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from brainjepa.config import SiteRuntime
 from brainjepa.federation.contract import (
     ARRAYS,
     CONFIG,
@@ -29,8 +34,10 @@ from brainjepa.federation.contract import (
     decode_global,
     encode_update,
 )
+from client.downstream import DownstreamSite
 from client.state import load_optimizer, save_optimizer
 from client.training import RoundRefused, SiteTrainer, load_site_data, resolve_site
+from sites.config import SiteConfig
 from sites.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -67,33 +74,62 @@ def run_round(msg: Message, context: Context) -> Message:
     spec = RoundSpec.from_record(msg.content[CONFIG])
     site_yaml, grad_file = site_paths(context)
     site, runtime = resolve_site(site_yaml)
-    trainer = SiteTrainer(spec, grad_file, runtime)
     received = decode_global(msg.content[ARRAYS].to_torch_state_dict())
-    trainer.load_sets(received)
-    rounds_done = load_optimizer(context.state, trainer.step_fn.optimizer, spec.model_checksum)
-    data = load_site_data(site, spec.task_config)
-    metrics = trainer.train(data)
-    save_optimizer(context.state, trainer.step_fn.optimizer, spec.model_checksum, rounds_done + 1)
-    arrays = ArrayRecord(encode_update(trainer.sets(), received, spec.wire_dtype))
-    _maybe_dump(context, site.site, spec, arrays, data.n_subjects)
-    metrics.update({Metric.NUM_EXAMPLES: float(data.n_subjects), Metric.ROUND_WALL_S: time.perf_counter() - t0,
+    if spec.task == "pretrain":
+        sets, metrics = pretrain_round(spec, site, runtime, grad_file, received, context.state)
+    else:
+        sets, metrics = DownstreamSite(spec, site, runtime, grad_file).run(received)
+    arrays = ArrayRecord(encode_update(sets, received, spec.wire_dtype))
+    metrics.update({Metric.ROUND_WALL_S: time.perf_counter() - t0,
                     Metric.BYTES_RECEIVED: float(msg.content[ARRAYS].count_bytes()),
-                    Metric.BYTES_SENT: float(arrays.count_bytes()), Metric.ROUNDS_DONE: float(rounds_done + 1)})  # fmt: skip
+                    Metric.BYTES_SENT: float(arrays.count_bytes())})  # fmt: skip
     content = RecordDict({ARRAYS: arrays, METRICS: MetricRecord(metrics), SITE: ConfigRecord({"name": site.site})})
+    _maybe_dump(context, site.site, spec, content)
     return Message(content, reply_to=msg)
 
 
-def _maybe_dump(context: Context, site: str, spec: RoundSpec, arrays: ArrayRecord, n: int) -> None:
-    """Node config `dump-updates-dir`: keep exactly what this site sends (integration tests, audits)."""
+def pretrain_round(spec: RoundSpec, site: SiteConfig, runtime: SiteRuntime, grad_file: Path,
+                   received: dict[str, torch.Tensor], state: RecordDict) -> tuple[dict[str, torch.Tensor], dict[str, float]]:  # fmt: skip
+    """K JEPA steps from the received sets, AdamW moments carried in the run's `context.state`."""
+    trainer = SiteTrainer(spec, grad_file, runtime)
+    trainer.load_sets(received)
+    rounds_done = load_optimizer(state, trainer.step_fn.optimizer, spec.model_checksum)
+    data = load_site_data(site, spec.task_config)
+    metrics = trainer.train(data)
+    save_optimizer(state, trainer.step_fn.optimizer, spec.model_checksum, rounds_done + 1)
+    metrics.update({Metric.NUM_EXAMPLES: float(data.n_subjects), Metric.ROUNDS_DONE: float(rounds_done + 1)})
+    return trainer.sets(), metrics
+
+
+def _maybe_dump(context: Context, site: str, spec: RoundSpec, content: RecordDict) -> None:
+    """Node config `dump-updates-dir`: keep exactly what this site sends (integration tests, audits):
+    `[<task>[-<split>]/]round-NNN/<site>.npz` (the weight sets, num_examples) and `.json` (every record
+    of the reply with its keys, and the metric values)."""
     out = str(context.node_config.get("dump-updates-dir", ""))
-    if out:
-        path = Path(out) / f"round-{spec.round + 1:03d}" / f"{site}.npz"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, num_examples=n, **{k: arrays[k].numpy() for k in arrays.keys()})
+    if not out:
+        return
+    folder = Path(out) if spec.task == "pretrain" else Path(out) / "-".join(filter(None, (spec.task, spec.split)))
+    path = folder / f"round-{spec.round + 1:03d}" / f"{site}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays, metrics = content[ARRAYS], content[METRICS]
+    np.savez(path, num_examples=int(metrics[Metric.NUM_EXAMPLES]), **{k: arrays[k].numpy() for k in arrays.keys()})
+    layout = {"records": {name: sorted(record.keys()) for name, record in content.items()},
+              "metrics": {k: float(v) for k, v in metrics.items()}}  # fmt: skip
+    path.with_suffix(".json").write_text(json.dumps(layout, indent=1))
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    return handle(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return handle(msg, context)
+
+
+def handle(msg: Message, context: Context) -> Message:
+    """The round, or an error reply: REFUSED (contract, checksum, config) or FAILED (the site's data)."""
     try:
         return run_round(msg, context)
     except (RoundRefused, ContractError) as e:

@@ -10,10 +10,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from brainjepa.config import PretrainConfig, SiteRuntime, load_site
+from brainjepa.config import ModelConfig, PretrainConfig, SiteRuntime, load_site
 from brainjepa.data import BatchStream, pretraining_stream
 from brainjepa.federation.contract import Metric, RoundSpec
 from brainjepa.gradients import gradient_checksum, load_gradients
@@ -25,7 +26,6 @@ from sites.config import SiteConfig
 from sites.errors import DataError, InputError
 
 log = logging.getLogger(__name__)
-
 
 
 class RoundRefused(InputError):
@@ -43,12 +43,44 @@ def load_site_data(site: SiteConfig, cfg: PretrainConfig) -> SiteData:
     """The site's training split at the model TR, scaled, as deterministic batches: exactly what
     `brainjepa pretrain` reads for `data.site` = this site's YAML."""
     m = cfg.model
-    if site.n_rois != m.n_rois:
-        raise RoundRefused(f"site config '{site.source}' declares {site.n_rois} ROIs, the federation's "
-                           f"model expects model.n_rois={m.n_rois}")  # fmt: skip
+    check_rois(site, m)
     cohort = load_cohort(site, cfg.data.model_tr, min_frames=m.n_frames, scaling=cfg.data.scaling)
     stream = pretraining_stream(cohort, cfg)
     return SiteData(site.site, stream, len(stream.packed))
+
+
+def check_rois(site: SiteConfig, m: ModelConfig) -> None:
+    if site.n_rois != m.n_rois:
+        raise RoundRefused(f"site config '{site.source}' declares {site.n_rois} ROIs, the federation's "
+                           f"model expects model.n_rois={m.n_rois}")  # fmt: skip
+
+
+def checked_gradients(gradient_file: Path, m: ModelConfig, expected: str) -> np.ndarray:
+    """The site's gradient file, refused unless its checksum is the federation's (`expected`)."""
+    try:
+        grads = load_gradients(gradient_file, m.n_rois, m.gradient_components)
+    except DataError as e:
+        raise RoundRefused(str(e)) from e
+    mine = gradient_checksum(grads)
+    if mine != expected:
+        raise RoundRefused(
+            f"gradient file '{gradient_file}' has checksum {mine[:16]}..., the federation's gradient file has "
+            f"{expected[:16]}...: this site must use the same gradient file as the server")  # fmt: skip
+    return grads
+
+
+def check_model(mine: str, spec: RoundSpec) -> None:
+    """The site built the model the server did (`brainjepa.weights.model_checksum`), or it refuses."""
+    if mine != spec.model_checksum:
+        raise RoundRefused(f"model checksum {mine[:16]}... differs from the server's {spec.model_checksum[:16]}...: "
+                           "site and server build different models (package versions or model config)")  # fmt: skip
+
+
+def site_device(runtime: SiteRuntime) -> torch.device:
+    try:
+        return resolve_device(runtime.device)
+    except InputError as e:
+        raise RoundRefused(f"site device: {e}") from e
 
 
 class SiteTrainer:
@@ -58,25 +90,11 @@ class SiteTrainer:
         runtime = runtime or SiteRuntime()
         cfg = spec.task_config
         m = cfg.model
-        try:
-            grads = load_gradients(gradient_file, m.n_rois, m.gradient_components)
-        except DataError as e:
-            raise RoundRefused(str(e)) from e
-        mine = gradient_checksum(grads)
-        if mine != spec.gradient_checksum:
-            raise RoundRefused(
-                f"gradient file '{gradient_file}' has checksum {mine[:16]}..., the federation's gradient file has "
-                f"{spec.gradient_checksum[:16]}...: this site must use the same gradient file as the server")  # fmt: skip
+        grads = checked_gradients(gradient_file, m, spec.gradient_checksum)
         self.spec = spec
         self.models = JEPAModels(m, torch.from_numpy(grads))
-        mine = model_checksum(m, self.modules)
-        if mine != spec.model_checksum:
-            raise RoundRefused(f"model checksum {mine[:16]}... differs from the server's {spec.model_checksum[:16]}...: "
-                               "site and server build different models (package versions or model config)")  # fmt: skip
-        try:
-            dev = resolve_device(runtime.device)
-        except InputError as e:
-            raise RoundRefused(f"site device: {e}") from e
+        check_model(model_checksum(m, self.modules), spec)
+        dev = site_device(runtime)
         self.perf = runtime.perf
         self.step_fn = PretrainStep(self.models, cfg.optim, spec.total_steps, dev,
                                     activation_checkpointing=cfg.train.activation_checkpointing,

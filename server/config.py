@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import yaml
+
 from brainjepa.config import (
     ModelConfig,
     ModelSize,
@@ -23,11 +25,15 @@ from brainjepa.config import (
     WireDtype,
     load_pretrain_config,
 )
-from sites.errors import ConfigError, Origin
+from brainjepa.downstream.config import DownstreamTask
+from sites.errors import ConfigError, Origin, where
 from sites.schema import check_choices, from_mapping
 
 RUN_CONFIG = Origin("run config")
 Strategy = Literal["fedavg", "fedavgm", "fedadam"]
+# pretrain: federated Brain-JEPA pretraining; finetune / probe: a downstream task on a pretrained backbone
+# (`checkpoint` + `downstream-config`), trained federated, selected on validation, scored on test.
+RunTask = Literal["pretrain", "finetune", "probe"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,9 @@ class FederationConfig:
     resume_dir: str = ""  # continue this run folder from its last completed round
     sites_dir: str = ""  # simulation: folder of site folders (partition-id -> the sorted site YAMLs)
     save_updates: bool = False  # keep every site's decoded update per round (tests, audits)
+    task: RunTask = "pretrain"
+    checkpoint: str = ""  # finetune / probe: the pretraining checkpoint (its target encoder is the backbone)
+    downstream_config: str = ""  # finetune / probe: a YAML with `task:` (TaskSpec) and `recipe:` (DownstreamConfig)
 
     def __post_init__(self) -> None:
         check_choices(self, RUN_CONFIG)
@@ -76,6 +85,9 @@ class FederationConfig:
             raise ConfigError("run config: 'num-rounds', 'local-steps' and 'min-sites' must be >= 1")
         if not 0.0 < self.fraction_sites <= 1.0:
             raise ConfigError(f"run config 'fraction-sites': expected (0, 1], got {self.fraction_sites}")
+        if self.task != "pretrain" and not (self.checkpoint and self.downstream_config):
+            raise ConfigError(f"run config: task '{self.task}' needs 'checkpoint' (a pretraining checkpoint) and "
+                              "'downstream-config' (a YAML with task: and recipe: sections)")  # fmt: skip
 
     @property
     def total_steps(self) -> int:
@@ -113,3 +125,18 @@ def from_run_config(run_config: Mapping[str, object]) -> FederationConfig:
 def to_run_config(cfg: FederationConfig) -> dict[str, object]:
     """The inverse of `from_run_config` (kebab-case keys), e.g. for `--run-config` or checkpoints."""
     return {run_config_key(k): v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def load_downstream_task(path: str | Path, defaults: Mapping[str, object]) -> DownstreamTask:
+    """The run's downstream YAML: `task:` (TaskSpec), `recipe:` (DownstreamConfig) and optionally
+    `model_tr` / `scaling`, which default to `defaults` (the pretraining run's, from its checkpoint)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"run config 'downstream-config': file '{path}' does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where(path)}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where(path)}: expected a mapping with 'task' and 'recipe' sections")
+    return from_mapping(DownstreamTask, {**defaults, **raw}, path)

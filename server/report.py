@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import time
 from pathlib import Path
 
 from brainjepa.plots import save_figure
@@ -14,6 +15,23 @@ SITE_FIELDS = ["round", "site", "node_id", "status", "loss", "local_steps", "sam
                "bytes_sent", "bytes_received", "detail"]
 ROUND_FIELDS = ["round", "loss", "sites_ok", "sites_failed", "sites_rejected", "samples", "step_start",
                 "lr", "weight_decay", "momentum", "wall_s", "bytes_sent", "bytes_received"]
+
+
+def new_run_dir(out_dir: str | Path, run_id: int) -> Path:
+    """`<out_dir>/<date>-<time>-run<id>/`, created: a run's folder."""
+    run_dir = (Path(out_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-run{run_id}").resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def append_rows(path: Path, fields: list[str], rows: list[dict]) -> None:
+    """Append rows to a CSV file (its header first when the file is new)."""
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            w.writeheader()
+        w.writerows(rows)
 
 
 def _rewrite_until(path: Path, fields: list[str], keep_rounds: int) -> None:
@@ -48,8 +66,7 @@ class RunReport:
             self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_round)
 
     def site_rows(self, rows: list[dict]) -> None:
-        with open(self.sites_csv, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=SITE_FIELDS).writerows(rows)
+        append_rows(self.sites_csv, SITE_FIELDS, rows)
         if self.tb is not None:
             for r in rows:
                 if r["status"] == "ok":
@@ -57,8 +74,7 @@ class RunReport:
                     self.tb.add_scalar(f"site/{r['site']}/wall_s", float(r["wall_s"]), int(r["round"]))
 
     def round_row(self, row: dict) -> None:
-        with open(self.rounds_csv, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=ROUND_FIELDS).writerow(row)
+        append_rows(self.rounds_csv, ROUND_FIELDS, [row])
         if self.tb is not None:
             for key in ("loss", "lr", "momentum", "wall_s", "sites_ok"):
                 self.tb.add_scalar(f"round/{key}", float(row[key]), int(row["round"]))

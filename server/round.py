@@ -1,41 +1,31 @@
 """One federated pretraining run on the server: global model, rounds, checkpoints, resume.
 
-Flower-facing code is limited to `Grid` calls and message (de)construction; checks and aggregation are
-in `server.aggregate`, the message format in the round contract (`brainjepa.federation.contract`).
+The message exchange (sampling, sending, collecting, decoding) is `server.exchange`; checks and
+aggregation are in `server.aggregate`, the message format in the round contract
+(`brainjepa.federation.contract`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from brainjepa.checkpoint import load_checkpoint, save_checkpoint
 from brainjepa.config import PretrainConfig, to_dict
-from brainjepa.federation.contract import (
-    ARRAYS,
-    CONFIG,
-    METRICS,
-    SITE,
-    Metric,
-    RoundSpec,
-    decode_update,
-    encode_global,
-)
+from brainjepa.federation.contract import Metric, RoundSpec
 from brainjepa.gradients import gradient_checksum, load_gradients, save_gradients
 from brainjepa.jepa import JEPAModels
 from brainjepa.weights import WEIGHT_SETS, flat_parameters, load_flat_parameters, model_checksum
-from server.aggregate import RunningMean, ServerOptimizer, SiteUpdate, check_update
+from server.aggregate import RunningMean, ServerOptimizer, check_update
 from server.config import FederationConfig, to_run_config
-from server.report import RunReport
+from server.exchange import SiteResult, count, exchange, ok_updates, save_update, site_row
+from server.report import RunReport, new_run_dir
 from sites.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -43,43 +33,6 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 # Run-config keys that may differ between a run and its resumption.
 RESUME_FREE_KEYS = {"resume-dir", "out-dir", "round-timeout-s", "wait-for-sites-s", "save-updates"}
-
-
-class RoundFailed(RuntimeError):
-    """Fewer valid site updates than min-sites: the global model is not updated."""
-
-
-@dataclass
-class SiteResult:
-    node_id: int
-    status: str  # ok | failed | rejected | timeout
-    site: str = ""
-    detail: str = ""
-    update: SiteUpdate | None = None
-    bytes_sent: int = 0
-    bytes_received: int = 0
-
-
-def wait_for_nodes(grid: Grid, n: int, timeout_s: float) -> list[int]:
-    """Connected SuperNode ids once at least `n` are connected (sorted, for reproducible sampling)."""
-    deadline = time.monotonic() + timeout_s
-    announced = False
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= n:
-            return nodes
-        if time.monotonic() > deadline:
-            raise RoundFailed(f"only {len(nodes)} site(s) connected after {timeout_s:.0f} s, min-sites is {n}")
-        if not announced:
-            log.info("waiting for sites: %d of at least %d connected", len(nodes), n)
-            announced = True
-        time.sleep(1.0)
-
-
-def sample_nodes(nodes: list[int], fraction: float, min_sites: int, rng: np.random.Generator) -> list[int]:
-    k = min(len(nodes), max(min_sites, math.ceil(fraction * len(nodes))))
-    picked = rng.choice(len(nodes), size=k, replace=False)  # indices: node ids are uint64 (no numpy floats)
-    return sorted(nodes[int(i)] for i in picked)
 
 
 def resolve_gradients(cfg: FederationConfig, pcfg: PretrainConfig) -> tuple[np.ndarray, str]:
@@ -112,8 +65,7 @@ class FederatedRun:
             if not run_dir.is_dir():
                 raise ConfigError(f"run config 'resume-dir': folder '{run_dir}' does not exist")
         else:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            run_dir = (Path(cfg.out_dir) / f"{stamp}-run{run_id}").resolve()
+            run_dir = new_run_dir(cfg.out_dir, run_id)
         run_dir.mkdir(parents=True, exist_ok=True)
         grads, source = resolve_gradients(cfg, pcfg)
         torch.manual_seed(cfg.seed)  # same initial weights as `brainjepa pretrain` with this seed
@@ -187,25 +139,14 @@ class FederatedRun:
     def run_round(self, grid: Grid, rnd: int, report: RunReport) -> None:
         t0 = time.perf_counter()
         cfg = self.cfg
-        nodes = wait_for_nodes(grid, cfg.min_sites, cfg.wait_for_sites_s)
-        sampled = sample_nodes(nodes, cfg.fraction_sites, cfg.min_sites, np.random.default_rng([cfg.seed, rnd]))
         spec = self.round_spec(rnd)
         sched = spec.schedule()
-        conf = ConfigRecord(spec.to_record())
-        arrays = ArrayRecord(encode_global(self.sets, cfg.wire_dtype))
-        sent_bytes = arrays.count_bytes()
-        log.info("round %d/%d: sending %.1f MB to each of %d site(s) (lr %.2e, ema %.5f)", rnd + 1,
-                 cfg.num_rounds, sent_bytes / 1e6, len(sampled), sched.lr, sched.momentum)  # fmt: skip
-        msgs = [Message(RecordDict({ARRAYS: arrays, CONFIG: conf}), dst_node_id=node, message_type="train",
-                        group_id=str(rnd)) for node in sampled]  # fmt: skip
+        log.info("round %d/%d: lr %.2e, ema %.5f", rnd + 1, cfg.num_rounds, sched.lr, sched.momentum)
         mean = RunningMean()
-        results = self.collect(grid, msgs, sent_bytes, lambda res: self._accept(rnd, res, mean))
-        ok = [r.update for r in results if r.status == "ok" and r.update is not None]
-        rows = [self._site_row(rnd, r) for r in results]
-        report.site_rows(rows)
-        if len(ok) < cfg.min_sites:
-            raise RoundFailed(f"round {rnd + 1}: {len(ok)} valid update(s), fewer than min-sites={cfg.min_sites}; "
-                              f"the global model stays at round {rnd} (resume with resume-dir={self.run_dir})")
+        results = exchange(grid, cfg, spec, self.sets, lambda res: self._accept(rnd, res, mean))
+        report.site_rows([site_row(rnd, r) for r in results])
+        ok = ok_updates(results, cfg.min_sites, f"round {rnd + 1}", f"; the global model stays at round {rnd} "
+                        f"(resume with resume-dir={self.run_dir})")  # fmt: skip
         self.sets = self.server_opt.step(self.sets, mean.result())
         for name in WEIGHT_SETS:
             load_flat_parameters(getattr(self.models, name), self.sets[name])
@@ -213,17 +154,16 @@ class FederatedRun:
         samples = sum(u.num_examples for u in ok)
         loss = sum(u.metrics.get(Metric.LOSS, float("nan")) * u.num_examples for u in ok) / samples
         wall = time.perf_counter() - t0
+        n_ok, n_failed, n_rejected = count(results)
         report.round_row({
-            "round": rnd + 1, "loss": f"{loss:.6f}", "sites_ok": len(ok),
-            "sites_failed": sum(r.status in ("failed", "timeout") for r in results),
-            "sites_rejected": sum(r.status == "rejected" for r in results), "samples": samples,
+            "round": rnd + 1, "loss": f"{loss:.6f}", "sites_ok": n_ok, "sites_failed": n_failed,
+            "sites_rejected": n_rejected, "samples": samples,
             "step_start": spec.step_start, "lr": f"{sched.lr:.3e}", "weight_decay": f"{sched.weight_decay:.4f}",
             "momentum": f"{sched.momentum:.6f}", "wall_s": f"{wall:.2f}",
             "bytes_sent": sum(r.bytes_sent for r in results), "bytes_received": sum(r.bytes_received for r in results),
         })  # fmt: skip
         log.info("round %d/%d done in %.1f s: loss %.4f (%d site(s) ok, %d failed, %d rejected), checkpoint saved",
-                 rnd + 1, cfg.num_rounds, wall, loss, len(ok), sum(r.status in ("failed", "timeout") for r in results),
-                 sum(r.status == "rejected" for r in results))  # fmt: skip
+                 rnd + 1, cfg.num_rounds, wall, loss, n_ok, n_failed, n_rejected)
 
     def _accept(self, rnd: int, res: SiteResult, mean: RunningMean) -> None:
         """Check one decoded reply; add it to the mean (then drop its weights) or reject it."""
@@ -234,82 +174,7 @@ class FederatedRun:
             res.status, res.detail = "rejected", reason
             log.warning("round %d: update of site %s rejected: %s", rnd + 1, res.site, reason)
         else:
-            mean.add(res.update)
+            mean.add(res.update.sets, res.update.num_examples)
         if self.cfg.save_updates:
-            self._save_update(rnd, res)
+            save_update(self.run_dir, f"round-{rnd + 1:03d}", res)
         res.update.sets = {}  # memory: one site's weights at a time
-
-    def collect(self, grid: Grid, msgs: list[Message], sent_bytes: int,
-                on_result: Callable[[SiteResult], None]) -> list[SiteResult]:
-        """Push the round's messages and pull replies (one at a time, each handed to `on_result` and
-        released) until all came, a site left, or the timeout."""
-        ids = list(grid.push_messages(msgs))
-        node_of = {mid: m.metadata.dst_node_id for mid, m in zip(ids, msgs, strict=True)}
-        pending = set(ids)
-        results: list[SiteResult] = []
-        deadline = time.monotonic() + self.cfg.round_timeout_s
-        gone_since: dict[str, float] = {}
-        while pending and time.monotonic() < deadline:
-            for asked in list(pending):
-                for reply in grid.pull_messages([asked]):
-                    mid = reply.metadata.reply_to_message_id
-                    if mid in pending:
-                        pending.discard(mid)
-                        results.append(self.decode(reply, node_of[mid], sent_bytes))
-                        on_result(results[-1])
-                    del reply
-            if not pending:
-                break
-            connected = set(grid.get_node_ids())
-            now = time.monotonic()
-            for mid in list(pending):
-                if node_of[mid] in connected:
-                    gone_since.pop(mid, None)
-                elif now - gone_since.setdefault(mid, now) > 5.0:  # left the federation mid-round
-                    pending.discard(mid)
-                    results.append(SiteResult(node_of[mid], "failed", detail="site disconnected mid-round",
-                                              bytes_sent=sent_bytes))  # fmt: skip
-                    log.warning("site node %d disconnected mid-round: dropped from this round", node_of[mid])
-            time.sleep(0.5)
-        for mid in pending:
-            results.append(SiteResult(node_of[mid], "timeout", detail=f"no reply within {self.cfg.round_timeout_s:.0f} s",
-                                      bytes_sent=sent_bytes))  # fmt: skip
-            log.warning("site node %d: no reply within %.0f s, dropped from this round", node_of[mid],
-                        self.cfg.round_timeout_s)  # fmt: skip
-        return sorted(results, key=lambda r: r.node_id)
-
-    def decode(self, reply: Message, node_id: int, sent_bytes: int) -> SiteResult:
-        if reply.has_error():
-            reason = (reply.error.reason or "").strip()
-            log.warning("site node %d failed: %s", node_id, reason.splitlines()[-1] if reason else reply.error.code)
-            return SiteResult(node_id, "failed", detail=reason[-2000:], bytes_sent=sent_bytes)
-        content = reply.content
-        site = str(content[SITE]["name"]) if SITE in content.config_records else f"node-{node_id}"
-        metrics = {k: float(v) for k, v in content[METRICS].items()}
-        arrays = content[ARRAYS]
-        try:
-            sets = decode_update(arrays.to_torch_state_dict(), self.cfg.wire_dtype, self.sets)
-        except (ValueError, TypeError) as e:
-            return SiteResult(node_id, "rejected", site, f"undecodable weights: {e}", bytes_sent=sent_bytes,
-                              bytes_received=arrays.count_bytes())  # fmt: skip
-        n = metrics.get(Metric.NUM_EXAMPLES, 0.0)
-        update = SiteUpdate(site, int(n) if float(n).is_integer() else -1, sets, metrics)
-        return SiteResult(node_id, "ok", site, update=update, bytes_sent=sent_bytes, bytes_received=arrays.count_bytes())
-
-    def _site_row(self, rnd: int, r: SiteResult) -> dict:
-        m = r.update.metrics if r.update is not None else {}
-        return {
-            "round": rnd + 1, "site": r.site or f"node-{r.node_id}", "node_id": r.node_id, "status": r.status,
-            "loss": f"{m[Metric.LOSS]:.6f}" if Metric.LOSS in m else "", "local_steps": int(m.get(Metric.LOCAL_STEPS, 0)),
-            "samples": int(m.get(Metric.NUM_EXAMPLES, 0)), "wall_s": f"{m.get(Metric.WALL_S, 0.0):.2f}",
-            "bytes_sent": r.bytes_sent, "bytes_received": r.bytes_received,
-            "detail": r.detail.splitlines()[-1][:300] if r.detail else "",
-        }  # fmt: skip
-
-    def _save_update(self, rnd: int, r: SiteResult) -> None:
-        out = self.run_dir / "updates" / f"round-{rnd + 1:03d}"
-        out.mkdir(parents=True, exist_ok=True)
-        assert r.update is not None
-        torch.save({"site": r.site, "status": r.status, "num_examples": r.update.num_examples,
-                    "sets": r.update.sets}, out / f"{r.site}.pt")  # fmt: skip
-

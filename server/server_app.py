@@ -1,8 +1,11 @@
-"""The Flower ServerApp: federated Brain-JEPA pretraining rounds (sample, send, collect, check, average).
+"""The Flower ServerApp: federated Brain-JEPA pretraining rounds (sample, send, collect, check, average),
+or, with run config `task` = `finetune` / `probe`, a federated downstream run on a pretrained backbone.
 
-Run-wide settings come from the run config (`server.config`); the global model is checkpointed after
-every round (`checkpoint.pt`, atomic) and a run continues from its last completed round with
-`resume-dir`. Per-round per-site metrics go to CSV, the console, TensorBoard, and a PNG at the end.
+Run-wide settings come from the run config (`server.config`). Pretraining (`server.round`): the global
+model is checkpointed after every round (`checkpoint.pt`, atomic) and a run continues from its last
+completed round with `resume-dir`; per-round per-site metrics go to CSV, the console, TensorBoard, and a
+PNG at the end. Downstream (`server.downstream`): training rounds, validation, model selection and a
+final test evaluation, with their CSV / JSON and the selected model's checkpoint.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.config import FederationConfig, from_run_config
+from server.downstream import DownstreamRun
 from server.round import FederatedRun
 
 log = logging.getLogger(__name__)
@@ -42,7 +46,11 @@ def _attach_logging(run_dir: Path | None = None) -> None:
 def main(grid: Grid, context: Context) -> None:
     _attach_logging()
     cfg: FederationConfig = from_run_config(context.run_config)
-    run = FederatedRun.create(cfg, run_id=context.run_id)
+    run: FederatedRun | DownstreamRun
+    if cfg.task == "pretrain":
+        run = FederatedRun.create(cfg, run_id=context.run_id)
+    else:
+        run = DownstreamRun.create(cfg, run_id=context.run_id)
     _attach_logging(run.run_dir)
     run.log_start()
     run.execute(grid)

@@ -8,8 +8,20 @@ import pytest
 from flwr.app import ConfigRecord
 
 from brainjepa.config import ModelConfig, OptimConfig, PretrainConfig, TrainConfig
-from brainjepa.federation.contract import TASKS, ContractError, ErrorCode, Metric, RoundSpec
+from brainjepa.downstream.config import DownstreamConfig, DownstreamTask, TaskSpec
+from brainjepa.federation.contract import (
+    MODEL_SET,
+    TASKS,
+    ContractError,
+    ErrorCode,
+    Metric,
+    RoundSpec,
+    eval_metric_key,
+    eval_metrics,
+    weight_sets,
+)
 from brainjepa.schedules import schedule_at
+from brainjepa.weights import WEIGHT_SETS
 
 
 def _spec(**kw: object) -> RoundSpec:
@@ -17,6 +29,15 @@ def _spec(**kw: object) -> RoundSpec:
                          train=TrainConfig(steps=40, batch_size=4, seed=7))  # fmt: skip
     base = dict(task="pretrain", round=2, num_rounds=10, step_start=8, local_steps=4, wire_dtype="float16",
                 model_checksum="m" * 64, gradient_checksum="g" * 64, task_config=cfg)  # fmt: skip
+    return RoundSpec(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def _downstream(task: str = "finetune", method: str = "finetune", **kw: object) -> RoundSpec:
+    spec = TaskSpec(name="age", column="age", kind="regression")
+    cfg = DownstreamTask(task=spec, recipe=DownstreamConfig(method=method, steps=30, eval_every=6), model_tr=1.5)  # type: ignore[arg-type]
+    base = dict(task=task, round=1, num_rounds=5, step_start=6, local_steps=6, wire_dtype="float32",
+                model_checksum="m" * 64, gradient_checksum="g" * 64, task_config=cfg,
+                model_config=ModelConfig(n_rois=20, n_frames=32), target_center=61.5, target_scale=7.25)  # fmt: skip
     return RoundSpec(**{**base, **kw})  # type: ignore[arg-type]
 
 
@@ -35,33 +56,74 @@ def test_the_schedule_has_one_source_of_truth() -> None:
     assert spec.schedule(39) == schedule_at(spec.task_config.optim, 39, 40)
 
 
+def test_choices_are_checked_for_specs_built_in_code() -> None:
+    with pytest.raises(ContractError, match="not supported"):
+        _spec(task="probe")  # a probe round is described by a DownstreamTask, not a PretrainConfig
+    with pytest.raises(Exception, match="round record.task"):
+        _spec(task="distill")
+    with pytest.raises(Exception, match="wire_dtype"):
+        _spec(wire_dtype="int8")
+    assert TASKS == ("pretrain", "finetune", "probe", "evaluate", "label-stats")
+    with pytest.raises(ContractError, match="split '' with task 'evaluate'"):
+        _downstream("evaluate")
+    with pytest.raises(ContractError, match="no pretraining schedule"):
+        _downstream().schedule()
+
+
+@pytest.mark.parametrize(("task", "method", "split"), [("finetune", "finetune", ""), ("finetune", "scratch", ""),
+                         ("probe", "probe", ""), ("evaluate", "probe", "val"), ("evaluate", "finetune", "test"),
+                         ("label-stats", "finetune", "")])  # fmt: skip
+def test_downstream_records_round_trip(task: str, method: str, split: str) -> None:
+    spec = _downstream(task, method, split=split)
+    record = spec.to_record()
+    assert ("split" in record) == (task == "evaluate") and "model-config" in record
+    back = RoundSpec.from_record(ConfigRecord(record))
+    assert back == spec and type(back) is RoundSpec
+    assert back.total_steps == 30 and back.model.n_rois == 20 and back.target_scale == 7.25
+    assert back.task_config.task.kind == "regression" and back.task_config.model_tr == 1.5
+
+
+def test_pretraining_records_carry_no_downstream_fields() -> None:
+    assert not {"model-config", "target-center", "target-scale", "split"} & set(_spec().to_record())
+
+
 @pytest.mark.parametrize(
-    ("edit", "needle"),
+    ("make", "edit", "needle"),
     [
-        (lambda r: r.pop("gradient-checksum"), "lacks ['gradient-checksum']"),
-        (lambda r: r.update({"contract-version": 0}), "different brainjepa versions"),
-        (lambda r: r.update({"task": "finetune"}), "task 'finetune' is not supported"),
-        (lambda r: r.update({"wire-dtype": "bfloat16"}), "'wire-dtype'"),
-        (lambda r: r.update({"local-steps": "4"}), "'local-steps': expected an integer"),
-        (lambda r: r.update({"round": 10}), "not a valid round"),
-        (lambda r: r.update({"task-config": "{not json"}), "not JSON"),
-        (lambda r: r.update({"task-config": '{"model": {"n_roiz": 3}}'}), "model.n_roiz"),
+        (_spec, lambda r: r.pop("gradient-checksum"), "lacks ['gradient-checksum']"),
+        (_spec, lambda r: r.update({"contract-version": 1}), "different brainjepa versions"),
+        (_spec, lambda r: r.update({"task": "distill"}), "task 'distill' is not supported"),
+        (_spec, lambda r: r.update({"task": "finetune"}), "task-config.model"),  # a PretrainConfig is no DownstreamTask
+        (_spec, lambda r: r.update({"wire-dtype": "bfloat16"}), "'wire-dtype'"),
+        (_spec, lambda r: r.update({"local-steps": "4"}), "'local-steps': expected an integer"),
+        (_spec, lambda r: r.update({"round": 10}), "not a valid round"),
+        (_spec, lambda r: r.update({"task-config": "{not json"}), "not JSON"),
+        (_spec, lambda r: r.update({"task-config": '{"model": {"n_roiz": 3}}'}), "model.n_roiz"),
+        (_spec, lambda r: r.update({"model-config": '{"n_rois": 20, "n_frames": 32}'}), "takes no model-config"),
+        (_downstream, lambda r: r.pop("model-config"), "needs model-config"),
+        (_downstream, lambda r: r.update({"split": "val"}), "split 'val' with task 'finetune'"),
+        (_downstream, lambda r: r.update({"split": "holdout"}), "'split'"),
+        (_downstream, lambda r: r.update({"task": "probe"}), "recipe method 'finetune'"),
+        (_downstream, lambda r: r.update({"target-scale": 0.0}), "target scale"),
+        (_downstream, lambda r: r.update({"model-config": "{"}), "model-config is not JSON"),
+        (_downstream, lambda r: r.update({"task-config": '{"task": {"name": "x", "column": "x", "kind": "regression"}, '
+                                                         '"recipe": {"stepz": 1}}'}), "task-config.recipe.stepz"),
     ],
 )
-def test_a_record_this_side_cannot_honour_is_refused_with_the_field(edit, needle: str) -> None:
-    record = _spec().to_record()
+def test_a_record_this_side_cannot_honour_is_refused_with_the_field(make, edit, needle: str) -> None:
+    record = make().to_record()
     edit(record)
     with pytest.raises(ContractError) as e:
         RoundSpec.from_record(record)
     assert needle in str(e.value)
 
 
-def test_choices_are_checked_for_specs_built_in_code() -> None:
-    with pytest.raises(ContractError, match="not supported"):
-        _spec(task="probe")  # a declared task whose site side does not exist yet
-    with pytest.raises(Exception, match="wire_dtype"):
-        _spec(wire_dtype="int8")
-    assert TASKS == ("pretrain", "finetune", "probe", "evaluate")
+def test_weight_sets_and_evaluation_metric_keys() -> None:
+    assert weight_sets("pretrain") == WEIGHT_SETS
+    assert weight_sets("finetune") == weight_sets("probe") == weight_sets("evaluate") == (MODEL_SET,)
+    assert weight_sets("label-stats") == ()
+    reply = {eval_metric_key("auroc"): 0.5, eval_metric_key("acc"): 0.75, Metric.NUM_EXAMPLES: 4.0}
+    assert eval_metrics(reply) == {"auroc": 0.5, "acc": 0.75}
 
 
 def test_metric_keys_and_error_codes_are_distinct() -> None:

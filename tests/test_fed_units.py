@@ -8,9 +8,22 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 
 from brainjepa.config import ModelConfig, OptimConfig
-from brainjepa.federation.contract import decode_global, decode_update, encode_global, encode_update
+from brainjepa.downstream.config import DownstreamConfig, TaskSpec
+from brainjepa.downstream.fit import load_state_vector, state_vector
+from brainjepa.downstream.model import Backbone, DownstreamModel
+from brainjepa.downstream.train import TargetScale
+from brainjepa.federation.contract import (
+    MODEL_SET,
+    decode_global,
+    decode_update,
+    encode_global,
+    encode_update,
+    eval_metric_key,
+)
 from brainjepa.jepa import JEPAModels, PretrainStep
+from brainjepa.vit import Encoder
 from brainjepa.weights import model_checksum
+from client.downstream import UNLOADED
 from client.state import load_optimizer, save_optimizer
 from server.aggregate import (
     RunningMean,
@@ -18,7 +31,14 @@ from server.aggregate import (
     SiteUpdate,
     check_update,
 )
-from server.config import FederationConfig, ServerOptConfig, from_run_config, to_run_config
+from server.config import (
+    FederationConfig,
+    ServerOptConfig,
+    from_run_config,
+    load_downstream_task,
+    to_run_config,
+)
+from server.downstream import check_evaluation, pooled_target
 from sites.errors import ConfigError
 
 
@@ -34,7 +54,7 @@ def test_weighted_mean_matches_float64_recomputation() -> None:
     ups = [_update(f"s{i}", n, rng, SIZES) for i, n in enumerate([3, 10, 7])]
     running = RunningMean()
     for u in ups:
-        running.add(u)
+        running.add(u.sets, u.num_examples)
     got = running.result()
     for k in SIZES:
         ref = sum(u.num_examples * u.sets[k].double().numpy() for u in ups) / 20
@@ -44,7 +64,7 @@ def test_weighted_mean_matches_float64_recomputation() -> None:
 def test_one_site_mean_is_exact_identity() -> None:
     u = _update("a", 37, np.random.default_rng(1), SIZES)
     running = RunningMean()
-    running.add(u)
+    running.add(u.sets, u.num_examples)
     for k, v in running.result().items():
         assert torch.equal(v, u.sets[k])
 
@@ -154,3 +174,69 @@ def test_run_config_round_trip_and_errors() -> None:
     with pytest.raises(ConfigError, match="wire-dtype"):
         from_run_config({"wire-dtype": "bfloat16"})
     assert cfg.pretrain().train.steps == 5 * cfg.local_steps
+
+
+def _downstream_model(method: str, seed: int = 0) -> DownstreamModel:
+    cfg = ModelConfig(size="tiny", n_rois=12, n_frames=32)
+    torch.manual_seed(seed)
+    grads = torch.randn(12, 30).numpy()
+    backbone = Backbone(cfg, grads, Encoder(cfg, torch.from_numpy(grads)).state_dict(), "test")
+    task = TaskSpec(name="dx", column="dx", classes=("0", "1", "2"))
+    return DownstreamModel(backbone, task, DownstreamConfig(method=method))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", ["finetune", "probe"])
+def test_a_site_builds_the_servers_downstream_layout_without_the_checkpoint(method: str) -> None:
+    """The site builds the architecture unloaded (weights arrive in the `model` vector): same checksum,
+    same vector length, and the vector (BatchNorm statistics included) carries the whole model."""
+    server, site = _downstream_model(method, seed=0), _downstream_model(UNLOADED[method], seed=1)
+    cfg = ModelConfig(size="tiny", n_rois=12, n_frames=32)
+    assert model_checksum(cfg, {MODEL_SET: server}) == model_checksum(cfg, {MODEL_SET: site})
+    for buf in server.buffers():  # non-trivial BatchNorm statistics (probe) must travel too
+        if buf.is_floating_point():
+            buf.uniform_(0.5, 1.5)
+    vec = state_vector(server)
+    received = decode_global(ArrayRecord(encode_global({MODEL_SET: vec}, "float32")).to_torch_state_dict())
+    load_state_vector(site, received[MODEL_SET])
+    assert all(torch.equal(a, b) for a, b in zip(server.state_dict().values(), site.state_dict().values(), strict=True)
+               if a.is_floating_point())  # fmt: skip
+    up = ArrayRecord(encode_update({MODEL_SET: received[MODEL_SET] + 1e-3}, received, "float16"))
+    back = decode_update(up.to_torch_state_dict(), "float16", {MODEL_SET: vec})[MODEL_SET]
+    assert float((back - (vec + 1e-3)).abs().max()) < 1e-3 * 2**-10
+
+
+def test_regression_target_from_site_sums_equals_the_pooled_labels() -> None:
+    rng = np.random.default_rng(5)
+    labels = [rng.normal(60.0, 8.0, n).astype(np.float32) for n in (13, 1, 40)]
+    stats = [(y.size, float(y.astype(np.float64).sum()),
+              float(((y.astype(np.float64) - y.astype(np.float64).mean()) ** 2).sum())) for y in labels]  # fmt: skip
+    ref = TargetScale.of(TaskSpec(name="age", column="age", kind="regression"), labels)
+    got = pooled_target(stats)
+    assert got.center == pytest.approx(ref.center, rel=1e-14) and got.scale == pytest.approx(ref.scale, rel=1e-12)
+    assert pooled_target([(3, 6.0, 0.0)]) == TargetScale(2.0, 1.0)  # one value: scale 1, as TargetScale.of
+
+
+def test_evaluation_replies_carry_metrics_only() -> None:
+    full = {eval_metric_key(m): 0.5 for m in ("balanced_acc", "acc", "f1", "auroc")}
+    assert check_evaluation(SiteUpdate("a", 4, {}, full), "classification") is None
+    assert check_evaluation(SiteUpdate("a", 0, {}, {}), "classification") is None  # an empty split
+    assert "carries no weights" in str(check_evaluation(SiteUpdate("a", 4, {MODEL_SET: torch.zeros(3)}, full),
+                                                        "classification"))  # fmt: skip
+    assert "missing: ['mse'" in str(check_evaluation(SiteUpdate("a", 4, {}, full), "regression"))
+    assert "count" in str(check_evaluation(SiteUpdate("a", -1, {}, full), "classification"))
+
+
+def test_downstream_run_config_and_task_yaml(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="task 'finetune' needs 'checkpoint'"):
+        from_run_config({"task": "finetune"})
+    with pytest.raises(ConfigError, match="'task'"):
+        from_run_config({"task": "evaluate"})  # a round kind, not a run
+    path = tmp_path / "downstream.yaml"
+    path.write_text("task: {name: sex, column: sex, classes: ['0', '1']}\nrecipe: {method: probe, steps: 8}\n")
+    dt = load_downstream_task(path, {"model_tr": 1.5, "scaling": "none"})
+    assert dt.recipe.frozen_backbone and dt.model_tr == 1.5 and dt.scaling == "none" and dt.task.classes == ("0", "1")
+    path.write_text("task: {name: sex, column: sex, classes: ['0', '1']}\nrecipe: {stepz: 8}\n")
+    with pytest.raises(ConfigError, match="recipe.stepz"):
+        load_downstream_task(path, {})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_downstream_task(tmp_path / "missing.yaml", {})

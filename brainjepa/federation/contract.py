@@ -8,6 +8,17 @@ Both Flower apps import this module (and nothing of each other). One message eac
                                 METRICS: {`Metric.*`: float}, SITE: {"name": site name}}
                     or an error whose code is an `ErrorCode` and whose reason says why.
 
+The round's `task` says what the site does. `pretrain`: K JEPA steps on three weight sets (encoder,
+predictor, EMA target) described by a `PretrainConfig`. The downstream tasks are described by a
+`DownstreamTask` (task spec, recipe, model TR, scaling) plus the backbone's `ModelConfig`
+(`model_config`), and move ONE weight set, `model` (`brainjepa.downstream.fit.state_vector`: every
+floating state entry of the `DownstreamModel`, BatchNorm statistics included):
+`finetune` / `probe` train it K steps and send it back; `evaluate` sends it and gets back only the
+metrics of the site's `split` (`eval-<metric>` keys) and the split's scan count, no weights;
+`label-stats` (regression, once per run) sends no weights and gets back the count, sum and centred sum
+of squares of the site's training labels, from which the server forms the target standardisation
+(`target_center`, `target_scale`) that every later record carries.
+
 A weight set (encoder, predictor, target) travels as ONE flat 1-D vector of the module's parameters in
 `named_parameters()` order (`brainjepa.weights`): three objects per message instead of ~400. Downlink in
 fp32 or fp16; uplink fp32 weights, or with fp16 the *deltas* to what the site received, added to the
@@ -23,6 +34,7 @@ only the round's position (`step_start`), never the values.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,18 +44,24 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 
-from brainjepa.config import PretrainConfig, WireDtype, to_dict
+from brainjepa.config import ModelConfig, PretrainConfig, WireDtype, to_dict
+from brainjepa.downstream.config import DownstreamTask
 from brainjepa.schedules import SchedulePoint, schedule_at
 from brainjepa.weights import WEIGHT_SETS
 from sites.errors import ConfigError, InputError, Origin
 from sites.schema import check_choices, from_mapping
 
 # Bumped whenever a field changes meaning: a site and a server of different versions refuse each other.
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2
 
-Task = Literal["pretrain", "finetune", "probe", "evaluate"]
-# The config each task's site work is described by (finetune / probe / evaluate join as they are built).
-TASK_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig}
+Task = Literal["pretrain", "finetune", "probe", "evaluate", "label-stats"]
+# The config each task's site work is described by.
+TASK_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "finetune": DownstreamTask, "probe": DownstreamTask,
+                                 "evaluate": DownstreamTask, "label-stats": DownstreamTask}  # fmt: skip
+DOWNSTREAM_TASKS = ("finetune", "probe", "evaluate", "label-stats")
+EvalSplit = Literal["", "train", "val", "test"]  # evaluate rounds: the split scored ("" otherwise)
+# The one weight set of downstream rounds: the DownstreamModel's floating state as a flat vector.
+MODEL_SET = "model"
 
 # Records of a message's RecordDict.
 ARRAYS, CONFIG, METRICS, SITE = "arrays", "config", "metrics", "site"
@@ -69,6 +87,23 @@ class Metric:
     EPSILON_SPENT = "epsilon-spent"
     EPSILON_BUDGET = "epsilon-budget"
     DELTA = "delta"
+    # label-stats rounds (NUM_EXAMPLES = the training scans with a usable label): aggregate sums only.
+    LABEL_SUM = "label-sum"
+    LABEL_M2 = "label-m2"  # sum of squared deviations from the site's own label mean
+    # evaluate rounds: `eval-<metric>` for each metric of the task kind (brainjepa.downstream.metrics);
+    # NUM_EXAMPLES = the split's scans.
+    EVAL_PREFIX = "eval-"
+
+
+def eval_metric_key(name: str) -> str:
+    """`balanced_acc` -> `eval-balanced_acc`: the reply key of an evaluation metric."""
+    return Metric.EVAL_PREFIX + name
+
+
+def eval_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The evaluation metrics of a reply's MetricRecord, by metric name (`eval-` stripped)."""
+    n = len(Metric.EVAL_PREFIX)
+    return {k[n:]: float(v) for k, v in metrics.items() if k.startswith(Metric.EVAL_PREFIX)}
 
 
 class ErrorCode(IntEnum):
@@ -85,8 +120,11 @@ class ContractError(InputError):
 
 @dataclass(frozen=True)
 class RoundSpec:
-    """One round as the server asks for it. `task_config` describes the work (e.g. a PretrainConfig
-    whose `train.steps` is the run's planned optimizer steps, which the schedules span)."""
+    """One round as the server asks for it. `task_config` describes the work: a PretrainConfig whose
+    `train.steps` is the run's planned optimizer steps (which the schedules span), or a DownstreamTask
+    whose `recipe.steps` are. Downstream rounds also carry the backbone's shape (`model_config`), the
+    regression target standardisation and, for `evaluate`, the split to score; these are written to the
+    record only for the tasks that use them."""
 
     task: Task
     round: int  # 0-based index of this round
@@ -96,7 +134,11 @@ class RoundSpec:
     wire_dtype: WireDtype
     model_checksum: str
     gradient_checksum: str
-    task_config: PretrainConfig
+    task_config: PretrainConfig | DownstreamTask
+    model_config: ModelConfig | None = None  # downstream: the backbone's shape (pretraining: task_config.model)
+    target_center: float = 0.0  # downstream regression: targets train as (y - center) / scale
+    target_scale: float = 1.0
+    split: EvalSplit = ""  # evaluate: the split each site scores
 
     def __post_init__(self) -> None:
         check_choices(self, "round record")
@@ -107,25 +149,55 @@ class RoundSpec:
         if not 0 <= self.round < self.num_rounds or self.local_steps < 1 or self.step_start < 0:
             raise ContractError(f"round record: round {self.round} of {self.num_rounds}, {self.local_steps} local "
                                 f"steps from step {self.step_start}: not a valid round")  # fmt: skip
+        downstream = self.task in DOWNSTREAM_TASKS
+        if downstream != (self.model_config is not None):
+            raise ContractError(f"round record: task '{self.task}' {'needs' if downstream else 'takes no'} "
+                                "model-config (downstream rounds carry the backbone's model config)")  # fmt: skip
+        if (self.task == "evaluate") != bool(self.split):
+            raise ContractError(f"round record: split '{self.split}' with task '{self.task}' (an evaluate round "
+                                "names the split to score, other rounds none)")  # fmt: skip
+        if self.task in ("finetune", "probe") and (self.task == "probe") != self.task_config.recipe.frozen_backbone:
+            raise ContractError(f"round record: task '{self.task}' with recipe method "
+                                f"'{self.task_config.recipe.method}' (probe rounds train a frozen backbone's head)")
+        if not (self.target_scale > 0.0 and abs(self.target_center) < float("inf")):
+            raise ContractError(f"round record: target scale {self.target_scale} / center {self.target_center}")
+
+    @property
+    def model(self) -> ModelConfig:
+        """The backbone / JEPA model shape of this round."""
+        if isinstance(self.task_config, PretrainConfig):
+            return self.task_config.model
+        assert self.model_config is not None  # __post_init__
+        return self.model_config
 
     @property
     def total_steps(self) -> int:
         """Planned optimizer steps of the whole run (what the schedules span)."""
-        return self.task_config.train.steps
+        if isinstance(self.task_config, PretrainConfig):
+            return self.task_config.train.steps
+        return self.task_config.recipe.steps
 
     def schedule(self, step: int | None = None) -> SchedulePoint:
-        """LR, weight decay and EMA momentum at `step` (default: the round's first step)."""
+        """Pretraining: LR, weight decay and EMA momentum at `step` (default: the round's first step)."""
+        if not isinstance(self.task_config, PretrainConfig):
+            raise ContractError(f"round record: task '{self.task}' has no pretraining schedule")
         at = self.step_start if step is None else step
         return schedule_at(self.task_config.optim, at, self.total_steps)
 
-    def to_record(self) -> dict[str, int | str]:
+    def to_record(self) -> dict[str, int | float | str]:
         """The values of the message's CONFIG record (Flower ConfigRecord scalars)."""
-        return {
+        record: dict[str, int | float | str] = {
             "contract-version": CONTRACT_VERSION, "task": self.task, "round": self.round,
             "num-rounds": self.num_rounds, "step-start": self.step_start, "local-steps": self.local_steps,
             "wire-dtype": self.wire_dtype, "model-checksum": self.model_checksum,
             "gradient-checksum": self.gradient_checksum, "task-config": json.dumps(to_dict(self.task_config)),
         }  # fmt: skip
+        if self.model_config is not None:
+            record.update({"model-config": json.dumps(to_dict(self.model_config)),
+                           "target-center": self.target_center, "target-scale": self.target_scale})  # fmt: skip
+        if self.split:
+            record["split"] = self.split
+        return record
 
     @classmethod
     def from_record(cls, record: Mapping[str, object]) -> RoundSpec:
@@ -134,22 +206,46 @@ class RoundSpec:
         if version != CONTRACT_VERSION:
             raise ContractError(f"round record: contract version {version!r}, this side speaks {CONTRACT_VERSION}: "
                                 "server and site run different brainjepa versions")  # fmt: skip
-        fields = {f.name.replace("_", "-"): f.name for f in dataclasses.fields(cls)}
-        missing = sorted(set(fields) - set(record))
+        fields = dataclasses.fields(cls)
+        required = {_key(f.name) for f in fields if f.default is dataclasses.MISSING}
+        missing = sorted(required - set(record))
         if missing:
             raise ContractError(f"round record lacks {missing}: server and site run different brainjepa versions")
         task = str(record["task"])
         if task not in TASK_CONFIGS:
             raise ContractError(f"round record: task '{task}' is not supported by this version "
                                 f"(supported: {sorted(TASK_CONFIGS)})")  # fmt: skip
-        values = {key: record[key] for key in fields}
+        values = {_key(f.name): record[_key(f.name)] for f in fields if _key(f.name) in record}
+        for key in ("task-config", "model-config"):
+            if key in values:
+                try:
+                    values[key] = json.loads(str(values[key]))
+                except json.JSONDecodeError as e:
+                    raise ContractError(f"round record: {key} is not JSON ({e})") from e
         try:
-            values["task-config"] = json.loads(str(record["task-config"]))
-            return from_mapping(cls, values, Origin("round record"), spell=lambda name: name.replace("_", "-"))
-        except json.JSONDecodeError as e:
-            raise ContractError(f"round record: task-config is not JSON ({e})") from e
+            parsed = from_mapping(_record_type(TASK_CONFIGS[task]), values, Origin("round record"), spell=_key)
         except ConfigError as e:
             raise ContractError(str(e)) from e
+        return cls(**{f.name: getattr(parsed, f.name) for f in fields})
+
+
+def _key(field_name: str) -> str:
+    """A RoundSpec field as the record spells it (`step_start` -> `step-start`)."""
+    return field_name.replace("_", "-")
+
+
+@functools.cache
+def _record_type(config_type: type) -> type:
+    """RoundSpec with `task_config` narrowed to one task's config type: what the strict loader reads."""
+    return dataclasses.make_dataclass("RoundSpec", [("task_config", config_type)], bases=(RoundSpec,), frozen=True)
+
+
+def weight_sets(task: str) -> tuple[str, ...]:
+    """The weight sets a round of `task` sends to the site (a site sends back those it trains:
+    pretrain and finetune / probe all of them, evaluate and label-stats none)."""
+    if task == "pretrain":
+        return WEIGHT_SETS
+    return () if task == "label-stats" else (MODEL_SET,)
 
 
 # ---------------------------------------------------------------------------------------- weight sets
@@ -175,10 +271,10 @@ def decode_global(payload: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def encode_update(trained: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor],
                   wire_dtype: str) -> dict[str, torch.Tensor]:  # fmt: skip
-    """Site -> server: fp32 weights, or fp16 deltas to what the site received."""
+    """Site -> server: fp32 weights, or fp16 deltas to what the site received (every set in `trained`)."""
     if wire_dtype == "float16":
-        return {k: (trained[k] - received[k]).to(torch.float16) for k in WEIGHT_SETS}
-    return {k: trained[k].float() for k in WEIGHT_SETS}
+        return {k: (trained[k] - received[k]).to(torch.float16) for k in trained}
+    return {k: trained[k].float() for k in trained}
 
 
 def decode_update(payload: Mapping[str, torch.Tensor], wire_dtype: str,

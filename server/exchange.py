@@ -1,0 +1,189 @@
+"""One round's message exchange on the server, shared by pretraining (`server.round`) and downstream
+runs (`server.downstream`): wait for sites, sample them, send each ONE message (the round record and
+the global weight sets), pull the replies one at a time and decode them (`brainjepa.federation.contract`).
+
+What a run does with a reply (check it, add it to a mean, read its metrics) is the caller's `on_result`,
+called as each reply is decoded, so that one site's weights at a time are held.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from brainjepa.federation.contract import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    SITE,
+    Metric,
+    RoundSpec,
+    decode_update,
+    encode_global,
+)
+from server.aggregate import SiteUpdate
+from server.config import FederationConfig
+
+log = logging.getLogger(__name__)
+
+
+class RoundFailed(RuntimeError):
+    """Fewer valid site replies than min-sites: the global model is not updated."""
+
+
+@dataclass
+class SiteResult:
+    node_id: int
+    status: str  # ok | failed | rejected | timeout
+    site: str = ""
+    detail: str = ""
+    update: SiteUpdate | None = None
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+def wait_for_nodes(grid: Grid, n: int, timeout_s: float) -> list[int]:
+    """Connected SuperNode ids once at least `n` are connected (sorted, for reproducible sampling)."""
+    deadline = time.monotonic() + timeout_s
+    announced = False
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= n:
+            return nodes
+        if time.monotonic() > deadline:
+            raise RoundFailed(f"only {len(nodes)} site(s) connected after {timeout_s:.0f} s, min-sites is {n}")
+        if not announced:
+            log.info("waiting for sites: %d of at least %d connected", len(nodes), n)
+            announced = True
+        time.sleep(1.0)
+
+
+def sample_nodes(nodes: list[int], fraction: float, min_sites: int, rng: np.random.Generator) -> list[int]:
+    k = min(len(nodes), max(min_sites, math.ceil(fraction * len(nodes))))
+    picked = rng.choice(len(nodes), size=k, replace=False)  # indices: node ids are uint64 (no numpy floats)
+    return sorted(nodes[int(i)] for i in picked)
+
+
+def exchange(grid: Grid, cfg: FederationConfig, spec: RoundSpec, sets: Mapping[str, torch.Tensor],
+             on_result: Callable[[SiteResult], None], fraction: float | None = None,
+             message_type: str = "train") -> list[SiteResult]:  # fmt: skip
+    """Send round `spec` with the global `sets` to the sampled sites (a share `fraction`, default the
+    run's `fraction-sites`, seeded by the round) and collect their replies, sorted by node."""
+    nodes = wait_for_nodes(grid, cfg.min_sites, cfg.wait_for_sites_s)
+    share = cfg.fraction_sites if fraction is None else fraction
+    sampled = sample_nodes(nodes, share, cfg.min_sites, np.random.default_rng([cfg.seed, spec.round]))
+    conf = ConfigRecord(spec.to_record())
+    arrays = ArrayRecord(encode_global(sets, spec.wire_dtype))
+    sent = arrays.count_bytes()
+    log.info("%s round %d/%d: sending %.1f MB to each of %d site(s)", spec.task, spec.round + 1, spec.num_rounds,
+             sent / 1e6, len(sampled))  # fmt: skip
+    msgs = [Message(RecordDict({ARRAYS: arrays, CONFIG: conf}), dst_node_id=node, message_type=message_type,
+                    group_id=f"{spec.task}-{spec.round}") for node in sampled]  # fmt: skip
+    return collect(grid, msgs, cfg.round_timeout_s, lambda reply, node: decode(reply, node, sent, spec.wire_dtype, sets),
+                   on_result, sent)  # fmt: skip
+
+
+def collect(grid: Grid, msgs: list[Message], timeout_s: float, read: Callable[[Message, int], SiteResult],
+            on_result: Callable[[SiteResult], None], sent_bytes: int = 0) -> list[SiteResult]:  # fmt: skip
+    """Push the round's messages and pull replies (one at a time, each read, handed to `on_result` and
+    released) until all came, a site left, or the timeout."""
+    ids = list(grid.push_messages(msgs))
+    node_of = {mid: m.metadata.dst_node_id for mid, m in zip(ids, msgs, strict=True)}
+    pending = set(ids)
+    results: list[SiteResult] = []
+    deadline = time.monotonic() + timeout_s
+    gone_since: dict[str, float] = {}
+    while pending and time.monotonic() < deadline:
+        for asked in list(pending):
+            for reply in grid.pull_messages([asked]):
+                mid = reply.metadata.reply_to_message_id
+                if mid in pending:
+                    pending.discard(mid)
+                    results.append(read(reply, node_of[mid]))
+                    on_result(results[-1])
+                del reply
+        if not pending:
+            break
+        connected = set(grid.get_node_ids())
+        now = time.monotonic()
+        for mid in list(pending):
+            if node_of[mid] in connected:
+                gone_since.pop(mid, None)
+            elif now - gone_since.setdefault(mid, now) > 5.0:  # left the federation mid-round
+                pending.discard(mid)
+                results.append(SiteResult(node_of[mid], "failed", detail="site disconnected mid-round",
+                                          bytes_sent=sent_bytes))  # fmt: skip
+                log.warning("site node %d disconnected mid-round: dropped from this round", node_of[mid])
+        time.sleep(0.5)
+    for mid in pending:
+        results.append(SiteResult(node_of[mid], "timeout", detail=f"no reply within {timeout_s:.0f} s",
+                                  bytes_sent=sent_bytes))  # fmt: skip
+        log.warning("site node %d: no reply within %.0f s, dropped from this round", node_of[mid], timeout_s)
+    return sorted(results, key=lambda r: r.node_id)
+
+
+def decode(reply: Message, node_id: int, sent_bytes: int, wire_dtype: str,
+           master: Mapping[str, torch.Tensor]) -> SiteResult:  # fmt: skip
+    """A reply -> SiteResult: `failed` (error reply), `rejected` (undecodable weights) or `ok` with the
+    site's fp32 weight sets (fp16 deltas added to `master`), sample count and metrics."""
+    if reply.has_error():
+        reason = (reply.error.reason or "").strip()
+        log.warning("site node %d failed: %s", node_id, reason.splitlines()[-1] if reason else reply.error.code)
+        return SiteResult(node_id, "failed", detail=reason[-2000:], bytes_sent=sent_bytes)
+    content = reply.content
+    site = str(content[SITE]["name"]) if SITE in content.config_records else f"node-{node_id}"
+    metrics = {k: float(v) for k, v in content[METRICS].items()}
+    arrays = content[ARRAYS]
+    try:
+        sets = decode_update(arrays.to_torch_state_dict(), wire_dtype, master)
+    except (ValueError, TypeError) as e:
+        return SiteResult(node_id, "rejected", site, f"undecodable weights: {e}", bytes_sent=sent_bytes,
+                          bytes_received=arrays.count_bytes())  # fmt: skip
+    n = metrics.get(Metric.NUM_EXAMPLES, 0.0)
+    update = SiteUpdate(site, int(n) if float(n).is_integer() else -1, sets, metrics)
+    return SiteResult(node_id, "ok", site, update=update, bytes_sent=sent_bytes, bytes_received=arrays.count_bytes())
+
+
+def ok_updates(results: list[SiteResult], min_sites: int, what: str, hint: str = "") -> list[SiteUpdate]:
+    """The valid replies' updates; fewer than `min_sites` is a RoundFailed naming `what` (and a `hint`)."""
+    ok = [r.update for r in results if r.status == "ok" and r.update is not None]
+    if len(ok) < min_sites:
+        raise RoundFailed(f"{what}: {len(ok)} valid repl(ies), fewer than min-sites={min_sites}{hint}")
+    return ok
+
+
+def count(results: list[SiteResult]) -> tuple[int, int, int]:
+    """(ok, failed or timed out, rejected) sites of a round."""
+    return (sum(r.status == "ok" for r in results), sum(r.status in ("failed", "timeout") for r in results),
+            sum(r.status == "rejected" for r in results))  # fmt: skip
+
+
+def site_row(rnd: int, r: SiteResult) -> dict:
+    """A site's row of `site_metrics.csv` (`server.report.SITE_FIELDS`)."""
+    m = r.update.metrics if r.update is not None else {}
+    return {
+        "round": rnd + 1, "site": r.site or f"node-{r.node_id}", "node_id": r.node_id, "status": r.status,
+        "loss": f"{m[Metric.LOSS]:.6f}" if Metric.LOSS in m else "", "local_steps": int(m.get(Metric.LOCAL_STEPS, 0)),
+        "samples": int(m.get(Metric.NUM_EXAMPLES, 0)), "wall_s": f"{m.get(Metric.WALL_S, 0.0):.2f}",
+        "bytes_sent": r.bytes_sent, "bytes_received": r.bytes_received,
+        "detail": r.detail.splitlines()[-1][:300] if r.detail else "",
+    }  # fmt: skip
+
+
+def save_update(run_dir: Path, label: str, r: SiteResult) -> None:
+    """`updates/<label>/<site>.pt` (label e.g. `round-001`): a site's decoded reply (run config
+    `save-updates`, audits)."""
+    out = run_dir / "updates" / label
+    out.mkdir(parents=True, exist_ok=True)
+    assert r.update is not None
+    torch.save({"site": r.site, "status": r.status, "num_examples": r.update.num_examples,
+                "sets": r.update.sets, "metrics": r.update.metrics}, out / f"{r.site}.pt")  # fmt: skip

@@ -1,0 +1,153 @@
+"""Federated fine-tuning and linear probing over real Flower == the in-process `fit(mode="federated")`.
+
+Two generated sites, a tiny backbone pretrained for 4 steps, then through the same ServerApp / ClientApp
+as pretraining (SuperLink + 2 SuperNodes on loopback, `flwr run`):
+- fine-tuning of a classification task (sex), 2 rounds x 3 local steps, validation after each round;
+- linear probing of a regression task (age), 2 rounds x 2 local steps: a `label-stats` round first
+  (the target standardisation from the sites' label sums), validation at the end.
+Each run's selected weights and validation metrics equal `fit(..., "federated", local_steps=K)` on the
+same sites (drop-path 0: the in-process run draws it from one RNG stream across sites, a site process
+from its own). Every evaluation reply holds only metrics and a scan count (the sites' own dumps of
+what they sent).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from brainjepa.checkpoint import load_checkpoint
+from brainjepa.config import DataConfig, ModelConfig, PretrainConfig, TrainConfig, load_site
+from brainjepa.demo import prepare_federation
+from brainjepa.downstream.config import DownstreamConfig, DownstreamTask, TaskSpec
+from brainjepa.downstream.data import load_labelled_site
+from brainjepa.downstream.fit import fit
+from brainjepa.downstream.metrics import METRICS
+from brainjepa.downstream.model import load_backbone
+from brainjepa.federation.contract import ARRAYS, SITE, Metric, eval_metric_key
+from brainjepa.federation.contract import METRICS as METRICS_RECORD
+from brainjepa.federation.flower import LocalFederation, write_app_dir
+from brainjepa.pretrain import pretrain
+from server.config import FederationConfig, to_run_config
+
+REPO = Path(__file__).resolve().parents[1]
+# One BLAS / OpenMP thread in every process (the sites' and this one): on a shared 2-core machine two
+# threads per process spin against each other (3 tiny steps: 5 s instead of 0.07 s), and both sides
+# then sum in the same order.
+ENV = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+N_ROIS, N_FRAMES = 40, 64
+# What an evaluation reply may hold besides `eval-<metric>` values: the scan count and transfer figures.
+EVAL_BOOKKEEPING = {Metric.NUM_EXAMPLES, Metric.ROUND_WALL_S, Metric.BYTES_RECEIVED, Metric.BYTES_SENT}
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """Two sites, their gradient file, a backbone pretrained on both for 4 steps, and a SuperLink with
+    one SuperNode per site (both tests' runs go through it; each site dumps what it sends)."""
+    tmp = tmp_path_factory.mktemp("fed_downstream")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    demo = prepare_federation(tmp / "sites", n_sites=2, subjects=16, n_rois=N_ROIS, n_frames=N_FRAMES, seed=5)
+    cfg = PretrainConfig(model=ModelConfig(n_rois=N_ROIS, n_frames=N_FRAMES),
+                         data=DataConfig(sites=tuple(str(y) for y in demo.site_yamls), gradients=str(demo.gradients)),
+                         train=TrainConfig(steps=4, batch_size=4, device="cpu", out_dir=str(tmp / "pretrain"),
+                                           checkpoint_every=4))  # fmt: skip
+    checkpoint = pretrain(cfg, progress=False).checkpoint
+    dumps = tmp / "dumps"
+    nodes = [{"site-config": str(y), "gradients": str(demo.gradients), "dump-updates-dir": str(dumps)}
+             for y in demo.site_yamls]  # fmt: skip
+    with LocalFederation(tmp / "flower", nodes, env_extra=ENV) as fed:
+        yield {"tmp": tmp, "demo": demo, "checkpoint": checkpoint, "fed": fed, "dumps": dumps}
+    torch.set_num_threads(threads)
+
+
+def _run(federation: dict, name: str, task: TaskSpec, recipe: DownstreamConfig, local_steps: int) -> tuple[dict, Path]:
+    """The run over Flower (its checkpoint and folder) and the in-process reference, compared."""
+    tmp, demo = federation["tmp"] / name, federation["demo"]
+    config = tmp / "downstream.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text(yaml.safe_dump({"task": dataclasses.asdict(task) | {"classes": list(task.classes)},
+                                      "recipe": dataclasses.asdict(recipe)}))  # fmt: skip
+    cfg = FederationConfig(task="probe" if recipe.frozen_backbone else "finetune", local_steps=local_steps,
+                           checkpoint=str(federation["checkpoint"]), downstream_config=str(config),
+                           out_dir=str(tmp / "runs"), gradients=str(demo.gradients))  # fmt: skip
+    dumps = federation["dumps"]
+    shutil.rmtree(dumps, ignore_errors=True)  # this run's replies only
+    res = federation["fed"].run(write_app_dir(tmp / "app", to_run_config(cfg)), timeout_s=300)
+    assert res.returncode == 0 and "outputs under" in res.stdout, res.stdout[-4000:] + res.stderr[-2000:]
+    (run_dir,) = list((tmp / "runs").iterdir())
+    flower = load_checkpoint(run_dir / "downstream.pt")
+
+    # The same computation in this process (`fit` loads the sites as the ClientApp does).
+    backbone = load_backbone(federation["checkpoint"])
+    dt = DownstreamTask(task, recipe)
+    sites = [load_labelled_site(load_site(y)[0], task, dt.model_tr, N_FRAMES, dt.scaling) for y in demo.site_yamls]
+    ref = fit(backbone, task, recipe, sites, "federated", local_steps=local_steps)
+    state = ref.model.state_dict()
+    worst = max(float((flower["model"][k].double() - v.double()).abs().max()) for k, v in state.items()
+                if v.is_floating_point())  # fmt: skip
+    init = {k.removeprefix("target."): v for k, v in load_checkpoint(federation["checkpoint"])["models"].items()}
+    moved = max(float((flower["model"][k] - init[k.removeprefix("backbone.")]).abs().max()) for k in state
+                if k.startswith("backbone.") and state[k].is_floating_point())  # fmt: skip
+    print(f"{name}: max |flower - in-process| = {worst:.3g} over {len(state)} tensors; selected step "
+          f"{flower['step']} (in-process {ref.best_step}); backbone moved by up to {moved:.3g}")
+    assert worst <= 1e-6, f"{name}: federated over Flower and in-process fit differ by up to {worst:.3g}"
+    assert flower["step"] == ref.best_step
+    for m in [*METRICS[task.kind], "n"]:
+        assert flower["val"][m] == pytest.approx(ref.val[m], abs=1e-9, nan_ok=True), m
+    assert flower["target"] == {"center": ref.target.center, "scale": pytest.approx(ref.target.scale, rel=1e-12)}
+    _check_evaluation_replies(dumps, task.kind, len(demo.site_yamls))
+    return {"flower": flower, "ref": ref, "moved": moved, "dumps": dumps}, run_dir
+
+
+def _check_evaluation_replies(dumps: Path, kind: str, n_sites: int) -> None:
+    """What each site sent in its evaluate rounds: no arrays, metrics (eval-*, scan count, transfer)."""
+    replies = sorted(dumps.glob("evaluate-*/round-*/*.json"))
+    assert {p.parents[1].name for p in replies} == {"evaluate-val", "evaluate-test"}
+    for path in replies:
+        sent = json.loads(path.read_text())
+        assert sent["records"] == {ARRAYS: [], METRICS_RECORD: sorted(sent["metrics"]), SITE: ["name"]}, path
+        assert not np.load(path.with_suffix(".npz")).files[1:], path  # only num_examples: no weight set
+        expected = {eval_metric_key(m) for m in METRICS[kind]} if sent["metrics"][Metric.NUM_EXAMPLES] else set()
+        assert set(sent["metrics"]) == expected | EVAL_BOOKKEEPING, path
+    assert len({p.name for p in replies}) == n_sites
+
+
+def test_federated_finetuning_over_flower_equals_in_process_fit(federation: dict) -> None:
+    task = TaskSpec(name="sex", column="sex", kind="classification", classes=("0", "1"))
+    recipe = DownstreamConfig(method="finetune", steps=6, batch_size=4, lr=1e-3, drop_path=0.0, eval_every=3,
+                              eval_windows=2, seed=1)  # fmt: skip
+    out, run_dir = _run(federation, "finetune", task, recipe, local_steps=3)
+    assert out["moved"] > 1e-5  # fine-tuning trained the backbone
+    with open(run_dir / "downstream_metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [3, 6] and sum(int(r["selected"]) for r in rows) >= 1
+    test = json.loads((run_dir / "test_metrics.json").read_text())
+    assert set(test["sites"]) == {"site_a", "site_b"} and test["weighted"]["n"] == sum(
+        s["n"] for s in test["sites"].values())
+    assert json.dumps(out["flower"]["test"]) == json.dumps(test) and out["flower"]["kind"] == "downstream"
+
+
+def test_federated_probing_of_a_regression_over_flower_equals_in_process_fit(federation: dict) -> None:
+    task = TaskSpec(name="age", column="age", kind="regression")
+    recipe = DownstreamConfig(method="probe", steps=3, batch_size=4, probe_lr=1e-2, eval_every=3, eval_windows=2,
+                              seed=2)  # fmt: skip
+    out, run_dir = _run(federation, "probe", task, recipe, local_steps=3)
+    assert out["moved"] == 0.0  # the probe leaves the backbone frozen
+    assert out["flower"]["target"]["scale"] != 1.0  # standardised with the pooled label statistics
+    stats = sorted((out["dumps"] / "label-stats").glob("round-*/*.json"))
+    for path in stats:
+        sent = json.loads(path.read_text())
+        assert set(sent["metrics"]) == {Metric.LABEL_SUM, Metric.LABEL_M2} | EVAL_BOOKKEEPING, path
+    assert len(stats) == 2
+    assert torch.is_tensor(out["flower"]["model"]["head.0.running_mean"])  # BatchNorm statistics travel too

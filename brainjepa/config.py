@@ -10,11 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-import yaml
-
 from sites.config import SiteConfig, load_site_yaml
 from sites.errors import ConfigError, where
-from sites.schema import check_choices, from_mapping
+from sites.schema import check_choices, from_mapping, read_yaml_mapping
 from sites.temporal import DEFAULT_MODEL_TR
 
 ModelSize = Literal["tiny", "small", "base", "large"]
@@ -247,14 +245,7 @@ def load_pretrain_config(path: str | Path, overrides: dict | None = None) -> Pre
     Relative paths inside the `data` section are resolved against the YAML file's folder.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where(path)}: not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where(path)}: expected a mapping of sections at the top level")
+    raw = read_yaml_mapping(path, "pretraining config")
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         raw.setdefault(section, {})[key] = value

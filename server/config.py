@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
 from brainjepa.config import (
     ModelConfig,
     ModelSize,
@@ -26,8 +24,8 @@ from brainjepa.config import (
     load_pretrain_config,
 )
 from brainjepa.downstream.config import DownstreamTask
-from sites.errors import ConfigError, Origin, where
-from sites.schema import check_choices, from_mapping
+from sites.errors import ConfigError, Origin
+from sites.schema import check_choices, from_mapping, read_yaml_mapping
 
 RUN_CONFIG = Origin("run config")
 Strategy = Literal["fedavg", "fedavgm", "fedadam"]
@@ -130,13 +128,5 @@ def to_run_config(cfg: FederationConfig) -> dict[str, object]:
 def load_downstream_task(path: str | Path, defaults: Mapping[str, object]) -> DownstreamTask:
     """The run's downstream YAML: `task:` (TaskSpec), `recipe:` (DownstreamConfig) and optionally
     `model_tr` / `scaling`, which default to `defaults` (the pretraining run's, from its checkpoint)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"run config 'downstream-config': file '{path}' does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where(path)}: not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where(path)}: expected a mapping with 'task' and 'recipe' sections")
+    raw = read_yaml_mapping(path, "downstream config (run config 'downstream-config')")
     return from_mapping(DownstreamTask, {**defaults, **raw}, path)

@@ -30,7 +30,7 @@ from flwr.serverapp import Grid
 from brainjepa.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from brainjepa.config import to_dict
 from brainjepa.downstream.config import DownstreamTask
-from brainjepa.downstream.fit import RANDOM_INIT_SEED, load_state_vector, state_vector
+from brainjepa.downstream.fit import init_seed, load_state_vector, reaches_eval_point, state_vector
 from brainjepa.downstream.metrics import METRICS, PRIMARY, is_better
 from brainjepa.downstream.model import Backbone, DownstreamModel, load_backbone
 from brainjepa.downstream.train import TargetScale, weighted_metrics
@@ -95,7 +95,7 @@ class DownstreamRun:
             raise ConfigError(f"run config 'task': '{cfg.task}', but recipe method '{dtask.recipe.method}' in "
                               f"'{cfg.downstream_config}' is a {kind} run")  # fmt: skip
         r = dtask.recipe  # seeded as `fit` does: the same head (and untrained backbone) initialisation
-        torch.manual_seed(r.seed if r.pretrained else RANDOM_INIT_SEED + r.seed)
+        torch.manual_seed(init_seed(r))
         model = DownstreamModel(backbone, dtask.task, dtask.recipe)
         return cls(cfg, dtask, backbone, model, new_run_dir(cfg.out_dir, run_id))
 
@@ -135,7 +135,7 @@ class DownstreamRun:
             n = min(k, r.steps - start)
             vec, loss = self.train_round(grid, self.spec(train_task, rnd, start, n), vec)
             done = start + n
-            if done % r.eval_every < n or done == r.steps:  # reached an evaluation point (as `fit`)
+            if reaches_eval_point(r, done, n):  # as `fit`
                 self.validate(grid, rnd, done, loss, vec)
         assert self.best is not None
         per_site, weighted = self.evaluate(grid, self.num_rounds - 1, "test", self.best[0])

@@ -13,10 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
 from sites.errors import ConfigError, where
-from sites.schema import from_mapping
+from sites.schema import from_mapping, read_yaml_mapping
 
 
 @dataclass(frozen=True)
@@ -205,13 +203,7 @@ def load_site_yaml(path: str | Path) -> tuple[SiteConfig, dict]:
     """Read a site YAML once: (its checked data description, its runtime sections as parsed mappings).
     The training side turns the second into `brainjepa.config.SiteRuntime`."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{where(path)}: site config file does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where(path)}: malformed YAML: {e}") from e
-    return _parse(data, path)
+    return _parse(read_yaml_mapping(path, "site config"), path)
 
 
 def site_config_to_dict(cfg: SiteConfig) -> dict:

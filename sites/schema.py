@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+import yaml
+
 from sites.errors import ConfigError, where
 
 _MISSING = dataclasses.MISSING
@@ -93,6 +95,23 @@ def _convert(value: Any, tp: Any, file: Path | str | None, key: str) -> Any:
             raise bad()
         return Path(value)
     raise TypeError(f"schema: unsupported field type {tp!r} for key '{key}'")  # programming error
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> dict:
+    """A YAML file whose top level is a mapping (an empty file: {}); errors name the file and say what
+    it should have been (`what`, e.g. "site config")."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{where(path)}: {what} file does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where(path)}: malformed YAML (not valid YAML): {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where(path)}: expected a YAML mapping at the top level, got {type(data).__name__}")
+    return data
 
 
 def from_mapping(cls: type, data: dict, file: Path | str | None, prefix: str = "",

@@ -33,6 +33,18 @@ log = logging.getLogger(__name__)
 RANDOM_INIT_SEED = 10_000  # offset of the seeds that draw untrained backbones
 
 
+def init_seed(recipe: DownstreamConfig) -> int:
+    """The torch seed a model is built from: head init and drop-path from the run's seed; an untrained
+    backbone (scratch, random_probe) from its own stream, so that it is not the very initialisation a
+    pretraining run with the same seed started from."""
+    return recipe.seed if recipe.pretrained else RANDOM_INIT_SEED + recipe.seed
+
+
+def reaches_eval_point(recipe: DownstreamConfig, done: int, n: int) -> bool:
+    """Whether the chunk of `n` steps that ended at step `done` passed an `eval_every` point (or the end)."""
+    return done % recipe.eval_every < n or done == recipe.steps
+
+
 def state_vector(model: torch.nn.Module) -> torch.Tensor:
     """(P,) fp32: every floating entry of the state dict (weights and BatchNorm statistics), in order."""
     return torch.cat([v.detach().reshape(-1).float() for v in model.state_dict().values() if v.is_floating_point()])
@@ -88,9 +100,7 @@ def fit(backbone: Backbone, task: TaskSpec, recipe: DownstreamConfig, sites: lis
         raise ValueError(f"mode: expected federated, centralized or local, got '{mode}'")
     if mode == "local" and len(sites) != 1:
         raise ValueError(f"local mode trains on one site, got {len(sites)}")
-    # Head init and drop-path from the seed; an untrained backbone (scratch, random_probe) from its own
-    # stream, so that it is not the very initialisation a pretraining run with the same seed started from.
-    torch.manual_seed(recipe.seed if recipe.pretrained else RANDOM_INIT_SEED + recipe.seed)
+    torch.manual_seed(init_seed(recipe))
     model = DownstreamModel(backbone, task, recipe).to(device)
     n_frames = backbone.model.n_frames
     target = TargetScale.of(task, [s.train.y for s in sites])
@@ -111,7 +121,7 @@ def fit(backbone: Backbone, task: TaskSpec, recipe: DownstreamConfig, sites: lis
             loss = float(torch.stack([step_fn(*batches[s], s) for s in range(start, start + n)]).mean())
         bar.update(n)
         done = start + n
-        if done % recipe.eval_every < n or done == total:  # reached an evaluation point in this chunk
+        if reaches_eval_point(recipe, done, n):
             val = validate(model, sites, target, n_frames)
             history.append((done, loss, val[primary]))
             if best is None or is_better(task.kind, val[primary], best[1][primary]):

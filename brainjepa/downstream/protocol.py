@@ -15,14 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
 from brainjepa.config import PosEmbed
 from brainjepa.downstream.config import DownstreamConfig, TaskSpec
 from sites.config import SiteConfig, load_site_config
 from sites.errors import ConfigError, where
 from sites.participants import read_participants
-from sites.schema import check_choices, from_mapping
+from sites.schema import check_choices, from_mapping, read_yaml_mapping
 
 MethodName = Literal["finetune", "probe", "scratch", "random_probe", "fc"]
 Training = Literal["federated", "centralized", "local"]
@@ -89,14 +87,7 @@ class Protocol:
 
 def load_protocol(path: str | Path) -> Protocol:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{where(path)}: protocol file does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where(path)}: malformed YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where(path)}: expected a mapping at the top level")
+    raw = read_yaml_mapping(path, "protocol")
     proto = dataclasses.replace(from_mapping(Protocol, raw, path), source=path)
     _check(proto, path)
     return proto

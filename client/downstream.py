@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -69,9 +68,6 @@ class DownstreamSite:
         """K steps from the global weights: (the trained `model` vector, metrics)."""
         spec = self.spec
         model = self.model(received)
-        # Drop-path draws from torch's RNG: seeded by (recipe seed, round position, site), reproducible.
-        seed = np.random.SeedSequence([self.recipe.seed, spec.step_start, zlib.crc32(self.name.encode())])
-        torch.manual_seed(int(seed.generate_state(1)[0]))
         t0 = time.perf_counter()
         loss = site_round(model, self.data, self.target, spec.step_start, spec.local_steps, spec.total_steps,
                           spec.model.n_frames, self.device)  # fmt: skip

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -85,8 +86,11 @@ def validate(model: DownstreamModel, sites: list[LabelledSite], target: TargetSc
 def site_round(model: DownstreamModel, site: LabelledSite, target: TargetScale, start: int, n_steps: int,
                total: int, n_frames: int, device: torch.device | str = "cpu") -> float:  # fmt: skip
     """`n_steps` optimizer steps of `model` on the site's training scans from global step `start`;
-    returns the mean loss (one host sync)."""
+    returns the mean loss (one host sync). Drop-path draws from torch's RNG, seeded by (recipe seed,
+    round position, site name): the same draws in this process and at a Flower site."""
     r = model.recipe
+    seed = np.random.SeedSequence([r.seed, start, zlib.crc32(site.site.encode())])
+    torch.manual_seed(int(seed.generate_state(1)[0]))
     step_fn = DownstreamStep(model, site.task, total, target, device)
     batches = TrainBatches(site.train, n_frames, r.batch_size, r.seed)
     losses = [step_fn(*batches[s], s) for s in range(start, start + n_steps)]

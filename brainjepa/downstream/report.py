@@ -134,7 +134,8 @@ def markdown_table(summary: Sequence[Mapping[str, Any]], methods: Sequence[str],
         by_metric.setdefault(m, []).append(t)
     named = "; ".join(f"{LABELS.get(m, m)} ({', '.join(ts)})" for m, ts in by_metric.items())
     n = "–" if not seeds else str(min(seeds)) if len(seeds) == 1 else f"{min(seeds)}–{max(seeds)}"
-    lines += ["", f"*{named}: mean ± std over {n} seeds; best per column in bold.*"]
+    runs = f"{n} seeds" if len(seeds) <= 1 else f"{n} runs (seeds; local training: seeds x fine-tuning sites)"
+    lines += ["", f"*{named}: mean ± std over {runs}; best per column in bold.*"]
     return "\n".join(lines) + "\n"
 
 

@@ -122,14 +122,15 @@ def discover_subjects(root: Path, pattern: str) -> dict[str, Path]:
 def assign_splits(ids: list[str], cfg: SiteConfig, parts: Participants) -> np.ndarray:
     """(N,) split names: from the participants column, or drawn once with the split seed.
 
-    With `split.group_column` (e.g. the subject of each scan when a subject has several runs), whole
-    groups are drawn, so no group is in two splits; a given split column that puts one group in two
-    splits is an error naming the group.
+    With `participants.subject_column` (the subject of each scan when a subject has several runs),
+    whole subjects are drawn, so no subject is in two splits; a given split column that puts one
+    subject in two splits is an error naming the subject.
     """
     s = cfg.split
+    subject = cfg.participants.subject_column
     groups = None
-    if s.group_column is not None:
-        groups = dict(zip(parts.ids, (str(g) for g in parts.column(s.group_column)), strict=True))
+    if subject is not None:
+        groups = dict(zip(parts.ids, (str(g) for g in parts.column(subject)), strict=True))
     if s.column is not None:
         col = parts.column(s.column)
         bad = sorted({str(v) for v in col} - set(SPLITS))
@@ -141,8 +142,8 @@ def assign_splits(ids: list[str], cfg: SiteConfig, parts: Participants) -> np.nd
             for sid in parts.ids:
                 first = seen.setdefault(groups[sid], str(by_id[sid]))
                 if first != str(by_id[sid]):
-                    raise DataError(f"{where(parts.source, s.column)}: {s.group_column} '{groups[sid]}' is in "
-                                    f"both '{first}' and '{by_id[sid]}' (one group must stay in one split)")  # fmt: skip
+                    raise DataError(f"{where(parts.source, s.column)}: {subject} '{groups[sid]}' is in "
+                                    f"both '{first}' and '{by_id[sid]}' (one subject must stay in one split)")  # fmt: skip
         return np.array([by_id[i] for i in ids], dtype="<U5")
     units = sorted(set(groups.values())) if groups is not None else sorted(parts.ids)  # row order and skips
     perm = np.random.default_rng(s.seed).permutation(len(units))  # do not change the draw

@@ -60,6 +60,9 @@ class PreprocessConfig:
 class ParticipantsConfig:
     file: Path = Path("participants.tsv")
     id_column: str = "participant_id"
+    # The subject of each row when a subject has several scans (runs, sessions): splits are drawn by
+    # subject, so all of a subject's scans land in one split. None: every row is its own subject.
+    subject_column: str | None = None
     phenotypes: tuple[str, ...] = ()
 
 
@@ -68,7 +71,6 @@ class SplitConfig:
     """Either a participants column holding train/val/test, or fractions drawn with a seed."""
 
     column: str | None = None
-    group_column: str | None = None  # e.g. the subject of each scan: whole groups go to one split
     train: float = 0.8
     val: float = 0.1
     test: float = 0.1

@@ -58,7 +58,8 @@ def test_grouped_splits_never_put_one_subject_in_two_splits(tmp_path: Path, worl
     (site_dir / "participants_runs.tsv").write_text("\n".join(lines) + "\n")
     cfg = yaml.safe_load(yamls[0].read_text())
     cfg["participants"]["file"] = "participants_runs.tsv"
-    cfg["split"] = {"train": 0.6, "val": 0.2, "test": 0.2, "seed": 1, "group_column": "subject"}
+    cfg["participants"]["subject_column"] = "subject"
+    cfg["split"] = {"train": 0.6, "val": 0.2, "test": 0.2, "seed": 1}
     grouped = site_dir / "grouped.yaml"
     grouped.write_text(yaml.safe_dump(cfg))
     ss = load_site_series(load_site_config(grouped))
@@ -71,7 +72,7 @@ def test_grouped_splits_never_put_one_subject_in_two_splits(tmp_path: Path, worl
     # a given split column that puts one subject's runs in two splits is refused, naming the subject
     col = [f"{r}\t{'train' if i % 3 else 'test'}" for i, r in enumerate(lines[1:])]
     (site_dir / "participants_runs.tsv").write_text("\n".join([lines[0] + "\tfold", *col]) + "\n")
-    cfg["split"] = {"column": "fold", "group_column": "subject"}
+    cfg["split"] = {"column": "fold"}
     grouped.write_text(yaml.safe_dump(cfg))
     with pytest.raises(DataError, match="subject 'S00' is in both"):
         load_site_series(load_site_config(grouped))

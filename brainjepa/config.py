@@ -18,7 +18,7 @@ from sites.temporal import DEFAULT_MODEL_TR
 ModelSize = Literal["tiny", "small", "base", "large"]
 PosEmbed = Literal["gradient", "learned_roi", "sincos_roi"]  # gradient: Brain-JEPA; the others are ablations
 Loss = Literal["smooth_l1", "l2"]
-Scaling = Literal["robust", "none"]
+Scaling = Literal["robust", "values", "none"]  # robust: the reference's (stats of ROI time-means)
 Precision = Literal["auto", "bf16", "fp32"]  # auto: bf16 autocast on CUDA, fp32 on CPU
 WireDtype = Literal["float32", "float16"]  # how weights travel in a federated round (float16: deltas uplink)
 AttentionBackend = Literal["auto", "cudnn", "flash", "efficient", "math", "default"]
@@ -143,7 +143,7 @@ class DataConfig:
     roi_dir: str = ""  # or: a folder of per-subject (R, L) .npy files, already at the model TR
     gradients: str = ""  # gradient file (.npy/.csv, R x k); empty = computed from the cohort's FC
     model_tr: float = DEFAULT_MODEL_TR  # seconds: every site's series is resampled to it (site input only)
-    scaling: Scaling = "robust"  # robust: (x - median_r) / IQR_r over training subjects' ROI means
+    scaling: Scaling = "robust"  # robust: (x - median_r) / IQR_r of training subjects' ROI means; values: of the values
 
     def __post_init__(self) -> None:
         check_choices(self, "data")

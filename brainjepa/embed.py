@@ -36,8 +36,7 @@ from brainjepa.jepa import resolve_device
 from brainjepa.vit import Encoder
 from sites.cohort import SPLITS, load_site_series
 from sites.errors import ConfigError, DataError, where
-from sites.scaling import RobustScaling
-from sites.scaling import fit as fit_scaling
+from sites.scaling import RobustScaling, fit_method
 from sites.schema import check_choices
 from sites.temporal import DEFAULT_MODEL_TR
 from sites.windows import multi_windows, pack
@@ -110,11 +109,12 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def pretrain_model_tr(path: Path) -> float:
-    """The checkpoint's pretraining `data.model_tr` (memory-mapped read: the weights stay on disk)."""
+def pretrain_data(path: Path) -> tuple[float, str]:
+    """The checkpoint's pretraining `data.model_tr` and `data.scaling` (memory-mapped read: the weights
+    stay on disk): sites are embedded at the same TR and scaled the same way as pretraining scaled them."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     data = (ckpt.get("config") or {}).get("data") or {}
-    return float(data.get("model_tr", DEFAULT_MODEL_TR))
+    return float(data.get("model_tr", DEFAULT_MODEL_TR)), str(data.get("scaling", "robust"))
 
 
 def build_encoder(backbone: Backbone, random_init: bool, seed: int) -> Encoder:
@@ -128,22 +128,27 @@ def build_encoder(backbone: Backbone, random_init: bool, seed: int) -> Encoder:
     return encoder.eval()
 
 
-def site_scans(path: Path, backbone: Backbone, model_tr: float, split: str) -> Scans:
-    """A site's scans at the model TR, scaled by its own training split's robust statistics."""
+def site_scans(path: Path, backbone: Backbone, model_tr: float, split: str, method: str = "robust") -> Scans:
+    """A site's scans at the model TR, scaled by its own training split's statistics (`method`, as in
+    pretraining: `sites.scaling.fit_method`)."""
     site, _ = load_site(path)
     n_rois, n_frames = backbone.model.n_rois, backbone.model.n_frames
     if site.n_rois != n_rois:
         raise DataError(f"{where(site.source)}: the site has {site.n_rois} ROIs, the checkpoint "
                         f"'{backbone.source}' expects {n_rois} (its model.n_rois)")  # fmt: skip
     all_series = load_site_series(site, model_tr=model_tr, min_frames=n_frames)
-    fitted = fit_scaling(all_series.subset("train").series)
+    fitted = fit_method(all_series.subset("train").series, method)
     chosen = all_series if split == "all" else all_series.subset(split)
     if len(chosen) == 0:
         raise DataError(f"{where(site.source)}: no scan in split '{split}' (splits: {list(SPLITS)})")
-    scaling = {"kind": "site-train-robust", "n_subjects": fitted.n_subjects, "checksum": fitted.checksum()}
+    if fitted is None:
+        scaling: dict = {"kind": "none"}
+    else:
+        scaling = {"kind": f"site-train-{method}", "n_subjects": fitted.n_subjects, "checksum": fitted.checksum()}
     splits = [str(s) for s in chosen.splits]
     source = str(Path(site.source).resolve())
-    return Scans(fitted.apply_all(chosen.series), list(chosen.subject_ids), splits, source, scaling)
+    series = chosen.series if fitted is None else fitted.apply_all(chosen.series)
+    return Scans(series, list(chosen.subject_ids), splits, source, scaling)
 
 
 def series_scans(path: Path, subject_id: str, backbone: Backbone) -> Scans:
@@ -193,7 +198,8 @@ def run_embed(req: EmbedRequest) -> EmbedResult:
     backbone = load_backbone(req.checkpoint)
     model = backbone.model
     if req.site is not None:
-        scans = site_scans(req.site, backbone, pretrain_model_tr(req.checkpoint), req.split)
+        model_tr, method = pretrain_data(req.checkpoint)
+        scans = site_scans(req.site, backbone, model_tr, req.split, method)
     else:
         scans = series_scans(req.series, req.series_id, backbone)
     device = resolve_device(req.device)

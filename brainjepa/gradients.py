@@ -162,7 +162,7 @@ def site_fc_sum(series: list[np.ndarray]) -> tuple[np.ndarray, int]:
 
 def site_contribution(site: SiteConfig, model_tr: float, split: str | None = "train") -> tuple[np.ndarray, int]:
     """`site_fc_sum` of a site's `split` subjects (None: all) at the model TR: what it shares for gradients."""
-    return site_fc_sum(load_cohort(site, model_tr, split=split, scaling="none").series)
+    return site_fc_sum(load_cohort(site, model_tr, split=split, scaling="none", for_model=False).series)
 
 
 def federated_fc(contributions: list[tuple[np.ndarray, int]]) -> np.ndarray:

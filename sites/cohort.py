@@ -26,8 +26,7 @@ from sites.errors import DataError, where
 from sites.manifest import read_manifest
 from sites.participants import Participants, read_participants
 from sites.roi_io import read_roi_dir, read_roi_file
-from sites.scaling import RobustScaling
-from sites.scaling import fit as fit_scaling
+from sites.scaling import RobustScaling, fit_method, typical_spread
 from sites.temporal import DEFAULT_MODEL_TR, n_frames_after, resample
 
 log = logging.getLogger(__name__)
@@ -320,12 +319,15 @@ def load_cohort(
     model_tr: float = DEFAULT_MODEL_TR,
     split: str | None = "train",
     min_frames: int | None = None,
-    scaling: Literal["robust", "none"] = "robust",
+    scaling: Literal["robust", "values", "none"] = "robust",
+    for_model: bool = True,
 ) -> Cohort:
     """A site's `split` subjects (None: all), or every `.npy` of a folder (already at the model TR), scaled.
 
     `scaling="robust"`: (x - median_r) / IQR_r of the subjects' ROI time-means (the reference's recipe),
-    refused for series that look already demeaned (it would blow them up by orders of magnitude).
+    refused for series that look already demeaned (it would blow them up by orders of magnitude);
+    `"values"`: median / IQR of the values themselves (any preprocessing); `"none"`: as they are. The
+    scaled data's typical spread is logged, with a warning when it is far from 1 (`check_spread`).
     """
     if isinstance(source, SiteConfig):
         site = load_site_series(source, model_tr, split=split, min_frames=min_frames)
@@ -333,15 +335,27 @@ def load_cohort(
     else:
         series, ids = read_roi_dir(source)
         name = str(source)
-    fitted = None
-    if scaling == "robust":
-        fitted = fit_scaling(series)
+    fitted = fit_method(series, scaling)
+    if fitted is not None:
         series = fitted.apply_all(series)
-        spread = float(np.median([np.median(s.std(axis=1)) for s in series[:64]]))
-        if spread > 1e3:
-            raise DataError(
-                f"data '{name}': robust scaling divides by the IQR of the subjects' ROI time-means, which is "
-                f"~{spread:.1e} times smaller than the signal: the series look already demeaned (z-scored). "
-                "Set `data.scaling: none` for such data, or give raw (not demeaned) series"
-            )
+    if for_model:  # what a model will see: its scale is checked and reported
+        check_spread(series, name, scaling)
     return Cohort(series, ids, name, fitted)
+
+
+def check_spread(series: list[np.ndarray], source: str, scaling: str) -> float:
+    """Log the typical spread of (scaled) series; refuse the reference scaling of demeaned data, warn when
+    the model would see values whose typical scale is far from 1. Returns the spread."""
+    spread = typical_spread(series)
+    if scaling == "robust" and spread > 1e3:
+        raise DataError(
+            f"data '{source}': robust scaling divides by the IQR of the subjects' ROI time-means, which is "
+            f"~{spread:.1e} times smaller than the signal: the series look already demeaned (z-scored). "
+            "Set `data.scaling: values` (median / IQR of the values themselves) for such data"
+        )
+    if not 0.1 <= spread <= 10.0:
+        log.warning("data '%s': after scaling '%s' the series' typical spread is %.3g, far from 1; the model "
+                    "trains best near 1: consider `scaling: values`", source, scaling, spread)  # fmt: skip
+    else:
+        log.info("data '%s': scaling '%s', typical spread %.3g", source, scaling, spread)
+    return spread

@@ -119,6 +119,38 @@ def fit(series: list[np.ndarray]) -> RobustScaling:
     return fit_means(subject_means(series))
 
 
+def fit_values(series: list[np.ndarray], frames_per_subject: int = 256) -> RobustScaling:
+    """Per-ROI median and IQR of the VALUES over the training subjects' frames (up to
+    `frames_per_subject` evenly spaced frames each): works on raw, demeaned and standardized data alike,
+    where the reference's statistics of time-means break (IQR ~ 0 for demeaned series)."""
+    if not series:
+        raise DataError("scaling: no series to compute statistics from")
+    cols = [s[:, np.linspace(0, s.shape[1] - 1, min(frames_per_subject, s.shape[1])).astype(np.int64)]
+            for s in series]  # fmt: skip
+    frames = np.concatenate(cols, axis=1).astype(np.float64)  # (R, sum of kept frames)
+    q25, med, q75 = np.percentile(frames, [25, 50, 75], axis=1)  # (R,) each
+    iqr = q75 - q25
+    _check_iqr(iqr, len(series))
+    return RobustScaling(median=med, iqr=iqr, n_subjects=len(series), method="values")
+
+
+def fit_method(series: list[np.ndarray], method: str) -> RobustScaling | None:
+    """`robust`: the reference's statistics of subjects' ROI time-means; `values`: of the values
+    themselves (`fit_values`); `none`: no scaling."""
+    if method == "robust":
+        return fit(series)
+    if method == "values":
+        return fit_values(series)
+    if method == "none":
+        return None
+    raise DataError(f"scaling: expected robust, values or none, got '{method}'")
+
+
+def typical_spread(series: list[np.ndarray]) -> float:
+    """Median over (up to 64) subjects of the median per-ROI standard deviation: ~1 is what the model wants."""
+    return float(np.median([np.median(s.std(axis=1)) for s in series[:64]]))
+
+
 @dataclass(frozen=True)
 class ScalingSummary:
     """What one site shares for federation-wide scaling: quantiles of its subjects' ROI means."""

@@ -72,7 +72,7 @@ def test_nan_in_data_names_the_subject(roi_dir: Path, tmp_path: Path) -> None:
 
 def test_robust_scaling_of_demeaned_series_is_refused(roi_dir: Path, tmp_path: Path) -> None:
     cfg = _one_step(roi_dir, tmp_path, scaling="robust")
-    with pytest.raises(DataError, match=r"rois.*already demeaned.*data.scaling: none"):
+    with pytest.raises(DataError, match=r"rois.*already demeaned.*data.scaling: values"):
         pretrain(cfg, progress=False)
 
 

@@ -82,3 +82,34 @@ def test_combine_rejects_mismatched_sites():
     rng = np.random.default_rng(4)
     with pytest.raises(DataError, match="disagree on the ROI count"):
         combine([summarize(cohort(rng, 5, 4), "a"), summarize(cohort(rng, 5, 6), "b")])
+
+
+@pytest.mark.parametrize("kind", ["raw-offset", "demeaned", "standardized"])
+def test_values_scaling_brings_any_preprocessing_near_unit_spread(kind: str) -> None:
+    """Median / IQR of the values works where the reference's statistics of time-means break."""
+    from sites.scaling import fit_method, typical_spread
+
+    rng = np.random.default_rng(0)
+    base = [rng.normal(0, 1, (6, 200)) * rng.uniform(50, 1500, (6, 1)) for _ in range(12)]  # (R, L) each
+    if kind == "raw-offset":
+        data = [x + rng.uniform(500, 2000, (6, 1)) for x in base]
+    elif kind == "demeaned":
+        data = [x - x.mean(1, keepdims=True) for x in base]
+    else:
+        data = [(x - x.mean(1, keepdims=True)) / x.std(1, keepdims=True) for x in base]
+    scaled = fit_method(data, "values").apply_all(data)
+    assert 0.5 < typical_spread(scaled) < 2.0
+
+
+def test_robust_scaling_of_demeaned_data_is_refused_and_far_spread_warns(tmp_path, caplog) -> None:
+    import logging
+
+    from sites.cohort import check_spread
+
+    rng = np.random.default_rng(1)
+    demeaned = [rng.normal(0, 1200, (4, 100)) for _ in range(6)]
+    with pytest.raises(DataError, match="scaling: values"):
+        check_spread(demeaned, "site_x", "robust")
+    with caplog.at_level(logging.WARNING, logger="sites.cohort"):
+        assert check_spread(demeaned, "site_x", "none") > 10
+    assert "site_x" in caplog.text and "far from 1" in caplog.text

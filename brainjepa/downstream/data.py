@@ -21,8 +21,7 @@ from sites.cohort import SPLITS, load_site_series
 from sites.config import SiteConfig
 from sites.errors import DataError, where
 from sites.participants import read_participants
-from sites.scaling import RobustScaling
-from sites.scaling import fit as fit_scaling
+from sites.scaling import RobustScaling, fit_method
 from sites.windows import PackedSeries, multi_windows, pack, random_windows
 
 log = logging.getLogger(__name__)
@@ -90,9 +89,7 @@ def load_labelled_site(site: SiteConfig, task: TaskSpec, model_tr: float, n_fram
     y_all = encode_labels(np.array([by_id[s] for s in series.subject_ids], dtype=object), task)
     usable = y_all >= 0 if task.kind == "classification" else np.isfinite(y_all)
     train_idx = np.flatnonzero(series.splits == "train")
-    fitted = None
-    if scaling == "robust":
-        fitted = fit_scaling([series.series[i] for i in train_idx])
+    fitted = fit_method([series.series[i] for i in train_idx], scaling)
     splits = {}
     for name in SPLITS:
         idx = np.flatnonzero((series.splits == name) & usable)

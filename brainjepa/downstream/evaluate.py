@@ -103,9 +103,9 @@ def run_protocol(p: Protocol, out_dir: Path, progress: bool = True, device: str 
         needs_pretrained = any(m in p.methods for m in ("finetune", "probe"))
         backbones = {v: pretrained_backbone(p, exp, v, out_dir, progress) for v in variants} if needs_pretrained else {}
         shape = backbones[None] if backbones else _shape_only(p, exp, out_dir, progress)
-        n_frames, model_tr = shape.model.n_frames, _model_tr(p)
+        n_frames, (model_tr, scaling) = shape.model.n_frames, _pretrain_data(p)
         for task in p.tasks:
-            data = {s: load_labelled_site(p.site_config(s), task, model_tr, n_frames)
+            data = {s: load_labelled_site(p.site_config(s), task, model_tr, n_frames, scaling)
                     for s in {*exp.finetune, *exp.test}}  # fmt: skip
             fts, tests = [data[s] for s in exp.finetune], [data[s] for s in exp.test]
             modes = list(p.training) if len(fts) > 1 else ["centralized"]
@@ -131,12 +131,13 @@ def run_protocol(p: Protocol, out_dir: Path, progress: bool = True, device: str 
     return write_reports(p, rows, out_dir)
 
 
-def _model_tr(p: Protocol) -> float:
+def _pretrain_data(p: Protocol) -> tuple[float, str]:
+    """The model TR and the scaling method of the protocol's pretraining config: downstream data is
+    resampled and scaled as pretraining did."""
     from brainjepa.config import DataConfig
 
-    if p.pretrain.config:
-        return load_pretrain_config(p.source.parent / p.pretrain.config).data.model_tr
-    return DataConfig().model_tr
+    d = load_pretrain_config(p.source.parent / p.pretrain.config).data if p.pretrain.config else DataConfig()
+    return d.model_tr, d.scaling
 
 
 def _shape_only(p: Protocol, exp: Experiment, out: Path, progress: bool) -> Backbone:
@@ -147,7 +148,7 @@ def _shape_only(p: Protocol, exp: Experiment, out: Path, progress: bool) -> Back
     from sites.cohort import load_cohort
 
     cfg = load_pretrain_config(p.source.parent / p.pretrain.config)
-    cohort = load_cohort(p.site_config(exp.finetune[0]), cfg.data.model_tr, scaling="none")
+    cohort = load_cohort(p.site_config(exp.finetune[0]), cfg.data.model_tr, scaling="none", for_model=False)
     grads, _ = gradients_for(cfg.data.gradients, cohort.series, cfg.model.gradient_components, cohort.source)
     return Backbone(cfg.model, grads, {}, "random init", None)
 

@@ -5,7 +5,8 @@ folder of `.npy` series) -> the training subjects, resampled and scaled. Below i
 reads a site with its phenotypes and splits (what fine-tuning and the data commands need). It matches
 `participants.tsv` rows to per-subject files (a row without a file, or a file without a row, is an
 error naming both, unless `data.on_missing: skip`), reads and checks each series, resamples it to the
-model TR and, given `min_frames`, rejects (or with `data.on_short: skip`, drops and counts) scans
+model TR (after frame censoring, `preprocess.scrub_fd`: a censored scan keeps its longest uncensored
+stretch, see `sites.scrub`) and, given `min_frames`, rejects (or with `data.on_short: skip`, drops and counts) scans
 shorter than the model window. NIfTI sites are read from `prepare`'s output folder and manifest.
 """
 
@@ -27,6 +28,7 @@ from sites.manifest import read_manifest
 from sites.participants import Participants, read_participants
 from sites.roi_io import read_roi_dir, read_roi_file
 from sites.scaling import RobustScaling, fit_method, typical_spread
+from sites.scrub import censor, log_censoring, read_fd
 from sites.temporal import DEFAULT_MODEL_TR, n_frames_after, resample
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,9 @@ class SiteSeries:
     source: Path  # the site YAML
     files: list[tuple[Path, ...]] = field(default_factory=list)  # N x the files each series came from
     skipped: dict[str, str] = field(default_factory=dict)  # subject id -> reason
+    # frame censoring (`preprocess.scrub_fd`, sites.scrub): subject id -> {"frames", "censored", "kept"} at
+    # the site TR; every subject read while censoring is on (also those later skipped as too short)
+    censored: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -241,6 +246,7 @@ def load_site_series(
     series: list[np.ndarray] = []
     kept: list[str] = []
     short: list[str] = []
+    censored: dict[str, dict[str, int]] = {}
     iterator = ids
     if progress:
         from tqdm import tqdm
@@ -262,6 +268,8 @@ def load_site_series(
                     f"{where(files[sid][0])}: subject '{sid}' has ROI blocks of different lengths {sorted(lens)}"
                 )
             x = np.concatenate(blocks, axis=0)  # (R, L)
+        if cfg.preprocess.scrub_fd is not None:
+            x, censored[sid] = _censor_subject(cfg, sid, x)
         n_out = n_frames_after(x.shape[1], trs[sid], model_tr)
         if min_frames is not None and n_out < min_frames:
             msg = (
@@ -275,6 +283,8 @@ def load_site_series(
             continue
         series.append(resample(x, trs[sid], model_tr, method))
         kept.append(sid)
+    if cfg.preprocess.scrub_fd is not None:
+        log_censoring(cfg.site, cfg.preprocess.scrub_fd, censored)
     if short:
         log.warning(
             "site %s: skipped %d scan(s) shorter than %d frames: %s",
@@ -301,7 +311,28 @@ def load_site_series(
         source=cfg.source,
         files=[tuple(files[s]) for s in kept],
         skipped=skipped,
+        censored=censored,
     )
+
+
+def _censor_subject(cfg: SiteConfig, sid: str, x: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+    """Subject `sid`'s series cut to its longest uncensored stretch, with the counts (`sites.scrub.censor`).
+    FD from `preprocess.fd_file`, else the confounds TSV; NIfTI: the first `drop_initial` FD values are
+    of frames `prepare` already dropped."""
+    pp = cfg.preprocess
+    key, pattern = (
+        ("preprocess.fd_file", pp.fd_file) if pp.fd_file else ("data.confounds", cfg.data.confounds)
+    )
+    path = find_subject_file(cfg.data.root, pattern, sid, key, cfg.source)
+    if path is None:
+        raise DataError(
+            f"{where(cfg.source, key)}: no framewise-displacement file for subject '{sid}': expected "
+            f"'{cfg.data.root / _fill(pattern, sid)}' (needed by preprocess.scrub_fd)"
+        )
+    fd = read_fd(path, pp.fd_column)
+    if cfg.data.format == "nifti":
+        fd = fd[pp.drop_initial :]
+    return censor(x, fd, pp.scrub_fd, path, sid)
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,11 @@ class PreprocessConfig:
     confound_columns: tuple[str, ...] = ()  # columns of the confounds TSV to regress out
     drop_initial: int = 0  # non-steady-state frames dropped at the start (counted as frames lost)
     n_jobs: int = 2  # subjects processed in parallel
+    # frame censoring (sites.scrub): frames with framewise displacement > scrub_fd mm are censored; a scan
+    # keeps its longest uncensored stretch. FD from `fd_file` (per-subject pattern) or the confounds TSV.
+    scrub_fd: float | None = None  # mm; None: off
+    fd_column: str = "framewise_displacement"
+    fd_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -169,6 +174,15 @@ def _validate(cfg: SiteConfig) -> None:
     ):
         if v is not None and v <= 0:
             raise err(key, f"expected a frequency in Hz > 0, got {v}")
+    pp = cfg.preprocess
+    if pp.scrub_fd is not None and pp.scrub_fd <= 0:
+        raise err("preprocess.scrub_fd", f"expected an FD threshold in mm > 0, got {pp.scrub_fd}")
+    no_fd = pp.fd_file is None and (cfg.data.format == "roi" or cfg.data.confounds is None)
+    if pp.scrub_fd is not None and no_fd:
+        raise err("preprocess.fd_file", "scrub_fd needs FD per frame: set 'preprocess.fd_file' (a per-subject "
+                  "pattern) or, for NIfTI input, 'data.confounds'")  # fmt: skip
+    if pp.fd_file is not None and "{subject}" not in pp.fd_file and "{label}" not in pp.fd_file:
+        raise err("preprocess.fd_file", f"pattern '{pp.fd_file}' must contain '{{subject}}' or '{{label}}'")
 
 
 def parse_site_config(data: object, source: Path | str = "<memory>") -> SiteConfig:

@@ -5,7 +5,8 @@ gradient file). In a simulation (`flwr run .`) nodes only have a `partition-id`:
 partition-id-th site YAML (sorted) under the run config's `sites-dir`. The message format is the round
 contract (`brainjepa.federation.contract`); this module only converts between Flower records and it,
 and hands the round to its task's site work: `client.training` (pretrain) or `client.downstream`
-(finetune, probe, evaluate, label-stats; `evaluate` / `label-stats` come as Flower "evaluate" messages).
+(finetune, probe, evaluate, label-stats; `evaluate` / `label-stats` come as Flower "evaluate" messages);
+`scaling-stats` (also an "evaluate" message) sends back the site's scaling sketch (`site_sketch`).
 A refusal (contract or checksum mismatch, bad site config) is an error reply whose reason says what is wrong.
 """
 
@@ -26,6 +27,7 @@ from brainjepa.federation.contract import (
     ARRAYS,
     CONFIG,
     METRICS,
+    SCALING,
     SITE,
     ContractError,
     ErrorCode,
@@ -33,12 +35,14 @@ from brainjepa.federation.contract import (
     RoundSpec,
     decode_global,
     encode_update,
+    scaling_from_arrays,
 )
 from client.downstream import DownstreamSite
 from client.state import load_optimizer, save_optimizer
-from client.training import RoundRefused, SiteTrainer, load_site_data, resolve_site
+from client.training import RoundRefused, SiteTrainer, load_site_data, resolve_site, site_sketch
 from sites.config import SiteConfig
 from sites.errors import InputError
+from sites.scaling import RobustScaling
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -75,11 +79,16 @@ def run_round(msg: Message, context: Context) -> Message:
     site_yaml, grad_file = site_paths(context)
     site, runtime = resolve_site(site_yaml)
     received = decode_global(msg.content[ARRAYS].to_torch_state_dict())
-    if spec.task == "pretrain":
-        sets, metrics = pretrain_round(spec, site, runtime, grad_file, received, context.state)
+    if spec.task == "scaling-stats":  # statistics, not weights: float64 as computed, no wire encoding
+        sets, metrics = site_sketch(site, spec.task_config)
+        arrays = ArrayRecord(sets)
     else:
-        sets, metrics = DownstreamSite(spec, site, runtime, grad_file).run(received)
-    arrays = ArrayRecord(encode_update(sets, received, spec.wire_dtype))
+        if spec.task == "pretrain":
+            scaling = federation_scaling(spec, msg.content)
+            sets, metrics = pretrain_round(spec, site, runtime, grad_file, received, context.state, scaling)
+        else:
+            sets, metrics = DownstreamSite(spec, site, runtime, grad_file).run(received)
+        arrays = ArrayRecord(encode_update(sets, received, spec.wire_dtype))
     metrics.update({Metric.ROUND_WALL_S: time.perf_counter() - t0,
                     Metric.BYTES_RECEIVED: float(msg.content[ARRAYS].count_bytes()),
                     Metric.BYTES_SENT: float(arrays.count_bytes())})  # fmt: skip
@@ -88,13 +97,25 @@ def run_round(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
+def federation_scaling(spec: RoundSpec, content: RecordDict) -> RobustScaling | None:
+    """The federation-wide median / IQR the round carries (checked against its checksum), or None: the
+    site fits its own."""
+    if not spec.scaling_checksum:
+        return None
+    if SCALING not in content.array_records:
+        raise ContractError(f"round record: scaling-checksum {spec.scaling_checksum} but no '{SCALING}' record")
+    return scaling_from_arrays(content[SCALING].to_torch_state_dict(), spec.scaling_checksum)
+
+
 def pretrain_round(spec: RoundSpec, site: SiteConfig, runtime: SiteRuntime, grad_file: Path,
-                   received: dict[str, torch.Tensor], state: RecordDict) -> tuple[dict[str, torch.Tensor], dict[str, float]]:  # fmt: skip
-    """K JEPA steps from the received sets, AdamW moments carried in the run's `context.state`."""
+                   received: dict[str, torch.Tensor], state: RecordDict,
+                   scaling: RobustScaling | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:  # fmt: skip
+    """K JEPA steps from the received sets, AdamW moments carried in the run's `context.state`; the data
+    scaled with the federation's `scaling`, or the site's own statistics (None)."""
     trainer = SiteTrainer(spec, grad_file, runtime)
     trainer.load_sets(received)
     rounds_done = load_optimizer(state, trainer.step_fn.optimizer, spec.model_checksum)
-    data = load_site_data(site, spec.task_config)
+    data = load_site_data(site, spec.task_config, scaling)
     metrics = trainer.train(data)
     save_optimizer(state, trainer.step_fn.optimizer, spec.model_checksum, rounds_done + 1)
     metrics.update({Metric.NUM_EXAMPLES: float(data.n_subjects), Metric.ROUNDS_DONE: float(rounds_done + 1)})

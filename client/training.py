@@ -5,6 +5,7 @@ The Flower ClientApp (`client.client_app`) only converts between messages and th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -16,14 +17,15 @@ from torch import nn
 
 from brainjepa.config import ModelConfig, PretrainConfig, SiteRuntime, load_site
 from brainjepa.data import BatchStream, pretraining_stream
-from brainjepa.federation.contract import Metric, RoundSpec
+from brainjepa.federation.contract import SKETCH_LEVELS, SKETCH_QUANTILES, Metric, RoundSpec
 from brainjepa.gradients import gradient_checksum, load_gradients
 from brainjepa.jepa import JEPAModels, PretrainStep, resolve_device
 from brainjepa.prefetch import Prefetcher
 from brainjepa.weights import WEIGHT_SETS, flat_parameters, load_flat_parameters, model_checksum
-from sites.cohort import load_cohort
+from sites.cohort import check_spread, load_cohort
 from sites.config import SiteConfig
 from sites.errors import DataError, InputError
+from sites.scaling import RobustScaling, summarize
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +41,40 @@ class SiteData:
     n_subjects: int
 
 
-def load_site_data(site: SiteConfig, cfg: PretrainConfig) -> SiteData:
+def load_site_data(site: SiteConfig, cfg: PretrainConfig, scaling: RobustScaling | None = None) -> SiteData:
     """The site's training split at the model TR, scaled, as deterministic batches: exactly what
-    `brainjepa pretrain` reads for `data.site` = this site's YAML."""
+    `brainjepa pretrain` reads for `data.site` = this site's YAML (its own statistics), or scaled with
+    the federation's `scaling` (run config `scaling-scope = "federation"`)."""
     m = cfg.model
     check_rois(site, m)
-    cohort = load_cohort(site, cfg.data.model_tr, min_frames=m.n_frames, scaling=cfg.data.scaling)
+    if scaling is None:
+        cohort = load_cohort(site, cfg.data.model_tr, min_frames=m.n_frames, scaling=cfg.data.scaling)
+    else:
+        raw = load_cohort(site, cfg.data.model_tr, min_frames=m.n_frames, scaling="none", for_model=False)
+        n_rois = raw.series[0].shape[0]
+        if scaling.n_rois != n_rois:
+            raise RoundRefused(f"federation scaling has statistics for {scaling.n_rois} ROIs, this site's data "
+                               f"'{site.source}' has {n_rois} ROIs")  # fmt: skip
+        series = scaling.apply_all(raw.series)
+        check_spread(series, raw.source, "robust")
+        cohort = dataclasses.replace(raw, series=series, scaling=scaling)
     stream = pretraining_stream(cohort, cfg)
     return SiteData(site.site, stream, len(stream.packed))
+
+
+def site_sketch(site: SiteConfig, cfg: PretrainConfig) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """scaling-stats round: the quantile sketch of the training subjects' per-ROI time-means at the model
+    TR, unscaled (`sites.scaling.summarize`), and the subject count: all that leaves the site."""
+    m = cfg.model
+    check_rois(site, m)
+    if cfg.data.scaling != "robust":
+        raise RoundRefused(f"scaling-stats round with data.scaling '{cfg.data.scaling}': only the reference "
+                           "('robust') scaling has a federation-wide sketch")  # fmt: skip
+    raw = load_cohort(site, cfg.data.model_tr, min_frames=m.n_frames, scaling="none", for_model=False)
+    sketch = summarize(raw.series, site.site)
+    arrays = {SKETCH_LEVELS: torch.from_numpy(sketch.levels.astype(np.float64)),
+              SKETCH_QUANTILES: torch.from_numpy(sketch.quantiles.astype(np.float64))}  # fmt: skip
+    return arrays, {Metric.NUM_EXAMPLES: float(sketch.n_subjects)}
 
 
 def check_rois(site: SiteConfig, m: ModelConfig) -> None:

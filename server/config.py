@@ -32,6 +32,9 @@ Strategy = Literal["fedavg", "fedavgm", "fedadam"]
 # pretrain: federated Brain-JEPA pretraining; finetune / probe: a downstream task on a pretrained backbone
 # (`checkpoint` + `downstream-config`), trained federated, selected on validation, scored on test.
 RunTask = Literal["pretrain", "finetune", "probe"]
+# Pretraining's robust scaling: each site's own statistics, or one federation-wide set combined from the
+# sites' quantile sketches (a `scaling-stats` round before the first pretraining round).
+ScalingScope = Literal["site", "federation"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class FederationConfig:
     resume_dir: str = ""  # continue this run folder from its last completed round
     sites_dir: str = ""  # simulation: folder of site folders (partition-id -> the sorted site YAMLs)
     save_updates: bool = False  # keep every site's decoded update per round (tests, audits)
+    scaling_scope: ScalingScope = "site"  # pretraining: each site's own scaling statistics, or the federation's
     task: RunTask = "pretrain"
     checkpoint: str = ""  # finetune / probe: the pretraining checkpoint (its target encoder is the backbone)
     downstream_config: str = ""  # finetune / probe: a YAML with `task:` (TaskSpec) and `recipe:` (DownstreamConfig)
@@ -86,6 +90,9 @@ class FederationConfig:
         if self.task != "pretrain" and not (self.checkpoint and self.downstream_config):
             raise ConfigError(f"run config: task '{self.task}' needs 'checkpoint' (a pretraining checkpoint) and "
                               "'downstream-config' (a YAML with task: and recipe: sections)")  # fmt: skip
+        if self.scaling_scope == "federation" and self.task != "pretrain":
+            raise ConfigError(f"run config 'scaling-scope': 'federation' applies to pretraining, not task "
+                              f"'{self.task}' (downstream sites scale with their own statistics)")  # fmt: skip
 
     @property
     def total_steps(self) -> int:

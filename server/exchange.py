@@ -75,18 +75,21 @@ def sample_nodes(nodes: list[int], fraction: float, min_sites: int, rng: np.rand
 
 def exchange(grid: Grid, cfg: FederationConfig, spec: RoundSpec, sets: Mapping[str, torch.Tensor],
              on_result: Callable[[SiteResult], None], fraction: float | None = None,
-             message_type: str = "train") -> list[SiteResult]:  # fmt: skip
-    """Send round `spec` with the global `sets` to the sampled sites (a share `fraction`, default the
+             message_type: str = "train",
+             records: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> list[SiteResult]:  # fmt: skip
+    """Send round `spec` with the global `sets` (and further ArrayRecords `records`, sent as they are,
+    e.g. the federation's scaling statistics) to the sampled sites (a share `fraction`, default the
     run's `fraction-sites`, seeded by the round) and collect their replies, sorted by node."""
     nodes = wait_for_nodes(grid, cfg.min_sites, cfg.wait_for_sites_s)
     share = cfg.fraction_sites if fraction is None else fraction
     sampled = sample_nodes(nodes, share, cfg.min_sites, np.random.default_rng([cfg.seed, spec.round]))
     conf = ConfigRecord(spec.to_record())
     arrays = ArrayRecord(encode_global(sets, spec.wire_dtype))
-    sent = arrays.count_bytes()
+    extra = {name: ArrayRecord(dict(tensors)) for name, tensors in (records or {}).items()}
+    sent = arrays.count_bytes() + sum(r.count_bytes() for r in extra.values())
     log.info("%s round %d/%d: sending %.1f MB to each of %d site(s)", spec.task, spec.round + 1, spec.num_rounds,
              sent / 1e6, len(sampled))  # fmt: skip
-    msgs = [Message(RecordDict({ARRAYS: arrays, CONFIG: conf}), dst_node_id=node, message_type=message_type,
+    msgs = [Message(RecordDict({ARRAYS: arrays, CONFIG: conf, **extra}), dst_node_id=node, message_type=message_type,
                     group_id=f"{spec.task}-{spec.round}") for node in sampled]  # fmt: skip
     return collect(grid, msgs, cfg.round_timeout_s, lambda reply, node: decode(reply, node, sent, spec.wire_dtype, sets),
                    on_result, sent)  # fmt: skip

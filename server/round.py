@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 
 from brainjepa.checkpoint import load_checkpoint, save_checkpoint
 from brainjepa.config import PretrainConfig, to_dict
-from brainjepa.federation.contract import Metric, RoundSpec
+from brainjepa.federation.contract import SCALING, Metric, RoundSpec, scaling_arrays
 from brainjepa.gradients import gradient_checksum, load_gradients, save_gradients
 from brainjepa.jepa import JEPAModels
 from brainjepa.weights import WEIGHT_SETS, flat_parameters, load_flat_parameters, model_checksum
@@ -26,7 +26,9 @@ from server.aggregate import RunningMean, ServerOptimizer, check_update
 from server.config import FederationConfig, to_run_config
 from server.exchange import SiteResult, count, exchange, ok_updates, save_update, site_row
 from server.report import RunReport, new_run_dir
+from server.scaling import scaling_stats
 from sites.errors import ConfigError, DataError
+from sites.scaling import RobustScaling
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +58,15 @@ class FederatedRun:
     server_opt: ServerOptimizer
     start_round: int = 0
     sets: dict[str, torch.Tensor] = field(default_factory=dict)
+    scaling: RobustScaling | None = None  # scaling-scope federation: the statistics every site applies
 
     @classmethod
     def create(cls, cfg: FederationConfig, run_id: int = 0) -> FederatedRun:
         pcfg = cfg.pretrain()
+        if cfg.scaling_scope == "federation" and pcfg.data.scaling != "robust":
+            raise ConfigError(f"run config 'scaling-scope': 'federation' needs data.scaling 'robust' (the "
+                              f"reference scaling, whose statistics sites share as quantile sketches), got "
+                              f"'{pcfg.data.scaling}' (use scaling-scope 'site')")  # fmt: skip
         if cfg.resume_dir:
             run_dir = Path(cfg.resume_dir).resolve()
             if not run_dir.is_dir():
@@ -93,6 +100,8 @@ class FederatedRun:
         self.models.load_state_dict(ckpt["models"])
         self.server_opt.load_state_dict(ckpt["server_optimizer"])
         self.start_round = int(ckpt["round"])
+        if ckpt.get("scaling") is not None:
+            self.scaling = RobustScaling.from_dict(ckpt["scaling"])
         log.info("resuming %s after round %d of %d", self.run_dir, self.start_round, self.cfg.num_rounds)
 
     def _save(self, completed_rounds: int) -> Path:
@@ -103,6 +112,7 @@ class FederatedRun:
             gradient_checksum=gradient_checksum(self.gradients), gradient_source=self.gradient_source,
             model_checksum=self.model_checksum, models=self.models.state_dict(),
             server_optimizer=self.server_opt.state_dict(), run_config=to_run_config(self.cfg),
+            scaling=self.scaling.to_dict() if self.scaling is not None else None,
         )  # fmt: skip
 
     @property
@@ -119,14 +129,18 @@ class FederatedRun:
                  self.pcfg.model.size, n["encoder"], n["predictor"], n["target"], self.gradient_source)
         log.info("run folder: %s", self.run_dir)
 
-    def round_spec(self, rnd: int) -> RoundSpec:
+    def round_spec(self, rnd: int, task: str = "pretrain") -> RoundSpec:
+        checksum = self.scaling.checksum() if self.scaling is not None and task == "pretrain" else ""
         return RoundSpec(
-            task="pretrain", round=rnd, num_rounds=self.cfg.num_rounds, step_start=rnd * self.cfg.local_steps,
+            task=task, round=rnd, num_rounds=self.cfg.num_rounds, step_start=rnd * self.cfg.local_steps,  # type: ignore[arg-type]
             local_steps=self.cfg.local_steps, wire_dtype=self.cfg.wire_dtype, model_checksum=self.model_checksum,
-            gradient_checksum=gradient_checksum(self.gradients), task_config=self.pcfg,
+            gradient_checksum=gradient_checksum(self.gradients), task_config=self.pcfg, scaling_checksum=checksum,
         )  # fmt: skip
 
     def execute(self, grid: Grid) -> Path:
+        if self.cfg.scaling_scope == "federation" and self.scaling is None and self.start_round < self.cfg.num_rounds:
+            # once per run (a resume whose checkpoint holds the statistics reuses them)
+            self.scaling = scaling_stats(grid, self.cfg, self.round_spec(0, "scaling-stats"), self.pcfg.model.n_rois)
         report = RunReport(self.run_dir, self.start_round)
         for rnd in range(self.start_round, self.cfg.num_rounds):
             self.run_round(grid, rnd, report)
@@ -143,7 +157,8 @@ class FederatedRun:
         sched = spec.schedule()
         log.info("round %d/%d: lr %.2e, ema %.5f", rnd + 1, cfg.num_rounds, sched.lr, sched.momentum)
         mean = RunningMean()
-        results = exchange(grid, cfg, spec, self.sets, lambda res: self._accept(rnd, res, mean))
+        records = {SCALING: scaling_arrays(self.scaling)} if self.scaling is not None else None
+        results = exchange(grid, cfg, spec, self.sets, lambda res: self._accept(rnd, res, mean), records=records)
         report.site_rows([site_row(rnd, r) for r in results])
         ok = ok_updates(results, cfg.min_sites, f"round {rnd + 1}", f"; the global model stays at round {rnd} "
                         f"(resume with resume-dir={self.run_dir})")  # fmt: skip

@@ -4,24 +4,33 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
-from flwr.app import ConfigRecord
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
 
 from brainjepa.config import ModelConfig, OptimConfig, PretrainConfig, TrainConfig
 from brainjepa.downstream.config import DownstreamConfig, DownstreamTask, TaskSpec
 from brainjepa.federation.contract import (
     MODEL_SET,
+    SCALING_IQR,
+    SCALING_MEDIAN,
+    SKETCH_LEVELS,
     TASKS,
     ContractError,
     ErrorCode,
     Metric,
     RoundSpec,
+    decode_update,
     eval_metric_key,
     eval_metrics,
+    scaling_arrays,
+    scaling_from_arrays,
     weight_sets,
 )
 from brainjepa.schedules import schedule_at
 from brainjepa.weights import WEIGHT_SETS
+from sites.scaling import RobustScaling
 
 
 def _spec(**kw: object) -> RoundSpec:
@@ -63,7 +72,7 @@ def test_choices_are_checked_for_specs_built_in_code() -> None:
         _spec(task="distill")
     with pytest.raises(Exception, match="wire_dtype"):
         _spec(wire_dtype="int8")
-    assert TASKS == ("pretrain", "finetune", "probe", "evaluate", "label-stats")
+    assert TASKS == ("pretrain", "finetune", "probe", "evaluate", "label-stats", "scaling-stats")
     with pytest.raises(ContractError, match="split '' with task 'evaluate'"):
         _downstream("evaluate")
     with pytest.raises(ContractError, match="no pretraining schedule"):
@@ -84,7 +93,34 @@ def test_downstream_records_round_trip(task: str, method: str, split: str) -> No
 
 
 def test_pretraining_records_carry_no_downstream_fields() -> None:
-    assert not {"model-config", "target-center", "target-scale", "split"} & set(_spec().to_record())
+    assert not {"model-config", "target-center", "target-scale", "split", "scaling-checksum"} & set(_spec().to_record())
+
+
+def test_scaling_stats_and_federation_scaling_records_round_trip() -> None:
+    stats = _spec(task="scaling-stats", round=0)
+    assert RoundSpec.from_record(ConfigRecord(stats.to_record())) == stats
+    spec = _spec(scaling_checksum="c" * 16)
+    assert RoundSpec.from_record(ConfigRecord(spec.to_record())) == spec
+    with pytest.raises(ContractError, match="only pretraining rounds"):
+        _spec(task="scaling-stats", scaling_checksum="c" * 16)
+
+
+def test_federation_scaling_travels_in_float64_and_is_checked() -> None:
+    """The statistics survive a real ArrayRecord bit for bit (never wire-rounded), their checksum is verified;
+    a sketch reply is decoded in float64 even on an fp16 wire."""
+    rng = np.random.default_rng(0)
+    s = RobustScaling(median=rng.normal(size=7), iqr=rng.uniform(0.5, 2, size=7), n_subjects=30, method="federated-sketch")
+    arrays = ArrayRecord(scaling_arrays(s)).to_torch_state_dict()
+    back = scaling_from_arrays(arrays, s.checksum())
+    assert np.array_equal(back.median, s.median) and np.array_equal(back.iqr, s.iqr)
+    with pytest.raises(ContractError, match="checksum"):
+        scaling_from_arrays(arrays, "0" * 16)
+    with pytest.raises(ContractError, match="positive IQRs"):
+        scaling_from_arrays({SCALING_MEDIAN: arrays[SCALING_MEDIAN], SCALING_IQR: -arrays[SCALING_IQR]}, s.checksum())
+    with pytest.raises(ContractError, match="lacks"):
+        scaling_from_arrays({SCALING_MEDIAN: arrays[SCALING_MEDIAN]}, s.checksum())
+    levels = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64) + 1e-12
+    assert decode_update({SKETCH_LEVELS: levels}, "float16", {})[SKETCH_LEVELS].equal(levels)
 
 
 @pytest.mark.parametrize(
@@ -121,7 +157,7 @@ def test_a_record_this_side_cannot_honour_is_refused_with_the_field(make, edit, 
 def test_weight_sets_and_evaluation_metric_keys() -> None:
     assert weight_sets("pretrain") == WEIGHT_SETS
     assert weight_sets("finetune") == weight_sets("probe") == weight_sets("evaluate") == (MODEL_SET,)
-    assert weight_sets("label-stats") == ()
+    assert weight_sets("label-stats") == weight_sets("scaling-stats") == ()
     reply = {eval_metric_key("auroc"): 0.5, eval_metric_key("acc"): 0.75, Metric.NUM_EXAMPLES: 4.0}
     assert eval_metrics(reply) == {"auroc": 0.5, "acc": 0.75}
 

@@ -19,6 +19,15 @@ metrics of the site's `split` (`eval-<metric>` keys) and the split's scan count,
 of squares of the site's training labels, from which the server forms the target standardisation
 (`target_center`, `target_scale`) that every later record carries.
 
+Federation-wide scaling (run config `scaling-scope = "federation"`): a `scaling-stats` round (described
+by the run's `PretrainConfig`, no weights sent) gets back each site's quantile sketch of its training
+subjects' per-ROI time-means (`sites.scaling.summarize`: the arrays `SKETCH_LEVELS` (Q,) and
+`SKETCH_QUANTILES` (Q, R), float64, in the reply's ARRAYS record; NUM_EXAMPLES = its subject count).
+The server combines them once (`sites.scaling.combine`); every pretraining round then carries the
+median / IQR as a second ArrayRecord, `SCALING` (`scaling_arrays`, float64, never wire-rounded), and
+their checksum in the record (`scaling-checksum`), which the site verifies before applying them
+instead of fitting its own.
+
 A weight set (encoder, predictor, target) travels as ONE flat 1-D vector of the module's parameters in
 `named_parameters()` order (`brainjepa.weights`): three objects per message instead of ~400. Downlink in
 fp32 or fp16; uplink fp32 weights, or with fp16 the *deltas* to what the site received, added to the
@@ -49,15 +58,17 @@ from brainjepa.downstream.config import DownstreamTask
 from brainjepa.schedules import SchedulePoint, schedule_at
 from brainjepa.weights import WEIGHT_SETS
 from sites.errors import ConfigError, InputError, Origin
+from sites.scaling import RobustScaling
 from sites.schema import check_choices, from_mapping
 
 # Bumped whenever a field changes meaning: a site and a server of different versions refuse each other.
-CONTRACT_VERSION = 2
+CONTRACT_VERSION = 3
 
-Task = Literal["pretrain", "finetune", "probe", "evaluate", "label-stats"]
+Task = Literal["pretrain", "finetune", "probe", "evaluate", "label-stats", "scaling-stats"]
 # The config each task's site work is described by.
 TASK_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "finetune": DownstreamTask, "probe": DownstreamTask,
-                                 "evaluate": DownstreamTask, "label-stats": DownstreamTask}  # fmt: skip
+                                 "evaluate": DownstreamTask, "label-stats": DownstreamTask,
+                                 "scaling-stats": PretrainConfig}  # fmt: skip
 DOWNSTREAM_TASKS = ("finetune", "probe", "evaluate", "label-stats")
 EvalSplit = Literal["", "train", "val", "test"]  # evaluate rounds: the split scored ("" otherwise)
 # The one weight set of downstream rounds: the DownstreamModel's floating state as a flat vector.
@@ -65,6 +76,12 @@ MODEL_SET = "model"
 
 # Records of a message's RecordDict.
 ARRAYS, CONFIG, METRICS, SITE = "arrays", "config", "metrics", "site"
+# Pretraining with federation-wide scaling: the message's second ArrayRecord (server -> site).
+SCALING = "scaling"
+SCALING_MEDIAN, SCALING_IQR = "median", "iqr"  # (R,) float64 each
+# scaling-stats replies: a site's quantile sketch (site -> server, in ARRAYS; never per-subject values).
+SKETCH_LEVELS, SKETCH_QUANTILES = "scaling-levels", "scaling-quantiles"  # (Q,), (Q, R) float64
+STAT_ARRAYS = (SKETCH_LEVELS, SKETCH_QUANTILES)
 
 FP16_MAX = float(np.finfo(np.float16).max)
 
@@ -139,6 +156,7 @@ class RoundSpec:
     target_center: float = 0.0  # downstream regression: targets train as (y - center) / scale
     target_scale: float = 1.0
     split: EvalSplit = ""  # evaluate: the split each site scores
+    scaling_checksum: str = ""  # pretrain: federation-wide scaling in the SCALING record ("" = site's own)
 
     def __post_init__(self) -> None:
         check_choices(self, "round record")
@@ -159,6 +177,9 @@ class RoundSpec:
         if self.task in ("finetune", "probe") and (self.task == "probe") != self.task_config.recipe.frozen_backbone:
             raise ContractError(f"round record: task '{self.task}' with recipe method "
                                 f"'{self.task_config.recipe.method}' (probe rounds train a frozen backbone's head)")
+        if self.scaling_checksum and self.task != "pretrain":
+            raise ContractError(f"round record: scaling-checksum with task '{self.task}' (only pretraining rounds "
+                                "carry federation-wide scaling)")  # fmt: skip
         if not (self.target_scale > 0.0 and abs(self.target_center) < float("inf")):
             raise ContractError(f"round record: target scale {self.target_scale} / center {self.target_center}")
 
@@ -197,6 +218,8 @@ class RoundSpec:
                            "target-center": self.target_center, "target-scale": self.target_scale})  # fmt: skip
         if self.split:
             record["split"] = self.split
+        if self.scaling_checksum:
+            record["scaling-checksum"] = self.scaling_checksum
         return record
 
     @classmethod
@@ -242,10 +265,33 @@ def _record_type(config_type: type) -> type:
 
 def weight_sets(task: str) -> tuple[str, ...]:
     """The weight sets a round of `task` sends to the site (a site sends back those it trains:
-    pretrain and finetune / probe all of them, evaluate and label-stats none)."""
+    pretrain and finetune / probe all of them, evaluate, label-stats and scaling-stats none)."""
     if task == "pretrain":
         return WEIGHT_SETS
-    return () if task == "label-stats" else (MODEL_SET,)
+    return () if task in ("label-stats", "scaling-stats") else (MODEL_SET,)
+
+
+# ---------------------------------------------------------------------------------------- scaling
+def scaling_arrays(scaling: RobustScaling) -> dict[str, torch.Tensor]:
+    """Server -> site: the federation's median / IQR as the SCALING record's float64 arrays."""
+    return {SCALING_MEDIAN: torch.from_numpy(np.asarray(scaling.median, np.float64).copy()),
+            SCALING_IQR: torch.from_numpy(np.asarray(scaling.iqr, np.float64).copy())}  # fmt: skip
+
+
+def scaling_from_arrays(arrays: Mapping[str, torch.Tensor], checksum: str) -> RobustScaling:
+    """The statistics a pretraining round carries, refused unless well formed and of `checksum`."""
+    try:
+        med, iqr = (np.asarray(arrays[k].double().numpy(), np.float64) for k in (SCALING_MEDIAN, SCALING_IQR))
+    except KeyError as e:
+        raise ContractError(f"round record: scaling-checksum {checksum} but the '{SCALING}' record lacks {e}") from e
+    if med.ndim != 1 or med.shape != iqr.shape or not (np.isfinite(med).all() and (iqr > 0).all()):
+        raise ContractError(f"round record: federation scaling median {med.shape} / iqr {iqr.shape}: not R finite "
+                            "values and R positive IQRs")  # fmt: skip
+    scaling = RobustScaling(median=med, iqr=iqr, n_subjects=0, method="federated-sketch")
+    if scaling.checksum() != checksum:
+        raise ContractError(f"federation scaling: received statistics have checksum {scaling.checksum()}, the "
+                            f"record says {checksum} (corrupted in transit)")  # fmt: skip
+    return scaling
 
 
 # ---------------------------------------------------------------------------------------- weight sets
@@ -282,7 +328,9 @@ def decode_update(payload: Mapping[str, torch.Tensor], wire_dtype: str,
     """A site's reply -> full fp32 vectors (fp16 deltas are added to the server's fp32 master copy)."""
     out = {}
     for name, vec in payload.items():
-        if wire_dtype == "float16" and name in master:
+        if name in STAT_ARRAYS:  # a scaling sketch: statistics, kept in float64
+            out[name] = vec.double().clone()
+        elif wire_dtype == "float16" and name in master:
             if vec.dtype != torch.float16:
                 raise ValueError(f"weight set '{name}' arrived as {vec.dtype}, expected float16 deltas")
             out[name] = master[name] + vec.float()

@@ -1,6 +1,8 @@
 """A site's YAML config: where its data lives, how it is laid out, and what it must agree on.
 
-Relative paths in the file are taken relative to the YAML file's folder. Subject file patterns use
+Relative paths are resolved once, when the file is parsed, so a parsed `SiteConfig` holds only absolute
+paths whatever the working directory: `data.root` and `rois[*].atlas` against the YAML file's folder,
+`data.output` and `participants.file` against `data.root`. Subject file patterns use
 `{subject}` (the participants id as written, e.g. `sub-001`) and `{label}` (the id without a leading
 `sub-`), and may contain `*` wildcards that must match exactly one file. See `docs/data.md` and
 `configs/site_*.yaml` for documented examples of both formats.
@@ -9,6 +11,7 @@ Relative paths in the file are taken relative to the YAML file's folder. Subject
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -109,14 +112,21 @@ class SiteConfig:
 
     @property
     def output_dir(self) -> Path:
-        return self.data.root / self.data.output
+        """Where `prepare` writes; `data.output` is already absolute in a parsed config (joined once)."""
+        out = self.data.output
+        return out if out.is_absolute() else self.data.root / out
+
+
+# ROI-series input: a declared TR outside this range (seconds) is almost surely a unit slip (ms, minutes)
+TR_RANGE = (0.3, 5.0)
 
 
 def _resolve(base: Path, p: Path | None) -> Path | None:
+    """`p` made absolute against `base` (itself made absolute against the working directory), normalised
+    (`..` removed) but with symlinks kept as written."""
     if p is None:
         return None
-    p = p.expanduser()
-    return p if p.is_absolute() else base / p
+    return Path(os.path.abspath(base / p.expanduser()))
 
 
 def _validate(cfg: SiteConfig) -> None:
@@ -131,6 +141,12 @@ def _validate(cfg: SiteConfig) -> None:
         raise err("tr", f"expected a repetition time in seconds > 0, got {cfg.tr}")
     if cfg.data.format == "roi" and cfg.tr is None:
         raise err("tr", "ROI-series input has no header to read the TR from: set 'tr' (seconds)")
+    if cfg.data.format == "roi" and not TR_RANGE[0] <= cfg.tr <= TR_RANGE[1]:
+        raise err(
+            "tr",
+            f"expected a repetition time in seconds within {TR_RANGE[0]}-{TR_RANGE[1]}, got {cfg.tr} "
+            "(milliseconds instead of seconds?)",
+        )
     if not cfg.rois:
         raise err("rois", "expected at least one ROI block")
     names = [b.name for b in cfg.rois]
@@ -200,7 +216,7 @@ def _parse(data: object, source: Path) -> tuple[SiteConfig, dict]:
         raise ConfigError(f"{where(source, 'source')}: unknown key (reserved: set by the loader)")
     runtime = {k: v for k, v in data.items() if k in RUNTIME_KEYS}
     cfg = from_mapping(SiteConfig, {k: v for k, v in data.items() if k not in RUNTIME_KEYS}, source)
-    base = source.parent if source.name != "<memory>" else Path(".")
+    base = source.parent if source.name != "<memory>" else Path.cwd()
     root = _resolve(base, cfg.data.root)
     data_cfg = dataclasses.replace(cfg.data, root=root, output=_resolve(root, cfg.data.output))
     blocks = tuple(dataclasses.replace(b, atlas=_resolve(base, b.atlas)) for b in cfg.rois)

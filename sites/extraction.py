@@ -1,7 +1,8 @@
 """One subject's extraction: a 4D BOLD image -> float32 (R, L) ROI series with nilearn, checked.
 
 `load_atlases` reads and checks the site's label atlases once; `extract_subject` runs one `SubjectJob`
-(find the TR, check 4D / orientation / overlap with the atlases, mean signal per label with
+(find the TR and check it against the config's, check 4D / orientation / overlap with the atlases /
+same-grid affines, mean signal per label with
 `NiftiLabelsMasker`, optional cleaning, QC) and writes the subject's `.npy`. `sites.prepare` runs the
 jobs of a whole site and keeps the manifest.
 """
@@ -129,6 +130,96 @@ def _overlap(a_aff: np.ndarray, a_shape: tuple, b_aff: np.ndarray, b_shape: tupl
     return bool(np.all(alo <= bhi) and np.all(blo <= ahi))
 
 
+# an affine whose translation (mm) / linear part differs from the atlas's by less than this is the same grid
+GRID_ATOL_MM = 1e-3
+GRID_ATOL_LINEAR = 1e-4
+# a header TR equal to this, when the site config gives one, is taken as a "not set" placeholder
+PLACEHOLDER_TR = 1.0
+
+
+def _choose_tr(declared: float | None, header: float | None, bold: Path, notes: list[str]) -> float:
+    """The site config's `tr` must agree with the header's (1 %); it fills in a missing/placeholder header."""
+    if declared is None:
+        if header is None:
+            raise DataError(
+                f"{where(bold)}: no repetition time in the header (pixdim[4] is 0): set 'tr' in the site config"
+            )
+        return header
+    if header is None or abs(header - PLACEHOLDER_TR) < 1e-6:
+        what = "no repetition time" if header is None else f"a placeholder TR of {header} s"
+        notes.append(f"{bold}: header has {what}: using the site config's tr={declared} s")
+        return declared
+    if abs(header - declared) > 0.01 * header:
+        raise DataError(
+            f"{where(bold)}: the site config's tr={declared} s differs from the header's TR of {header} s "
+            "by more than 1 %: fix 'tr' in the site config (or set it to null to use the header) or fix the header"
+        )
+    return declared
+
+
+def _voxel_size(aff: np.ndarray) -> np.ndarray:
+    return np.sqrt((np.asarray(aff)[:3, :3] ** 2).sum(axis=0))
+
+
+def _grid_difference(bold: Path, img, a: AtlasSpec, atlas) -> str:
+    """'' when the BOLD image and atlas share one voxel grid; what differs when the grids are genuinely
+    different (the atlas is then resampled). Raises when only the affine differs (misaligned headers)."""
+    b_aff, a_aff = np.asarray(img.affine, float), np.asarray(atlas.affine, float)
+    b_vox, a_vox = _voxel_size(b_aff), _voxel_size(a_aff)
+    same_shape = tuple(atlas.shape[:3]) == tuple(img.shape[:3])
+    same_vox = bool(np.allclose(b_vox, a_vox, rtol=0, atol=GRID_ATOL_LINEAR))
+    shift = b_aff[:3, 3] - a_aff[:3, 3]
+    lin = float(np.abs(b_aff[:3, :3] - a_aff[:3, :3]).max())
+    same_aff = bool(np.abs(shift).max() <= GRID_ATOL_MM and lin <= GRID_ATOL_LINEAR)
+    if same_aff and same_shape:
+        return ""
+    if same_shape and same_vox:
+        t = ", ".join(f"{v:.1f}" for v in shift)
+        extra = f" and a linear part differing by up to {lin:.4g}" if lin > GRID_ATOL_LINEAR else ""
+        raise DataError(
+            f"{where(bold)}: BOLD affine differs from atlas '{a.name}' ({a.file}) by a translation of ({t}) mm{extra} "
+            "with the same grid shape and voxel size: the images are not aligned; fix the header or resample the image"
+        )
+    parts = []
+    if not same_shape:
+        parts.append(f"shape {tuple(img.shape[:3])} vs atlas {tuple(atlas.shape[:3])}")
+    if not same_vox:
+        parts.append(
+            f"voxel size {tuple(np.round(b_vox, 3).tolist())} vs atlas {tuple(np.round(a_vox, 3).tolist())} mm"
+        )
+    if not same_aff:
+        parts.append("affine differs")
+    return "; ".join(parts)
+
+
+def atlas_overlaps(atlases: tuple[AtlasSpec, ...]) -> dict[str, int]:
+    """Voxels claimed (by one of its listed labels) by two atlas blocks, per pair `'<a>+<b>'` with a count
+    > 0; counted on the first atlas's grid (others resampled there, nearest neighbour, when they differ)."""
+    import nibabel as nib
+
+    if len(atlases) < 2:
+        return {}
+    ref = nib.load(atlases[0].file)
+    masks = []
+    for a in atlases:
+        img = nib.load(a.file)
+        if img.shape[:3] != ref.shape[:3] or not np.allclose(img.affine, ref.affine, atol=GRID_ATOL_MM):
+            from nilearn.image import resample_to_img
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                img = resample_to_img(img, ref, interpolation="nearest")
+        data = np.round(np.asanyarray(img.dataobj)).astype(np.int64).reshape(ref.shape[:3])
+        masks.append(np.isin(data, a.labels))
+    out = {}
+    for i in range(len(atlases)):
+        for j in range(i + 1, len(atlases)):
+            n = int(np.count_nonzero(masks[i] & masks[j]))
+            if n:
+                out[f"{atlases[i].name}+{atlases[j].name}"] = n
+    return out
+
+
 def extract_subject(job: SubjectJob) -> tuple[dict, list[str]]:
     """Run one subject (in a worker process). Returns (manifest entry, warnings). Never raises for bad data."""
     entry: dict = {"status": "failed", "bold": str(job.bold), "key": job.key}
@@ -157,11 +248,7 @@ def _extract(job: SubjectJob) -> tuple[np.ndarray, dict, list[str]]:
             f"{where(job.bold)}: expected a 4D BOLD image (x, y, z, time), got a {img.ndim}D image of shape {img.shape}"
         )
     n_frames = img.shape[3]
-    tr = job.tr if job.tr is not None else _header_tr(img, job.bold)
-    if tr is None:
-        raise DataError(
-            f"{where(job.bold)}: no repetition time in the header (pixdim[4] is 0): set 'tr' in the site config"
-        )
+    tr = _choose_tr(job.tr, _header_tr(img, job.bold), job.bold, notes)
     data_codes = nib.aff2axcodes(img.affine)
     arr = np.asarray(img.dataobj, dtype=np.float32)  # (X, Y, Z, L) read once
     finite = np.isfinite(arr)
@@ -192,10 +279,11 @@ def _extract(job: SubjectJob) -> tuple[np.ndarray, dict, list[str]]:
             raise DataError(
                 f"{where(job.bold)}: does not overlap atlas '{a.file}' in world space (different template space?)"
             )
-        if atlas.shape[:3] != img.shape[:3] or not np.allclose(atlas.affine, img.affine, atol=1e-4):
+        grid = _grid_difference(job.bold, img, a, atlas)
+        if grid:
             resampled.append(a.name)
             notes.append(
-                f"atlas '{a.file}' grid {atlas.shape[:3]} differs from data '{job.bold}' grid {img.shape[:3]}: atlas resampled (nearest) to the data"
+                f"atlas '{a.file}' grid differs from data '{job.bold}' ({grid}): atlas resampled (nearest) to the data"
             )
         masker = NiftiLabelsMasker(
             atlas,

@@ -3,8 +3,9 @@
 Layout of `<output>/manifest.json`:
     {"version": 1, "site": ..., "roi_order": [names], "n_rois": R,
      "atlases": [{"name", "file", "sha256", "labels", "resampled"}],
-     "preprocess": {...}, "subjects": {id: {"status": "ok" | "failed", "file", "bold", "tr",
-     "frames", "qc": {"empty_labels", "nan_rois", "constant_rois", "frames_lost"}, "error"}}}
+     "preprocess": {...}, "qc": {"atlas_overlap_voxels": {"<block>+<block>": n_voxels}},
+     "subjects": {id: {"status": "ok" | "failed", "file", "bold", "tr", "frames",
+     "qc": {"empty_labels", "nan_rois", "constant_rois", "frames_lost", "resampled_atlases"}, "error"}}}
 """
 
 from __future__ import annotations

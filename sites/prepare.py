@@ -1,13 +1,15 @@
 """`prepare`: fMRIPrep-style 4D NIfTI -> ROI x time per subject, with a manifest.
 
 For each subject of `participants.tsv`: find its BOLD image (and confounds TSV) by the site's
-patterns, check it (4D, TR, orientation, overlap with the atlases), extract the mean signal of every
-atlas label with nilearn's `NiftiLabelsMasker` (atlas resampled to the data grid, with a warning
-when grids differ; optional detrending, high-pass/low-pass filtering and confound regression),
+patterns, check it (4D, TR against the config's `tr`, orientation, overlap with the atlases, a
+header shifted against an atlas on the same grid), extract the mean signal of every atlas label
+with nilearn's `NiftiLabelsMasker` (atlas resampled to the data grid, with a warning naming what
+differs, when shape or voxel size differ; optional detrending, high-pass/low-pass filtering and confound regression),
 concatenate the atlases' ROIs in the declared order, QC the result and write `<subject>.npy`
 (float32 (R, L), atomically) into `data.output`. A bad subject is recorded in the manifest and
 skipped; site-level problems (atlas label counts, missing files with `on_missing: error`) stop
-before anything is written. Re-running skips subjects already done with the same inputs.
+before anything is written. Voxels claimed by two atlas blocks are counted per pair (manifest
+`qc.atlas_overlap_voxels`, logged). Re-running skips subjects already done with the same inputs.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 from sites.cohort import discover_subjects, find_subject_file
 from sites.config import SiteConfig
 from sites.errors import ConfigError, DataError, where
-from sites.extraction import AtlasSpec, SubjectJob, extract_subject, load_atlases
+from sites.extraction import AtlasSpec, SubjectJob, atlas_overlaps, extract_subject, load_atlases
 from sites.manifest import MANIFEST, write_manifest
 from sites.participants import read_participants
 from sites.temporal import DEFAULT_MODEL_TR, n_frames_after
@@ -78,6 +80,13 @@ def prepare_site(
         )
     parts = read_participants(cfg.participants.file, cfg.participants.id_column, cfg.participants.phenotypes)
     atlases = load_atlases(cfg)
+    overlaps = atlas_overlaps(atlases)
+    if overlaps:
+        log.warning(
+            "prepare %s: voxel(s) claimed by two atlas blocks (counted in both ROIs), per pair: %s",
+            cfg.site,
+            overlaps,
+        )
     root, out_dir = cfg.data.root, cfg.output_dir
     bolds = {sid: find_subject_file(root, cfg.data.bold, sid, "data.bold", cfg.source) for sid in parts.ids}
     missing = [sid for sid, p in bolds.items() if p is None]
@@ -143,6 +152,7 @@ def prepare_site(
         "n_rois": cfg.n_rois,
         "atlases": [{**asdict(a), "file": str(a.file), "labels": list(a.labels)} for a in atlases],
         "preprocess": asdict(cfg.preprocess),
+        "qc": {"atlas_overlap_voxels": overlaps},
         "unlisted_bold_files": orphans,
         "subjects": subjects,
     }

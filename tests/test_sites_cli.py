@@ -193,3 +193,29 @@ def test_prepare_command(app, tmp_path):
     y.write_text("site: [oops\n")
     r = runner.invoke(app, ["prepare", "--site", str(y)])
     assert r.exit_code == 2 and "malformed YAML" in r.output and str(y) in r.output
+
+
+def test_prepare_with_a_relative_site_path_then_load(app, tmp_path, monkeypatch):
+    """`prepare --site <dir>/site.yaml` from the folder above writes under the YAML's data root once, and
+    the prepared site loads from any working directory."""
+    import yaml
+    from test_sites_prepare import build, site_raw
+
+    from sites.cohort import load_site_series
+    from sites.config import load_site_config
+
+    _, truth = build(tmp_path, n_sub=2)
+    (tmp_path / "site.yaml").write_text(yaml.safe_dump(site_raw()))
+    monkeypatch.chdir(tmp_path.parent)
+    rel = f"{tmp_path.name}/site.yaml"
+    r = runner.invoke(app, ["prepare", "--site", rel, "--no-progress"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "derivatives" / "fmriprep" / "derivatives" / "brainjepa"
+    assert (out / "manifest.json").is_file() and str(out) in r.output
+    assert not (tmp_path.parent / tmp_path.name / "derivatives" / "fmriprep" / tmp_path.name).exists()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    cfg = load_site_config("../site.yaml")
+    assert cfg.output_dir == out
+    ss = load_site_series(cfg, model_tr=2.0)
+    np.testing.assert_allclose(ss.series[1], truth["sub-01"], rtol=1e-6)

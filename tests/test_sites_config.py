@@ -175,3 +175,44 @@ def test_privacy_enabled_is_refused_until_dp_sgd_exists(tmp_path):
     assert str(p) in msg and "privacy.enabled" in msg and "not implement" in msg
     _, runtime = load_site(write(tmp_path, ROI_YAML + "privacy: {enabled: false}\n", "off.yaml"))
     assert not runtime.privacy.enabled
+
+
+def test_relative_site_path_resolves_once_from_any_working_directory(tmp_path, monkeypatch):
+    """Every path of a parsed config is absolute, against the YAML's folder; `output_dir` joins nothing again."""
+    conf = tmp_path / "configs"
+    conf.mkdir()
+    text = NIFTI_YAML.replace("root: bids", "root: ../bids\n  output: derivatives/brainjepa")
+    absolute = load_site_config(write(conf, text))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    relative = load_site_config(Path("..") / "configs" / "site.yaml")
+    monkeypatch.chdir(tmp_path)
+    from_parent = load_site_config(Path("configs/site.yaml"))
+    for cfg in (absolute, relative, from_parent):
+        assert cfg.data.root == tmp_path / "bids"
+        assert cfg.output_dir == tmp_path / "bids" / "derivatives" / "brainjepa"
+        assert str(cfg.output_dir).count(str(tmp_path / "bids")) == 1
+        assert cfg.participants.file == tmp_path / "bids" / "participants.tsv"
+        assert [b.atlas for b in cfg.rois] == [
+            conf / "atlases" / "sub.nii.gz",
+            conf / "atlases" / "ctx.nii.gz",
+        ]
+        paths = [cfg.data.root, cfg.data.output, cfg.output_dir, cfg.participants.file] + [
+            b.atlas for b in cfg.rois
+        ]
+        assert all(p.is_absolute() for p in paths)
+    assert relative == absolute == from_parent
+
+
+def test_roi_tr_outside_plausible_range_names_file_and_key(tmp_path):
+    for bad in ("735", "0.05", "12.0"):
+        p = write(tmp_path, ROI_YAML.replace("tr: 0.8", f"tr: {bad}"), f"bad_{bad}.yaml")
+        with pytest.raises(ConfigError) as e:
+            load_site_config(p)
+        msg = str(e.value)
+        assert str(p) in msg and "field 'tr'" in msg and bad in msg and "0.3-5.0" in msg
+    for ok in ("0.3", "0.72", "5.0"):
+        assert load_site_config(
+            write(tmp_path, ROI_YAML.replace("tr: 0.8", f"tr: {ok}"), "ok.yaml")
+        ).tr == float(ok)

@@ -125,6 +125,8 @@ def test_atlas_on_another_grid_is_resampled_with_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="sites.prepare"):
         m = prepare_site(cfg, progress=False)
     assert "atlas resampled" in caplog.text and "sub.nii.gz" in caplog.text
+    assert "shape (8, 8, 6) vs atlas (16, 16, 12)" in caplog.text  # the warning says what differs
+    assert "voxel size (3.0, 3.0, 3.0) vs atlas (1.5, 1.5, 1.5) mm" in caplog.text
     assert m["subjects"]["sub-00"]["qc"]["resampled_atlases"] == ["sub", "ctx"]
     np.testing.assert_allclose(np.load(cfg.output_dir / "sub-00.npy"), truth["sub-00"], rtol=1e-6)
 
@@ -237,3 +239,63 @@ def test_confound_regression_detrend_and_parallel(tmp_path):
         # what is left is still the painted signal
         x = truth[sid][:, 2:].astype(np.float64)
         assert min(np.corrcoef(x[r], y[r])[0, 1] for r in range(5)) > 0.9
+
+
+def test_shifted_header_on_the_same_grid_fails_that_subject(tmp_path):
+    """Same shape and voxel size but a 4 mm translation: misaligned headers, not resampled silently."""
+    cfg, truth = build(tmp_path, n_sub=3)
+    p = bold_path(cfg, "sub-01")
+    img = nib.load(p)
+    aff = AFF.copy()
+    aff[0, 3] += 4.0
+    moved = nib.Nifti1Image(np.asarray(img.dataobj), aff)
+    moved.header.set_zooms((3.0, 3.0, 3.0, 2.0))
+    nib.save(moved, p)
+    m = prepare_site(cfg, progress=False)
+    s = m["subjects"]
+    assert (
+        s["sub-00"]["status"] == "ok" and s["sub-02"]["status"] == "ok" and s["sub-01"]["status"] == "failed"
+    )
+    e = s["sub-01"]["error"]
+    assert str(p) in e and "atlas 'sub'" in e and "translation of (4.0, 0.0, 0.0) mm" in e
+    assert "same grid shape and voxel size" in e and "not aligned" in e
+    assert not (cfg.output_dir / "sub-01.npy").exists()
+    np.testing.assert_allclose(np.load(cfg.output_dir / "sub-02.npy"), truth["sub-02"], rtol=1e-6)
+
+
+def test_overlapping_atlas_blocks_are_counted_in_qc(tmp_path, caplog):
+    cfg, _ = build(tmp_path, n_sub=1)
+    assert prepare_site(cfg, progress=False)["qc"]["atlas_overlap_voxels"] == {}
+    ctx_file = tmp_path / "atlases" / "ctx.nii.gz"
+    ctx = np.asarray(nib.load(ctx_file).dataobj).copy()
+    ctx[1:3, 1:3, 1] = 3  # 4 voxels of sub label 1 also in ctx label 3
+    nib.save(nib.Nifti1Image(ctx, AFF), ctx_file)
+    with caplog.at_level(logging.WARNING, logger="sites.prepare"):
+        m = prepare_site(cfg, progress=False)
+    assert m["qc"]["atlas_overlap_voxels"] == {"sub+ctx": 4}
+    assert json.loads((cfg.output_dir / "manifest.json").read_text())["qc"] == m["qc"]
+    assert "claimed by two atlas blocks" in caplog.text and "'sub+ctx': 4" in caplog.text
+    assert m["subjects"]["sub-00"]["status"] == "ok"  # reported, not an error
+
+
+def _set_header_tr(p: Path, tr: float) -> None:
+    img = nib.load(p)
+    out = nib.Nifti1Image(np.asarray(img.dataobj), AFF)
+    out.header.set_zooms((3.0, 3.0, 3.0, tr))
+    out.header.set_xyzt_units("mm", "sec")
+    nib.save(out, p)
+
+
+def test_declared_tr_is_checked_against_the_header(tmp_path, caplog):
+    # header TR 2.0 s (from `paint`); the site config says 0.8 s -> that subject fails, naming both
+    cfg, _ = build(tmp_path, n_sub=2, extra={"tr": 0.8})
+    _set_header_tr(bold_path(cfg, "sub-01"), 1.0)  # a placeholder header: the config's value is used
+    with caplog.at_level(logging.WARNING, logger="sites.prepare"):
+        s = prepare_site(cfg, progress=False)["subjects"]
+    e = s["sub-00"]["error"]
+    assert str(bold_path(cfg, "sub-00")) in e and "tr=0.8 s" in e and "TR of 2.0 s" in e
+    assert s["sub-01"]["status"] == "ok" and s["sub-01"]["tr"] == 0.8
+    assert "placeholder TR of 1.0 s: using the site config's tr=0.8 s" in caplog.text
+    # within 1 %: accepted
+    cfg2, _ = build(tmp_path / "b", n_sub=1, extra={"tr": 2.01})
+    assert prepare_site(cfg2, progress=False)["subjects"]["sub-00"]["status"] == "ok"

@@ -385,8 +385,10 @@ def check_spread(series: list[np.ndarray], source: str, scaling: str) -> float:
             "Set `data.scaling: values` (median / IQR of the values themselves) for such data"
         )
     if not 0.1 <= spread <= 10.0:
-        log.warning("data '%s': after scaling '%s' the series' typical spread is %.3g, far from 1; the model "
-                    "trains best near 1: consider `scaling: values`", source, scaling, spread)  # fmt: skip
+        hint = ("consider `scaling: values`" if scaling != "values" else
+                "the subjects' baselines differ by more than the signal: the series need a per-scan normalisation")
+        log.warning("data '%s': after scaling '%s' the series' typical spread is %.3g, far from 1 (the model "
+                    "trains best near 1): %s", source, scaling, spread, hint)  # fmt: skip
     else:
         log.info("data '%s': scaling '%s', typical spread %.3g", source, scaling, spread)
     return spread

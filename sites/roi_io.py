@@ -29,7 +29,8 @@ def _suffix(path: Path) -> str:
     return path.suffix
 
 
-def _read_table(path: Path, sep: str, header: bool | None = None) -> np.ndarray:
+def read_text_table(path: Path, sep: str, what: str = "table"):  # -> pandas.DataFrame of str cells
+    """A delimited text file as a DataFrame of strings (no header parsing, no NA conversion)."""
     import pandas as pd  # comes with nilearn
 
     try:
@@ -37,7 +38,14 @@ def _read_table(path: Path, sep: str, header: bool | None = None) -> np.ndarray:
     except (ValueError, OSError, UnicodeDecodeError) as e:
         raise DataError(f"{where(path)}: cannot read as a delimited text table: {e}") from e
     if df.empty:
-        raise DataError(f"{where(path)}: the table is empty")
+        raise DataError(f"{where(path)}: the {what} is empty")
+    return df
+
+
+def _read_table(path: Path, sep: str, header: bool | None = None) -> np.ndarray:
+    import pandas as pd  # comes with nilearn
+
+    df = read_text_table(path, sep)
 
     def numeric(values) -> np.ndarray:
         return pd.to_numeric(

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from sites.errors import DataError, where
+from sites.roi_io import read_text_table
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +40,7 @@ def read_fd(path: Path, column: str) -> np.ndarray:
     import pandas as pd  # comes with nilearn
 
     sep = "\t" if ".tsv" in path.name.lower() else ","
-    try:
-        df = pd.read_csv(path, sep=sep, header=None, dtype=str, keep_default_na=False)
-    except (ValueError, OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{where(path)}: cannot read as a delimited text table: {e}") from e
-    if df.empty:
-        raise DataError(f"{where(path)}: the framewise-displacement table is empty")
+    df = read_text_table(path, sep, "framewise-displacement table")
     first = [str(v).strip() for v in df.iloc[0]]
     has_header = any(
         v.lower() not in NA_MARKERS and pd.to_numeric(pd.Series([v]), errors="coerce").isna().all()

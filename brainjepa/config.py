@@ -18,7 +18,7 @@ from sites.temporal import DEFAULT_MODEL_TR
 ModelSize = Literal["tiny", "small", "base", "large"]
 PosEmbed = Literal["gradient", "learned_roi", "sincos_roi"]  # gradient: Brain-JEPA; the others are ablations
 Loss = Literal["smooth_l1", "l2"]
-Scaling = Literal["robust", "values", "none"]  # robust: the reference's (stats of ROI time-means)
+Scaling = Literal["robust", "values", "scan", "none"]  # robust: the reference's (stats of ROI time-means)
 Precision = Literal["auto", "bf16", "fp32"]  # auto: bf16 autocast on CUDA, fp32 on CPU
 WireDtype = Literal["float32", "float16"]  # how weights travel in a federated round (float16: deltas uplink)
 AttentionBackend = Literal["auto", "cudnn", "flash", "efficient", "math", "default"]

@@ -36,7 +36,7 @@ from brainjepa.jepa import resolve_device
 from brainjepa.vit import Encoder
 from sites.cohort import SPLITS, load_site_series
 from sites.errors import ConfigError, DataError, where
-from sites.scaling import RobustScaling, fit_method
+from sites.scaling import fit_method, scaling_from_dict
 from sites.schema import check_choices
 from sites.temporal import DEFAULT_MODEL_TR
 from sites.windows import multi_windows, pack
@@ -144,7 +144,8 @@ def site_scans(path: Path, backbone: Backbone, model_tr: float, split: str, meth
     if fitted is None:
         scaling: dict = {"kind": "none"}
     else:
-        scaling = {"kind": f"site-train-{method}", "n_subjects": fitted.n_subjects, "checksum": fitted.checksum()}
+        scaling = {"kind": f"site-train-{method}", "n_subjects": getattr(fitted, "n_subjects", 0),
+                   "checksum": fitted.checksum()}
     splits = [str(s) for s in chosen.splits]
     source = str(Path(site.source).resolve())
     series = chosen.series if fitted is None else fitted.apply_all(chosen.series)
@@ -166,7 +167,7 @@ def series_scans(path: Path, subject_id: str, backbone: Backbone) -> Scans:
                         f"got shape {x.shape} ({x.dtype})")  # fmt: skip
     x = x.astype(np.float32)
     if backbone.scaling is not None:
-        fitted = RobustScaling.from_dict(backbone.scaling)
+        fitted = scaling_from_dict(backbone.scaling)
         x, scaling = fitted.apply(x), {"kind": "checkpoint-robust", "checksum": fitted.checksum()}
     else:
         log.warning(

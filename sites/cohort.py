@@ -27,7 +27,7 @@ from sites.errors import DataError, where
 from sites.manifest import read_manifest
 from sites.participants import Participants, read_participants
 from sites.roi_io import read_roi_dir, read_roi_file
-from sites.scaling import RobustScaling, fit_method, typical_spread
+from sites.scaling import PerScanScaling, RobustScaling, fit_method, typical_spread
 from sites.scrub import censor, log_censoring, read_fd
 from sites.temporal import DEFAULT_MODEL_TR, n_frames_after, resample
 
@@ -342,7 +342,7 @@ class Cohort:
     series: list[np.ndarray]
     subject_ids: list[str]
     source: str  # the site YAML or the folder the series came from
-    scaling: RobustScaling | None  # fitted on these series (None: `scaling="none"`)
+    scaling: RobustScaling | PerScanScaling | None  # fitted on these series (None: `scaling="none"`)
 
 
 def load_cohort(
@@ -350,7 +350,7 @@ def load_cohort(
     model_tr: float = DEFAULT_MODEL_TR,
     split: str | None = "train",
     min_frames: int | None = None,
-    scaling: Literal["robust", "values", "none"] = "robust",
+    scaling: Literal["robust", "values", "scan", "none"] = "robust",
     for_model: bool = True,
 ) -> Cohort:
     """A site's `split` subjects (None: all), or every `.npy` of a folder (already at the model TR), scaled.
@@ -386,7 +386,7 @@ def check_spread(series: list[np.ndarray], source: str, scaling: str) -> float:
         )
     if not 0.1 <= spread <= 10.0:
         hint = ("consider `scaling: values`" if scaling != "values" else
-                "the subjects' baselines differ by more than the signal: the series need a per-scan normalisation")
+                "the subjects' baselines differ by more than the signal: consider `scaling: scan`")
         log.warning("data '%s': after scaling '%s' the series' typical spread is %.3g, far from 1 (the model "
                     "trains best near 1): %s", source, scaling, spread, hint)  # fmt: skip
     else:

@@ -134,16 +134,52 @@ def fit_values(series: list[np.ndarray], frames_per_subject: int = 256) -> Robus
     return RobustScaling(median=med, iqr=iqr, n_subjects=len(series), method="values")
 
 
-def fit_method(series: list[np.ndarray], method: str) -> RobustScaling | None:
+@dataclass(frozen=True)
+class PerScanScaling:
+    """Each scan scaled by its own per-ROI median and IQR over its frames (no statistics to fit or share):
+    for raw intensities whose baseline differs per subject by more than the signal (percent-signal-change
+    like). Close to the reference's downstream per-sample z-score, robustly."""
+
+    method: str = "per-scan"
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """(..., R, L) -> float32, each (R, L) series by its own statistics."""
+        x = np.asarray(x, dtype=np.float32)
+        q25, med, q75 = np.percentile(x, [25, 50, 75], axis=-1, keepdims=True)  # (..., R, 1) each
+        iqr = q75 - q25
+        if np.any(iqr <= 0):
+            raise DataError("scaling: per-scan IQR is 0 for some ROI (a constant ROI): cannot scale the scan")
+        return ((x - med) / iqr).astype(np.float32)
+
+    def apply_all(self, series: list[np.ndarray]) -> list[np.ndarray]:
+        return [self.apply(s) for s in series]
+
+    def checksum(self) -> str:
+        return "per-scan"
+
+    def to_dict(self) -> dict:
+        return {"kind": "per_scan_robust"}
+
+
+def scaling_from_dict(d: dict) -> RobustScaling | PerScanScaling:
+    """A saved scaling (`to_dict()` of either kind) back."""
+    if isinstance(d, dict) and d.get("kind") == "per_scan_robust":
+        return PerScanScaling()
+    return RobustScaling.from_dict(d)
+
+
+def fit_method(series: list[np.ndarray], method: str) -> RobustScaling | PerScanScaling | None:
     """`robust`: the reference's statistics of subjects' ROI time-means; `values`: of the values
-    themselves (`fit_values`); `none`: no scaling."""
+    themselves (`fit_values`); `scan`: each scan by its own (`PerScanScaling`); `none`: no scaling."""
     if method == "robust":
         return fit(series)
     if method == "values":
         return fit_values(series)
+    if method == "scan":
+        return PerScanScaling()
     if method == "none":
         return None
-    raise DataError(f"scaling: expected robust, values or none, got '{method}'")
+    raise DataError(f"scaling: expected robust, values, scan or none, got '{method}'")
 
 
 def typical_spread(series: list[np.ndarray]) -> float:

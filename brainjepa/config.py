@@ -191,6 +191,25 @@ class PerfConfig:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    """Collapse monitor (`brainjepa.monitor`): spread and effective rank of the EMA target's token
+    features on a fixed probe batch, every `every` optimizer steps (federated: after every round)."""
+
+    every: int = 20  # optimizer steps between measurements; 0 = off
+    probe_scans: int = 8  # scans in the fixed probe batch (one window each)
+    rank_floor: float = 0.1  # warn below this share of embed_dim as effective rank (6.4 of 64 for tiny)
+    spread_floor: float = 0.05  # warn below this mean per-dimension std of the token features
+    drop: float = 0.5  # warn when rank or spread fall below (1 - drop) x their first measured value
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.probe_scans < 2:
+            raise ConfigError(f"monitor: expected every >= 0 and probe_scans >= 2, got every={self.every}, "
+                              f"probe_scans={self.probe_scans}")  # fmt: skip
+        if not 0.0 < self.drop < 1.0:
+            raise ConfigError(f"monitor.drop: expected a share in (0, 1), got {self.drop}")
+
+
+@dataclass(frozen=True)
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
@@ -198,6 +217,7 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 @dataclass(frozen=True)

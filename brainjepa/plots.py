@@ -65,3 +65,30 @@ def plot_loss_pair(a: list[float], b: list[float], png: str | Path, labels: tupl
     bottom.set_xlabel("optimizer step")
     fig.tight_layout()
     return save_figure(fig, png)
+
+
+def plot_collapse(loss: list[tuple[int, float]], monitor: list[dict], png: str | Path, xlabel: str = "step",
+                  title: str = "Brain-JEPA pretraining: loss and collapse monitor") -> Path:  # fmt: skip
+    """Three panels over the same x axis: the loss, the target features' effective rank, their spread
+    (per token and per scan). `monitor` rows as `brainjepa.monitor.read_rows` gives them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, mid, bottom) = plt.subplots(3, 1, figsize=(7, 7), sharex=True)
+    top.plot([p[0] for p in loss], [p[1] for p in loss], lw=1.2)
+    top.set_yscale("log")
+    top.set_ylabel("JEPA loss")
+    top.set_title(title)
+    xs = [r[xlabel] for r in monitor]
+    mid.plot(xs, [r["rank"] for r in monitor], marker=".", color="tab:green")
+    mid.set_ylabel("effective rank")
+    bottom.plot(xs, [r["spread"] for r in monitor], marker=".", label="per token")
+    bottom.plot(xs, [r["scan_spread"] for r in monitor], marker=".", label="per scan (mean-pooled)")
+    bottom.set_ylabel("feature std")
+    bottom.set_yscale("log")
+    bottom.legend()
+    bottom.set_xlabel(xlabel)
+    fig.tight_layout()
+    return save_figure(fig, png)

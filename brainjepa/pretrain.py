@@ -17,7 +17,8 @@ from brainjepa.config import PretrainConfig, to_dict
 from brainjepa.data import load_pretraining_cohort, pretraining_stream
 from brainjepa.gradients import gradient_checksum, gradients_for, save_gradients
 from brainjepa.jepa import JEPAModels, PretrainStep, resolve_device
-from brainjepa.plots import plot_loss_curve
+from brainjepa.monitor import CollapseMonitor, probe_batch, read_rows
+from brainjepa.plots import plot_collapse, plot_loss_curve
 from brainjepa.prefetch import Prefetcher
 from brainjepa.schedules import schedule_at
 from sites.errors import ConfigError, DataError
@@ -95,6 +96,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
         )  # fmt: skip
 
     f, writer = _open_metrics(metrics_path, start)
+    probe = torch.nan_to_num(probe_batch(stream.packed, cfg.model.n_frames, cfg.monitor.probe_scans))  # (B, R, T)
+    monitor = CollapseMonitor(cfg.monitor, probe, cfg.model.embed_dim, out / "monitor.csv", start)
     pending: list[tuple[int, torch.Tensor, float]] = []
     first_loss = last_loss = float("nan")
     batches = Prefetcher(lambda step: [stream[step * accum + a] for a in range(accum)], range(start, t.steps),
@@ -118,11 +121,17 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
                 last_loss = losses[-1]
                 bar.set_postfix(loss=f"{last_loss:.4f}")
                 pending.clear()
+            if monitor.due(step, last=step == t.steps - 1):
+                monitor.measure(models.target, step)
             if (step + 1) % t.checkpoint_every == 0 or step == t.steps - 1:
                 checkpoint(step + 1)
     finally:
         f.close()
         bar.close()
     plot_loss_curve(metrics_path, out / "loss.png")
+    if cfg.monitor.every > 0:
+        with open(metrics_path, newline="") as mf:
+            loss_points = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(mf)]
+        plot_collapse(loss_points, read_rows(monitor.path), out / "collapse.png")
     log.info("pretraining done: %d steps, final loss %.4f, checkpoint %s", t.steps, last_loss, ckpt_path)
     return PretrainResult(out, ckpt_path, metrics_path, last_loss, first_loss)

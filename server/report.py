@@ -7,7 +7,8 @@ import logging
 import time
 from pathlib import Path
 
-from brainjepa.plots import save_figure
+from brainjepa.monitor import read_rows
+from brainjepa.plots import plot_collapse, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,7 @@ def new_run_dir(out_dir: str | Path, run_id: int) -> Path:
     """`<out_dir>/<date>-<time>-run<id>/`, created: a run's folder."""
     run_dir = (Path(out_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-run{run_id}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.chmod(0o700)  # owner-only: checkpoints, metrics and the audit log
     return run_dir
 
 
@@ -83,6 +85,12 @@ class RunReport:
     def finish(self) -> Path | None:
         if self.tb is not None:
             self.tb.close()
+        monitor = read_rows(self.run_dir / "monitor.csv", "round")
+        if monitor:  # the collapse monitor (brainjepa.monitor) beside the loss per round
+            with open(self.rounds_csv, newline="") as f:
+                loss = [(int(r["round"]), float(r["loss"])) for r in csv.DictReader(f)]
+            plot_collapse(loss, monitor, self.run_dir / "collapse_per_round.png", xlabel="round",
+                          title="Federated pretraining: loss and collapse monitor (global target)")
         return plot_site_losses(self.sites_csv, self.run_dir / "loss_per_round.png")
 
 

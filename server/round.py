@@ -21,6 +21,7 @@ from brainjepa.config import PretrainConfig, to_dict
 from brainjepa.federation.contract import SCALING, Metric, RoundSpec, scaling_arrays
 from brainjepa.gradients import gradient_checksum, load_gradients, save_gradients
 from brainjepa.jepa import JEPAModels
+from brainjepa.monitor import CollapseMonitor, synthetic_probe
 from brainjepa.weights import WEIGHT_SETS, flat_parameters, load_flat_parameters, model_checksum
 from server.aggregate import RunningMean, ServerOptimizer, check_update
 from server.config import FederationConfig, to_run_config
@@ -59,6 +60,7 @@ class FederatedRun:
     start_round: int = 0
     sets: dict[str, torch.Tensor] = field(default_factory=dict)
     scaling: RobustScaling | None = None  # scaling-scope federation: the statistics every site applies
+    monitor: CollapseMonitor | None = None  # the global target after each round, on a generated probe batch
 
     @classmethod
     def create(cls, cfg: FederationConfig, run_id: int = 0) -> FederatedRun:
@@ -142,6 +144,11 @@ class FederatedRun:
             # once per run (a resume whose checkpoint holds the statistics reuses them)
             self.scaling = scaling_stats(grid, self.cfg, self.round_spec(0, "scaling-stats"), self.pcfg.model.n_rois)
         report = RunReport(self.run_dir, self.start_round)
+        m, pm = self.pcfg.model, self.pcfg.monitor
+        if pm.every > 0:  # the server holds no data: a probe batch generated from the run's seed
+            probe = synthetic_probe(pm.probe_scans, m.n_rois, m.n_frames, seed=self.cfg.seed)  # (B, R, T)
+            self.monitor = CollapseMonitor(pm, probe, m.embed_dim, self.run_dir / "monitor.csv", self.start_round + 1,
+                                           label="round")  # fmt: skip
         for rnd in range(self.start_round, self.cfg.num_rounds):
             self.run_round(grid, rnd, report)
         png = report.finish()
@@ -166,6 +173,8 @@ class FederatedRun:
         for name in WEIGHT_SETS:
             load_flat_parameters(getattr(self.models, name), self.sets[name])
         self._save(rnd + 1)
+        if self.monitor is not None:
+            self.monitor.measure(self.models.target, rnd + 1)
         samples = sum(u.num_examples for u in ok)
         loss = sum(u.metrics.get(Metric.LOSS, float("nan")) * u.num_examples for u in ok) / samples
         wall = time.perf_counter() - t0

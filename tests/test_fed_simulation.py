@@ -44,3 +44,7 @@ def test_simulation_demo_three_sites(tmp_path: Path) -> None:
     with open(run_dir / "site_metrics.csv", newline="") as f:
         assert {r["site"] for r in csv.DictReader(f)} == {"site_a", "site_b", "site_c"}
     assert (run_dir / "loss_per_round.png").exists() and (run_dir / "checkpoint.pt").exists()
+    with open(run_dir / "monitor.csv", newline="") as f:  # the collapse monitor on the global target
+        monitor = list(csv.DictReader(f))
+    assert [r["round"] for r in monitor] == ["1", "2", "3"] and all(float(r["rank"]) > 1.0 for r in monitor)
+    assert (run_dir / "collapse_per_round.png").exists()

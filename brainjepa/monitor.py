@@ -1,0 +1,171 @@
+"""Collapse monitor: how spread out and how many-dimensional the EMA target's features are.
+
+JEPA training can collapse: the target encoder learns to give every token (nearly) the same vector,
+the loss falls and the features carry nothing. `feature_stats` measures, on a FIXED probe batch (the
+same scans and windows at every measurement, so numbers are comparable along a run):
+
+- `rank`: the effective rank (Roy & Vetterli 2007: exp of the entropy of the normalised singular
+  values) of the centred token features (B * N, D); D means every direction is used, 1 a line;
+- `spread`: the mean over the D dimensions of each dimension's standard deviation over the tokens;
+- `scan_spread`: the same over the per-scan mean features (B, D): how much pooled features differ
+  between scans (a pooled probe sees only this).
+
+`CollapseMonitor` keeps the first measurement as the baseline and logs a warning when `rank` falls
+below `rank_floor * D`, `spread` below `spread_floor`, or either below `(1 - drop)` x its baseline.
+
+Where the probe batch comes from: `brainjepa pretrain` takes one centred window of the first
+`probe_scans` subjects of its cohort (`probe_batch`). The federated server holds no data, so it
+measures the global target after every round on a batch generated from a fixed seed
+(`synthetic_probe`: AR(1) series with per-ROI amplitudes, scaled like model input); a drop there
+shows a collapse of the network's function, though not of its response to the sites' own data.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from brainjepa.config import MonitorConfig
+from sites.windows import PackedSeries, multi_windows
+
+log = logging.getLogger(__name__)
+
+FIELDS = ["step", "rank", "spread", "scan_spread"]
+
+
+@dataclass(frozen=True)
+class FeatureStats:
+    rank: float  # effective rank of the centred token features, 1 .. D
+    spread: float  # mean per-dimension std over tokens
+    scan_spread: float  # mean per-dimension std over the scans' mean features
+
+
+def effective_rank(x: torch.Tensor) -> float:
+    """Effective rank of the rows of x (M, D) after centring: exp(entropy of s / sum(s)), s the singular
+    values. Computed from the D x D covariance in float64 (cheap for M >> D)."""
+    x = x.double()
+    x = x - x.mean(0, keepdim=True)
+    eig = torch.linalg.eigvalsh(x.T @ x).clamp_min(0.0)  # (D,) = s ** 2
+    s = eig.sqrt()
+    total = s.sum()
+    if total <= 0:
+        return 1.0
+    p = s / total
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def token_stats(tokens: torch.Tensor) -> FeatureStats:
+    """tokens (B, N, D) -> FeatureStats."""
+    B, N, D = tokens.shape
+    flat = tokens.reshape(B * N, D).double()  # (B*N, D)
+    pooled = tokens.double().mean(1)  # (B, D)
+    return FeatureStats(rank=effective_rank(flat), spread=float(flat.std(0).mean()),
+                        scan_spread=float(pooled.std(0).mean()))  # fmt: skip
+
+
+@torch.no_grad()
+def feature_stats(encoder: nn.Module, probe: torch.Tensor, chunk: int = 8) -> FeatureStats:
+    """The encoder's (eval mode, no gradients) token features on probe (B, R, T), summarised."""
+    was_training = encoder.training
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    try:
+        tokens = torch.cat([encoder(probe[i : i + chunk].to(device)).float().cpu()
+                            for i in range(0, probe.shape[0], chunk)])  # fmt: skip  # (B, N, D)
+    finally:
+        encoder.train(was_training)
+    return token_stats(tokens)
+
+
+def probe_batch(packed: PackedSeries, n_frames: int, n_scans: int) -> torch.Tensor:
+    """The fixed probe batch of a cohort: the centred window of its first `n_scans` subjects (B, R, T)."""
+    idx = np.arange(min(n_scans, len(packed)))
+    return torch.from_numpy(multi_windows(packed, n_frames, 1, idx)[:, 0])  # (B, R, T)
+
+
+def synthetic_probe(n_scans: int, n_rois: int, n_frames: int, seed: int = 0) -> torch.Tensor:
+    """A data-free probe batch (B, R, T) from a fixed seed: per ROI an AR(1) process (coefficient 0.9,
+    BOLD-like autocorrelation at TR ~2 s) with a log-normal amplitude (median 0.5) and a small offset,
+    roughly the range of robust-scaled input. Vectorised over scans and ROIs; a loop over time only."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n_scans, n_rois, n_frames, generator=g)  # (B, R, T)
+    rho = 0.9
+    x = torch.empty_like(noise)
+    x[..., 0] = noise[..., 0]
+    for t in range(1, n_frames):
+        x[..., t] = rho * x[..., t - 1] + math.sqrt(1 - rho**2) * noise[..., t]
+    amp = 0.5 * torch.exp(0.5 * torch.randn(n_scans, n_rois, 1, generator=g))  # (B, R, 1)
+    offset = 0.5 * torch.randn(n_scans, n_rois, 1, generator=g)  # (B, R, 1)
+    return x * amp + offset
+
+
+class CollapseMonitor:
+    """Measures the target on a fixed probe batch, appends to a CSV, warns on a collapse."""
+
+    def __init__(self, cfg: MonitorConfig, probe: torch.Tensor, embed_dim: int, csv_path: str | Path,
+                 keep_below: int = 0, label: str = "step") -> None:  # fmt: skip
+        """`keep_below`: on resume, the CSV's rows with `label` below it are kept (the others rewritten)."""
+        self.cfg, self.probe, self.embed_dim, self.label = cfg, probe, embed_dim, label
+        self.path = Path(csv_path)
+        self.fields = [label, *FIELDS[1:]]
+        rows = read_rows(self.path, label)
+        rows = [r for r in rows if r[label] < keep_below]
+        self.baseline = FeatureStats(rows[0]["rank"], rows[0]["spread"], rows[0]["scan_spread"]) if rows else None
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:  # resume: keep the rows of the completed steps only
+            w = csv.DictWriter(f, fieldnames=self.fields)
+            w.writeheader()
+            w.writerows({k: r[k] for k in self.fields} for r in rows)
+        tmp.replace(self.path)
+
+    def due(self, step: int, last: bool = False) -> bool:
+        """At step 0 (after the first update), every `every` steps, and at the end; never when off."""
+        return self.cfg.every > 0 and (step % self.cfg.every == 0 or last)
+
+    def measure(self, encoder: nn.Module, step: int) -> FeatureStats:
+        stats = feature_stats(encoder, self.probe)
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.fields).writerow(
+                {self.label: step, **{k: f"{v:.6g}" for k, v in asdict(stats).items()}})
+        log.info("collapse monitor, %s %d: effective rank %.2f of %d, spread %.4f, per-scan spread %.4f", self.label,
+                 step, stats.rank, self.embed_dim, stats.spread, stats.scan_spread)  # fmt: skip
+        for reason in self.check(stats):
+            log.warning("collapse monitor, %s %d: %s", self.label, step, reason)
+        if self.baseline is None:
+            self.baseline = stats
+        return stats
+
+    def check(self, stats: FeatureStats) -> list[str]:
+        """The reasons to warn about (empty: healthy)."""
+        c, reasons = self.cfg, []
+        floor = c.rank_floor * self.embed_dim
+        if stats.rank < floor:
+            reasons.append(f"effective rank {stats.rank:.2f} of {self.embed_dim} dimensions is below the floor "
+                           f"{floor:.2f} (monitor.rank_floor {c.rank_floor})")  # fmt: skip
+        if stats.spread < c.spread_floor:
+            reasons.append(f"feature spread {stats.spread:.4f} is below the floor {c.spread_floor} "
+                           f"(monitor.spread_floor)")  # fmt: skip
+        b = self.baseline
+        if b is not None:
+            for name, now, then in (("effective rank", stats.rank, b.rank), ("feature spread", stats.spread, b.spread)):
+                if now < (1.0 - c.drop) * then:
+                    reasons.append(f"{name} fell from {then:.4g} to {now:.4g}, by more than {c.drop:.0%} "
+                                   f"(monitor.drop)")  # fmt: skip
+        return reasons
+
+
+def read_rows(path: str | Path, label: str = "step") -> list[dict]:
+    """The rows of a monitor CSV as numbers ([] when there is none)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [{label: int(r[label]), **{k: float(r[k]) for k in FIELDS[1:]}} for r in csv.DictReader(f)]

@@ -1,0 +1,113 @@
+"""The collapse monitor: effective rank and spread of the target's features, its warnings, its outputs."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import structured_cohort, write_roi_dir
+
+from brainjepa.config import DataConfig, ModelConfig, MonitorConfig, PretrainConfig, TrainConfig
+from brainjepa.monitor import CollapseMonitor, effective_rank, feature_stats, read_rows, synthetic_probe
+from brainjepa.pretrain import pretrain
+from brainjepa.vit import Encoder
+from sites.errors import ConfigError
+
+CFG = ModelConfig(size="tiny", n_rois=32, n_frames=64, gradient_components=8)
+
+
+def _encoder(seed: int = 0) -> Encoder:
+    torch.manual_seed(seed)
+    grads = torch.randn(CFG.n_rois, CFG.gradient_components, generator=torch.Generator().manual_seed(1))
+    return Encoder(CFG, grads)
+
+
+def _collapse(enc: Encoder) -> Encoder:
+    """Every token the same vector: the final LayerNorm's scale zeroed, its bias a constant."""
+    with torch.no_grad():
+        enc.norm.weight.zero_()
+        enc.norm.bias.fill_(0.3)
+    return enc
+
+
+def test_effective_rank_counts_used_directions() -> None:
+    g = torch.Generator().manual_seed(0)
+    iso = torch.randn(4000, 16, generator=g, dtype=torch.float64)
+    assert effective_rank(iso) > 15.0  # every direction used about equally
+    line = torch.randn(4000, 1, generator=g, dtype=torch.float64) @ torch.randn(1, 16, generator=g, dtype=torch.float64)
+    assert effective_rank(line + 1e-9 * iso) < 1.1  # one direction
+    two = torch.cat([torch.randn(4000, 2, generator=g, dtype=torch.float64), torch.zeros(4000, 14)], 1)
+    assert 1.8 < effective_rank(two) < 2.05
+    assert effective_rank(torch.ones(10, 4)) == 1.0  # no spread at all
+
+
+def test_synthetic_probe_is_deterministic_and_scan_specific() -> None:
+    a, b = synthetic_probe(4, 32, 64, seed=3), synthetic_probe(4, 32, 64, seed=3)
+    assert a.shape == (4, 32, 64) and torch.equal(a, b)
+    assert not torch.equal(a, synthetic_probe(4, 32, 64, seed=4))
+    lag1 = torch.corrcoef(torch.stack([a[0, 0, :-1], a[0, 0, 1:]]))[0, 1]
+    assert lag1 > 0.6  # autocorrelated like BOLD, not white noise
+
+
+def test_healthy_encoder_passes_collapsed_one_warns(tmp_path: Path, caplog) -> None:
+    probe = synthetic_probe(8, CFG.n_rois, CFG.n_frames, seed=0)
+    mon = CollapseMonitor(MonitorConfig(every=1), probe, CFG.embed_dim, tmp_path / "monitor.csv")
+    caplog.set_level(logging.WARNING, logger="brainjepa.monitor")
+    healthy = mon.measure(_encoder(), step=0)
+    assert healthy.rank > MonitorConfig().rank_floor * CFG.embed_dim and healthy.spread > 0.05, healthy
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+    assert mon.check(feature_stats(_encoder(seed=1), probe)) == []  # another healthy init: no warning
+
+    collapsed = mon.measure(_collapse(_encoder()), step=1)
+    assert collapsed.rank < 1.5 and collapsed.spread < 1e-6
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("effective rank" in m and "below the floor" in m for m in messages), messages
+    assert any("spread" in m and "below the floor" in m for m in messages), messages
+    assert any("fell from" in m for m in messages), messages
+    rows = read_rows(tmp_path / "monitor.csv")
+    assert [r["step"] for r in rows] == [0, 1]
+    assert rows[0]["rank"] == pytest.approx(healthy.rank, rel=1e-5)
+
+
+def test_a_drop_below_the_baseline_warns_even_above_the_floors(tmp_path: Path, caplog) -> None:
+    probe = synthetic_probe(8, CFG.n_rois, CFG.n_frames, seed=0)
+    enc = _encoder()
+    mon = CollapseMonitor(MonitorConfig(every=1, rank_floor=0.0, spread_floor=0.0, drop=0.5), probe,
+                          CFG.embed_dim, tmp_path / "m.csv")  # fmt: skip
+    base = mon.measure(enc, 0)
+    with torch.no_grad():  # the output scale cut to a fifth: spread falls by 80 %, rank unchanged
+        enc.norm.weight.mul_(0.2)
+        enc.norm.bias.mul_(0.2)
+    caplog.set_level(logging.WARNING, logger="brainjepa.monitor")
+    now = mon.measure(enc, 1)
+    assert now.spread == pytest.approx(0.2 * base.spread, rel=1e-3)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "feature spread fell" in messages[0], messages
+
+
+def test_config_is_checked() -> None:
+    with pytest.raises(ConfigError, match="monitor.drop"):
+        MonitorConfig(drop=1.5)
+    with pytest.raises(ConfigError, match="probe_scans"):
+        MonitorConfig(probe_scans=1)
+
+
+def test_pretrain_writes_monitor_csv_and_plot(tmp_path: Path) -> None:
+    data = structured_cohort(16, 32, 96, seed=2)
+    d = write_roi_dir(data, tmp_path / "rois")
+    cfg = PretrainConfig(
+        model=CFG, data=DataConfig(roi_dir=str(d), scaling="none"),
+        train=TrainConfig(steps=12, batch_size=8, out_dir=str(tmp_path / "run"), checkpoint_every=12),
+        monitor=MonitorConfig(every=5, probe_scans=4),
+    )  # fmt: skip
+    pretrain(cfg, progress=False)
+    rows = read_rows(tmp_path / "run" / "monitor.csv")
+    assert [r["step"] for r in rows] == [0, 5, 10, 11]
+    assert all(np.isfinite(r["rank"]) and 1.0 <= r["rank"] <= CFG.embed_dim for r in rows)
+    assert (tmp_path / "run" / "collapse.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(tmp_path / "run" / "monitor.csv", newline="") as f:
+        assert next(csv.reader(f)) == ["step", "rank", "spread", "scan_spread"]

@@ -18,7 +18,7 @@ from sites.temporal import DEFAULT_MODEL_TR
 ModelSize = Literal["tiny", "small", "base", "large"]
 PosEmbed = Literal["gradient", "learned_roi", "sincos_roi"]  # gradient: Brain-JEPA; the others are ablations
 Loss = Literal["smooth_l1", "l2"]
-Scaling = Literal["robust", "values", "scan", "none"]  # robust: the reference's (stats of ROI time-means)
+Scaling = Literal["auto", "robust", "values", "scan", "none"]  # robust: the reference's (stats of ROI time-means)
 Precision = Literal["auto", "bf16", "fp32"]  # auto: bf16 autocast on CUDA, fp32 on CPU
 WireDtype = Literal["float32", "float16"]  # how weights travel in a federated round (float16: deltas uplink)
 AttentionBackend = Literal["auto", "cudnn", "flash", "efficient", "math", "default"]
@@ -220,21 +220,39 @@ class PretrainConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
+PrivacyAccountant = Literal["rdp", "prv"]
+
+
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """A site's DP-SGD budget (the `privacy` section of a site YAML)."""
+    """A site's DP-SGD budget (the `privacy` section of a site YAML; docs/privacy.md). Only the site sets
+    it: nothing in a round record can change it. The unit of privacy is the subject."""
 
     enabled: bool = False
-    target_epsilon: float | None = None
+    target_epsilon: float | None = None  # the site's budget over everything its ledger records
     delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    noise_multiplier: float | None = None
+    max_grad_norm: float = 1.0  # C: each subject's per-step gradient is clipped to this L2 norm
+    noise_multiplier: float | None = None  # sigma; null = calibrated to the budget over the run's planned steps
+    accountant: PrivacyAccountant = "rdp"  # Opacus' RDP or PRV accountant
+    ledger: str = ""  # the accountant's file on the site's disk; "" = <site YAML folder>/privacy/<site>-ledger.json
+    clip_chunk: int = 0  # samples whose per-sample gradients exist at once (memory); 0 = the whole batch
 
     def __post_init__(self) -> None:
-        if self.enabled:  # never accept a protection we do not give
-            raise ConfigError("privacy.enabled: true asks for DP-SGD, which this version does not implement yet; "
-                              "the site would train WITHOUT differential privacy. Set 'enabled: false' (or remove "
-                              "the privacy section) to train without it, or do not join")  # fmt: skip
+        check_choices(self, "privacy")
+        if not self.enabled:
+            return
+        if self.target_epsilon is None or not self.target_epsilon > 0:
+            raise ConfigError(f"privacy.target_epsilon: expected a positive number when privacy.enabled is true, "
+                              f"got {self.target_epsilon}")  # fmt: skip
+        if not 0.0 < self.delta < 1.0:
+            raise ConfigError(f"privacy.delta: expected a number in (0, 1), got {self.delta}")
+        if not self.max_grad_norm > 0:
+            raise ConfigError(f"privacy.max_grad_norm: expected a positive number, got {self.max_grad_norm}")
+        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
+            raise ConfigError(f"privacy.noise_multiplier: expected a positive number or null (calibrate to the "
+                              f"budget), got {self.noise_multiplier}")  # fmt: skip
+        if self.clip_chunk < 0:
+            raise ConfigError(f"privacy.clip_chunk: expected >= 0 (0 = the whole batch), got {self.clip_chunk}")
 
 
 @dataclass(frozen=True)

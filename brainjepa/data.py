@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from brainjepa.config import MaskConfig, PretrainConfig
-from brainjepa.masks import Masks, sample_masks
+from brainjepa.masks import Masks, sample_masks_observed, split_missing
 from sites.cohort import Cohort, load_cohort
 from sites.config import load_site_config
 from sites.errors import ConfigError, DataError
@@ -22,10 +22,12 @@ from sites.windows import PackedSeries, check_lengths, pack, random_windows
 
 
 def pack_cohort(series: Sequence[np.ndarray], subject_ids: Sequence[str], n_frames: int) -> PackedSeries:
-    """Check (same R, finite, long enough) and pack subjects' (R, L_i) series for windowing."""
+    """Check (same R, finite but for whole NaN rows = missing ROIs, long enough) and pack subjects' (R, L_i)
+    series for windowing."""
     for x, sid in zip(series, subject_ids, strict=True):
-        if not np.isfinite(x).all():
-            raise DataError(f"subject '{sid}': contains NaN or Inf values")
+        finite = np.isfinite(x)
+        if not (finite.all(axis=1) | ~finite.any(axis=1)).all():
+            raise DataError(f"subject '{sid}': contains NaN or Inf values (only a whole missing ROI may be NaN)")
     packed = pack(list(series), list(subject_ids))
     check_lengths(packed, n_frames)
     return packed
@@ -50,11 +52,14 @@ class BatchStream:
         return order[pos * self.batch_size : (pos + 1) * self.batch_size]  # (B,)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Masks]:
+        """Micro-batch `index`: (B, R, T) windows and their masks. Missing ROIs (NaN rows) are filled with 0
+        and left out of every sample's masks (`masks.sample_masks_observed`: the batch's union)."""
         x, _ = random_windows(self.packed, self.subjects(index), self.n_frames,
                               np.random.default_rng([self.seed, 1, index]))  # fmt: skip
         g = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, 2, index]).integers(2**62)))
-        masks = sample_masks(self.mask_cfg, self.batch_size, self.packed.n_rois, self.n_time, g)
-        return torch.from_numpy(x), masks  # (B, R, T)
+        x, observed = split_missing(torch.from_numpy(x))  # (B, R, T), (B, R)
+        masks = sample_masks_observed(self.mask_cfg, self.batch_size, self.packed.n_rois, self.n_time, g, observed)
+        return x, masks  # (B, R, T)
 
 
 def load_pretraining_cohort(cfg: PretrainConfig) -> Cohort:

@@ -136,7 +136,7 @@ def gradients(
         elif fc_sum:
             contribs = [_read_fc_sum(p) for p in fc_sum]
             mat = G.federated_fc(contribs)
-            source = f"federation of {len(contribs)} site FC sums ({sum(c for _, c in contribs)} subjects)"
+            source = f"federation of {len(contribs)} site FC sums ({G.n_scans(contribs)} subjects)"
             params["sites"] = [str(p) for p in fc_sum]
         else:
             from sites.config import load_site_config
@@ -149,7 +149,7 @@ def gradients(
                 np.savez(export_fc_sum, fc_sum=contribs[0][0], count=contribs[0][1])
             mat = G.federated_fc(contribs)
             kind = "site" if len(site) == 1 else f"federation of {len(site)} sites"
-            source = f"{kind} mean Fisher-z FC ({sum(c for _, c in contribs)} subjects, split={split})"
+            source = f"{kind} mean Fisher-z FC ({G.n_scans(contribs)} subjects, split={split})"
             params.update(sites=[str(p) for p in site], model_tr=model_tr)
         g = G.compute_gradients(mat, n_components, seed)
         if align_to is not None:
@@ -167,7 +167,7 @@ def gradients(
     )
 
 
-def _read_fc_sum(path: Path) -> tuple[np.ndarray, int]:
+def _read_fc_sum(path: Path) -> tuple[np.ndarray, int | np.ndarray]:
     from sites.errors import DataError
 
     if not path.is_file():
@@ -177,7 +177,9 @@ def _read_fc_sum(path: Path) -> tuple[np.ndarray, int]:
             raise DataError(
                 f"FC contribution '{path}': expected arrays 'fc_sum' and 'count' (from --export-fc-sum)"
             )
-        return z["fc_sum"], int(z["count"])
+        from brainjepa.gradients import fc_count
+
+        return z["fc_sum"], fc_count(z["count"])
 
 
 def _networks(path: Path | None, mat: np.ndarray) -> np.ndarray:

@@ -33,10 +33,11 @@ from brainjepa.checkpoint import atomic_write_text
 from brainjepa.config import load_site, to_dict
 from brainjepa.downstream.model import Backbone, load_backbone
 from brainjepa.jepa import resolve_device
+from brainjepa.masks import mean_observed, split_missing
 from brainjepa.vit import Encoder
 from sites.cohort import SPLITS, load_site_series
 from sites.errors import ConfigError, DataError, where
-from sites.scaling import fit_method, scaling_from_dict
+from sites.scaling import check_spread, fit_method, scaling_from_dict
 from sites.schema import check_choices
 from sites.temporal import DEFAULT_MODEL_TR
 from sites.windows import multi_windows, pack
@@ -112,7 +113,7 @@ def file_sha256(path: Path) -> str:
 def pretrain_data(path: Path) -> tuple[float, str]:
     """The checkpoint's pretraining `data.model_tr` and `data.scaling` (memory-mapped read: the weights
     stay on disk): sites are embedded at the same TR and scaled the same way as pretraining scaled them."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     data = (ckpt.get("config") or {}).get("data") or {}
     return float(data.get("model_tr", DEFAULT_MODEL_TR)), str(data.get("scaling", "robust"))
 
@@ -137,7 +138,7 @@ def site_scans(path: Path, backbone: Backbone, model_tr: float, split: str, meth
         raise DataError(f"{where(site.source)}: the site has {site.n_rois} ROIs, the checkpoint "
                         f"'{backbone.source}' expects {n_rois} (its model.n_rois)")  # fmt: skip
     all_series = load_site_series(site, model_tr=model_tr, min_frames=n_frames)
-    fitted = fit_method(all_series.subset("train").series, method)
+    fitted = fit_method(all_series.subset("train").series, method, str(site.source))
     chosen = all_series if split == "all" else all_series.subset(split)
     if len(chosen) == 0:
         raise DataError(f"{where(site.source)}: no scan in split '{split}' (splits: {list(SPLITS)})")
@@ -149,6 +150,7 @@ def site_scans(path: Path, backbone: Backbone, model_tr: float, split: str, meth
     splits = [str(s) for s in chosen.splits]
     source = str(Path(site.source).resolve())
     series = chosen.series if fitted is None else fitted.apply_all(chosen.series)
+    check_spread(series, str(site.source), method)  # what the model sees: its scale logged, far from 1 warned
     return Scans(series, list(chosen.subject_ids), splits, source, scaling)
 
 
@@ -174,6 +176,7 @@ def series_scans(path: Path, subject_id: str, backbone: Backbone) -> Scans:
             "checkpoint '%s' saved no scaling statistics: '%s' is embedded unscaled", backbone.source, path
         )
         scaling = {"kind": "none"}
+    check_spread([x], str(path), "checkpoint")
     return Scans([x], [subject_id or path.stem], [""], str(path.resolve()), scaling)
 
 
@@ -187,9 +190,15 @@ def embed_scans(encoder: Encoder, scans: Scans, windows: int, tokens: bool, out:
         for start in range(0, N, chunk):
             idx = np.arange(start, min(start + chunk, N))
             x = torch.from_numpy(multi_windows(packed, n_frames, windows, idx))  # (n, W, R, T)
-            h = encoder(x.flatten(0, 1).to(device))  # (n*W, n_tokens, D)
-            h = h.view(len(idx), windows, *h.shape[1:]).mean(dim=1)  # (n, n_tokens, D)
-            out[start : start + len(idx)] = (h if tokens else h.mean(dim=1)).float().cpu().numpy()
+            x, observed = split_missing(x.flatten(0, 1))  # (n*W, R, T), (n*W, R): missing ROIs -> 0
+            h = encoder(x.to(device))  # (n*W, n_tokens, D)
+            if tokens:  # a missing ROI's tokens are NaN in the output
+                keep = observed.repeat_interleave(h.shape[1] // observed.shape[1], dim=1).to(device)  # (n*W, N)
+                h = torch.where(keep[..., None], h, torch.full((), float("nan"), dtype=h.dtype, device=device))
+                h = h.view(len(idx), windows, *h.shape[1:]).mean(dim=1)  # (n, n_tokens, D)
+            else:
+                h = mean_observed(h, observed.to(device)).view(len(idx), windows, -1).mean(dim=1)  # (n, D)
+            out[start : start + len(idx)] = h.float().cpu().numpy()
             bar.update(len(idx))
     bar.close()
 

@@ -56,11 +56,21 @@ def load_gradients(path: str | Path, n_rois: int | None = None, n_components: in
 
 
 def group_connectivity(series: np.ndarray) -> np.ndarray:
-    """Mean Fisher-z functional connectivity of a cohort: (N, R, T) -> (R, R), diagonal zero."""
+    """Mean Fisher-z functional connectivity of a cohort: (N, R, T) -> (R, R), diagonal zero. Missing ROIs
+    (NaN rows, `sites.missing`): pairwise-complete, each pair averaged over the scans holding both."""
     x = series - series.mean(axis=-1, keepdims=True)  # (N, R, T)
     x = x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-8)
     r = np.einsum("nrt,nst->nrs", x, x)  # (N, R, R) Pearson r
-    z = np.arctanh(np.clip(r, -0.999999, 0.999999)).mean(axis=0)  # (R, R)
+    z = np.arctanh(np.clip(r, -0.999999, 0.999999))  # (N, R, R)
+    ok = np.isfinite(z)
+    if ok.all():
+        z = z.mean(axis=0)  # (R, R)
+    else:
+        pairs = ok.sum(axis=0)  # (R, R) scans per pair
+        if (pairs == 0).any():
+            raise DataError(f"group connectivity: {int((pairs == 0).sum())} ROI pair(s) have no scan with both "
+                            "ROIs present (missing ROIs): no pairwise-complete FC for them")  # fmt: skip
+        z = np.where(ok, z, 0.0).sum(axis=0) / pairs
     np.fill_diagonal(z, 0.0)
     return z
 
@@ -135,7 +145,8 @@ def align_gradients(g: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
 
 def fisher_z_fc(x: np.ndarray) -> np.ndarray:
-    """Fisher-z FC of one subject: (R, L) -> (R, R) float64, diagonal zero."""
+    """Fisher-z FC of one subject: (R, L) -> (R, R) float64, diagonal zero; a missing ROI (a NaN row,
+    `sites.missing`) gives NaN in its row and column."""
     x = np.asarray(x, dtype=np.float64)
     x = x - x.mean(axis=1, keepdims=True)
     x = x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
@@ -144,20 +155,27 @@ def fisher_z_fc(x: np.ndarray) -> np.ndarray:
     return z
 
 
-def site_fc_sum(series: list[np.ndarray]) -> tuple[np.ndarray, int]:
+def site_fc_sum(series: list[np.ndarray]) -> tuple[np.ndarray, int | np.ndarray]:
     """What a site contributes to a federation's connectivity: (sum of Fisher-z FC (R, R), subject count).
 
-    Series may differ in length (N x (R, L_i)); no raw series leave the site, only this sum.
+    Series may differ in length (N x (R, L_i)); no raw series leave the site, only this sum. With missing
+    ROIs (NaN rows) the statistics are pairwise-complete: a pair's sum runs over the scans where both ROIs
+    are present, and the count is then an (R, R) int64 array of those scans per pair.
     """
     if not series:
         raise DataError("site FC: no series")
     r = {s.shape[0] for s in series}
     if len(r) != 1:
         raise DataError(f"site FC: series have different ROI counts {sorted(r)}")
-    total = np.zeros((r.pop(),) * 2)
+    n = r.pop()
+    total = np.zeros((n, n))
+    pairs = np.zeros((n, n), dtype=np.int64)
     for s in series:  # one (R, R) product per subject, not a hot path
-        total += fisher_z_fc(s)
-    return total, len(series)
+        z = fisher_z_fc(s)
+        ok = np.isfinite(z)
+        total += np.where(ok, z, 0.0)
+        pairs += ok
+    return (total, len(series)) if (pairs == len(series)).all() else (total, pairs)
 
 
 def site_contribution(site: SiteConfig, model_tr: float, split: str | None = "train") -> tuple[np.ndarray, int]:
@@ -165,17 +183,33 @@ def site_contribution(site: SiteConfig, model_tr: float, split: str | None = "tr
     return site_fc_sum(load_cohort(site, model_tr, split=split, scaling="none", for_model=False).series)
 
 
-def federated_fc(contributions: list[tuple[np.ndarray, int]]) -> np.ndarray:
-    """Mean Fisher-z FC of a federation from the sites' (sum, count) pairs -> (R, R)."""
+def federated_fc(contributions: list[tuple[np.ndarray, int | np.ndarray]]) -> np.ndarray:
+    """Mean Fisher-z FC of a federation from the sites' (sum, count) pairs -> (R, R); a count may be an
+    (R, R) array of scans per pair (pairwise-complete, `site_fc_sum` with missing ROIs)."""
     if not contributions:
         raise DataError("federated FC: no site contributions")
     shapes = {np.asarray(s).shape for s, _ in contributions}
     if len(shapes) != 1:
         raise DataError(f"federated FC: sites sent FC sums of different shapes {sorted(shapes)}: ROI-count mismatch")
-    n = sum(int(c) for _, c in contributions)
-    if n <= 0:
+    n = sum(fc_count(c) for _, c in contributions)  # int, or (R, R) scans per pair
+    if np.max(n) <= 0:
         raise DataError("federated FC: no subjects in any site")
+    if np.min(n) <= 0:
+        bad = np.argwhere(np.asarray(n) <= 0)[0]
+        raise DataError(f"federated FC: {int(np.sum(np.asarray(n) <= 0))} ROI pair(s) (e.g. {bad.tolist()}) have "
+                        "no scan with both ROIs present (missing ROIs): no pairwise-complete FC for them")  # fmt: skip
     return sum(np.asarray(s, dtype=np.float64) for s, _ in contributions) / n
+
+
+def fc_count(count: object) -> int | np.ndarray:
+    """A contribution's count as an int (every ROI in every scan) or an (R, R) int64 array per pair."""
+    c = np.asarray(count)
+    return int(c) if c.ndim == 0 else c.astype(np.int64)
+
+
+def n_scans(contributions: list[tuple[np.ndarray, int | np.ndarray]]) -> int:
+    """Scans behind FC contributions (with pair counts: the most any pair has)."""
+    return int(sum(np.max(fc_count(c)) for _, c in contributions))
 
 
 def load_connectivity(path: str | Path) -> np.ndarray:

@@ -236,3 +236,43 @@ def sample_reference_masks(cfg: MaskConfig, batch: int, n_rois: int, n_time: int
     context = torch.stack([c[:n_ctx] for c in contexts])
     target = torch.stack([t[:n_tgt] for t in targets])
     return Masks(context, target, sizes0)
+
+
+# ---------------------------------------------------------------------------------------- missing ROIs
+# A missing ROI of a scan (sites.missing, `preprocess.missing_rois: mask`) reaches training as a NaN row.
+# Batch rule: the UNION of the batch's missing ROIs leaves the mask grid of every sample of the batch, so
+# all samples keep equal context / target counts without padding (a ROI missing in one scan is also left
+# out of that batch's other scans: a few ROIs of R per batch at the rates real data shows).
+
+
+def split_missing(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, R, T) with NaN rows for missing ROIs -> (the same with those rows 0, observed (B, R) bool)."""
+    observed = torch.isfinite(x).all(dim=-1)  # (B, R)
+    return torch.where(observed[..., None], x, torch.zeros((), dtype=x.dtype)), observed
+
+
+def sample_masks_observed(cfg: MaskConfig, batch: int, n_rois: int, n_time: int, g: torch.Generator,
+                          observed: torch.Tensor | None = None) -> Masks:  # fmt: skip
+    """`sample_masks` on the ROIs observed in every sample (`observed` (B, R) bool; None: all), its token
+    ids mapped back to the full R x W grid: a missing ROI's patches are never context nor target tokens.
+    With every ROI observed this is `sample_masks` itself (the same draws)."""
+    if observed is None or bool(observed.all()):
+        return sample_masks(cfg, batch, n_rois, n_time, g)
+    keep = torch.nonzero(observed.all(dim=0)).flatten()  # (R',) ascending
+    if keep.numel() < 3:
+        raise ValueError(f"masks: only {keep.numel()} of {n_rois} ROIs are observed in every scan of the batch "
+                         "(need >= 3): too many missing ROIs")  # fmt: skip
+    m = sample_masks(cfg, batch, int(keep.numel()), n_time, g)
+
+    def full_grid(tok: torch.Tensor) -> torch.Tensor:  # monotone: sorted stays sorted
+        return keep[tok // n_time] * n_time + tok % n_time
+
+    return Masks(full_grid(m.context), full_grid(m.target), m.region_sizes)
+
+
+def mean_observed(h: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+    """Mean over the tokens of observed ROIs: h (B, N, D) ROI-major tokens, observed (B, R) -> (B, D)."""
+    if bool(observed.all()):
+        return h.mean(dim=1)
+    w = observed.repeat_interleave(h.shape[1] // observed.shape[1], dim=1).to(h.dtype)  # (B, N)
+    return (h * w[..., None]).sum(dim=1) / w.sum(dim=1, keepdim=True).clamp_min(1.0)

@@ -25,9 +25,10 @@ import numpy as np
 from sites.config import SiteConfig
 from sites.errors import DataError, where
 from sites.manifest import read_manifest
+from sites.missing import apply_policy, log_missing
 from sites.participants import Participants, read_participants
 from sites.roi_io import read_roi_dir, read_roi_file
-from sites.scaling import PerScanScaling, RobustScaling, fit_method, typical_spread
+from sites.scaling import PerScanScaling, RobustScaling, check_spread, fit_method
 from sites.scrub import censor, log_censoring, read_fd
 from sites.temporal import DEFAULT_MODEL_TR, n_frames_after, resample
 
@@ -51,6 +52,9 @@ class SiteSeries:
     # frame censoring (`preprocess.scrub_fd`, sites.scrub): subject id -> {"frames", "censored", "kept"} at
     # the site TR; every subject read while censoring is on (also those later skipped as too short)
     censored: dict[str, dict[str, int]] = field(default_factory=dict)
+    # missing ROIs (`preprocess.missing_rois`, sites.missing): subject id -> 0-based ROI indices, for every
+    # scan read with any (also those skipped); under `mask` those rows of `series` are NaN
+    missing: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -166,9 +170,10 @@ def assign_splits(ids: list[str], cfg: SiteConfig, parts: Participants) -> np.nd
 
 
 def _subject_sources(
-    cfg: SiteConfig, parts: Participants
+    cfg: SiteConfig, parts: Participants, censored: dict[str, dict[str, int]]
 ) -> tuple[dict[str, list[Path]], dict[str, float], dict[str, str]]:
-    """Per subject: the files to concatenate (ROI-block order), its TR, and the subjects skipped."""
+    """Per subject: the files to concatenate (ROI-block order), its TR, and the subjects skipped; fills
+    `censored` with what `prepare` already censored (NIfTI, manifest `qc.censoring`)."""
     root = cfg.data.root
     skipped: dict[str, str] = {}
     files: dict[str, list[Path]] = {}
@@ -183,6 +188,8 @@ def _subject_sources(
                 skipped[sid] = why
                 continue
             files[sid] = [cfg.output_dir / entry["file"]]
+            if "censoring" in entry.get("qc", {}):
+                censored[sid] = {k: int(entry["qc"]["censoring"][k]) for k in ("frames", "censored", "kept")}
             trs[sid] = float(cfg.tr if cfg.tr is not None else entry["tr"])
         if not files:
             raise DataError(
@@ -236,7 +243,9 @@ def load_site_series(
 ) -> SiteSeries:
     """Load a site's subjects as float32 (R, L_i) series at `model_tr` (see module doc)."""
     parts = read_participants(cfg.participants.file, cfg.participants.id_column, cfg.participants.phenotypes)
-    files, trs, skipped = _subject_sources(cfg, parts)
+    censored: dict[str, dict[str, int]] = {}  # prepared NIfTI: censored by `prepare` (nilearn sample_mask)
+    files, trs, skipped = _subject_sources(cfg, parts, censored)
+    done_by_prepare = set(censored)
     ids = [sid for sid in parts.ids if sid in files]
     if split is not None and split not in SPLITS:
         raise DataError(f"unknown split '{split}', expected one of {SPLITS}")
@@ -246,7 +255,7 @@ def load_site_series(
     series: list[np.ndarray] = []
     kept: list[str] = []
     short: list[str] = []
-    censored: dict[str, dict[str, int]] = {}
+    missing: dict[str, list[int]] = {}
     iterator = ids
     if progress:
         from tqdm import tqdm
@@ -256,10 +265,10 @@ def load_site_series(
     hdr = cfg.data.csv_header
     for sid in iterator:
         if len(files[sid]) == 1:
-            x = read_roi_file(files[sid][0], orientation, n_rois=cfg.n_rois, csv_header=hdr)
+            x = read_roi_file(files[sid][0], orientation, n_rois=cfg.n_rois, check=False, csv_header=hdr)
         else:  # UKB style: one file per ROI block, concatenated in the declared order
             blocks = [
-                read_roi_file(p, orientation, n_rois=b.n_rois, csv_header=hdr)
+                read_roi_file(p, orientation, n_rois=b.n_rois, check=False, csv_header=hdr)
                 for p, b in zip(files[sid], cfg.rois, strict=True)
             ]
             lens = {b.shape[1] for b in blocks}
@@ -268,7 +277,13 @@ def load_site_series(
                     f"{where(files[sid][0])}: subject '{sid}' has ROI blocks of different lengths {sorted(lens)}"
                 )
             x = np.concatenate(blocks, axis=0)  # (R, L)
-        if cfg.preprocess.scrub_fd is not None:
+        x, miss = apply_policy(x, cfg.preprocess.missing_rois, files[sid][0], sid)
+        if miss.size:
+            missing[sid] = miss.tolist()
+        if x is None:
+            skipped[sid] = f"missing ROI(s) {miss[:10].tolist()} (preprocess.missing_rois)"
+            continue
+        if cfg.preprocess.scrub_fd is not None and sid not in done_by_prepare:
             x, censored[sid] = _censor_subject(cfg, sid, x)
         n_out = n_frames_after(x.shape[1], trs[sid], model_tr)
         if min_frames is not None and n_out < min_frames:
@@ -283,6 +298,8 @@ def load_site_series(
             continue
         series.append(resample(x, trs[sid], model_tr, method))
         kept.append(sid)
+    log_missing(cfg.site, cfg.preprocess.missing_rois, missing, len(ids), cfg.roi_names)
+    censored = {sid: c for sid, c in censored.items() if sid in ids}
     if cfg.preprocess.scrub_fd is not None:
         log_censoring(cfg.site, cfg.preprocess.scrub_fd, censored)
     if short:
@@ -312,6 +329,7 @@ def load_site_series(
         files=[tuple(files[s]) for s in kept],
         skipped=skipped,
         censored=censored,
+        missing=missing,
     )
 
 
@@ -350,7 +368,7 @@ def load_cohort(
     model_tr: float = DEFAULT_MODEL_TR,
     split: str | None = "train",
     min_frames: int | None = None,
-    scaling: Literal["robust", "values", "scan", "none"] = "robust",
+    scaling: Literal["auto", "robust", "values", "scan", "none"] = "robust",
     for_model: bool = True,
 ) -> Cohort:
     """A site's `split` subjects (None: all), or every `.npy` of a folder (already at the model TR), scaled.
@@ -366,29 +384,9 @@ def load_cohort(
     else:
         series, ids = read_roi_dir(source)
         name = str(source)
-    fitted = fit_method(series, scaling)
+    fitted = fit_method(series, scaling, name)
     if fitted is not None:
         series = fitted.apply_all(series)
     if for_model:  # what a model will see: its scale is checked and reported
         check_spread(series, name, scaling)
     return Cohort(series, ids, name, fitted)
-
-
-def check_spread(series: list[np.ndarray], source: str, scaling: str) -> float:
-    """Log the typical spread of (scaled) series; refuse the reference scaling of demeaned data, warn when
-    the model would see values whose typical scale is far from 1. Returns the spread."""
-    spread = typical_spread(series)
-    if scaling == "robust" and spread > 1e3:
-        raise DataError(
-            f"data '{source}': robust scaling divides by the IQR of the subjects' ROI time-means, which is "
-            f"~{spread:.1e} times smaller than the signal: the series look already demeaned (z-scored). "
-            "Set `data.scaling: values` (median / IQR of the values themselves) for such data"
-        )
-    if not 0.1 <= spread <= 10.0:
-        hint = ("consider `scaling: values`" if scaling != "values" else
-                "the subjects' baselines differ by more than the signal: consider `scaling: scan`")
-        log.warning("data '%s': after scaling '%s' the series' typical spread is %.3g, far from 1 (the model "
-                    "trains best near 1): %s", source, scaling, spread, hint)  # fmt: skip
-    else:
-        log.info("data '%s': scaling '%s', typical spread %.3g", source, scaling, spread)
-    return spread

@@ -62,6 +62,9 @@ class PreprocessConfig:
     scrub_fd: float | None = None  # mm; None: off
     fd_column: str = "framewise_displacement"
     fd_file: str | None = None
+    # ROIs all-zero / constant / NaN in a scan (partial coverage), sites.missing: `error` (name them),
+    # `skip_scan` (drop such scans, counted), `mask` (keep the scan, those ROIs marked missing)
+    missing_rois: Literal["error", "skip_scan", "mask"] = "error"
 
 
 @dataclass(frozen=True)

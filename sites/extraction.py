@@ -19,7 +19,9 @@ import numpy as np
 from sites.config import SiteConfig
 from sites.errors import ConfigError, DataError, InputError, where
 from sites.manifest import file_sha256
+from sites.missing import find_missing
 from sites.roi_io import write_roi_npy
+from sites.scrub import keep_mask, longest_run, read_fd
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,9 @@ class SubjectJob:
     confound_columns: tuple[str, ...]
     drop_initial: int
     key: str  # hash of everything that determines the output
+    missing_rois: str = "error"  # preprocess.missing_rois: anything but `error` records missing ROIs, writes the scan
+    scrub_fd: float | None = None  # preprocess.scrub_fd: censoring through nilearn's sample_mask (FD from confounds)
+    fd_column: str = "framewise_displacement"
 
 
 def load_atlases(cfg: SiteConfig) -> tuple[AtlasSpec, ...]:
@@ -265,7 +270,7 @@ def _extract(job: SubjectJob) -> tuple[np.ndarray, dict, list[str]]:
         raise DataError(
             f"{where(job.bold)}: has {n_frames} frames, all dropped by preprocess.drop_initial={job.drop_initial}"
         )
-    keep = np.arange(job.drop_initial, n_frames) if job.drop_initial else None  # nilearn sample_mask
+    keep, censoring, stretch = _sample_mask(job, n_frames)  # (L_kept,) frame indices for nilearn, or None
     blocks, empty, resampled = [], [], []
     for a in job.atlases:
         atlas = nib.load(a.file)
@@ -309,18 +314,45 @@ def _extract(job: SubjectJob) -> tuple[np.ndarray, dict, list[str]]:
                 empty.append(f"{a.name}:{lab}")
         blocks.append(block)
     x = np.concatenate(blocks, axis=0)  # (R, L)
+    x = x[:, stretch]  # nilearn cleaned every kept frame; a window must not span a censored gap
     nan_rois = np.flatnonzero(~np.isfinite(x).all(axis=1)).tolist()
     const_rois = np.flatnonzero(np.ptp(np.nan_to_num(x), axis=1) == 0).tolist()
+    miss = find_missing(x)
     qc = {
         "empty_labels": empty,
         "nan_rois": nan_rois,
         "constant_rois": const_rois,
-        "frames_lost": int(job.drop_initial),
+        "missing_rois": np.flatnonzero(miss).tolist(),
+        "frames_lost": int(n_frames - x.shape[1]),
         "resampled_atlases": resampled,
     }
-    if empty or nan_rois or const_rois:
+    if censoring is not None:
+        qc["censoring"] = censoring
+    if miss.any() and job.missing_rois == "error":
         raise DataError(
             f"{where(job.bold)}: QC failed: empty atlas labels {empty[:10]}, NaN ROIs {nan_rois[:10]}, "
-            f"constant/all-zero ROIs {const_rois[:10]} (0-based): check the brain coverage and the atlas space"
+            f"constant/all-zero ROIs {const_rois[:10]} (0-based): check the brain coverage and the atlas space, or "
+            "set 'preprocess.missing_rois: mask' (keep the scan without those ROIs) or 'skip_scan'"
         )
     return x, {"tr": tr, "frames": int(x.shape[1]), "frames_in_image": int(n_frames), "qc": qc}, notes
+
+
+def _sample_mask(job: SubjectJob, n_frames: int) -> tuple[np.ndarray | None, dict | None, slice]:
+    """nilearn's `sample_mask` (frame indices kept: after `drop_initial`, and with `scrub_fd` the frames whose
+    FD from the confounds file is <= the threshold) and the censoring counts. The cleaned kept frames are
+    then cut to their longest contiguous stretch (`sites.scrub`'s rule: a window never spans a gap)."""
+    keep = np.arange(n_frames) >= job.drop_initial  # (L,)
+    if job.scrub_fd is None or job.confounds is None:
+        return (np.flatnonzero(keep) if job.drop_initial else None), None, slice(None)
+    fd = read_fd(job.confounds, job.fd_column)
+    if fd.shape[0] != n_frames:
+        raise DataError(f"{where(job.confounds, job.fd_column)}: {fd.shape[0]} FD values for {n_frames} frames")
+    uncensored = keep_mask(fd, job.scrub_fd)  # (L,)
+    keep &= uncensored
+    if not keep.any():
+        raise DataError(f"{where(job.bold)}: every frame is censored (FD > {job.scrub_fd} mm) or dropped")
+    start, stop = longest_run(keep)
+    first = int(keep[:start].sum())  # the stretch's position among the kept frames
+    counts = {"frames": int(n_frames - job.drop_initial), "censored": int((~uncensored[job.drop_initial :]).sum()),
+              "kept": int(stop - start), "threshold_mm": float(job.scrub_fd)}  # fmt: skip
+    return np.flatnonzero(keep), counts, slice(first, first + stop - start)

@@ -8,7 +8,12 @@ differs, when shape or voxel size differ; optional detrending, high-pass/low-pas
 concatenate the atlases' ROIs in the declared order, QC the result and write `<subject>.npy`
 (float32 (R, L), atomically) into `data.output`. A bad subject is recorded in the manifest and
 skipped; site-level problems (atlas label counts, missing files with `on_missing: error`) stop
-before anything is written. Voxels claimed by two atlas blocks are counted per pair (manifest
+before anything is written. Missing ROIs (all-zero / constant / NaN, e.g. empty labels at the edge of the
+field of view) fail the subject under `preprocess.missing_rois: error`; otherwise the scan is written
+and its missing ROIs listed (per subject `qc.missing_rois`, per ROI in `qc.missing_rois.per_roi`); the
+loader applies the policy. With `preprocess.scrub_fd` and FD from the confounds TSV, frames are
+censored through nilearn's `sample_mask` (cleaning sees only kept frames) and the scan keeps its longest
+uncensored stretch (`sites.scrub`'s rule), counted per subject (`qc.censoring`). Voxels claimed by two atlas blocks are counted per pair (manifest
 `qc.atlas_overlap_voxels`, logged). Re-running skips subjects already done with the same inputs.
 """
 
@@ -25,7 +30,9 @@ from sites.config import SiteConfig
 from sites.errors import ConfigError, DataError, where
 from sites.extraction import AtlasSpec, SubjectJob, atlas_overlaps, extract_subject, load_atlases
 from sites.manifest import MANIFEST, write_manifest
+from sites.missing import log_missing, missing_summary
 from sites.participants import read_participants
+from sites.scrub import log_censoring
 from sites.temporal import DEFAULT_MODEL_TR, n_frames_after
 
 log = logging.getLogger(__name__)
@@ -42,7 +49,8 @@ def _job_key(cfg: SiteConfig, atlases: tuple[AtlasSpec, ...], bold: Path, confou
             "bold_mtime": bold.stat().st_mtime_ns,
             "confounds": str(confounds),
             "tr": cfg.tr,
-            "preprocess": [p.detrend, p.high_pass, p.low_pass, list(p.confound_columns), p.drop_initial],
+            "preprocess": [p.detrend, p.high_pass, p.low_pass, list(p.confound_columns), p.drop_initial,
+                           p.missing_rois, _prepare_scrub(cfg), p.fd_column],
         },
         sort_keys=True,
     )
@@ -142,6 +150,9 @@ def prepare_site(
                 p.confound_columns,
                 p.drop_initial,
                 key,
+                p.missing_rois,
+                _prepare_scrub(cfg),
+                p.fd_column,
             )
         )
     manifest = {
@@ -184,16 +195,33 @@ def prepare_site(
             model_tr,
             short[:5],
         )
+    ok = {sid: e for sid, e in manifest["subjects"].items() if e.get("status") == "ok"}
+    per_scan = {sid: e["qc"]["missing_rois"] for sid, e in ok.items() if e["qc"].get("missing_rois")}
+    manifest["qc"]["missing_rois"] = {"policy": cfg.preprocess.missing_rois,
+                                      **missing_summary(per_scan, cfg.roi_names, len(ok))}  # fmt: skip
+    log_missing(cfg.site, cfg.preprocess.missing_rois, per_scan, len(ok), cfg.roi_names)
+    censoring = {sid: e["qc"]["censoring"] for sid, e in ok.items() if "censoring" in e["qc"]}
+    if censoring:
+        log_censoring(cfg.site, cfg.preprocess.scrub_fd, censoring)
     manifest["summary"] = {
         "ok": sum(s["status"] == "ok" for s in subjects.values()),
         "failed": sum(s["status"] != "ok" for s in subjects.values()),
         "frames_lost": sum(s.get("qc", {}).get("frames_lost", 0) for s in subjects.values()),
         "too_short": len(short),
+        "scans_with_missing_rois": len(per_scan),
+        "frames_censored": sum(c["censored"] for c in censoring.values()),
         "model_tr": model_tr,
         "min_frames": min_frames,
     }
     write_manifest(out_dir, manifest)
     return manifest
+
+
+def _prepare_scrub(cfg: SiteConfig) -> float | None:
+    """The FD threshold `prepare` censors with (nilearn's sample_mask): when FD comes from the confounds
+    file; with `preprocess.fd_file` the censoring happens when the series are loaded (`sites.cohort`)."""
+    p = cfg.preprocess
+    return p.scrub_fd if p.scrub_fd is not None and p.fd_file is None and cfg.data.confounds else None
 
 
 def _run(jobs: list[SubjectJob], n_jobs: int, progress: bool, site: str):

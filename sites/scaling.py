@@ -21,11 +21,15 @@ Three ways to fit:
 from __future__ import annotations
 
 import hashlib
+import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from sites.errors import DataError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_LEVELS = np.round(np.linspace(0.01, 0.99, 99), 6)
 
@@ -37,7 +41,7 @@ def subject_means(series: list[np.ndarray]) -> np.ndarray:
     r = {s.shape[0] for s in series}
     if len(r) != 1:
         raise DataError(f"scaling: series have different ROI counts {sorted(r)}")
-    return np.stack([np.asarray(s, dtype=np.float64).mean(axis=1) for s in series])  # (N, R)
+    return np.stack([np.asarray(s, dtype=np.float64).mean(axis=1) for s in series])  # (N, R); missing ROI: NaN
 
 
 @dataclass(frozen=True)
@@ -108,10 +112,17 @@ def fit_means(means: np.ndarray, method: str = "exact") -> RobustScaling:
     means = np.asarray(means, dtype=np.float64)
     if means.ndim != 2 or means.shape[0] < 2:
         raise DataError(f"scaling: need (N >= 2, R) subject means, got shape {means.shape}")
-    q25, med, q75 = np.percentile(means, [25, 50, 75], axis=0)  # (R,) each
+    q25, med, q75 = _nan_quantiles(means, [0.25, 0.5, 0.75], axis=0)  # (R,) each, missing ROIs ignored
     iqr = q75 - q25
     _check_iqr(iqr, means.shape[0])
     return RobustScaling(median=med, iqr=iqr, n_subjects=int(means.shape[0]), method=method)
+
+
+def _nan_quantiles(a: np.ndarray, q: list[float], axis: int) -> np.ndarray:
+    """np.nanquantile, quiet about all-NaN slices (a ROI missing everywhere: NaN, refused by _check_iqr)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanquantile(a, q, axis=axis)
 
 
 def fit(series: list[np.ndarray]) -> RobustScaling:
@@ -128,7 +139,7 @@ def fit_values(series: list[np.ndarray], frames_per_subject: int = 256) -> Robus
     cols = [s[:, np.linspace(0, s.shape[1] - 1, min(frames_per_subject, s.shape[1])).astype(np.int64)]
             for s in series]  # fmt: skip
     frames = np.concatenate(cols, axis=1).astype(np.float64)  # (R, sum of kept frames)
-    q25, med, q75 = np.percentile(frames, [25, 50, 75], axis=1)  # (R,) each
+    q25, med, q75 = _nan_quantiles(frames, [0.25, 0.5, 0.75], axis=1)  # (R,) each, missing ROIs ignored
     iqr = q75 - q25
     _check_iqr(iqr, len(series))
     return RobustScaling(median=med, iqr=iqr, n_subjects=len(series), method="values")
@@ -145,9 +156,9 @@ class PerScanScaling:
     def apply(self, x: np.ndarray) -> np.ndarray:
         """(..., R, L) -> float32, each (R, L) series by its own statistics."""
         x = np.asarray(x, dtype=np.float32)
-        q25, med, q75 = np.percentile(x, [25, 50, 75], axis=-1, keepdims=True)  # (..., R, 1) each
+        q25, med, q75 = np.percentile(x, [25, 50, 75], axis=-1, keepdims=True)  # (..., R, 1); missing ROI: NaN
         iqr = q75 - q25
-        if np.any(iqr <= 0):
+        if np.any(iqr <= 0):  # NaN (a missing ROI) compares False: it stays NaN
             raise DataError("scaling: per-scan IQR is 0 for some ROI (a constant ROI): cannot scale the scan")
         return ((x - med) / iqr).astype(np.float32)
 
@@ -168,9 +179,13 @@ def scaling_from_dict(d: dict) -> RobustScaling | PerScanScaling:
     return RobustScaling.from_dict(d)
 
 
-def fit_method(series: list[np.ndarray], method: str) -> RobustScaling | PerScanScaling | None:
+def fit_method(series: list[np.ndarray], method: str, source: str = "data") -> RobustScaling | PerScanScaling | None:
     """`robust`: the reference's statistics of subjects' ROI time-means; `values`: of the values
-    themselves (`fit_values`); `scan`: each scan by its own (`PerScanScaling`); `none`: no scaling."""
+    themselves (`fit_values`); `scan`: each scan by its own (`PerScanScaling`); `none`: no scaling;
+    `auto`: one of the three picked from the series (`choose_method`), with the reason logged."""
+    if method == "auto":
+        method, reason = choose_method(series)
+        log.info("%s: scaling 'auto' picked '%s': %s", source, method, reason)
     if method == "robust":
         return fit(series)
     if method == "values":
@@ -179,12 +194,66 @@ def fit_method(series: list[np.ndarray], method: str) -> RobustScaling | PerScan
         return PerScanScaling()
     if method == "none":
         return None
-    raise DataError(f"scaling: expected robust, values, scan or none, got '{method}'")
+    raise DataError(f"scaling: expected auto, robust, values, scan or none, got '{method}'")
+
+
+CENTRED_MAX = 0.5  # auto: |time-mean| / within-scan SD below this (median over scans, ROIs) = demeaned data
+BASELINE_MAX = 1.0  # auto: baselines' IQR across scans / within-scan SD above this = per-scan baselines
+
+
+def choose_method(series: list[np.ndarray]) -> tuple[str, str]:
+    """`auto`: (method, reason) from the training series themselves (missing ROIs ignored).
+
+    - demeaned or standardized per scan (each ROI's time-mean small against its SD within the scan,
+      median ratio < CENTRED_MAX) -> `values` (the reference's statistics of time-means would divide by ~0);
+    - raw intensities whose baselines differ across scans by more than the signal (IQR across scans of
+      a ROI's time-mean > BASELINE_MAX x its within-scan SD, median over ROIs) -> `scan`;
+    - otherwise (raw intensities, comparable baselines) -> `robust`, the reference's recipe."""
+    if not series:
+        raise DataError("scaling: no series to choose a scaling from")
+    means = subject_means(series)  # (N, R)
+    sds = np.stack([np.asarray(s, dtype=np.float64).std(axis=1) for s in series])  # (N, R)
+    ok = np.isfinite(means) & (sds > 0)
+    centred = float(np.median(np.abs(means[ok]) / sds[ok]))
+    if centred < CENTRED_MAX:
+        return "values", (f"the series look demeaned per scan (median |time-mean| / SD = {centred:.3g} < "
+                          f"{CENTRED_MAX})")  # fmt: skip
+    q25, q75 = _nan_quantiles(means, [0.25, 0.75], axis=0)  # (R,) each
+    within = _nan_quantiles(np.where(ok, sds, np.nan), [0.5], axis=0)[0]  # (R,)
+    ratio = float(np.nanmedian((q75 - q25) / within)) if len(series) > 1 else 0.0
+    if ratio > BASELINE_MAX:
+        return "scan", (f"raw intensities whose baselines differ across scans by {ratio:.3g} x the within-scan "
+                        f"SD (> {BASELINE_MAX}): each scan by its own statistics")  # fmt: skip
+    return "robust", (f"raw intensities (|time-mean| / SD = {centred:.3g}) with comparable baselines (IQR across "
+                      f"scans = {ratio:.3g} x the within-scan SD): the reference's recipe")  # fmt: skip
 
 
 def typical_spread(series: list[np.ndarray]) -> float:
-    """Median over (up to 64) subjects of the median per-ROI standard deviation: ~1 is what the model wants."""
-    return float(np.median([np.median(s.std(axis=1)) for s in series[:64]]))
+    """Median over (up to 64) subjects of the median per-ROI standard deviation: ~1 is what the model wants.
+    Missing ROIs (NaN rows) are left out."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(np.nanmedian([np.nanmedian(s.std(axis=1)) for s in series[:64]]))
+
+
+def check_spread(series: list[np.ndarray], source: str, scaling: str) -> float:
+    """Log the typical spread of (scaled) series; refuse the reference scaling of demeaned data, warn (naming
+    the source: the site YAML) when the model would see values whose typical scale is far from 1."""
+    spread = typical_spread(series)
+    if scaling == "robust" and spread > 1e3:
+        raise DataError(
+            f"data '{source}': robust scaling divides by the IQR of the subjects' ROI time-means, which is "
+            f"~{spread:.1e} times smaller than the signal: the series look already demeaned (z-scored). "
+            "Set `data.scaling: values` (median / IQR of the values themselves) or `auto` for such data"
+        )
+    if not 0.1 <= spread <= 10.0:
+        hint = ("consider `scaling: values` or `auto`" if scaling != "values" else
+                "the subjects' baselines differ by more than the signal: consider `scaling: scan`")
+        log.warning("data '%s': after scaling '%s' the series' typical spread is %.3g, far from 1 (the model "
+                    "trains best near 1): %s", source, scaling, spread, hint)  # fmt: skip
+    else:
+        log.info("data '%s': scaling '%s', typical spread %.3g", source, scaling, spread)
+    return spread
 
 
 @dataclass(frozen=True)
@@ -223,7 +292,7 @@ def summarize(series: list[np.ndarray], site: str, levels: np.ndarray = DEFAULT_
     if levels.ndim != 1 or np.any(np.diff(levels) <= 0) or levels[0] <= 0 or levels[-1] >= 1:
         raise DataError("scaling: sketch levels must be increasing and strictly inside (0, 1)")
     means = subject_means(series)  # (N, R)
-    q = np.quantile(means, levels, axis=0)  # (Q, R)
+    q = _nan_quantiles(means, list(levels), axis=0)  # (Q, R); missing ROIs ignored
     return ScalingSummary(site=site, n_subjects=means.shape[0], levels=levels, quantiles=q)
 
 

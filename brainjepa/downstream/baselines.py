@@ -2,9 +2,11 @@
 
 Features: the Fisher-z transformed upper triangle of each subject's ROI-by-ROI Pearson correlation matrix.
 Model: StandardScaler (+ optional PCA) then LogisticRegression (classification) or Ridge (regression), a
-scikit-learn Pipeline. The regularisation strength is chosen on the validation split's primary metric
-(balanced accuracy / MSE); every candidate is fitted on the training split only, and the test split is
-never seen here.
+scikit-learn Pipeline. Missing ROIs (NaN rows, `sites.missing`): a scan's pairs with a missing ROI are NaN
+features, imputed by the training split's mean of that pair over the scans holding both ROIs (pairwise-
+complete FC, scikit-learn's SimpleImputer as the pipeline's first step). The regularisation strength is
+chosen on the validation split's primary metric (balanced accuracy / MSE); every candidate is fitted on
+the training split only, and the test split is never seen here.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from sklearn.decomposition import PCA
+from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
@@ -33,7 +36,8 @@ PCA_MAX = 64
 
 def fc_features(series: Sequence[np.ndarray]) -> np.ndarray:
     """(N, R*(R-1)/2) float64: per subject, arctanh(clip(r, +-Z_CLIP)) of the upper triangle (k=1, row
-    major) of the Pearson correlation matrix of its (R, L_i) ROI series; L_i may differ across subjects."""
+    major) of the Pearson correlation matrix of its (R, L_i) ROI series; L_i may differ across subjects.
+    A missing ROI (a NaN row) makes its pairs NaN (the pipeline imputes them pairwise-complete)."""
     if len(series) == 0:
         raise ValueError("fc_features got no subjects")
     n_rois = np.asarray(series[0]).shape[0] if np.ndim(series[0]) == 2 else None
@@ -45,12 +49,13 @@ def fc_features(series: Sequence[np.ndarray]) -> np.ndarray:
         x = np.asarray(s, dtype=np.float64)
         if x.ndim != 2 or x.shape[0] != n_rois or x.shape[1] < 2:
             raise ValueError(f"subject {i}: expected an ({n_rois}, L >= 2) series like subject 0, got {x.shape}")
-        if not np.all(np.isfinite(x)):
-            raise ValueError(f"subject {i}: the series holds NaN/inf values")
+        present = np.isfinite(x).all(axis=1)  # (R,)
+        if not (present | ~np.isfinite(x).any(axis=1)).all():
+            raise ValueError(f"subject {i}: the series holds NaN/inf values (only a whole missing ROI may be NaN)")
         xc = x - x.mean(axis=1, keepdims=True)  # (R, L)
         norm = np.linalg.norm(xc, axis=1)  # (R,)
-        if np.any(norm == 0):
-            raise ValueError(f"subject {i}: ROIs {np.flatnonzero(norm == 0).tolist()} are constant "
+        if np.any(norm[present] == 0):
+            raise ValueError(f"subject {i}: ROIs {np.flatnonzero(present & (norm == 0)).tolist()} are constant "
                              "(no correlation is defined)")  # fmt: skip
         xc /= norm[:, None]
         r = (xc @ xc.T)[iu]  # (R*(R-1)/2,)
@@ -60,7 +65,8 @@ def fc_features(series: Sequence[np.ndarray]) -> np.ndarray:
 
 def make_fc_pipeline(kind: str, strength: float, seed: int, n_components: int | None = None) -> Pipeline:
     """StandardScaler (+ PCA to n_components) + LogisticRegression(C=strength) or Ridge(alpha=strength)."""
-    steps: list[tuple[str, object]] = [("scale", StandardScaler())]
+    steps: list[tuple[str, object]] = [("impute", SimpleImputer(strategy="mean", keep_empty_features=True)),
+                                       ("scale", StandardScaler())]  # fmt: skip
     if n_components is not None:
         steps.append(("pca", PCA(n_components=n_components, random_state=seed)))
     if kind == "classification":
@@ -78,8 +84,8 @@ def _check_xy(name: str, X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.n
         raise ValueError(f"{name}: expected X (N, F) and y (N,), got shapes {X.shape} and {y.shape}")
     if X.shape[0] == 0:
         raise ValueError(f"{name}: no subjects")
-    if not (np.all(np.isfinite(X)) and np.all(np.isfinite(y.astype(np.float64)))):
-        raise ValueError(f"{name}: X or y holds NaN/inf values")
+    if np.isinf(X).any() or not np.all(np.isfinite(y.astype(np.float64))):
+        raise ValueError(f"{name}: X holds inf values or y NaN/inf values (NaN features = missing ROIs' pairs)")
     return X, y
 
 

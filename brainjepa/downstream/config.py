@@ -88,4 +88,4 @@ class DownstreamTask:
     task: TaskSpec
     recipe: DownstreamConfig = field(default_factory=DownstreamConfig)
     model_tr: float = DEFAULT_MODEL_TR
-    scaling: Literal["robust", "values", "scan", "none"] = "robust"
+    scaling: Literal["auto", "robust", "values", "scan", "none"] = "robust"

@@ -5,7 +5,9 @@ scans shorter than the window handled per `data.on_short`); the label is the tas
 column. Classification keeps only the task's `classes` (the class filter) and numbers them in that
 order, so every site agrees on what class 1 is; regression keeps finite values. Rows without a usable
 label are dropped and counted. Scaling: the site's own robust statistics from its training split (the
-same recipe as pretraining, `sites.scaling`), applied to all three splits; the statistics never leave.
+same recipe as pretraining, `sites.scaling`), applied to all three splits; the statistics never leave;
+the scaled training split's typical spread is logged (a warning naming the site when far from 1).
+Missing ROIs (`preprocess.missing_rois: mask`) stay NaN rows: the model fills them and pools without them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from sites.cohort import SPLITS, load_site_series
 from sites.config import SiteConfig
 from sites.errors import DataError, where
 from sites.participants import read_participants
-from sites.scaling import PerScanScaling, RobustScaling, fit_method
+from sites.scaling import PerScanScaling, RobustScaling, check_spread, fit_method
 from sites.windows import PackedSeries, multi_windows, pack, random_windows
 
 log = logging.getLogger(__name__)
@@ -89,7 +91,7 @@ def load_labelled_site(site: SiteConfig, task: TaskSpec, model_tr: float, n_fram
     y_all = encode_labels(np.array([by_id[s] for s in series.subject_ids], dtype=object), task)
     usable = y_all >= 0 if task.kind == "classification" else np.isfinite(y_all)
     train_idx = np.flatnonzero(series.splits == "train")
-    fitted = fit_method([series.series[i] for i in train_idx], scaling)
+    fitted = fit_method([series.series[i] for i in train_idx], scaling, str(site.source))
     splits = {}
     for name in SPLITS:
         idx = np.flatnonzero((series.splits == name) & usable)
@@ -104,6 +106,7 @@ def load_labelled_site(site: SiteConfig, task: TaskSpec, model_tr: float, n_fram
     if len(splits["train"]) == 0:
         raise DataError(f"{where(site.source)}: no training scan has a usable '{task.column}' value for task "
                         f"'{task.name}' (classes {list(task.classes)})")  # fmt: skip
+    check_spread(splits["train"].series, str(site.source), scaling)  # what the model sees: logged, far from 1 warned
     return LabelledSite(site.site, task, splits, fitted, dropped)
 
 

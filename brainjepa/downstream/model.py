@@ -1,7 +1,8 @@
 """Downstream models: the pretrained target encoder as backbone, with a fine-tuning or a probing head.
 
 - Backbone: `brainjepa.vit.Encoder` with the checkpoint's target-encoder weights (the reference's
-  choice), run on ALL tokens of a window; features = mean over tokens (no CLS token).
+  choice), run on ALL tokens of a window; features = mean over tokens (no CLS token), the tokens of
+  missing ROIs (`sites.missing`) left out.
 - Fine-tuning head: LayerNorm -> Linear; every weight trains, with layer-wise LR decay (block i of
   depth d gets lr * decay ** (d + 1 - i); embeddings the lowest, the head the full LR) and drop-path
   rising linearly over the blocks.
@@ -21,6 +22,7 @@ from torch import nn
 from brainjepa.checkpoint import load_checkpoint
 from brainjepa.config import ModelConfig
 from brainjepa.downstream.config import DownstreamConfig, TaskSpec
+from brainjepa.masks import mean_observed, split_missing
 from brainjepa.vit import Encoder, init_weights, set_drop_path
 from sites.errors import DataError
 from sites.schema import from_mapping
@@ -71,12 +73,14 @@ class DownstreamModel(nn.Module):
         self.head.apply(init_weights)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, R, T) -> (B, D): the backbone's tokens, mean-pooled."""
+        """(B, R, T) -> (B, D): the backbone's tokens, mean-pooled over the observed ROIs' tokens (a missing
+        ROI, a NaN row (sites.missing), enters the backbone as 0 and is left out of the mean)."""
+        x, observed = split_missing(x)  # (B, R, T), (B, R)
         if self.recipe.frozen_backbone:
             self.backbone.eval()
             with torch.no_grad():
-                return self.backbone(x).mean(dim=1)
-        return self.backbone(x).mean(dim=1)  # (B, N, D) -> (B, D)
+                return mean_observed(self.backbone(x), observed)
+        return mean_observed(self.backbone(x), observed)  # (B, N, D) -> (B, D)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))  # (B, n_outputs)

@@ -21,10 +21,14 @@ from brainjepa.federation.contract import SKETCH_LEVELS, SKETCH_QUANTILES, Metri
 from brainjepa.gradients import gradient_checksum, load_gradients
 from brainjepa.jepa import JEPAModels, PretrainStep, resolve_device
 from brainjepa.prefetch import Prefetcher
+from brainjepa.privacy.dpsgd import DPPretrainStep
+from brainjepa.privacy.sampling import PoissonSubjects, secret_generators, unit_index
+from brainjepa.privacy.session import PrivateRound, ledger_path, run_key
 from brainjepa.weights import WEIGHT_SETS, flat_parameters, load_flat_parameters, model_checksum
 from sites.cohort import check_spread, load_cohort
 from sites.config import SiteConfig
 from sites.errors import DataError, InputError
+from sites.participants import read_participants
 from sites.scaling import RobustScaling, summarize
 
 log = logging.getLogger(__name__)
@@ -38,7 +42,8 @@ class RoundRefused(InputError):
 class SiteData:
     site: str
     stream: BatchStream
-    n_subjects: int
+    n_subjects: int  # training scans (series)
+    units: np.ndarray | None = None  # (N,) privacy unit (subject) index of each scan, for DP sampling
 
 
 def load_site_data(site: SiteConfig, cfg: PretrainConfig, scaling: RobustScaling | None = None) -> SiteData:
@@ -59,7 +64,19 @@ def load_site_data(site: SiteConfig, cfg: PretrainConfig, scaling: RobustScaling
         check_spread(series, raw.source, "robust")
         cohort = dataclasses.replace(raw, series=series, scaling=scaling)
     stream = pretraining_stream(cohort, cfg)
-    return SiteData(site.site, stream, len(stream.packed))
+    return SiteData(site.site, stream, len(stream.packed), scan_units(site, cohort.subject_ids))
+
+
+def scan_units(site: SiteConfig, scan_ids: list[str]) -> np.ndarray:
+    """(N,) the privacy unit of each scan: its subject (`participants.subject_column`, when a subject has
+    several scans), else the scan's own participant id (one scan per subject)."""
+    column = site.participants.subject_column
+    if column is None:
+        return unit_index(scan_ids)
+    p = site.participants
+    parts = read_participants(p.file, p.id_column, p.phenotypes)
+    subject = dict(zip(parts.ids, (str(g) for g in parts.column(column)), strict=True))
+    return unit_index([subject.get(i, i) for i in scan_ids])
 
 
 def site_sketch(site: SiteConfig, cfg: PretrainConfig) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -123,10 +140,12 @@ class SiteTrainer:
         self.models = JEPAModels(m, torch.from_numpy(grads))
         check_model(model_checksum(m, self.modules), spec)
         dev = site_device(runtime)
-        self.perf = runtime.perf
+        self.perf, self.privacy = runtime.perf, runtime.privacy
+        private = self.privacy.enabled  # the DP path is the plain eager fp32 step
+        perf = dataclasses.replace(self.perf, compile=False, cuda_graphs=False) if private else self.perf
         self.step_fn = PretrainStep(self.models, cfg.optim, spec.total_steps, dev,
-                                    activation_checkpointing=cfg.train.activation_checkpointing,
-                                    perf=self.perf, precision=cfg.train.precision)  # fmt: skip
+                                    activation_checkpointing=cfg.train.activation_checkpointing and not private,
+                                    perf=perf, precision="fp32" if private else cfg.train.precision)  # fmt: skip
 
     @property
     def modules(self) -> dict[str, nn.Module]:
@@ -161,6 +180,40 @@ class SiteTrainer:
         return {Metric.LOSS: sum(values) / len(values), Metric.LOSS_FIRST: values[0], Metric.LOSS_LAST: values[-1],
                 Metric.LOCAL_STEPS: float(spec.local_steps), Metric.WALL_S: time.perf_counter() - t0,
                 Metric.SAMPLES_SEEN: float(spec.local_steps * accum * spec.task_config.train.batch_size)}  # fmt: skip
+
+
+def private_train(trainer: SiteTrainer, data: SiteData, site: SiteConfig) -> dict[str, float]:
+    """The round under DP-SGD (site YAML `privacy.enabled`): granted against the site's ledger (or
+    `BudgetExhausted`), K steps on Poisson-drawn subjects, then recorded on the site's disk and reported."""
+    spec, cfg, privacy = trainer.spec, trainer.spec.task_config, trainer.privacy
+    expected = cfg.train.batch_size * cfg.optim.accumulation_steps
+    assert data.units is not None
+    try:
+        sampler = PoissonSubjects(data.stream.packed, data.units, expected, cfg.model.n_frames,
+                                  cfg.model.patch_size, cfg.mask)  # fmt: skip
+    except ValueError as e:
+        raise RoundRefused(f"site '{site.source}': {e}") from e
+    dp = PrivateRound.open(privacy, ledger_path(privacy, site.source, site.site), site.site,
+                           run_key(spec.task, spec.model_checksum, spec.gradient_checksum, spec.total_steps,
+                                   cfg.train.seed),
+                           spec.task, spec.round, sampler.sample_rate, spec.local_steps,
+                           spec.total_steps - spec.step_start)  # fmt: skip
+    rng, noise = secret_generators()
+    step = DPPretrainStep(trainer.step_fn, dp.noise_multiplier, privacy.max_grad_norm, expected, noise,
+                          privacy.clip_chunk)  # fmt: skip
+    t0 = time.perf_counter()
+    losses = [step(*sampler.draw(rng), s) for s in range(spec.step_start, spec.step_start + spec.local_steps)]
+    values = [v for v in torch.stack(losses).tolist() if v == v]  # an empty draw has no loss (NaN)
+    metrics = dp.commit()
+    log.info("site %s: DP round %d, epsilon %.3f of %s (noise multiplier %.3g, sampling rate %.3g)", site.site,
+             spec.round + 1, metrics[Metric.EPSILON_SPENT], privacy.target_epsilon, dp.noise_multiplier,
+             sampler.sample_rate)  # fmt: skip
+    mean = sum(values) / len(values) if values else float("nan")
+    metrics.update({Metric.LOSS: mean, Metric.LOSS_FIRST: values[0] if values else mean,
+                    Metric.LOSS_LAST: values[-1] if values else mean, Metric.LOCAL_STEPS: float(spec.local_steps),
+                    Metric.WALL_S: time.perf_counter() - t0,
+                    Metric.SAMPLES_SEEN: float(spec.local_steps * expected)})  # fmt: skip
+    return metrics
 
 
 def resolve_site(path: str | Path) -> tuple[SiteConfig, SiteRuntime]:

@@ -166,13 +166,15 @@ def test_runtime_sections_are_the_training_sides(tmp_path):
     assert set(RUNTIME_KEYS) == {"batch_size", "device", "perf", "privacy"}
 
 
-def test_privacy_enabled_is_refused_until_dp_sgd_exists(tmp_path):
-    """A site admin who asks for DP-SGD must not get a run without it: the file and the key are named."""
-    p = write(tmp_path, ROI_YAML + "privacy: {enabled: true, target_epsilon: 8}\n")
+def test_privacy_enabled_needs_a_budget_naming_file_and_key(tmp_path):
+    """DP-SGD without a budget is refused (the file and the key are named); with one it is read as given."""
+    p = write(tmp_path, ROI_YAML + "privacy: {enabled: true}\n")
     with pytest.raises(ConfigError) as e:
         load_site(p)
     msg = str(e.value)
-    assert str(p) in msg and "privacy.enabled" in msg and "not implement" in msg
+    assert str(p) in msg and "privacy.target_epsilon" in msg
+    _, runtime = load_site(write(tmp_path, ROI_YAML + "privacy: {enabled: true, target_epsilon: 8}\n", "on.yaml"))
+    assert runtime.privacy.enabled and runtime.privacy.target_epsilon == 8 and runtime.privacy.noise_multiplier is None
     _, runtime = load_site(write(tmp_path, ROI_YAML + "privacy: {enabled: false}\n", "off.yaml"))
     assert not runtime.privacy.enabled
 

@@ -104,6 +104,10 @@ class Metric:
     EPSILON_SPENT = "epsilon-spent"
     EPSILON_BUDGET = "epsilon-budget"
     DELTA = "delta"
+    DP_NOISE_MULTIPLIER = "dp-noise-multiplier"  # sigma of this round's steps
+    DP_MAX_GRAD_NORM = "dp-max-grad-norm"  # C, the per-subject clip norm
+    DP_SAMPLE_RATE = "dp-sample-rate"  # Poisson rate per subject per step
+    DP_STEPS = "dp-steps"  # DP-SGD steps in the site's ledger, this round included
     # label-stats rounds (NUM_EXAMPLES = the training scans with a usable label): aggregate sums only.
     LABEL_SUM = "label-sum"
     LABEL_M2 = "label-m2"  # sum of squared deviations from the site's own label mean

@@ -37,9 +37,17 @@ from brainjepa.federation.contract import (
     encode_update,
     scaling_from_arrays,
 )
+from brainjepa.privacy.budget import BudgetExhausted
 from client.downstream import DownstreamSite
 from client.state import load_optimizer, save_optimizer
-from client.training import RoundRefused, SiteTrainer, load_site_data, resolve_site, site_sketch
+from client.training import (
+    RoundRefused,
+    SiteTrainer,
+    load_site_data,
+    private_train,
+    resolve_site,
+    site_sketch,
+)
 from sites.config import SiteConfig
 from sites.errors import InputError
 from sites.scaling import RobustScaling
@@ -116,7 +124,7 @@ def pretrain_round(spec: RoundSpec, site: SiteConfig, runtime: SiteRuntime, grad
     trainer.load_sets(received)
     rounds_done = load_optimizer(state, trainer.step_fn.optimizer, spec.model_checksum)
     data = load_site_data(site, spec.task_config, scaling)
-    metrics = trainer.train(data)
+    metrics = private_train(trainer, data, site) if runtime.privacy.enabled else trainer.train(data)
     save_optimizer(state, trainer.step_fn.optimizer, spec.model_checksum, rounds_done + 1)
     metrics.update({Metric.NUM_EXAMPLES: float(data.n_subjects), Metric.ROUNDS_DONE: float(rounds_done + 1)})
     return trainer.sets(), metrics
@@ -153,6 +161,8 @@ def handle(msg: Message, context: Context) -> Message:
     """The round, or an error reply: REFUSED (contract, checksum, config) or FAILED (the site's data)."""
     try:
         return run_round(msg, context)
+    except BudgetExhausted as e:
+        return Message(Error(code=ErrorCode.BUDGET_EXHAUSTED, reason=f"site declined the round: {e}"), reply_to=msg)
     except (RoundRefused, ContractError) as e:
         return Message(Error(code=ErrorCode.REFUSED, reason=f"site refused the round: {e}"), reply_to=msg)
     except InputError as e:

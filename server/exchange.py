@@ -25,6 +25,7 @@ from brainjepa.federation.contract import (
     CONFIG,
     METRICS,
     SITE,
+    ErrorCode,
     Metric,
     RoundSpec,
     decode_update,
@@ -43,7 +44,7 @@ class RoundFailed(RuntimeError):
 @dataclass
 class SiteResult:
     node_id: int
-    status: str  # ok | failed | rejected | timeout
+    status: str  # ok | failed | declined (privacy budget spent) | rejected | timeout
     site: str = ""
     detail: str = ""
     update: SiteUpdate | None = None
@@ -141,7 +142,8 @@ def decode(reply: Message, node_id: int, sent_bytes: int, wire_dtype: str,
     if reply.has_error():
         reason = (reply.error.reason or "").strip()
         log.warning("site node %d failed: %s", node_id, reason.splitlines()[-1] if reason else reply.error.code)
-        return SiteResult(node_id, "failed", detail=reason[-2000:], bytes_sent=sent_bytes)
+        status = "declined" if reply.error.code == ErrorCode.BUDGET_EXHAUSTED else "failed"  # out of privacy budget
+        return SiteResult(node_id, status, detail=reason[-2000:], bytes_sent=sent_bytes)
     content = reply.content
     site = str(content[SITE]["name"]) if SITE in content.config_records else f"node-{node_id}"
     metrics = {k: float(v) for k, v in content[METRICS].items()}
@@ -166,7 +168,7 @@ def ok_updates(results: list[SiteResult], min_sites: int, what: str, hint: str =
 
 def count(results: list[SiteResult]) -> tuple[int, int, int]:
     """(ok, failed or timed out, rejected) sites of a round."""
-    return (sum(r.status == "ok" for r in results), sum(r.status in ("failed", "timeout") for r in results),
+    return (sum(r.status == "ok" for r in results), sum(r.status in ("failed", "declined", "timeout") for r in results),
             sum(r.status == "rejected" for r in results))  # fmt: skip
 
 

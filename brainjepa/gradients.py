@@ -27,7 +27,10 @@ def load_gradients(path: str | Path, n_rois: int | None = None, n_components: in
     if not path.is_file():
         raise DataError(f"gradient file '{path}' does not exist")
     if path.suffix == ".npy":
-        g = np.load(path, allow_pickle=False)
+        try:
+            g = np.load(path, allow_pickle=False)
+        except (ValueError, EOFError, OSError) as e:  # pickled objects (refused), truncated or not a .npy file
+            raise DataError(f"gradient file '{path}': not a readable numeric .npy matrix ({e})") from e
     elif path.suffix == ".csv":
         try:
             g = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)

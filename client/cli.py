@@ -2,16 +2,67 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import ssl
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from brainjepa.federation.flower import flower_env, supernode_command
-from brainjepa.federation.processes import free_port, start_process
+from brainjepa.federation.names import check_site_name
+from brainjepa.federation.processes import ManagedProcess, free_port, start_process
 from sites.errors import InputError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
+
+
+def probe_coordinator(server: str, root_cert: Path | None, timeout_s: float = 5.0) -> str | None:
+    """Why the coordinator at `server` (HOST:PORT) cannot be used, or None: a TCP connection and, with
+    `root_cert`, a TLS handshake that verifies its certificate (chain and name), within `timeout_s`."""
+    host, _, port = server.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return f"--server: expected HOST:PORT with a port in 1-65535, got '{server}'"
+    try:
+        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s)
+    except OSError as e:
+        return (f"cannot reach the coordinator at {server}: {e.strerror or e} (is `brainjepa-server start` running "
+                f"there, and is the port open to this machine?)")  # fmt: skip
+    with sock:
+        if root_cert is None:
+            return None
+        ctx = ssl.create_default_context(cafile=str(root_cert))
+        try:
+            with ctx.wrap_socket(sock, server_hostname=host.strip("[]")):
+                return None
+        except ssl.SSLCertVerificationError as e:
+            return (f"the coordinator's TLS certificate at {server} does not verify against --root-certificates "
+                    f"{root_cert}: {e.verify_message} (a name mismatch means the certificate's SAN lacks '{host}': "
+                    f"connect with a name it holds, or ask the coordinator for a certificate with this one)")  # fmt: skip
+        except (ssl.SSLError, OSError) as e:
+            return f"TLS handshake with the coordinator at {server} failed: {e}"
+
+
+def follow(proc: ManagedProcess, poll_s: float = 0.5) -> int:
+    """Echo the SuperNode's log (Flower's and this site's ClientApp lines) to the console until it exits."""
+    pos = 0
+    while True:
+        alive = proc.alive()
+        try:
+            with open(proc.log_path, errors="replace") as f:
+                f.seek(pos)
+                chunk = f.read()
+                pos = f.tell()
+        except FileNotFoundError:
+            chunk = ""
+        for line in chunk.splitlines():
+            err = "ERROR" in line or "site failed" in line or "site refused" in line
+            typer.secho(f"  | {line}", fg=typer.colors.RED if err else None, err=err)
+        if not alive:
+            return proc.wait()
+        time.sleep(poll_s)
 
 
 @app.command()
@@ -30,14 +81,23 @@ def main_command(
     from brainjepa.config import load_site
     from brainjepa.gradients import gradient_checksum, load_gradients
 
+    os.umask(0o077)  # logs and the site's state: owner-only
     if insecure == (root_certificates is not None):
         raise typer.BadParameter("give --root-certificates CA.crt, or --insecure (testing only)")
+    for option, path in (("--root-certificates", root_certificates), ("--auth-key", auth_key)):
+        if path is not None and not path.is_file():
+            raise typer.BadParameter(f"{option}: file '{path}' does not exist")
     try:  # fail here, with a clear message, rather than in the first round
         cfg, _ = load_site(site)  # the whole file, runtime sections (device, perf, privacy) included
+        check_site_name(cfg.site, f"site config '{site}', field 'site'")
         grads = load_gradients(gradients, n_rois=cfg.n_rois)
     except InputError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from e
+    problem = probe_coordinator(server, root_certificates.resolve() if root_certificates else None)
+    if problem:
+        typer.secho(f"error: {problem}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(3)
     if insecure:
         typer.secho("!! --insecure: NO TLS. Model weights travel unencrypted. Local tests only. !!",
                     fg=typer.colors.RED, bold=True, err=True)  # fmt: skip
@@ -53,7 +113,7 @@ def main_command(
     # The user's FLWR_HOME (None); a new session: Ctrl-C reaches only us, and we stop the SuperNode's tree.
     proc = start_process("supernode", cmd, log_path, flower_env(None))
     try:
-        code = proc.wait()
+        code = follow(proc)
         typer.echo(f"SuperNode exited with code {code}; see {log_path}")
         if code:
             lines = log_path.read_text(errors="replace").splitlines()[-40:]
@@ -62,7 +122,7 @@ def main_command(
                 typer.secho(f"  {ln.strip()}", fg=typer.colors.RED, err=True)
             if any("305" in ln for ln in why):
                 typer.secho("  (exit 305: the SuperLink refused this site: is its public key registered at the "
-                            "coordinator with --auth-public-key?)", fg=typer.colors.RED, err=True)  # fmt: skip
+                            "coordinator's --sites-file?)", fg=typer.colors.RED, err=True)  # fmt: skip
         raise typer.Exit(code)
     except KeyboardInterrupt:
         typer.echo("\nCtrl-C: leaving the federation")

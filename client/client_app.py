@@ -39,6 +39,7 @@ from brainjepa.federation.contract import (
 )
 from brainjepa.privacy.budget import BudgetExhausted
 from client.downstream import DownstreamSite
+from client.redact import scrub
 from client.state import load_optimizer, save_optimizer
 from client.training import (
     RoundRefused,
@@ -164,6 +165,13 @@ def handle(msg: Message, context: Context) -> Message:
     except BudgetExhausted as e:
         return Message(Error(code=ErrorCode.BUDGET_EXHAUSTED, reason=f"site declined the round: {e}"), reply_to=msg)
     except (RoundRefused, ContractError) as e:
-        return Message(Error(code=ErrorCode.REFUSED, reason=f"site refused the round: {e}"), reply_to=msg)
+        return Message(Error(code=ErrorCode.REFUSED, reason=site_error("site refused the round", e)), reply_to=msg)
     except InputError as e:
-        return Message(Error(code=ErrorCode.FAILED, reason=f"site failed: {e}"), reply_to=msg)
+        return Message(Error(code=ErrorCode.FAILED, reason=site_error("site failed", e)), reply_to=msg)
+
+
+def site_error(what: str, e: Exception) -> str:
+    """The full message on this site's console (the SuperNode log); the reply's text with subject ids and
+    paths masked (`client.redact.scrub`)."""
+    log.error("%s: %s", what, e)
+    return f"{what}: {scrub(str(e))}"

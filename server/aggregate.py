@@ -29,10 +29,15 @@ class SiteUpdate:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def check_update(update: SiteUpdate, expected: dict[str, int]) -> str | None:
-    """Why `update` must not be averaged (missing / wrong-length set, NaN/Inf, no samples), or None."""
+def check_update(update: SiteUpdate, expected: dict[str, int], current: dict[str, torch.Tensor] | None = None,
+                 max_ratio: float = 0.0, max_samples: int = 0) -> str | None:  # fmt: skip
+    """Why `update` must not be averaged (missing / wrong-length set, NaN/Inf, no samples, more samples
+    than `max_samples` (0: no cap), a trained set farther than `max_ratio` x its norm from the `current`
+    global set (0: no bound)), or None."""
     if not (isinstance(update.num_examples, int) and update.num_examples > 0):
         return f"num-examples must be a positive integer, got {update.num_examples!r}"
+    if max_samples and update.num_examples > max_samples:
+        return f"num-examples {update.num_examples} exceeds the cap of {max_samples} for this site"
     for name, n in expected.items():
         vec = update.sets.get(name)
         if vec is None:
@@ -45,6 +50,14 @@ def check_update(update: SiteUpdate, expected: dict[str, int]) -> str | None:
     extra = set(update.sets) - set(expected)
     if extra:
         return f"unexpected weight set(s) {sorted(extra)}"
+    if max_ratio and current is not None:
+        for name in TRAINED_SETS:
+            if name in current and name in update.sets:
+                ref = float(current[name].norm())
+                dist = float((update.sets[name] - current[name]).norm())
+                if dist > max_ratio * ref:
+                    return (f"weight set '{name}' moved {dist:.4g} from the global weights (norm {ref:.4g}): more "
+                            f"than max-update-ratio {max_ratio:g} x the global norm")  # fmt: skip
     return None
 
 

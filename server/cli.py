@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -24,8 +25,16 @@ from brainjepa.federation.flower import (
     write_app_dir,
     write_connection,
 )
-from brainjepa.federation.processes import start_process, wait_for_port
+from brainjepa.federation.processes import (
+    ManagedProcess,
+    free_port,
+    private_dir,
+    start_process,
+    wait_for_port,
+)
+from brainjepa.federation.tls import certificate_names, make_ca, make_server_cert
 from server.config import FederationConfig, from_run_config, to_run_config
+from server.registry import load_sites_file, register_sites
 from sites.errors import InputError
 
 # Option defaults are the run config's (server.config.FederationConfig), never written twice.
@@ -56,85 +65,136 @@ def _parse_pairs(pairs: list[str]) -> dict[str, object]:
     return out
 
 
+def _check_address(address: str) -> tuple[str, int]:
+    host, _, port_text = address.rpartition(":")
+    if not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise typer.BadParameter(f"--address: expected HOST:PORT with a port in 1-65535, got '{address}'")
+    return host, int(port_text)
+
+
+def _check_files(**files: Path | None) -> None:
+    for option, path in files.items():
+        if path is not None and not path.is_file():
+            raise typer.BadParameter(f"--{option.replace('_', '-')}: file '{path}' does not exist")
+
+
 @app.command()
 def start(
     gradients: Annotated[Path, typer.Option(help="The federation's gradient file (every site uses the same; `brainjepa gradients --site ...` makes one from the sites' FC sums).")],
-    address: Annotated[str, typer.Option(help="HOST:PORT the SuperLink listens on (sites connect here).")] = "0.0.0.0:9092",
+    address: Annotated[str, typer.Option(help="HOST:PORT sites connect to: a TLS proxy that serves only Flower's Fleet API (the SuperLink itself listens on 127.0.0.1).")] = "0.0.0.0:9092",
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = D.num_rounds,
     local_steps: Annotated[int, typer.Option(help="Local JEPA optimizer steps per site per round.")] = D.local_steps,
     min_sites: Annotated[int, typer.Option(help="Sites a round needs (fewer valid updates: the run stops, resumable).")] = D.min_sites,
     fraction_sites: Annotated[float, typer.Option(help="Share of connected sites sampled per round.")] = D.fraction_sites,
-    strategy: Annotated[str, typer.Option(help="fedavg, fedavgm or fedadam.")] = D.strategy,
+    strategy: Annotated[str, typer.Option(help="fedavg, fedavgm, fedadam, median or trimmed-mean.")] = D.strategy,
     wire_dtype: Annotated[str, typer.Option(help="float32, or float16 (half-precision transfer).")] = D.wire_dtype,
     model_size: Annotated[str, typer.Option(help="tiny, small, base or large.")] = D.model_size,
     pretrain_config: Annotated[Path | None, typer.Option(help="Pretraining YAML (model/mask/optim) instead of --model-size.")] = None,
-    out_dir: Annotated[Path, typer.Option(help="Where run folders, logs and the SuperLink database go.")] = Path(D.out_dir),
-    resume: Annotated[Path | None, typer.Option(help="Continue RUN_DIR from its last completed round.")] = None,
+    out_dir: Annotated[Path, typer.Option(help="Where run folders, logs and the SuperLink database go (created 0700).")] = Path(D.out_dir),
+    resume: Annotated[Path | None, typer.Option(help="Continue RUN_DIR from its last completed round (or --resume-round).")] = None,
+    resume_round: Annotated[int, typer.Option(help="With --resume: continue after this round (its kept round-NNN.pt); 0: the last.")] = D.resume_round,
     run_config: Annotated[list[str], typer.Option(help="Extra run-config pairs, e.g. 'n-rois=450' (repeatable).")] = [],  # noqa: B006
-    insecure: Annotated[bool, typer.Option(help="No TLS: traffic (model weights) unencrypted. Testing only.")] = False,
-    ssl_ca_certfile: Annotated[Path | None, typer.Option(help="CA certificate (TLS).")] = None,
-    ssl_certfile: Annotated[Path | None, typer.Option(help="Server certificate (TLS).")] = None,
+    insecure: Annotated[bool, typer.Option(help="No TLS, no proxy, no site authentication; only on a 127.0.0.1 address. Testing only.")] = False,
+    ssl_ca_certfile: Annotated[Path | None, typer.Option(help="CA certificate that signed --ssl-certfile (the sites' --root-certificates).")] = None,
+    ssl_certfile: Annotated[Path | None, typer.Option(help="Server certificate (TLS), valid for the name sites connect to.")] = None,
     ssl_keyfile: Annotated[Path | None, typer.Option(help="Server private key (TLS).")] = None,
-    auth_public_key: Annotated[list[Path], typer.Option(help="A site's SuperNode public key (ssh-keygen -t ecdsa -b 384); enables SuperNode authentication (needs TLS). Repeatable.")] = [],  # noqa: B006
+    sites_file: Annotated[Path | None, typer.Option(help="YAML: site name -> public-key (a site's SuperNode public key, ssh-keygen -t ecdsa -b 384) and max-samples. Only these sites can join; each is known by its key. Needs TLS.")] = None,
     keep_running: Annotated[bool, typer.Option(help="Keep the SuperLink up after the run (Ctrl-C to stop).")] = False,
     in_memory_state: Annotated[bool, typer.Option(help="SuperLink state in memory instead of OUT_DIR/superlink.db: ~1.5x faster transfers of large models, but after a coordinator crash every site must restart its client.")] = False,
 ) -> None:
-    """Start a SuperLink on ADDRESS and submit the federated pretraining run to it.
+    """Start a loopback-only SuperLink, the Fleet-only TLS proxy on ADDRESS, and submit the run.
 
-    Sites join with `brainjepa-client --site SITE.yaml --server THIS_HOST:PORT`. Rounds wait until
-    --min-sites sites are connected. Ctrl-C stops the run and the SuperLink cleanly; the last completed
-    round's checkpoint stays, and `--resume RUN_DIR` continues it.
+    Sites join with `brainjepa-client --site SITE.yaml --server THIS_HOST:PORT --root-certificates CA
+    --auth-key SITE_KEY`. Only the keys in --sites-file are registered (by this command; sites cannot
+    register themselves), and a site is known by its key. Rounds wait until --min-sites sites are
+    connected. Ctrl-C stops the run, the proxy and the SuperLink cleanly; the last completed round's
+    checkpoint stays, and `--resume RUN_DIR` continues it.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    os.umask(0o077)  # everything this command and its processes create: owner-only
     tls_files = [ssl_ca_certfile, ssl_certfile, ssl_keyfile]
-    if insecure and any(tls_files):
-        raise typer.BadParameter("--insecure and TLS certificates are exclusive")
+    if insecure and (any(tls_files) or sites_file):
+        raise typer.BadParameter("--insecure excludes TLS certificates and --sites-file")
     if not insecure and not all(tls_files):
         raise typer.BadParameter("give --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile, or --insecure (testing only)")
-    if auth_public_key and insecure:
-        raise typer.BadParameter("SuperNode authentication (--auth-public-key) needs TLS")
-    host, _, port_text = address.rpartition(":")
-    if not host or not port_text.isdigit():
-        raise typer.BadParameter(f"--address: expected HOST:PORT, got '{address}'")
+    _check_files(ssl_ca_certfile=ssl_ca_certfile, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
+                 sites_file=sites_file, gradients=gradients)  # fmt: skip
+    host, port = _check_address(address)
+    if insecure and host not in ("127.0.0.1", "localhost", "::1"):
+        raise typer.BadParameter(f"--insecure serves every API unauthenticated: only on 127.0.0.1, not '{host}'")
+    if resume is not None and not resume.is_dir():
+        raise typer.BadParameter(f"--resume: folder '{resume}' does not exist")
+    if resume_round and resume is None:
+        raise typer.BadParameter("--resume-round needs --resume RUN_DIR")
+    work = private_dir(out_dir.resolve())
     try:
+        sites = load_sites_file(sites_file.resolve()) if sites_file else None
         cfg = from_run_config({
             **to_run_config(FederationConfig()), "num-rounds": rounds, "local-steps": local_steps,
             "min-sites": min_sites, "fraction-sites": fraction_sites, "strategy": strategy, "wire-dtype": wire_dtype,
             "gradients": str(gradients.resolve()), "model-size": model_size,
             "pretrain-config": str(pretrain_config.resolve()) if pretrain_config else "",
-            "out-dir": str(out_dir.resolve()), "resume-dir": str(resume.resolve()) if resume else "",
+            "out-dir": str(work), "resume-dir": str(resume.resolve()) if resume else "", "resume-round": resume_round,
+            "site-registry": str(work / "site_registry.json") if sites else "",
             **_parse_pairs(run_config),
         })  # fmt: skip
     except InputError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from e
-    work = out_dir.resolve()
-    logs = work / "logs"
+    if sites is not None and cfg.min_sites > len(sites):
+        typer.secho(f"error: --min-sites {cfg.min_sites} but the sites file names {len(sites)} site(s)",
+                    fg=typer.colors.RED, err=True)  # fmt: skip
+        raise typer.Exit(2)
+    logs = private_dir(work / "logs")
     flwr_home = work / ".flwr"
     env = flower_env(flwr_home)
-    tls = None if insecure else TlsFiles(ssl_ca_certfile.resolve(), ssl_certfile.resolve(), ssl_keyfile.resolve())  # type: ignore[union-attr]
     if insecure:
-        typer.secho("!! --insecure: NO TLS. Model weights and metrics cross the network UNENCRYPTED and any "
-                    "machine that reaches this port can join as a site. Use only for local tests. !!",
-                    fg=typer.colors.RED, bold=True, err=True)  # fmt: skip
-    connect_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    write_connection(flwr_home, "coordinator", f"{connect_host}:{port_text}", root_cert=tls.ca_cert if tls else None)
+        typer.secho("!! --insecure: NO TLS, no proxy, no site authentication: every Flower API on this port. "
+                    "Local tests only. !!", fg=typer.colors.RED, bold=True, err=True)  # fmt: skip
+        link_host, link_port, link_tls = host, port, None
+    else:
+        # The SuperLink gets its own CA and 127.0.0.1 certificate (made here, 0600): only the proxy and our
+        # own `flwr` commands talk to it; the hospital's certificate and key are read by the proxy only.
+        ca = make_ca(work / "loopback-tls", "brainjepa loopback CA")
+        cert = make_server_cert(ca, work / "loopback-tls", ["127.0.0.1"], "superlink")
+        link_host, link_port, link_tls = "127.0.0.1", free_port(), TlsFiles(ca.cert, cert.cert, cert.key)
+        names = certificate_names(ssl_certfile.resolve())  # type: ignore[union-attr]
+        typer.echo(f"server certificate {ssl_certfile} is valid for: {', '.join(names) or 'NO names (no SAN)'}; "
+                   f"sites must connect with one of these names")  # fmt: skip
+    write_connection(flwr_home, "coordinator", f"{link_host}:{link_port}", root_cert=link_tls.ca_cert if link_tls else None)
     database = None if in_memory_state else str(work / "superlink.db")
-    superlink = start_process("superlink", superlink_command(host, int(port_text), database, tls,
-                              enable_supernode_auth=bool(auth_public_key)), logs / "superlink.log", env, cwd=work)  # fmt: skip
-    typer.echo(f"SuperLink listening on {address} (log: {logs / 'superlink.log'}, state: {database or 'in memory'})")
+    superlink = start_process("superlink", superlink_command(link_host, link_port, database, link_tls,
+                              enable_supernode_auth=sites is not None), logs / "superlink.log", env, cwd=work)  # fmt: skip
+    proxy: ManagedProcess | None = None
     run_proc: subprocess.Popen | None = None
     try:
-        wait_for_port(superlink, connect_host, int(port_text))
-        for key in auth_public_key:
-            subprocess.run([flower_bin("flwr"), "supernode", "register", str(key.resolve()), "coordinator"],
-                           env=env, check=True)  # fmt: skip
-            typer.echo(f"registered SuperNode key {key}")
+        wait_for_port(superlink, link_host, link_port)
+        if link_tls is not None:
+            proxy = start_process("fleet-proxy", [sys.executable, "-m", "server.fleet_proxy", "--listen", address,
+                                  "--upstream", f"127.0.0.1:{link_port}", "--certfile", str(ssl_certfile.resolve()),  # type: ignore[union-attr]
+                                  "--keyfile", str(ssl_keyfile.resolve()), "--upstream-ca", str(link_tls.ca_cert)],  # type: ignore[union-attr]
+                                  logs / "fleet-proxy.log", env, cwd=work)  # fmt: skip
+            wait_for_port(proxy, "127.0.0.1" if host in ("0.0.0.0", "::") else host, port)
+            typer.echo(f"sites connect to {address} (TLS, Fleet API only; log {logs / 'fleet-proxy.log'}); the "
+                       f"SuperLink's control and runtime APIs listen on 127.0.0.1:{link_port} only")  # fmt: skip
+        else:
+            typer.echo(f"SuperLink listening on {address}")
+        typer.echo(f"SuperLink log: {logs / 'superlink.log'}, state: {database or 'in memory'}")
+        if sites is not None:
+            try:
+                nodes = register_sites(sites, flower_bin("flwr"), "coordinator", env, Path(cfg.site_registry))
+            except InputError as e:
+                typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+                raise typer.Exit(2) from e
+            for node, reg in nodes.items():
+                typer.echo(f"registered site '{reg.site}' (key {reg.fingerprint}) as node {node}"
+                           f"{f', at most {reg.max_samples} samples' if reg.max_samples else ''}")  # fmt: skip
         app_dir = write_app_dir(work / "app", to_run_config(cfg))
         cmd = flwr_run_command(app_dir, "coordinator")
+        join = "--insecure" if insecure else "--root-certificates CA.crt --auth-key SITE_KEY"
         typer.echo(f"submitting the run: {cfg.num_rounds} rounds x {cfg.local_steps} local steps, waiting for "
                    f"{cfg.min_sites} site(s); sites join with: brainjepa-client --site SITE.yaml --server "
-                   f"{connect_host}:{port_text} --gradients GRADIENT_FILE{' --insecure' if insecure else ''}")  # fmt: skip
+                   f"HOST:{port} --gradients GRADIENT_FILE {join}")  # fmt: skip
         # Stream the ServerApp's log to this console; `flwr run` exits 0 even when the ServerApp failed.
         run_proc = subprocess.Popen(cmd, env=env, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True, bufsize=1)  # fmt: skip
@@ -151,6 +211,9 @@ def start(
             while superlink.alive():
                 time.sleep(1)
         raise typer.Exit(code)
+    except (RuntimeError, TimeoutError) as e:  # a process that did not start (port in use, bad certificate)
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from e
     except KeyboardInterrupt:
         typer.echo("\nCtrl-C: stopping the run and the SuperLink (the last completed round's checkpoint is kept)")
         if run_proc is not None and run_proc.poll() is None:
@@ -161,6 +224,8 @@ def start(
                 run_proc.kill()
         raise typer.Exit(130) from None
     finally:
+        if proxy is not None:
+            proxy.stop()
         superlink.stop()
         typer.echo(f"SuperLink stopped; logs in {logs}")
 

@@ -28,7 +28,9 @@ from sites.errors import ConfigError, Origin
 from sites.schema import check_choices, from_mapping, read_yaml_mapping
 
 RUN_CONFIG = Origin("run config")
-Strategy = Literal["fedavg", "fedavgm", "fedadam"]
+Strategy = Literal["fedavg", "fedavgm", "fedadam", "median", "trimmed-mean"]
+# median / trimmed-mean: coordinate-wise robust aggregation of the sites' weights (Flower's FedMedian /
+# FedTrimmedAvg logic); they hold every accepted reply of a round at once (sites x parameters x 4 bytes).
 # pretrain: federated Brain-JEPA pretraining; finetune / probe: a downstream task on a pretrained backbone
 # (`checkpoint` + `downstream-config`), trained federated, selected on validation, scored on test.
 RunTask = Literal["pretrain", "finetune", "probe"]
@@ -41,7 +43,7 @@ ScalingScope = Literal["site", "federation"]
 class ServerOptConfig:
     """`fedavg` (x <- mean), `fedavgm` (server momentum) or `fedadam` (Reddi et al. 2021, FedOpt)."""
 
-    method: Strategy = "fedavg"
+    method: Literal["fedavg", "fedavgm", "fedadam"] = "fedavg"
     lr: float = 1.0  # server learning rate (eta); fedavg ignores it
     momentum: float = 0.9  # fedavgm
     beta1: float = 0.9  # fedadam
@@ -80,6 +82,14 @@ class FederationConfig:
     task: RunTask = "pretrain"
     checkpoint: str = ""  # finetune / probe: the pretraining checkpoint (its target encoder is the backbone)
     downstream_config: str = ""  # finetune / probe: a YAML with `task:` (TaskSpec) and `recipe:` (DownstreamConfig)
+    # Bounded updates and identity (issue 15). site-registry: the JSON `brainjepa-server start --sites-file`
+    # writes (node id -> registered site name, key fingerprint, max samples); a reply's site is its node's.
+    site_registry: str = ""
+    max_update_ratio: float = 0.5  # per trained set: ||site - global|| <= ratio x ||global|| (0: no bound)
+    max_site_samples: int = 0  # a site claiming more num-examples is rejected (0: only the registry's caps)
+    trim_fraction: float = 0.2  # trimmed-mean: share of the sites cut at each end, per coordinate
+    keep_checkpoints: int = 3  # round-NNN.pt of the last N rounds are kept next to checkpoint.pt
+    resume_round: int = 0  # with resume-dir: continue after this round (its round-NNN.pt); 0: the last one
 
     def __post_init__(self) -> None:
         check_choices(self, RUN_CONFIG)
@@ -90,6 +100,14 @@ class FederationConfig:
         if self.task != "pretrain" and not (self.checkpoint and self.downstream_config):
             raise ConfigError(f"run config: task '{self.task}' needs 'checkpoint' (a pretraining checkpoint) and "
                               "'downstream-config' (a YAML with task: and recipe: sections)")  # fmt: skip
+        if self.max_update_ratio < 0 or self.max_site_samples < 0 or self.resume_round < 0:
+            raise ConfigError("run config: 'max-update-ratio', 'max-site-samples' and 'resume-round' must be >= 0")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"run config 'trim-fraction': expected [0, 0.5), got {self.trim_fraction}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"run config 'keep-checkpoints': expected >= 1, got {self.keep_checkpoints}")
+        if self.resume_round and not self.resume_dir:
+            raise ConfigError("run config 'resume-round' needs 'resume-dir' (the run folder to continue)")
         if self.scaling_scope == "federation" and self.task != "pretrain":
             raise ConfigError(f"run config 'scaling-scope': 'federation' applies to pretraining, not task "
                               f"'{self.task}' (downstream sites scale with their own statistics)")  # fmt: skip
@@ -100,7 +118,8 @@ class FederationConfig:
         return self.num_rounds * self.local_steps
 
     def server_opt(self) -> ServerOptConfig:
-        return ServerOptConfig(method=self.strategy, lr=self.server_lr, momentum=self.server_momentum)
+        method = "fedavg" if self.strategy in ("median", "trimmed-mean") else self.strategy  # no server step
+        return ServerOptConfig(method=method, lr=self.server_lr, momentum=self.server_momentum)
 
     def pretrain(self, base_dir: Path | None = None) -> PretrainConfig:
         """Model / mask / optimiser settings every site trains with (train.steps = the run's total)."""

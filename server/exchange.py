@@ -31,8 +31,11 @@ from brainjepa.federation.contract import (
     decode_update,
     encode_global,
 )
+from brainjepa.federation.names import check_site_name
 from server.aggregate import SiteUpdate
 from server.config import FederationConfig
+from server.registry import RegisteredSite, read_registry
+from sites.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +95,9 @@ def exchange(grid: Grid, cfg: FederationConfig, spec: RoundSpec, sets: Mapping[s
              sent / 1e6, len(sampled))  # fmt: skip
     msgs = [Message(RecordDict({ARRAYS: arrays, CONFIG: conf, **extra}), dst_node_id=node, message_type=message_type,
                     group_id=f"{spec.task}-{spec.round}") for node in sampled]  # fmt: skip
-    return collect(grid, msgs, cfg.round_timeout_s, lambda reply, node: decode(reply, node, sent, spec.wire_dtype, sets),
-                   on_result, sent)  # fmt: skip
+    registry = read_registry(cfg.site_registry) if cfg.site_registry else None
+    return collect(grid, msgs, cfg.round_timeout_s,
+                   lambda reply, node: decode(reply, node, sent, spec.wire_dtype, sets, registry), on_result, sent)
 
 
 def collect(grid: Grid, msgs: list[Message], timeout_s: float, read: Callable[[Message, int], SiteResult],
@@ -112,8 +116,13 @@ def collect(grid: Grid, msgs: list[Message], timeout_s: float, read: Callable[[M
                 mid = reply.metadata.reply_to_message_id
                 if mid in pending:
                     pending.discard(mid)
-                    results.append(read(reply, node_of[mid]))
-                    on_result(results[-1])
+                    res = read(reply, node_of[mid])
+                    if res.status == "ok" and any(r.site == res.site and r.status == "ok" for r in results):
+                        res.status, res.update = "rejected", None
+                        res.detail = f"a second reply as site '{res.site}' in this round (duplicate site name)"
+                        log.warning("site node %d rejected: %s", res.node_id, res.detail)
+                    results.append(res)
+                    on_result(res)
                 del reply
         if not pending:
             break
@@ -135,17 +144,42 @@ def collect(grid: Grid, msgs: list[Message], timeout_s: float, read: Callable[[M
     return sorted(results, key=lambda r: r.node_id)
 
 
-def decode(reply: Message, node_id: int, sent_bytes: int, wire_dtype: str,
-           master: Mapping[str, torch.Tensor]) -> SiteResult:  # fmt: skip
-    """A reply -> SiteResult: `failed` (error reply), `rejected` (undecodable weights) or `ok` with the
-    site's fp32 weight sets (fp16 deltas added to `master`), sample count and metrics."""
+def reply_site(content: RecordDict, node_id: int, registry: Mapping[int, RegisteredSite] | None) -> str:
+    """The site a reply is from: its node's registered name (the name it declares must agree), or without
+    a registry (simulation, tests) the declared name, checked to be a safe name. ConfigError if not."""
+    declared = content[SITE].get("name") if SITE in content.config_records else None
+    if registry is None:
+        return check_site_name(declared, f"reply of node {node_id}") if declared is not None else f"node-{node_id}"
+    reg = registry.get(node_id)
+    if reg is None:
+        raise ConfigError(f"node {node_id} is not in the site registry (no registered key)")
+    if declared is not None and declared != reg.site:
+        raise ConfigError(f"node {node_id} is registered as site '{reg.site}' (key {reg.fingerprint}) but its "
+                          f"reply claims to be {str(declared)[:64]!r}")  # fmt: skip
+    return reg.site
+
+
+def decode(reply: Message, node_id: int, sent_bytes: int, wire_dtype: str, master: Mapping[str, torch.Tensor],
+           registry: Mapping[int, RegisteredSite] | None = None) -> SiteResult:  # fmt: skip
+    """A reply -> SiteResult: `failed` (error reply), `rejected` (malformed reply, wrong identity,
+    undecodable weights) or `ok` with the site's fp32 weight sets (fp16 deltas added to `master`), sample
+    count and metrics."""
     if reply.has_error():
         reason = (reply.error.reason or "").strip()
         log.warning("site node %d failed: %s", node_id, reason.splitlines()[-1] if reason else reply.error.code)
+        name = registry[node_id].site if registry and node_id in registry else ""
         status = "declined" if reply.error.code == ErrorCode.BUDGET_EXHAUSTED else "failed"  # out of privacy budget
-        return SiteResult(node_id, status, detail=reason[-2000:], bytes_sent=sent_bytes)
+        return SiteResult(node_id, status, name, detail=reason[-2000:], bytes_sent=sent_bytes)
     content = reply.content
-    site = str(content[SITE]["name"]) if SITE in content.config_records else f"node-{node_id}"
+    try:
+        site = reply_site(content, node_id, registry)
+    except ConfigError as e:
+        log.warning("site node %d rejected: %s", node_id, e)
+        return SiteResult(node_id, "rejected", detail=str(e), bytes_sent=sent_bytes)
+    if METRICS not in content.metric_records or ARRAYS not in content.array_records:
+        detail = f"malformed reply: records {sorted(content.keys())}, expected '{ARRAYS}' and '{METRICS}'"
+        log.warning("site %s rejected: %s", site, detail)
+        return SiteResult(node_id, "rejected", site, detail, bytes_sent=sent_bytes)
     metrics = {k: float(v) for k, v in content[METRICS].items()}
     arrays = content[ARRAYS]
     try:

@@ -8,6 +8,7 @@ aggregation are in `server.aggregate`, the message format in the round contract
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +25,12 @@ from brainjepa.jepa import JEPAModels
 from brainjepa.monitor import CollapseMonitor, synthetic_probe
 from brainjepa.weights import WEIGHT_SETS, flat_parameters, load_flat_parameters, model_checksum
 from server.aggregate import RunningMean, ServerOptimizer, check_update
+from server.audit import AuditLog
 from server.config import FederationConfig, to_run_config
 from server.exchange import SiteResult, count, exchange, ok_updates, save_update, site_row
+from server.registry import RegisteredSite, read_registry
 from server.report import RunReport, new_run_dir
+from server.robust import RobustAggregate
 from server.scaling import scaling_stats
 from sites.errors import ConfigError, DataError
 from sites.scaling import RobustScaling
@@ -35,7 +39,13 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 # Run-config keys that may differ between a run and its resumption.
-RESUME_FREE_KEYS = {"resume-dir", "out-dir", "round-timeout-s", "wait-for-sites-s", "save-updates"}
+RESUME_FREE_KEYS = {"resume-dir", "out-dir", "round-timeout-s", "wait-for-sites-s", "save-updates", "resume-round",
+                    "site-registry", "keep-checkpoints"}  # fmt: skip
+
+
+def round_checkpoint(run_dir: Path, rnd: int) -> Path:
+    """`round-NNN.pt`: the global model after round `rnd` (the last `keep-checkpoints` are kept)."""
+    return run_dir / f"round-{rnd:03d}.pt"
 
 
 def resolve_gradients(cfg: FederationConfig, pcfg: PretrainConfig) -> tuple[np.ndarray, str]:
@@ -60,6 +70,8 @@ class FederatedRun:
     start_round: int = 0
     sets: dict[str, torch.Tensor] = field(default_factory=dict)
     scaling: RobustScaling | None = None  # scaling-scope federation: the statistics every site applies
+    registry: dict[int, RegisteredSite] = field(default_factory=dict)  # node id -> registered site
+    audit: AuditLog | None = None
     monitor: CollapseMonitor | None = None  # the global target after each round, on a generated probe batch
 
     @classmethod
@@ -80,11 +92,18 @@ class FederatedRun:
         torch.manual_seed(cfg.seed)  # same initial weights as `brainjepa pretrain` with this seed
         models = JEPAModels(pcfg.model, torch.from_numpy(grads))
         run = cls(cfg, pcfg, run_dir, models, grads, source, ServerOptimizer(cfg.server_opt()))
-        ckpt_path = run_dir / CHECKPOINT
-        if cfg.resume_dir and ckpt_path.exists():
+        run.registry = read_registry(cfg.site_registry) if cfg.site_registry else {}
+        ckpt_path = round_checkpoint(run_dir, cfg.resume_round) if cfg.resume_round else run_dir / CHECKPOINT
+        if cfg.resume_dir:
+            if not ckpt_path.exists():
+                kept = sorted(p.name for p in run_dir.glob("round-*.pt"))
+                raise ConfigError(f"run config 'resume-dir': '{ckpt_path}' does not exist (checkpoints in "
+                                  f"{run_dir}: {kept or 'none'}); nothing to resume")  # fmt: skip
             run._load(ckpt_path)
-        elif not cfg.resume_dir:
+        else:
             save_gradients(run_dir / "gradients.npy", grads)
+        run.audit = AuditLog(run_dir, run.registry)
+        run.audit.start(to_run_config(cfg), run.start_round)
         run.sets = {name: flat_parameters(getattr(models, name)) for name in WEIGHT_SETS}
         return run
 
@@ -107,6 +126,17 @@ class FederatedRun:
         log.info("resuming %s after round %d of %d", self.run_dir, self.start_round, self.cfg.num_rounds)
 
     def _save(self, completed_rounds: int) -> Path:
+        path = self._write_checkpoint(completed_rounds)
+        kept = round_checkpoint(self.run_dir, completed_rounds)
+        kept.unlink(missing_ok=True)
+        os.link(path, kept)  # the same bytes; checkpoint.pt is replaced by a rename next round
+        for old in sorted(self.run_dir.glob("round-*.pt"))[:-self.cfg.keep_checkpoints]:
+            old.unlink()
+        if self.audit is not None:
+            self.audit.checkpoint(completed_rounds, kept)
+        return path
+
+    def _write_checkpoint(self, completed_rounds: int) -> Path:
         return save_checkpoint(
             self.run_dir / CHECKPOINT, kind="pretrain", federated=True, round=completed_rounds,
             step=completed_rounds * self.cfg.local_steps, config=to_dict(self.pcfg),
@@ -163,10 +193,13 @@ class FederatedRun:
         spec = self.round_spec(rnd)
         sched = spec.schedule()
         log.info("round %d/%d: lr %.2e, ema %.5f", rnd + 1, cfg.num_rounds, sched.lr, sched.momentum)
-        mean = RunningMean()
+        mean: RunningMean | RobustAggregate = (RobustAggregate(cfg.strategy, cfg.trim_fraction)
+                                               if cfg.strategy in ("median", "trimmed-mean") else RunningMean())
         records = {SCALING: scaling_arrays(self.scaling)} if self.scaling is not None else None
         results = exchange(grid, cfg, spec, self.sets, lambda res: self._accept(rnd, res, mean), records=records)
         report.site_rows([site_row(rnd, r) for r in results])
+        if self.audit is not None:
+            self.audit.round(rnd + 1, spec.task, results)
         ok = ok_updates(results, cfg.min_sites, f"round {rnd + 1}", f"; the global model stays at round {rnd} "
                         f"(resume with resume-dir={self.run_dir})")  # fmt: skip
         self.sets = self.server_opt.step(self.sets, mean.result())
@@ -193,7 +226,10 @@ class FederatedRun:
         """Check one decoded reply; add it to the mean (then drop its weights) or reject it."""
         if res.status != "ok" or res.update is None:
             return
-        reason = check_update(res.update, {k: v.numel() for k, v in self.sets.items()})
+        reg = self.registry.get(res.node_id)
+        caps = [c for c in (self.cfg.max_site_samples, reg.max_samples if reg else 0) if c > 0]
+        reason = check_update(res.update, {k: v.numel() for k, v in self.sets.items()}, self.sets,
+                              self.cfg.max_update_ratio, min(caps) if caps else 0)  # fmt: skip
         if reason:
             res.status, res.detail = "rejected", reason
             log.warning("round %d: update of site %s rejected: %s", rnd + 1, res.site, reason)

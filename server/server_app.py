@@ -11,15 +11,19 @@ final test evaluation, with their CSV / JSON and the selected model's checkpoint
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from brainjepa.federation.flower import RUN_STOPPED as STOPPED
 from server.config import FederationConfig, from_run_config
 from server.downstream import DownstreamRun
+from server.exchange import RoundFailed
 from server.round import FederatedRun
+from sites.errors import InputError
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -44,14 +48,17 @@ def _attach_logging(run_dir: Path | None = None) -> None:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    os.umask(0o077)  # run folders 0700, checkpoints, logs, CSVs, audit log 0600
     _attach_logging()
-    cfg: FederationConfig = from_run_config(context.run_config)
-    run: FederatedRun | DownstreamRun
-    if cfg.task == "pretrain":
-        run = FederatedRun.create(cfg, run_id=context.run_id)
-    else:
-        run = DownstreamRun.create(cfg, run_id=context.run_id)
-    _attach_logging(run.run_dir)
-    run.log_start()
-    run.execute(grid)
-
+    try:
+        run: FederatedRun | DownstreamRun
+        cfg: FederationConfig = from_run_config(context.run_config)
+        if cfg.task == "pretrain":
+            run = FederatedRun.create(cfg, run_id=context.run_id)
+        else:
+            run = DownstreamRun.create(cfg, run_id=context.run_id)
+        _attach_logging(run.run_dir)
+        run.log_start()
+        run.execute(grid)
+    except (RoundFailed, InputError) as e:  # a clear line instead of a traceback; `brainjepa-server` exits 1
+        log.error("%s %s", STOPPED, e)

@@ -140,9 +140,13 @@ def write_connection(flwr_home: Path, name: str, address: str, root_cert: Path |
     return path
 
 
+# The ServerApp's line when a run stops on a clear error (no valid replies, no sites, bad resume folder).
+RUN_STOPPED = "run stopped:"
+
+
 def run_failed(output: str) -> bool:
-    """`flwr run --stream` exits 0 even when the ServerApp raised: look for Flower's failure lines."""
-    return "ServerApp raised an exception" in output or "Exit Code:" in output
+    """`flwr run --stream` exits 0 even when the ServerApp raised: look for Flower's failure lines and ours."""
+    return "ServerApp raised an exception" in output or "Exit Code:" in output or RUN_STOPPED in output
 
 
 def _checked(result: subprocess.CompletedProcess, log_path: Path) -> subprocess.CompletedProcess:

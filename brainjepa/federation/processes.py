@@ -30,6 +30,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def private_dir(path: str | Path) -> Path:
+    """Create `path` (and parents) if needed; the folder itself is made owner-only (0700)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
 def descendants(pid: int) -> list[int]:
     """All live descendants of `pid` (from /proc), including ones that started their own session."""
     children: dict[int, list[int]] = {}

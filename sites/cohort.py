@@ -13,9 +13,7 @@ shorter than the model window. NIfTI sites are read from `prepare`'s output fold
 from __future__ import annotations
 
 import dataclasses
-import glob
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -24,9 +22,10 @@ import numpy as np
 
 from sites.config import SiteConfig
 from sites.errors import DataError, where
+from sites.layout import discover_subjects, fill, find_subject_file, read_site_participants, subject_column
 from sites.manifest import read_manifest
 from sites.missing import apply_policy, log_missing
-from sites.participants import Participants, read_participants
+from sites.participants import Participants
 from sites.roi_io import read_roi_dir, read_roi_file
 from sites.scaling import PerScanScaling, RobustScaling, check_spread, fit_method
 from sites.scrub import censor, log_censoring, read_fd
@@ -78,55 +77,6 @@ class SiteSeries:
         )
 
 
-def subject_label(sid: str) -> str:
-    return sid[4:] if sid.startswith("sub-") else sid
-
-
-def _fill(pattern: str, sid: str) -> str:
-    return pattern.replace("{subject}", sid).replace("{label}", subject_label(sid))
-
-
-def find_subject_file(root: Path, pattern: str, sid: str, key: str, cfg_file: Path) -> Path | None:
-    """The one file matching `pattern` for subject `sid` under `root`; None when there is none."""
-    rel = _fill(pattern, sid)
-    if glob.has_magic(rel):
-        hits = sorted(root.glob(rel))
-        if len(hits) > 1:
-            raise DataError(
-                f"{where(cfg_file, key)}: pattern '{pattern}' matches {len(hits)} files for subject '{sid}' "
-                f"({', '.join(h.name for h in hits[:4])}...): make it specific (one file per subject)"
-            )
-        return hits[0] if hits else None
-    p = root / rel
-    return p if p.is_file() else None
-
-
-def discover_subjects(root: Path, pattern: str) -> dict[str, Path]:
-    """Subject ids that have a file matching `pattern` under `root` (id as `{subject}` would be filled)."""
-    glob_pat = re.sub(r"\{(subject|label)\}", "*", pattern)
-    rx = ""
-    for part in re.split(r"(\{subject\}|\{label\}|\*|\?)", pattern):
-        if part == "{subject}":
-            rx += r"(?P<subject>[^/]+)" if "(?P<subject>" not in rx else r"(?P=subject)"
-        elif part == "{label}":
-            rx += r"(?P<label>[^/]+)" if "(?P<label>" not in rx else r"(?P=label)"
-        elif part == "*":
-            rx += r"[^/]*"
-        elif part == "?":
-            rx += r"[^/]"
-        else:
-            rx += re.escape(part)
-    cre = re.compile(rx + r"\Z")
-    found: dict[str, Path] = {}
-    for p in root.glob(glob_pat):
-        m = cre.match(p.relative_to(root).as_posix())
-        if m:
-            gd = m.groupdict()
-            sid = gd.get("subject") or "sub-" + gd["label"]
-            found[sid] = p
-    return found
-
-
 def assign_splits(ids: list[str], cfg: SiteConfig, parts: Participants) -> np.ndarray:
     """(N,) split names: from the participants column, or drawn once with the split seed.
 
@@ -135,7 +85,7 @@ def assign_splits(ids: list[str], cfg: SiteConfig, parts: Participants) -> np.nd
     subject in two splits is an error naming the subject.
     """
     s = cfg.split
-    subject = cfg.participants.subject_column
+    subject = subject_column(cfg)  # participants.subject_column, or the id column with participants.runs
     groups = None
     if subject is not None:
         groups = dict(zip(parts.ids, (str(g) for g in parts.column(subject)), strict=True))
@@ -203,16 +153,17 @@ def _subject_sources(
         else [(f"rois[{i}].file", b.file) for i, b in enumerate(cfg.rois)]
     )
     missing: list[str] = []
+    runs = cfg.participants.runs
     for sid in parts.ids:
-        paths = [find_subject_file(root, pat, sid, key, cfg.source) for key, pat in patterns]
+        paths = [find_subject_file(root, pat, sid, key, cfg.source, runs) for key, pat in patterns]
         if any(p is None for p in paths):
-            absent = [_fill(pat, sid) for (key, pat), p in zip(patterns, paths, strict=True) if p is None]
+            absent = [fill(pat, sid) for (key, pat), p in zip(patterns, paths, strict=True) if p is None]
             missing.append(f"'{sid}' (no {', '.join(absent)})")
             skipped[sid] = "no data file"
             continue
         files[sid] = paths
         trs[sid] = float(cfg.tr)
-    known = set(parts.ids)
+    known = set(parts.ids) | (set(parts.column(cfg.participants.id_column)) if runs else set())
     orphans = sorted({sid for key, pat in patterns for sid in discover_subjects(root, pat)} - known)
     problems = []
     if missing:
@@ -242,7 +193,7 @@ def load_site_series(
     progress: bool = False,
 ) -> SiteSeries:
     """Load a site's subjects as float32 (R, L_i) series at `model_tr` (see module doc)."""
-    parts = read_participants(cfg.participants.file, cfg.participants.id_column, cfg.participants.phenotypes)
+    parts = read_site_participants(cfg)  # participants.runs: one row per run file
     censored: dict[str, dict[str, int]] = {}  # prepared NIfTI: censored by `prepare` (nilearn sample_mask)
     files, trs, skipped = _subject_sources(cfg, parts, censored)
     done_by_prepare = set(censored)
@@ -341,11 +292,11 @@ def _censor_subject(cfg: SiteConfig, sid: str, x: np.ndarray) -> tuple[np.ndarra
     key, pattern = (
         ("preprocess.fd_file", pp.fd_file) if pp.fd_file else ("data.confounds", cfg.data.confounds)
     )
-    path = find_subject_file(cfg.data.root, pattern, sid, key, cfg.source)
+    path = find_subject_file(cfg.data.root, pattern, sid, key, cfg.source, cfg.participants.runs)
     if path is None:
         raise DataError(
             f"{where(cfg.source, key)}: no framewise-displacement file for subject '{sid}': expected "
-            f"'{cfg.data.root / _fill(pattern, sid)}' (needed by preprocess.scrub_fd)"
+            f"'{cfg.data.root / fill(pattern, sid)}' (needed by preprocess.scrub_fd)"
         )
     fd = read_fd(path, pp.fd_column)
     if cfg.data.format == "nifti":

@@ -74,6 +74,9 @@ class ParticipantsConfig:
     # The subject of each row when a subject has several scans (runs, sessions): splits are drawn by
     # subject, so all of a subject's scans land in one split. None: every row is its own subject.
     subject_column: str | None = None
+    # BIDS runs: each file of a subject with a `run-<label>` entity is its own scan (row `<id>_run-<label>`),
+    # keyed to its subject (splits by subject); see sites.layout
+    runs: bool = False
     phenotypes: tuple[str, ...] = ()
 
 
@@ -176,6 +179,8 @@ def _validate(cfg: SiteConfig) -> None:
     ]:
         if pat is not None and "{subject}" not in pat and "{label}" not in pat:
             raise err(key, f"pattern '{pat}' must contain '{{subject}}' or '{{label}}'")
+    if cfg.participants.runs and cfg.data.format == "roi" and cfg.data.file is None:
+        raise err("participants.runs", "BIDS runs need one file per scan: 'data.file' (not per-block 'file' patterns)")
     s = cfg.split
     if s.column is None:
         fr = (s.train, s.val, s.test)

@@ -25,13 +25,12 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from sites.cohort import discover_subjects, find_subject_file
 from sites.config import SiteConfig
 from sites.errors import ConfigError, DataError, where
 from sites.extraction import AtlasSpec, SubjectJob, atlas_overlaps, extract_subject, load_atlases
+from sites.layout import discover_subjects, find_subject_file, read_site_participants
 from sites.manifest import MANIFEST, write_manifest
 from sites.missing import log_missing, missing_summary
-from sites.participants import read_participants
 from sites.scrub import log_censoring
 from sites.temporal import DEFAULT_MODEL_TR, n_frames_after
 
@@ -86,7 +85,7 @@ def prepare_site(
         raise ConfigError(
             f"{where(cfg.source, 'data.format')}: `prepare` needs format 'nifti', got '{cfg.data.format}' (ROI series are read directly)"
         )
-    parts = read_participants(cfg.participants.file, cfg.participants.id_column, cfg.participants.phenotypes)
+    parts = read_site_participants(cfg)  # participants.runs: one row per run file
     atlases = load_atlases(cfg)
     overlaps = atlas_overlaps(atlases)
     if overlaps:
@@ -96,9 +95,11 @@ def prepare_site(
             overlaps,
         )
     root, out_dir = cfg.data.root, cfg.output_dir
-    bolds = {sid: find_subject_file(root, cfg.data.bold, sid, "data.bold", cfg.source) for sid in parts.ids}
+    runs = cfg.participants.runs
+    bolds = {sid: find_subject_file(root, cfg.data.bold, sid, "data.bold", cfg.source, runs) for sid in parts.ids}
     missing = [sid for sid, p in bolds.items() if p is None]
-    orphans = sorted(set(discover_subjects(root, cfg.data.bold)) - set(parts.ids))
+    known = set(parts.ids) | (set(parts.column(cfg.participants.id_column)) if runs else set())
+    orphans = sorted(set(discover_subjects(root, cfg.data.bold)) - known)
     if (missing or orphans) and cfg.data.on_missing == "error":
         msg = []
         if missing:
@@ -122,7 +123,7 @@ def prepare_site(
             continue
         conf = None
         if cfg.data.confounds is not None:
-            conf = find_subject_file(root, cfg.data.confounds, sid, "data.confounds", cfg.source)
+            conf = find_subject_file(root, cfg.data.confounds, sid, "data.confounds", cfg.source, runs)
             if conf is None:
                 subjects[sid] = {
                     "status": "failed",

@@ -199,6 +199,7 @@ def fit_method(series: list[np.ndarray], method: str, source: str = "data") -> R
 
 CENTRED_MAX = 0.5  # auto: |time-mean| / within-scan SD below this (median over scans, ROIs) = demeaned data
 BASELINE_MAX = 1.0  # auto: baselines' IQR across scans / within-scan SD above this = per-scan baselines
+BASELINE_MIN = 1 / 3  # auto: below this the time-means' IQR is too small to divide by (spread > 3)
 
 
 def choose_method(series: list[np.ndarray]) -> tuple[str, str]:
@@ -208,7 +209,9 @@ def choose_method(series: list[np.ndarray]) -> tuple[str, str]:
       median ratio < CENTRED_MAX) -> `values` (the reference's statistics of time-means would divide by ~0);
     - raw intensities whose baselines differ across scans by more than the signal (IQR across scans of
       a ROI's time-mean > BASELINE_MAX x its within-scan SD, median over ROIs) -> `scan`;
-    - otherwise (raw intensities, comparable baselines) -> `robust`, the reference's recipe."""
+    - raw intensities with (nearly) the same baseline in every scan (that ratio < BASELINE_MIN: the
+      reference's recipe would divide by a tiny IQR, spread > 3) -> `values`;
+    - otherwise (baselines differing by about the signal) -> `robust`, the reference's recipe (spread ~ 1 / ratio)."""
     if not series:
         raise DataError("scaling: no series to choose a scaling from")
     means = subject_means(series)  # (N, R)
@@ -224,6 +227,9 @@ def choose_method(series: list[np.ndarray]) -> tuple[str, str]:
     if ratio > BASELINE_MAX:
         return "scan", (f"raw intensities whose baselines differ across scans by {ratio:.3g} x the within-scan "
                         f"SD (> {BASELINE_MAX}): each scan by its own statistics")  # fmt: skip
+    if ratio < BASELINE_MIN:
+        return "values", (f"raw intensities with nearly equal baselines across scans (IQR across scans = {ratio:.3g} "
+                          f"x the within-scan SD < {BASELINE_MIN:.3g}): the time-means' IQR is too small to divide by")  # fmt: skip
     return "robust", (f"raw intensities (|time-mean| / SD = {centred:.3g}) with comparable baselines (IQR across "
                       f"scans = {ratio:.3g} x the within-scan SD): the reference's recipe")  # fmt: skip
 

@@ -22,7 +22,7 @@ from brainjepa.downstream.config import TaskSpec
 from sites.cohort import SPLITS, load_site_series
 from sites.config import SiteConfig
 from sites.errors import DataError, where
-from sites.participants import read_participants
+from sites.layout import read_site_participants
 from sites.scaling import PerScanScaling, RobustScaling, check_spread, fit_method
 from sites.windows import PackedSeries, multi_windows, pack, random_windows
 
@@ -86,7 +86,7 @@ def _as_text(v: object) -> str:
 def load_labelled_site(site: SiteConfig, task: TaskSpec, model_tr: float, n_frames: int,
                        scaling: str = "robust") -> LabelledSite:  # fmt: skip
     series = load_site_series(site, model_tr, min_frames=n_frames)
-    parts = read_participants(site.participants.file, site.participants.id_column, (task.column,))
+    parts = read_site_participants(site, (task.column,))  # participants.runs: one row per run
     by_id = dict(zip(parts.ids, parts.column(task.column), strict=True))
     y_all = encode_labels(np.array([by_id[s] for s in series.subject_ids], dtype=object), task)
     usable = y_all >= 0 if task.kind == "classification" else np.isfinite(y_all)

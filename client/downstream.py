@@ -27,10 +27,13 @@ from brainjepa.config import SiteRuntime
 from brainjepa.downstream.data import LabelledSite, load_labelled_site
 from brainjepa.downstream.fit import load_state_vector, site_round, state_vector
 from brainjepa.downstream.model import Backbone, DownstreamModel
-from brainjepa.downstream.train import TargetScale, split_metrics
+from brainjepa.downstream.train import DownstreamStep, TargetScale, split_metrics
 from brainjepa.federation.contract import MODEL_SET, Metric, RoundSpec, eval_metric_key
+from brainjepa.privacy.dpsgd import DPDownstreamStep
+from brainjepa.privacy.sampling import PoissonSubjects, secret_generators
+from brainjepa.privacy.session import PrivateRound, ledger_path, run_key
 from brainjepa.weights import model_checksum
-from client.training import RoundRefused, check_model, check_rois, checked_gradients, site_device
+from client.training import RoundRefused, check_model, check_rois, checked_gradients, scan_units, site_device
 from sites.config import SiteConfig
 
 # The architecture of each method without loading pretrained weights (they arrive in the round's vector).
@@ -45,6 +48,7 @@ class DownstreamSite:
         check_rois(site, m)
         self.grads = checked_gradients(gradient_file, m, spec.gradient_checksum)
         self.spec, self.name, self.device = spec, site.site, site_device(runtime)
+        self.site, self.privacy = site, runtime.privacy
         dt = spec.task_config
         self.task, self.recipe = dt.task, dt.recipe
         self.target = TargetScale(spec.target_center, spec.target_scale)
@@ -69,13 +73,40 @@ class DownstreamSite:
         spec = self.spec
         model = self.model(received)
         t0 = time.perf_counter()
-        loss = site_round(model, self.data, self.target, spec.step_start, spec.local_steps, spec.total_steps,
-                          spec.model.n_frames, self.device)  # fmt: skip
+        dp: dict[str, float] = {}
+        if self.privacy.enabled:
+            loss, dp = self.private_round(model)
+        else:
+            loss = site_round(model, self.data, self.target, spec.step_start, spec.local_steps, spec.total_steps,
+                              spec.model.n_frames, self.device)  # fmt: skip
         n = len(self.data.train)
-        metrics = {Metric.LOSS: loss, Metric.LOCAL_STEPS: float(spec.local_steps), Metric.NUM_EXAMPLES: float(n),
+        metrics = {**dp, Metric.LOSS: loss, Metric.LOCAL_STEPS: float(spec.local_steps), Metric.NUM_EXAMPLES: float(n),
                    Metric.WALL_S: time.perf_counter() - t0,
                    Metric.SAMPLES_SEEN: float(spec.local_steps * min(self.recipe.batch_size, n))}  # fmt: skip
         return {MODEL_SET: state_vector(model).cpu()}, metrics
+
+    def private_round(self, model: DownstreamModel) -> tuple[float, dict[str, float]]:
+        """K DP-SGD steps (site YAML `privacy.enabled`) on Poisson-drawn subjects of the training split,
+        granted against the site's ledger (or BudgetExhausted); (mean loss, the reply's privacy metrics)."""
+        spec, privacy, train = self.spec, self.privacy, self.data.train
+        units = scan_units(self.site, train.ids)
+        expected = min(self.recipe.batch_size, int(units.max()) + 1)
+        sampler = PoissonSubjects(train.packed(), units, expected, spec.model.n_frames)
+        dp = PrivateRound.open(privacy, ledger_path(privacy, self.site.source, self.name), self.name,
+                               run_key(spec.task, spec.model_checksum, spec.gradient_checksum, spec.total_steps,
+                                       self.recipe.seed),
+                               spec.task, spec.round, sampler.sample_rate, spec.local_steps,
+                               spec.total_steps - spec.step_start)  # fmt: skip
+        rng, noise = secret_generators()
+        step = DPDownstreamStep(DownstreamStep(model, self.task, spec.total_steps, self.target, self.device),
+                                dp.noise_multiplier, privacy.max_grad_norm, expected, noise, privacy.clip_chunk)
+        losses = []
+        for s in range(spec.step_start, spec.step_start + spec.local_steps):
+            scans = sampler.draw_scans(rng)
+            x, y = (sampler.windows(scans, rng), torch.from_numpy(train.y[scans])) if scans.size else (None, None)
+            losses.append(step(x, y, s))
+        values = [v for v in torch.stack(losses).tolist() if v == v]  # an empty draw has no loss (NaN)
+        return (sum(values) / len(values) if values else float("nan")), dp.commit()
 
     def evaluate(self, received: dict[str, torch.Tensor]) -> dict[str, float]:
         """The split's metrics and scan count: all that leaves the site at evaluation."""

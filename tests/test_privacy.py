@@ -14,12 +14,16 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from brainjepa.config import MaskConfig, ModelConfig, OptimConfig, PretrainConfig, PrivacyConfig, TrainConfig
 from brainjepa.demo import prepare_federation
-from brainjepa.federation.contract import Metric, RoundSpec
+from brainjepa.downstream.config import DownstreamConfig, DownstreamTask, TaskSpec
+from brainjepa.downstream.fit import load_state_vector, state_vector
+from brainjepa.downstream.model import Backbone, DownstreamModel
+from brainjepa.federation.contract import MODEL_SET, Metric, RoundSpec
 from brainjepa.gradients import gradient_checksum, load_gradients
 from brainjepa.jepa import JEPAModels
 from brainjepa.masks import sample_masks
 from brainjepa.privacy.budget import BudgetExhausted, Ledger, calibrate, epsilon_of, grant
 from brainjepa.privacy.dpsgd import (
+    DownstreamForward,
     DPGradients,
     OnlineJEPA,
     jepa_sample_loss,
@@ -27,7 +31,9 @@ from brainjepa.privacy.dpsgd import (
     plain_eager,
 )
 from brainjepa.privacy.sampling import PoissonSubjects, unit_index
+from brainjepa.vit import Encoder
 from brainjepa.weights import WEIGHT_SETS, flat_parameters, model_checksum
+from client.downstream import DownstreamSite
 from client.training import SiteTrainer, load_site_data, private_train, resolve_site
 
 MODEL = ModelConfig(size="tiny", n_rois=20, n_frames=32, patch_size=16, gradient_components=4)
@@ -194,8 +200,8 @@ def test_a_dp_site_round_spends_reports_and_declines_at_its_budget(tmp_path: Pat
     yaml, grads = site
     mine = yaml.with_name(f"dp_{tmp_path.name}.yaml")  # the same data, with a privacy section
     ledger = tmp_path / "ledger.json"
-    mine.write_text(yaml.read_text() + f"privacy: {{enabled: true, target_epsilon: 3.0, delta: 1.0e-5, "
-                    f"noise_multiplier: 1.0, max_grad_norm: 0.5, clip_chunk: 2, ledger: '{ledger}'}}\n")  # fmt: skip
+    mine.write_text(yaml.read_text() + f"privacy: {{enabled: true, target_epsilon: 4.0, delta: 1.0e-5, "
+                    f"noise_multiplier: 2.0, max_grad_norm: 0.5, clip_chunk: 2, ledger: '{ledger}'}}\n")  # fmt: skip
     cfg, runtime = resolve_site(mine)
     g = load_gradients(grads, 20, 4)
     torch.manual_seed(0)
@@ -205,7 +211,7 @@ def test_a_dp_site_round_spends_reports_and_declines_at_its_budget(tmp_path: Pat
     for rnd in range(4):  # what client_app.pretrain_round does with privacy.enabled (minus context.state)
         spec = _spec(grads, rnd)
         trainer = SiteTrainer(spec, grads, runtime)
-        trainer.load_sets(sets)
+        trainer.load_sets({k: v.clone() for k, v in sets.items()})
         try:
             metrics = private_train(trainer, load_site_data(cfg, spec.task_config), cfg)
         except BudgetExhausted as e:
@@ -214,8 +220,70 @@ def test_a_dp_site_round_spends_reports_and_declines_at_its_budget(tmp_path: Pat
         out = trainer.sets()
         assert all(torch.isfinite(v).all() for v in out.values()) and not torch.equal(out["encoder"], sets["encoder"])
         spent.append(metrics[Metric.EPSILON_SPENT])
-        assert metrics[Metric.EPSILON_BUDGET] == 3.0 and metrics[Metric.DP_NOISE_MULTIPLIER] == 1.0
+        assert metrics[Metric.EPSILON_BUDGET] == 4.0 and metrics[Metric.DP_NOISE_MULTIPLIER] == 2.0
         sets = out
-    assert len(spent) >= 1 and spent == sorted(spent) and spent[-1] <= 3.0
+    assert len(spent) >= 1 and spent == sorted(spent) and spent[-1] <= 4.0
     assert len(json.loads(ledger.read_text())["releases"]) == len(spent)
     assert (tmp_path / "ledger-report.md").exists()
+
+
+def _finetune_model(method: str = "finetune") -> tuple[DownstreamModel, ModelConfig, np.ndarray]:
+    cfg = ModelConfig(size="tiny", n_rois=20, n_frames=32, gradient_components=4)
+    torch.manual_seed(0)
+    grads = torch.randn(20, 4).numpy()
+    backbone = Backbone(cfg, grads, Encoder(cfg, torch.from_numpy(grads)).state_dict(), "test")
+    task = TaskSpec(name="age", column="age", kind="regression")
+    recipe = DownstreamConfig(method=method, steps=8, batch_size=4, eval_every=4)  # type: ignore[arg-type]
+    return DownstreamModel(backbone, task, recipe), cfg, grads
+
+
+def test_fine_tuning_per_sample_gradients_equal_one_sample_at_a_time() -> None:
+    """Backbone + head (the fine-tuning networks) under DP: vmap per-sample gradients == one-sample backward."""
+    model, _, _ = _finetune_model()
+    plain_eager(model)
+    model.train()
+    x, y = torch.randn(3, 20, 32), torch.randn(3)
+    x[1, 4] = float("nan")  # a missing ROI (sites.missing): left out of the pooled features
+    wrapped = DownstreamForward(model)
+    grads, _ = per_sample_gradients(wrapped, lambda f, xi, yi: F.mse_loss(f(xi)[:, 0], yi), x, y)
+    for sub in model.modules():
+        if hasattr(sub, "use_sdpa"):
+            sub.use_sdpa = True
+    for i in range(3):  # the model as built, one sample per backward
+        model.zero_grad()
+        F.mse_loss(model(x[i : i + 1])[:, 0], y[i : i + 1]).backward()
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(grads["model." + n][i], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("method", ["finetune", "probe"])
+def test_a_dp_fine_tuning_round_at_a_site_spends_from_the_same_ledger(tmp_path: Path, site, method: str) -> None:
+    """A fine-tuning / probing round with privacy.enabled trains (weights move), reports epsilon and
+    appends to the ledger; the probe's BatchNorm statistics stay untouched (they would leak the data)."""
+    yaml, grads_path = site
+    mine = yaml.with_name(f"dp_ft_{tmp_path.name}.yaml")
+    ledger = tmp_path / "ledger.json"
+    mine.write_text(yaml.read_text() + f"privacy: {{enabled: true, target_epsilon: 8.0, max_grad_norm: 1.0, "
+                    f"ledger: '{ledger}'}}\n")  # fmt: skip
+    cfg, runtime = resolve_site(mine)
+    g = load_gradients(grads_path, 20, 4)
+    mcfg = ModelConfig(size="tiny", n_rois=20, n_frames=32, gradient_components=4)
+    backbone = Backbone(mcfg, g, Encoder(mcfg, torch.from_numpy(g)).state_dict(), "test")
+    task = TaskSpec(name="age", column="age", kind="regression")
+    recipe = DownstreamConfig(method=method, steps=8, batch_size=3, eval_every=4)  # type: ignore[arg-type]
+    server = DownstreamModel(backbone, task, recipe)
+    vec = state_vector(server)
+    spec = RoundSpec(task=method, round=0, num_rounds=2, step_start=0, local_steps=2, wire_dtype="float32",  # type: ignore[arg-type]
+                     model_checksum=model_checksum(mcfg, {MODEL_SET: server}), gradient_checksum=gradient_checksum(g),
+                     task_config=DownstreamTask(task=task, recipe=recipe, model_tr=2.205, scaling="values"),
+                     model_config=mcfg, target_center=30.0, target_scale=10.0)  # fmt: skip
+    sets, metrics = DownstreamSite(spec, cfg, runtime, grads_path).run({MODEL_SET: vec.clone()})
+    assert not torch.equal(sets[MODEL_SET], vec) and torch.isfinite(sets[MODEL_SET]).all()
+    assert 0 < metrics[Metric.EPSILON_SPENT] <= 8.0 and metrics[Metric.DP_STEPS] == 2
+    assert json.loads(ledger.read_text())["releases"][0]["task"] == method
+    if method == "probe":  # running mean / var of the BatchNorm: still the initial 0 / 1
+        after = DownstreamModel(backbone, task, recipe)
+        load_state_vector(after, sets[MODEL_SET])
+        bn = after.head[0]
+        assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+        assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))

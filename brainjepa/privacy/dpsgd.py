@@ -28,8 +28,10 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from brainjepa.attention import Attention
+from brainjepa.downstream.model import DownstreamModel
+from brainjepa.downstream.train import DownstreamStep, lr_at
 from brainjepa.jepa import PretrainStep
-from brainjepa.masks import Masks
+from brainjepa.masks import Masks, split_missing
 from brainjepa.schedules import schedule_at
 
 # loss_of(forward, *inputs of ONE sample with a leading batch dim of 1) -> scalar loss of that sample
@@ -37,8 +39,11 @@ SampleLoss = Callable[..., torch.Tensor]
 
 
 def plain_eager(module: nn.Module) -> None:
-    """What the DP path needs of a network: explicit attention, nothing recomputed, no selective checkpoints."""
+    """What the DP path needs of a network: explicit attention, nothing recomputed, no selective checkpoints,
+    no stochastic depth (vmap cannot draw a different in-place mask per sample)."""
     for sub in module.modules():
+        if hasattr(sub, "drop_path"):
+            sub.drop_path = 0.0
         if isinstance(sub, Attention):
             sub.use_sdpa = False
         if hasattr(sub, "recompute_blocks"):
@@ -160,4 +165,68 @@ class DPPretrainStep:
         s.optimizer.step()
         s.optimizer.zero_grad(set_to_none=True)
         s.ema_update(point.momentum)
+        return torch.cat(losses).mean() if losses else torch.full((), float("nan"))
+
+
+class DownstreamForward(nn.Module):
+    """`DownstreamModel.forward` without its data-dependent shortcut (vmap cannot branch on values): the
+    backbone's tokens averaged over the observed ROIs' tokens (`masks.mean_observed`'s general case), then
+    the head. The same function to float rounding."""
+
+    def __init__(self, model: DownstreamModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x, observed = split_missing(x)  # (B, R, T), (B, R)
+        if m.recipe.frozen_backbone:
+            m.backbone.eval()
+            with torch.no_grad():
+                h = m.backbone(x)  # (B, N, D)
+        else:
+            h = m.backbone(x)
+        w = observed.repeat_interleave(h.shape[1] // observed.shape[1], dim=1).to(h.dtype)  # (B, N)
+        return m.head((h * w[..., None]).sum(dim=1) / w.sum(dim=1, keepdim=True).clamp_min(1.0))  # (B, out)
+
+
+class DPDownstreamStep:
+    """A fine-tuning / probing optimizer step under DP-SGD: per-sample gradients of the trained
+    parameters (backbone + head, or the probe's head), clipped, summed, noised, divided by the expected
+    batch size, then the step's AdamW at its LR schedule. Under DP, stochastic depth is off (vmap cannot
+    draw a different in-place mask per sample) and the probe's BatchNorm runs on its initial statistics:
+    batch statistics would mix samples, and learned running statistics would leave the site unprotected."""
+
+    def __init__(self, step: DownstreamStep, noise_multiplier: float, max_grad_norm: float, expected_batch: float,
+                 generator: torch.Generator, chunk: int = 0) -> None:  # fmt: skip
+        self.step, self.expected_batch, self.chunk = step, expected_batch, chunk
+        plain_eager(step.model)
+        self.forward = DownstreamForward(step.model)
+        self.grads = DPGradients(self.forward, step.optimizer, noise_multiplier, max_grad_norm, generator)
+
+    def _train_mode(self) -> None:
+        self.step.model.train()
+        for m in self.step.model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+    def __call__(self, x: torch.Tensor | None, y: torch.Tensor | None, step: int) -> torch.Tensor:
+        """x (b, R, T), y (b,) of the Poisson-drawn subjects (None: nobody). Returns the mean loss."""
+        s = self.step
+        lr = lr_at(s.model.recipe, step, s.total_steps)
+        for g in s.optimizer.param_groups:
+            g["lr"] = lr * g["lr_scale"]
+        self._train_mode()
+        losses = []
+        if x is not None and y is not None and len(x):
+            x, y = x.to(s.device), y.to(s.device)
+            c = self.chunk or len(x)
+            for i in range(0, len(x), c):
+                g, loss = per_sample_gradients(self.forward, lambda f, xi, yi: s.loss(f(xi), yi), x[i : i + c],
+                                               y[i : i + c])  # fmt: skip
+                self.grads.accumulate(g)
+                losses.append(loss)
+        self.grads.release(self.expected_batch)
+        s.optimizer.step()
+        s.optimizer.zero_grad(set_to_none=True)
         return torch.cat(losses).mean() if losses else torch.full((), float("nan"))

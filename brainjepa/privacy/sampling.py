@@ -37,10 +37,11 @@ def unit_index(units: Sequence[str]) -> np.ndarray:
 
 
 class PoissonSubjects:
-    """Windows + masks of the subjects Poisson-drawn at each step (a variable batch, possibly empty)."""
+    """The subjects Poisson-drawn at each step (a variable batch, possibly empty): one scan each
+    (`draw_scans`), and for pretraining a window of it with the batch's masks (`draw`)."""
 
     def __init__(self, packed: PackedSeries, scan_unit: np.ndarray, expected_batch: int, n_frames: int,
-                 patch_size: int, mask_cfg: MaskConfig) -> None:  # fmt: skip
+                 patch_size: int = 1, mask_cfg: MaskConfig | None = None) -> None:  # fmt: skip
         self.packed, self.n_frames, self.n_time, self.mask_cfg = packed, n_frames, n_frames // patch_size, mask_cfg
         self.n_units = int(scan_unit.max()) + 1
         order = np.argsort(scan_unit, kind="stable")  # scans grouped by unit
@@ -51,13 +52,22 @@ class PoissonSubjects:
             raise ValueError(f"DP sampling: expected batch {expected_batch} must be 1..{self.n_units} (the subjects)")
         self.sample_rate = expected_batch / self.n_units
 
-    def draw(self, rng: np.random.Generator) -> tuple[torch.Tensor | None, Masks | None]:
-        """One step's batch: x (b, R, T) and masks for b drawn subjects, or (None, None) when b = 0."""
+    def draw_scans(self, rng: np.random.Generator) -> np.ndarray:
+        """(b,) scan indices: one uniformly drawn scan of each subject included with probability q."""
         units = np.flatnonzero(rng.random(self.n_units) < self.sample_rate)  # (b,)
-        if units.size == 0:
-            return None, None
         pick = self.starts[units] + (rng.random(units.size) * self.counts[units]).astype(np.int64)
-        x, _ = random_windows(self.packed, self.scans[pick], self.n_frames, rng)  # (b, R, T)
+        return self.scans[pick]
+
+    def windows(self, scans: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        """(b, R, T): a random window of each scan."""
+        return torch.from_numpy(random_windows(self.packed, scans, self.n_frames, rng)[0])
+
+    def draw(self, rng: np.random.Generator) -> tuple[torch.Tensor | None, Masks | None]:
+        """One pretraining step's batch: x (b, R, T) and masks, or (None, None) when nobody is drawn."""
+        scans = self.draw_scans(rng)
+        if scans.size == 0:
+            return None, None
+        assert self.mask_cfg is not None, "pretraining draws need the mask config"
         g = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        masks = sample_masks(self.mask_cfg, int(units.size), self.packed.n_rois, self.n_time, g)
-        return torch.from_numpy(x), masks
+        masks = sample_masks(self.mask_cfg, int(scans.size), self.packed.n_rois, self.n_time, g)
+        return self.windows(scans, rng), masks

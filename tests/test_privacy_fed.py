@@ -1,0 +1,61 @@
+"""The site's privacy accountant over real Flower processes: it survives a SuperNode (site) restart and a
+SuperLink (coordinator) restart, because it lives in the site's ledger on disk, not in `context.state`.
+
+Tiny model (50 ROIs x 64 frames), 1 local step per round: ~60-90 s on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from brainjepa.demo import prepare_federation
+from brainjepa.federation.contract import Metric
+from brainjepa.federation.flower import LocalFederation, write_app_dir
+from brainjepa.privacy.budget import Ledger
+from server.config import FederationConfig, to_run_config
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+
+
+def _reply_metrics(dumps: Path, rnd: int, site: str) -> dict[str, float]:
+    return json.loads((dumps / f"round-{rnd:03d}" / f"{site}.json").read_text())["metrics"]
+
+
+def test_epsilon_continues_after_a_site_restart_and_a_coordinator_restart(tmp_path: Path) -> None:
+    demo = prepare_federation(tmp_path / "sites", n_sites=2, subjects=8, n_rois=50, n_frames=64)
+    ledgers = {}
+    for y in demo.site_yamls:
+        ledgers[y.parent.name] = tmp_path / f"{y.parent.name}-ledger.json"
+        y.write_text(y.read_text() + f"privacy: {{enabled: true, target_epsilon: 50.0, noise_multiplier: 1.5, "
+                     f"max_grad_norm: 1.0, ledger: '{ledgers[y.parent.name]}'}}\n")  # fmt: skip
+    first, second = tmp_path / "dumps1", tmp_path / "dumps2"
+    nodes = [{"site-config": str(y), "gradients": str(demo.gradients), "dump-updates-dir": str(first)}
+             for y in demo.site_yamls]  # fmt: skip
+    cfg = FederationConfig(n_rois=50, n_frames=64, local_steps=1, batch_size=4, num_rounds=2, min_sites=2,
+                           keep_checkpoints=2, out_dir=str(tmp_path / "runs"), gradients=str(demo.gradients))  # fmt: skip
+    app = write_app_dir(tmp_path / "app", to_run_config(cfg))
+    with LocalFederation(tmp_path, nodes, env_extra=ENV, database=str(tmp_path / "superlink.db")) as fed:
+        res = fed.run(app, timeout_s=300)
+        assert res.returncode == 0 and "outputs under" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+        (run_dir,) = list((tmp_path / "runs").glob("*-run*"))
+        before = {s: _reply_metrics(first, 2, s)[Metric.EPSILON_SPENT] for s in ledgers}
+        assert all(len(Ledger.open(p, s).releases) == 2 for s, p in ledgers.items())
+        fed.crash_superlink()  # the coordinator's machine dies
+        fed.restart_superlink()
+        fed.supernodes[0].kill()  # site_a's machine restarts too: its SuperNode's context.state is gone
+        fed.add_supernode({**nodes[0], "dump-updates-dir": str(second)}, "supernode0-restarted")
+        res = fed.run(app, {"resume-dir": str(run_dir), "resume-round": 1, "wait-for-sites-s": 120.0}, timeout_s=300)
+    assert res.returncode == 0 and "outputs under" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    # round 2 is trained again after the resume: a third release, composed with the first two
+    after = _reply_metrics(second, 2, "site_a")
+    ledger = Ledger.open(ledgers["site_a"], "site_a")
+    assert len(ledger.releases) == 3 and len({r.run for r in ledger.releases}) == 1
+    assert after[Metric.EPSILON_SPENT] == pytest.approx(ledger.epsilon(1e-5), rel=1e-9)
+    assert after[Metric.EPSILON_SPENT] > before["site_a"] > 0  # continued, not reset
+    assert after[Metric.DP_STEPS] == 3 and after[Metric.EPSILON_BUDGET] == 50.0
+    assert len(Ledger.open(ledgers["site_b"], "site_b").releases) == 3  # the coordinator restart alone

@@ -40,6 +40,7 @@ from brainjepa.federation.contract import (
 from brainjepa.privacy.budget import BudgetExhausted
 from client.downstream import DownstreamSite
 from client.redact import scrub
+from client.secagg import is_secure, secure_train
 from client.state import load_optimizer, save_optimizer
 from client.training import (
     RoundRefused,
@@ -150,6 +151,8 @@ def _maybe_dump(context: Context, site: str, spec: RoundSpec, content: RecordDic
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    if is_secure(msg):  # a SecAgg+ stage (run config secure-aggregation): Flower's secaggplus_mod around handle
+        return secure_train(msg, context, handle)
     return handle(msg, context)
 
 

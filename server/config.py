@@ -90,6 +90,18 @@ class FederationConfig:
     trim_fraction: float = 0.2  # trimmed-mean: share of the sites cut at each end, per coordinate
     keep_checkpoints: int = 3  # round-NNN.pt of the last N rounds are kept next to checkpoint.pt
     resume_round: int = 0  # with resume-dir: continue after this round (its round-NNN.pt); 0: the last one
+    # Central DP and secure aggregation (issue 13, docs/privacy.md). central-dp: each site's delta (encoder +
+    # predictor) clipped to central-dp-clip-norm, the sum noised (std noise-multiplier x clip-norm) and
+    # divided by the sites sampled; epsilon at central-dp-delta by Opacus' RDP accountant (unit: a site).
+    central_dp: bool = False
+    central_dp_noise_multiplier: float = 1.0
+    central_dp_clip_norm: float = 1.0
+    central_dp_delta: float = 1e-5
+    # secure-aggregation: pretraining rounds through Flower's SecAgg+ (the server sees only the sum). A site's
+    # weighted delta value must lie in +-clip-range (2**22 levels); its weight (num-examples) <= max-weight.
+    secure_aggregation: bool = False
+    secure_aggregation_clip_range: float = 0.1
+    secure_aggregation_max_weight: float = 256.0  # a power of two keeps the weights exact
 
     def __post_init__(self) -> None:
         check_choices(self, RUN_CONFIG)
@@ -108,9 +120,32 @@ class FederationConfig:
             raise ConfigError(f"run config 'keep-checkpoints': expected >= 1, got {self.keep_checkpoints}")
         if self.resume_round and not self.resume_dir:
             raise ConfigError("run config 'resume-round' needs 'resume-dir' (the run folder to continue)")
+        self._check_privacy()
         if self.scaling_scope == "federation" and self.task != "pretrain":
             raise ConfigError(f"run config 'scaling-scope': 'federation' applies to pretraining, not task "
                               f"'{self.task}' (downstream sites scale with their own statistics)")  # fmt: skip
+
+    def _check_privacy(self) -> None:
+        """central-dp / secure-aggregation settings (pretraining runs only)."""
+        if (self.central_dp or self.secure_aggregation) and self.task != "pretrain":
+            raise ConfigError(f"run config: 'central-dp' and 'secure-aggregation' apply to pretraining runs, not task "
+                              f"'{self.task}'")  # fmt: skip
+        if self.central_dp and not (self.central_dp_noise_multiplier > 0 and self.central_dp_clip_norm > 0
+                                    and 0 < self.central_dp_delta < 1):  # fmt: skip
+            raise ConfigError(f"run config: central DP needs 'central-dp-noise-multiplier' > 0, 'central-dp-clip-norm' "
+                              f"> 0 and 'central-dp-delta' in (0, 1), got {self.central_dp_noise_multiplier}, "
+                              f"{self.central_dp_clip_norm}, {self.central_dp_delta}")  # fmt: skip
+        if (self.central_dp or self.secure_aggregation) and self.strategy in ("median", "trimmed-mean"):
+            what = "central-dp" if self.central_dp else "secure-aggregation"
+            raise ConfigError(f"run config 'strategy': '{self.strategy}' with '{what}' (central DP needs the clipped "
+                              "sum, secure aggregation hides single updates): use fedavg, fedavgm or fedadam")  # fmt: skip
+        if self.secure_aggregation and self.min_sites < 2:
+            raise ConfigError("run config 'secure-aggregation': needs 'min-sites' >= 2 (a sum of one site is that site)")
+        if self.secure_aggregation and not (self.secure_aggregation_clip_range > 0
+                                            and self.secure_aggregation_max_weight >= 1):  # fmt: skip
+            raise ConfigError(f"run config: 'secure-aggregation-clip-range' must be > 0 and "
+                              f"'secure-aggregation-max-weight' >= 1, got {self.secure_aggregation_clip_range}, "
+                              f"{self.secure_aggregation_max_weight}")  # fmt: skip
 
     @property
     def total_steps(self) -> int:

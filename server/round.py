@@ -31,6 +31,7 @@ from server.exchange import SiteResult, count, exchange, ok_updates, save_update
 from server.registry import RegisteredSite, read_registry
 from server.report import RunReport, new_run_dir
 from server.robust import RobustAggregate
+from server.round_privacy import RoundPrivacy
 from server.scaling import scaling_stats
 from sites.errors import ConfigError, DataError
 from sites.scaling import RobustScaling
@@ -73,6 +74,7 @@ class FederatedRun:
     registry: dict[int, RegisteredSite] = field(default_factory=dict)  # node id -> registered site
     audit: AuditLog | None = None
     monitor: CollapseMonitor | None = None  # the global target after each round, on a generated probe batch
+    privacy: RoundPrivacy | None = None  # central DP, secure aggregation, privacy.json / privacy.md
 
     @classmethod
     def create(cls, cfg: FederationConfig, run_id: int = 0) -> FederatedRun:
@@ -93,6 +95,7 @@ class FederatedRun:
         models = JEPAModels(pcfg.model, torch.from_numpy(grads))
         run = cls(cfg, pcfg, run_dir, models, grads, source, ServerOptimizer(cfg.server_opt()))
         run.registry = read_registry(cfg.site_registry) if cfg.site_registry else {}
+        run.privacy = RoundPrivacy(cfg, run_dir)
         ckpt_path = round_checkpoint(run_dir, cfg.resume_round) if cfg.resume_round else run_dir / CHECKPOINT
         if cfg.resume_dir:
             if not ckpt_path.exists():
@@ -123,6 +126,8 @@ class FederatedRun:
         self.start_round = int(ckpt["round"])
         if ckpt.get("scaling") is not None:
             self.scaling = RobustScaling.from_dict(ckpt["scaling"])
+        if self.privacy is not None:
+            self.privacy.load_state_dict(ckpt.get("central_dp"))
         log.info("resuming %s after round %d of %d", self.run_dir, self.start_round, self.cfg.num_rounds)
 
     def _save(self, completed_rounds: int) -> Path:
@@ -145,6 +150,7 @@ class FederatedRun:
             model_checksum=self.model_checksum, models=self.models.state_dict(),
             server_optimizer=self.server_opt.state_dict(), run_config=to_run_config(self.cfg),
             scaling=self.scaling.to_dict() if self.scaling is not None else None,
+            central_dp=self.privacy.state_dict() if self.privacy is not None else None,
         )  # fmt: skip
 
     @property
@@ -196,16 +202,24 @@ class FederatedRun:
         mean: RunningMean | RobustAggregate = (RobustAggregate(cfg.strategy, cfg.trim_fraction)
                                                if cfg.strategy in ("median", "trimmed-mean") else RunningMean())
         records = {SCALING: scaling_arrays(self.scaling)} if self.scaling is not None else None
-        results = exchange(grid, cfg, spec, self.sets, lambda res: self._accept(rnd, res, mean), records=records)
+        if self.privacy is None:
+            results = exchange(grid, cfg, spec, self.sets, lambda res: self._accept(rnd, res, mean), records=records)
+        else:  # central DP (clipped sum) and / or secure aggregation (SecAgg+)
+            mean = self.privacy.accumulator(mean, self.sets)  # type: ignore[arg-type]
+            results = self.privacy.exchange(grid, spec, self.sets, records, mean,  # type: ignore[arg-type]
+                                            lambda res: self._accept(rnd, res, mean))  # type: ignore[arg-type]
         report.site_rows([site_row(rnd, r) for r in results])
         if self.audit is not None:
             self.audit.round(rnd + 1, spec.task, results)
         ok = ok_updates(results, cfg.min_sites, f"round {rnd + 1}", f"; the global model stays at round {rnd} "
                         f"(resume with resume-dir={self.run_dir})")  # fmt: skip
-        self.sets = self.server_opt.step(self.sets, mean.result())
+        new = mean.result() if self.privacy is None else self.privacy.new_sets(mean, self.sets, spec)  # type: ignore[arg-type]
+        self.sets = self.server_opt.step(self.sets, new)
         for name in WEIGHT_SETS:
             load_flat_parameters(getattr(self.models, name), self.sets[name])
         self._save(rnd + 1)
+        if self.privacy is not None:
+            self.privacy.after_round(rnd, results)
         if self.monitor is not None:
             self.monitor.measure(self.models.target, rnd + 1)
         samples = sum(u.num_examples for u in ok)

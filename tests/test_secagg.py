@@ -1,0 +1,138 @@
+"""Secure aggregation through Flower's SecAgg+ over real processes (SuperLink + 2 SuperNodes on
+loopback, `flwr run` of the project's own apps), two runs on the same federation:
+
+1. `secure-aggregation = true`, sites with different training-subject counts, 1 round x 2 steps: the
+   global weights after the round equal the SAMPLE-WEIGHTED FedAvg of what each site trained (its own
+   dump, recomputed here in float64) within SecAgg+'s quantization bound (`secagg_tolerance`), and not
+   the unweighted mean; the server never held a site's weights (no `updates/` with save-updates on);
+   privacy.json / privacy.md say secure aggregation is on.
+2. the same with central DP on top: the sites clip their deltas (encoder + predictor) to C and weigh 1,
+   the server adds noise to the unmasked sum: the released encoder minus (global + mean clipped delta,
+   recomputed from the dumps) is Gaussian noise of std z C / 2; the target is the EMA of the noisy
+   encoder; the reported epsilon equals Opacus' RDP analysis for (q = 1, z, 1 round).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+from torch.nn.utils import parameters_to_vector
+
+from brainjepa.checkpoint import load_checkpoint
+from brainjepa.config import ModelConfig
+from brainjepa.demo import DemoFederation, prepare_federation
+from brainjepa.federation.flower import LocalFederation, write_app_dir
+from brainjepa.federation.secure import secagg_tolerance
+from brainjepa.gradients import load_gradients
+from brainjepa.jepa import JEPAModels
+from brainjepa.schedules import schedule_at
+from server.config import FederationConfig, to_run_config
+from sites.schema import from_mapping
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+N_ROIS, N_FRAMES = 40, 64
+SETS = ("encoder", "predictor", "target")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoFederation:
+    fed = prepare_federation(tmp_path_factory.mktemp("secagg") / "sites", n_sites=2, subjects=12, n_rois=N_ROIS,
+                             n_frames=N_FRAMES, seed=5)  # fmt: skip
+    site_b = fed.site_yamls[1]  # fewer training subjects at site_b: the weighting matters
+    site_b.write_text(site_b.read_text().replace("train: 0.8\n  val: 0.1\n  test: 0.1", "train: 0.5\n  val: 0.25\n  test: 0.25"))
+    return fed
+
+
+def flat_sets(ckpt: dict, grads: np.ndarray) -> dict[str, np.ndarray]:
+    models = JEPAModels(from_mapping(ModelConfig, ckpt["model_config"], "checkpoint"), torch.from_numpy(grads))
+    models.load_state_dict(ckpt["models"])
+    return {n: parameters_to_vector(getattr(models, n).parameters()).detach().double().numpy() for n in SETS}
+
+
+def initial_sets(cfg: FederationConfig, grads: np.ndarray) -> dict[str, np.ndarray]:
+    """The run's round-0 global weights (seeded exactly as the server seeds them)."""
+    torch.manual_seed(cfg.seed)
+    models = JEPAModels(cfg.pretrain().model, torch.from_numpy(grads))
+    return {n: parameters_to_vector(getattr(models, n).parameters()).detach().double().numpy() for n in SETS}
+
+
+def dumped(dumps: Path) -> list[dict[str, np.ndarray]]:
+    """What site_a and site_b trained in round 1 (their own dumps: full fp32 weights, num_examples)."""
+    out = []
+    for site in ("site_a", "site_b"):
+        with np.load(dumps / "round-001" / f"{site}.npz") as z:
+            out.append({k: z[k].astype(np.float64) for k in z.files})
+    return out
+
+
+def test_secagg_round_equals_weighted_fedavg_then_central_dp_on_top(demo: DemoFederation, tmp_path: Path) -> None:
+    grads = load_gradients(demo.gradients)
+    cfg = FederationConfig(n_rois=N_ROIS, n_frames=N_FRAMES, local_steps=2, num_rounds=1, batch_size=4,
+                           gradients=str(demo.gradients), out_dir=str(tmp_path / "runs1"), secure_aggregation=True,
+                           secure_aggregation_clip_range=0.05, secure_aggregation_max_weight=16.0,
+                           save_updates=True)  # fmt: skip
+    dumps = tmp_path / "dumps"
+    nodes = [{"site-config": str(y), "gradients": str(demo.gradients), "dump-updates-dir": str(dumps)}
+             for y in demo.site_yamls]  # fmt: skip
+    start = initial_sets(cfg, grads)
+    with LocalFederation(tmp_path / "flower", nodes, env_extra=ENV) as fed:
+        res = fed.run(write_app_dir(tmp_path / "app1", to_run_config(cfg)), timeout_s=300)
+        assert res.returncode == 0 and "outputs under" in res.stdout, res.stdout[-4000:] + res.stderr[-2000:]
+        (run1,) = list((tmp_path / "runs1").glob("*"))
+        sent = dumped(dumps)
+        final = flat_sets(load_checkpoint(run1 / "checkpoint.pt"), grads)
+
+        # ---- 2: central DP + secure aggregation on the same federation
+        z, clip = 0.8, 0.05
+        cfg2 = dataclasses.replace(cfg, out_dir=str(tmp_path / "runs2"), central_dp=True,
+                                   central_dp_noise_multiplier=z, central_dp_clip_norm=clip)  # fmt: skip
+        res2 = fed.run(write_app_dir(tmp_path / "app2", to_run_config(cfg2)), timeout_s=300)
+        assert res2.returncode == 0 and "outputs under" in res2.stdout, res2.stdout[-4000:] + res2.stderr[-2000:]
+
+    # ---- 1: sample-weighted FedAvg of what the sites trained, within the quantization bound
+    n = [float(s["num_examples"]) for s in sent]
+    assert n[0] != n[1], n
+    tol = secagg_tolerance(0.05, n, 16.0) + 1e-6  # + fp32 rounding of the weights themselves
+    for name in SETS:
+        want = sum(ni * s[name] for ni, s in zip(n, sent, strict=True)) / sum(n)
+        np.testing.assert_allclose(final[name], want, rtol=0, atol=tol, err_msg=name)
+        if name != "target":  # (the EMA target moves ~1e-7 in 2 steps: too little to tell the weightings apart)
+            unweighted = (sent[0][name] + sent[1][name]) / 2
+            assert np.abs(final[name] - unweighted).max() > 20 * tol, name  # the weights are inside the sum
+            assert np.abs(final[name] - start[name]).max() > 100 * tol, name  # the round moved the weights
+    assert not (run1 / "updates").exists()  # save-updates: the server had no single update to save
+    report = json.loads((run1 / "privacy.json").read_text())
+    assert report["secure_aggregation"] is True and report["central_dp"] == {"enabled": False}
+    assert set(report["sites"]) == {"site_a", "site_b"} and "Flower SecAgg+" in (run1 / "privacy.md").read_text()
+
+    # ---- 2: the released encoder = global + mean of the sites' clipped deltas + N(0, (z C / 2)^2)
+    (run2,) = list((tmp_path / "runs2").glob("*"))
+    sent2 = dumped(dumps)
+    released = flat_sets(load_checkpoint(run2 / "checkpoint.pt"), grads)
+    deltas = [{k: s[k] - start[k] for k in ("encoder", "predictor")} for s in sent2]
+    clipped_mean = {k: np.zeros_like(start[k]) for k in ("encoder", "predictor")}
+    for d in deltas:
+        norm = math.sqrt(sum(float(np.square(v).sum()) for v in d.values()))
+        assert norm > clip  # the clip binds: both sites' updates were scaled down
+        for k in clipped_mean:
+            clipped_mean[k] += d[k] * min(1.0, clip / norm) / 2
+    noise = np.concatenate([released[k] - start[k] - clipped_mean[k] for k in ("encoder", "predictor")])
+    assert abs(noise.std() / (z * clip / 2) - 1) < 0.02 and abs(noise.mean()) < 1e-3, noise.std()
+    optim = cfg2.pretrain().optim  # the round's EMA momenta, from the schedule
+    mu = math.prod(schedule_at(optim, s, cfg2.total_steps).momentum for s in range(cfg2.local_steps))
+    np.testing.assert_allclose(released["target"], mu * start["target"] + (1 - mu) * released["encoder"], atol=1e-6)
+    central = json.loads((run2 / "privacy.json").read_text())["central_dp"]
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    want_eps = get_privacy_spent(orders=orders, rdp=compute_rdp(q=1.0, noise_multiplier=z, steps=1, orders=orders),
+                                 delta=cfg2.central_dp_delta)[0]  # fmt: skip
+    assert central["epsilon"] == pytest.approx(want_eps, rel=1e-9) and central["per_round"][0]["sites_clipped"] is None

@@ -184,8 +184,38 @@ def numerics(
         raise typer.Exit(code=1)
 
 
+def dp_bench(
+    size: Annotated[list[str], typer.Option("--size", help="Model size(s): tiny, small, base, large.")] = ["tiny", "small"],  # noqa: B006
+    batch: Annotated[int, typer.Option(help="Batch size (subjects per step).")] = 8,
+    chunk: Annotated[list[int], typer.Option("--chunk", help="DP: samples whose per-sample gradients exist at once "
+                                             "(privacy.clip_chunk; 0 = the whole batch). Repeat for several.")] = [0],  # noqa: B006
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    steps: Annotated[int, typer.Option(help="Timed optimizer steps.")] = 3,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up steps.")] = 1,
+    rois: Annotated[int, typer.Option(help="ROIs per sample.")] = 450,
+    frames: Annotated[int, typer.Option(help="Frames per sample.")] = 160,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per line instead of a table.")] = False,
+) -> None:
+    """Cost of site-side DP-SGD: pretraining step time and peak memory without DP and with DP (per-sample
+    gradients, Opacus clipping and noise), each configuration in a fresh process. docs/privacy.md."""
+    from dataclasses import asdict
+
+    from brainjepa.privacy.bench import format_table, measure_isolated
+
+    common = dict(batch=batch, steps=steps, warmup=warmup, rois=rois, frames=frames, device=device)
+    results = []
+    try:
+        for s in size:
+            results.append(measure_isolated(size=s, dp=False, **common))
+            results.extend(measure_isolated(size=s, dp=True, chunk=c, **common) for c in chunk)
+    except (InputError, RuntimeError) as e:
+        raise _fail(e) from e
+    typer.echo("\n".join(json.dumps(asdict(r)) for r in results) if as_json else format_table(results))
+
+
 def register(app: typer.Typer) -> None:
-    """Add `bench`, `memory` and `numerics` to the main `brainjepa` app."""
+    """Add `bench`, `dp-bench`, `memory` and `numerics` to the main `brainjepa` app."""
     app.command("bench")(bench)
+    app.command("dp-bench")(dp_bench)
     app.command("memory")(memory)
     app.command("numerics")(numerics)

@@ -121,8 +121,10 @@ def main_command(
             for ln in why:
                 typer.secho(f"  {ln.strip()}", fg=typer.colors.RED, err=True)
             if any("305" in ln for ln in why):
-                typer.secho("  (exit 305: the SuperLink refused this site: is its public key registered at the "
-                            "coordinator's --sites-file?)", fg=typer.colors.RED, err=True)  # fmt: skip
+                typer.secho("  (exit 305: the coordinator refused to activate this site: either its public key is not "
+                            "in the coordinator's --sites-file, or the coordinator still lists this site as connected "
+                            "from a session that ended without leaving: it forgets it within 60 s, try again then)",
+                            fg=typer.colors.RED, err=True)  # fmt: skip
         raise typer.Exit(code)
     except KeyboardInterrupt:
         typer.echo("\nCtrl-C: leaving the federation")

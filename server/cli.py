@@ -211,6 +211,8 @@ def start(
             while superlink.alive():
                 time.sleep(1)
         raise typer.Exit(code)
+    except typer.Exit:  # click's Exit is a RuntimeError: not one of the failures below
+        raise
     except (RuntimeError, TimeoutError) as e:  # a process that did not start (port in use, bad certificate)
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from e

@@ -159,6 +159,13 @@ def reply_site(content: RecordDict, node_id: int, registry: Mapping[int, Registe
     return reg.site
 
 
+def malformed(content: RecordDict) -> str:
+    """Why a reply's records cannot be read (a missing weights or metrics record), or ""."""
+    if METRICS not in content.metric_records or ARRAYS not in content.array_records:
+        return f"malformed reply: records {sorted(content.keys())}, expected '{ARRAYS}' and '{METRICS}'"
+    return ""
+
+
 def decode(reply: Message, node_id: int, sent_bytes: int, wire_dtype: str, master: Mapping[str, torch.Tensor],
            registry: Mapping[int, RegisteredSite] | None = None) -> SiteResult:  # fmt: skip
     """A reply -> SiteResult: `failed` (error reply), `rejected` (malformed reply, wrong identity,
@@ -176,8 +183,8 @@ def decode(reply: Message, node_id: int, sent_bytes: int, wire_dtype: str, maste
     except ConfigError as e:
         log.warning("site node %d rejected: %s", node_id, e)
         return SiteResult(node_id, "rejected", detail=str(e), bytes_sent=sent_bytes)
-    if METRICS not in content.metric_records or ARRAYS not in content.array_records:
-        detail = f"malformed reply: records {sorted(content.keys())}, expected '{ARRAYS}' and '{METRICS}'"
+    detail = malformed(content)
+    if detail:
         log.warning("site %s rejected: %s", site, detail)
         return SiteResult(node_id, "rejected", site, detail, bytes_sent=sent_bytes)
     metrics = {k: float(v) for k, v in content[METRICS].items()}

@@ -36,7 +36,7 @@ FAULTY_CLIENT = '''
 import time
 from pathlib import Path
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.clientapp import ClientApp
 from client.client_app import train as real_train
 
@@ -49,6 +49,10 @@ def train(msg, context):
         Path(str(node["fault-marker"])).touch()
         time.sleep(float(node["fault-sleep-s"]))
     reply = real_train(msg, context)
+    if bool(node.get("poison", False)) and not reply.has_error():  # issue 15's attack: x 1e4, 1e6 samples
+        arrays = reply.content["arrays"]
+        reply.content["arrays"] = ArrayRecord({k: Array(arrays[k].numpy() * 1e4) for k in arrays.keys()})
+        reply.content["metrics"] = MetricRecord({**dict(reply.content["metrics"]), "num-examples": 1e6})
     if bool(node.get("inject-nan", False)) and not reply.has_error():
         arrays = reply.content["arrays"]
         poisoned = {}
@@ -93,8 +97,9 @@ def flat_sets(state: dict, model_cfg: dict, grads: np.ndarray) -> dict[str, torc
 
 
 def test_two_rounds_weighted_mean_nan_rejected_wrong_gradients_refused(tmp_path: Path, demo) -> None:
-    """Four sites over real transport, two rounds: site_a and site_b train normally, site_c sends NaN
-    (rejected), a fourth site uses another gradient file (refused). The global weights must equal the
+    """Five sites over real transport, two rounds: site_a and site_b train normally, site_c sends NaN
+    (rejected), a fourth site uses another gradient file (refused), a fifth sends weights x 1e4 claiming 1e6
+    samples (rejected by max-update-ratio). The global weights must equal the
     sample-weighted mean of what site_a and site_b sent (dumped by the sites, recomputed here)."""
     yamls, grads = demo
     other = tmp_path / "other_gradients.npy"
@@ -106,6 +111,7 @@ def test_two_rounds_weighted_mean_nan_rejected_wrong_gradients_refused(tmp_path:
         {"site-config": str(yamls[1]), "gradients": str(grads), "dump-updates-dir": str(dumps)},
         {"site-config": str(yamls[2]), "gradients": str(grads), "inject-nan": True},
         {"site-config": str(yamls[0]), "gradients": str(other)},
+        {"site-config": str(yamls[2]), "gradients": str(grads), "poison": True},
     ]
     (tmp_path / "app").mkdir()
     (tmp_path / "app" / "faulty_client.py").write_text(FAULTY_CLIENT)
@@ -129,19 +135,20 @@ def test_two_rounds_weighted_mean_nan_rejected_wrong_gradients_refused(tmp_path:
     rows = read_csv(run_dir / "site_metrics.csv")
     for rnd in ("1", "2"):
         by_status = sorted((r["status"], r["site"]) for r in rows if r["round"] == rnd)
-        assert [st for st, _ in by_status] == ["failed", "ok", "ok", "rejected"], by_status
+        assert [st for st, _ in by_status] == ["failed", "ok", "ok", "rejected", "rejected"], by_status
         assert ("ok", "site_a") in by_status and ("ok", "site_b") in by_status and ("rejected", "site_c") in by_status
     rejected = [r for r in rows if r["status"] == "rejected"]
-    assert all("NaN" in r["detail"] for r in rejected)
+    assert sorted("NaN" in r["detail"] for r in rejected) == [False, True] * 2  # per round: NaN, and the poison:
+    assert sum("max-update-ratio" in r["detail"] for r in rejected) == 2  # bounded (the global model is the mean above)
     refused = [r for r in rows if r["status"] == "failed"]
-    for r in refused:
-        assert "refused" in r["detail"] and "gradient file" in r["detail"] and str(other) in r["detail"]
+    for r in refused:  # the site's file path is masked in what the site sends (its own console has it)
+        assert "refused" in r["detail"] and "gradient file" in r["detail"] and str(other) not in r["detail"]
         assert "checksum" in r["detail"]
     assert "rejected" in res.stdout and "NaN" in res.stdout
     ok = [r for r in rows if r["status"] == "ok"]
     assert all(int(r["bytes_sent"]) > 0 and int(r["bytes_received"]) > 0 and float(r["loss"]) > 0 for r in ok)
     rounds = read_csv(run_dir / "round_metrics.csv")
-    assert [(r["sites_ok"], r["sites_rejected"], r["sites_failed"]) for r in rounds] == [("2", "1", "1")] * 2
+    assert [(r["sites_ok"], r["sites_rejected"], r["sites_failed"]) for r in rounds] == [("2", "2", "1")] * 2
     assert float(rounds[1]["loss"]) < float(rounds[0]["loss"])
     assert (run_dir / "loss_per_round.png").stat().st_size > 1000
 

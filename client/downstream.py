@@ -12,6 +12,9 @@ loads its own labelled scans (`load_labelled_site`: its own robust scaling, neve
 - `evaluate`: scores the received weights on its `split` (`split_metrics`); sends back only those
   metrics and the split's scan count, never per-scan predictions, labels or ids.
 - `label-stats` (regression): the count, sum and centred sum of squares of its training labels.
+
+With `privacy.enabled` in the site YAML, `finetune` / `probe` rounds run DP-SGD (`private_round`:
+`brainjepa.privacy`, the same ledger and budget as pretraining; docs/privacy.md).
 """
 
 from __future__ import annotations

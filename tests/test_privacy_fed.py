@@ -26,6 +26,7 @@ def _reply_metrics(dumps: Path, rnd: int, site: str) -> dict[str, float]:
     return json.loads((dumps / f"round-{rnd:03d}" / f"{site}.json").read_text())["metrics"]
 
 
+@pytest.mark.slow
 def test_epsilon_continues_after_a_site_restart_and_a_coordinator_restart(tmp_path: Path) -> None:
     demo = prepare_federation(tmp_path / "sites", n_sites=2, subjects=8, n_rois=50, n_frames=64)
     ledgers = {}

@@ -243,3 +243,28 @@ def test_prepare_censors_through_sample_mask_and_keeps_the_longest_stretch(tmp_p
     np.testing.assert_allclose(np.load(cfg.output_dir / "sub-00.npy"), truth["sub-00"][:, 9:20], rtol=1e-5)
     ss = load_site_series(cfg, model_tr=2.0)  # not censored twice
     assert ss.series[0].shape == (3, 11) and ss.censored["sub-00"] == {"frames": 29, "censored": 2, "kept": 11}
+
+
+def test_prepare_extracts_each_bids_run_as_a_row(tmp_path):
+    cfg, truth = nifti_site(tmp_path, "mask")
+    root = cfg.data.root
+    for sid in ("sub-00", "sub-01"):  # rename to run-01 and add a run-02 (the same image, reversed in time)
+        f = root / sid / "func" / f"{sid}_task-rest_bold.nii.gz"
+        img = nib.load(f)
+        nib.save(img, root / sid / "func" / f"{sid}_task-rest_run-01_bold.nii.gz")
+        rev = nib.Nifti1Image(np.asarray(img.dataobj)[..., ::-1].copy(), img.affine, img.header)
+        nib.save(rev, root / sid / "func" / f"{sid}_task-rest_run-02_bold.nii.gz")
+        f.unlink()
+    raw = {"site": "n", "data": {"format": "nifti", "root": str(root), "bold": "{subject}/func/{subject}_*_bold.nii.gz"},
+           "rois": [{"name": "a", "n_rois": 3, "atlas": str(cfg.rois[0].atlas)}],
+           "preprocess": {"n_jobs": 1, "missing_rois": "mask"}, "participants": {"runs": True},
+           "split": {"train": 0.5, "val": 0.5, "test": 0.0}}  # fmt: skip
+    runs = parse_site_config(raw, tmp_path / "r.yaml")
+    m = prepare_site(runs, progress=False)
+    assert list(m["subjects"]) == ["sub-00_run-01", "sub-00_run-02", "sub-01_run-01", "sub-01_run-02"]
+    assert m["summary"]["ok"] == 4 and m["qc"]["missing_rois"]["scans_with_missing"] == 2
+    ss = load_site_series(runs, model_tr=2.0)
+    np.testing.assert_allclose(ss.series[1], truth["sub-00"][:, ::-1], rtol=1e-5)
+    assert ss.splits[0] == ss.splits[1] and ss.splits[2] == ss.splits[3] and ss.splits[0] != ss.splits[2]
+    with pytest.raises(DataError, match="participants.runs: true"):
+        prepare_site(parse_site_config({**raw, "participants": {}}, tmp_path / "r.yaml"), progress=False)

@@ -95,19 +95,26 @@ class RecordingGrid:
         self.bytes_sent: dict[int, int] = {}
         self.bytes_received: dict[int, int] = {}
         self.errors: dict[int, str] = {}
+        self.stages: list[dict[str, float]] = []  # per call (a SecAgg+ stage): seconds, bytes out, bytes in
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         out = list(messages)
+        t0, sent, got = time.perf_counter(), 0, 0
         for m in out:
             node = m.metadata.dst_node_id
-            self.bytes_sent[node] = self.bytes_sent.get(node, 0) + content_bytes(m.content)
+            n = content_bytes(m.content)
+            self.bytes_sent[node] = self.bytes_sent.get(node, 0) + n
+            sent += n
         replies = list(self.grid.send_and_receive(out, timeout=timeout))
         for r in replies:
             node = r.metadata.src_node_id
             if r.has_error():
                 self.errors[node] = (r.error.reason or f"error code {r.error.code}").strip()
             else:
-                self.bytes_received[node] = self.bytes_received.get(node, 0) + content_bytes(r.content)
+                n = content_bytes(r.content)
+                self.bytes_received[node] = self.bytes_received.get(node, 0) + n
+                got += n
+        self.stages.append({"wall_s": time.perf_counter() - t0, "bytes_sent": sent, "bytes_received": got})
         return replies
 
     def __getattr__(self, name: str) -> object:
@@ -156,6 +163,7 @@ class SecureRound:
     sampled: int = 0
     population: int = 0
     wall_s: float = 0.0
+    stages: list[dict[str, float]] = field(default_factory=list)  # setup, share keys, collect, unmask
 
 
 def round_fitins(spec: RoundSpec, sets: Mapping[str, torch.Tensor], records: Mapping[str, Mapping[str, torch.Tensor]],
@@ -225,7 +233,7 @@ def secure_exchange(grid: Grid, cfg: FederationConfig, spec: RoundSpec, sets: Ma
         agg = strategy.results[0][1].parameters.tensors
         out.mean_delta = {k: torch.from_numpy(np.asarray(bytes_to_ndarray(t), np.float64)) for k, t in zip(send, agg, strict=True)}
         out.sites = len(strategy.results)
-    out.wall_s = time.perf_counter() - t0
+    out.wall_s, out.stages = time.perf_counter() - t0, recording.stages
     log.info("SecAgg+ round %d: %d of %d site(s) in the sum, %.1f s, %.1f MB sent, %.1f MB received", spec.round + 1,
              out.sites, len(sampled), out.wall_s, sum(recording.bytes_sent.values()) / 1e6,
              sum(recording.bytes_received.values()) / 1e6)  # fmt: skip

@@ -138,7 +138,7 @@ def test_site_refuses_what_secagg_would_silently_clip() -> None:
     with pytest.raises(SecureRoundError, match="num-examples\\) 17 is above.*max-weight 16"):
         check_secure_payload(delta, 17, 16, 0.05)
     # Flower's quantization step 2 x range / 2**22, over the quantized weight sum
-    assert secagg_tolerance(0.05, [10, 6], 16) == pytest.approx(2 * (0.1 / 2**22) / 1.0)
+    assert secagg_tolerance(0.05, [10, 6], 16) == pytest.approx(1.5 * 2 * (0.1 / 2**22) / 1.0)
 
 
 def test_privacy_report_per_site_and_central(tmp_path: Path) -> None:

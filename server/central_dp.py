@@ -106,6 +106,7 @@ class CentralDP:
         self.generator = generator or torch.Generator().manual_seed(secrets.randbits(63))
         self.accountant = RDPAccountant()
         self.rounds: list[dict[str, float]] = []
+        self._eps: tuple[tuple, float] | None = None  # (accountant history, epsilon)
 
     def new_sum(self, current: Mapping[str, torch.Tensor]) -> ClippedSum:
         return ClippedSum(current, self.params.clip_norm)
@@ -133,9 +134,11 @@ class CentralDP:
         return new
 
     def epsilon(self) -> float:
-        if not self.accountant.history:
-            return 0.0
-        return float(self.accountant.get_epsilon(delta=self.params.delta))
+        """Epsilon spent so far at the run's delta (computed once per accounted round)."""
+        history = tuple(self.accountant.history)
+        if self._eps is None or self._eps[0] != history:
+            self._eps = (history, float(self.accountant.get_epsilon(delta=self.params.delta)) if history else 0.0)
+        return self._eps[1]
 
     def summary(self) -> dict[str, object]:
         """The report's central-DP block."""

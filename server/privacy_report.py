@@ -104,8 +104,10 @@ def render(data: Mapping[str, object]) -> str:
         assert isinstance(per_round, list)
         if per_round:
             last = per_round[-1]
+            clipped = last.get("sites_clipped")
+            how = "clipped at the sites (secure aggregation)" if clipped is None else f"{clipped} clipped"
             lines.append(f"- last round: {last.get('sites_summed')} site(s) summed of {last.get('sampled')} sampled "
-                         f"(sampling rate {fmt(last.get('sample_rate'))}), {last.get('sites_clipped')} clipped")
+                         f"(sampling rate {fmt(last.get('sample_rate'))}), {how}")
     else:
         lines.append("- off")
     on = "on (Flower SecAgg+: the server saw only the sum of the updates)" if data["secure_aggregation"] else "off"

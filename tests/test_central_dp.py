@@ -7,7 +7,8 @@ checks, without Flower processes (the real-process runs are in tests/test_secagg
 - the released target is the EMA of the NOISY encoder (the sites' targets are never used);
 - epsilon equals an independent computation with Opacus' RDP analysis for the same (q, z, rounds), and
   survives a checkpoint round trip (state_dict -> a new CentralDP);
-- the privacy report holds each site's reported figures and central DP's block, written by rename.
+- the privacy report holds each site's reported figures and central DP's block, written by rename;
+- SecAgg+'s unmasked mean feeds the round: the weighted-mean weights, or (central DP) the clipped sum.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from brainjepa.federation.contract import Metric
 from brainjepa.federation.secure import delta_norm, secagg_tolerance
 from client.secagg import SecureRoundError, check_secure_payload
-from server.aggregate import SiteUpdate
+from server.aggregate import RunningMean, SiteUpdate
 from server.central_dp import CentralDP, CentralDPParams, ClippedSum, ema_target, noisy_mean
 from server.config import FederationConfig
 from server.exchange import SiteResult
 from server.privacy_report import PrivacyReport
+from server.secagg import SecureRound, add_secure_sum
 from sites.errors import ConfigError
 
 P_ENC, P_PRED, P_TGT = 300, 200, 300
@@ -166,3 +168,20 @@ def test_privacy_report_per_site_and_central(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["privacy.json", "privacy.md"]  # no temporary left
     PrivacyReport(tmp_path, secure_aggregation=True).update(2, results[:1], None)  # a resumed run keeps site_c
     assert set(json.loads((tmp_path / "privacy.json").read_text())["sites"]) == {"site_a", "site_b", "site_c"}
+
+
+def test_the_unmasked_secagg_mean_feeds_the_round_accumulator() -> None:
+    g = torch.Generator().manual_seed(8)
+    current = _sets(g)
+    ok = [SiteResult(1, "ok", "a", update=SiteUpdate("a", 10, {}, {})),
+          SiteResult(2, "ok", "b", update=SiteUpdate("b", 6, {}, {})), SiteResult(3, "failed", "c")]  # fmt: skip
+    mean = {k: v.double() * 1e-3 for k, v in _sets(g).items()}
+    plain = RunningMean()  # sample-weighted FedAvg: the new weights are global + the unmasked weighted mean delta
+    add_secure_sum(plain, SecureRound(ok, mean, sites=2, weight_sum=16.0), current)
+    for k in current:
+        torch.testing.assert_close(plain.result()[k], (current[k].double() + mean[k]).float())
+    assert plain.total == 16
+    dp = ClippedSum(current, 1.0)  # central DP: the sites clipped and weighed 1, the sum is mean x sites
+    add_secure_sum(dp, SecureRound(ok, {k: mean[k] for k in ("encoder", "predictor")}, sites=2), current)
+    assert dp.count == 2 and dp.norms == []
+    torch.testing.assert_close(dp.sums["encoder"], mean["encoder"] * 2)

@@ -65,6 +65,8 @@ class PreprocessConfig:
     # ROIs all-zero / constant / NaN in a scan (partial coverage), sites.missing: `error` (name them),
     # `skip_scan` (drop such scans, counted), `mask` (keep the scan, those ROIs marked missing)
     missing_rois: Literal["error", "skip_scan", "mask"] = "error"
+    # prepare (NIfTI): a ROI with a smaller share of its voxels inside the data (non-zero) is missing; 0: off
+    min_coverage: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,8 @@ def _validate(cfg: SiteConfig) -> None:
         if v is not None and v <= 0:
             raise err(key, f"expected a frequency in Hz > 0, got {v}")
     pp = cfg.preprocess
+    if not 0.0 <= pp.min_coverage <= 1.0:
+        raise err("preprocess.min_coverage", f"expected a share of voxels in [0, 1], got {pp.min_coverage}")
     if pp.scrub_fd is not None and pp.scrub_fd <= 0:
         raise err("preprocess.scrub_fd", f"expected an FD threshold in mm > 0, got {pp.scrub_fd}")
     no_fd = pp.fd_file is None and (cfg.data.format == "roi" or cfg.data.confounds is None)

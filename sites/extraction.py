@@ -51,6 +51,7 @@ class SubjectJob:
     missing_rois: str = "error"  # preprocess.missing_rois: anything but `error` records missing ROIs, writes the scan
     scrub_fd: float | None = None  # preprocess.scrub_fd: censoring through nilearn's sample_mask (FD from confounds)
     fd_column: str = "framewise_displacement"
+    min_coverage: float = 0.0  # preprocess.min_coverage: a ROI with fewer of its voxels in the data is missing
 
 
 def load_atlases(cfg: SiteConfig) -> tuple[AtlasSpec, ...]:
@@ -271,7 +272,8 @@ def _extract(job: SubjectJob) -> tuple[np.ndarray, dict, list[str]]:
             f"{where(job.bold)}: has {n_frames} frames, all dropped by preprocess.drop_initial={job.drop_initial}"
         )
     keep, censoring, stretch = _sample_mask(job, n_frames)  # (L_kept,) frame indices for nilearn, or None
-    blocks, empty, resampled = [], [], []
+    blocks, empty, resampled, coverage = [], [], [], []
+    covered = (arr != 0).any(axis=3)  # (X, Y, Z) voxels inside the field of view / brain mask
     for a in job.atlases:
         atlas = nib.load(a.file)
         a_codes = nib.aff2axcodes(atlas.affine)
@@ -313,7 +315,11 @@ def _extract(job: SubjectJob) -> tuple[np.ndarray, dict, list[str]]:
             else:
                 empty.append(f"{a.name}:{lab}")
         blocks.append(block)
+        coverage.append(_coverage(np.asarray(masker.region_atlas_.dataobj), covered, a.labels))
     x = np.concatenate(blocks, axis=0)  # (R, L)
+    cov = np.concatenate(coverage)  # (R,) share of each ROI's voxels holding data
+    if job.min_coverage > 0:
+        x[cov < job.min_coverage] = 0.0  # too little of the ROI in the data: missing (all zero)
     x = x[:, stretch]  # nilearn cleaned every kept frame; a window must not span a censored gap
     nan_rois = np.flatnonzero(~np.isfinite(x).all(axis=1)).tolist()
     const_rois = np.flatnonzero(np.ptp(np.nan_to_num(x), axis=1) == 0).tolist()
@@ -323,6 +329,8 @@ def _extract(job: SubjectJob) -> tuple[np.ndarray, dict, list[str]]:
         "nan_rois": nan_rois,
         "constant_rois": const_rois,
         "missing_rois": np.flatnonzero(miss).tolist(),
+        "coverage_min": round(float(cov.min()), 4),
+        "partial_coverage_rois": np.flatnonzero((cov > 0) & (cov < 0.95)).tolist(),  # cut by the FOV / mask
         "frames_lost": int(n_frames - x.shape[1]),
         "resampled_atlases": resampled,
     }
@@ -335,6 +343,16 @@ def _extract(job: SubjectJob) -> tuple[np.ndarray, dict, list[str]]:
             "set 'preprocess.missing_rois: mask' (keep the scan without those ROIs) or 'skip_scan'"
         )
     return x, {"tr": tr, "frames": int(x.shape[1]), "frames_in_image": int(n_frames), "qc": qc}, notes
+
+
+def _coverage(region_atlas: np.ndarray, covered: np.ndarray, labels: tuple[int, ...]) -> np.ndarray:
+    """(R_block,) share of each label's voxels (on the data grid) where the BOLD image is not all zero."""
+    lab = np.rint(region_atlas).astype(np.int64).ravel()  # (V,)
+    lab = np.where(lab < 0, 0, lab)
+    total = np.bincount(lab, minlength=max(labels) + 1).astype(np.float64)
+    inside = np.bincount(lab, weights=covered.ravel().astype(np.float64), minlength=max(labels) + 1)
+    want = np.asarray(labels, dtype=np.int64)
+    return np.where(total[want] > 0, inside[want] / np.maximum(total[want], 1), 0.0)
 
 
 def _sample_mask(job: SubjectJob, n_frames: int) -> tuple[np.ndarray | None, dict | None, slice]:

@@ -49,7 +49,7 @@ def _job_key(cfg: SiteConfig, atlases: tuple[AtlasSpec, ...], bold: Path, confou
             "confounds": str(confounds),
             "tr": cfg.tr,
             "preprocess": [p.detrend, p.high_pass, p.low_pass, list(p.confound_columns), p.drop_initial,
-                           p.missing_rois, _prepare_scrub(cfg), p.fd_column],
+                           p.missing_rois, _prepare_scrub(cfg), p.fd_column, p.min_coverage],
         },
         sort_keys=True,
     )
@@ -154,6 +154,7 @@ def prepare_site(
                 p.missing_rois,
                 _prepare_scrub(cfg),
                 p.fd_column,
+                p.min_coverage,
             )
         )
     manifest = {
@@ -211,6 +212,7 @@ def prepare_site(
         "too_short": len(short),
         "scans_with_missing_rois": len(per_scan),
         "frames_censored": sum(c["censored"] for c in censoring.values()),
+        "scans_with_partial_coverage": sum(bool(e["qc"].get("partial_coverage_rois")) for e in ok.values()),
         "model_tr": model_tr,
         "min_frames": min_frames,
     }

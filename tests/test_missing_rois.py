@@ -180,8 +180,9 @@ def _raw(cfg) -> dict:
             "tr": cfg.tr, "rois": [{"name": "r", "n_rois": R}]}  # fmt: skip
 
 
-def nifti_site(tmp_path: Path, policy: str, fd: np.ndarray | None = None):
-    """Two subjects' 4D BOLD (3 labels; label 3 all zero in sub-01: outside the field of view)."""
+def nifti_site(tmp_path: Path, policy: str, fd: np.ndarray | None = None, min_coverage: float = 0.0):
+    """Two subjects' 4D BOLD (3 labels; label 3 all zero in sub-01: outside the field of view; half of
+    label 1 outside it in sub-00)."""
     rng = np.random.default_rng(0)
     root = tmp_path / "bids"
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -197,6 +198,8 @@ def nifti_site(tmp_path: Path, policy: str, fd: np.ndarray | None = None):
         if sid == "sub-01":
             sig[2] = 0.0
         data = sig[atlas - 1].astype(np.float32)  # (X, Y, Z, L)
+        if sid == "sub-00":
+            data[0] = 0.0  # half of label 1's voxels: the ROI is cut by the field of view
         (root / sid / "func").mkdir(parents=True)
         img = nib.Nifti1Image(data, aff)
         img.header.set_zooms((3.0, 3.0, 3.0, 2.0))
@@ -210,7 +213,7 @@ def nifti_site(tmp_path: Path, policy: str, fd: np.ndarray | None = None):
         "site": "n",
         "data": {"format": "nifti", "root": str(root), "bold": "{subject}/func/{subject}_task-rest_bold.nii.gz"},
         "rois": [{"name": "a", "n_rois": 3, "atlas": str(tmp_path / "atlas.nii.gz")}],
-        "preprocess": {"n_jobs": 1, "missing_rois": policy},
+        "preprocess": {"n_jobs": 1, "missing_rois": policy, "min_coverage": min_coverage},
         "split": {"train": 1.0, "val": 0.0, "test": 0.0},
     }
     if fd is not None:
@@ -230,6 +233,11 @@ def test_prepare_records_missing_rois_and_the_loader_applies_the_policy(tmp_path
     ss = load_site_series(cfg, model_tr=2.0)
     assert ss.missing == {"sub-01": [2]} and np.isnan(ss.series[1][2]).all()
     np.testing.assert_allclose(ss.series[1][:2], truth["sub-01"][:2], rtol=1e-5)
+    q0 = m["subjects"]["sub-00"]["qc"]
+    assert q0["partial_coverage_rois"] == [0] and q0["coverage_min"] == 0.5 and m["summary"]["scans_with_partial_coverage"] == 1
+    np.testing.assert_allclose(ss.series[0][0], truth["sub-00"][0] / 2, rtol=1e-5)  # nilearn averages the zeros in
+    cfg, _ = nifti_site(tmp_path / "c", "mask", min_coverage=0.6)  # less than 60 % of a ROI in the data: missing
+    assert prepare_site(cfg, progress=False)["qc"]["missing_rois"]["per_scan"] == {"sub-00": [0], "sub-01": [2]}
 
 
 def test_prepare_censors_through_sample_mask_and_keeps_the_longest_stretch(tmp_path):
@@ -240,7 +248,8 @@ def test_prepare_censors_through_sample_mask_and_keeps_the_longest_stretch(tmp_p
     e = m["subjects"]["sub-00"]
     assert e["qc"]["censoring"] == {"frames": 29, "censored": 2, "kept": 11, "threshold_mm": 0.5}
     assert e["frames"] == 11 and m["summary"]["frames_censored"] == 4
-    np.testing.assert_allclose(np.load(cfg.output_dir / "sub-00.npy"), truth["sub-00"][:, 9:20], rtol=1e-5)
+    out = np.load(cfg.output_dir / "sub-00.npy")  # (R, 11); ROI 0 half outside the field of view
+    np.testing.assert_allclose(out, truth["sub-00"][:, 9:20] * np.array([[0.5], [1.0], [1.0]]), rtol=1e-5)
     ss = load_site_series(cfg, model_tr=2.0)  # not censored twice
     assert ss.series[0].shape == (3, 11) and ss.censored["sub-00"] == {"frames": 29, "censored": 2, "kept": 11}
 
@@ -264,7 +273,7 @@ def test_prepare_extracts_each_bids_run_as_a_row(tmp_path):
     assert list(m["subjects"]) == ["sub-00_run-01", "sub-00_run-02", "sub-01_run-01", "sub-01_run-02"]
     assert m["summary"]["ok"] == 4 and m["qc"]["missing_rois"]["scans_with_missing"] == 2
     ss = load_site_series(runs, model_tr=2.0)
-    np.testing.assert_allclose(ss.series[1], truth["sub-00"][:, ::-1], rtol=1e-5)
+    np.testing.assert_allclose(ss.series[1][1:], truth["sub-00"][1:, ::-1], rtol=1e-5)  # run-02: reversed
     assert ss.splits[0] == ss.splits[1] and ss.splits[2] == ss.splits[3] and ss.splits[0] != ss.splits[2]
     with pytest.raises(DataError, match="participants.runs: true"):
         prepare_site(parse_site_config({**raw, "participants": {}}, tmp_path / "r.yaml"), progress=False)

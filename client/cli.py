@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -45,6 +46,18 @@ def probe_coordinator(server: str, root_cert: Path | None, timeout_s: float = 5.
             return f"TLS handshake with the coordinator at {server} failed: {e}"
 
 
+def pinned_app_env(bin_dir: Path) -> dict[str, str]:
+    """The SuperNode's environment with our `flwr-clientapp` (client.pinned_app: only the federation's app
+    bundle runs) first on its PATH."""
+    bin_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    script = bin_dir / "flwr-clientapp"
+    script.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m client.pinned_app "$@"\n')
+    script.chmod(0o700)
+    env = flower_env(None)
+    env["PATH"] = str(bin_dir) + os.pathsep + env["PATH"]
+    return env
+
+
 def follow(proc: ManagedProcess, poll_s: float = 0.5) -> int:
     """Echo the SuperNode's log (Flower's and this site's ClientApp lines) to the console until it exits."""
     pos = 0
@@ -75,6 +88,7 @@ def main_command(
     auth_key: Annotated[Path | None, typer.Option(help="This site's SuperNode private key (registered at the server).")] = None,
     log_dir: Annotated[Path, typer.Option(help="Where the SuperNode log goes.")] = Path("runs/site-logs"),
     runtime_port: Annotated[int, typer.Option(help="Local port for the site's ClientApp API (0: any free port).")] = 0,
+    trust_any_app: Annotated[bool, typer.Option(help="Run any app bundle the coordinator sends (development only); by default only the brainjepa ClientApp installed here runs.")] = False,
 ) -> None:
     """Join the federation at --server as the site described by --site. Scans never leave this machine:
     only model weights and metrics do. Ctrl-C leaves the federation cleanly."""
@@ -108,10 +122,12 @@ def main_command(
     )
     log_path = (log_dir / f"supernode-{cfg.site}.log").resolve()
     typer.echo(f"site '{cfg.site}': {cfg.n_rois} ROIs, TR {cfg.tr} s, data under {cfg.data.root}")
-    typer.echo(f"gradient file {gradients} (checksum {gradient_checksum(grads)[:16]}...)")
+    typer.echo(f"gradient file {gradients}: {grads.shape[0]} ROIs x {grads.shape[1]} components (checksum "
+               f"{gradient_checksum(grads)[:16]}...; the coordinator's model must use the same)")  # fmt: skip
     typer.echo(f"joining the federation at {server}; SuperNode log: {log_path} (Ctrl-C to leave)")
     # The user's FLWR_HOME (None); a new session: Ctrl-C reaches only us, and we stop the SuperNode's tree.
-    proc = start_process("supernode", cmd, log_path, flower_env(None))
+    env = flower_env(None) if trust_any_app else pinned_app_env(log_path.parent / ".pinned-app-bin")
+    proc = start_process("supernode", cmd, log_path, env)
     try:
         code = follow(proc)
         typer.echo(f"SuperNode exited with code {code}; see {log_path}")

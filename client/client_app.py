@@ -38,6 +38,7 @@ from brainjepa.federation.contract import (
     scaling_from_arrays,
 )
 from brainjepa.privacy.budget import BudgetExhausted
+from client.disk_state import load_state, save_state
 from client.downstream import DownstreamSite
 from client.redact import scrub
 from client.secagg import is_secure, secure_train
@@ -125,9 +126,11 @@ def pretrain_round(spec: RoundSpec, site: SiteConfig, runtime: SiteRuntime, grad
     trainer = SiteTrainer(spec, grad_file, runtime)
     trainer.load_sets(received)
     rounds_done = load_optimizer(state, trainer.step_fn.optimizer, spec.model_checksum)
+    rounds_done = rounds_done or load_state(site, spec, trainer.step_fn.optimizer)  # a resumed coordinator's new run
     data = load_site_data(site, spec.task_config, scaling)
     metrics = private_train(trainer, data, site) if runtime.privacy.enabled else trainer.train(data)
     save_optimizer(state, trainer.step_fn.optimizer, spec.model_checksum, rounds_done + 1)
+    save_state(site, spec, trainer.step_fn.optimizer, rounds_done + 1)
     metrics.update({Metric.NUM_EXAMPLES: float(data.n_subjects), Metric.ROUNDS_DONE: float(rounds_done + 1)})
     return trainer.sets(), metrics
 

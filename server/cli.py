@@ -124,6 +124,10 @@ def start(
         raise typer.BadParameter(f"--insecure serves every API unauthenticated: only on 127.0.0.1, not '{host}'")
     if resume is not None and not resume.is_dir():
         raise typer.BadParameter(f"--resume: folder '{resume}' does not exist")
+    wanted = f"round-{resume_round:03d}.pt" if resume_round else "checkpoint.pt"
+    if resume is not None and not (resume / wanted).is_file():
+        kept = sorted(p.name for p in resume.glob("round-*.pt"))
+        raise typer.BadParameter(f"--resume: '{resume}' holds no {wanted} (kept rounds: {kept or 'none'}); nothing to resume")
     if resume_round and resume is None:
         raise typer.BadParameter("--resume-round needs --resume RUN_DIR")
     work = private_dir(out_dir.resolve())

@@ -34,6 +34,19 @@ def test_bad_gradient_files(tmp_path: Path) -> None:
         load_gradients(wrong)
 
 
+def test_pickled_and_truncated_gradient_files_are_refused_naming_the_file(tmp_path: Path) -> None:
+    pickled = tmp_path / "pickled.npy"
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match=r"pickled\.npy.*not a readable numeric \.npy matrix.*allow_pickle"):
+        load_gradients(pickled)
+    good = tmp_path / "good.npy"
+    np.save(good, np.random.default_rng(0).normal(size=(20, 3)))
+    truncated = tmp_path / "truncated.npy"
+    truncated.write_bytes(good.read_bytes()[:300])
+    with pytest.raises(DataError, match=r"truncated\.npy.*not a readable numeric"):
+        load_gradients(truncated)
+
+
 def test_gradient_shape_mismatches_name_both_sides(tmp_path: Path) -> None:
     path = tmp_path / "g.npy"
     np.save(path, np.random.default_rng(0).normal(size=(40, 5)))

@@ -11,26 +11,37 @@ SuperNode keys generated at test time (brainjepa.federation.tls):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
+import socket
+import ssl
 import subprocess
+import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.cli.build import build_fab_from_disk
 
 from brainjepa.checkpoint import load_checkpoint, save_checkpoint
+from brainjepa.config import ModelConfig, PretrainConfig, TrainConfig, load_site
 from brainjepa.demo import prepare_federation
-from brainjepa.federation.contract import ARRAYS, METRICS, SITE
+from brainjepa.federation.contract import ARRAYS, METRICS, SITE, RoundSpec
 from brainjepa.federation.flower import flower_bin, flower_env, write_app_dir
 from brainjepa.federation.processes import ManagedProcess, free_port, start_process
 from brainjepa.federation.tls import make_ca, make_server_cert, make_supernode_key
+from client.cli import probe_coordinator
+from client.disk_state import load_state, save_state, state_path
+from client.pinned_app import UntrustedApp, check_fab
 from client.redact import scrub
 from server.aggregate import SiteUpdate, check_update
+from server.config import FederationConfig, to_run_config
 from server.exchange import malformed, reply_site
 from server.fleet_proxy import fleet_allowed
 from server.registry import RegisteredSite, load_sites_file
@@ -251,3 +262,63 @@ def test_sites_file_errors_name_file_site_and_field(tmp_path: Path) -> None:
         f.write_text(text)
         with pytest.raises(ConfigError, match=pattern):
             load_sites_file(f)
+
+
+def test_site_optimizer_state_survives_a_coordinator_restart(tmp_path: Path, demo) -> None:
+    """The AdamW moments go to the site's disk; a new run (resumed coordinator) continuing at the same
+    step gets them back, a rollback or another model starts afresh."""
+    site, _ = load_site(demo[0][0])
+    cfg = PretrainConfig(model=ModelConfig(n_rois=50, n_frames=64), train=TrainConfig(steps=8, batch_size=4))
+    spec = RoundSpec(task="pretrain", round=0, num_rounds=4, step_start=0, local_steps=2, wire_dtype="float32",
+                     model_checksum="m" * 64, gradient_checksum="g" * 64, task_config=cfg)  # fmt: skip
+    w = torch.nn.Parameter(torch.randn(10))
+    opt = torch.optim.AdamW([w], lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        (w**2).sum().backward()
+        opt.step()
+    save_state(site, spec, opt, 1)
+    path = state_path(site, spec)
+    assert path.stat().st_mode & 0o777 == 0o600
+    fresh = torch.optim.AdamW([torch.nn.Parameter(w.detach().clone())], lr=0.1)
+    nxt = dataclasses.replace(spec, round=1, step_start=2)
+    assert load_state(site, nxt, fresh) == 1
+    torch.testing.assert_close(fresh.state_dict()["state"][0]["exp_avg_sq"], opt.state_dict()["state"][0]["exp_avg_sq"])
+    for other in (dataclasses.replace(spec, round=2, step_start=4), dataclasses.replace(nxt, gradient_checksum="h" * 64)):
+        assert load_state(site, other, torch.optim.AdamW([torch.nn.Parameter(torch.zeros(10))])) == 0
+
+
+def test_site_runs_only_the_federations_app_bundle(tmp_path: Path) -> None:
+    """Bundles built by Flower itself (`build_fab_from_disk`, what `flwr run` sends): ours passes the
+    site's check, one carrying code or naming another ClientApp does not."""
+    ours = write_app_dir(tmp_path / "ours", to_run_config(FederationConfig()))
+    check_fab(build_fab_from_disk(ours))
+    evil = write_app_dir(tmp_path / "evil", {}, serverapp="evil:app", clientapp="evil:capp")
+    (evil / "evil.py").write_text("raise SystemExit('ran')\n")
+    with pytest.raises(UntrustedApp, match=r"files besides pyproject.toml: \['evil.py'\]"):
+        check_fab(build_fab_from_disk(evil))
+    other = write_app_dir(tmp_path / "other", {}, clientapp="flwr.clientapp:ClientApp")
+    with pytest.raises(UntrustedApp, match="names components"):
+        check_fab(build_fab_from_disk(other))
+
+
+def test_client_probe_names_an_unreachable_coordinator_and_a_certificate_without_the_name(tmp_path: Path) -> None:
+    ca = make_ca(tmp_path / "pki")
+    cert = make_server_cert(ca, tmp_path / "pki", ["coordinator.example.org"])
+    port = free_port()
+    t0 = time.monotonic()
+    assert f"cannot reach the coordinator at 127.0.0.1:{port}" in (probe_coordinator(f"127.0.0.1:{port}", ca.cert) or "")
+    assert time.monotonic() - t0 < 6
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert.cert, cert.key)
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        def serve() -> None:
+            conn, _ = srv.accept()
+            with suppress(ssl.SSLError, OSError), ctx.wrap_socket(conn, server_side=True):
+                pass
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        why = probe_coordinator(f"127.0.0.1:{srv.getsockname()[1]}", ca.cert)
+        thread.join(5)
+    assert why is not None and "does not verify" in why and "SAN lacks '127.0.0.1'" in why, why

@@ -6,17 +6,20 @@ checks, without Flower processes (the real-process runs are in tests/test_secagg
 - noise: std z C / m on the released mean (m = sites sampled), from the generator given;
 - the released target is the EMA of the NOISY encoder (the sites' targets are never used);
 - epsilon equals an independent computation with Opacus' RDP analysis for the same (q, z, rounds), and
-  survives a checkpoint round trip (state_dict -> a new CentralDP);
+  survives a checkpoint round trip (state_dict -> a new CentralDP) and a coordinator restart (a run
+  resumed from its checkpoint);
 - the privacy report holds each site's reported figures and central DP's block, written by rename;
 - SecAgg+'s unmasked mean feeds the round: the weighted-mean weights, or (central DP) the clipped sum.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from opacus.accountants import RDPAccountant
@@ -24,6 +27,7 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from brainjepa.federation.contract import Metric
 from brainjepa.federation.secure import delta_norm, secagg_tolerance
+from brainjepa.gradients import save_gradients
 from client.secagg import SecureRoundError, check_secure_payload
 from server.aggregate import RunningMean, SiteUpdate
 from server.central_dp import CentralDP, CentralDPParams, ClippedSum, ema_target, noisy_mean
@@ -185,3 +189,29 @@ def test_the_unmasked_secagg_mean_feeds_the_round_accumulator() -> None:
     add_secure_sum(dp, SecureRound(ok, {k: mean[k] for k in ("encoder", "predictor")}, sites=2), current)
     assert dp.count == 2 and dp.norms == []
     torch.testing.assert_close(dp.sums["encoder"], mean["encoder"] * 2)
+
+
+def test_a_resumed_coordinator_keeps_the_central_accountant(tmp_path: Path) -> None:
+    """The checkpoint carries central DP's accountant: a run resumed from it (a coordinator restart) goes
+    on from the same epsilon; its privacy report keeps the sites."""
+    from server.round import CHECKPOINT, FederatedRun  # noqa: PLC0415
+
+    grads = tmp_path / "gradients.npy"
+    save_gradients(grads, np.random.default_rng(0).standard_normal((40, 30)).astype(np.float32))
+    cfg = FederationConfig(n_rois=40, n_frames=64, gradients=str(grads), out_dir=str(tmp_path / "runs"),
+                           central_dp=True, central_dp_noise_multiplier=0.9, fraction_sites=0.5)  # fmt: skip
+    run = FederatedRun.create(cfg)
+    assert run.privacy is not None and run.privacy.central is not None
+    for rnd in range(2):  # two rounds' releases (2 of 4 sites), as run_round makes them
+        run.sets = run.privacy.central.release(run.privacy.central.new_sum(run.sets), run.sets, 2, 4, [0.99])
+        run.privacy.after_round(rnd, [SiteResult(7, "ok", "site_a", update=SiteUpdate("site_a", 5, {}, {}))])
+        run._save(rnd + 1)
+    eps = run.privacy.central.epsilon()
+    resumed = FederatedRun.create(dataclasses.replace(cfg, resume_dir=str(run.run_dir)))
+    assert resumed.start_round == 2 and (resumed.run_dir / CHECKPOINT).exists()
+    assert resumed.privacy is not None and resumed.privacy.central is not None
+    assert resumed.privacy.central.epsilon() == eps > 0 and len(resumed.privacy.central.rounds) == 2
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    rdp = compute_rdp(q=0.5, noise_multiplier=0.9, steps=2, orders=orders)
+    assert eps == pytest.approx(get_privacy_spent(orders=orders, rdp=rdp, delta=1e-5)[0], rel=1e-9)
+    assert set(resumed.privacy.report.sites) == {"site_a"}

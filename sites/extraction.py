@@ -315,7 +315,7 @@ def _extract(job: SubjectJob) -> tuple[np.ndarray, dict, list[str]]:
             else:
                 empty.append(f"{a.name}:{lab}")
         blocks.append(block)
-        coverage.append(_coverage(np.asarray(masker.region_atlas_.dataobj), covered, a.labels))
+        coverage.append(_coverage(_labels_on_grid(atlas, img), covered, a.labels))
     x = np.concatenate(blocks, axis=0)  # (R, L)
     cov = np.concatenate(coverage)  # (R,) share of each ROI's voxels holding data
     if job.min_coverage > 0:
@@ -345,9 +345,23 @@ def _extract(job: SubjectJob) -> tuple[np.ndarray, dict, list[str]]:
     return x, {"tr": tr, "frames": int(x.shape[1]), "frames_in_image": int(n_frames), "qc": qc}, notes
 
 
-def _coverage(region_atlas: np.ndarray, covered: np.ndarray, labels: tuple[int, ...]) -> np.ndarray:
+def _labels_on_grid(atlas, img) -> np.ndarray:
+    """The atlas's label at each voxel centre of the data grid (nearest neighbour; 0 outside) -> (X, Y, Z).
+    (nilearn's `region_atlas_` is no use here: 0.13 stores it as int8, wrapping labels such as AAL's 7001.)"""
+    a = np.rint(np.asarray(atlas.dataobj)).astype(np.int64)  # (X', Y', Z')
+    shape = img.shape[:3]
+    ijk = np.indices(shape).reshape(3, -1)  # (3, V) data voxels
+    m = np.linalg.inv(atlas.affine) @ img.affine  # data voxel -> atlas voxel
+    src = np.rint(m[:3, :3] @ ijk + m[:3, 3:]).astype(np.int64)  # (3, V)
+    ok = ((src >= 0) & (src < np.array(a.shape[:3])[:, None])).all(axis=0)  # (V,)
+    out = np.zeros(ijk.shape[1], dtype=np.int64)
+    out[ok] = a[src[0, ok], src[1, ok], src[2, ok]]
+    return out.reshape(shape)
+
+
+def _coverage(labels_img: np.ndarray, covered: np.ndarray, labels: tuple[int, ...]) -> np.ndarray:
     """(R_block,) share of each label's voxels (on the data grid) where the BOLD image is not all zero."""
-    lab = np.rint(region_atlas).astype(np.int64).ravel()  # (V,)
+    lab = labels_img.ravel()  # (V,)
     lab = np.where(lab < 0, 0, lab)
     total = np.bincount(lab, minlength=max(labels) + 1).astype(np.float64)
     inside = np.bincount(lab, weights=covered.ravel().astype(np.float64), minlength=max(labels) + 1)

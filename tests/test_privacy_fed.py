@@ -1,21 +1,24 @@
 """The site's privacy accountant over real Flower processes: it survives a SuperNode (site) restart and a
-SuperLink (coordinator) restart, because it lives in the site's ledger on disk, not in `context.state`.
+SuperLink (coordinator) restart, because it lives in the site's ledger on disk, not in `context.state`;
+a site out of budget declines (ErrorCode.BUDGET_EXHAUSTED) and the server goes on without it.
 
 Tiny model (50 ROIs x 64 frames), 1 local step per round: ~60-90 s on 2 CPU cores.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
 
 import pytest
+import yaml as pyyaml
 
 from brainjepa.demo import prepare_federation
 from brainjepa.federation.contract import Metric
 from brainjepa.federation.flower import LocalFederation, write_app_dir
-from brainjepa.privacy.budget import Ledger
+from brainjepa.privacy.budget import Ledger, epsilon_of
 from server.config import FederationConfig, to_run_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +40,7 @@ def test_epsilon_continues_after_a_site_restart_and_a_coordinator_restart(tmp_pa
     first, second = tmp_path / "dumps1", tmp_path / "dumps2"
     nodes = [{"site-config": str(y), "gradients": str(demo.gradients), "dump-updates-dir": str(first)}
              for y in demo.site_yamls]  # fmt: skip
-    cfg = FederationConfig(n_rois=50, n_frames=64, local_steps=1, batch_size=4, num_rounds=2, min_sites=2,
+    cfg = FederationConfig(n_rois=50, n_frames=64, local_steps=1, batch_size=4, num_rounds=2, min_sites=1,
                            keep_checkpoints=2, out_dir=str(tmp_path / "runs"), gradients=str(demo.gradients))  # fmt: skip
     app = write_app_dir(tmp_path / "app", to_run_config(cfg))
     with LocalFederation(tmp_path, nodes, env_extra=ENV, database=str(tmp_path / "superlink.db")) as fed:
@@ -45,7 +48,14 @@ def test_epsilon_continues_after_a_site_restart_and_a_coordinator_restart(tmp_pa
         assert res.returncode == 0 and "outputs under" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
         (run_dir,) = list((tmp_path / "runs").glob("*-run*"))
         before = {s: _reply_metrics(first, 2, s)[Metric.EPSILON_SPENT] for s in ledgers}
-        assert all(len(Ledger.open(p, s).releases) == 2 for s, p in ledgers.items())
+        assert len(Ledger.open(ledgers["site_a"], "site_a").releases) == 2
+        # site_b's admin lowers its budget to what it has spent plus less than one more round: it must decline
+        b = Ledger.open(ledgers["site_b"], "site_b")
+        spent_b, one_more = b.epsilon(1e-5), epsilon_of([*b.history(), b.history()[-1]], 1e-5)
+        yaml_b = demo.site_yamls[1]
+        doc = pyyaml.safe_load(yaml_b.read_text())
+        doc["privacy"]["target_epsilon"] = (spent_b + one_more) / 2
+        yaml_b.write_text(pyyaml.safe_dump(doc))
         fed.crash_superlink()  # the coordinator's machine dies
         fed.restart_superlink()
         fed.supernodes[0].kill()  # site_a's machine restarts too: its SuperNode's context.state is gone
@@ -59,4 +69,9 @@ def test_epsilon_continues_after_a_site_restart_and_a_coordinator_restart(tmp_pa
     assert after[Metric.EPSILON_SPENT] == pytest.approx(ledger.epsilon(1e-5), rel=1e-9)
     assert after[Metric.EPSILON_SPENT] > before["site_a"] > 0  # continued, not reset
     assert after[Metric.DP_STEPS] == 3 and after[Metric.EPSILON_BUDGET] == 50.0
-    assert len(Ledger.open(ledgers["site_b"], "site_b").releases) == 3  # the coordinator restart alone
+    assert len(Ledger.open(ledgers["site_b"], "site_b").releases) == len(b.releases)  # declined: nothing spent
+    with open(run_dir / "site_metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["round"] == "2"]
+    declined = [r for r in rows if r["status"] == "declined"]
+    assert len(declined) == 1 and "'site_b'" in declined[0]["detail"] and "past its budget" in declined[0]["detail"], rows
+    assert any(r["site"] == "site_a" and r["status"] == "ok" for r in rows)  # the round went on without it

@@ -115,8 +115,15 @@ def test_outsider_refused_sites_known_by_key_resume_with_auth(tmp_path: Path, de
     procs: list[ManagedProcess] = [srv]
     try:
         _wait_for(srv, r"submitting the run", 90)
-        registered = dict(re.findall(r"registered site '(\w+)' \(key (SHA256:\S+)\)", srv.log_tail()))
+        found = re.findall(r"registered site '(\w+)' \(key (SHA256:\S+)\) as node (\d+)", srv.log_tail())
+        registered = {site: fp for site, fp, _ in found}
+        node_ids = {node for _, _, node in found}
         assert sorted(registered) == ["site_a", "site_b", "site_c"]
+        # Two honest sites, and site_c's key with site_a's YAML: its replies claim to be site_a. They train
+        # while the outsider tries its luck.
+        procs += [_client(tmp_path, "a", yamls[0], grads, port, ca.cert, keys["site_a"], env),
+                  _client(tmp_path, "b", yamls[1], grads, port, ca.cert, keys["site_b"], env),
+                  _client(tmp_path, "c", yamls[0], grads, port, ca.cert, keys["site_c"], env)]  # fmt: skip
 
         # The outsider holds the public CA certificate and reaches the public port.
         home = tmp_path / "outsider_home"
@@ -137,14 +144,11 @@ def test_outsider_refused_sites_known_by_key_resume_with_auth(tmp_path: Path, de
         outsider = _client(tmp_path, "outsider", yamls[0], grads, port, ca.cert, keys["outsider"], env)
         assert outsider.wait(timeout=60) != 0
         assert "exit 305" in outsider.log_tail() and "--sites-file" in outsider.log_tail()
-        assert not (out / "logs" / "superlink.log").read_text().count("Activated node_id")
 
-        # Two honest sites, and site_c's key with site_a's YAML: its replies claim to be site_a.
-        procs += [_client(tmp_path, "a", yamls[0], grads, port, ca.cert, keys["site_a"], env),
-                  _client(tmp_path, "b", yamls[1], grads, port, ca.cert, keys["site_b"], env),
-                  _client(tmp_path, "c", yamls[0], grads, port, ca.cert, keys["site_c"], env)]  # fmt: skip
         assert srv.wait(timeout=240) == 0, srv.log_tail()
         assert not marker.exists()
+        activated = set(re.findall(r"Activated node_id=(\d+)", (out / "logs" / "superlink.log").read_text()))
+        assert activated and activated <= node_ids  # the outsider's key never became a node
         (run_dir,) = [p for p in out.glob("*-run*") if p.is_dir()]
         ckpt = load_checkpoint(run_dir / "checkpoint.pt")  # weights_only=True
         assert ckpt["round"] == 2
@@ -288,6 +292,7 @@ def test_site_optimizer_state_survives_a_coordinator_restart(tmp_path: Path, dem
         assert load_state(site, other, torch.optim.AdamW([torch.nn.Parameter(torch.zeros(10))])) == 0
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pathspec, inside flwr build
 def test_site_runs_only_the_federations_app_bundle(tmp_path: Path) -> None:
     """Bundles built by Flower itself (`build_fab_from_disk`, what `flwr run` sends): ours passes the
     site's check, one carrying code or naming another ClientApp does not."""

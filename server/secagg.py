@@ -44,7 +44,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from brainjepa.federation.contract import Metric, RoundSpec, encode_global
+from brainjepa.federation.contract import ErrorCode, Metric, RoundSpec, encode_global
 from brainjepa.federation.secure import (
     SECAGG_ARRAYS,
     SECAGG_CLIP_NORM,
@@ -95,6 +95,7 @@ class RecordingGrid:
         self.bytes_sent: dict[int, int] = {}
         self.bytes_received: dict[int, int] = {}
         self.errors: dict[int, str] = {}
+        self.error_codes: dict[int, int] = {}
         self.stages: list[dict[str, float]] = []  # per call (a SecAgg+ stage): seconds, bytes out, bytes in
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
@@ -110,6 +111,7 @@ class RecordingGrid:
             node = r.metadata.src_node_id
             if r.has_error():
                 self.errors[node] = (r.error.reason or f"error code {r.error.code}").strip()
+                self.error_codes[node] = int(r.error.code)
             else:
                 n = content_bytes(r.content)
                 self.bytes_received[node] = self.bytes_received.get(node, 0) + n
@@ -227,6 +229,8 @@ def secure_exchange(grid: Grid, cfg: FederationConfig, spec: RoundSpec, sets: Ma
             out.weight_sum += fitres.num_examples
         else:
             res.detail = recording.errors.get(node, "no part in the unmasked sum (SecAgg+ halted or the site dropped)")
+            if recording.error_codes.get(node) == ErrorCode.BUDGET_EXHAUSTED:
+                res.status = "declined"  # out of its privacy budget: the sum goes on without it (>= threshold left)
             log.warning("site node %d: not in the secure sum: %s", node, res.detail.splitlines()[-1][:300])
         out.results.append(res)
     if strategy.results:

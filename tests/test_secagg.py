@@ -75,6 +75,7 @@ def dumped(dumps: Path) -> list[dict[str, np.ndarray]]:
     return out
 
 
+@pytest.mark.slow  # two flwr runs of 4 SecAgg+ stages each (each stage spawns a ClientApp per site)
 def test_secagg_round_equals_weighted_fedavg_then_central_dp_on_top(demo: DemoFederation, tmp_path: Path) -> None:
     grads = load_gradients(demo.gradients)
     cfg = FederationConfig(n_rois=N_ROIS, n_frames=N_FRAMES, local_steps=2, num_rounds=1, batch_size=4,

@@ -116,11 +116,7 @@ def collect(grid: Grid, msgs: list[Message], timeout_s: float, read: Callable[[M
                 mid = reply.metadata.reply_to_message_id
                 if mid in pending:
                     pending.discard(mid)
-                    res = read(reply, node_of[mid])
-                    if res.status == "ok" and any(r.site == res.site and r.status == "ok" for r in results):
-                        res.status, res.update = "rejected", None
-                        res.detail = f"a second reply as site '{res.site}' in this round (duplicate site name)"
-                        log.warning("site node %d rejected: %s", res.node_id, res.detail)
+                    res = refuse_duplicate(read(reply, node_of[mid]), results)
                     results.append(res)
                     on_result(res)
                 del reply
@@ -142,6 +138,15 @@ def collect(grid: Grid, msgs: list[Message], timeout_s: float, read: Callable[[M
                                   bytes_sent=sent_bytes))  # fmt: skip
         log.warning("site node %d: no reply within %.0f s, dropped from this round", node_of[mid], timeout_s)
     return sorted(results, key=lambda r: r.node_id)
+
+
+def refuse_duplicate(res: SiteResult, earlier: list[SiteResult]) -> SiteResult:
+    """`res` rejected if an earlier accepted reply of the round came under the same site name."""
+    if res.status == "ok" and any(r.site == res.site and r.status == "ok" for r in earlier):
+        res.status, res.update = "rejected", None
+        res.detail = f"a second reply as site '{res.site}' in this round (duplicate site name)"
+        log.warning("site node %d rejected: %s", res.node_id, res.detail)
+    return res
 
 
 def reply_site(content: RecordDict, node_id: int, registry: Mapping[int, RegisteredSite] | None) -> str:

@@ -42,7 +42,7 @@ from client.pinned_app import UntrustedApp, check_fab
 from client.redact import scrub
 from server.aggregate import SiteUpdate, check_update
 from server.config import FederationConfig, to_run_config
-from server.exchange import malformed, reply_site
+from server.exchange import SiteResult, malformed, refuse_duplicate, reply_site
 from server.fleet_proxy import fleet_allowed
 from server.registry import RegisteredSite, load_sites_file
 from server.robust import RobustAggregate
@@ -218,6 +218,10 @@ def test_reply_identity_names_and_malformed_replies() -> None:
     for bad in ("../../../../x", "a/b", "..", ""):
         with pytest.raises(ConfigError, match="no '/'"):
             reply_site(RecordDict({SITE: ConfigRecord({"name": bad})}), 7, None)
+    first = refuse_duplicate(SiteResult(1, "ok", "site_a"), [])
+    second = refuse_duplicate(SiteResult(2, "ok", "site_a"), [first])
+    assert first.status == "ok" and second.status == "rejected" and "duplicate site name" in second.detail
+    assert refuse_duplicate(SiteResult(3, "ok", "site_b"), [first, second]).status == "ok"
     assert "malformed reply" in malformed(RecordDict({ARRAYS: ArrayRecord({})}))
     assert malformed(RecordDict({ARRAYS: ArrayRecord({}), METRICS: MetricRecord({"num-examples": 1.0})})) == ""
 

@@ -56,13 +56,14 @@ def federate(work: Path, yamls: list[Path], gradients: Path, run_config: dict) -
 
 
 def main(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/privacy_budget"),
-         rounds: int = 6, local_steps: int = 4, subjects: int = 40, batch: int = 8, ft_steps: int = 40) -> None:  # fmt: skip
+         rounds: int = 6, local_steps: int = 4, subjects: int = 40, batch: int = 8, ft_steps: int = 40,
+         budgets: str = "inf,8,2", ft_method: str = "finetune") -> None:  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = out.resolve()
     demo = prepare_federation(out / "sites", n_sites=2, subjects=subjects, n_rois=50, n_frames=64)
     results: dict = {"pretrain": {}, "finetune": {}}
     base = dict(n_rois=50, n_frames=64, local_steps=local_steps, batch_size=batch, num_rounds=rounds, min_sites=2)
-    for eps in (math.inf, 8.0, 2.0):
+    for eps in (float(b) for b in budgets.split(",")):
         tag = "eps-inf" if math.isinf(eps) else f"eps-{eps:g}"
         work = out / tag
         yamls = site_yamls(demo.site_yamls, tag, eps, work / "ledgers")
@@ -81,18 +82,18 @@ def main(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/
     ckpt = Path(results["pretrain"]["eps-8"]["run_dir"]) / "checkpoint.pt"
     ds = out / "downstream.yaml"
     ds.write_text("task: {name: sex, column: sex, kind: classification, classes: ['0', '1']}\n"
-                  f"recipe: {{method: finetune, steps: {ft_steps}, batch_size: {batch}, lr: 1.0e-3, "
+                  f"recipe: {{method: {ft_method}, steps: {ft_steps}, batch_size: {batch}, lr: 1.0e-3, "
                   f"eval_every: {ft_steps // 2}}}\n")  # fmt: skip
     for eps in (math.inf, 8.0):
         tag = "ft-eps-inf" if math.isinf(eps) else f"ft-eps-{eps:g}"
         work = out / tag
         yamls = site_yamls(demo.site_yamls, tag, eps, work / "ledgers")
-        cfg = FederationConfig(**{**base, "local_steps": 10}, task="finetune", checkpoint=str(ckpt),  # type: ignore[arg-type]
+        cfg = FederationConfig(**{**base, "local_steps": 10}, task="probe" if ft_method == "probe" else "finetune", checkpoint=str(ckpt),  # type: ignore[arg-type]
                                downstream_config=str(ds), out_dir=str(work / "runs"), gradients=str(demo.gradients))
         run_dir, dumps = federate(work, yamls, demo.gradients, to_run_config(cfg))
         test = json.loads((run_dir / "test_metrics.json").read_text())
         eps_spent = [json.loads(p.read_text())["metrics"].get("epsilon-spent")
-                     for p in sorted(dumps.glob("finetune/round-*/*.json"))[-2:]]  # fmt: skip
+                     for p in sorted(dumps.glob(f"{ft_method}/round-*/*.json"))[-2:]]  # fmt: skip
         results["finetune"][tag] = {"test": test, "epsilon_spent": eps_spent, "run_dir": str(run_dir)}
         log.info("%s: test %s, epsilon %s", tag, test, eps_spent)
     (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -40,6 +40,7 @@ from brainjepa.weights import model_checksum
 from server.aggregate import RunningMean, SiteUpdate, check_update
 from server.config import FederationConfig, load_downstream_task, to_run_config
 from server.exchange import SiteResult, exchange, ok_updates, save_update, site_row
+from server.privacy_report import PrivacyReport
 from server.report import SITE_FIELDS, append_rows, new_run_dir
 from sites.errors import ConfigError
 
@@ -187,6 +188,7 @@ class DownstreamRun:
 
         results = exchange(grid, self.cfg, spec, {MODEL_SET: vec}, accept)
         append_rows(self.run_dir / "site_metrics.csv", SITE_FIELDS, [site_row(spec.round, r) for r in results])
+        PrivacyReport(self.run_dir, secure_aggregation=False).update(spec.round, results, None)  # the sites' DP figures
         ok = ok_updates(results, self.cfg.min_sites, label)
         loss = sum(u.metrics[Metric.LOSS] for u in ok) / len(ok)
         log.info("%s (steps %d-%d) done in %.1f s: loss %.4f, %d site(s) ok", label, spec.step_start,

@@ -162,3 +162,38 @@ def test_evaluate_runs_a_protocol_and_writes_the_tables(tmp_path: Path, world) -
     # centralized; each with a site_c row and an "all" row
     assert len(rows) - 1 == 2 * (1 + 1 + 2 + 1 + 1 + 1)
     assert list((tmp_path / "out").glob("*.png"))
+
+
+def test_roi_std_pooling_keeps_a_per_roi_amplitude_that_the_mean_loses() -> None:
+    """Two classes differ only in one ROI's amplitude (plus random per-scan offsets): a linear read-out
+    of a random backbone's roi_std features separates them, its mean-pooled features (the reference)
+    stay at chance. Missing ROIs give zero features; both heads map to (B, classes)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from brainjepa.downstream.model import Backbone
+
+    cfg = ModelConfig(size="tiny", n_rois=20, n_frames=128, gradient_components=8)  # 8 time patches
+    bb = Backbone(cfg, np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32), {}, "random")
+    g = torch.Generator().manual_seed(0)
+    n = 96
+    y = torch.arange(n) % 2
+    x = torch.randn(n, 20, 128, generator=g) * 0.2 + torch.randn(n, 20, 1, generator=g)  # (N, R, T)
+    x[:, 5] *= 1.0 + 1.5 * y[:, None]  # class 1: ROI 5 fluctuates 2.5x as much
+    acc = {}
+    for pool in ("mean", "roi_std"):
+        torch.manual_seed(0)
+        model = DownstreamModel(bb, SEX, DownstreamConfig(method="random_probe", pool=pool))
+        f = model.features(x).flatten(1).numpy()  # (N, F)
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000))
+        acc[pool] = clf.fit(f[: n // 2], y[: n // 2].numpy()).score(f[n // 2 :], y[n // 2 :].numpy())
+        assert model(x[:4]).shape == (4, 2)
+    assert acc["roi_std"] >= 0.85 and acc["roi_std"] - acc["mean"] >= 0.2, acc
+    torch.manual_seed(0)
+    ft = DownstreamModel(bb, SEX, DownstreamConfig(method="scratch", pool="roi_std"))
+    xm = x[:2].clone()
+    xm[0, 3] = float("nan")  # a missing ROI
+    f = ft.features(xm)  # (2, R, 2D)
+    assert f.shape == (2, 20, 2 * cfg.embed_dim) and torch.all(f[0, 3] == 0) and torch.any(f[1, 3] != 0)
+    assert ft(xm).shape == (2, 2) and torch.isfinite(ft(xm)).all()

@@ -22,6 +22,9 @@ TaskKind = Literal["classification", "regression"]
 # untrained backbone (what pretraining must beat).
 Method = Literal["finetune", "probe", "scratch", "random_probe"]
 NEURAL_METHODS: tuple[str, ...] = ("finetune", "probe", "scratch", "random_probe")
+# mean: the reference's mean over all ROI x time tokens (D features); roi_std: per ROI the mean and the
+# std over time of its tokens (R x 2D features: keeps the ROI axis and each ROI's spread over time).
+Pool = Literal["mean", "roi_std"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class DownstreamConfig:
     eval_every: int = 25  # validation (model selection) every this many steps, and at the end
     eval_windows: int = 4  # windows per scan at evaluation, predictions averaged
     seed: int = 0
+    pool: Pool = "mean"  # mean: the reference (mean over all tokens); roi_std: per-ROI mean + std over time
 
     def __post_init__(self) -> None:
         check_choices(self, "downstream")

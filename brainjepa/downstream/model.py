@@ -7,6 +7,9 @@
   depth d gets lr * decay ** (d + 1 - i); embeddings the lowest, the head the full LR) and drop-path
   rising linearly over the blocks.
 - Linear probe: frozen backbone (eval mode, no gradients), BatchNorm1d(affine=False) -> Linear.
+- `pool: roi_std` (recipe key; default `mean`, the reference): features keep the ROI axis, per ROI the
+  mean and the std over time of its tokens, (R, 2D); the heads normalise them per ROI (LayerNorm(2D),
+  fine-tuning) or per feature (BatchNorm, probe) and read all R x 2D (docs/model.md).
 - `scratch` / `random_probe`: the same model with the backbone left at its random initialisation.
 """
 
@@ -63,27 +66,47 @@ class DownstreamModel(nn.Module):
         if recipe.pretrained:
             missing = self.backbone.load_state_dict(backbone.weights, strict=True)
             assert not missing.missing_keys  # strict=True raised otherwise
-        D = backbone.model.embed_dim
+        D, R = backbone.model.embed_dim, backbone.model.n_rois
+        F = D if recipe.pool == "mean" else R * 2 * D  # features per scan
         if recipe.frozen_backbone:
             self.backbone.requires_grad_(False)
-            self.head = nn.Sequential(nn.BatchNorm1d(D, affine=False), nn.Linear(D, task.n_outputs))
+            self.head = nn.Sequential(nn.BatchNorm1d(F, affine=False), nn.Linear(F, task.n_outputs))
         else:
             set_drop_path(self.backbone.blocks, recipe.drop_path)
-            self.head = nn.Sequential(nn.LayerNorm(D, eps=1e-6), nn.Linear(D, task.n_outputs))
+            norm = nn.LayerNorm(D if recipe.pool == "mean" else 2 * D, eps=1e-6)  # per ROI for roi_std
+            self.head = nn.Sequential(norm, nn.Linear(F, task.n_outputs))
         self.head.apply(init_weights)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, R, T) -> (B, D): the backbone's tokens, mean-pooled over the observed ROIs' tokens (a missing
-        ROI, a NaN row (sites.missing), enters the backbone as 0 and is left out of the mean)."""
+        """(B, R, T) -> (B, D) (`pool: mean`): the backbone's tokens, mean-pooled over the observed ROIs'
+        tokens (a missing ROI, a NaN row (sites.missing), enters the backbone as 0 and is left out of the
+        mean); (B, R, 2D) (`pool: roi_std`): per ROI the mean and std over time, 0 for a missing ROI."""
         x, observed = split_missing(x)  # (B, R, T), (B, R)
         if self.recipe.frozen_backbone:
             self.backbone.eval()
             with torch.no_grad():
-                return mean_observed(self.backbone(x), observed)
-        return mean_observed(self.backbone(x), observed)  # (B, N, D) -> (B, D)
+                return self.pool(self.backbone(x), observed)
+        return self.pool(self.backbone(x), observed)
+
+    def pool(self, h: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+        if self.recipe.pool == "mean":
+            return mean_observed(h, observed)  # (B, N, D) -> (B, D)
+        B, N, D = h.shape
+        h = h.reshape(B, observed.shape[1], -1, D)  # (B, R, W, D), ROI-major tokens
+        f = torch.cat([h.mean(2), h.std(2, unbiased=False)], dim=-1)  # (B, R, 2D)
+        return f * observed[..., None].to(f.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))  # (B, n_outputs)
+        return self.classify(self.features(x))  # (B, n_outputs)
+
+    def classify(self, f: torch.Tensor) -> torch.Tensor:
+        """Features (B, D) or (B, R, 2D) -> (B, n_outputs)."""
+        if f.ndim == 2:
+            return self.head(f)
+        norm, linear = self.head
+        if self.recipe.frozen_backbone:
+            return linear(norm(f.flatten(1)))  # BatchNorm over all R x 2D features
+        return linear(norm(f).flatten(1))  # LayerNorm per ROI, then all R x 2D
 
 
 def layer_of(name: str, depth: int) -> int:

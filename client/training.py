@@ -28,7 +28,7 @@ from brainjepa.weights import WEIGHT_SETS, flat_parameters, load_flat_parameters
 from sites.cohort import check_spread, load_cohort
 from sites.config import SiteConfig
 from sites.errors import DataError, InputError
-from sites.participants import read_participants
+from sites.layout import read_site_participants, subject_column
 from sites.scaling import RobustScaling, summarize
 
 log = logging.getLogger(__name__)
@@ -70,11 +70,10 @@ def load_site_data(site: SiteConfig, cfg: PretrainConfig, scaling: RobustScaling
 def scan_units(site: SiteConfig, scan_ids: list[str]) -> np.ndarray:
     """(N,) the privacy unit of each scan: its subject (`participants.subject_column`, when a subject has
     several scans), else the scan's own participant id (one scan per subject)."""
-    column = site.participants.subject_column
+    column = subject_column(site)  # participants.subject_column, or the id column with participants.runs
     if column is None:
         return unit_index(scan_ids)
-    p = site.participants
-    parts = read_participants(p.file, p.id_column, p.phenotypes)
+    parts = read_site_participants(site)
     subject = dict(zip(parts.ids, (str(g) for g in parts.column(column)), strict=True))
     return unit_index([subject.get(i, i) for i in scan_ids])
 

@@ -173,6 +173,10 @@ def test_bids_runs_become_rows_of_one_subject_split_together(tmp_path):
     np.testing.assert_array_equal(ss.phenotypes["age"][:4], [30.0, 30.0, 30.0, 31.0])
     with pytest.raises(DataError, match="participants.runs: true"):
         load_site_series(parse_site_config({**_raw(cfg), "participants": {"phenotypes": ["age"]}}, cfg.source))
+    from client.training import scan_units  # DP-SGD's privacy unit: the subject, not the run
+
+    units = scan_units(cfg, ss.subject_ids)
+    assert len(set(units.tolist())) == 12 and (units[:3] == units[0]).all() and units[3] != units[0]
 
 
 def _raw(cfg) -> dict:

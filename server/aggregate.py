@@ -30,9 +30,9 @@ class SiteUpdate:
 
 
 def check_update(update: SiteUpdate, expected: dict[str, int], current: dict[str, torch.Tensor] | None = None,
-                 max_ratio: float = 0.0, max_samples: int = 0) -> str | None:  # fmt: skip
+                 max_ratio: float = 0.0, max_samples: int = 0, bounded: tuple[str, ...] = TRAINED_SETS) -> str | None:  # fmt: skip
     """Why `update` must not be averaged (missing / wrong-length set, NaN/Inf, no samples, more samples
-    than `max_samples` (0: no cap), a trained set farther than `max_ratio` x its norm from the `current`
+    than `max_samples` (0: no cap), a `bounded` set farther than `max_ratio` x its norm from the `current`
     global set (0: no bound)), or None."""
     if not (isinstance(update.num_examples, int) and update.num_examples > 0):
         return f"num-examples must be a positive integer, got {update.num_examples!r}"
@@ -51,7 +51,7 @@ def check_update(update: SiteUpdate, expected: dict[str, int], current: dict[str
     if extra:
         return f"unexpected weight set(s) {sorted(extra)}"
     if max_ratio and current is not None:
-        for name in TRAINED_SETS:
+        for name in bounded:
             if name in current and name in update.sets:
                 ref = float(current[name].norm())
                 dist = float((update.sets[name] - current[name]).norm())

@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,6 +41,7 @@ from server.aggregate import RunningMean, SiteUpdate, check_update
 from server.config import FederationConfig, load_downstream_task, to_run_config
 from server.exchange import SiteResult, exchange, ok_updates, save_update, site_row
 from server.privacy_report import PrivacyReport
+from server.registry import RegisteredSite, read_registry
 from server.report import SITE_FIELDS, append_rows, new_run_dir
 from sites.errors import ConfigError
 
@@ -83,6 +84,7 @@ class DownstreamRun:
     run_dir: Path
     target: TargetScale = TargetScale()
     best: tuple[torch.Tensor, dict[str, float], int] | None = None  # (vector, val metrics, step)
+    registry: dict[int, RegisteredSite] = field(default_factory=dict)  # node id -> registered site (caps)
 
     @classmethod
     def create(cls, cfg: FederationConfig, run_id: int = 0) -> DownstreamRun:
@@ -98,7 +100,8 @@ class DownstreamRun:
         r = dtask.recipe  # seeded as `fit` does: the same head (and untrained backbone) initialisation
         torch.manual_seed(init_seed(r))
         model = DownstreamModel(backbone, dtask.task, dtask.recipe)
-        return cls(cfg, dtask, backbone, model, new_run_dir(cfg.out_dir, run_id))
+        registry = read_registry(cfg.site_registry) if cfg.site_registry else {}
+        return cls(cfg, dtask, backbone, model, new_run_dir(cfg.out_dir, run_id), registry=registry)
 
     @property
     def kind(self) -> str:
@@ -176,7 +179,10 @@ class DownstreamRun:
         def accept(res: SiteResult) -> None:
             if res.status != "ok" or res.update is None:
                 return
-            reason = check_update(res.update, {MODEL_SET: vec.numel()})
+            reg = self.registry.get(res.node_id)
+            caps = [c for c in (self.cfg.max_site_samples, reg.max_samples if reg else 0) if c > 0]
+            reason = check_update(res.update, {MODEL_SET: vec.numel()}, {MODEL_SET: vec}, self.cfg.max_update_ratio,
+                                  min(caps) if caps else 0, bounded=(MODEL_SET,))  # fmt: skip
             if reason:
                 res.status, res.detail = "rejected", reason
                 log.warning("%s: update of site %s rejected: %s", label, res.site, reason)

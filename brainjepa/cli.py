@@ -33,7 +33,7 @@ def _fail(err: Exception) -> typer.Exit:
 
 @app.command()
 def pretrain(
-    config: Annotated[Path, typer.Option("--config", "-c", help="Pretraining YAML (sections model, mask, optim, data, train).")],
+    config: Annotated[Path, typer.Option("--config", "-c", help="Pretraining YAML (sections model, mask, optim, data, train, perf, monitor).")],
     resume: Annotated[bool, typer.Option(help="Continue from OUT_DIR/checkpoint.pt with the same schedule.")] = False,
     site: Annotated[Path | None, typer.Option(help="Override data.site: train on this site YAML.")] = None,
     steps: Annotated[int | None, typer.Option(help="Override train.steps (the planned optimizer steps).")] = None,
@@ -41,8 +41,9 @@ def pretrain(
     device: Annotated[str | None, typer.Option(help="Override train.device (auto, cpu, cuda, cuda:N).")] = None,
     verbose: bool = False,
 ) -> None:
-    """Pretrain Brain-JEPA on one machine. Writes metrics.csv, gradients.npy and checkpoint.pt to the
-    run folder; Ctrl-C leaves the last checkpoint intact and `--resume` continues bit-for-bit."""
+    """Pretrain Brain-JEPA on one machine. Writes metrics.csv, gradients.npy, checkpoint.pt, loss.png and the
+    collapse monitor's monitor.csv / collapse.png to the run folder; Ctrl-C leaves the last checkpoint intact
+    and `--resume` continues bit-for-bit."""
     from brainjepa.config import load_pretrain_config
     from brainjepa.pretrain import pretrain as run
 
@@ -61,7 +62,8 @@ def pretrain(
         typer.secho("interrupted: the last checkpoint is intact; continue with --resume", err=True)
         raise typer.Exit(code=130) from None
     typer.echo(f"loss {result.first_loss:.4f} -> {result.final_loss:.4f}")
-    typer.echo(f"outputs in {result.out_dir.resolve()}: checkpoint.pt, metrics.csv, loss.png, gradients.npy")
+    typer.echo(f"outputs in {result.out_dir.resolve()}: checkpoint.pt, metrics.csv, loss.png, gradients.npy, "
+               "monitor.csv, collapse.png")
 
 
 @app.command()

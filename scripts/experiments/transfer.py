@@ -42,7 +42,7 @@ TASKS = [TaskSpec("sex", "sex", "classification", ("0", "1")),
          TaskSpec("diagnosis", "diagnosis", "classification", ("0", "1"))]  # fmt: skip
 
 
-def cohort(data: Path, scaling: str, n_frames: int) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+def cohort(data: Path, scaling: str, n_frames: int, demean: bool = False) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
     xs, ys = [], {t.name: [] for t in TASKS}
     for s in ("site_b", "site_c"):
         sites = [load_labelled_site(load_site_config(data / s / f"{s}.yaml"), t, 2.205, n_frames, scaling) for t in TASKS]
@@ -50,27 +50,40 @@ def cohort(data: Path, scaling: str, n_frames: int) -> tuple[list[np.ndarray], d
             xs += sites[0].splits[name].series
             for t, site in zip(TASKS, sites, strict=True):
                 ys[t.name].append(site.splits[name].y)
+    if demean:  # each scan's per-ROI time-mean removed (the robust scaling's global per-ROI scale kept)
+        xs = [x - x.mean(1, keepdims=True) for x in xs]
     return xs, {k: np.concatenate(v) for k, v in ys.items()}
+
+
+def demeaned_site_a(data: Path, out: Path, n_frames: int) -> Path:
+    """Site A's series (robust-scaled, at the model TR) with each scan's per-ROI mean removed, as a
+    folder of .npy files for `data.roi_dir`."""
+    site = load_labelled_site(load_site_config(data / "site_a" / "site_a.yaml"), TASKS[0], 2.205, n_frames, "robust")
+    out.mkdir(parents=True, exist_ok=True)
+    for sp in site.splits.values():
+        for x, sid in zip(sp.series, sp.ids, strict=True):
+            np.save(out / f"{sid}.npy", (x - x.mean(1, keepdims=True)).astype(np.float32))
+    return out
 
 
 @torch.no_grad()
 def tokens(enc: Encoder, xs: list[np.ndarray], n_frames: int, n_rois: int) -> torch.Tensor:
-    """(N, R, W, D): every scan's tokens, averaged over 4 windows."""
+    """(N, 4, R, W, D): every scan's tokens in 4 windows (pooled per window, then averaged)."""
     enc.eval()
     w = torch.from_numpy(multi_windows(pack(xs), n_frames, 4))  # (N, 4, R, T)
     out = []
     for i in range(0, w.shape[0], 8):
         part = w[i : i + 8]
         h = enc(part.reshape(-1, *part.shape[2:]))  # (n*4, N_tok, D)
-        out.append(h.reshape(part.shape[0], 4, n_rois, -1, h.shape[-1]).mean(1))
+        out.append(h.reshape(part.shape[0], 4, n_rois, -1, h.shape[-1]))
     return torch.cat(out)
 
 
 def pools(tok: torch.Tensor) -> dict[str, np.ndarray]:
-    N, R, W, D = tok.shape
-    return {"mean": tok.mean((1, 2)).numpy(),
-            "roi": tok.mean(2).reshape(N, R * D).numpy(),
-            "roi_std": torch.cat([tok.mean(2), tok.std(2)], -1).reshape(N, -1).numpy()}  # fmt: skip
+    N, _, R, W, D = tok.shape  # pooled per window, then averaged over the 4 windows
+    return {"mean": tok.mean((2, 3)).mean(1).numpy(),
+            "roi": tok.mean(3).mean(1).reshape(N, R * D).numpy(),
+            "roi_std": torch.cat([tok.mean(3), tok.std(3)], -1).mean(1).reshape(N, -1).numpy()}  # fmt: skip
 
 
 def score(X: np.ndarray, y: np.ndarray, seed: int = 0) -> tuple[float, float]:
@@ -93,26 +106,45 @@ def main() -> None:
     ap.add_argument("--base", default="configs/demo_pretrain.yaml")
     ap.add_argument("--set", action="append", default=[], help="section.key=value (YAML value)")
     ap.add_argument("--random", action="store_true", help="also score the random-init encoder")
+    ap.add_argument("--patch-gain", type=float, default=1.0,
+                    help="ablation: multiply the patch embedding's initial weights (data term vs positions)")
+    ap.add_argument("--demean", action="store_true", help="pretrain and probe on offset-free series")
+    ap.add_argument("--reuse", action="store_true", help="score the run's existing checkpoint (no pretraining)")
     a = ap.parse_args()
     torch.set_num_threads(1)
+    if a.patch_gain != 1.0:  # experiment-only: scale the patch embedding at init (encoder, hence target)
+        init = Encoder.__init__
+
+        def scaled_init(self, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
+            init(self, *args, **kwargs)
+            with torch.no_grad():
+                self.patch_embed.proj.weight.mul_(a.patch_gain)
+
+        Encoder.__init__ = scaled_init
     data = Path(a.data)
     if not (data / "site_c").exists():
         generate_cohorts(data, n_sites=3, subjects_per_site=80, n_rois=100, seed=0, duration_s=600)
     run_dir = Path("/tmp/p12/runs") / a.name
     overrides = {"data.site": str(data / "site_a" / "site_a.yaml"), "train.out_dir": str(run_dir),
                  "train.device": "cpu", "train.log_every": 10, "monitor.every": 20}  # fmt: skip
+    if a.demean:
+        roi_dir = demeaned_site_a(data, run_dir.parent / f"{a.name}_rois", 160)
+        overrides.update({"data.site": "", "data.roi_dir": str(roi_dir), "data.scaling": "none"})
     for kv in a.set:
         k, v = kv.split("=", 1)
         overrides[k] = yaml.safe_load(v)
     cfg = load_pretrain_config(a.base, overrides)
     t0 = time.perf_counter()
-    res = pretrain(cfg, progress=False)
+    if a.reuse:
+        res = argparse.Namespace(checkpoint=run_dir / "checkpoint.pt", metrics=run_dir / "metrics.csv")
+    else:
+        res = pretrain(cfg, progress=False)
     secs = time.perf_counter() - t0
     ck = load_checkpoint(res.checkpoint)
     grads = torch.from_numpy(np.asarray(ck["gradients"], dtype=np.float32))
     target = Encoder(cfg.model, grads)
     target.load_state_dict({k.removeprefix("target."): v for k, v in ck["models"].items() if k.startswith("target.")})
-    xs, ys = cohort(data, cfg.data.scaling, cfg.model.n_frames)
+    xs, ys = cohort(data, "robust" if a.demean else cfg.data.scaling, cfg.model.n_frames, a.demean)
     encs = {"pretrained": target}
     if a.random:
         torch.manual_seed(cfg.train.seed)

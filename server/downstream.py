@@ -38,6 +38,7 @@ from brainjepa.federation.contract import MODEL_SET, Metric, RoundSpec, eval_met
 from brainjepa.gradients import gradient_checksum
 from brainjepa.weights import model_checksum
 from server.aggregate import RunningMean, SiteUpdate, check_update
+from server.audit import AuditLog
 from server.config import FederationConfig, load_downstream_task, to_run_config
 from server.exchange import SiteResult, exchange, ok_updates, save_update, site_row
 from server.privacy_report import PrivacyReport
@@ -85,6 +86,7 @@ class DownstreamRun:
     target: TargetScale = TargetScale()
     best: tuple[torch.Tensor, dict[str, float], int] | None = None  # (vector, val metrics, step)
     registry: dict[int, RegisteredSite] = field(default_factory=dict)  # node id -> registered site (caps)
+    audit: AuditLog | None = None  # the run's audit.jsonl (joins, each round's verdicts, checkpoint hashes)
 
     @classmethod
     def create(cls, cfg: FederationConfig, run_id: int = 0) -> DownstreamRun:
@@ -101,7 +103,10 @@ class DownstreamRun:
         torch.manual_seed(init_seed(r))
         model = DownstreamModel(backbone, dtask.task, dtask.recipe)
         registry = read_registry(cfg.site_registry) if cfg.site_registry else {}
-        return cls(cfg, dtask, backbone, model, new_run_dir(cfg.out_dir, run_id), registry=registry)
+        run_dir = new_run_dir(cfg.out_dir, run_id)
+        audit = AuditLog(run_dir, registry)
+        audit.start(to_run_config(cfg), 0)
+        return cls(cfg, dtask, backbone, model, run_dir, registry=registry, audit=audit)
 
     @property
     def kind(self) -> str:
@@ -194,6 +199,8 @@ class DownstreamRun:
 
         results = exchange(grid, self.cfg, spec, {MODEL_SET: vec}, accept)
         append_rows(self.run_dir / "site_metrics.csv", SITE_FIELDS, [site_row(spec.round, r) for r in results])
+        if self.audit is not None:
+            self.audit.round(spec.round + 1, spec.task, results)
         PrivacyReport(self.run_dir, secure_aggregation=False).update(spec.round, results, None)  # the sites' DP figures
         ok = ok_updates(results, self.cfg.min_sites, label)
         loss = sum(u.metrics[Metric.LOSS] for u in ok) / len(ok)
@@ -213,6 +220,8 @@ class DownstreamRun:
 
         results = exchange(grid, self.cfg, self.spec("evaluate", rnd, split=split), {MODEL_SET: vec}, accept, 1.0,
                            "evaluate")  # fmt: skip
+        if self.audit is not None:
+            self.audit.round(rnd + 1, f"evaluate-{split}", results)
         ok = ok_updates(results, self.cfg.min_sites, f"evaluate {split} after round {rnd + 1}")
         per_site = {u.site: (eval_metrics(u.metrics), u.num_examples) for u in ok}
         return per_site, weighted_metrics([v for v in per_site.values() if v[1] > 0], self.kind)
@@ -236,10 +245,13 @@ class DownstreamRun:
         """The selected model as a checkpoint (atomic), with what it needs to be used and audited."""
         assert self.best is not None
         load_state_vector(self.model, self.best[0])
-        return save_checkpoint(
+        path = save_checkpoint(
             self.run_dir / CHECKPOINT, kind="downstream", federated=True, method=self.dtask.recipe.method,
             task=to_dict(self.dtask), model_config=to_dict(self.backbone.model), gradients=self.backbone.gradients,
             gradient_checksum=gradient_checksum(self.backbone.gradients), backbone=self.backbone.source,
             model=self.model.state_dict(), target={"center": self.target.center, "scale": self.target.scale},
             step=self.best[2], val=self.best[1], test=test, run_config=to_run_config(self.cfg),
         )  # fmt: skip
+        if self.audit is not None:
+            self.audit.checkpoint(self.best[2], path)
+        return path

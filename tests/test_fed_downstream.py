@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -137,6 +138,14 @@ def test_federated_finetuning_over_flower_equals_in_process_fit(federation: dict
     assert set(test["sites"]) == {"site_a", "site_b"} and test["weighted"]["n"] == sum(
         s["n"] for s in test["sites"].values())
     assert json.dumps(out["flower"]["test"]) == json.dumps(test) and out["flower"]["kind"] == "downstream"
+    # the audit log: the start, each training round's and evaluation's verdicts, the checkpoint's hash
+    events = [json.loads(line) for line in (run_dir / "audit.jsonl").read_text().splitlines()]
+    assert events[0]["event"] == "start" and (run_dir / "audit.jsonl").stat().st_mode & 0o077 == 0
+    rounds = [e for e in events if e["event"] == "round" and e["task"] == "finetune"]
+    assert len(rounds) == 2 and all({s["site"] for s in e["sites"]} == {"site_a", "site_b"} for e in rounds)
+    assert all(s["status"] == "ok" for e in rounds for s in e["sites"])
+    ckpts = [e for e in events if e["event"] == "checkpoint"]
+    assert ckpts and ckpts[-1]["sha256"] == hashlib.sha256((run_dir / "downstream.pt").read_bytes()).hexdigest()
 
 
 def test_federated_probing_of_a_regression_over_flower_equals_in_process_fit(federation: dict) -> None:

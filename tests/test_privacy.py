@@ -227,19 +227,21 @@ def test_a_dp_site_round_spends_reports_and_declines_at_its_budget(tmp_path: Pat
     assert (tmp_path / "ledger-report.md").exists()
 
 
-def _finetune_model(method: str = "finetune") -> tuple[DownstreamModel, ModelConfig, np.ndarray]:
+def _finetune_model(method: str = "finetune", pool: str = "mean") -> tuple[DownstreamModel, ModelConfig, np.ndarray]:
     cfg = ModelConfig(size="tiny", n_rois=20, n_frames=32, gradient_components=4)
     torch.manual_seed(0)
     grads = torch.randn(20, 4).numpy()
     backbone = Backbone(cfg, grads, Encoder(cfg, torch.from_numpy(grads)).state_dict(), "test")
     task = TaskSpec(name="age", column="age", kind="regression")
-    recipe = DownstreamConfig(method=method, steps=8, batch_size=4, eval_every=4)  # type: ignore[arg-type]
+    recipe = DownstreamConfig(method=method, steps=8, batch_size=4, eval_every=4, pool=pool)  # type: ignore[arg-type]
     return DownstreamModel(backbone, task, recipe), cfg, grads
 
 
-def test_fine_tuning_per_sample_gradients_equal_one_sample_at_a_time() -> None:
-    """Backbone + head (the fine-tuning networks) under DP: vmap per-sample gradients == one-sample backward."""
-    model, _, _ = _finetune_model()
+@pytest.mark.parametrize("pool", ["mean", "roi_std"])
+def test_fine_tuning_per_sample_gradients_equal_one_sample_at_a_time(pool: str) -> None:
+    """Backbone + head (the fine-tuning networks) under DP: vmap per-sample gradients == one-sample backward,
+    with either pooling (the reference's mean, or per-ROI mean + std)."""
+    model, _, _ = _finetune_model(pool=pool)
     plain_eager(model)
     model.train()
     x, y = torch.randn(3, 20, 32), torch.randn(3)
@@ -253,7 +255,11 @@ def test_fine_tuning_per_sample_gradients_equal_one_sample_at_a_time() -> None:
         model.zero_grad()
         F.mse_loss(model(x[i : i + 1])[:, 0], y[i : i + 1]).backward()
         for n, p in model.named_parameters():
-            torch.testing.assert_close(grads["model." + n][i], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+            # fp32: SDPA (here) and explicit attention (the DP path) round differently, and the std over time
+            # of roi_std pooling amplifies that (measured: ~2e-5 of the gradient's size)
+            tol = 1e-4 if pool == "mean" else 2e-3
+            scale = max(1.0, float(p.grad.abs().max()))
+            torch.testing.assert_close(grads["model." + n][i], p.grad, rtol=tol, atol=tol * 1e-2 * scale, msg=n)
 
 
 @pytest.mark.parametrize("method", ["finetune", "probe"])

@@ -186,6 +186,8 @@ class DownstreamForward(nn.Module):
                 h = m.backbone(x)  # (B, N, D)
         else:
             h = m.backbone(x)
+        if m.recipe.pool != "mean":  # roi_std: per ROI mean + std over time, no data-dependent branch
+            return m.classify(m.pool(h, observed))  # (B, out)
         w = observed.repeat_interleave(h.shape[1] // observed.shape[1], dim=1).to(h.dtype)  # (B, N)
         return m.head((h * w[..., None]).sum(dim=1) / w.sum(dim=1, keepdim=True).clamp_min(1.0))  # (B, out)
 

@@ -16,7 +16,6 @@ subject id per line, the rows' order), PREFIX.json (what was embedded and how).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from brainjepa.masks import mean_observed, split_missing
 from brainjepa.vit import Encoder
 from sites.cohort import SPLITS, load_site_series
 from sites.errors import ConfigError, DataError, where
+from sites.manifest import file_sha256
 from sites.scaling import check_spread, fit_method, scaling_from_dict
 from sites.schema import check_choices
 from sites.temporal import DEFAULT_MODEL_TR
@@ -100,14 +100,6 @@ class EmbedResult:
 def output_paths(out: Path) -> tuple[Path, Path, Path]:
     base = str(out.with_suffix("")) if out.suffix == ".npy" else str(out)
     return Path(base + ".npy"), Path(base + ".ids.txt"), Path(base + ".json")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def pretrain_data(path: Path) -> tuple[float, str]:

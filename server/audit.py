@@ -7,7 +7,6 @@ node id, registered name and key fingerprint, status and the reason of a rejecti
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -16,14 +15,7 @@ from pathlib import Path
 
 from server.exchange import SiteResult
 from server.registry import RegisteredSite
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+from sites.manifest import file_sha256
 
 
 class AuditLog:

@@ -17,8 +17,11 @@ from sites.temporal import DEFAULT_MODEL_TR
 
 ModelSize = Literal["tiny", "small", "base", "large"]
 PosEmbed = Literal["gradient", "learned_roi", "sincos_roi"]  # gradient: Brain-JEPA; the others are ablations
+# reference: trunc-normal(0.02) patch-embedding weights (the reference; a 16-frame patch then weighs ~1/9 of
+# the positional term); unit: std 1/sqrt(patch_size), a unit-variance patch gives a unit-variance embedding.
+PatchInit = Literal["reference", "unit"]
 Loss = Literal["smooth_l1", "l2"]
-Scaling = Literal["auto", "robust", "values", "scan", "none"]  # robust: the reference's (stats of ROI time-means)
+Scaling = Literal["auto", "robust", "values", "scan", "centered", "none"]  # robust: the reference's (stats of ROI time-means)
 Precision = Literal["auto", "bf16", "fp32"]  # auto: bf16 autocast on CUDA, fp32 on CPU
 WireDtype = Literal["float32", "float16"]  # how weights travel in a federated round (float16: deltas uplink)
 AttentionBackend = Literal["auto", "cudnn", "flash", "efficient", "math", "default"]
@@ -42,6 +45,7 @@ class ModelConfig:
     pred_heads: int = 0
     mlp_ratio: float = 4.0
     pos_embed: PosEmbed = "gradient"
+    patch_init: PatchInit = "unit"  # the data term as large as the positions at init; reference: 0.02 (docs/model.md)
 
     def __post_init__(self) -> None:
         check_choices(self, "model")
@@ -143,7 +147,7 @@ class DataConfig:
     roi_dir: str = ""  # or: a folder of per-subject (R, L) .npy files, already at the model TR
     gradients: str = ""  # gradient file (.npy/.csv, R x k); empty = computed from the cohort's FC
     model_tr: float = DEFAULT_MODEL_TR  # seconds: every site's series is resampled to it (site input only)
-    scaling: Scaling = "robust"  # robust: (x - median_r) / IQR_r of training subjects' ROI means; values: of the values
+    scaling: Scaling = "centered"  # each scan's ROI means removed, one per-ROI scale; robust: the reference's (docs/data.md)
 
     def __post_init__(self) -> None:
         check_choices(self, "data")

@@ -159,6 +159,8 @@ class Encoder(nn.Module):
         self.select_in_last_block = True  # `select`: the last block computes the selected tokens only
         self.apply(init_weights)
         rescale_blocks(self.blocks)
+        if cfg.patch_init == "unit":  # data term ~ positional term at init (the reference: ~1/9 of it)
+            nn.init.normal_(self.patch_embed.proj.weight, std=cfg.patch_size**-0.5)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None,
                 select: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip

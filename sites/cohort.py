@@ -319,7 +319,7 @@ def load_cohort(
     model_tr: float = DEFAULT_MODEL_TR,
     split: str | None = "train",
     min_frames: int | None = None,
-    scaling: Literal["auto", "robust", "values", "scan", "none"] = "robust",
+    scaling: Literal["auto", "robust", "values", "scan", "centered", "none"] = "robust",
     for_model: bool = True,
 ) -> Cohort:
     """A site's `split` subjects (None: all), or every `.npy` of a folder (already at the model TR), scaled.

@@ -172,16 +172,75 @@ class PerScanScaling:
         return {"kind": "per_scan_robust"}
 
 
-def scaling_from_dict(d: dict) -> RobustScaling | PerScanScaling:
-    """A saved scaling (`to_dict()` of either kind) back."""
+@dataclass(frozen=True)
+class CenteredScaling:
+    """Each scan's per-ROI time-mean removed, then one per-ROI scale fitted on the training scans (the
+    median over scans of each scan's per-ROI IQR of its centred values): offsets go, between-subject
+    differences in a ROI's amplitude stay. For raw series whose per-scan baselines dwarf the signal
+    (after `robust` scaling a generated scan's offsets are 3-7x its fluctuations) where `scan` scaling
+    would also divide away the amplitude (docs/model.md, "Input offsets")."""
+
+    scale: np.ndarray  # (R,) float64, > 0
+    n_subjects: int
+    method: str = "centered"
+
+    @property
+    def n_rois(self) -> int:
+        return int(self.scale.shape[0])
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """(..., R, L) -> float32, same shape; a missing ROI (NaN) stays NaN."""
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim < 2 or x.shape[-2] != self.n_rois:
+            raise DataError(f"scaling: statistics are for {self.n_rois} ROIs but the series has shape {x.shape} "
+                            f"(expected (..., {self.n_rois}, L))")  # fmt: skip
+        return ((x - x.mean(axis=-1, keepdims=True)) / self.scale.astype(np.float32)[:, None]).astype(np.float32)
+
+    def apply_all(self, series: list[np.ndarray]) -> list[np.ndarray]:
+        return [self.apply(s) for s in series]
+
+    def checksum(self) -> str:
+        return hashlib.sha256(self.scale.astype(np.float64).tobytes()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return {"kind": "centered_roi_scaling", "scale": self.scale.tolist(), "n_subjects": int(self.n_subjects)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CenteredScaling:
+        scale = np.asarray(d["scale"], dtype=np.float64)
+        if scale.ndim != 1:
+            raise DataError(f"scaling: a centered scaling's scale must be 1-D, got shape {scale.shape}")
+        _check_iqr(scale, int(d.get("n_subjects", 0)))
+        return cls(scale=scale, n_subjects=int(d["n_subjects"]))
+
+
+def fit_centered(series: list[np.ndarray]) -> CenteredScaling:
+    """Per-ROI median over the training scans of each scan's IQR over its frames (NaN ROIs ignored)."""
+    if not series:
+        raise DataError("scaling: no series to compute statistics from")
+    q25, q75 = (np.stack(q) for q in zip(*(_nan_quantiles(np.asarray(s, np.float64), [0.25, 0.75], axis=1)
+                                            for s in series), strict=True))  # fmt: skip  (N, R) each
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        scale = np.nanmedian(q75 - q25, axis=0)  # (R,)
+    _check_iqr(scale, len(series))
+    return CenteredScaling(scale=scale, n_subjects=len(series))
+
+
+def scaling_from_dict(d: dict) -> RobustScaling | PerScanScaling | CenteredScaling:
+    """A saved scaling (`to_dict()` of any kind) back."""
     if isinstance(d, dict) and d.get("kind") == "per_scan_robust":
         return PerScanScaling()
+    if isinstance(d, dict) and d.get("kind") == "centered_roi_scaling":
+        return CenteredScaling.from_dict(d)
     return RobustScaling.from_dict(d)
 
 
-def fit_method(series: list[np.ndarray], method: str, source: str = "data") -> RobustScaling | PerScanScaling | None:
+def fit_method(series: list[np.ndarray], method: str,
+               source: str = "data") -> RobustScaling | PerScanScaling | CenteredScaling | None:  # fmt: skip
     """`robust`: the reference's statistics of subjects' ROI time-means; `values`: of the values
-    themselves (`fit_values`); `scan`: each scan by its own (`PerScanScaling`); `none`: no scaling;
+    themselves (`fit_values`); `scan`: each scan by its own (`PerScanScaling`); `centered`: each scan's
+    per-ROI mean removed, one fitted per-ROI scale (`CenteredScaling`); `none`: no scaling;
     `auto`: one of the three picked from the series (`choose_method`), with the reason logged."""
     if method == "auto":
         method, reason = choose_method(series)
@@ -192,9 +251,11 @@ def fit_method(series: list[np.ndarray], method: str, source: str = "data") -> R
         return fit_values(series)
     if method == "scan":
         return PerScanScaling()
+    if method == "centered":
+        return fit_centered(series)
     if method == "none":
         return None
-    raise DataError(f"scaling: expected auto, robust, values, scan or none, got '{method}'")
+    raise DataError(f"scaling: expected auto, robust, values, scan, centered or none, got '{method}'")
 
 
 CENTRED_MAX = 0.5  # auto: |time-mean| / within-scan SD below this (median over scans, ROIs) = demeaned data

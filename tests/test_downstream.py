@@ -167,14 +167,16 @@ def test_evaluate_runs_a_protocol_and_writes_the_tables(tmp_path: Path, world) -
 def test_roi_std_pooling_keeps_a_per_roi_amplitude_that_the_mean_loses() -> None:
     """Two classes differ only in one ROI's amplitude (plus random per-scan offsets): a linear read-out
     of a random backbone's roi_std features separates them, its mean-pooled features (the reference)
-    stay at chance. Missing ROIs give zero features; both heads map to (B, classes)."""
+    stay at chance (under the reference's patch-embedding init, where the positions dominate every token).
+    Missing ROIs give zero features; both heads map to (B, classes)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     from brainjepa.downstream.model import Backbone
 
-    cfg = ModelConfig(size="tiny", n_rois=20, n_frames=128, gradient_components=8)  # 8 time patches
+    cfg = ModelConfig(size="tiny", n_rois=20, n_frames=128, gradient_components=8,
+                      patch_init="reference")  # 8 time patches
     bb = Backbone(cfg, np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32), {}, "random")
     g = torch.Generator().manual_seed(0)
     n = 96

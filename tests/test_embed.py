@@ -16,7 +16,7 @@ from brainjepa.downstream.model import load_backbone
 from brainjepa.pretrain import pretrain
 from brainjepa.vit import Encoder
 from sites.cohort import load_site_series
-from sites.scaling import RobustScaling
+from sites.scaling import scaling_from_dict
 from sites.synth import generate_cohorts
 
 R, T, K = 30, 64, 8  # ROIs, window frames, gradient components; patch 16 -> 4 time patches
@@ -58,7 +58,7 @@ def test_pooled_features_ids_and_metadata(run: tuple[Path, Path], tmp_path: Path
     assert meta["checkpoint"] == str(ckpt.resolve()) and len(meta["checkpoint_sha256"]) == 64
     assert meta["shape"] == [len(expected), 64] and meta["windows"] == 4 and meta["split"] == "train"
     assert meta["random_init"] is False and meta["model"]["n_rois"] == R
-    assert meta["scaling"]["kind"] == "site-train-robust" and meta["subject_splits"] == ["train"] * len(expected)
+    assert meta["scaling"]["kind"] == "site-train-centered" and meta["subject_splits"] == ["train"] * len(expected)
     assert not list(tmp_path.glob(".*tmp*")), "no temporary file left behind"
 
 
@@ -100,7 +100,7 @@ def test_series_file_matches_a_direct_forward(run: tuple[Path, Path], tmp_path: 
     enc = Encoder(bb.model, torch.from_numpy(bb.gradients))
     enc.load_state_dict(bb.weights)
     start = (100 - T + 1) // 2  # multi_windows' single window: floor(span * 0.5 + 0.5)
-    scaled = RobustScaling.from_dict(bb.scaling).apply(x)[:, start : start + T]
+    scaled = scaling_from_dict(bb.scaling).apply(x)[:, start : start + T]
     with torch.no_grad():
         expected = enc.eval()(torch.from_numpy(scaled)[None]).mean(dim=1).numpy()
     np.testing.assert_allclose(np.load(tmp_path / "one.npy"), expected, rtol=1e-5, atol=1e-6)

@@ -81,3 +81,20 @@ def test_sdpa_matches_explicit_softmax_attention() -> None:
     q, k, v = torch.randn(3, 2, 2, 11, 8).unbind(0)
     ref = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, dim=-1) @ v
     assert torch.allclose(explicit_attention(q, k, v), ref, atol=1e-6)
+
+
+def test_patch_init_unit_puts_the_data_term_on_the_scale_of_the_positions() -> None:
+    """The reference's trunc-normal(0.02) patch embedding maps a unit-variance 16-frame patch to ~0.08 per
+    feature, a fraction of the positional term every scan shares; `patch_init: unit` makes them alike."""
+    grads = torch.randn(20, 30, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4, 20, 64, generator=torch.Generator().manual_seed(1))  # (B, R, T) unit variance
+    ratios = {}
+    for init in ("reference", "unit"):
+        torch.manual_seed(0)
+        enc = Encoder(ModelConfig(size="tiny", n_rois=20, n_frames=64, patch_init=init), grads)
+        with torch.no_grad():
+            data = enc.patch_embed(x) - enc.patch_embed.proj.bias  # (B, N, D)
+            ratios[init] = (data.pow(2).mean().sqrt() / enc.pos_embed().pow(2).mean().sqrt()).item()
+    assert ratios["reference"] < 0.3 < 1.0 < ratios["unit"] < 3.0
+    with pytest.raises(ConfigError, match="model.patch_init"):
+        ModelConfig(patch_init="xavier")

@@ -51,7 +51,9 @@ def test_pretraining_learns_without_collapse(tmp_path: Path) -> None:
         losses = [float(r["loss"]) for r in csv.DictReader(f)]
     assert len(losses) == 200
     start, end = np.mean(losses[:5]), np.mean(losses[-10:])
-    assert end < 0.3 * start, f"loss did not fall well below its start: {start:.4f} -> {end:.4f}"
+    # with the data term on the scale of the positions (`patch_init: unit`) the pretext cannot be solved from
+    # positions alone: the loss falls by about a third here (0.43 -> 0.28), not to ~0 (docs/results.md)
+    assert end < 0.75 * start, f"loss did not fall below its start: {start:.4f} -> {end:.4f}"
 
     ckpt = load_checkpoint(result.checkpoint)
     models = JEPAModels(cfg.model, torch.from_numpy(ckpt["gradients"]))
@@ -155,5 +157,5 @@ def test_synth_then_pretrain_end_to_end_from_the_cli(tmp_path: Path) -> None:
     res = runner.invoke(app, ["pretrain", "--config", str(cfg), "--site", str(site)])
     assert res.exit_code == 0, res.output
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
-    assert ckpt["scaling"]["kind"] == "robust_roi_scaling" and len(ckpt["scaling"]["median"]) == 40
+    assert ckpt["scaling"]["kind"] == "centered_roi_scaling" and len(ckpt["scaling"]["scale"]) == 40  # the default
     assert ckpt["gradients"].shape == (40, 10)

@@ -129,3 +129,30 @@ def test_per_scan_scaling_handles_subject_specific_baselines() -> None:
     assert isinstance(scaling_from_dict(PerScanScaling().to_dict()), PerScanScaling)
     with pytest.raises(DataError, match="constant ROI"):
         PerScanScaling().apply(np.ones((3, 10)))
+
+
+def test_centered_scaling_removes_offsets_and_keeps_amplitude() -> None:
+    """`centered`: each scan's per-ROI offset goes (after `robust` scaling it dwarfs the signal), while a
+    subject whose ROI fluctuates twice as much still does after scaling (`scan` scaling divides that away)."""
+    from sites.scaling import CenteredScaling, fit_method, scaling_from_dict
+
+    rng = np.random.default_rng(3)
+    amp = np.array([1.0, 2.0] * 5)  # subject amplitudes
+    data = [rng.uniform(400, 1200, (6, 1)) + a * rng.normal(0, 5.0, (6, 200)) for a in amp]  # (R, L) each
+    fitted = fit_method(data, "centered")
+    assert isinstance(fitted, CenteredScaling)
+    scaled = fitted.apply_all(data)
+    np.testing.assert_allclose([s.mean(axis=1) for s in scaled], 0.0, atol=1e-4)  # offsets removed
+    stds = np.array([s.std(axis=1).mean() for s in scaled])
+    assert 1.7 < stds[amp == 2].mean() / stds[amp == 1].mean() < 2.3  # amplitude kept
+    assert 0.4 < np.median(stds) < 2.5  # one per-ROI scale brings the typical spread near 1
+    per_scan = fit_method(data, "scan").apply_all(data)
+    assert np.std([s.std(axis=1).mean() for s in per_scan]) < 0.1 * np.std(stds)  # `scan` loses it
+    back = scaling_from_dict(fitted.to_dict())
+    np.testing.assert_array_equal(back.apply(data[0]), scaled[0])
+    with_nan = data[0].copy()
+    with_nan[2] = np.nan  # a missing ROI stays missing
+    out = fitted.apply(with_nan)
+    assert np.isnan(out[2]).all() and np.isfinite(np.delete(out, 2, axis=0)).all()
+    with pytest.raises(DataError, match="6 ROIs"):
+        fitted.apply(np.zeros((5, 10)))

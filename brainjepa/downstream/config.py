@@ -63,7 +63,7 @@ class DownstreamConfig:
     eval_every: int = 25  # validation (model selection) every this many steps, and at the end
     eval_windows: int = 4  # windows per scan at evaluation, predictions averaged
     seed: int = 0
-    pool: Pool = "mean"  # mean: the reference (mean over all tokens); roi_std: per-ROI mean + std over time
+    pool: Pool = "roi_std"  # per-ROI mean + std over time of the tokens; mean: the reference (all tokens)
 
     def __post_init__(self) -> None:
         check_choices(self, "downstream")
@@ -92,4 +92,4 @@ class DownstreamTask:
     task: TaskSpec
     recipe: DownstreamConfig = field(default_factory=DownstreamConfig)
     model_tr: float = DEFAULT_MODEL_TR
-    scaling: Literal["auto", "robust", "values", "scan", "none"] = "robust"
+    scaling: Literal["auto", "robust", "values", "scan", "centered", "none"] = "centered"

@@ -109,6 +109,10 @@ def main() -> None:
     ap.add_argument("--patch-gain", type=float, default=1.0,
                     help="ablation: multiply the patch embedding's initial weights (data term vs positions)")
     ap.add_argument("--demean", action="store_true", help="pretrain and probe on offset-free series")
+    ap.add_argument("--target-center", action="store_true",
+                    help="ablation: regress batch-centred, batch-standardised target tokens (per position)")
+    ap.add_argument("--pixel-target", action="store_true",
+                    help="ablation: regress the masked patches' values (standardised) instead of target tokens")
     ap.add_argument("--reuse", action="store_true", help="score the run's existing checkpoint (no pretraining)")
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -121,6 +125,38 @@ def main() -> None:
                 self.patch_embed.proj.weight.mul_(a.patch_gain)
 
         Encoder.__init__ = scaled_init
+    if a.target_center:
+        import brainjepa.jepa as jepa_mod
+        import torch.nn.functional as F
+
+        from brainjepa.vit import gather_tokens
+
+        def centred_loss(models, x, masks, loss="smooth_l1", target_forward=None):  # noqa: ANN001
+            with torch.no_grad():
+                h = F.layer_norm(models.target(x), (models.cfg.embed_dim,))  # (B, N, D)
+                h = (h - h.mean(0)) / (h.std(0) + 1e-3)  # each position's shared part removed
+                target = gather_tokens(h, masks.target)  # (B, Nt, D)
+            z = models.encoder(x, masks.context)
+            pred = models.predictor(z, masks.context, masks.target)
+            return F.smooth_l1_loss(pred.float(), target.float(), beta=1.0)
+
+        jepa_mod.jepa_loss = centred_loss
+    if a.pixel_target:
+        import brainjepa.jepa as jepa_mod
+        import torch.nn.functional as F
+
+        from brainjepa.vit import gather_tokens
+
+        def pixel_loss(models, x, masks, loss="smooth_l1", target_forward=None):  # noqa: ANN001
+            p = models.cfg.patch_size
+            patches = x.reshape(x.shape[0], -1, p)  # (B, N, p) ROI-major, as the patch embedding
+            patches = (patches - patches.mean(-1, keepdim=True)) / (patches.std(-1, keepdim=True) + 1e-2)
+            target = gather_tokens(patches, masks.target)  # (B, Nt, p)
+            z = models.encoder(x, masks.context)
+            pred = models.predictor(z, masks.context, masks.target)[..., :p]
+            return F.mse_loss(pred.float(), target.float())
+
+        jepa_mod.jepa_loss = pixel_loss
     data = Path(a.data)
     if not (data / "site_c").exists():
         generate_cohorts(data, n_sites=3, subjects_per_site=80, n_rois=100, seed=0, duration_s=600)

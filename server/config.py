@@ -166,6 +166,8 @@ class FederationConfig:
         else:
             cfg = PretrainConfig(model=ModelConfig(size=self.model_size, n_rois=self.n_rois, n_frames=self.n_frames))
             cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=self.lr))
+            if self.scaling_scope == "federation":  # the federation's statistics are the reference's robust kind
+                cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, scaling="robust"))
         train = TrainConfig(steps=self.total_steps, batch_size=self.batch_size, seed=self.seed, device="cpu")
         return dataclasses.replace(cfg, train=train)
 

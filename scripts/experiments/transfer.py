@@ -126,9 +126,9 @@ def main() -> None:
 
         Encoder.__init__ = scaled_init
     if a.target_center:
-        import brainjepa.jepa as jepa_mod
         import torch.nn.functional as F
 
+        import brainjepa.jepa as jepa_mod
         from brainjepa.vit import gather_tokens
 
         def centred_loss(models, x, masks, loss="smooth_l1", target_forward=None):  # noqa: ANN001
@@ -142,9 +142,9 @@ def main() -> None:
 
         jepa_mod.jepa_loss = centred_loss
     if a.pixel_target:
-        import brainjepa.jepa as jepa_mod
         import torch.nn.functional as F
 
+        import brainjepa.jepa as jepa_mod
         from brainjepa.vit import gather_tokens
 
         def pixel_loss(models, x, masks, loss="smooth_l1", target_forward=None):  # noqa: ANN001

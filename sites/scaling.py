@@ -178,7 +178,7 @@ class CenteredScaling:
     median over scans of each scan's per-ROI IQR of its centred values): offsets go, between-subject
     differences in a ROI's amplitude stay. For raw series whose per-scan baselines dwarf the signal
     (after `robust` scaling a generated scan's offsets are 3-7x its fluctuations) where `scan` scaling
-    would also divide away the amplitude (docs/model.md, "Input offsets")."""
+    would also divide away the amplitude (docs/model.md, deviations table)."""
 
     scale: np.ndarray  # (R,) float64, > 0
     n_subjects: int
@@ -218,11 +218,11 @@ def fit_centered(series: list[np.ndarray]) -> CenteredScaling:
     """Per-ROI median over the training scans of each scan's IQR over its frames (NaN ROIs ignored)."""
     if not series:
         raise DataError("scaling: no series to compute statistics from")
-    q25, q75 = (np.stack(q) for q in zip(*(_nan_quantiles(np.asarray(s, np.float64), [0.25, 0.75], axis=1)
-                                            for s in series), strict=True))  # fmt: skip  (N, R) each
+    iqrs = np.stack([np.subtract(*_nan_quantiles(np.asarray(s, np.float64), [0.75, 0.25], axis=1))
+                     for s in series])  # fmt: skip  (N, R): each scan's per-ROI IQR over its frames
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        scale = np.nanmedian(q75 - q25, axis=0)  # (R,)
+        scale = np.nanmedian(iqrs, axis=0)  # (R,)
     _check_iqr(scale, len(series))
     return CenteredScaling(scale=scale, n_subjects=len(series))
 

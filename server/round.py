@@ -217,9 +217,6 @@ class FederatedRun:
         self.sets = self.server_opt.step(self.sets, new)
         for name in WEIGHT_SETS:
             load_flat_parameters(getattr(self.models, name), self.sets[name])
-        self._save(rnd + 1)
-        if self.privacy is not None:
-            self.privacy.after_round(rnd, results)
         if self.monitor is not None:
             self.monitor.measure(self.models.target, rnd + 1)
         samples = sum(u.num_examples for u in ok)
@@ -233,6 +230,11 @@ class FederatedRun:
             "momentum": f"{sched.momentum:.6f}", "wall_s": f"{wall:.2f}",
             "bytes_sent": sum(r.bytes_sent for r in results), "bytes_received": sum(r.bytes_received for r in results),
         })  # fmt: skip
+        # The checkpoint last: a checkpoint of round N implies its metrics rows (a crash before it leaves rows
+        # that a resume truncates to the checkpoint's round, `RunReport` / `CollapseMonitor`).
+        self._save(rnd + 1)
+        if self.privacy is not None:
+            self.privacy.after_round(rnd, results)
         log.info("round %d/%d done in %.1f s: loss %.4f (%d site(s) ok, %d failed, %d rejected), checkpoint saved",
                  rnd + 1, cfg.num_rounds, wall, loss, n_ok, n_failed, n_rejected)
 

@@ -7,11 +7,16 @@ Model (per subject; everything from one seeded `numpy.random.Generator` per site
   (log-normal), so every subject has its own FC around the group FC.
 - Network drivers: one extra shared process per (data-driven) network adds within-network coupling.
 - Dynamics: every latent process is an Ornstein-Uhlenbeck (AR(1)) process with its own timescale,
-  convolved with the canonical double-gamma HRF (BOLD-like), computed in the frequency domain.
-- Phenotypes change the dynamics in known, modest ways (`Effects`): sex shifts the strength of two
-  network drivers in opposite directions; diagnosis weakens one network's driver and slows its
-  timescale, and strengthens another's (compensation); age lowers the signal amplitude and raises
-  the unstructured noise. Individual variability keeps every effect far from decisive.
+  convolved with the canonical double-gamma HRF (BOLD-like), computed in the frequency domain. The
+  factors' timescales are log-uniform over 2-30 s, so their sum has a roughly 1/f spectrum over the
+  BOLD band and keeps some memory across a 35 s patch (drivers 3 s, ROI-specific processes 1 s).
+- Phenotypes change the dynamics in known, modest ways (`Effects`): sex weakens one of two network
+  drivers (to half; the first network in M, the second in F), which changes within-network coupling
+  more than amplitude; diagnosis weakens one network's driver and slows its timescale, and
+  strengthens another's (compensation); age lowers the signal amplitude and raises the unstructured
+  noise. Individual variability keeps every effect far from decisive. (Until issue 12 the factors'
+  timescales were 1.5-6 s and sex strengthened a driver by 1.6x, an amplitude effect any random
+  projection reads: `Effects(factor_tau=(1.5, 6.0), sex_gain=0.6)`; docs/results.md section 5.)
 - Site effects (`SiteSpec`): TR, scan length, thermal noise level, intensity gain, motion spikes.
 - Populations A and B: B has a shifted FC (fixed per-factor gains), stronger drivers in two other
   networks, an older age distribution, a higher diagnosis prevalence and a lower baseline intensity.
@@ -66,13 +71,16 @@ PRESETS = (
 class Effects:
     """How phenotypes and populations change the generated dynamics (all modest by design)."""
 
-    sex_networks: tuple[int, int] = (1, 2)  # driver +sex_gain in the first for M, in the second for F
-    sex_gain: float = 0.6
+    sex_networks: tuple[int, int] = (1, 2)  # driver x (1 + sex_gain) in the first for M, the second for F
+    sex_gain: float = -0.5  # negative: weakened (a coupling more than an amplitude effect; docs/results.md 5)
     dx_network: int = 0  # patients: driver amplitude x (1 - dx_weaken), timescale x dx_slow
     dx_weaken: float = 0.6
     dx_boost_network: int = 3  # patients: compensatory stronger driver in another network
     dx_boost: float = 0.6
     dx_slow: float = 1.6
+    sex_slow: float = 1.0  # driver timescale x sex_slow in the first sex network for M, the second for F
+    factor_tau: tuple[float, float] = (2.0, 30.0)  # seconds: factor timescales, log-uniform (1/f-like mixture)
+    driver_tau: float = 3.0  # seconds: network drivers' timescale
     age_amplitude: float = -0.006  # per year from 60: structured signal amplitude
     age_noise: float = 0.006  # per year from 60: unstructured ROI noise
     subject_factor_sd: float = 0.25  # log-normal individual variability of factor amplitudes
@@ -144,7 +152,8 @@ def _build_model(n_rois: int, n_subcortical: int | None, n_factors: int, seed: i
     loadings = v * np.sqrt(w)  # (R, K)
     resid = np.sqrt(np.clip(1.0 - (loadings**2).sum(axis=1), 0.02, None))  # (R,)
     rng = np.random.default_rng([seed, 10_000])  # cohort-wide constants (same for every site)
-    factor_tau = rng.uniform(1.5, 6.0, k)
+    lo, hi = np.log(eff.factor_tau)
+    factor_tau = np.exp(rng.uniform(lo, hi, k))  # log-uniform: a mixture of OU timescales (1/f-like)
     baseline = rng.uniform(400.0, 1200.0, n_rois)
     baseline[: conn.n_subcortical] *= 0.7  # subcortex: lower intensity
     pop_b_gain = np.exp(rng.normal(0.0, eff.pop_b_factor_sd, k))
@@ -175,9 +184,11 @@ def _simulate_chunk(
     # latent factors: OU with per-factor timescales
     phi_f = np.exp(-tr / model.factor_tau)[None, :]  # (1, K)
     f = _filtered_noise(rng, (b, k), phi_f, h, n)  # (B, K, L)
-    # network drivers: timescale 3 s, patients slower in the diagnosis network
-    tau_d = np.full((b, n_net), 3.0)
+    # network drivers: patients slower in the diagnosis network; sex slows one of two networks
+    tau_d = np.full((b, n_net), eff.driver_tau)
     tau_d[:, eff.dx_network] *= np.where(ph["diagnosis"] > 0, eff.dx_slow, 1.0)
+    tau_d[:, eff.sex_networks[0]] *= np.where(ph["sex"] > 0, eff.sex_slow, 1.0)
+    tau_d[:, eff.sex_networks[1]] *= np.where(ph["sex"] > 0, 1.0, eff.sex_slow)
     d = _filtered_noise(rng, (b, n_net), np.exp(-tr / tau_d), h, n)  # (B, N_net, L)
     u = _filtered_noise(rng, (b, r), np.full((1, 1), np.exp(-tr / 1.0)), h, n)  # (B, R, L)
     # amplitudes

@@ -199,3 +199,43 @@ def test_roi_std_pooling_keeps_a_per_roi_amplitude_that_the_mean_loses() -> None
     f = ft.features(xm)  # (2, R, 2D)
     assert f.shape == (2, 20, 2 * cfg.embed_dim) and torch.all(f[0, 3] == 0) and torch.any(f[1, 3] != 0)
     assert ft(xm).shape == (2, 2) and torch.isfinite(ft(xm)).all()
+
+
+def test_solved_probe_is_a_converged_regression_with_its_strength_chosen_on_validation(world) -> None:
+    """`probe_solver: lbfgs` (default): the head holds scikit-learn's logistic / ridge solution on the
+    standardised frozen features of every training window, the strength picked by validation; the
+    backbone is untouched; `sgd` still trains it step by step."""
+    from sklearn.linear_model import LogisticRegression, Ridge
+
+    from brainjepa.downstream.data import eval_windows
+    from brainjepa.downstream.fit import PROBE_STRENGTHS, pooled, window_features
+
+    _, yamls, ckpt = world
+    bb = load_backbone(ckpt)
+    age = TaskSpec("age", "age", "regression")
+    for task in (SEX, age):
+        sites = [load_labelled_site(load_site_config(y), task, 2.205, 32) for y in yamls[:2]]
+        res = fit(bb, task, DownstreamConfig(method="probe", eval_windows=2), sites, "centralized")
+        for k, v in bb.weights.items():
+            torch.testing.assert_close(res.model.backbone.state_dict()[k], v)
+        vals = [h[2] for h in res.history]
+        assert [h[0] for h in res.history] == list(range(len(PROBE_STRENGTHS)))
+        assert res.best_step == (int(np.argmax(vals)) if task is SEX else int(np.argmin(vals)))
+        train = pooled(sites, "train")
+        x = window_features(res.model, train, 32, 2)  # (N * 2, F)
+        z = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)
+        y = np.repeat(train.y, 2)
+        c = PROBE_STRENGTHS[res.best_step]
+        windows = eval_windows(train, 32, 2).flatten(0, 1)  # (N * 2, R, T), the same windows
+        with torch.no_grad():
+            out = res.model.eval()(windows).double().numpy()
+        if task is SEX:
+            want = LogisticRegression(C=c, max_iter=2000).fit(z, y).predict_proba(z)
+            np.testing.assert_allclose(torch.from_numpy(out).softmax(-1).numpy(), want, atol=1e-4)
+        else:
+            scale = (train.y.mean(), train.y.std())
+            want = Ridge(alpha=1.0 / c).fit(z, (y - scale[0]) / scale[1]).predict(z)
+            np.testing.assert_allclose(out[:, 0], want, atol=1e-4)
+    sgd = fit(bb, SEX, DownstreamConfig(method="probe", probe_solver="sgd", steps=4, batch_size=4, eval_every=2),
+              [load_labelled_site(load_site_config(yamls[0]), SEX, 2.205, 32)], "local")  # fmt: skip
+    assert [h[0] for h in sgd.history] == [2, 4]

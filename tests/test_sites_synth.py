@@ -114,9 +114,9 @@ def test_signal_is_learnable_but_not_trivial(tmp_path):
         k: cross_val_score(clf, x, np.array(ph[k]), cv=cv, scoring="balanced_accuracy").mean()
         for k in ("sex", "diagnosis", "population")
     }
-    assert 0.65 < acc["sex"] < 0.92, acc  # measured 0.78 (seed 1)
-    assert 0.62 < acc["diagnosis"] < 0.92, acc  # measured 0.74
-    assert acc["population"] > 0.8, acc  # the two populations are shifted (measured 0.92)
+    assert 0.65 < acc["sex"] < 0.92, acc  # measured 0.79 (seed 1)
+    assert 0.62 < acc["diagnosis"] < 0.92, acc  # measured 0.71
+    assert acc["population"] > 0.8, acc  # the two populations are shifted (measured 0.94)
     age = np.array(ph["age"])
     pop = np.array(ph["population"])
     assert age[pop == "B"].mean() - age[pop == "A"].mean() > 0.5

@@ -25,6 +25,10 @@ NEURAL_METHODS: tuple[str, ...] = ("finetune", "probe", "scratch", "random_probe
 # mean: the reference's mean over all ROI x time tokens (D features); roi_std: per ROI the mean and the
 # std over time of its tokens (R x 2D features: keeps the ROI axis and each ROI's spread over time).
 Pool = Literal["mean", "roi_std"]
+# lbfgs: the probe's head solved on the frozen features (scikit-learn's L2 logistic / ridge regression,
+# its strength chosen on validation); sgd: trained like the other methods (AdamW `steps` at `probe_lr`,
+# the reference's way; what a federated probe does, FedAvg having no closed form).
+ProbeSolver = Literal["lbfgs", "sgd"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ class DownstreamConfig:
     eval_windows: int = 4  # windows per scan at evaluation, predictions averaged
     seed: int = 0
     pool: Pool = "roi_std"  # per-ROI mean + std over time of the tokens; mean: the reference (all tokens)
+    probe_solver: ProbeSolver = "lbfgs"  # probes trained centrally / locally; federated probes always use sgd
 
     def __post_init__(self) -> None:
         check_choices(self, "downstream")

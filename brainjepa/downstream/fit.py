@@ -10,6 +10,9 @@
 Model selection on validation only: every `eval_every` steps (federated: at the round that reaches
 them) the model is scored on each site's validation split; the scan-weighted mean of the primary
 metric picks the weights that are kept. The test split is not touched here.
+- Probes (`probe`, `random_probe`) trained centrally or locally are solved rather than trained
+  (`solve_probe`, recipe `probe_solver: lbfgs`, the default): a converged L2 logistic / ridge regression on
+  the frozen features, its strength chosen on validation. `probe_solver: sgd` trains them like the rest.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from brainjepa.downstream.config import DownstreamConfig, TaskSpec
-from brainjepa.downstream.data import LabelledSite, Split, TrainBatches
+from brainjepa.downstream.data import LabelledSite, Split, TrainBatches, eval_windows
 from brainjepa.downstream.metrics import PRIMARY, is_better
 from brainjepa.downstream.model import Backbone, DownstreamModel
 from brainjepa.downstream.train import DownstreamStep, TargetScale, split_metrics, weighted_metrics
@@ -108,6 +111,11 @@ def fit(backbone: Backbone, task: TaskSpec, recipe: DownstreamConfig, sites: lis
     model = DownstreamModel(backbone, task, recipe).to(device)
     n_frames = backbone.model.n_frames
     target = TargetScale.of(task, [s.train.y for s in sites])
+    if recipe.frozen_backbone and recipe.probe_solver == "lbfgs":
+        if mode != "federated":
+            return solve_probe(model, sites, target, n_frames)
+        log.info("%s %s: a federated probe trains by FedAvg SGD (probe_solver lbfgs is for centralized / local)",
+                 recipe.method, task.name)  # fmt: skip
     primary = PRIMARY[task.kind]
     best: tuple[dict, dict, int] | None = None
     history: list[tuple[int, float, float]] = []
@@ -147,3 +155,79 @@ def _federated_round(model: DownstreamModel, sites: list[LabelledSite], target: 
         mean.add({"model": state_vector(model)}, len(site.train))
     load_state_vector(model, mean.result()["model"])
     return float(np.mean(losses))
+
+
+PROBE_STRENGTHS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # inverse L2 strength C (logistic); ridge alpha = 1 / C
+
+
+@torch.no_grad()
+def window_features(model: DownstreamModel, split: Split, n_frames: int, n_windows: int,
+                    chunk: int = 32) -> np.ndarray:  # fmt: skip
+    """(N * W, F) float64: the frozen backbone's pooled features of every scan's `n_windows` evaluation
+    windows (the windows `predict` averages over), scan-major."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(split), chunk):
+        part = Split(split.series[i : i + chunk], split.y[i : i + chunk], split.ids[i : i + chunk])
+        x = eval_windows(part, n_frames, n_windows)  # (n, W, R, T)
+        f = model.features(x.reshape(-1, *x.shape[2:]).to(device))  # (n * W, F) or (n * W, R, 2D)
+        out.append(f.flatten(1).double().cpu().numpy())
+    return np.concatenate(out)
+
+
+def solve_probe(model: DownstreamModel, sites: list[LabelledSite], target: TargetScale, n_frames: int) -> FitResult:
+    """The probe's head solved on frozen features: its BatchNorm takes the training features' mean and
+    variance, the Linear layer an L2-regularised logistic regression (classification) or ridge regression
+    (regression, on the scaled target) fitted with scikit-learn on every training window; the strength is
+    chosen on validation through the same `validate` as the trained methods (history: one row per
+    candidate, step = its index)."""
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.metrics import log_loss
+
+    task, recipe = sites[0].task, model.recipe
+    train = pooled(sites, "train")
+    x = window_features(model, train, n_frames, recipe.eval_windows)  # (N * W, F)
+    y = np.repeat(train.y, recipe.eval_windows)  # (N * W,)
+    norm, linear = model.head
+    mean, var = x.mean(0), x.var(0)
+    with torch.no_grad():
+        norm.running_mean.copy_(torch.from_numpy(mean))
+        norm.running_var.copy_(torch.from_numpy(var))
+    z = (x - mean) / np.sqrt(var + norm.eps)  # what the BatchNorm gives in eval mode
+    primary = PRIMARY[task.kind]
+    best: tuple[dict, dict, int] | None = None
+    history: list[tuple[int, float, float]] = []
+    for i, c in enumerate(PROBE_STRENGTHS):
+        weight = np.zeros((task.n_outputs, z.shape[1]))
+        bias = np.zeros(task.n_outputs)
+        if task.kind == "regression":
+            reg = Ridge(alpha=1.0 / c).fit(z, (y - target.center) / target.scale)
+            weight[0], bias[0] = reg.coef_, reg.intercept_
+            loss = float(np.mean((reg.predict(z) - (y - target.center) / target.scale) ** 2))
+        elif len(np.unique(y)) < 2:  # one class in training: predict it
+            bias[int(y[0])] = 10.0
+            loss = 0.0
+        else:
+            clf = LogisticRegression(C=c, max_iter=2000).fit(z, y)
+            rows = clf.classes_.astype(int)
+            if len(rows) == 2:  # one logit difference: softmax([0, w.z + b]) is its sigmoid
+                weight[rows[1]], bias[rows[1]] = clf.coef_[0], clf.intercept_[0]
+                bias[np.setdiff1d(np.arange(task.n_outputs), rows)] = -30.0  # classes absent in training
+            else:
+                weight[:] = 0.0
+                bias[:] = -30.0
+                weight[rows], bias[rows] = clf.coef_, clf.intercept_
+            loss = float(log_loss(y, clf.predict_proba(z), labels=clf.classes_))
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(weight))
+            linear.bias.copy_(torch.from_numpy(bias))
+        val = validate(model, sites, target, n_frames)
+        history.append((i, loss, val[primary]))
+        if best is None or is_better(task.kind, val[primary], best[1][primary]):
+            best = (copy.deepcopy(model.state_dict()), val, i)
+    assert best is not None
+    model.load_state_dict(best[0])
+    log.info("%s %s: probe solved on %d windows x %d features, C = %g chosen on validation (%s %.3f)",
+             recipe.method, task.name, z.shape[0], z.shape[1], PROBE_STRENGTHS[best[2]], primary, best[1][primary])  # fmt: skip
+    return FitResult(model, target, best[2], best[1], history)

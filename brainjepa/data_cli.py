@@ -213,6 +213,11 @@ def synth(
     split: Annotated[
         tuple[float, float, float], typer.Option(help="Train / val / test fractions written to each site YAML.")
     ] = (0.8, 0.1, 0.1),
+    effect: Annotated[
+        list[str],
+        typer.Option(help="Change a generated effect, KEY=VALUE (repeatable; `sites.synth.Effects`), e.g. "
+                     "'sex_gain=0.6' 'factor_tau=[1.5, 6]' for the generator before issue 12."),
+    ] = [],  # noqa: B006
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Generate realistic multi-site ROI-series cohorts (BOLD-like, BrainSpace Schaefer-400 FC driven).
@@ -221,7 +226,7 @@ def synth(
     YAML, exactly like a real ROI-series site: use the YAML with `--site` anywhere. Sites differ in TR,
     scan length, noise, gain and motion spikes; deterministic by seed.
     """
-    from sites.synth import generate_cohorts
+    from sites.synth import effects_from_pairs, generate_cohorts
 
     try:
         paths = generate_cohorts(
@@ -234,6 +239,7 @@ def synth(
             duration_s=duration,
             progress=progress,
             split=split,
+            effects=effects_from_pairs(effect),
         )
     except InputError as e:
         raise _fail(e) from e

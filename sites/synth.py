@@ -40,7 +40,7 @@ import numpy as np
 import yaml
 
 from sites.connectome import Connectome, model_connectome
-from sites.errors import DataError
+from sites.errors import ConfigError, DataError
 from sites.participants import write_participants
 from sites.roi_io import write_roi_npy
 
@@ -90,6 +90,33 @@ class Effects:
     pop_b_networks: tuple[int, int] = (4, 5)  # population B: drivers x pop_b_driver_gain
     pop_b_driver_gain: float = 1.4
     pop_b_baseline: float = 0.9
+
+
+def effects_from_pairs(pairs: list[str], source: str = "--effect") -> Effects:
+    """`Effects` from KEY=VALUE strings (values in YAML: `sex_gain=-0.4`, `factor_tau=[1.5, 6]`); a wrong key,
+    a missing '=' or a value of the wrong kind is a `ConfigError` that names it."""
+    fields = {f.name: f for f in dataclasses.fields(Effects)}
+    kwargs: dict = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip()
+        if not sep or key not in fields:
+            raise ConfigError(f"{source} '{pair}': expected KEY=VALUE with KEY one of {', '.join(fields)}")
+        value = yaml.safe_load(text)
+        default = getattr(Effects(), key)
+        if isinstance(default, tuple):
+            ok = isinstance(value, list) and len(value) == len(default) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)  # fmt: skip
+            kind = f"a list of {len(default)} numbers"
+            value = tuple(type(d)(v) for d, v in zip(default, value, strict=True)) if ok else value
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            kind = "a number"
+            value = type(default)(value) if ok else value
+        if not ok:
+            raise ConfigError(f"{source} {key}: expected {kind}, got {text!r}")
+        kwargs[key] = value
+    return Effects(**kwargs)
 
 
 def default_site_specs(n_sites: int, duration_s: float | None = None) -> list[SiteSpec]:

@@ -120,3 +120,22 @@ def test_signal_is_learnable_but_not_trivial(tmp_path):
     age = np.array(ph["age"])
     pop = np.array(ph["population"])
     assert age[pop == "B"].mean() - age[pop == "A"].mean() > 0.5
+
+
+def test_effects_from_key_value_pairs_and_their_errors(tmp_path):
+    """`brainjepa synth --effect KEY=VALUE`: values read as YAML, tuples from lists; the generator before
+    issue 12 is two pairs away and differs from the default; bad keys and kinds are named."""
+    from sites.errors import ConfigError
+    from sites.synth import Effects, effects_from_pairs
+
+    old = effects_from_pairs(["sex_gain=0.6", "factor_tau=[1.5, 6]"])
+    assert old == Effects(sex_gain=0.6, factor_tau=(1.5, 6.0)) and old != Effects()
+    assert effects_from_pairs(["sex_networks=[3, 4]"]).sex_networks == (3, 4)
+    for bad, needle in (("sex_gainn=1", "KEY one of"), ("sex_gain", "KEY=VALUE"),
+                        ("factor_tau=[1.5]", "a list of 2 numbers"), ("sex_gain=high", "a number")):  # fmt: skip
+        with pytest.raises(ConfigError, match=needle):
+            effects_from_pairs([bad])
+    a = generate_cohorts(tmp_path / "new", n_sites=1, subjects_per_site=4, n_rois=20, duration_s=100)[0]
+    b = generate_cohorts(tmp_path / "old", n_sites=1, subjects_per_site=4, n_rois=20, duration_s=100, effects=old)[0]
+    xa, xb = (np.load(p.parent / "roi" / "sub-sitea0000.npy") for p in (a, b))
+    assert xa.shape == xb.shape and not np.allclose(xa, xb)

@@ -27,10 +27,16 @@ import torch
 from tqdm.auto import tqdm
 
 from brainjepa.downstream.config import DownstreamConfig, TaskSpec
-from brainjepa.downstream.data import LabelledSite, Split, TrainBatches, eval_windows
+from brainjepa.downstream.data import LabelledSite, Split, TrainBatches
 from brainjepa.downstream.metrics import PRIMARY, is_better
 from brainjepa.downstream.model import Backbone, DownstreamModel
-from brainjepa.downstream.train import DownstreamStep, TargetScale, split_metrics, weighted_metrics
+from brainjepa.downstream.train import (
+    DownstreamStep,
+    TargetScale,
+    split_metrics,
+    weighted_metrics,
+    window_chunks,
+)
 from brainjepa.federation.averaging import RunningMean
 
 log = logging.getLogger(__name__)
@@ -168,9 +174,7 @@ def window_features(model: DownstreamModel, split: Split, n_frames: int, n_windo
     model.eval()
     device = next(model.parameters()).device
     out = []
-    for i in range(0, len(split), chunk):
-        part = Split(split.series[i : i + chunk], split.y[i : i + chunk], split.ids[i : i + chunk])
-        x = eval_windows(part, n_frames, n_windows)  # (n, W, R, T)
+    for x in window_chunks(split, n_frames, n_windows, chunk):  # (n, W, R, T)
         f = model.features(x.reshape(-1, *x.shape[2:]).to(device))  # (n * W, F) or (n * W, R, 2D)
         out.append(f.flatten(1).double().cpu().numpy())
     return np.concatenate(out)

@@ -11,6 +11,7 @@ evaluation only metrics and a scan count ever leave a site.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,6 +75,13 @@ class DownstreamStep:
         return loss.detach()
 
 
+def window_chunks(split: Split, n_frames: int, n_windows: int, chunk: int = 32) -> Iterator[torch.Tensor]:
+    """The split's evaluation windows, `chunk` scans at a time: (n, W, R, T) each."""
+    for i in range(0, len(split), chunk):
+        part = Split(split.series[i : i + chunk], split.y[i : i + chunk], split.ids[i : i + chunk])
+        yield eval_windows(part, n_frames, n_windows)
+
+
 @torch.no_grad()
 def predict(model: DownstreamModel, split: Split, task: TaskSpec, target: TargetScale, n_frames: int,
             n_windows: int, chunk: int = 32) -> np.ndarray:  # fmt: skip
@@ -81,9 +89,7 @@ def predict(model: DownstreamModel, split: Split, task: TaskSpec, target: Target
     model.eval()
     device = next(model.parameters()).device
     out = []
-    for i in range(0, len(split), chunk):
-        part = Split(split.series[i : i + chunk], split.y[i : i + chunk], split.ids[i : i + chunk])
-        x = eval_windows(part, n_frames, n_windows)  # (n, W, R, T)
+    for x in window_chunks(split, n_frames, n_windows, chunk):  # (n, W, R, T)
         n, w = x.shape[:2]
         y = model(x.reshape(n * w, *x.shape[2:]).to(device)).float().reshape(n, w, -1)  # (n, W, C)
         if task.kind == "classification":

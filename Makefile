@@ -23,9 +23,8 @@ $(BIN)/brainjepa: pyproject.toml
 setup: $(BIN)/brainjepa
 
 demo: setup
-	$(BIN)/brainjepa-server simulate --sites 3 --rounds 3
-	$(BIN)/brainjepa synth --out data/demo-eval --sites 3 --subjects 36 --rois 100 --duration 300 \
-		--split 0.6 0.2 0.2 --seed 1 --no-progress
+	$(BIN)/brainjepa-server simulate --sites 3 --subjects 150 --rounds 80 --local-steps 25 \
+		--run-config n-rois=50 --run-config n-frames=64 --run-config batch-size=16
 	$(BIN)/brainjepa evaluate --protocol configs/protocols/demo.yaml --out-dir runs/demo-eval \
 		--checkpoint "$$(ls -td runs/federated/*-run*/ | head -1)checkpoint.pt"
 
@@ -42,4 +41,4 @@ bench: setup
 	$(BIN)/brainjepa bench --size tiny --size base --batch 1 --steps 2
 
 clean:
-	rm -rf runs data/demo data/demo-eval
+	rm -rf runs data/demo

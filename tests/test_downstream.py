@@ -230,7 +230,7 @@ def test_solved_probe_is_a_converged_regression_with_its_strength_chosen_on_vali
         with torch.no_grad():
             out = res.model.eval()(windows).double().numpy()
         if task is SEX:
-            want = LogisticRegression(C=c, max_iter=2000).fit(z, y).predict_proba(z)
+            want = LogisticRegression(C=c, max_iter=2000, class_weight="balanced").fit(z, y).predict_proba(z)
             np.testing.assert_allclose(torch.from_numpy(out).softmax(-1).numpy(), want, atol=1e-4)
         else:
             scale = (train.y.mean(), train.y.std())

@@ -70,7 +70,7 @@ def make_fc_pipeline(kind: str, strength: float, seed: int, n_components: int | 
     if n_components is not None:
         steps.append(("pca", PCA(n_components=n_components, random_state=seed)))
     if kind == "classification":
-        steps.append(("model", LogisticRegression(C=strength, max_iter=5000, random_state=seed)))
+        steps.append(("model", LogisticRegression(C=strength, max_iter=5000, random_state=seed, class_weight="balanced")))
     elif kind == "regression":
         steps.append(("model", Ridge(alpha=strength, random_state=seed)))
     else:

@@ -213,7 +213,7 @@ def solve_probe(model: DownstreamModel, sites: list[LabelledSite], target: Targe
             bias[int(y[0])] = 10.0
             loss = 0.0
         else:
-            clf = LogisticRegression(C=c, max_iter=2000).fit(z, y)
+            clf = LogisticRegression(C=c, max_iter=2000, class_weight="balanced").fit(z, y)
             rows = clf.classes_.astype(int)
             if len(rows) == 2:  # one logit difference: softmax([0, w.z + b]) is its sigmoid
                 weight[rows[1]], bias[rows[1]] = clf.coef_[0], clf.intercept_[0]

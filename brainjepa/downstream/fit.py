@@ -218,8 +218,7 @@ def solve_probe(model: DownstreamModel, sites: list[LabelledSite], target: Targe
             if len(rows) == 2:  # one logit difference: softmax([0, w.z + b]) is its sigmoid
                 weight[rows[1]], bias[rows[1]] = clf.coef_[0], clf.intercept_[0]
                 bias[np.setdiff1d(np.arange(task.n_outputs), rows)] = -30.0  # classes absent in training
-            else:
-                weight[:] = 0.0
+            else:  # one logit per class seen in training; absent classes get -30
                 bias[:] = -30.0
                 weight[rows], bias[rows] = clf.coef_, clf.intercept_
             loss = float(log_loss(y, clf.predict_proba(z), labels=clf.classes_))

@@ -206,9 +206,10 @@ def solve_probe(model: DownstreamModel, sites: list[LabelledSite], target: Targe
         weight = np.zeros((task.n_outputs, z.shape[1]))
         bias = np.zeros(task.n_outputs)
         if task.kind == "regression":
-            reg = Ridge(alpha=1.0 / c).fit(z, (y - target.center) / target.scale)
+            scaled = (y - target.center) / target.scale
+            reg = Ridge(alpha=1.0 / c).fit(z, scaled)
             weight[0], bias[0] = reg.coef_, reg.intercept_
-            loss = float(np.mean((reg.predict(z) - (y - target.center) / target.scale) ** 2))
+            loss = float(np.mean((reg.predict(z) - scaled) ** 2))
         elif len(np.unique(y)) < 2:  # one class in training: predict it
             bias[int(y[0])] = 10.0
             loss = 0.0

@@ -164,6 +164,30 @@ def test_evaluate_runs_a_protocol_and_writes_the_tables(tmp_path: Path, world) -
     assert list((tmp_path / "out").glob("*.png"))
 
 
+def test_a_test_only_site_is_scored_on_all_its_subjects_and_cannot_train(tmp_path: Path, world) -> None:
+    """An external cohort (`split: {train: 0, val: 0, test: 1}`) is tested on every subject, its scaling
+    fitted on its own scans; used as a fine-tuning site it is refused, naming its YAML."""
+    _, yamls, ckpt = world
+    cfg = yaml.safe_load(yamls[2].read_text())
+    cfg["split"] = {"train": 0.0, "val": 0.0, "test": 1.0, "seed": 0}
+    external = yamls[2].parent / "test_only.yaml"
+    external.write_text(yaml.safe_dump(cfg))
+    n_subjects = len(load_site_series(load_site_config(external)).series)
+    site = load_labelled_site(load_site_config(external), SEX, 2.205, 32, "centered", training=False)
+    assert (len(site.train), len(site.val), len(site.test)) == (0, 0, n_subjects)
+    assert site.scaling is not None  # fitted on the site's own (label-free) scans
+    sites = [{"name": y.parent.name, "config": str(y)} for y in yamls[:2]] + [{"name": "site_c", "config": str(external)}]
+    path = _protocol(tmp_path, yamls, ckpt, sites=sites, methods=["probe", "fc"])
+    res = CliRunner().invoke(app, ["evaluate", "--protocol", str(path), "--out-dir", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    rows = [r.split(",") for r in (tmp_path / "out" / "results.csv").read_text().splitlines()]
+    n_col, site_col = rows[0].index("n"), rows[0].index("site")
+    assert {float(r[n_col]) for r in rows[1:] if r[site_col] == "all"} == {float(n_subjects)}
+    with pytest.raises(DataError, match="no scan in the training split") as e:
+        load_labelled_site(load_site_config(external), SEX, 2.205, 32, "centered")
+    assert str(external) in str(e.value)
+
+
 def test_roi_std_pooling_keeps_a_per_roi_amplitude_that_the_mean_loses() -> None:
     """Two classes differ only in one ROI's amplitude (plus random per-scan offsets): a linear read-out
     of a random backbone's roi_std features separates them, its mean-pooled features (the reference)

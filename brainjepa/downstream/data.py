@@ -7,6 +7,8 @@ order, so every site agrees on what class 1 is; regression keeps finite values. 
 label are dropped and counted. Scaling: the site's own robust statistics from its training split (the
 same recipe as pretraining, `sites.scaling`), applied to all three splits; the statistics never leave;
 the scaled training split's typical spread is logged (a warning naming the site when far from 1).
+A test-only site (an external validation cohort, `split: {train: 0, val: 0, test: 1}`; `training=False`)
+takes its scaling statistics from all its scans: they are label-free, and it has no training split.
 Missing ROIs (`preprocess.missing_rois: mask`) stay NaN rows: the model fills them and pools without them.
 """
 
@@ -84,13 +86,23 @@ def _as_text(v: object) -> str:
 
 
 def load_labelled_site(site: SiteConfig, task: TaskSpec, model_tr: float, n_frames: int,
-                       scaling: str = "robust") -> LabelledSite:  # fmt: skip
+                       scaling: str = "robust", training: bool = True) -> LabelledSite:  # fmt: skip
+    """`training`: whether the site trains (fine-tuning, probes, FC). A site that only tests may have no
+    training scans; its scaling is then fitted on all of its scans (label-free statistics)."""
     series = load_site_series(site, model_tr, min_frames=n_frames)
     parts = read_site_participants(site, (task.column,))  # participants.runs: one row per run
     by_id = dict(zip(parts.ids, parts.column(task.column), strict=True))
     y_all = encode_labels(np.array([by_id[s] for s in series.subject_ids], dtype=object), task)
     usable = y_all >= 0 if task.kind == "classification" else np.isfinite(y_all)
     train_idx = np.flatnonzero(series.splits == "train")
+    test_only = len(train_idx) == 0
+    if test_only and training:
+        raise DataError(f"{where(site.source)}: 'split' puts no scan in the training split, but the site trains "
+                        f"(task '{task.name}'); a test-only site can only be tested on")  # fmt: skip
+    if test_only:
+        log.info("site %s: no training scans (test only): scaling statistics from all %d of its scans",
+                 site.site, len(series.series))  # fmt: skip
+        train_idx = np.arange(len(series.series))
     fitted = fit_method([series.series[i] for i in train_idx], scaling, str(site.source))
     splits = {}
     for name in SPLITS:
@@ -103,6 +115,9 @@ def load_labelled_site(site: SiteConfig, task: TaskSpec, model_tr: float, n_fram
     if dropped:
         log.info("site %s, task %s: %d scan(s) without a usable '%s' value left out", site.site, task.name,
                  dropped, task.column)  # fmt: skip
+    if test_only:
+        check_spread(splits["test"].series, str(site.source), scaling)
+        return LabelledSite(site.site, task, splits, fitted, dropped)
     if len(splits["train"]) == 0:
         raise DataError(f"{where(site.source)}: no training scan has a usable '{task.column}' value for task "
                         f"'{task.name}' (classes {list(task.classes)})")  # fmt: skip

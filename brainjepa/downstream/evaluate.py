@@ -105,7 +105,7 @@ def run_protocol(p: Protocol, out_dir: Path, progress: bool = True, device: str 
         shape = backbones[None] if backbones else _shape_only(p, exp, out_dir, progress)
         n_frames, (model_tr, scaling) = shape.model.n_frames, _pretrain_data(p)
         for task in p.tasks:
-            data = {s: load_labelled_site(p.site_config(s), task, model_tr, n_frames, scaling)
+            data = {s: load_labelled_site(p.site_config(s), task, model_tr, n_frames, scaling, training=s in exp.finetune)
                     for s in {*exp.finetune, *exp.test}}  # fmt: skip
             fts, tests = [data[s] for s in exp.finetune], [data[s] for s in exp.test]
             modes = list(p.training) if len(fts) > 1 else ["centralized"]

@@ -115,13 +115,11 @@ def load_labelled_site(site: SiteConfig, task: TaskSpec, model_tr: float, n_fram
     if dropped:
         log.info("site %s, task %s: %d scan(s) without a usable '%s' value left out", site.site, task.name,
                  dropped, task.column)  # fmt: skip
-    if test_only:
-        check_spread(splits["test"].series, str(site.source), scaling)
-        return LabelledSite(site.site, task, splits, fitted, dropped)
-    if len(splits["train"]) == 0:
+    if not test_only and len(splits["train"]) == 0:
         raise DataError(f"{where(site.source)}: no training scan has a usable '{task.column}' value for task "
                         f"'{task.name}' (classes {list(task.classes)})")  # fmt: skip
-    check_spread(splits["train"].series, str(site.source), scaling)  # what the model sees: logged, far from 1 warned
+    seen = splits["test" if test_only else "train"].series
+    check_spread(seen, str(site.source), scaling)  # what the model sees: logged, far from 1 warned
     return LabelledSite(site.site, task, splits, fitted, dropped)
 
 

@@ -178,17 +178,33 @@ def _toy(n: int, rng: np.random.Generator, r: np.ndarray) -> np.ndarray:
     return fc_features(list(x))
 
 
-def test_fc_baseline_separates_and_selects_on_validation() -> None:
+def test_fc_baseline_separates_and_selects_by_cross_validation_or_on_validation() -> None:
+    """Default `select="cv"`: the strength with the best mean balanced accuracy over 5 stratified folds of
+    the training subjects (recomputed here with scikit-learn), refitted on all of them; "validation": the
+    best on the validation split."""
+    from sklearn.model_selection import StratifiedKFold
+
     rng = np.random.default_rng(0)
     y = {k: rng.integers(0, 2, size=n) for k, n in (("train", 80), ("val", 40), ("test", 60))}
     X = {k: _toy(len(v), rng, 0.5 * v) for k, v in y.items()}
+    grid = FC_GRID["classification"]
     est = fit_fc_baseline(X["train"], y["train"], X["val"], y["val"], "classification", seed=0)
     test = classification_metrics(y["test"], predict_scores(est, X["test"], "classification", 2), 2)
     assert test["balanced_acc"] > 0.9
+    folds = list(StratifiedKFold(5, shuffle=True, random_state=0).split(X["train"], y["train"]))
+    cv = [np.mean([balanced_accuracy_score(y["train"][te], make_fc_pipeline("classification", c, 0)
+                                           .fit(X["train"][tr], y["train"][tr]).predict(X["train"][te]))
+                   for tr, te in folds]) for c in grid]  # fmt: skip
+    assert regularisation_strength(est) == grid[int(np.argmax(cv))]
+    np.testing.assert_allclose(est.named_steps["model"].coef_, make_fc_pipeline("classification", grid[int(
+        np.argmax(cv))], 0).fit(X["train"], y["train"]).named_steps["model"].coef_)  # refitted on all training
+    on_val = fit_fc_baseline(X["train"], y["train"], X["val"], y["val"], "classification", seed=0, select="validation")
     val = [balanced_accuracy_score(y["val"], make_fc_pipeline("classification", c, 0)
                                    .fit(X["train"], y["train"]).predict(X["val"]))
-           for c in FC_GRID["classification"]]  # fmt: skip
-    assert regularisation_strength(est) == FC_GRID["classification"][int(np.argmax(val))]
+           for c in grid]  # fmt: skip
+    assert regularisation_strength(on_val) == grid[int(np.argmax(val))]
+    with pytest.raises(ValueError, match="select must be"):
+        fit_fc_baseline(X["train"], y["train"], X["val"], y["val"], "classification", seed=0, select="test")
 
 
 def test_fc_regression_baseline_and_padded_scores() -> None:

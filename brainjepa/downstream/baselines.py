@@ -5,8 +5,10 @@ Model: StandardScaler (+ optional PCA) then LogisticRegression (classification) 
 scikit-learn Pipeline. Missing ROIs (NaN rows, `sites.missing`): a scan's pairs with a missing ROI are NaN
 features, imputed by the training split's mean of that pair over the scans holding both ROIs (pairwise-
 complete FC, scikit-learn's SimpleImputer as the pipeline's first step). The regularisation strength is
-chosen on the validation split's primary metric (balanced accuracy / MSE); every candidate is fitted on
-the training split only, and the test split is never seen here.
+chosen by 5-fold cross-validation over the training split (`select="cv"`, the default,
+`brainjepa.downstream.selection`) or on the validation split (`select="validation"`), by the primary metric
+(balanced accuracy / MSE); the chosen one is refitted on the training split, and the test split is never
+seen here.
 """
 
 from __future__ import annotations
@@ -21,15 +23,16 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from brainjepa.downstream.metrics import PRIMARY, classification_metrics, is_better, regression_metrics
+from brainjepa.downstream.metrics import PRIMARY, classification_metrics, regression_metrics
+from brainjepa.downstream.selection import best_index, cv_scores
 
 log = logging.getLogger(__name__)
 
 Z_CLIP = 0.999999  # |r| clip before arctanh, so that r = +-1 gives a finite z
 # Candidate C (LogisticRegression, inverse strength) and alpha (Ridge, strength) per task kind.
 FC_GRID: dict[str, tuple[float, ...]] = {
-    "classification": tuple(np.logspace(-3, 2, 6).tolist()),
-    "regression": tuple(np.logspace(-1, 4, 6).tolist()),
+    "classification": tuple(np.logspace(-4, 3, 8).tolist()),
+    "regression": tuple(np.logspace(-2, 5, 8).tolist()),
 }
 PCA_MAX = 64
 
@@ -91,9 +94,11 @@ def _check_xy(name: str, X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.n
 
 def fit_fc_baseline(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
                     kind: str, seed: int, *, pca: bool = False,
-                    grid: Sequence[float] | None = None) -> Pipeline:  # fmt: skip
-    """Fit one pipeline per strength of grid (default FC_GRID[kind]) on the training split, score each on
-    the validation split's primary metric, and return the best one (ties: the first in grid order).
+                    grid: Sequence[float] | None = None, select: str = "cv") -> Pipeline:  # fmt: skip
+    """The pipeline with the best strength of grid (default FC_GRID[kind]) fitted on the training split.
+    select="cv": each strength scored by 5-fold cross-validation over the training subjects; "validation":
+    each fitted on the training split and scored on the validation split's primary metric (ties: the
+    first in grid order).
 
     X_* (N, F) features (e.g. `fc_features`); y_* (N,) class indices or targets. pca: reduce to
     min(PCA_MAX, n_train - 1, F) components after scaling.
@@ -112,7 +117,20 @@ def fit_fc_baseline(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray,
             raise ValueError(f"training split holds a single class ({np.unique(y_train).tolist()})")
         n_classes = int(max(y_train.max(), y_val.max())) + 1
     n_components = min(PCA_MAX, X_train.shape[0] - 1, X_train.shape[1]) if pca else None
-    best, best_score = None, None
+    if select == "cv":
+        def fit_predict(strength: float, x_fit: np.ndarray, y_fit: np.ndarray, x_test: np.ndarray) -> np.ndarray:
+            est = make_fc_pipeline(kind, strength, seed, n_components).fit(x_fit, y_fit)
+            return predict_scores(est, x_test, kind, n_classes)
+
+        scores = cv_scores(fit_predict, X_train, y_train, np.arange(len(y_train)), kind, grid, seed, n_classes)
+        chosen = best_index(scores, kind, grid, f"FC baseline {kind}")
+        best = make_fc_pipeline(kind, grid[chosen], seed, n_components).fit(X_train, y_train)
+        log.info("FC baseline %s: strength %.3g chosen by %d-subject cross-validation (%s = %.4f)",
+                 kind, grid[chosen], len(y_train), PRIMARY[kind], scores[chosen])  # fmt: skip
+        return best
+    if select != "validation":
+        raise ValueError(f"select must be 'cv' or 'validation', got '{select}'")
+    fitted, scores = [], []
     for strength in grid:
         est = make_fc_pipeline(kind, strength, seed, n_components).fit(X_train, y_train)
         out = predict_scores(est, X_val, kind, n_classes)
@@ -121,11 +139,12 @@ def fit_fc_baseline(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray,
         else:
             score = regression_metrics(y_val, out)[PRIMARY[kind]]
         log.debug("FC baseline %s, strength %.3g: validation %s = %.4f", kind, strength, PRIMARY[kind], score)
-        if best is None or is_better(kind, score, best_score):
-            best, best_score = est, score
+        fitted.append(est)
+        scores.append(score)
+    chosen = best_index(np.array(scores), kind, grid, f"FC baseline {kind}")
     log.info("FC baseline %s: strength %.3g chosen on validation (%s = %.4f)",
-             kind, regularisation_strength(best), PRIMARY[kind], best_score)  # fmt: skip
-    return best
+             kind, grid[chosen], PRIMARY[kind], scores[chosen])  # fmt: skip
+    return fitted[chosen]
 
 
 def regularisation_strength(est: Pipeline) -> float:

@@ -26,9 +26,12 @@ NEURAL_METHODS: tuple[str, ...] = ("finetune", "probe", "scratch", "random_probe
 # std over time of its tokens (R x 2D features: keeps the ROI axis and each ROI's spread over time).
 Pool = Literal["mean", "roi_std"]
 # lbfgs: the probe's head solved on the frozen features (scikit-learn's L2 logistic / ridge regression,
-# its strength chosen on validation); sgd: trained like the other methods (AdamW `steps` at `probe_lr`,
+# its strength chosen by `select`); sgd: trained like the other methods (AdamW `steps` at `probe_lr`,
 # the reference's way; what a federated probe does, FedAvg having no closed form).
 ProbeSolver = Literal["lbfgs", "sgd"]
+# How a solved probe and the FC baseline choose their regularisation strength: cv, 5-fold cross-validation
+# over the training scans (brainjepa.downstream.selection); validation: on the validation split alone.
+Select = Literal["cv", "validation"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class DownstreamConfig:
     seed: int = 0
     pool: Pool = "roi_std"  # per-ROI mean + std over time of the tokens; mean: the reference (all tokens)
     probe_solver: ProbeSolver = "lbfgs"  # probes trained centrally / locally; federated probes always use sgd
+    select: Select = "cv"  # the solved probe's and the FC baseline's strength; validation: the earlier rule
 
     def __post_init__(self) -> None:
         check_choices(self, "downstream")

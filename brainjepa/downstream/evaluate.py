@@ -74,12 +74,13 @@ def pretrained_backbone(p: Protocol, exp: Experiment, ablation: Ablation | None,
     return load_backbone(ckpt)
 
 
-def _fc_rows(task: TaskSpec, fts: list[LabelledSite], tests: list[LabelledSite], seed: int) -> list[tuple[str, dict]]:
+def _fc_rows(task: TaskSpec, fts: list[LabelledSite], tests: list[LabelledSite], seed: int,
+             select: str) -> list[tuple[str, dict]]:  # fmt: skip
     """Connectivity + logistic / ridge regression: fitted on the pooled fine-tuning scans, C / alpha chosen
     on their validation scans; (test site, metrics) per test site."""
     tr, va = pooled(fts, "train"), pooled(fts, "val")
     est = baselines.fit_fc_baseline(baselines.fc_features(tr.series), tr.y, baselines.fc_features(va.series), va.y,
-                                    task.kind, seed)  # fmt: skip
+                                    task.kind, seed, select=select)  # fmt: skip
     out = []
     for t in tests:
         scores = baselines.predict_scores(est, baselines.fc_features(t.test.series), task.kind, task.n_outputs)
@@ -117,7 +118,7 @@ def run_protocol(p: Protocol, out_dir: Path, progress: bool = True, device: str 
                 base = {"experiment": exp.name, "method": name, "training": mode, "task": task.name, "seed": seed}
                 if method == "fc":
                     rows += [{**base, "site": s, "trained_on": "+".join(exp.finetune), **m}
-                             for s, m in _with_all(_fc_rows(task, fts, tests, seed), tests, task.kind)]  # fmt: skip
+                             for s, m in _with_all(_fc_rows(task, fts, tests, seed, p.recipe.select), tests, task.kind)]  # fmt: skip
                     continue
                 recipe = dataclasses.replace(p.recipe, method=method, seed=seed)
                 backbone = backbones.get(variant, shape)

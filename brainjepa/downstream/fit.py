@@ -7,12 +7,13 @@
   optimizer steps on its own scans (a fresh AdamW whose schedule position is the round's global step;
   `site_round`, also what the Flower ClientApp runs), and the global weights become the scan-weighted
   mean of the sites' (`brainjepa.federation.averaging.RunningMean`, also the coordinator's).
-Model selection on validation only: every `eval_every` steps (federated: at the round that reaches
+Model selection never touches the test split: every `eval_every` steps (federated: at the round that reaches
 them) the model is scored on each site's validation split; the scan-weighted mean of the primary
 metric picks the weights that are kept. The test split is not touched here.
 - Probes (`probe`, `random_probe`) trained centrally or locally are solved rather than trained
   (`solve_probe`, recipe `probe_solver: lbfgs`, the default): a converged L2 logistic / ridge regression on
-  the frozen features, its strength chosen on validation. `probe_solver: sgd` trains them like the rest.
+  the frozen features, its strength chosen by cross-validation over the training scans (recipe
+  `select: cv`) or on validation (`select: validation`). `probe_solver: sgd` trains them like the rest.
 """
 
 from __future__ import annotations
@@ -163,7 +164,9 @@ def _federated_round(model: DownstreamModel, sites: list[LabelledSite], target: 
     return float(np.mean(losses))
 
 
-PROBE_STRENGTHS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # inverse L2 strength C (logistic); ridge alpha = 1 / C
+# inverse L2 strength C (logistic); ridge alpha = 1 / C. Wide: a random backbone's features and a
+# pretrained one's want strengths 1e6 apart on the harness (docs/results.md, section 7).
+PROBE_STRENGTHS = tuple(float(c) for c in np.logspace(-4, 3, 8))
 
 
 @torch.no_grad()
@@ -183,16 +186,18 @@ def window_features(model: DownstreamModel, split: Split, n_frames: int, n_windo
 def solve_probe(model: DownstreamModel, sites: list[LabelledSite], target: TargetScale, n_frames: int) -> FitResult:
     """The probe's head solved on frozen features: its BatchNorm takes the training features' mean and
     variance, the Linear layer an L2-regularised logistic regression (classification) or ridge regression
-    (regression, on the scaled target) fitted with scikit-learn on every training window; the strength is
-    chosen on validation through the same `validate` as the trained methods (history: one row per
-    candidate, step = its index)."""
-    from sklearn.linear_model import LogisticRegression, Ridge
-    from sklearn.metrics import log_loss
+    (regression, on the scaled target) fitted with scikit-learn on every training window. The strength
+    (PROBE_STRENGTHS) is chosen by 5-fold cross-validation over the training scans (recipe `select: cv`,
+    `brainjepa.downstream.selection`) or on the validation split (`select: validation`, through the same
+    `validate` as the trained methods). history: one row per candidate (its index, its training loss
+    (validation rule; NaN under cv), its cross-validated or validation primary metric)."""
+    from brainjepa.downstream.selection import best_index, cv_scores
 
     task, recipe = sites[0].task, model.recipe
     train = pooled(sites, "train")
-    x = window_features(model, train, n_frames, recipe.eval_windows)  # (N * W, F)
-    y = np.repeat(train.y, recipe.eval_windows)  # (N * W,)
+    w = recipe.eval_windows
+    x = window_features(model, train, n_frames, w)  # (N * W, F)
+    y = np.repeat(train.y, w)  # (N * W,)
     norm, linear = model.head
     mean, var = x.mean(0), x.var(0)
     with torch.no_grad():
@@ -200,38 +205,73 @@ def solve_probe(model: DownstreamModel, sites: list[LabelledSite], target: Targe
         norm.running_var.copy_(torch.from_numpy(var))
     z = (x - mean) / np.sqrt(var + norm.eps)  # what the BatchNorm gives in eval mode
     primary = PRIMARY[task.kind]
-    best: tuple[dict, dict, int] | None = None
-    history: list[tuple[int, float, float]] = []
-    for i, c in enumerate(PROBE_STRENGTHS):
-        weight = np.zeros((task.n_outputs, z.shape[1]))
-        bias = np.zeros(task.n_outputs)
-        if task.kind == "regression":
-            scaled = (y - target.center) / target.scale
-            reg = Ridge(alpha=1.0 / c).fit(z, scaled)
-            weight[0], bias[0] = reg.coef_, reg.intercept_
-            loss = float(np.mean((reg.predict(z) - scaled) ** 2))
-        elif len(np.unique(y)) < 2:  # one class in training: predict it
-            bias[int(y[0])] = 10.0
-            loss = 0.0
-        else:
-            clf = LogisticRegression(C=c, max_iter=2000, class_weight="balanced").fit(z, y)
-            rows = clf.classes_.astype(int)
-            if len(rows) == 2:  # one logit difference: softmax([0, w.z + b]) is its sigmoid
-                weight[rows[1]], bias[rows[1]] = clf.coef_[0], clf.intercept_[0]
-                bias[np.setdiff1d(np.arange(task.n_outputs), rows)] = -30.0  # classes absent in training
-            else:  # one logit per class seen in training; absent classes get -30
-                bias[:] = -30.0
-                weight[rows], bias[rows] = clf.coef_, clf.intercept_
-            loss = float(log_loss(y, clf.predict_proba(z), labels=clf.classes_))
+    what = f"{recipe.method} {task.name}"
+
+    def install(c: float) -> float:
+        weight, bias, loss = _solved_head(task, c, z, y, target)
         with torch.no_grad():
             linear.weight.copy_(torch.from_numpy(weight))
             linear.bias.copy_(torch.from_numpy(bias))
+        return loss
+
+    if recipe.select == "cv":
+        def fit_predict(c: float, z_fit: np.ndarray, y_fit: np.ndarray, z_test: np.ndarray) -> np.ndarray:
+            weight, bias, _ = _solved_head(task, c, z_fit, y_fit, target)
+            out = z_test @ weight.T + bias  # (m, n_outputs)
+            if task.kind == "regression":
+                return out[:, 0] * target.scale + target.center  # (m,)
+            e = np.exp(out - out.max(1, keepdims=True))
+            return e / e.sum(1, keepdims=True)  # (m, C)
+
+        scan = np.repeat(np.arange(len(train)), w)  # (N * W,) each window's scan
+        scores = cv_scores(fit_predict, z, y, scan, task.kind, PROBE_STRENGTHS, recipe.seed, task.n_outputs)
+        chosen = best_index(scores, task.kind, PROBE_STRENGTHS, what)
+        install(PROBE_STRENGTHS[chosen])
         val = validate(model, sites, target, n_frames)
-        history.append((i, loss, val[primary]))
-        if best is None or is_better(task.kind, val[primary], best[1][primary]):
-            best = (copy.deepcopy(model.state_dict()), val, i)
-    assert best is not None
-    model.load_state_dict(best[0])
-    log.info("%s %s: probe solved on %d windows x %d features, C = %g chosen on validation (%s %.3f)",
-             recipe.method, task.name, z.shape[0], z.shape[1], PROBE_STRENGTHS[best[2]], primary, best[1][primary])  # fmt: skip
-    return FitResult(model, target, best[2], best[1], history)
+        history = [(i, float("nan"), float(s)) for i, s in enumerate(scores)]
+        rule = f"by {len(train)}-scan cross-validation ({primary} {scores[chosen]:.3f})"
+    else:
+        best: tuple[dict, dict, int] | None = None
+        history = []
+        for i, c in enumerate(PROBE_STRENGTHS):
+            loss = install(c)
+            cand = validate(model, sites, target, n_frames)
+            history.append((i, loss, cand[primary]))
+            if best is None or is_better(task.kind, cand[primary], best[1][primary]):
+                best = (copy.deepcopy(model.state_dict()), cand, i)
+        assert best is not None
+        model.load_state_dict(best[0])
+        _, val, chosen = best
+        best_index(np.array([h[2] for h in history]), task.kind, PROBE_STRENGTHS, what)  # the grid-end warning
+        rule = f"on validation ({primary} {val[primary]:.3f})"
+    log.info("%s: probe solved on %d windows x %d features, C = %g chosen %s", what, z.shape[0], z.shape[1],
+             PROBE_STRENGTHS[chosen], rule)  # fmt: skip
+    return FitResult(model, target, chosen, val, history)
+
+
+def _solved_head(task: TaskSpec, c: float, z: np.ndarray, y: np.ndarray,
+                 target: TargetScale) -> tuple[np.ndarray, np.ndarray, float]:  # fmt: skip
+    """(weight (n_outputs, F), bias (n_outputs,), training loss) of the L2 logistic (C = c) or ridge
+    (alpha = 1 / c, on the scaled target) regression of y on the standardised features z (M, F)."""
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.metrics import log_loss
+
+    weight = np.zeros((task.n_outputs, z.shape[1]))
+    bias = np.zeros(task.n_outputs)
+    if task.kind == "regression":
+        scaled = (y - target.center) / target.scale
+        reg = Ridge(alpha=1.0 / c).fit(z, scaled)
+        weight[0], bias[0] = reg.coef_, reg.intercept_
+        return weight, bias, float(np.mean((reg.predict(z) - scaled) ** 2))
+    if len(np.unique(y)) < 2:  # one class in training: predict it
+        bias[int(y[0])] = 10.0
+        return weight, bias, 0.0
+    clf = LogisticRegression(C=c, max_iter=2000, class_weight="balanced").fit(z, y)
+    rows = clf.classes_.astype(int)
+    if len(rows) == 2:  # one logit difference: softmax([0, w.z + b]) is its sigmoid
+        weight[rows[1]], bias[rows[1]] = clf.coef_[0], clf.intercept_[0]
+        bias[np.setdiff1d(np.arange(task.n_outputs), rows)] = -30.0  # classes absent in training
+    else:  # one logit per class seen in training; absent classes get -30
+        bias[:] = -30.0
+        weight[rows], bias[rows] = clf.coef_, clf.intercept_
+    return weight, bias, float(log_loss(y, clf.predict_proba(z), labels=clf.classes_))

@@ -225,10 +225,11 @@ def test_roi_std_pooling_keeps_a_per_roi_amplitude_that_the_mean_loses() -> None
     assert ft(xm).shape == (2, 2) and torch.isfinite(ft(xm)).all()
 
 
-def test_solved_probe_is_a_converged_regression_with_its_strength_chosen_on_validation(world) -> None:
+def test_solved_probe_is_a_converged_regression_with_its_strength_chosen_by_cross_validation(world) -> None:
     """`probe_solver: lbfgs` (default): the head holds scikit-learn's logistic / ridge solution on the
-    standardised frozen features of every training window, the strength picked by validation; the
-    backbone is untouched; `sgd` still trains it step by step."""
+    standardised frozen features of every training window, the strength the best of its cross-validated
+    scores (`select: cv`) or of its validation scores (`select: validation`); the backbone is untouched;
+    `sgd` still trains it step by step."""
     from sklearn.linear_model import LogisticRegression, Ridge
 
     from brainjepa.downstream.data import eval_windows
@@ -260,6 +261,11 @@ def test_solved_probe_is_a_converged_regression_with_its_strength_chosen_on_vali
             scale = (train.y.mean(), train.y.std())
             want = Ridge(alpha=1.0 / c).fit(z, (y - scale[0]) / scale[1]).predict(z)
             np.testing.assert_allclose(out[:, 0], want, atol=1e-4)
+    sex_sites = [load_labelled_site(load_site_config(y), SEX, 2.205, 32) for y in yamls[:2]]
+    on_val = fit(bb, SEX, DownstreamConfig(method="probe", eval_windows=2, select="validation"), sex_sites, "centralized")
+    vals = [h[2] for h in on_val.history]
+    assert on_val.best_step == int(np.argmax(vals)) and on_val.val["balanced_acc"] == max(vals)
+    assert all(h[1] == h[1] for h in on_val.history)  # the validation rule records each candidate's training loss
     sgd = fit(bb, SEX, DownstreamConfig(method="probe", probe_solver="sgd", steps=4, batch_size=4, eval_every=2),
               [load_labelled_site(load_site_config(yamls[0]), SEX, 2.205, 32)], "local")  # fmt: skip
     assert [h[0] for h in sgd.history] == [2, 4]

@@ -217,3 +217,45 @@ def test_fc_regression_baseline_and_padded_scores() -> None:
     clf = fit_fc_baseline(X["train"], y, X["val"], np.zeros(30, dtype=int), "classification", seed=0)
     s = predict_scores(clf, X["test"], "classification", n_classes=3)
     assert s.shape == (30, 3) and np.all(s[:, 1] == 0) and np.allclose(s.sum(1), 1)
+
+
+def test_fc_baseline_falls_back_to_validation_when_folds_are_impossible(caplog) -> None:
+    """A class with a single training subject cannot be stratified into 2 folds: the strength is chosen on
+    validation, with a warning, instead of failing."""
+    rng = np.random.default_rng(3)
+    y_tr = np.array([0] * 20 + [1] * 20 + [2])
+    y_va = rng.integers(0, 3, size=30)
+    X_tr, X_va = _toy(len(y_tr), rng, 0.5 * y_tr), _toy(len(y_va), rng, 0.5 * y_va)
+    with caplog.at_level("WARNING"):
+        est = fit_fc_baseline(X_tr, y_tr, X_va, y_va, "classification", seed=0)
+    assert "cannot make 2 folds" in caplog.text
+    on_val = fit_fc_baseline(X_tr, y_tr, X_va, y_va, "classification", seed=0, select="validation")
+    assert regularisation_strength(est) == regularisation_strength(on_val)
+
+
+def test_cross_validation_keeps_a_scans_windows_in_one_fold_and_averages_them() -> None:
+    """Every scan is tested exactly once per strength, all its windows in the same fold and none of them
+    in that fold's training rows; the score is the balanced accuracy of the windows' mean prediction."""
+    from brainjepa.downstream.selection import cv_scores
+
+    rng = np.random.default_rng(5)
+    n_scans, w = 30, 3
+    y_scan = np.arange(n_scans) % 2
+    scan = np.repeat(np.arange(n_scans), w)  # (90,)
+    x = np.column_stack([scan, rng.normal(size=scan.size)]).astype(np.float64)  # column 0 names the scan
+    tested: list[int] = []
+
+    def fit_predict(strength: float, x_fit: np.ndarray, y_fit: np.ndarray, x_test: np.ndarray) -> np.ndarray:
+        fit_scans, test_scans = set(x_fit[:, 0].astype(int)), x_test[:, 0].astype(int)
+        assert not fit_scans & set(test_scans.tolist())
+        assert np.all(np.bincount(test_scans)[np.unique(test_scans)] == w)  # all windows of a scan together
+        tested.extend(np.unique(test_scans).tolist())
+        # window 0 of every scan votes for the wrong class, windows 1-2 for the right one: the mean is right
+        truth = y_scan[test_scans]
+        first = np.r_[True, test_scans[1:] != test_scans[:-1]]
+        p1 = np.where(first, 1.0 - truth, 0.8 * truth + 0.1)
+        return np.column_stack([1 - p1, p1])
+
+    scores = cv_scores(fit_predict, x, np.repeat(y_scan, w), scan, "classification", [1.0, 2.0], seed=0, n_classes=2)
+    assert sorted(tested) == sorted(list(range(n_scans)) * 2)
+    np.testing.assert_allclose(scores, [1.0, 1.0])

@@ -24,7 +24,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from brainjepa.downstream.metrics import PRIMARY, classification_metrics, regression_metrics
-from brainjepa.downstream.selection import best_index, cv_scores
+from brainjepa.downstream.selection import best_index, can_cross_validate, cv_scores
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,10 @@ def fit_fc_baseline(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray,
             raise ValueError(f"training split holds a single class ({np.unique(y_train).tolist()})")
         n_classes = int(max(y_train.max(), y_val.max())) + 1
     n_components = min(PCA_MAX, X_train.shape[0] - 1, X_train.shape[1]) if pca else None
+    if select == "cv" and not can_cross_validate(y_train, kind):
+        log.warning("FC baseline %s: the training subjects cannot make 2 folds (a class with one subject): "
+                    "strength chosen on validation", kind)  # fmt: skip
+        select = "validation"
     if select == "cv":
         def fit_predict(strength: float, x_fit: np.ndarray, y_fit: np.ndarray, x_test: np.ndarray) -> np.ndarray:
             est = make_fc_pipeline(kind, strength, seed, n_components).fit(x_fit, y_fit)

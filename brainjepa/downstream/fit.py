@@ -191,7 +191,7 @@ def solve_probe(model: DownstreamModel, sites: list[LabelledSite], target: Targe
     `brainjepa.downstream.selection`) or on the validation split (`select: validation`, through the same
     `validate` as the trained methods). history: one row per candidate (its index, its training loss
     (validation rule; NaN under cv), its cross-validated or validation primary metric)."""
-    from brainjepa.downstream.selection import best_index, cv_scores
+    from brainjepa.downstream.selection import best_index, can_cross_validate, cv_scores
 
     task, recipe = sites[0].task, model.recipe
     train = pooled(sites, "train")
@@ -214,7 +214,11 @@ def solve_probe(model: DownstreamModel, sites: list[LabelledSite], target: Targe
             linear.bias.copy_(torch.from_numpy(bias))
         return loss
 
-    if recipe.select == "cv":
+    select = recipe.select
+    if select == "cv" and not can_cross_validate(train.y, task.kind):
+        log.warning("%s: the training scans cannot make 2 folds (a class with one scan): strength chosen on validation", what)
+        select = "validation"
+    if select == "cv":
         def fit_predict(c: float, z_fit: np.ndarray, y_fit: np.ndarray, z_test: np.ndarray) -> np.ndarray:
             weight, bias, _ = _solved_head(task, c, z_fit, y_fit, target)
             out = z_test @ weight.T + bias  # (m, n_outputs)

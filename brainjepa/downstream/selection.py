@@ -7,7 +7,8 @@ at an end of the grid (docs/results.md, section 7). Cross-validation scores ever
 training scan once. Folds split scans, never a scan's windows (its windows are correlated; a scan in two
 folds leaks), stratified by class for classification; a scan's windows are scored by the mean of their
 predictions, as `brainjepa.downstream.train.predict` does. The candidate with the best mean primary metric
-over folds wins (ties: the first in grid order). `select: validation` (recipe) keeps the earlier rule.
+over folds wins (ties: the first in grid order). `select: validation` (recipe) keeps the earlier rule, and
+is what runs (with a warning) when the training scans cannot make 2 folds (a class with one scan).
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ log = logging.getLogger(__name__)
 N_FOLDS = 5
 # fit_predict(strength, x_train, y_train, x_test) -> (n_test, C) class probabilities or (n_test,) values
 FitPredict = Callable[[float, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+def can_cross_validate(y_scan: np.ndarray, kind: str) -> bool:
+    """Whether the scans allow 2 folds: >= 2 scans of each of >= 2 classes (classification), >= 2 scans."""
+    if kind != "classification":
+        return len(y_scan) >= 2
+    counts = np.unique(y_scan, return_counts=True)[1]
+    return counts.size >= 2 and int(counts.min()) >= 2
 
 
 def scan_folds(y_scan: np.ndarray, kind: str, seed: int, n_folds: int = N_FOLDS) -> list[np.ndarray]:

@@ -1,15 +1,13 @@
-"""Issue 12: the cross-cohort table for the current code, from session 4's two runs on the same cached
-backbones (docs/results.md 6a).
+"""Issue 12: one table from two `brainjepa evaluate` runs of a protocol on the same cached backbones: the
+rows of the methods the second run re-ran replace the first run's, the rest are kept (docs/results.md 6c, 7).
 
-- `docs/results/issue12/session4/cross_cohort_unweighted/`: the whole protocol (2 seeds);
-  its fine-tuning and scratch rows do not depend on the probe's solver.
-- `docs/results/issue12/session4/cross_cohort_balanced_probes/`: probe, random-init probe and FC re-run
-  with the class-balanced solver (the current default) on the same cached backbones.
-
-Keeps the first run's rows of the methods the second did not re-run, adds the second's, and writes
+Used where only some methods changed, e.g. the probe / random-init probe / FC rows re-run under a new
+strength-selection rule, while fine-tuning and scratch (unaffected, and the slow part) are kept. Writes
 results.csv / summary.csv / report.md / PNGs with `brainjepa evaluate`'s own report writer.
 
-    .venv/bin/python scripts/experiments/merge_cross_cohort.py --out docs/results/cross_cohort
+    .venv/bin/python scripts/experiments/merge_results.py --protocol configs/protocols/cross_cohort.yaml \
+        --base docs/results/issue12/session4/cross_cohort_unweighted/results.csv \
+        --rerun docs/results/issue12/session4/cross_cohort_balanced_probes/results.csv --out OUT
 """
 
 from __future__ import annotations
@@ -22,9 +20,6 @@ from brainjepa.downstream.evaluate import write_reports
 from brainjepa.downstream.protocol import load_protocol
 from brainjepa.downstream.report import read_csv
 
-ROOT = Path(__file__).resolve().parents[2]
-RUNS = ROOT / "docs/results/issue12/session4"
-
 
 def tidy(v: object) -> object:
     """read_csv gives floats: whole numbers back to int, a missing value back to empty."""
@@ -35,15 +30,17 @@ def tidy(v: object) -> object:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--protocol", type=Path, required=True, help="the protocol YAML both runs used")
+    ap.add_argument("--base", type=Path, required=True, help="results.csv of the whole run")
+    ap.add_argument("--rerun", type=Path, required=True, help="results.csv of the run that re-ran some methods")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    full = read_csv(RUNS / "cross_cohort_unweighted/results.csv")
-    rerun = read_csv(RUNS / "cross_cohort_balanced_probes/results.csv")
+    full, rerun = read_csv(args.base), read_csv(args.rerun)
     replaced = {r["method"] for r in rerun}
     rows = [r for r in full if r["method"] not in replaced] + rerun
     rows = [{k: tidy(v) if k in ("seed", "best_step", "n") else v for k, v in r.items()} for r in rows]
     seeds = tuple(sorted({int(r["seed"]) for r in rows}))
-    p = dataclasses.replace(load_protocol(ROOT / "configs/protocols/cross_cohort.yaml"), seeds=seeds)
+    p = dataclasses.replace(load_protocol(args.protocol), seeds=seeds)
     args.out.mkdir(parents=True, exist_ok=True)
     result = write_reports(p, rows, args.out)
     print(result.markdown)

@@ -161,12 +161,18 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out_dir: str = "runs/pretrain"
     checkpoint_every: int = 50
+    keep_every: int = 0  # also keep checkpoint_STEP.pt every this many steps (features along a run); 0 = latest only
     log_every: int = 1
     activation_checkpointing: bool = False  # recompute block activations in backward (less memory)
     precision: Precision = "auto"
 
     def __post_init__(self) -> None:
         check_choices(self, "train")
+        for name in ("checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: expected >= 1, got {getattr(self, name)}")
+        if self.keep_every < 0:
+            raise ConfigError(f"train.keep_every: expected >= 0 (0 = keep only the latest checkpoint), got {self.keep_every}")
 
 
 ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)

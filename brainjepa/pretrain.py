@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,18 @@ def _open_metrics(path: Path, start: int) -> tuple[object, csv.DictWriter]:
     writer.writeheader()
     writer.writerows(rows)
     return f, writer
+
+
+def keep_copy(ckpt_path: Path, step: int) -> Path:
+    """checkpoint_STEP.pt beside the latest checkpoint: a hard link (the next save renames a new file over
+    checkpoint.pt and leaves this one intact), a copy where the file system has no hard links."""
+    kept = ckpt_path.with_name(f"checkpoint_{step:06d}.pt")
+    kept.unlink(missing_ok=True)
+    try:
+        os.link(ckpt_path, kept)
+    except OSError:
+        shutil.copy2(ckpt_path, kept)
+    return kept
 
 
 def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> PretrainResult:
@@ -123,8 +137,11 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
                 pending.clear()
             if monitor.due(step, last=step == t.steps - 1):
                 monitor.measure(models.target, step)
-            if (step + 1) % t.checkpoint_every == 0 or step == t.steps - 1:
+            keep = t.keep_every > 0 and (step + 1) % t.keep_every == 0
+            if (step + 1) % t.checkpoint_every == 0 or keep or step == t.steps - 1:
                 checkpoint(step + 1)
+            if keep:
+                keep_copy(ckpt_path, step + 1)
     finally:
         f.close()
         bar.close()

@@ -18,6 +18,7 @@ from brainjepa.cli import app
 from brainjepa.config import DataConfig, ModelConfig, OptimConfig, PretrainConfig, TrainConfig
 from brainjepa.jepa import JEPAModels
 from brainjepa.pretrain import pretrain
+from sites.errors import ConfigError
 
 
 def _config(roi_dir: Path, out: Path, steps: int, **train) -> PretrainConfig:
@@ -159,3 +160,18 @@ def test_synth_then_pretrain_end_to_end_from_the_cli(tmp_path: Path) -> None:
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert ckpt["scaling"]["kind"] == "centered_roi_scaling" and len(ckpt["scaling"]["scale"]) == 40  # the default
     assert ckpt["gradients"].shape == (40, 10)
+
+
+def test_keep_every_keeps_the_checkpoints_along_the_run(roi_dir: Path, tmp_path: Path) -> None:
+    """`train.keep_every: 2` leaves checkpoint_000002.pt ... beside the latest: each the run at that step
+    (a later save does not overwrite an earlier kept one), the last equal to checkpoint.pt."""
+    result = pretrain(_config(roi_dir, tmp_path / "run", steps=6, keep_every=2), progress=False)
+    kept = sorted((tmp_path / "run").glob("checkpoint_*.pt"))
+    assert [k.name for k in kept] == ["checkpoint_000002.pt", "checkpoint_000004.pt", "checkpoint_000006.pt"]
+    ckpts = [load_checkpoint(k) for k in kept]
+    assert [c["step"] for c in ckpts] == [2, 4, 6]
+    last = load_checkpoint(result.checkpoint)
+    assert all(torch.equal(ckpts[-1]["models"][k], v) for k, v in last["models"].items())
+    assert not all(torch.equal(ckpts[0]["models"][k], v) for k, v in last["models"].items())  # trained on after step 2
+    with pytest.raises(ConfigError, match="train.keep_every"):
+        TrainConfig(keep_every=-1)

@@ -21,8 +21,9 @@ def evaluate(
 ) -> None:
     """Fine-tune, probe and score a pretrained Brain-JEPA across sites as the protocol says, with the
     baselines beside it (the same ViT from scratch, a probe on random weights, connectivity + logistic /
-    ridge regression), federated vs centralized vs local. Model selection on validation; each test split
-    is scored once per seed. Prints the Markdown table and where the full reports went."""
+    ridge regression), federated vs centralized vs local. Training steps are selected on validation, probe
+    and connectivity strengths by cross-validation over the training scans; each test split is scored
+    once per seed. Prints the Markdown table and where the full reports went."""
     import dataclasses
 
     from brainjepa.downstream.evaluate import run_protocol

@@ -218,6 +218,11 @@ def synth(
         typer.Option(help="Change a generated effect, KEY=VALUE (repeatable; `sites.synth.Effects`), e.g. "
                      "'sex_gain=0.6' 'factor_tau=[1.5, 6]' for the generator before issue 12."),
     ] = [],  # noqa: B006
+    only: Annotated[
+        list[str],
+        typer.Option(help="Write only this site of the cohort (repeatable, e.g. '--sites 5 --only site_d "
+                     "--only site_e': new sites of the same population; a site's files do not depend on the others)."),
+    ] = [],  # noqa: B006
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Generate realistic multi-site ROI-series cohorts (BOLD-like, BrainSpace Schaefer-400 FC driven).
@@ -240,6 +245,7 @@ def synth(
             progress=progress,
             split=split,
             effects=effects_from_pairs(effect),
+            only=tuple(only),
         )
     except InputError as e:
         raise _fail(e) from e

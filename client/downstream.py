@@ -101,7 +101,8 @@ class DownstreamSite:
                                spec.task, spec.round, sampler.sample_rate, spec.local_steps,
                                spec.total_steps - spec.step_start)  # fmt: skip
         rng, noise = secret_generators()
-        step = DPDownstreamStep(DownstreamStep(model, self.task, spec.total_steps, self.target, self.device),
+        step = DPDownstreamStep(DownstreamStep(model, self.task, spec.total_steps, self.target, self.device,
+                                              labels=train.y),
                                 dp.noise_multiplier, privacy.max_grad_norm, expected, noise, privacy.clip_chunk)
         losses = []
         for s in range(spec.step_start, spec.step_start + spec.local_steps):

@@ -336,8 +336,13 @@ def generate_cohorts(
     n_factors: int = 60,
     progress: bool = False,
     split: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    only: tuple[str, ...] = (),
 ) -> list[Path]:
     """Write `n_sites` generated sites under `out_dir`; returns their site YAML paths.
+
+    `only` (site names) writes just those sites of the cohort: a site's draws depend on the seed and its
+    index only, so they are the same files as in the full cohort (e.g. new sites of the population a
+    federation was generated from, `make demo`).
 
     `n_rois` includes the subcortical block (default R/9: 50 of 450). `duration_s` overrides every
     preset's scan length (e.g. 120 s for quick tests). `sites` replaces the presets entirely.
@@ -354,9 +359,13 @@ def generate_cohorts(
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise DataError(f"synth: site names must be unique, got {names}")
+    unknown = sorted(set(only) - set(names))
+    if unknown:
+        raise DataError(f"synth: --only {unknown}: not sites of this {len(names)}-site cohort {names}")
     from threadpoolctl import threadpool_limits  # BLAS threads thrash on small shared machines
 
-    it = list(enumerate(zip(specs, counts, strict=True)))
+    it = [(i, sc) for i, sc in enumerate(zip(specs, counts, strict=True)) if not only or sc[0].name in only]
+    n_written = sum(n for _, (_, n) in it)
     if progress:
         from tqdm import tqdm
 
@@ -364,5 +373,5 @@ def generate_cohorts(
     with threadpool_limits(limits=1):
         model = _build_model(n_rois, n_subcortical, n_factors, seed, effects)
         paths = [generate_site(out_dir, spec, n, seed, i, model, effects, split=split) for i, (spec, n) in it]
-    log.info("synth: wrote %d sites (%d subjects) under %s", len(paths), sum(counts), out_dir)
+    log.info("synth: wrote %d sites (%d subjects) under %s", len(paths), n_written, out_dir)
     return paths

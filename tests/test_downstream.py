@@ -269,3 +269,37 @@ def test_solved_probe_is_a_converged_regression_with_its_strength_chosen_by_cros
     sgd = fit(bb, SEX, DownstreamConfig(method="probe", probe_solver="sgd", steps=4, batch_size=4, eval_every=2),
               [load_labelled_site(load_site_config(yamls[0]), SEX, 2.205, 32)], "local")  # fmt: skip
     assert [h[0] for h in sgd.history] == [2, 4]
+
+
+def test_fine_tuning_weights_classes_as_scikit_learn_balanced_and_per_sample() -> None:
+    """`class_weight: balanced` (default): the cross-entropy weights are scikit-learn's "balanced" over the
+    training labels the optimizer sees, the batch loss is the mean of the samples' weighted losses (so a
+    one-sample loss under DP-SGD's per-sample gradients carries its weight), and `none` is the plain
+    cross-entropy of the reference."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    from brainjepa.downstream.model import Backbone
+    from brainjepa.downstream.train import DownstreamStep, TargetScale, class_weights
+
+    labels = np.array([0] * 9 + [1] * 3)
+    w = class_weights(SEX, DownstreamConfig(), labels)
+    assert torch.allclose(w, torch.tensor(compute_class_weight("balanced", classes=np.arange(2), y=labels),
+                                          dtype=torch.float32))  # fmt: skip
+    assert class_weights(SEX, DownstreamConfig(class_weight="none"), labels) is None
+    assert torch.allclose(class_weights(SEX, DownstreamConfig(), np.zeros(4, np.int64)), torch.tensor([0.5, 1.0]))
+    with pytest.raises(ConfigError, match="class_weight"):
+        DownstreamConfig(class_weight="inverse")
+    cfg = ModelConfig(size="tiny", n_rois=20, n_frames=32, gradient_components=8)
+    bb = Backbone(cfg, np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32), {}, "random")
+    out = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))  # (B, C) logits
+    y = torch.tensor([0, 0, 0, 0, 1, 1])
+    losses = {}
+    for rule in ("balanced", "none"):
+        model = DownstreamModel(bb, SEX, DownstreamConfig(method="scratch", class_weight=rule))
+        step = DownstreamStep(model, SEX, 10, TargetScale(), labels=labels)
+        losses[rule] = step.loss(out, y)
+        per_sample = torch.stack([step.loss(out[i : i + 1], y[i : i + 1]) for i in range(6)])
+        assert torch.allclose(losses[rule], per_sample.mean())
+    plain = torch.nn.functional.cross_entropy(out, y, reduction="none")
+    assert torch.allclose(losses["none"], plain.mean())
+    assert torch.allclose(losses["balanced"], (plain * w[y]).mean()) and not torch.allclose(losses["balanced"], plain.mean())

@@ -10,6 +10,7 @@ import pytest
 
 from sites.cohort import load_site_series
 from sites.config import load_site_config
+from sites.errors import DataError
 from sites.participants import read_participants
 from sites.synth import generate_cohorts
 
@@ -62,6 +63,17 @@ def test_deterministic_by_seed(tmp_path, small):
     a = np.load(out / "site_a" / "roi" / "sub-sitea0000.npy")
     b = np.load(other / "site_a" / "roi" / "sub-sitea0000.npy")
     assert a.shape == b.shape and not np.allclose(a, b)
+
+
+def test_only_writes_the_same_files_as_the_full_cohort(tmp_path, small):
+    out, _ = small
+    part = tmp_path / "part"
+    paths = generate_cohorts(part, n_sites=3, subjects_per_site=12, seed=5, n_rois=50, duration_s=400.0,
+                             only=("site_c",))  # fmt: skip
+    assert [p.parent.name for p in paths] == ["site_c"] and sorted(q.name for q in part.iterdir()) == ["site_c"]
+    assert digest(part / "site_c") == digest(out / "site_c")  # population B, last of three, byte for byte
+    with pytest.raises(DataError, match=r"--only \['site_x'\].*site_a"):
+        generate_cohorts(tmp_path / "bad", n_sites=3, subjects_per_site=2, seed=5, n_rois=50, only=("site_x",))
 
 
 def test_group_fc_follows_brainspace_connectivity(small):

@@ -32,6 +32,9 @@ ProbeSolver = Literal["lbfgs", "sgd"]
 # How a solved probe and the FC baseline choose their regularisation strength: cv, 5-fold cross-validation
 # over the training scans (brainjepa.downstream.selection); validation: on the validation split alone.
 Select = Literal["cv", "validation"]
+# balanced: fine-tuning's cross-entropy weights each class by n / (K x its count) in the training labels it
+# sees (scikit-learn's "balanced", as the solved probe and FC use); none: the reference's plain cross-entropy.
+ClassWeight = Literal["balanced", "none"]
 
 
 @dataclass(frozen=True)
@@ -68,11 +71,12 @@ class DownstreamConfig:
     drop_path: float = 0.1  # stochastic depth at the last block (linear from 0 at the first)
     warmup_fraction: float = 0.1
     eval_every: int = 25  # validation (model selection) every this many steps, and at the end
-    eval_windows: int = 4  # windows per scan at evaluation, predictions averaged
+    eval_windows: int = 8  # windows per scan at evaluation (and the solved probe's training), predictions averaged
     seed: int = 0
     pool: Pool = "roi_std"  # per-ROI mean + std over time of the tokens; mean: the reference (all tokens)
     probe_solver: ProbeSolver = "lbfgs"  # probes trained centrally / locally; federated probes always use sgd
     select: Select = "cv"  # the solved probe's and the FC baseline's strength; validation: the earlier rule
+    class_weight: ClassWeight = "balanced"  # trained classifiers' loss (federated: each site its own counts)
 
     def __post_init__(self) -> None:
         check_choices(self, "downstream")

@@ -101,7 +101,7 @@ def site_round(model: DownstreamModel, site: LabelledSite, target: TargetScale, 
     r = model.recipe
     seed = np.random.SeedSequence([r.seed, start, zlib.crc32(site.site.encode())])
     torch.manual_seed(int(seed.generate_state(1)[0]))
-    step_fn = DownstreamStep(model, site.task, total, target, device)
+    step_fn = DownstreamStep(model, site.task, total, target, device, labels=site.train.y)
     batches = TrainBatches(site.train, n_frames, r.batch_size, r.seed)
     losses = [step_fn(*batches[s], s) for s in range(start, start + n_steps)]
     return float(torch.stack(losses).mean())
@@ -129,8 +129,9 @@ def fit(backbone: Backbone, task: TaskSpec, recipe: DownstreamConfig, sites: lis
     total = recipe.steps
     chunk = local_steps if mode == "federated" else recipe.eval_every
     if mode != "federated":  # one optimizer over the whole run
-        step_fn = DownstreamStep(model, task, total, target, device)
-        batches = TrainBatches(pooled(sites, "train"), n_frames, recipe.batch_size, recipe.seed)
+        train = pooled(sites, "train")
+        step_fn = DownstreamStep(model, task, total, target, device, labels=train.y)
+        batches = TrainBatches(train, n_frames, recipe.batch_size, recipe.seed)
     bar = tqdm(total=total, desc=f"{recipe.method} {mode} {task.name}", disable=not progress, leave=False)
     for start in range(0, total, chunk):
         n = min(chunk, total - start)

@@ -49,17 +49,34 @@ def lr_at(recipe: DownstreamConfig, step: int, total: int) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def class_weights(task: TaskSpec, recipe: DownstreamConfig, labels: np.ndarray) -> torch.Tensor | None:
+    """(K,) n / (K x count_k) over the training labels (`recipe.class_weight: balanced`; scikit-learn's rule,
+    a class absent from them gets weight 1), or None (plain cross-entropy, the reference)."""
+    if task.kind != "classification" or recipe.class_weight == "none":
+        return None
+    k = task.n_outputs
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=k)[:k].astype(np.float64)  # (K,)
+    w = np.where(counts > 0, counts.sum() / (k * np.maximum(counts, 1.0)), 1.0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
 class DownstreamStep:
     def __init__(self, model: DownstreamModel, task: TaskSpec, total_steps: int, target: TargetScale,
-                 device: torch.device | str = "cpu") -> None:  # fmt: skip
+                 device: torch.device | str = "cpu", labels: np.ndarray | None = None) -> None:  # fmt: skip
+        """`labels`: the training labels this optimizer sees, for the class weights (`class_weights`)."""
         self.model, self.task, self.total_steps, self.target = model, task, total_steps, target
         self.device = torch.device(device)
         model.to(self.device)
         self.optimizer = torch.optim.AdamW(param_groups(model), lr=0.0)
+        w = None if labels is None else class_weights(task, model.recipe, labels)
+        self.weight = None if w is None else w.to(self.device)
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.task.kind == "classification":
-            return F.cross_entropy(out, y)  # out (B, C), y (B,)
+            if self.weight is None:
+                return F.cross_entropy(out, y)  # out (B, C), y (B,)
+            # per-sample weights, then the mean: the same loss per sample under DP-SGD's per-sample gradients
+            return (F.cross_entropy(out, y, reduction="none") * self.weight[y]).mean()
         return F.mse_loss(out[:, 0], (y.float() - self.target.center) / self.target.scale)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:

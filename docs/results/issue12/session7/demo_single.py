@@ -1,8 +1,11 @@
 """Single-machine pretraining on the demo's sites (train splits of all three), keeping checkpoints."""
-import logging, sys
+import logging
+import sys
 from pathlib import Path
-from brainjepa.config import load_pretrain_config
+
 import brainjepa.pretrain as pt
+from brainjepa.config import load_pretrain_config
+
 logging.basicConfig(level=logging.INFO)
 root = Path("/work/main/runs/fed_demo200/sites")
 sites = [str(root / f"{s}/{s}.yaml") for s in ("site_a", "site_b", "site_c")]

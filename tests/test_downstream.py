@@ -296,7 +296,7 @@ def test_fine_tuning_weights_classes_as_scikit_learn_balanced_and_per_sample() -
     losses = {}
     for rule in ("balanced", "none"):
         model = DownstreamModel(bb, SEX, DownstreamConfig(method="scratch", class_weight=rule))
-        step = DownstreamStep(model, SEX, 10, TargetScale(), labels=labels)
+        step = DownstreamStep(model, SEX, 10, TargetScale(), "cpu", labels=labels)
         losses[rule] = step.loss(out, y)
         per_sample = torch.stack([step.loss(out[i : i + 1], y[i : i + 1]) for i in range(6)])
         assert torch.allclose(losses[rule], per_sample.mean())

@@ -62,13 +62,13 @@ def class_weights(task: TaskSpec, recipe: DownstreamConfig, labels: np.ndarray) 
 
 class DownstreamStep:
     def __init__(self, model: DownstreamModel, task: TaskSpec, total_steps: int, target: TargetScale,
-                 device: torch.device | str = "cpu", labels: np.ndarray | None = None) -> None:  # fmt: skip
-        """`labels`: the training labels this optimizer sees, for the class weights (`class_weights`)."""
+                 device: torch.device | str, labels: np.ndarray) -> None:  # fmt: skip
+        """`labels`: (N,) the training labels this optimizer sees, for the class weights (`class_weights`)."""
         self.model, self.task, self.total_steps, self.target = model, task, total_steps, target
         self.device = torch.device(device)
         model.to(self.device)
         self.optimizer = torch.optim.AdamW(param_groups(model), lr=0.0)
-        w = None if labels is None else class_weights(task, model.recipe, labels)
+        w = class_weights(task, model.recipe, labels)
         self.weight = None if w is None else w.to(self.device)
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -215,9 +215,20 @@ def synth(
     ] = (0.8, 0.1, 0.1),
     effect: Annotated[
         list[str],
-        typer.Option(help="Change a generated effect, KEY=VALUE (repeatable; `sites.synth.Effects`), e.g. "
-                     "'sex_gain=0.6' 'factor_tau=[1.5, 6]' for the generator before issue 12."),
+        typer.Option(help="Change a generated effect, KEY=VALUE (repeatable; `sites.synth.Effects`, over the "
+                     "--generator-version defaults), e.g. 'coupling_weight=0.4'; recorded in each synth.json."),
     ] = [],  # noqa: B006
+    mechanism: Annotated[
+        str,
+        typer.Option(help="What carries the labels (sex, diagnosis): mixed (the original effects), coupling "
+                     "(between-network correlations only), amplitude (per-ROI variance only), spectrum "
+                     "(timescales only) or null (nothing). See `sites.mechanisms`."),
+    ] = "mixed",
+    generator_version: Annotated[
+        int | None,
+        typer.Option(help="Reproduce an earlier generator exactly (default: the latest). 1: factor timescales "
+                     "1.5-6 s and a strengthened sex driver; 2: today's effects, mixed only; 3: adds mechanisms."),
+    ] = None,
     only: Annotated[
         list[str],
         typer.Option(help="Write only this site of the cohort (repeatable, e.g. '--sites 5 --only site_d "
@@ -229,10 +240,12 @@ def synth(
 
     Each site gets roi/<subject>.npy, participants.tsv (age, sex, diagnosis, population) and a site
     YAML, exactly like a real ROI-series site: use the YAML with `--site` anywhere. Sites differ in TR,
-    scan length, noise, gain and motion spikes; deterministic by seed.
+    scan length, noise, gain and motion spikes; deterministic by seed. `--mechanism` chooses what carries
+    the labels; each site's synth.json records the generator version, mechanism and effects.
     """
-    from sites.synth import effects_from_pairs, generate_cohorts
+    from sites.synth import GENERATOR_VERSION, effects_for_version, effects_from_pairs, generate_cohorts
 
+    version = GENERATOR_VERSION if generator_version is None else generator_version
     try:
         paths = generate_cohorts(
             out,
@@ -244,8 +257,10 @@ def synth(
             duration_s=duration,
             progress=progress,
             split=split,
-            effects=effects_from_pairs(effect),
+            effects=effects_from_pairs(effect, base=effects_for_version(version)),
             only=tuple(only),
+            mechanism=mechanism,
+            version=version,
         )
     except InputError as e:
         raise _fail(e) from e

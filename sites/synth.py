@@ -1,6 +1,7 @@
 """Realistic generated multi-site cohorts, written exactly like real ROI-series sites.
 
-Model (per subject; everything from one seeded `numpy.random.Generator` per site):
+Model (per subject; everything from one seeded `numpy.random.Generator` per site, a mechanism's own draws
+from a second one):
 - Connectivity: the target correlation is BrainSpace's real Schaefer group FC plus a subcortical
   block (`sites.connectome.model_connectome`); its leading K eigenmodes drive K latent factors and a
   diagonal residual drives ROI-specific processes. Subjects scale the factors individually
@@ -10,13 +11,18 @@ Model (per subject; everything from one seeded `numpy.random.Generator` per site
   convolved with the canonical double-gamma HRF (BOLD-like), computed in the frequency domain. The
   factors' timescales are log-uniform over 2-30 s, so their sum has a roughly 1/f spectrum over the
   BOLD band and keeps some memory across a 35 s patch (drivers 3 s, ROI-specific processes 1 s).
-- Phenotypes change the dynamics in known, modest ways (`Effects`): sex weakens one of two network
+- Phenotypes change the dynamics in known, modest ways (`Effects`), through a chosen label mechanism
+  (`sites.mechanisms`: what carries the labels). `mixed` (the default): sex weakens one of two network
   drivers (to half; the first network in M, the second in F), which changes within-network coupling
-  more than amplitude; diagnosis weakens one network's driver and slows its timescale, and
-  strengthens another's (compensation); age lowers the signal amplitude and raises the unstructured
-  noise. Individual variability keeps every effect far from decisive. (Until issue 12 the factors'
-  timescales were 1.5-6 s and sex strengthened a driver by 1.6x, an amplitude effect any random
-  projection reads: `Effects(factor_tau=(1.5, 6.0), sex_gain=0.6)`; docs/results.md section 5.)
+  more than amplitude; diagnosis weakens one network's driver and slows its timescale, and strengthens
+  another's (compensation); age lowers the signal amplitude and raises the unstructured noise.
+  `coupling`, `amplitude` and `spectrum` put every label effect into between-network correlations,
+  per-ROI variances or timescales only (age: a variance gain under `amplitude`, nothing otherwise);
+  `null` into nothing. Individual variability keeps every effect far from decisive.
+- Versions (`GENERATOR_VERSION`, `version=`): generator version 1 had factor timescales of 1.5-6 s and a
+  sex driver strengthened by 1.6x, an amplitude effect any random projection reads
+  (`Effects(factor_tau=(1.5, 6.0), sex_gain=0.6)`; docs/results.md section 5); version 2 has today's
+  `Effects()` defaults; version 3 adds the mechanisms (its `mixed` files are version 2's).
 - Site effects (`SiteSpec`): TR, scan length, thermal noise level, intensity gain, motion spikes.
 - Populations A and B: B has a shifted FC (fixed per-factor gains), stronger drivers in two other
   networks, an older age distribution, a higher diagnosis prevalence and a lower baseline intensity.
@@ -25,7 +31,8 @@ Model (per subject; everything from one seeded `numpy.random.Generator` per site
 
 On disk (per site folder): `roi/<subject>.npy` float32 (R, L) at the site TR, `participants.tsv`
 (participant_id, age, sex [0 = F, 1 = M], diagnosis [0 = control, 1 = patient], population, site),
-`<site>.yaml` (a valid site config) and `synth.json` (all generation parameters).
+`<site>.yaml` (a valid site config; its header names the generator version and mechanism) and
+`synth.json` (all generation parameters: `read_generator_record`).
 """
 
 from __future__ import annotations
@@ -39,12 +46,18 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from sites import mechanisms as mech
 from sites.connectome import Connectome, model_connectome
-from sites.errors import ConfigError, DataError
+from sites.errors import DataError
+from sites.mechanisms import GENERATOR_VERSION, MECHANISMS, Effects, effects_for_version, effects_from_pairs
 from sites.participants import write_participants
 from sites.roi_io import write_roi_npy
 
 log = logging.getLogger(__name__)
+
+__all__ = ["GENERATOR_VERSION", "MECHANISMS", "PRESETS", "Effects", "SiteSpec", "default_site_specs",
+           "effects_for_version", "effects_from_pairs", "generate_cohorts", "generate_site", "hrf",
+           "read_generator_record"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -65,58 +78,6 @@ PRESETS = (
     SiteSpec("site_d", 1.5, 260, noise=0.40, gain=0.95, spike_rate=0.006),
     SiteSpec("site_e", 0.8, 460, noise=0.55, gain=1.05, spike_rate=0.012),
 )
-
-
-@dataclass(frozen=True)
-class Effects:
-    """How phenotypes and populations change the generated dynamics (all modest by design)."""
-
-    sex_networks: tuple[int, int] = (1, 2)  # driver x (1 + sex_gain) in the first for M, the second for F
-    sex_gain: float = -0.5  # negative: weakened (a coupling more than an amplitude effect; docs/results.md 5)
-    dx_network: int = 0  # patients: driver amplitude x (1 - dx_weaken), timescale x dx_slow
-    dx_weaken: float = 0.6
-    dx_boost_network: int = 3  # patients: compensatory stronger driver in another network
-    dx_boost: float = 0.6
-    dx_slow: float = 1.6
-    sex_slow: float = 1.0  # driver timescale x sex_slow in the first sex network for M, the second for F
-    factor_tau: tuple[float, float] = (2.0, 30.0)  # seconds: factor timescales, log-uniform (1/f-like mixture)
-    driver_tau: float = 3.0  # seconds: network drivers' timescale
-    age_amplitude: float = -0.006  # per year from 60: structured signal amplitude
-    age_noise: float = 0.006  # per year from 60: unstructured ROI noise
-    subject_factor_sd: float = 0.25  # log-normal individual variability of factor amplitudes
-    subject_driver_sd: float = 0.25  # log-normal individual variability of driver amplitudes
-    driver_amplitude: float = 0.6
-    pop_b_factor_sd: float = 0.30  # population B: fixed log-normal gains on the factors
-    pop_b_networks: tuple[int, int] = (4, 5)  # population B: drivers x pop_b_driver_gain
-    pop_b_driver_gain: float = 1.4
-    pop_b_baseline: float = 0.9
-
-
-def effects_from_pairs(pairs: list[str], source: str = "--effect") -> Effects:
-    """`Effects` from KEY=VALUE strings (values in YAML: `sex_gain=-0.4`, `factor_tau=[1.5, 6]`); a wrong key,
-    a missing '=' or a value of the wrong kind is a `ConfigError` that names it."""
-    fields = {f.name: f for f in dataclasses.fields(Effects)}
-    kwargs: dict = {}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        key = key.strip()
-        if not sep or key not in fields:
-            raise ConfigError(f"{source} '{pair}': expected KEY=VALUE with KEY one of {', '.join(fields)}")
-        value = yaml.safe_load(text)
-        default = getattr(Effects(), key)
-        if isinstance(default, tuple):
-            ok = isinstance(value, list) and len(value) == len(default) and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)  # fmt: skip
-            kind = f"a list of {len(default)} numbers"
-            value = tuple(type(d)(v) for d, v in zip(default, value, strict=True)) if ok else value
-        else:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            kind = "a number"
-            value = type(default)(value) if ok else value
-        if not ok:
-            raise ConfigError(f"{source} {key}: expected {kind}, got {text!r}")
-        kwargs[key] = value
-    return Effects(**kwargs)
 
 
 def default_site_specs(n_sites: int, duration_s: float | None = None) -> list[SiteSpec]:
@@ -199,23 +160,28 @@ def _phenotypes(rng: np.random.Generator, n: int, population: str) -> dict[str, 
 
 
 def _simulate_chunk(
-    rng: np.random.Generator, model: _Model, spec: SiteSpec, ph: dict[str, np.ndarray], eff: Effects
+    rng: np.random.Generator, model: _Model, spec: SiteSpec, ph: dict[str, np.ndarray], eff: Effects,
+    mechanism: str = "mixed", mech_rng: np.random.Generator | None = None,
 ) -> np.ndarray:
-    """BOLD-like series for a chunk of B subjects -> (B, R, L) float32."""
+    """BOLD-like series for a chunk of B subjects -> (B, R, L) float32. `mech_rng`: the mechanism's draws."""
     b = ph["age"].shape[0]
     n, tr = spec.n_frames, spec.tr
     r, k = model.loadings.shape
     nets = model.conn.networks  # (R,)
     n_net = int(nets.max()) + 1
+    mixed = mechanism == "mixed"
     h = hrf(tr)
     # latent factors: OU with per-factor timescales
     phi_f = np.exp(-tr / model.factor_tau)[None, :]  # (1, K)
     f = _filtered_noise(rng, (b, k), phi_f, h, n)  # (B, K, L)
     # network drivers: patients slower in the diagnosis network; sex slows one of two networks
     tau_d = np.full((b, n_net), eff.driver_tau)
-    tau_d[:, eff.dx_network] *= np.where(ph["diagnosis"] > 0, eff.dx_slow, 1.0)
-    tau_d[:, eff.sex_networks[0]] *= np.where(ph["sex"] > 0, eff.sex_slow, 1.0)
-    tau_d[:, eff.sex_networks[1]] *= np.where(ph["sex"] > 0, 1.0, eff.sex_slow)
+    if mixed:
+        tau_d[:, eff.dx_network] *= np.where(ph["diagnosis"] > 0, eff.dx_slow, 1.0)
+        tau_d[:, eff.sex_networks[0]] *= np.where(ph["sex"] > 0, eff.sex_slow, 1.0)
+        tau_d[:, eff.sex_networks[1]] *= np.where(ph["sex"] > 0, 1.0, eff.sex_slow)
+    elif mechanism == "spectrum":
+        tau_d = mech.spectrum_timescales(ph, eff, n_net)  # (B, N_net)
     d = _filtered_noise(rng, (b, n_net), np.exp(-tr / tau_d), h, n)  # (B, N_net, L)
     u = _filtered_noise(rng, (b, r), np.full((1, 1), np.exp(-tr / 1.0)), h, n)  # (B, R, L)
     # amplitudes
@@ -223,16 +189,21 @@ def _simulate_chunk(
     if spec.population == "B":
         fa = fa * model.pop_b_gain
     da = eff.driver_amplitude * np.exp(rng.normal(0.0, eff.subject_driver_sd, (b, n_net)))  # (B, N_net)
-    m, fe = ph["sex"], eff.sex_networks
-    da[:, fe[0]] *= 1.0 + eff.sex_gain * m
-    da[:, fe[1]] *= 1.0 + eff.sex_gain * (1.0 - m)
-    da[:, eff.dx_network] *= np.where(ph["diagnosis"] > 0, 1.0 - eff.dx_weaken, 1.0)
-    da[:, eff.dx_boost_network] *= np.where(ph["diagnosis"] > 0, 1.0 + eff.dx_boost, 1.0)
+    years = ph["age"] - 60.0
+    amp = noise_u = np.ones(b)  # (B,)
+    if mixed:
+        m, fe = ph["sex"], eff.sex_networks
+        da[:, fe[0]] *= 1.0 + eff.sex_gain * m
+        da[:, fe[1]] *= 1.0 + eff.sex_gain * (1.0 - m)
+        da[:, eff.dx_network] *= np.where(ph["diagnosis"] > 0, 1.0 - eff.dx_weaken, 1.0)
+        da[:, eff.dx_boost_network] *= np.where(ph["diagnosis"] > 0, 1.0 + eff.dx_boost, 1.0)
+        amp = np.clip(1.0 + eff.age_amplitude * years, 0.5, None)  # (B,)
+        noise_u = np.clip(1.0 + eff.age_noise * years, 0.5, None)  # (B,)
     if spec.population == "B":
         da[:, list(eff.pop_b_networks)] *= eff.pop_b_driver_gain
-    years = ph["age"] - 60.0
-    amp = np.clip(1.0 + eff.age_amplitude * years, 0.5, None)  # (B,)
-    noise_u = np.clip(1.0 + eff.age_noise * years, 0.5, None)  # (B,)
+    if mechanism == "coupling":  # one shared process per label, like a driver: same timescale and HRF
+        c = _filtered_noise(mech_rng, (b, 2), np.full((1, 1), np.exp(-tr / eff.driver_tau)), h, n)  # (B, 2, L)
+        d = mech.couple_drivers(d, c, mech.coupling_weights(mech_rng, ph, eff), eff)
     f32 = np.float32
     s = model.loadings.astype(f32) @ (fa.astype(f32)[:, :, None] * f)  # (R, K) @ (B, K, L) -> (B, R, L)
     s += da.astype(f32)[:, nets, None] * d[:, nets, :]  # (B, R, L) network drivers
@@ -247,6 +218,8 @@ def _simulate_chunk(
     )
     s += spikes.astype(f32)[:, None, :] * rng.uniform(0.5, 1.0, (b, r, 1)).astype(f32)
     s += rng.normal(0.0, 0.5, (b, r, 1)).astype(f32) * np.linspace(-1.0, 1.0, n, dtype=f32)  # slow drift
+    if mechanism == "amplitude":  # every fluctuation of a ROI scaled: correlations exactly unchanged
+        s *= mech.amplitude_gains(ph, eff, nets).astype(f32)[:, :, None]
     # intensities: ROI baseline x subject x site gain; fluctuations ~1 % of it
     base = model.baseline[None, :] * spec.gain * np.exp(rng.normal(0.0, 0.05, (b, 1)))
     base = base * (1.0 + 0.03 * rng.standard_normal((b, r)))  # (B, R)
@@ -279,19 +252,26 @@ def generate_site(
     seed: int,
     site_index: int,
     model: _Model,
-    effects: Effects = Effects(),
+    effects: Effects | None = None,
     chunk: int = 16,
     split: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    mechanism: str = "mixed",
+    version: int = GENERATOR_VERSION,
 ) -> Path:
     """Generate and write one site; returns its YAML path."""
+    mech.check_mechanism(mechanism, version)
+    version = int(version)
+    effects = effects_for_version(version) if effects is None else effects
     site_dir = Path(out_dir) / spec.name
     rng = np.random.default_rng([seed, site_index])
+    mech_rng = np.random.default_rng([seed, site_index, 1])  # the mechanism's own draws
     ph = _phenotypes(rng, n_subjects, spec.population)
     tag = spec.name.replace("_", "")
     ids = [f"sub-{tag}{i:04d}" for i in range(n_subjects)]
     for lo in range(0, n_subjects, chunk):  # chunks of subjects, vectorised inside
         sl = slice(lo, min(lo + chunk, n_subjects))
-        x = _simulate_chunk(rng, model, spec, {k: v[sl] for k, v in ph.items()}, effects)  # (B, R, L)
+        ph_b = {k: v[sl] for k, v in ph.items()}
+        x = _simulate_chunk(rng, model, spec, ph_b, effects, mechanism, mech_rng)  # (B, R, L)
         for j, sid in enumerate(ids[sl]):
             write_roi_npy(site_dir / "roi" / f"{sid}.npy", x[j])
     cols = {
@@ -303,16 +283,20 @@ def generate_site(
     n_rois = model.loadings.shape[0]
     cfg = _site_yaml(spec, n_rois, model.conn.n_subcortical, seed, split)
     yml = site_dir / f"{spec.name}.yaml"
-    header = f"# Generated by `brainjepa synth` (seed {seed}); a valid site config for this folder.\n"
+    header = (f"# Generated by `brainjepa synth` (seed {seed}, generator version {version}, mechanism {mechanism});"
+              " a valid site config for this folder.\n")  # fmt: skip
     tmp = yml.with_name(yml.name + ".tmp")
     tmp.write_text(header + yaml.safe_dump(cfg, sort_keys=False))
     tmp.replace(yml)
     meta = {
         "generator": "sites.synth",
         "seed": seed,
+        "generator_version": version,
+        "mechanism": mechanism,
         "site_index": site_index,
         "spec": dataclasses.asdict(spec),
         "effects": dataclasses.asdict(effects),
+        "effects_changed": _changed(effects, effects_for_version(version)),
         "n_subjects": n_subjects,
         "n_rois": n_rois,
         "n_subcortical": model.conn.n_subcortical,
@@ -332,11 +316,13 @@ def generate_cohorts(
     n_subcortical: int | None = None,
     duration_s: float | None = None,
     sites: list[SiteSpec] | None = None,
-    effects: Effects = Effects(),
+    effects: Effects | None = None,
     n_factors: int = 60,
     progress: bool = False,
     split: tuple[float, float, float] = (0.8, 0.1, 0.1),
     only: tuple[str, ...] = (),
+    mechanism: str = "mixed",
+    version: int = GENERATOR_VERSION,
 ) -> list[Path]:
     """Write `n_sites` generated sites under `out_dir`; returns their site YAML paths.
 
@@ -347,7 +333,14 @@ def generate_cohorts(
     `n_rois` includes the subcortical block (default R/9: 50 of 450). `duration_s` overrides every
     preset's scan length (e.g. 120 s for quick tests). `sites` replaces the presets entirely.
     Deterministic: the same arguments give byte-identical files.
+
+    `mechanism` (one of `MECHANISMS`) says what carries the labels (`sites.mechanisms`); `version`
+    reproduces an earlier generator exactly (`effects` None: that version's `Effects` defaults; a
+    mechanism newer than `version` is a `ConfigError`).
     """
+    mech.check_mechanism(mechanism, version)
+    version = int(version)
+    effects = effects_for_version(version) if effects is None else effects
     specs = sites if sites is not None else default_site_specs(n_sites, duration_s)
     counts = (
         [subjects_per_site] * len(specs) if isinstance(subjects_per_site, int) else list(subjects_per_site)
@@ -372,6 +365,35 @@ def generate_cohorts(
         it = tqdm(it, desc="synth sites", unit="site")
     with threadpool_limits(limits=1):
         model = _build_model(n_rois, n_subcortical, n_factors, seed, effects)
-        paths = [generate_site(out_dir, spec, n, seed, i, model, effects, split=split) for i, (spec, n) in it]
-    log.info("synth: wrote %d sites (%d subjects) under %s", len(paths), n_written, out_dir)
+        mech.check_effects(effects, int(model.conn.networks.max()) + 1, mechanism)
+        paths = [generate_site(out_dir, spec, n, seed, i, model, effects, split=split, mechanism=mechanism,
+                               version=version) for i, (spec, n) in it]  # fmt: skip
+    log.info("synth: wrote %d sites (%d subjects, generator version %d, mechanism %s) under %s",
+             len(paths), n_written, version, mechanism, out_dir)  # fmt: skip
     return paths
+
+
+def _changed(effects: Effects, base: Effects) -> dict:
+    """The fields of `effects` that differ from `base` (the `--effect` overrides), as JSON values."""
+    a, b = dataclasses.asdict(effects), dataclasses.asdict(base)
+    return {k: v for k, v in a.items() if v != b[k]}
+
+
+def read_generator_record(site_dir: str | Path) -> dict | None:
+    """A generated site's `synth.json` (its generation parameters), or None for a real site (no such file).
+
+    `site_dir` is the site folder or its YAML. Records written before versions were recorded get
+    `generator_version` None and `mechanism` "mixed" (the only one then)."""
+    site_dir = Path(site_dir)
+    path = (site_dir.parent if site_dir.is_file() else site_dir) / "synth.json"
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"file '{path}': expected the generator's JSON record, got invalid JSON ({e})") from e
+    if not isinstance(rec, dict) or rec.get("generator") != "sites.synth":
+        raise DataError(f"file '{path}': expected a record with generator 'sites.synth', got {str(rec)[:80]!r}")
+    rec.setdefault("generator_version", None)
+    rec.setdefault("mechanism", "mixed")
+    return rec

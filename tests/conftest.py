@@ -36,3 +36,9 @@ def write_roi_dir(data: np.ndarray, folder: Path) -> Path:
 @pytest.fixture
 def roi_dir(tmp_path: Path) -> Path:
     return write_roi_dir(structured_cohort(24, 32, 96, seed=1), tmp_path / "rois")
+
+
+@pytest.fixture(autouse=True)
+def _scoring_ledger(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test scores into its own ledger (`brainjepa evaluate` refuses a second scoring of a test split)."""
+    monkeypatch.setenv("BRAINJEPA_LEDGER", str(tmp_path_factory.mktemp("ledger") / "scored.jsonl"))

@@ -167,7 +167,7 @@ def test_fc_features_equal_corrcoef() -> None:
     np.testing.assert_allclose(f[0], np.arctanh(np.corrcoef(a)[iu]), rtol=1e-10)
     np.testing.assert_allclose(f[1], np.arctanh(np.clip(np.corrcoef(b)[iu], -0.999999, 0.999999)), rtol=1e-6)
     b[2] = 3.0
-    with pytest.raises(ValueError, match=r"subject 1: ROIs \[2\] are constant"):
+    with pytest.raises(ValueError, match=r"scan 1: ROIs \[2\] are constant"):
         fc_features([a, b])
 
 

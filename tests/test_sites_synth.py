@@ -135,13 +135,14 @@ def test_signal_is_learnable_but_not_trivial(tmp_path):
 
 
 def test_effects_from_key_value_pairs_and_their_errors(tmp_path):
-    """`brainjepa synth --effect KEY=VALUE`: values read as YAML, tuples from lists; the generator before
-    issue 12 is two pairs away and differs from the default; bad keys and kinds are named."""
+    """`brainjepa synth --effect KEY=VALUE`: values read as YAML, tuples from lists; generator version 1's
+    effects are two pairs away and differ from the default; bad keys and kinds are named."""
     from sites.errors import ConfigError
-    from sites.synth import Effects, effects_from_pairs
+    from sites.synth import Effects, effects_for_version, effects_from_pairs
 
     old = effects_from_pairs(["sex_gain=0.6", "factor_tau=[1.5, 6]"])
-    assert old == Effects(sex_gain=0.6, factor_tau=(1.5, 6.0)) and old != Effects()
+    assert old == Effects(sex_gain=0.6, factor_tau=(1.5, 6.0)) == effects_for_version(1) and old != Effects()
+    assert effects_from_pairs(["sex_gain=-0.5"], base=old) == Effects(factor_tau=(1.5, 6.0))  # over a base
     assert effects_from_pairs(["sex_networks=[3, 4]"]).sex_networks == (3, 4)
     for bad, needle in (("sex_gainn=1", "KEY one of"), ("sex_gain", "KEY=VALUE"),
                         ("factor_tau=[1.5]", "a list of 2 numbers"), ("sex_gain=high", "a number")):  # fmt: skip

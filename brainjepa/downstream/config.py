@@ -4,11 +4,13 @@
 list: the class filter and the label order every site shares; or regression). `DownstreamConfig` is
 the training recipe of one method (fine-tuning, linear probing, the same ViT from scratch), defaults
 from the reference's downstream recipe (brain-jepa.md "Downstream"), with layer-wise LR decay and
-drop-path that do take effect (the reference configures both and uses neither).
+drop-path that do take effect (the reference configures both and uses neither). `BaselineConfig` is how
+the non-neural baselines clean and read a scan (band-pass, spectrum bands, strength grids).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -106,3 +108,40 @@ class DownstreamTask:
     recipe: DownstreamConfig = field(default_factory=DownstreamConfig)
     model_tr: float = DEFAULT_MODEL_TR
     scaling: Literal["auto", "robust", "values", "scan", "centered", "none"] = "centered"
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """How the non-neural baselines (`brainjepa.downstream.baselines`) read a scan.
+
+    detrend: remove each ROI's linear trend (nilearn's cleaning for fc / fc_tangent; Welch segments' linear
+    detrend for roi_spectrum). high_pass / low_pass: the band-pass (Hz) of fc / fc_tangent's cleaning;
+    None or 0 disables either. bands: roi_spectrum's (low, high) bands in Hz. c_grid / alpha_grid: the
+    candidate LogisticRegression C / Ridge alpha (empty: `baselines.FC_GRID`).
+    """
+
+    detrend: bool = True
+    high_pass: float | None = 0.01
+    low_pass: float | None = 0.1
+    # slow-5 .. slow-2 (Zuo et al. 2010); the last is clipped at the Nyquist frequency (0.227 Hz at 2.205 s)
+    bands: tuple[tuple[float, float], ...] = ((0.01, 0.027), (0.027, 0.073), (0.073, 0.198), (0.198, 0.25))
+    c_grid: tuple[float, ...] = ()
+    alpha_grid: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("high_pass", "low_pass"):
+            v = getattr(self, name)
+            if v is not None and not (v >= 0 and math.isfinite(v)):
+                raise ConfigError(f"baselines.{name}: expected a frequency >= 0 Hz (null or 0: off), got {v}")
+        if self.high_pass and self.low_pass and self.high_pass >= self.low_pass:
+            raise ConfigError(f"baselines: high_pass ({self.high_pass} Hz) must be below low_pass "
+                              f"({self.low_pass} Hz)")  # fmt: skip
+        if not self.bands:
+            raise ConfigError("baselines.bands: expected at least one (low, high) band in Hz, got none")
+        for i, (lo, hi) in enumerate(self.bands):
+            if not (0 <= lo < hi and math.isfinite(hi)):
+                raise ConfigError(f"baselines.bands[{i}]: expected 0 <= low < high (Hz), got [{lo}, {hi}]")
+        for name in ("c_grid", "alpha_grid"):
+            bad = [g for g in getattr(self, name) if not (g > 0 and math.isfinite(g))]
+            if bad:
+                raise ConfigError(f"baselines.{name}: expected positive strengths, got {bad}")

@@ -7,8 +7,10 @@ order, so every site agrees on what class 1 is; regression keeps finite values. 
 label are dropped and counted. Scaling: the site's own robust statistics from its training split (the
 same recipe as pretraining, `sites.scaling`), applied to all three splits; the statistics never leave;
 the scaled training split's typical spread is logged (a warning naming the site when far from 1).
-A test-only site (an external validation cohort, `split: {train: 0, val: 0, test: 1}`; `training=False`)
-takes its scaling statistics from all its scans: they are label-free, and it has no training split.
+A site that only tests (`training=False`) is scaled as the protocol says (`test_site_scaling`): with given
+statistics (`scaling_stats`, e.g. those of the fine-tuning sites' training scans, `training_scaling`), or
+with its own scans' (its training split if it has one, else all its scans: label-free, but fitted to the
+data it is scored on).
 Missing ROIs (`preprocess.missing_rois: mask`) stay NaN rows: the model fills them and pools without them.
 """
 
@@ -25,7 +27,7 @@ from sites.cohort import SPLITS, load_site_series
 from sites.config import SiteConfig
 from sites.errors import DataError, where
 from sites.layout import read_site_participants
-from sites.scaling import PerScanScaling, RobustScaling, check_spread, fit_method
+from sites.scaling import CenteredScaling, PerScanScaling, RobustScaling, check_spread, fit_method
 from sites.windows import PackedSeries, multi_windows, pack, random_windows
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ class LabelledSite:
     site: str
     task: TaskSpec
     splits: dict[str, Split]  # train / val / test
-    scaling: RobustScaling | PerScanScaling | None
+    scaling: RobustScaling | PerScanScaling | CenteredScaling | None
     dropped: int  # rows without a usable label (missing, or a class the task does not keep)
 
     @property
@@ -85,10 +87,22 @@ def _as_text(v: object) -> str:
     return str(v).strip()
 
 
+def training_scaling(sites: list[SiteConfig], model_tr: float, n_frames: int,
+                     scaling: str) -> RobustScaling | PerScanScaling | CenteredScaling | None:  # fmt: skip
+    """Scaling statistics fitted on the pooled training scans of `sites` (for a site that only tests)."""
+    series = [x for s in sites for x in load_site_series(s, model_tr, split="train", min_frames=n_frames).series]
+    return fit_method(series, scaling, "training sites " + "+".join(s.site for s in sites))
+
+
 def load_labelled_site(site: SiteConfig, task: TaskSpec, model_tr: float, n_frames: int,
-                       scaling: str = "robust", training: bool = True) -> LabelledSite:  # fmt: skip
-    """`training`: whether the site trains (fine-tuning, probes, FC). A site that only tests may have no
-    training scans; its scaling is then fitted on all of its scans (label-free statistics)."""
+                       scaling: str = "robust", training: bool = True,
+                       scaling_stats: RobustScaling | PerScanScaling | CenteredScaling | None | str = "own",
+                       ) -> LabelledSite:  # fmt: skip
+    """`training`: whether the site trains (fine-tuning, probes, FC). `scaling_stats`: "own" fits the
+    scaling on the site's training split (a site with none: on all of its scans, label-free); a fitted
+    scaling (or None: unscaled) is applied as given, only to a site that does not train."""
+    if training and not isinstance(scaling_stats, str):
+        raise ValueError(f"site {site.site}: a training site is scaled by its own training scans, not given statistics")
     series = load_site_series(site, model_tr, min_frames=n_frames)
     parts = read_site_participants(site, (task.column,))  # participants.runs: one row per run
     by_id = dict(zip(parts.ids, parts.column(task.column), strict=True))
@@ -99,11 +113,14 @@ def load_labelled_site(site: SiteConfig, task: TaskSpec, model_tr: float, n_fram
     if test_only and training:
         raise DataError(f"{where(site.source)}: 'split' puts no scan in the training split, but the site trains "
                         f"(task '{task.name}'); a test-only site can only be tested on")  # fmt: skip
-    if test_only:
+    if test_only and isinstance(scaling_stats, str):
         log.info("site %s: no training scans (test only): scaling statistics from all %d of its scans",
                  site.site, len(series.series))  # fmt: skip
         train_idx = np.arange(len(series.series))
-    fitted = fit_method([series.series[i] for i in train_idx], scaling, str(site.source))
+    if isinstance(scaling_stats, str):
+        fitted = fit_method([series.series[i] for i in train_idx], scaling, str(site.source))
+    else:
+        fitted = scaling_stats
     splits = {}
     for name in SPLITS:
         idx = np.flatnonzero((series.splits == name) & usable)

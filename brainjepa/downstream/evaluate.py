@@ -12,7 +12,11 @@ fine-tuning site the three training modes are the same computation and only `cen
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +24,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from brainjepa.config import load_pretrain_config
-from brainjepa.downstream import baselines, report
+from brainjepa.downstream import baselines, comparison, provenance, report
 from brainjepa.downstream.config import TaskSpec
-from brainjepa.downstream.data import LabelledSite, load_labelled_site
+from brainjepa.downstream.data import LabelledSite, load_labelled_site, training_scaling
 from brainjepa.downstream.fit import fit, pooled
 from brainjepa.downstream.metrics import (
     METRICS,
@@ -32,11 +36,21 @@ from brainjepa.downstream.metrics import (
     summarize,
 )
 from brainjepa.downstream.model import Backbone, load_backbone
-from brainjepa.downstream.protocol import Ablation, Experiment, Protocol, pretrain_key
-from brainjepa.downstream.train import split_metrics, weighted_metrics
+from brainjepa.downstream.protocol import (
+    BASELINE_METHODS,
+    NEURAL,
+    Ablation,
+    Experiment,
+    Protocol,
+    pretrain_key,
+    protocol_hash,
+    resolved,
+)
+from brainjepa.downstream.provenance import Ledger
+from brainjepa.downstream.train import predict, weighted_metrics
+from sites.cohort import load_site_series
 
 log = logging.getLogger(__name__)
-KEYS = ["experiment", "method", "training", "task", "seed", "site", "trained_on"]
 
 
 @dataclass(frozen=True)
@@ -74,20 +88,37 @@ def pretrained_backbone(p: Protocol, exp: Experiment, ablation: Ablation | None,
     return load_backbone(ckpt)
 
 
-def _fc_rows(task: TaskSpec, fts: list[LabelledSite], tests: list[LabelledSite], seed: int,
-             select: str) -> list[tuple[str, dict]]:  # fmt: skip
-    """Connectivity + logistic / ridge regression: fitted on the pooled fine-tuning scans, C / alpha chosen
-    on their validation scans; (test site, metrics) per test site."""
-    tr, va = pooled(fts, "train"), pooled(fts, "val")
-    est = baselines.fit_fc_baseline(baselines.fc_features(tr.series), tr.y, baselines.fc_features(va.series), va.y,
-                                    task.kind, seed, select=select)  # fmt: skip
-    out = []
+Scores = dict[str, np.ndarray]  # test site -> (N, C) class probabilities | (N,) predictions
+
+
+def _score(task: TaskSpec, tests: list[LabelledSite], scores: Scores, base: dict, trained_on: str,
+           extra: dict | None = None) -> tuple[list[dict], list[dict]]:  # fmt: skip
+    """Result rows (per test site, plus `site = all`: the scan-weighted mean) and per-subject prediction
+    rows (subject = its index in the site's test split: no participant id is written) of one fitted model."""
+    per = []
+    preds: list[dict] = []
     for t in tests:
-        scores = baselines.predict_scores(est, baselines.fc_features(t.test.series), task.kind, task.n_outputs)
-        m = (classification_metrics(t.test.y, scores, task.n_outputs) if task.kind == "classification"
-             else regression_metrics(t.test.y.astype(np.float64), scores.astype(np.float64)))  # fmt: skip
-        out.append((t.site, m))
-    return out
+        s, y = scores[t.site], t.test.y
+        if task.kind == "classification":
+            per.append((t.site, classification_metrics(y, s, task.n_outputs)))
+            cols = [{f"p{c}": float(v[c]) for c in range(task.n_outputs)} for v in s]
+        else:
+            per.append((t.site, regression_metrics(y.astype(np.float64), s.astype(np.float64))))
+            cols = [{"pred": float(v)} for v in s]
+        preds += [{**base, "trained_on": trained_on, "site": t.site, "subject": i, "y": float(y[i]), **c}
+                  for i, c in enumerate(cols)]  # fmt: skip
+    rows = [{**base, "site": s, "trained_on": trained_on, **(extra or {}), **m} for s, m in _with_all(per, tests, task.kind)]
+    return rows, preds
+
+
+def _baseline_scores(p: Protocol, method: str, task: TaskSpec, fts: list[LabelledSite], tests: list[LabelledSite],
+                     seed: int, tr: float) -> tuple[Scores, dict]:  # fmt: skip
+    """A baseline fitted on the pooled fine-tuning scans (strength by cross-validation over the training
+    scans, or on the validation scans: `recipe.select`), then scored on each test site."""
+    tr_split, va = pooled(fts, "train"), pooled(fts, "val")
+    est = baselines.fit_baseline(method, tr_split.series, tr_split.y, va.series, va.y, kind=task.kind, seed=seed,
+                                 tr=tr, config=p.baselines, select=p.recipe.select)  # fmt: skip
+    return {t.site: est.predict_scores(t.test.series, task.n_outputs) for t in tests}, {"strength": est.strength}
 
 
 def _with_all(rows: list[tuple[str, dict]], tests: list[LabelledSite], kind: str) -> list[tuple[str, dict]]:
@@ -95,41 +126,124 @@ def _with_all(rows: list[tuple[str, dict]], tests: list[LabelledSite], kind: str
     return rows + [("all", weighted_metrics([(m, n[s]) for s, m in rows], kind))]
 
 
-def run_protocol(p: Protocol, out_dir: Path, progress: bool = True, device: str = "cpu") -> EvaluationResult:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _labelled_sites(p: Protocol, exp: Experiment, task: TaskSpec, model_tr: float, n_frames: int,
+                    scaling: str) -> dict[str, LabelledSite]:  # fmt: skip
+    """The experiment's sites for one task; a site that only tests is scaled as `test_site_scaling` says."""
+    shared = "own"
+    if p.test_site_scaling == "training_sites" and set(exp.test) - set(exp.finetune):
+        shared = training_scaling([p.site_config(s) for s in exp.finetune], model_tr, n_frames, scaling)
+    return {s: load_labelled_site(p.site_config(s), task, model_tr, n_frames, scaling, training=s in exp.finetune,
+                                  scaling_stats="own" if s in exp.finetune else shared)
+            for s in dict.fromkeys((*exp.finetune, *exp.test))}  # fmt: skip
+
+
+def run_cohort(p: Protocol, out_dir: Path, progress: bool, device: str) -> tuple[list[dict], list[dict]]:
+    """Every experiment of one cohort (the protocol's sites, or one generated cohort): result rows and
+    per-subject prediction rows."""
     rows: list[dict] = []
+    preds: list[dict] = []
     variants: list[Ablation | None] = [None, *p.ablations]
+    cohort = p.cohort or "-"
     for exp in p.experiments:
         needs_pretrained = any(m in p.methods for m in ("finetune", "probe"))
         backbones = {v: pretrained_backbone(p, exp, v, out_dir, progress) for v in variants} if needs_pretrained else {}
         shape = backbones[None] if backbones else _shape_only(p, exp, out_dir, progress)
         n_frames, (model_tr, scaling) = shape.model.n_frames, _pretrain_data(p)
         for task in p.tasks:
-            data = {s: load_labelled_site(p.site_config(s), task, model_tr, n_frames, scaling, training=s in exp.finetune)
-                    for s in {*exp.finetune, *exp.test}}  # fmt: skip
+            data = _labelled_sites(p, exp, task, model_tr, n_frames, scaling)
             fts, tests = [data[s] for s in exp.finetune], [data[s] for s in exp.test]
             modes = list(p.training) if len(fts) > 1 else ["centralized"]
             runs = [(seed, m, v, mode) for seed in p.seeds for m in p.methods
                     for v in (variants if m in ("finetune", "probe") else [None])
-                    for mode in (modes if m in p.training_methods and m != "fc" else ["centralized"])]  # fmt: skip
-            for seed, method, variant, mode in tqdm(runs, desc=f"{exp.name}: {task.name}", disable=not progress):
+                    for mode in (modes if m in p.training_methods and m in NEURAL else ["centralized"])]  # fmt: skip
+            desc = f"{p.cohort + ' ' if p.cohort else ''}{exp.name}: {task.name}"
+            for seed, method, variant, mode in tqdm(runs, desc=desc, disable=not progress):
                 name = method if variant is None else f"{method} [{variant.name}]"
-                base = {"experiment": exp.name, "method": name, "training": mode, "task": task.name, "seed": seed}
-                if method == "fc":
-                    rows += [{**base, "site": s, "trained_on": "+".join(exp.finetune), **m}
-                             for s, m in _with_all(_fc_rows(task, fts, tests, seed, p.recipe.select), tests, task.kind)]  # fmt: skip
+                base = {"experiment": exp.name, "method": name, "training": mode, "task": task.name, "seed": seed,
+                        "cohort": cohort}  # fmt: skip
+                if method in BASELINE_METHODS:
+                    scores, extra = _baseline_scores(p, method, task, fts, tests, seed, model_tr)
+                    r, pr = _score(task, tests, scores, base, "+".join(exp.finetune), extra)
+                    rows, preds = rows + r, preds + pr
                     continue
                 recipe = dataclasses.replace(p.recipe, method=method, seed=seed)
                 backbone = backbones.get(variant, shape)
                 groups = [[s] for s in fts] if mode == "local" else [fts]
                 for group in groups:
                     res = fit(backbone, task, recipe, group, mode, p.local_steps, device)
-                    per = [(t.site, split_metrics(res.model, t.test, task, res.target, n_frames, recipe.eval_windows))
-                           for t in tests]  # fmt: skip
-                    rows += [{**base, "site": s, "trained_on": "+".join(g.site for g in group), "best_step": res.best_step,
-                              **m} for s, m in _with_all(per, tests, task.kind)]  # fmt: skip
-    return write_reports(p, rows, out_dir)
+                    scores = {t.site: predict(res.model, t.test, task, res.target, n_frames, recipe.eval_windows)
+                              for t in tests}  # fmt: skip
+                    r, pr = _score(task, tests, scores, base, "+".join(g.site for g in group), {"best_step": res.best_step})
+                    rows, preds = rows + r, preds + pr
+    return rows, preds
+
+
+def cohorts(p: Protocol, out_dir: Path, progress: bool) -> list[Protocol]:
+    """The protocol once per cohort: itself, or one copy per generator seed on its generated cohort
+    (generated under OUT/cohorts/ once, reused while the generator plan is unchanged)."""
+    if p.generate is None:
+        return [p]
+    from sites.synth import default_site_specs, effects_from_pairs, generate_cohorts
+
+    g = p.generate
+    plan = json.dumps(dataclasses.asdict(g), sort_keys=True)
+    out = []
+    for seed in p.generator_seeds:
+        root = out_dir / "cohorts" / f"gen{seed}-{hashlib.sha256(plan.encode()).hexdigest()[:8]}"
+        if not (root / ".complete").is_file():
+            tmp = root.with_name(root.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.info("generating cohort %d (%s, generator version %d) under %s", seed, g.mechanism, g.version, root)
+            names = [s.name for s in default_site_specs(g.sites)]
+            kw = {"n_sites": g.sites, "subjects_per_site": g.subjects, "seed": seed, "n_rois": g.rois,
+                  "duration_s": g.duration, "effects": effects_from_pairs(list(g.effects)), "mechanism": g.mechanism,
+                  "version": g.version, "progress": progress}  # fmt: skip
+            kept = tuple(n for n in names if n not in g.held_out)
+            if kept:
+                generate_cohorts(tmp, split=g.split, only=kept, **kw)
+            if g.held_out:  # a site's files depend only on the seed and its index: the same cohort
+                generate_cohorts(tmp, split=(0.0, 0.0, 1.0), only=g.held_out, **kw)
+            (tmp / ".complete").write_text(plan)
+            shutil.rmtree(root, ignore_errors=True)
+            os.replace(tmp, root)  # the site YAMLs name their folder relatively: valid after the move
+        out.append(p.for_cohort(seed, root))
+    return out
+
+
+def run_protocol(p: Protocol, out_dir: Path, progress: bool = True, device: str = "cpu", *,
+                 ledger: Ledger | None = None, rescore: bool = False) -> EvaluationResult:  # fmt: skip
+    """Run the protocol on every cohort and write its reports. Before anything is trained or scored, the
+    data is fingerprinted and, with a `ledger`, a second scoring of the same test data by the same protocol
+    is refused unless `rescore` (`provenance.AlreadyScored`)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resolved_cohorts = cohorts(p, out_dir, progress)
+    model_tr, _ = _pretrain_data(p)
+    phash = protocol_hash(p)
+    record = provenance.base_record(phash, resolved(p), Path(__file__).resolve().parent)
+    data, test_prints = {}, []
+    tested = {s for e in p.experiments for s in e.test}
+    for cp in resolved_cohorts:
+        for name in dict.fromkeys(s for e in p.experiments for s in (*e.pretrain, *e.finetune, *e.test)):
+            site = provenance.site_record(load_site_series(cp.site_config(name), model_tr))
+            data[f"{cp.cohort or '-'}/{name}"] = site
+            if name in tested:
+                test_prints.append(site["test_sha256"])
+    record["data"] = data
+    record["checkpoints"] = {e.name: provenance.file_sha256(p.source.parent / e.checkpoint)
+                             for e in p.experiments if e.checkpoint}  # fmt: skip
+    record["test_data_sha256"] = provenance.combined(test_prints)
+    if ledger is not None:
+        record["scoring"] = provenance.check_and_record(ledger, phash, record["test_data_sha256"], out_dir, rescore)
+    rows: list[dict] = []
+    preds: list[dict] = []
+    for cp in resolved_cohorts:
+        r, pr = run_cohort(cp, out_dir, progress, device)
+        rows, preds = rows + r, preds + pr
+    result = write_reports(p, rows, preds, out_dir, record)
+    if ledger is not None:
+        provenance.mark_completed(ledger, phash, record["test_data_sha256"], out_dir)
+    return result
 
 
 def _pretrain_data(p: Protocol) -> tuple[float, str]:
@@ -154,22 +268,26 @@ def _shape_only(p: Protocol, exp: Experiment, out: Path, progress: bool) -> Back
     return Backbone(cfg.model, grads, {}, "random init", None)
 
 
-def write_reports(p: Protocol, rows: list[dict], out_dir: Path) -> EvaluationResult:
-    """results.csv (every row), summary.csv (mean +- std over seeds, site = all), report.md, PNG plots."""
+def write_reports(p: Protocol, rows: list[dict], preds: list[dict], out_dir: Path,
+                  record: dict | None = None) -> EvaluationResult:  # fmt: skip
+    """results.csv (every row), predictions.csv (every test subject's scores), summary.csv (mean +- std over
+    seeds, site = all), intervals.csv (95 % subject-bootstrap intervals and paired differences to the best
+    baseline), report.md, PNG plots and provenance.json."""
     rows_csv = report.write_csv(rows, out_dir / "results.csv")
+    report.write_csv(preds, out_dir / "predictions.csv")
     overall = [r for r in rows if r["site"] == "all"]
     metric_names = sorted({m for t in p.tasks for m in METRICS[t.kind]})
     summary = summarize(overall, ["experiment", "method", "training", "task"], metric_names)
     summary_csv = report.write_csv(summary, out_dir / "summary.csv")
+    kinds = {t.name: t.kind for t in p.tasks}
+    cmp = comparison.compare(preds, kinds, n_boot=p.n_bootstrap, baselines=BASELINE_METHODS)
+    report.write_csv(cmp.rows, out_dir / "intervals.csv")
     sections, plots = [], []
     primary = {t.name: PRIMARY[t.kind] for t in p.tasks}
-    second = {t.name: METRICS[t.kind][1 if t.kind == "classification" else 2] for t in p.tasks}
     tasks = [t.name for t in p.tasks]
     for exp in p.experiments:
+        sections.append((exp.name, comparison.markdown(cmp, exp.name, tasks, kinds)))
         ex = [dict(r, method=f"{r['method']} · {r['training']}") for r in summary if r["experiment"] == exp.name]
-        methods = list(dict.fromkeys(r["method"] for r in ex))
-        for metrics in (primary, second):
-            sections.append((f"{exp.name}", report.markdown_table(ex, methods, tasks, metrics)))
         slug = "".join(c if c.isalnum() else "_" for c in exp.name).strip("_").lower()
         first = next(iter(primary.values()))
         plots.append(report.plot_methods(ex, out_dir / f"{slug}_methods.png", first))
@@ -178,7 +296,13 @@ def write_reports(p: Protocol, rows: list[dict], out_dir: Path) -> EvaluationRes
             plots.append(report.plot_training_modes(modes, out_dir / f"{slug}_training.png", first))
         per_site = [dict(r, method=f"{r['method']} · {r['training']}") for r in rows if r["experiment"] == exp.name]
         plots.append(report.plot_per_site(per_site, out_dir / f"{slug}_sites.png", first))
-    title = f"{p.name}: {len(p.seeds)} seed(s), mean ± std" + (f"\n\n{p.description}" if p.description else "")
+    if record is not None:
+        sections.append(("Provenance", comparison.provenance_markdown(record)))
+        provenance.write_provenance(out_dir / "provenance.json", record)
+    n_cohorts = len({r["cohort"] for r in rows})
+    cohorts_text = f", {n_cohorts} generated cohorts" if p.generate is not None else ""
+    title = (f"{p.name}: {len(p.seeds)} seed(s){cohorts_text}; 95 % intervals from {p.n_bootstrap} resamples of "
+             f"test subjects" + (f"\n\n{p.description}" if p.description else ""))  # fmt: skip
     md = "\n\n".join(f"### {h}\n\n{t}" for h, t in sections)
     report_md = report.write_markdown(out_dir / "report.md", sections, title=title)
     return EvaluationResult(out_dir, rows_csv, summary_csv, report_md, md, plots)

@@ -165,9 +165,9 @@ def _federated_round(model: DownstreamModel, sites: list[LabelledSite], target: 
     return float(np.mean(losses))
 
 
-# inverse L2 strength C (logistic); ridge alpha = 1 / C. Wide: on the harness the chosen C ranged from
-# 1e-4 to 1e3 across backbones, tasks and folds (docs/results.md, 7a).
-PROBE_STRENGTHS = tuple(float(c) for c in np.logspace(-4, 3, 8))
+# inverse L2 strength C (logistic); ridge alpha = 1 / C. The same grid as the baselines' (`baselines.FC_GRID`),
+# wide enough that cross-validation over the training scans seldom picks an end of it.
+PROBE_STRENGTHS = tuple(float(c) for c in np.logspace(-5, 4, 10))
 
 
 @torch.no_grad()

@@ -1,9 +1,18 @@
 """Evaluation protocols as files: which sites pretrain, which fine-tune, which are held out; tasks; methods.
 
+A protocol is frozen before any test split is read: everything a result depends on (the recipe, steps,
+windows, pooling, baselines and their settings, how a test-only site is scaled, which generated cohorts)
+is declared in it, and `brainjepa evaluate` records its hash in `provenance.json`.
+
 A protocol YAML (see `configs/protocols/`) is read by the one strict loader; besides types and choices,
 `load_protocol` checks what a typo would otherwise turn into a wrong table: every site an experiment
 names is declared, every declared site's YAML loads, and every task's column exists in every site's
 participants file that the task is evaluated on. Errors name the protocol file, the key and the value.
+
+Generated cohorts: a protocol with a `generate` section (the `brainjepa synth` arguments, the generator
+version pinned) generates its own sites, once per entry of `generator_seeds`; its sites then name the
+generated sites (`site_a`, ...) and need no `config`. `for_cohort` gives the protocol of one generated
+cohort, with every site's YAML resolved.
 """
 
 from __future__ import annotations
@@ -16,21 +25,47 @@ from pathlib import Path
 from typing import Literal
 
 from brainjepa.config import PosEmbed
-from brainjepa.downstream.config import DownstreamConfig, TaskSpec
+from brainjepa.downstream.config import BaselineConfig, DownstreamConfig, TaskSpec
 from sites.config import SiteConfig, load_site_config
 from sites.errors import ConfigError, where
 from sites.participants import read_participants
 from sites.schema import check_choices, from_mapping, read_yaml_mapping
 
-MethodName = Literal["finetune", "probe", "scratch", "random_probe", "fc"]
+MethodName = Literal["finetune", "probe", "scratch", "random_probe", "roi_spectrum", "fc", "fc_tangent", "fc_raw"]
+NEURAL: tuple[str, ...] = ("finetune", "probe", "scratch", "random_probe")
+BASELINE_METHODS: tuple[str, ...] = ("roi_spectrum", "fc", "fc_tangent", "fc_raw")
 Training = Literal["federated", "centralized", "local"]
+# How a site that only tests (no training split) is scaled: with the statistics of the experiment's
+# fine-tuning sites' training scans (what a new site meets), or with its own scans (label-free, but it
+# adapts to the test data: worth many points to an amplitude reader).
+TestSiteScaling = Literal["training_sites", "own_scans"]
+Mechanism = Literal["mixed", "coupling", "amplitude", "spectrum"]
+GENERATED_COLUMNS = ("age", "sex", "diagnosis", "population", "site")
 
 
 @dataclass(frozen=True)
 class SiteRef:
     name: str
-    config: str  # the site YAML (relative to the protocol file)
+    config: str = ""  # the site YAML (relative to the protocol file); generated sites: none
     group: str = ""  # population group (cross-ethnicity protocols)
+
+
+@dataclass(frozen=True)
+class GeneratorPlan:
+    """`brainjepa synth` arguments of a protocol's generated cohorts (one cohort per generator seed)."""
+
+    version: int  # the generator version, pinned: a newer generator is a new protocol
+    sites: int = 4
+    subjects: int = 80
+    rois: int = 50
+    duration: float = 400.0  # seconds, every site
+    split: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    mechanism: Mechanism = "mixed"
+    effects: tuple[str, ...] = ()  # KEY=VALUE overrides of `sites.synth.Effects`
+    held_out: tuple[str, ...] = ()  # sites written with every scan in the test split (new sites)
+
+    def __post_init__(self) -> None:
+        check_choices(self, "generate")
 
 
 @dataclass(frozen=True)
@@ -75,14 +110,33 @@ class Protocol:
     local_steps: int = 10  # federated: optimizer steps per site per round
     pretrain: PretrainPlan = field(default_factory=PretrainPlan)
     ablations: tuple[Ablation, ...] = ()
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    test_site_scaling: TestSiteScaling = "training_sites"
+    generate: GeneratorPlan | None = None
+    generator_seeds: tuple[int, ...] = ()  # one generated cohort per seed (needs `generate`)
+    n_bootstrap: int = 2000  # subject resamples per interval
     description: str = ""
     source: Path = field(default=Path("<memory>"), compare=False)
+    cohort: str = field(default="", compare=False)  # set by `for_cohort`: "gen<seed>" for a generated cohort
 
     def site(self, name: str) -> SiteRef:
         return next(s for s in self.sites if s.name == name)
 
     def site_config(self, name: str) -> SiteConfig:
+        if not self.site(name).config:
+            raise ConfigError(f"{where(self.source, 'sites')}: site '{name}' has no config; a generated site's is "
+                              "set per cohort (`for_cohort`)")  # fmt: skip
         return load_site_config(self.source.parent / self.site(name).config)
+
+    @property
+    def cohort_seeds(self) -> tuple[int | None, ...]:
+        """The generated cohorts' seeds, or (None,): the protocol's own sites."""
+        return self.generator_seeds if self.generate is not None else (None,)
+
+    def for_cohort(self, seed: int, root: Path) -> Protocol:
+        """This protocol on the generated cohort of `seed` written under root/<site>/<site>.yaml."""
+        sites = tuple(dataclasses.replace(s, config=str((root / s.name / f"{s.name}.yaml").resolve())) for s in self.sites)
+        return dataclasses.replace(self, sites=sites, cohort=f"gen{seed}")
 
 
 def load_protocol(path: str | Path) -> Protocol:
@@ -110,6 +164,17 @@ def _check(p: Protocol, path: Path) -> None:
                               "'pretrain' (sites) or 'checkpoint' for the pretrained methods")  # fmt: skip
     if not p.seeds or not p.tasks or not p.methods:
         raise ConfigError(f"{where(path)}: 'seeds', 'tasks' and 'methods' must not be empty")
+    if p.n_bootstrap < 100:
+        raise ConfigError(f"{where(path, 'n_bootstrap')}: expected at least 100 resamples, got {p.n_bootstrap}")
+    if p.generate is not None:
+        _check_generated(p, path)
+        return
+    if p.generator_seeds:
+        raise ConfigError(f"{where(path, 'generator_seeds')}: needs a 'generate' section (the cohorts to generate)")
+    missing = [s.name for s in p.sites if not s.config]
+    if missing:
+        raise ConfigError(f"{where(path, 'sites')}: sites {missing} need a 'config' (a site YAML), or the "
+                          "protocol a 'generate' section")  # fmt: skip
     used = {s for e in p.experiments for s in (*e.finetune, *e.test)}
     for name in sorted(used):
         cfg = p.site_config(name)
@@ -120,11 +185,53 @@ def _check(p: Protocol, path: Path) -> None:
                                   f"'{name}' ({cfg.participants.file}) does not have; it has {sorted(header)}")  # fmt: skip
 
 
+def _check_generated(p: Protocol, path: Path) -> None:
+    from sites.synth import default_site_specs
+
+    if not p.generator_seeds:
+        raise ConfigError(f"{where(path, 'generator_seeds')}: a protocol that generates its cohorts needs at least "
+                          "one generator seed (claims about generated data: 5 or more)")  # fmt: skip
+    if len(set(p.generator_seeds)) != len(p.generator_seeds):
+        raise ConfigError(f"{where(path, 'generator_seeds')}: seeds must be unique, got {list(p.generator_seeds)}")
+    names = [s.name for s in default_site_specs(p.generate.sites)]
+    for s in p.generate.held_out:
+        if s not in names:
+            raise ConfigError(f"{where(path, 'generate.held_out')}: '{s}' is not one of the generated sites {names}")
+    for s in p.sites:
+        if s.config:
+            raise ConfigError(f"{where(path, 'sites')}: site '{s.name}' is generated ('generate'); drop its 'config'")
+        if s.name not in names:
+            raise ConfigError(f"{where(path, 'sites')}: site '{s.name}' is not one of the {p.generate.sites} "
+                              f"generated sites {names}")  # fmt: skip
+    for t in p.tasks:
+        if t.column not in GENERATED_COLUMNS:
+            raise ConfigError(f"{where(path, 'tasks')}: task '{t.name}' uses column '{t.column}'; generated sites "
+                              f"have {list(GENERATED_COLUMNS)}")  # fmt: skip
+
+
+def protocol_hash(p: Protocol) -> str:
+    """sha256 of the resolved protocol (every field, defaults included) and its pretraining recipe's text:
+    the identity of a frozen protocol. The cohort a copy is resolved to and the file it came from are not
+    part of it."""
+    cfg = p.source.parent / p.pretrain.config if p.pretrain.config else None
+    recipe = cfg.read_text() if cfg is not None and cfg.is_file() else ""
+    return hashlib.sha256(json.dumps([resolved(p), recipe], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def resolved(p: Protocol) -> dict:
+    """The protocol as plain data, every default filled in (for provenance.json)."""
+    out = dataclasses.asdict(p)
+    out.pop("source"), out.pop("cohort")
+    return out
+
+
 def pretrain_key(p: Protocol, sites: tuple[str, ...], ablation: Ablation | None) -> str:
     """A stable folder name for one pretraining run (reused across experiments and re-runs)."""
     cfg = p.source.parent / p.pretrain.config if p.pretrain.config else None
     recipe = cfg.read_text() if cfg is not None and cfg.is_file() else ""  # an edited recipe is a new run
+    generated = dataclasses.asdict(p.generate) if p.generate is not None else None
     blob = json.dumps([sorted(sites), dataclasses.asdict(p.pretrain), dataclasses.asdict(ablation) if ablation else None,
-                       recipe], sort_keys=True, default=str)  # fmt: skip
+                       recipe, generated, p.cohort], sort_keys=True, default=str)  # fmt: skip
     label = ablation.name.replace(" ", "_") if ablation else "main"
-    return f"{'+'.join(sorted(sites))}-{label}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+    cohort = f"{p.cohort}-" if p.cohort else ""
+    return f"{cohort}{'+'.join(sorted(sites))}-{label}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"

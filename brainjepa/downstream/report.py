@@ -22,8 +22,8 @@ import numpy as np
 from brainjepa.downstream.metrics import higher_is_better, summarize
 from brainjepa.plots import save_figure
 
-ROW_KEYS: tuple[str, ...] = ("experiment", "method", "training", "task", "seed", "site", "trained_on")
-TEXT_KEYS = frozenset({"experiment", "method", "training", "task", "site", "trained_on"})
+ROW_KEYS: tuple[str, ...] = ("experiment", "method", "training", "task", "seed", "cohort", "site", "trained_on")
+TEXT_KEYS = frozenset({"experiment", "method", "training", "task", "cohort", "site", "trained_on", "metric", "versus"})
 TRAINING_ORDER: tuple[str, ...] = ("federated", "centralized", "local", "-")
 PERCENT = frozenset({"acc", "balanced_acc", "f1", "auroc"})
 LABELS: dict[str, str] = {

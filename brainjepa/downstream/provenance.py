@@ -1,0 +1,175 @@
+"""Where a result came from, and how often its test data has been looked at.
+
+`provenance.json` (written by `brainjepa evaluate` beside every report): the git commit and whether the
+tree was dirty, the protocol's hash and the resolved protocol (every default filled in), the command line,
+the versions of the packages the numbers depend on, and a fingerprint of every site's data (its loaded
+series, its split assignment and, for generated sites, the generator's record).
+
+The scoring ledger: one JSON line per scoring of a protocol's test data (protocol hash + the test splits'
+fingerprint). `brainjepa evaluate` refuses to score the same protocol on the same test data a second time
+unless told to (`--rescore`, recorded as such), and reports how often the test data was scored before by
+other protocols: a number a reader should see beside a table.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from sites.cohort import SiteSeries
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("brainjepa", "torch", "numpy", "scipy", "scikit-learn", "nilearn", "brainspace", "nibabel", "flwr")
+LEDGER_ENV = "BRAINJEPA_LEDGER"
+
+
+def default_ledger() -> Path:
+    """$BRAINJEPA_LEDGER, else $XDG_STATE_HOME (or ~/.local/state)/brainjepa/scored.jsonl."""
+    if os.environ.get(LEDGER_ENV):
+        return Path(os.environ[LEDGER_ENV])
+    state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return state / "brainjepa" / "scored.jsonl"
+
+
+def git_state(where: Path) -> dict[str, object]:
+    """{"commit": sha or None, "dirty": bool or None} of the git work tree holding `where`."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=30, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def series_fingerprint(series: SiteSeries, split: str | None = None) -> str:
+    """sha256 over the subject ids, their splits and their loaded (R, L) series (float32 bytes), in load
+    order; `split`: only that split's scans."""
+    h = hashlib.sha256()
+    for sid, s, x in zip(series.subject_ids, series.splits, series.series, strict=True):
+        if split is not None and s != split:
+            continue
+        h.update(f"{sid}\0{s}\0{x.shape}\0".encode())
+        h.update(np.ascontiguousarray(x, dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+def site_record(series: SiteSeries) -> dict[str, object]:
+    """A site's data fingerprint for provenance.json: scan counts per split, all data, the test split, and
+    the generator's record (synth.json) for a generated site."""
+    from sites.synth import read_generator_record
+
+    counts = {str(k): int(v) for k, v in zip(*np.unique(series.splits, return_counts=True), strict=True)}
+    return {"site": series.site, "config": str(series.source), "scans": counts,
+            "sha256": series_fingerprint(series), "test_sha256": series_fingerprint(series, "test"),
+            "generator": read_generator_record(Path(series.source).parent)}  # fmt: skip
+
+
+def combined(fingerprints: list[str]) -> str:
+    return hashlib.sha256("\0".join(sorted(fingerprints)).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """The JSON-lines record of every scoring of a protocol's test data."""
+
+    path: Path
+
+    def entries(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        out = []
+        for i, line in enumerate(self.path.read_text().splitlines()):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{self.path}, line {i + 1}: not a ledger entry (JSON): {e}") from e
+        return out
+
+    def prior(self, test_data: str) -> list[dict]:
+        """Earlier scorings of this test data (any protocol)."""
+        return [e for e in self.entries() if e.get("test_data") == test_data]
+
+    def record(self, entry: dict) -> None:
+        """Append one entry (write-then-rename: a crash never leaves half a ledger)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        text = self.path.read_text() if self.path.is_file() else ""
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(text + json.dumps(entry, sort_keys=True) + "\n")
+        os.replace(tmp, self.path)
+
+
+class AlreadyScored(RuntimeError):
+    """The protocol's test data was scored before, and `--rescore` was not given."""
+
+
+def check_and_record(ledger: Ledger, protocol: str, test_data: str, out_dir: Path, rescore: bool) -> dict:
+    """Refuse a second scoring of (protocol, test data) unless `rescore`; record that this one started.
+    Returns what provenance.json says about it: earlier completed scorings by this protocol and by others.
+    A run that stopped before writing its tables (it showed no test number) does not count."""
+    prior = [e for e in ledger.prior(test_data) if e.get("completed")]
+    same = [e for e in prior if e.get("protocol") == protocol]
+    if same and not rescore:
+        when = ", ".join(f"{e.get('time')} -> {e.get('out_dir')}" for e in same)
+        raise AlreadyScored(f"this protocol (sha256 {protocol[:12]}) already scored this test data ({when}); a second "
+                            f"look at a test split is a choice made on it. Pass --rescore to score it again (recorded "
+                            f"in provenance.json), or use new test data. Ledger: {ledger.path}")  # fmt: skip
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    ledger.record({"protocol": protocol, "test_data": test_data, "time": now, "out_dir": str(out_dir),
+                   "rescore": bool(same), "completed": False})  # fmt: skip
+    return {"ledger": str(ledger.path), "rescore": bool(same), "times_scored_before_by_this_protocol": len(same),
+            "times_scored_before_by_other_protocols": len(prior) - len(same)}  # fmt: skip
+
+
+def mark_completed(ledger: Ledger, protocol: str, test_data: str, out_dir: Path) -> None:
+    """Record that the scoring's tables were written: from now on a second one needs `--rescore`."""
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    ledger.record({"protocol": protocol, "test_data": test_data, "time": now, "out_dir": str(out_dir),
+                   "completed": True})  # fmt: skip
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_provenance(path: Path, record: dict) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def base_record(protocol_hash: str, protocol: dict, repo: Path) -> dict:
+    return {"protocol_sha256": protocol_hash, "protocol": protocol, "git": git_state(repo),
+            "command": sys.argv, "python": sys.version.split()[0], "packages": package_versions(),
+            "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip

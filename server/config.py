@@ -82,7 +82,7 @@ class FederationConfig:
     task: RunTask = "pretrain"
     checkpoint: str = ""  # finetune / probe: the pretraining checkpoint (its target encoder is the backbone)
     downstream_config: str = ""  # finetune / probe: a YAML with `task:` (TaskSpec) and `recipe:` (DownstreamConfig)
-    # Bounded updates and identity (issue 15). site-registry: the JSON `brainjepa-server start --sites-file`
+    # Bounded updates and site identity. site-registry: the JSON `brainjepa-server start --sites-file`
     # writes (node id -> registered site name, key fingerprint, max samples); a reply's site is its node's.
     site_registry: str = ""
     max_update_ratio: float = 0.5  # per trained set: ||site - global|| <= ratio x ||global|| (0: no bound)
@@ -90,7 +90,7 @@ class FederationConfig:
     trim_fraction: float = 0.2  # trimmed-mean: share of the sites cut at each end, per coordinate
     keep_checkpoints: int = 3  # round-NNN.pt of the last N rounds are kept next to checkpoint.pt
     resume_round: int = 0  # with resume-dir: continue after this round (its round-NNN.pt); 0: the last one
-    # Central DP and secure aggregation (issue 13, docs/privacy.md). central-dp: each site's delta (encoder +
+    # Central DP and secure aggregation (docs/privacy.md). central-dp: each site's delta (encoder +
     # predictor) clipped to central-dp-clip-norm, the sum noised (std noise-multiplier x clip-norm) and
     # divided by the sites sampled; epsilon at central-dp-delta by Opacus' RDP accountant (unit: a site).
     central_dp: bool = False

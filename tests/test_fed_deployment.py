@@ -49,7 +49,7 @@ def train(msg, context):
         Path(str(node["fault-marker"])).touch()
         time.sleep(float(node["fault-sleep-s"]))
     reply = real_train(msg, context)
-    if bool(node.get("poison", False)) and not reply.has_error():  # issue 15's attack: x 1e4, 1e6 samples
+    if bool(node.get("poison", False)) and not reply.has_error():  # the poisoning attack: x 1e4, 1e6 samples
         arrays = reply.content["arrays"]
         reply.content["arrays"] = ArrayRecord({k: Array(arrays[k].numpy() * 1e4) for k in arrays.keys()})
         reply.content["metrics"] = MetricRecord({**dict(reply.content["metrics"]), "num-examples": 1e6})

@@ -260,3 +260,15 @@ def test_one_interval_at_the_target_size_is_fast() -> None:
     iv = bootstrap_interval(y, s, np.zeros(200, dtype=int), kind="classification", metric="auroc")
     assert time.perf_counter() - start < 3.0
     assert iv.n_boot == 2000 and iv.lo < iv.estimate < iv.hi
+
+
+def test_singleton_classes_are_resampled_without_strata_so_the_interval_is_not_a_point() -> None:
+    """Subject identification: one test scan per class. Stratified draws would repeat the sample."""
+    rng = np.random.default_rng(0)
+    y = np.arange(12)
+    scores = rng.dirichlet(np.ones(12), size=(2, 12))  # (S, N, C)
+    scores[:, np.arange(8), np.arange(8)] += 1.0  # 8 of 12 identified
+    scores /= scores.sum(-1, keepdims=True)
+    iv = bootstrap_interval(y, scores, np.zeros(12, dtype=int), kind="classification", metric="acc", n_boot=500)
+    assert iv.estimate == pytest.approx(np.mean([(s.argmax(1) == y).mean() for s in scores]))
+    assert iv.lo < iv.estimate < iv.hi

@@ -1,5 +1,5 @@
-"""The coordinator as an attacker meets it (issue 15), over real processes on loopback with a PKI and
-SuperNode keys generated at test time (brainjepa.federation.tls):
+"""The coordinator as an attacker meets it (site identity and bounded updates), over real processes on
+loopback with a PKI and SuperNode keys generated at test time (brainjepa.federation.tls):
 
 - `brainjepa-server start` with TLS and a sites file: only the Fleet proxy is reachable; an outsider's
   `flwr supernode register` and `flwr run` of a foreign app through it are refused (403), an unregistered

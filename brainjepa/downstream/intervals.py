@@ -315,9 +315,14 @@ def batch_metric(y: object, scores: object, idx: object, *, kind: str, metric: s
 def _draws(y: np.ndarray, kind: str, n_boot: int,
            rng: np.random.Generator) -> Iterator[tuple[int, np.ndarray]]:  # fmt: skip
     """Blocks (first resample, local indices (b, n)) of one group's resamples: position j draws from the
-    subjects of j's class (classification) or from all n (regression), with replacement."""
+    subjects of j's class (classification) or from all n (regression), with replacement. A class with a
+    single subject (e.g. subject identification: one test scan per subject) would make every stratified
+    resample the same sample: such a group is resampled without strata (a resample may then miss a class;
+    the metrics average over the classes it holds)."""
     n = y.size
     strata = [np.flatnonzero(y == c) for c in np.unique(y)] if kind == "classification" else [np.arange(n)]
+    if min(m.size for m in strata) < 2:
+        strata = [np.arange(n)]
     block = max(1, CHUNK // n)
     for start in range(0, n_boot, block):
         b = min(block, n_boot - start)
@@ -337,7 +342,8 @@ def _group_rngs(seed: int, group: np.ndarray) -> list[tuple[np.ndarray, np.rando
 
 def resample_indices(y: object, group: object, *, kind: str, n_boot: int, seed: int = 0) -> np.ndarray:
     """The subject resamples the intervals use, as (n_boot, N) indices: entry [b, i] is the subject drawn
-    into i's place, from i's group (and, for classification, i's class), so y[idx] == y."""
+    into i's place, from i's group (and, for classification, i's class when every class of the group has
+    two subjects or more: then y[idx] == y)."""
     if kind not in METRICS:
         raise ValueError(f"kind must be one of {sorted(METRICS)}, got '{kind}'")
     _check_boot(n_boot, 0.5)

@@ -14,6 +14,7 @@ other protocols: a number a reader should see beside a table.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import logging
@@ -117,12 +118,22 @@ class Ledger:
         return [e for e in self.entries() if e.get("test_data") == test_data]
 
     def record(self, entry: dict) -> None:
-        """Append one entry (write-then-rename: a crash never leaves half a ledger)."""
+        """Append one entry: under an exclusive lock (two evaluations may run at once), written to a
+        temporary file and renamed (a crash never leaves half a ledger)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        text = self.path.read_text() if self.path.is_file() else ""
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(text + json.dumps(entry, sort_keys=True) + "\n")
-        os.replace(tmp, self.path)
+        with open(self.path.with_name(f".{self.path.name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            text = self.path.read_text() if self.path.is_file() else ""
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(text + json.dumps(entry, sort_keys=True) + "\n")
+            os.replace(tmp, self.path)
+
+
+def _where(out_dir: Path, ledger: Ledger) -> str:
+    """The output folder as the ledger records it: relative to the ledger's folder when inside it (a ledger
+    kept in a repository stays valid in every clone)."""
+    out, root = Path(out_dir).resolve(), ledger.path.resolve().parent
+    return str(out.relative_to(root)) if out.is_relative_to(root) else str(out)
 
 
 class AlreadyScored(RuntimeError):
@@ -141,7 +152,7 @@ def check_and_record(ledger: Ledger, protocol: str, test_data: str, out_dir: Pat
                             f"look at a test split is a choice made on it. Pass --rescore to score it again (recorded "
                             f"in provenance.json), or use new test data. Ledger: {ledger.path}")  # fmt: skip
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    ledger.record({"protocol": protocol, "test_data": test_data, "time": now, "out_dir": str(out_dir),
+    ledger.record({"protocol": protocol, "test_data": test_data, "time": now, "out_dir": _where(out_dir, ledger),
                    "rescore": bool(same), "completed": False})  # fmt: skip
     return {"ledger": str(ledger.path), "rescore": bool(same), "times_scored_before_by_this_protocol": len(same),
             "times_scored_before_by_other_protocols": len(prior) - len(same)}  # fmt: skip
@@ -150,7 +161,7 @@ def check_and_record(ledger: Ledger, protocol: str, test_data: str, out_dir: Pat
 def mark_completed(ledger: Ledger, protocol: str, test_data: str, out_dir: Path) -> None:
     """Record that the scoring's tables were written: from now on a second one needs `--rescore`."""
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    ledger.record({"protocol": protocol, "test_data": test_data, "time": now, "out_dir": str(out_dir),
+    ledger.record({"protocol": protocol, "test_data": test_data, "time": now, "out_dir": _where(out_dir, ledger),
                    "completed": True})  # fmt: skip
 
 

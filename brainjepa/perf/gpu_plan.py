@@ -1,4 +1,4 @@
-"""Issue 5's GPU measurements in one device call, most important first, inside a time budget.
+"""The fast path's GPU measurements in one device call, most important first, inside a time budget.
 
 On the device machine (its image has torch, pyyaml, tqdm, matplotlib; nothing to install):
 

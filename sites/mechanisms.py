@@ -59,7 +59,7 @@ class Effects:
     the networks (sex_networks, dx_network, dx_boost_network) say where the labels act in all."""
 
     sex_networks: tuple[int, int] = (1, 2)  # driver x (1 + sex_gain) in the first for M, the second for F
-    sex_gain: float = -0.5  # negative: weakened (a coupling more than an amplitude effect; docs/results.md 5)
+    sex_gain: float = -0.5  # negative: weakened (a coupling more than an amplitude effect; the old experiment record (git history))
     dx_network: int = 0  # patients: driver amplitude x (1 - dx_weaken), timescale x dx_slow
     dx_weaken: float = 0.6
     dx_boost_network: int = 3  # patients: compensatory stronger driver in another network

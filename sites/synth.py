@@ -21,7 +21,7 @@ from a second one):
   `null` into nothing. Individual variability keeps every effect far from decisive.
 - Versions (`GENERATOR_VERSION`, `version=`): generator version 1 had factor timescales of 1.5-6 s and a
   sex driver strengthened by 1.6x, an amplitude effect any random projection reads
-  (`Effects(factor_tau=(1.5, 6.0), sex_gain=0.6)`; docs/results.md section 5); version 2 has today's
+  (`Effects(factor_tau=(1.5, 6.0), sex_gain=0.6)`; the old experiment record (git history)); version 2 has today's
   `Effects()` defaults; version 3 adds the mechanisms (its `mixed` files are version 2's).
 - Site effects (`SiteSpec`): TR, scan length, thermal noise level, intensity gain, motion spikes.
 - Populations A and B: B has a shifted FC (fixed per-factor gains), stronger drivers in two other

@@ -3,7 +3,7 @@ cross-validation over the training scans.
 
 Why not the validation split: it holds ~10 % of the scans (20 on the harness's generated cohorts), so its
 balanced accuracy moves in steps of several points and the choice falls wherever its noise puts it, often
-at an end of the grid (docs/results.md, section 7). Cross-validation scores every candidate on every
+at an end of the grid (the old experiment record (git history)). Cross-validation scores every candidate on every
 training scan once. Folds split scans, never a scan's windows (its windows are correlated; a scan in two
 folds leaks), stratified by class for classification; a scan's windows are scored by the mean of their
 predictions, as `brainjepa.downstream.train.predict` does. The candidate with the best mean primary metric

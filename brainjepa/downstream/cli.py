@@ -12,8 +12,8 @@ from sites.errors import InputError
 
 
 def evaluate(
-    protocol: Annotated[Path, typer.Option(help="Protocol YAML: sites, experiments (pretrain / finetune / test sites), tasks, methods, seeds (see configs/protocols/).")],
-    out_dir: Annotated[Path, typer.Option(help="Where results.csv, summary.csv, report.md, the PNG plots and the cached pretraining runs go.")] = Path("runs/evaluate"),
+    protocol: Annotated[Path, typer.Option(help="Protocol YAML: sites (or the cohorts to generate), experiments (pretrain / finetune / test sites), tasks, methods, seeds (see experiments/ and configs/protocols/).")],
+    out_dir: Annotated[Path, typer.Option(help="Where report.md, provenance.json, results / predictions / summary / intervals CSVs, the PNG plots, generated cohorts and cached pretraining runs go.")] = Path("runs/evaluate"),
     checkpoint: Annotated[Path | None, typer.Option(help="Use this pretraining checkpoint in every experiment (instead of the protocol's pretraining).")] = None,
     seeds: Annotated[int | None, typer.Option(help="Use only the protocol's first N seeds (a quick look).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",

@@ -39,7 +39,7 @@ Training = Literal["federated", "centralized", "local"]
 # fine-tuning sites' training scans (what a new site meets), or with its own scans (label-free, but it
 # adapts to the test data: worth many points to an amplitude reader).
 TestSiteScaling = Literal["training_sites", "own_scans"]
-Mechanism = Literal["mixed", "coupling", "amplitude", "spectrum"]
+Mechanism = Literal["mixed", "coupling", "amplitude", "spectrum", "null"]  # sites.mechanisms
 GENERATED_COLUMNS = ("age", "sex", "diagnosis", "population", "site")
 
 

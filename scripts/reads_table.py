@@ -35,9 +35,14 @@ def main() -> None:
     tasks = list(dict.fromkeys(r["task"] for rows in found.values() for r in rows))
     methods = list(dict.fromkeys(r["method"] for rows in found.values() for r in rows))
     cell = {(m, r["method"], r["task"]): r for m, rows in found.items() for r in rows}
+    prov = {m: json.loads((args.root / m / "provenance.json").read_text()) for m in found}
+    steps = sorted({p["protocol"]["pretrain"]["steps"] for p in prov.values()})
+    cohorts = sorted({len(p["protocol"]["generator_seeds"]) for p in prov.values()})
     lines = ["# What each method reads", "",
-             "AUROC % [95 % interval] on the held-out site C, 5 generated cohorts pooled (subjects resampled within "
-             "each cohort). Each column's labels are carried by one label mechanism of the generator:", ""]  # fmt: skip
+             f"AUROC % [95 % interval] on the held-out site C, {'/'.join(map(str, cohorts))} generated cohorts pooled "
+             "(subjects resampled within each cohort); the probe's backbone pretrained "
+             f"{'/'.join(f'{s:,}' for s in steps)} steps on sites A + B of each cohort. Each column's labels are "
+             "carried by one label mechanism of the generator:", ""]  # fmt: skip
     lines += [f"- `{m}`: {WHAT[m]}" for m in found]
     for task in tasks:
         lines += ["", f"## {task}", "", "| method | " + " | ".join(found) + " |", "|---|" + "---|" * len(found)]
@@ -48,7 +53,7 @@ def main() -> None:
                 out.append("–" if r is None else f"{100 * float(r['estimate']):.1f} [{100 * float(r['lo']):.1f}, "
                            f"{100 * float(r['hi']):.1f}]")  # fmt: skip
             lines.append(f"| {me} | " + " | ".join(out) + " |")
-    commits = {m: json.loads((args.root / m / "provenance.json").read_text())["git"]["commit"] for m in found}
+    commits = {m: p["git"]["commit"] for m, p in prov.items()}
     lines += ["", "Sources: " + ", ".join(f"[{m}/report.md]({m}/report.md) (code {str(c)[:10]})" for m, c in commits.items()),
               ""]  # fmt: skip
     (args.root / "table.md").write_text("\n".join(lines))
@@ -63,7 +68,7 @@ def plot(found: dict, tasks: list[str], methods: list[str], cell: dict, path: Pa
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 + 2.2 * len(found) * len(tasks), 0.5 * len(methods) + 1.8))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(len(tasks) * (2.2 + 0.8 * len(found)), 0.5 * len(methods) + 1.8))
     for ax, task in zip(np.atleast_1d(axes), tasks, strict=True):
         v = np.array([[float(cell[(m, me, task)]["estimate"]) if (m, me, task) in cell else math.nan for m in found]
                       for me in methods])  # fmt: skip

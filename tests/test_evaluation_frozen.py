@@ -136,3 +136,25 @@ def test_a_test_only_site_takes_the_training_sites_scaling_unless_told_otherwise
     assert not np.allclose(new.test.series[0], own.test.series[0])  # the site's own statistics differ
     with pytest.raises(ValueError, match="own training scans"):
         load_labelled_site(cfgs[0], SEX, 2.205, 32, "centered", training=True, scaling_stats=shared)
+
+
+def test_git_state_sees_edits_but_not_the_ledger_it_keeps(tmp_path: Path) -> None:
+    import subprocess
+
+    from brainjepa.downstream.provenance import git_state
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)  # fmt: skip
+
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "ledger.jsonl").write_text("")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "c")
+    assert git_state(tmp_path) == {"commit": git_state(tmp_path)["commit"], "dirty": False}
+    (tmp_path / "ledger.jsonl").write_text("{}\n")
+    assert git_state(tmp_path)["dirty"] is True
+    assert git_state(tmp_path, tmp_path / "ledger.jsonl")["dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_state(tmp_path, tmp_path / "ledger.jsonl")["dirty"] is True

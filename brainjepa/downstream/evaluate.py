@@ -220,7 +220,8 @@ def run_protocol(p: Protocol, out_dir: Path, progress: bool = True, device: str 
     resolved_cohorts = cohorts(p, out_dir, progress)
     model_tr, _ = _pretrain_data(p)
     phash = protocol_hash(p)
-    record = provenance.base_record(phash, resolved(p), Path(__file__).resolve().parent)
+    record = provenance.base_record(phash, resolved(p), Path(__file__).resolve().parent,
+                                    ledger.path if ledger is not None else None)  # fmt: skip
     data, test_prints = {}, []
     tested = {s for e in p.experiments for s in e.test}
     for cp in resolved_cohorts:

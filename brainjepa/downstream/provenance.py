@@ -43,8 +43,9 @@ def default_ledger() -> Path:
     return state / "brainjepa" / "scored.jsonl"
 
 
-def git_state(where: Path) -> dict[str, object]:
-    """{"commit": sha or None, "dirty": bool or None} of the git work tree holding `where`."""
+def git_state(where: Path, ledger: Path | None = None) -> dict[str, object]:
+    """{"commit": sha or None, "dirty": bool or None} of the git work tree holding `where`; changes to the
+    scoring ledger itself (kept in the repository, written by every evaluation) do not count."""
     def git(*args: str) -> str | None:
         try:
             out = subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=30, check=False)
@@ -53,7 +54,8 @@ def git_state(where: Path) -> dict[str, object]:
         return out.stdout.strip() if out.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    spec = ["--", "."] + ([f":(exclude){ledger.resolve()}"] if ledger is not None else [])
+    status = git("status", "--porcelain", "--untracked-files=no", *spec) if commit else None
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
@@ -180,7 +182,7 @@ def write_provenance(path: Path, record: dict) -> Path:
     return path
 
 
-def base_record(protocol_hash: str, protocol: dict, repo: Path) -> dict:
-    return {"protocol_sha256": protocol_hash, "protocol": protocol, "git": git_state(repo),
+def base_record(protocol_hash: str, protocol: dict, repo: Path, ledger: Path | None = None) -> dict:
+    return {"protocol_sha256": protocol_hash, "protocol": protocol, "git": git_state(repo, ledger),
             "command": sys.argv, "python": sys.version.split()[0], "packages": package_versions(),
             "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip

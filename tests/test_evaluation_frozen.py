@@ -76,6 +76,12 @@ def test_a_generated_protocol_runs_once_per_cohort_with_provenance_intervals_and
     with open(out / "intervals.csv") as f:
         ivs = list(csv.DictReader(f))
     assert all(float(r["lo"]) <= float(r["estimate"]) <= float(r["hi"]) for r in ivs)
+    # the reports again from the saved predictions: nothing refitted, the same intervals
+    before = (out / "intervals.csv").read_text()
+    res = CliRunner().invoke(app, [*run, "--report-only"])
+    assert res.exit_code == 0, res.output
+    assert (out / "intervals.csv").read_text() == before
+    assert json.loads((out / "provenance.json").read_text())["report_rendered"]["git"]["commit"]
     # the same protocol on the same test data: refused, then allowed with --rescore and recorded
     again = CliRunner().invoke(app, run)
     assert again.exit_code == 2 and "already scored" in again.output

@@ -18,6 +18,7 @@ def evaluate(
     seeds: Annotated[int | None, typer.Option(help="Use only the protocol's first N seeds (a quick look).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     rescore: Annotated[bool, typer.Option(help="Score this protocol's test data again although it was scored before (recorded in provenance.json and the report).")] = False,
+    report_only: Annotated[bool, typer.Option(help="Only write the reports again from OUT_DIR's results.csv, predictions.csv and provenance.json (a finished run of this protocol): nothing is fitted or predicted.")] = False,
     ledger: Annotated[Path | None, typer.Option(help="The scoring ledger (default $BRAINJEPA_LEDGER, else ~/.local/state/brainjepa/scored.jsonl).")] = None,
     verbose: bool = False,
 ) -> None:
@@ -31,7 +32,7 @@ def evaluate(
     protocol does not score the same test data twice unless --rescore. Prints the report and where it went."""
     import dataclasses
 
-    from brainjepa.downstream.evaluate import run_protocol
+    from brainjepa.downstream.evaluate import rerender, run_protocol
     from brainjepa.downstream.protocol import load_protocol
     from brainjepa.downstream.provenance import AlreadyScored, Ledger, default_ledger
 
@@ -45,8 +46,11 @@ def evaluate(
             experiments = tuple(dataclasses.replace(e, pretrain=(), checkpoint=str(checkpoint.resolve()))
                                 for e in p.experiments)  # fmt: skip
             p = dataclasses.replace(p, experiments=experiments, ablations=())
-        result = run_protocol(p, out_dir.resolve(), progress=True, device=device,
-                              ledger=Ledger(ledger or default_ledger()), rescore=rescore)  # fmt: skip
+        if report_only:
+            result = rerender(p, out_dir.resolve())
+        else:
+            result = run_protocol(p, out_dir.resolve(), progress=True, device=device,
+                                  ledger=Ledger(ledger or default_ledger()), rescore=rescore)  # fmt: skip
     except (InputError, FileNotFoundError, AlreadyScored) as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from e

@@ -6,7 +6,9 @@ For every (experiment, task, method, training) the per-subject predictions of `b
 stratum, each (seed, fine-tuning site) a replicate. Every method gets an interval per metric; every neural
 method gets its paired difference to the best baseline on the same resampled subjects. "Best" is the
 baseline with the highest point estimate of the ranking metric (AUROC; regression: R²) on the test
-subjects: the strongest comparison for the neural method, never a choice made in its favour.
+subjects: the strongest comparison for the neural method, never a choice made in its favour. Every
+pretrained method also gets its paired difference to the same model untrained (probe - random_probe,
+finetune - scratch): what pretraining buys.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from brainjepa.downstream.report import LABELS
 
 SHOWN: dict[str, tuple[str, ...]] = {"classification": ("balanced_acc", "auroc"), "regression": ("r2", "mae", "pearson_r")}
 RANKING: dict[str, str] = {"classification": "auroc", "regression": "r2"}
+UNTRAINED: dict[str, str] = {"probe": "random_probe", "finetune": "scratch"}  # pretrained -> the same model untrained
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,17 @@ def compare(preds: Sequence[Mapping], kinds: Mapping[str, str], *, n_boot: int, 
                                                  n_boot=n_boot, seed=seed)  # fmt: skip
                 rows.append({"experiment": exp, "task": task, "method": method, "training": training, "metric": metric,
                              "versus": b["method"], "estimate": iv.estimate, "lo": iv.lo, "hi": iv.hi})  # fmt: skip
+    for (exp, task, method, training), mp in arrays.items():  # what pretraining buys: the same model untrained
+        base, _, variant = method.partition(" ")
+        untrained = UNTRAINED.get(base)
+        ref = arrays.get((exp, task, untrained, training)) or arrays.get((exp, task, untrained, "centralized"))
+        if untrained is None or ref is None or ref.subjects != mp.subjects:
+            continue
+        for metric in SHOWN[kinds[task]]:
+            iv = intervals.paired_difference(mp.y, mp.scores, ref.scores, mp.group, kind=kinds[task], metric=metric,
+                                             n_boot=n_boot, seed=seed)  # fmt: skip
+            rows.append({"experiment": exp, "task": task, "method": method, "training": training, "metric": metric,
+                         "versus": untrained, "estimate": iv.estimate, "lo": iv.lo, "hi": iv.hi})  # fmt: skip
     return Comparison(rows, best)
 
 
@@ -127,14 +141,16 @@ def markdown(cmp: Comparison, experiment: str, tasks: Sequence[str], kinds: Mapp
         lines.append(f"| {me} · {tr} | " + " | ".join(out) + " |")
     lines += ["", "*Estimate [95 % interval]: subjects resampled within each test site (and generated cohort), "
               "class counts kept; training seeds averaged. Best per column in bold.*"]  # fmt: skip
-    diffs = [r for r in rows if r["versus"]]
-    if diffs:
-        lines += ["", "Paired differences to the best baseline (same resampled subjects; > 0: the method is better, "
-                  "for MAE < 0):", ""]  # fmt: skip
-        for (me, tr, t) in dict.fromkeys((r["method"], r["training"], r["task"]) for r in diffs):
+    best_rows = [r for r in rows if r["versus"] and r["versus"] == cmp.best_baseline.get((experiment, r["task"]))]
+    untrained = [r for r in rows if r["versus"] and r["versus"] in UNTRAINED.values() and r not in best_rows]
+    for diffs, what in ((best_rows, "the best baseline"), (untrained, "the same model untrained (what pretraining buys)")):
+        if not diffs:
+            continue
+        lines += ["", f"Paired differences to {what} (same resampled subjects; > 0: the method is better, for MAE "
+                  "< 0):", ""]  # fmt: skip
+        for me, tr, t, versus in dict.fromkeys((r["method"], r["training"], r["task"], r["versus"]) for r in diffs):
             parts = [f"{LABELS.get(r['metric'], r['metric'])} {intervals.format_interval(r['metric'], _iv(r), signed=True)}"
-                     for r in diffs if (r["method"], r["training"], r["task"]) == (me, tr, t)]  # fmt: skip
-            versus = cmp.best_baseline[(experiment, t)]
+                     for r in diffs if (r["method"], r["training"], r["task"], r["versus"]) == (me, tr, t, versus)]  # fmt: skip
             lines.append(f"- {t}: {me} · {tr} - {versus}: " + "; ".join(parts))
     return "\n".join(lines) + "\n"
 

@@ -12,11 +12,13 @@ fine-tuning site the three training modes are the same computation and only `cen
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +51,7 @@ from brainjepa.downstream.protocol import (
 from brainjepa.downstream.provenance import Ledger
 from brainjepa.downstream.train import predict, weighted_metrics
 from sites.cohort import load_site_series
+from sites.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +270,28 @@ def _shape_only(p: Protocol, exp: Experiment, out: Path, progress: bool) -> Back
     cohort = load_cohort(p.site_config(exp.finetune[0]), cfg.data.model_tr, scaling="none", for_model=False)
     grads, _ = gradients_for(cfg.data.gradients, cohort.series, cfg.model.gradient_components, cohort.source)
     return Backbone(cfg.model, grads, {}, "random init", None)
+
+
+def rerender(p: Protocol, out_dir: Path) -> EvaluationResult:
+    """The reports again from a finished run's results.csv, predictions.csv and provenance.json: no model is
+    fitted and nothing new is predicted (e.g. after the report's format changed)."""
+    out_dir = Path(out_dir)
+    record = json.loads((out_dir / "provenance.json").read_text())
+    if record["protocol_sha256"] != protocol_hash(p):
+        raise DataError(f"{out_dir}: its provenance.json is of another protocol (sha256 {record['protocol_sha256'][:12]}, "
+                         f"this one {protocol_hash(p)[:12]})")  # fmt: skip
+    record["report_rendered"] = {"git": provenance.git_state(Path(__file__).resolve().parent),
+                                 "command": sys.argv, "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+    tidy = [{k: _tidy(v) for k, v in r.items()} for r in report.read_csv(out_dir / "results.csv")]
+    preds = [{k: _tidy(v) for k, v in r.items()} for r in report.read_csv(out_dir / "predictions.csv")]
+    return write_reports(p, tidy, preds, out_dir, record)
+
+
+def _tidy(v: object) -> object:
+    """A CSV cell read back as a float: whole numbers back to int, NaN back to empty."""
+    if isinstance(v, float) and v != v:
+        return ""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
 def write_reports(p: Protocol, rows: list[dict], preds: list[dict], out_dir: Path,

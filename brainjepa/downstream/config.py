@@ -123,7 +123,7 @@ class BaselineConfig:
     detrend: bool = True
     high_pass: float | None = 0.01
     low_pass: float | None = 0.1
-    # slow-5 .. slow-2 (Zuo et al. 2010); the last is clipped at the Nyquist frequency (0.227 Hz at 2.205 s)
+    # slow-5 .. slow-2 (Zuo et al. 2010); the last is clipped at the Nyquist frequency (0.227 Hz at the default model TR)
     bands: tuple[tuple[float, float], ...] = ((0.01, 0.027), (0.027, 0.073), (0.073, 0.198), (0.198, 0.25))
     c_grid: tuple[float, ...] = ()
     alpha_grid: tuple[float, ...] = ()

@@ -15,7 +15,7 @@ row (`sites.missing`), any other NaN / inf is an error.
   ROI-major, (R, n_bands) flattened; a missing ROI's features are NaN.
 
 Welch segments (`welch_nperseg`): each holds SEGMENT_CYCLES periods of the lowest band edge (0.01 Hz: 200 s,
-91 frames at TR 2.205 s, a resolution of about 0.005 Hz, so the narrowest default band spans ~3 bins), Hann
+91 frames at the default model TR, a resolution of about 0.005 Hz, so the narrowest default band spans ~3 bins), Hann
 windowed, half overlapping; a scan shorter than that is one segment (a windowed periodogram: the same
 resolution as its length allows, a noisier estimate). Band power is the trapezoid integral of the PSD,
 linearly interpolated at the band edges, so every band of positive width gets a value whatever the

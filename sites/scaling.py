@@ -1,6 +1,6 @@
 """Robust per-ROI scaling: `(x - median_r) / IQR_r`, statistics over training subjects' ROI time-means.
 
-This is the reference's pretraining scaling (brain-jepa.md, "Scaling"), used identically in
+This is the reference's pretraining scaling (docs/data.md, docs/model.md), used identically in
 pretraining, fine-tuning and evaluation: fit once, save `to_dict()` beside the model, `from_dict()`
 and `apply()` everywhere.
 

@@ -3,7 +3,7 @@
 `TaskSpec` names a `participants.tsv` column and how to read it (classification with an explicit class
 list: the class filter and the label order every site shares; or regression). `DownstreamConfig` is
 the training recipe of one method (fine-tuning, linear probing, the same ViT from scratch), defaults
-from the reference's downstream recipe (brain-jepa.md "Downstream"), with layer-wise LR decay and
+from the reference's downstream recipe (docs/downstream.md, docs/model.md), with layer-wise LR decay and
 drop-path that do take effect (the reference configures both and uses neither). `BaselineConfig` is how
 the non-neural baselines clean and read a scan (band-pass, spectrum bands, strength grids).
 """

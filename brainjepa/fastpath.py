@@ -5,7 +5,7 @@ Opacus' per-sample hooks need). None changes the model: the same parameters, the
 other kernels (float rounding differs; `tests/test_fastpath.py` bounds the drift over 200 steps).
 
 - Attention: on Hopper (compute capability 9.x) SDPA's cuDNN backend is much faster than its default
-  (flash) choice at small batch (shared/reference/gpu-anchor.md), so `auto` puts it first there.
+  (flash) choice at small batch (the reference GPU figures in docs/performance.md), so `auto` puts it first there.
 - Compile: each transformer block is compiled on its own ("regional" compilation). Blocks of one
   width share one graph (parameters are graph inputs), and the token count is a dynamic dimension,
   so the per-batch context / target sizes of our masking never trigger a recompile. The compiler

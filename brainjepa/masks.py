@@ -1,6 +1,6 @@
 """Spatiotemporal masking on the R x W token grid (W = T / patch_size time patches).
 
-One observation (context) block and three target regions (brain-jepa.md):
+One observation (context) block and three target regions (docs/model.md):
 - Cross-ROI: a random ROI set over a contiguous time span inside the observation window; those ROIs
   leave the context at every time point.
 - Cross-Time: observed ROIs at columns near the right and left time edges.

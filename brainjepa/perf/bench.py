@@ -1,7 +1,7 @@
 """Benchmark of the pretraining step: samples/s, achieved TFLOP/s and peak memory.
 
 One optimizer step per batch with the default masking, random inputs of R x T, exactly as the
-reference's figures in shared/reference/gpu-anchor.md were taken; eager or the fast path
+reference's figures in the reference GPU figures in docs/performance.md were taken; eager or the fast path
 (`brainjepa.fastpath`), our masks or the reference's (for a like-for-like FLOP budget). FLOPs are counted once with
 torch's FlopCounterMode over a whole step (forward, backward; the optimizer adds no matmul FLOPs).
 """
@@ -24,7 +24,7 @@ from brainjepa.masks import sample_masks
 from brainjepa.perf.profiling import profile_steps
 from brainjepa.prefetch import MicroBatches, Prefetcher
 
-# The reference code on one H200 (shared/reference/gpu-anchor.md, flash path via SDPA, bf16):
+# The reference code on one H200 (the reference GPU figures in docs/performance.md, flash path via SDPA, bf16):
 # (size, batch) -> (samples/s, peak GiB of torch.cuda.max_memory_allocated).
 REFERENCE_H200 = {("small", 16): (134, 5.5), ("small", 64): (259, 21.1), ("base", 16): (55.7, 8.8),
                   ("base", 32): (114.5, 16.6), ("base", 64): (128.8, 32.2), ("large", 16): (44.7, 19.4),

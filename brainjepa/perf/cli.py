@@ -47,7 +47,7 @@ def bench(
 ) -> None:
     """Time the pretraining step (one optimizer step per batch, default masking, random inputs):
     samples/s, achieved TFLOP/s (FlopCounterMode) and peak memory, plus parameter counts. Compare
-    with shared/reference/gpu-anchor.md on the same GPU kind; docs/performance.md explains the figures."""
+    with the reference GPU figures in docs/performance.md on the same GPU kind; docs/performance.md explains the figures."""
     from brainjepa.config import PerfConfig
     from brainjepa.perf.bench import fast_perf, format_table, run_bench
 
@@ -98,7 +98,7 @@ def memory(
 ) -> None:
     """Estimate the peak GPU memory of a bf16 training step without a GPU: the step runs on fake
     tensors (shapes only) and every live tensor's bytes are added up. Ratios are against the
-    reference's measured H200 peaks (shared/reference/gpu-anchor.md); docs/performance.md shows how
+    reference's measured H200 peaks (the reference GPU figures in docs/performance.md); docs/performance.md shows how
     close the estimate comes for the reference's own code."""
     from tqdm.auto import tqdm
 

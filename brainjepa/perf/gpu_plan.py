@@ -5,7 +5,7 @@ On the device machine (its image has torch, pyyaml, tqdm, matplotlib; nothing to
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 -m brainjepa.perf.gpu_plan --out $OUT --budget 480
 
 Writes to --out (8 files, the device tool's limit): results.jsonl (one line per run, appended as it
-goes), table.md (environment, ours beside the reference's anchor in shared/reference/gpu-anchor.md),
+goes), table.md (environment, ours beside the reference's anchor in the reference GPU figures in docs/performance.md),
 numerics.json / numerics.png (fast vs eager, 200 steps, bf16), two profile-*.md (time per phase and
 op) and one Chrome trace. Prints table.md last.
 `--device cpu --quick` runs the same plan on tiny models, to check the plan itself here.

@@ -1,5 +1,5 @@
 """How close is `brainjepa memory`? Run the reference Brain-JEPA code's own training step under the same
-fake-tensor byte count and compare with its measured H200 peaks (shared/reference/gpu-anchor.md).
+fake-tensor byte count and compare with its measured H200 peaks (the reference GPU figures in docs/performance.md).
 
     PYTHONPATH=. python3 -m brainjepa.perf.reference_memory --reference-repo PATH/TO/Brain-JEPA --size base --batch 16
 

@@ -210,6 +210,8 @@ class MonitorConfig:
     rank_floor: float = 0.1  # warn below this share of embed_dim as effective rank (6.4 of 64 for tiny)
     spread_floor: float = 0.05  # warn below this mean per-dimension std of the token features
     drop: float = 0.5  # warn when rank or spread fall below (1 - drop) x their first measured value
+    position_ceiling: float = 0.5  # warn when position alone explains more of the targets' variance
+    context_gain_floor: float = 1.05  # warn when another scan's context raises the loss by less than this factor
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.probe_scans < 2:

@@ -46,10 +46,13 @@ class JEPAModels(nn.Module):
 
 
 def jepa_loss(models: JEPAModels, x: torch.Tensor, masks: Masks, loss: str = "smooth_l1",
-              target_forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
+              target_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              context_input: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """x (B, R, T) -> scalar loss between predictions and LayerNorm-ed target tokens.
 
     `target_forward` replaces the target encoder's call (a CUDA-graph replay, `brainjepa.fastpath`).
+    `context_input` (B, R, T): what the context encoder reads instead of x (the collapse monitor's test of
+    whether the predictor uses the context's content); the targets always come from x.
     """
     with torch.no_grad(), record_function("jepa/target"):
         if target_forward is None:
@@ -58,7 +61,7 @@ def jepa_loss(models: JEPAModels, x: torch.Tensor, masks: Masks, loss: str = "sm
             h = gather_tokens(target_forward(x), masks.target)  # (B, N, D) -> (B, Nt, D)
         target = F.layer_norm(h, (h.shape[-1],))  # no affine
     with record_function("jepa/context_encoder"):
-        z = models.encoder(x, masks.context)  # (B, Nc, D)
+        z = models.encoder(x if context_input is None else context_input, masks.context)  # (B, Nc, D)
     with record_function("jepa/predictor"):
         pred = models.predictor(z, masks.context, masks.target)  # (B, Nt, D)
     with record_function("jepa/loss"):

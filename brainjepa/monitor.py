@@ -10,8 +10,21 @@ same scans and windows at every measurement, so numbers are comparable along a r
 - `scan_spread`: the same over the per-scan mean features (B, D): how much pooled features differ
   between scans (a pooled probe sees only this).
 
+Two more numbers say whether the pretext needs the scans' content (measured when the monitor is given
+the mask config and the three networks):
+
+- `position_share`: the share of the LayerNorm-ed target features' variance (what the predictor
+  regresses) explained by the token position alone, across the probe scans at each fixed token: an
+  intraclass correlation, corrected for the few scans per position (0: positions say nothing, 1: every
+  scan has the same target at a position, so the targets are predictable from positions alone);
+- `context_gain`: the JEPA loss on the probe batch with the context tokens' content taken from another
+  scan (the batch rolled by one) divided by the loss with the scan's own context, on fixed masks. Near 1:
+  the predictor does not use what it sees.
+
 `CollapseMonitor` keeps the first measurement as the baseline and logs a warning when `rank` falls
-below `rank_floor * D`, `spread` below `spread_floor`, or either below `(1 - drop)` x its baseline.
+below `rank_floor * D`, `spread` below `spread_floor`, or either below `(1 - drop)` x its baseline, and
+when `position_share` rises above `position_ceiling` or `context_gain` stays below `context_gain_floor`
+(both after the first measurement: an untrained predictor uses nothing).
 
 Where the probe batch comes from: `brainjepa pretrain` takes one centred window of the first
 `probe_scans` subjects of its cohort (`probe_batch`). The federated server holds no data, so it
@@ -30,14 +43,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from brainjepa.config import MonitorConfig
+from brainjepa.config import MaskConfig, MonitorConfig
+from brainjepa.jepa import jepa_loss
+from brainjepa.masks import Masks, sample_masks
 from sites.windows import PackedSeries, multi_windows
 
 log = logging.getLogger(__name__)
 
-FIELDS = ["step", "rank", "spread", "scan_spread"]
+FIELDS = ["step", "rank", "spread", "scan_spread", "position_share", "context_gain"]
+NAN = float("nan")
 
 
 @dataclass(frozen=True)
@@ -45,6 +62,8 @@ class FeatureStats:
     rank: float  # effective rank of the centred token features, 1 .. D
     spread: float  # mean per-dimension std over tokens
     scan_spread: float  # mean per-dimension std over the scans' mean features
+    position_share: float = NAN  # share of the normalised targets' variance explained by position, 0 .. 1
+    context_gain: float = NAN  # loss with another scan's context / loss with the scan's own context
 
 
 def effective_rank(x: torch.Tensor) -> float:
@@ -85,6 +104,40 @@ def feature_stats(encoder: nn.Module, probe: torch.Tensor, chunk: int = 8) -> Fe
     return token_stats(tokens)
 
 
+def position_share(tokens: torch.Tensor) -> float:
+    """tokens (B, N, D) -> the share of their variance explained by the token position (ANOVA estimate:
+    the between-position variance, less the within-position noise its B-scan means carry, over the sum)."""
+    t = tokens.double()
+    B = t.shape[0]
+    per_position = t.mean(0)  # (N, D)
+    within = ((t - per_position) ** 2).sum(-1).sum(0).mean() / (B - 1)  # mean within-position variance
+    between = ((per_position - per_position.mean(0)) ** 2).sum(-1).mean() - within / B
+    between = between.clamp_min(0.0)
+    total = between + within
+    return float(between / total) if total > 0 else NAN
+
+
+@torch.no_grad()
+def content_stats(models: nn.Module, probe: torch.Tensor, masks: Masks, loss: str = "smooth_l1") -> tuple[float, float]:
+    """(position_share of the normalised target features, context_gain) of `models` (a JEPAModels: encoder,
+    predictor, target) on the probe batch (B, R, T) with fixed masks."""
+    nets = (models.encoder, models.predictor, models.target)
+    was = [n.training for n in nets]
+    for n in nets:
+        n.eval()
+    device = next(models.parameters()).device
+    x, m = probe.to(device), masks.to(device)
+    try:
+        h = models.target(x).float()  # (B, N, D)
+        share = position_share(F.layer_norm(h, (h.shape[-1],)))
+        own = jepa_loss(models, x, m, loss)
+        other = jepa_loss(models, x, m, loss, context_input=x.roll(1, dims=0))  # another scan's context
+    finally:
+        for n, w in zip(nets, was, strict=True):
+            n.train(w)
+    return share, float(other / own) if own > 0 else NAN
+
+
 def probe_batch(packed: PackedSeries, n_frames: int, n_scans: int) -> torch.Tensor:
     """The fixed probe batch of a cohort: the centred window of its first `n_scans` subjects (B, R, T)."""
     idx = np.arange(min(n_scans, len(packed)))
@@ -111,14 +164,20 @@ class CollapseMonitor:
     """Measures the target on a fixed probe batch, appends to a CSV, warns on a collapse."""
 
     def __init__(self, cfg: MonitorConfig, probe: torch.Tensor, embed_dim: int, csv_path: str | Path,
-                 keep_below: int = 0, label: str = "step") -> None:  # fmt: skip
-        """`keep_below`: on resume, the CSV's rows with `label` below it are kept (the others rewritten)."""
-        self.cfg, self.probe, self.embed_dim, self.label = cfg, probe, embed_dim, label
+                 keep_below: int = 0, label: str = "step", mask_cfg: MaskConfig | None = None,
+                 patch_size: int = 16, loss: str = "smooth_l1") -> None:  # fmt: skip
+        """`keep_below`: on resume, the CSV's rows with `label` below it are kept (the others rewritten).
+        `mask_cfg`: measure `position_share` and `context_gain` too, on masks drawn once from a fixed seed."""
+        self.cfg, self.probe, self.embed_dim, self.label, self.loss = cfg, probe, embed_dim, label, loss
+        self.masks = None
+        if mask_cfg is not None:
+            B, R, T = probe.shape
+            self.masks = sample_masks(mask_cfg, B, R, T // patch_size, torch.Generator().manual_seed(0))
         self.path = Path(csv_path)
         self.fields = [label, *FIELDS[1:]]
         rows = read_rows(self.path, label)
         rows = [r for r in rows if r[label] < keep_below]
-        self.baseline = FeatureStats(rows[0]["rank"], rows[0]["spread"], rows[0]["scan_spread"]) if rows else None
+        self.baseline = FeatureStats(**{k: rows[0][k] for k in FIELDS[1:]}) if rows else None
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "w", newline="") as f:  # resume: keep the rows of the completed steps only
             w = csv.DictWriter(f, fieldnames=self.fields)
@@ -130,13 +189,19 @@ class CollapseMonitor:
         """At step 0 (after the first update), every `every` steps, and at the end; never when off."""
         return self.cfg.every > 0 and (step % self.cfg.every == 0 or last)
 
-    def measure(self, encoder: nn.Module, step: int) -> FeatureStats:
+    def measure(self, encoder: nn.Module, step: int, models: nn.Module | None = None) -> FeatureStats:
+        """The target `encoder`'s statistics; with `models` (its JEPAModels) and a mask config, the content
+        measures too."""
         stats = feature_stats(encoder, self.probe)
+        if models is not None and self.masks is not None:
+            share, gain = content_stats(models, self.probe, self.masks, self.loss)
+            stats = FeatureStats(stats.rank, stats.spread, stats.scan_spread, share, gain)
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=self.fields).writerow(
                 {self.label: step, **{k: f"{v:.6g}" for k, v in asdict(stats).items()}})
-        log.info("collapse monitor, %s %d: effective rank %.2f of %d, spread %.4f, per-scan spread %.4f", self.label,
-                 step, stats.rank, self.embed_dim, stats.spread, stats.scan_spread)  # fmt: skip
+        log.info("collapse monitor, %s %d: effective rank %.2f of %d, spread %.4f, per-scan spread %.4f, "
+                 "position share %.3f, context gain %.3f", self.label, step, stats.rank, self.embed_dim,
+                 stats.spread, stats.scan_spread, stats.position_share, stats.context_gain)  # fmt: skip
         for reason in self.check(stats):
             log.warning("collapse monitor, %s %d: %s", self.label, step, reason)
         if self.baseline is None:
@@ -154,6 +219,14 @@ class CollapseMonitor:
             reasons.append(f"feature spread {stats.spread:.4f} is below the floor {c.spread_floor} "
                            f"(monitor.spread_floor)")  # fmt: skip
         b = self.baseline
+        if b is not None and stats.position_share > c.position_ceiling:
+            reasons.append(f"position alone explains {stats.position_share:.0%} of the target features' variance "
+                           f"(above monitor.position_ceiling {c.position_ceiling}): the targets carry little "
+                           f"scan-specific content")  # fmt: skip
+        if b is not None and stats.context_gain < c.context_gain_floor:
+            reasons.append(f"another scan's context raises the loss only x{stats.context_gain:.3f} (below "
+                           f"monitor.context_gain_floor {c.context_gain_floor}): the predictor barely uses what "
+                           f"it sees")  # fmt: skip
         if b is not None:
             for name, now, then in (("effective rank", stats.rank, b.rank), ("feature spread", stats.spread, b.spread)):
                 if now < (1.0 - c.drop) * then:
@@ -168,4 +241,5 @@ def read_rows(path: str | Path, label: str = "step") -> list[dict]:
     if not path.exists():
         return []
     with open(path, newline="") as f:
-        return [{label: int(r[label]), **{k: float(r[k]) for k in FIELDS[1:]}} for r in csv.DictReader(f)]
+        return [{label: int(r[label]), **{k: float(r.get(k) or NAN) for k in FIELDS[1:]}}
+                for r in csv.DictReader(f)]  # fmt: skip  # older files lack the content columns

@@ -69,14 +69,17 @@ def plot_loss_pair(a: list[float], b: list[float], png: str | Path, labels: tupl
 
 def plot_collapse(loss: list[tuple[int, float]], monitor: list[dict], png: str | Path, xlabel: str = "step",
                   title: str = "Brain-JEPA pretraining: loss and collapse monitor") -> Path:  # fmt: skip
-    """Three panels over the same x axis: the loss, the target features' effective rank, their spread
-    (per token and per scan). `monitor` rows as `brainjepa.monitor.read_rows` gives them."""
+    """Panels over the same x axis: the loss, the target features' effective rank, their spread (per token
+    and per scan), and, when measured, whether the pretext needs the content (position share of the
+    targets' variance; loss ratio with another scan's context). `monitor` rows as `read_rows` gives them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (top, mid, bottom) = plt.subplots(3, 1, figsize=(7, 7), sharex=True)
+    content = any(r.get("position_share", float("nan")) == r.get("position_share") for r in monitor)  # not all NaN
+    fig, axes = plt.subplots(4 if content else 3, 1, figsize=(7, 9 if content else 7), sharex=True)
+    top, mid, bottom = axes[:3]
     top.plot([p[0] for p in loss], [p[1] for p in loss], lw=1.2)
     top.set_yscale("log")
     top.set_ylabel("JEPA loss")
@@ -89,6 +92,19 @@ def plot_collapse(loss: list[tuple[int, float]], monitor: list[dict], png: str |
     bottom.set_ylabel("feature std")
     bottom.set_yscale("log")
     bottom.legend()
-    bottom.set_xlabel(xlabel)
+    if content:
+        last = axes[3]
+        last.plot(xs, [r["position_share"] for r in monitor], marker=".", color="tab:purple",
+                  label="target variance explained by position")  # fmt: skip
+        last.set_ylabel("position share")
+        last.set_ylim(0, 1)
+        gain = last.twinx()
+        gain.plot(xs, [r["context_gain"] for r in monitor], marker=".", color="tab:red",
+                  label="loss, another scan's context / own")  # fmt: skip
+        gain.axhline(1.0, color="tab:red", lw=0.6, ls=":")
+        gain.set_ylabel("context gain", color="tab:red")
+        last.legend(loc="upper left", fontsize=8)
+        gain.legend(loc="upper right", fontsize=8)
+    axes[-1].set_xlabel(xlabel)
     fig.tight_layout()
     return save_figure(fig, png)

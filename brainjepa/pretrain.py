@@ -111,7 +111,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
 
     f, writer = _open_metrics(metrics_path, start)
     probe = torch.nan_to_num(probe_batch(stream.packed, cfg.model.n_frames, cfg.monitor.probe_scans))  # (B, R, T)
-    monitor = CollapseMonitor(cfg.monitor, probe, cfg.model.embed_dim, out / "monitor.csv", start)
+    monitor = CollapseMonitor(cfg.monitor, probe, cfg.model.embed_dim, out / "monitor.csv", start,
+                              mask_cfg=cfg.mask, patch_size=cfg.model.patch_size, loss=cfg.optim.loss)  # fmt: skip
     pending: list[tuple[int, torch.Tensor, float]] = []
     first_loss = last_loss = float("nan")
     batches = Prefetcher(lambda step: [stream[step * accum + a] for a in range(accum)], range(start, t.steps),
@@ -136,7 +137,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
                 bar.set_postfix(loss=f"{last_loss:.4f}")
                 pending.clear()
             if monitor.due(step, last=step == t.steps - 1):
-                monitor.measure(models.target, step)
+                monitor.measure(models.target, step, models)
             keep = t.keep_every > 0 and (step + 1) % t.keep_every == 0
             if (step + 1) % t.checkpoint_every == 0 or keep or step == t.steps - 1:
                 checkpoint(step + 1)

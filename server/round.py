@@ -184,7 +184,8 @@ class FederatedRun:
         if pm.every > 0:  # the server holds no data: a probe batch generated from the run's seed
             probe = synthetic_probe(pm.probe_scans, m.n_rois, m.n_frames, seed=self.cfg.seed)  # (B, R, T)
             self.monitor = CollapseMonitor(pm, probe, m.embed_dim, self.run_dir / "monitor.csv", self.start_round + 1,
-                                           label="round")  # fmt: skip
+                                           label="round", mask_cfg=self.pcfg.mask, patch_size=m.patch_size,
+                                           loss=self.pcfg.optim.loss)  # fmt: skip
         for rnd in range(self.start_round, self.cfg.num_rounds):
             self.run_round(grid, rnd, report)
         png = report.finish()
@@ -218,7 +219,7 @@ class FederatedRun:
         for name in WEIGHT_SETS:
             load_flat_parameters(getattr(self.models, name), self.sets[name])
         if self.monitor is not None:
-            self.monitor.measure(self.models.target, rnd + 1)
+            self.monitor.measure(self.models.target, rnd + 1, self.models)
         samples = sum(u.num_examples for u in ok)
         loss = sum(u.metrics.get(Metric.LOSS, float("nan")) * u.num_examples for u in ok) / samples
         wall = time.perf_counter() - t0

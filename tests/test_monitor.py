@@ -11,8 +11,18 @@ import pytest
 import torch
 from conftest import structured_cohort, write_roi_dir
 
-from brainjepa.config import DataConfig, ModelConfig, MonitorConfig, PretrainConfig, TrainConfig
-from brainjepa.monitor import CollapseMonitor, effective_rank, feature_stats, read_rows, synthetic_probe
+from brainjepa.config import DataConfig, MaskConfig, ModelConfig, MonitorConfig, PretrainConfig, TrainConfig
+from brainjepa.jepa import JEPAModels
+from brainjepa.masks import sample_masks
+from brainjepa.monitor import (
+    CollapseMonitor,
+    content_stats,
+    effective_rank,
+    feature_stats,
+    position_share,
+    read_rows,
+    synthetic_probe,
+)
 from brainjepa.pretrain import pretrain
 from brainjepa.vit import Encoder
 from sites.errors import ConfigError
@@ -110,4 +120,56 @@ def test_pretrain_writes_monitor_csv_and_plot(tmp_path: Path) -> None:
     assert all(np.isfinite(r["rank"]) and 1.0 <= r["rank"] <= CFG.embed_dim for r in rows)
     assert (tmp_path / "run" / "collapse.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(tmp_path / "run" / "monitor.csv", newline="") as f:
-        assert next(csv.reader(f)) == ["step", "rank", "spread", "scan_spread"]
+        assert next(csv.reader(f)) == ["step", "rank", "spread", "scan_spread", "position_share", "context_gain"]
+    assert all(0.0 <= r["position_share"] <= 1.0 and r["context_gain"] > 0 for r in rows), rows
+
+
+def test_position_share_separates_position_from_scan_content() -> None:
+    g = torch.Generator().manual_seed(0)
+    B, N, D = 16, 40, 8
+    by_position = torch.randn(1, N, D, generator=g, dtype=torch.float64).expand(B, N, D)
+    noise = torch.randn(B, N, D, generator=g, dtype=torch.float64)
+    assert position_share(by_position + 1e-6 * noise) > 0.999  # every scan the same target at a position
+    assert position_share(noise) < 0.05  # positions say nothing (the estimate is corrected for B = 16)
+    half = position_share(by_position + noise)  # equal variances: about one half
+    assert 0.35 < half < 0.65, half
+
+
+def _models(seed: int = 0) -> JEPAModels:
+    torch.manual_seed(seed)
+    grads = torch.randn(CFG.n_rois, CFG.gradient_components, generator=torch.Generator().manual_seed(1))
+    return JEPAModels(CFG, grads)
+
+
+def test_context_gain_is_one_when_the_predictor_ignores_the_context() -> None:
+    probe = synthetic_probe(8, CFG.n_rois, CFG.n_frames, seed=0)
+    masks = sample_masks(MaskConfig(), 8, CFG.n_rois, CFG.n_frames // CFG.patch_size, torch.Generator().manual_seed(0))
+    models = _models()
+    with torch.no_grad():  # at init (std 0.02) the context barely reaches the targets' outputs: make it count
+        for layer in models.predictor.blocks.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.mul_(20.0)
+        models.predictor.proj.weight.mul_(50.0)  # predictions no longer ~0 whatever the input
+    _, gain = content_stats(models, probe, masks)
+    assert abs(gain - 1.0) > 1e-3, gain  # the predictor reacts to what it is shown
+    with torch.no_grad():  # the predictor's input projection zeroed: predictions from positions only
+        models.predictor.embed.weight.zero_()
+    share, blind = content_stats(models, probe, masks)
+    assert blind == pytest.approx(1.0, abs=1e-6)
+    assert 0.0 <= share <= 1.0
+    assert models.encoder.training and models.predictor.training  # modes restored
+
+
+def test_monitor_warns_when_the_pretext_ignores_the_content(tmp_path: Path, caplog) -> None:
+    probe = synthetic_probe(8, CFG.n_rois, CFG.n_frames, seed=0)
+    mon = CollapseMonitor(MonitorConfig(every=1, context_gain_floor=1.05), probe, CFG.embed_dim,
+                          tmp_path / "m.csv", mask_cfg=MaskConfig(), patch_size=CFG.patch_size)  # fmt: skip
+    models = _models()
+    mon.measure(models.target, 0, models)  # the first measurement never warns about content
+    with torch.no_grad():
+        models.predictor.embed.weight.zero_()
+    caplog.set_level(logging.WARNING, logger="brainjepa.monitor")
+    now = mon.measure(models.target, 1, models)
+    assert now.context_gain == pytest.approx(1.0, abs=1e-6)
+    assert any("barely uses what it sees" in r.getMessage() for r in caplog.records), caplog.records
+    assert read_rows(tmp_path / "m.csv")[1]["context_gain"] == pytest.approx(1.0, abs=1e-5)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from brainjepa import data_cli, embed_cli, reference_cli
+from brainjepa import data_cli, frozen_features_cli, reference_import_cli
 from brainjepa.downstream import cli as downstream_cli
 from brainjepa.perf import cli as perf_cli
 from sites.errors import InputError
@@ -97,9 +97,9 @@ def demo(
 
 perf_cli.register(app)
 data_cli.register(app)
-embed_cli.register(app)
+frozen_features_cli.register(app)
 downstream_cli.register(app)
-reference_cli.register(app)
+reference_import_cli.register(app)
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from brainjepa.config import ModelConfig
-from brainjepa.pos_embed import BrainPositionalEmbedding
+from brainjepa.positions import BrainPositionalEmbedding
 from brainjepa.vit import Block, gather_tokens, init_weights, rescale_blocks, run_blocks
 
 

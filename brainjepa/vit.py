@@ -8,7 +8,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from brainjepa.attention import Attention
 from brainjepa.config import ModelConfig
-from brainjepa.pos_embed import BrainPositionalEmbedding
+from brainjepa.positions import BrainPositionalEmbedding
 
 
 class MLP(nn.Module):

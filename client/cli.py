@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from brainjepa.federation.flower import flower_env, supernode_command
+from brainjepa.federation.launcher import flower_env, supernode_command
 from brainjepa.federation.names import check_site_name
 from brainjepa.federation.processes import ManagedProcess, free_port, start_process
 from sites.errors import InputError

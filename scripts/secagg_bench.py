@@ -24,7 +24,7 @@ from typing import Annotated
 
 import typer
 
-from brainjepa.federation.flower import LocalFederation
+from brainjepa.federation.launcher import LocalFederation
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "scripts" / "secagg_bench_app"

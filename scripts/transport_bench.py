@@ -26,7 +26,7 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from brainjepa.federation.flower import LocalFederation
+from brainjepa.federation.launcher import LocalFederation
 
 APP_DIR = Path(__file__).resolve().parent / "transport_bench_app"
 log = logging.getLogger("transport_bench")

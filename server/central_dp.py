@@ -23,7 +23,7 @@ round (its update), not one subject (that is the sites' own DP-SGD, `brainjepa.p
 
 Flower's `DifferentialPrivacyServerSideFixedClipping` wraps a strategy's `aggregate_train`, which takes
 every reply of the round at once; our rounds add one decoded reply at a time to a running sum and drop
-it (`server.round`), so the same arithmetic is done here on the flat vectors, and the accounting by
+it (`server.pretraining`), so the same arithmetic is done here on the flat vectors, and the accounting by
 Opacus (Flower's own accountant needs `dp-accounting`, not installed, and equal example counts).
 What central DP does not protect: the server itself sees each site's update (unless secure aggregation
 is on, then the sites clip and the server sees only the sum) and the reply metrics (loss, counts).

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from brainjepa.federation.flower import (
+from brainjepa.federation.launcher import (
     TlsFiles,
     flower_bin,
     flower_env,

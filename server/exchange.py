@@ -1,4 +1,4 @@
-"""One round's message exchange on the server, shared by pretraining (`server.round`) and downstream
+"""One round's message exchange on the server, shared by pretraining (`server.pretraining`) and downstream
 runs (`server.downstream`): wait for sites, sample them, send each ONE message (the round record and
 the global weight sets), pull the replies one at a time and decode them (`brainjepa.federation.contract`).
 

@@ -1,6 +1,6 @@
 """Central DP, secure aggregation and the privacy report as the pretraining round loop uses them.
 
-`server.round.FederatedRun` asks this object for the round's accumulator (a `RunningMean`, or a
+`server.pretraining.FederatedRun` asks this object for the round's accumulator (a `RunningMean`, or a
 `ClippedSum` under central DP), lets it run the exchange (plain `server.exchange.exchange`, or
 `server.secagg.secure_exchange` with `secure-aggregation`), then for the new global sets (the mean, or
 central DP's noisy release), and after the round to rewrite the run folder's privacy report. Its state

@@ -6,7 +6,7 @@ onto `DefaultWorkflow` (which owns the round loop: our checkpoints, resume, repo
 would have to live inside a legacy strategy), each pretraining round calls the workflow once itself:
 `secure_exchange` builds that round's LegacyContext with a thin strategy (`RoundStrategy`: its
 `configure_fit` hands every sampled site the round's FitIns, its `aggregate_fit` keeps what the
-workflow unmasked) and our round loop (`server.round`) stays the same around it.
+workflow unmasked) and our round loop (`server.pretraining`) stays the same around it.
 
 The four SecAgg+ stages are four messages to each site (setup: public keys; share keys: encrypted
 Shamir shares; collect: the round itself, the site replies with its masked, quantized, weighted

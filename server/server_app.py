@@ -1,7 +1,7 @@
 """The Flower ServerApp: federated Brain-JEPA pretraining rounds (sample, send, collect, check, average),
 or, with run config `task` = `finetune` / `probe`, a federated downstream run on a pretrained backbone.
 
-Run-wide settings come from the run config (`server.config`). Pretraining (`server.round`): the global
+Run-wide settings come from the run config (`server.config`). Pretraining (`server.pretraining`): the global
 model is checkpointed after every round (`checkpoint.pt`, atomic) and a run continues from its last
 completed round with `resume-dir`; per-round per-site metrics go to CSV, the console, TensorBoard, and a
 PNG at the end. Downstream (`server.downstream`): training rounds, validation, model selection and a
@@ -18,11 +18,11 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from brainjepa.federation.flower import RUN_STOPPED as STOPPED
+from brainjepa.federation.launcher import RUN_STOPPED as STOPPED
 from server.config import FederationConfig, from_run_config
 from server.downstream import DownstreamRun
 from server.exchange import RoundFailed
-from server.round import FederatedRun
+from server.pretraining import FederatedRun
 from sites.errors import InputError
 
 log = logging.getLogger(__name__)

@@ -194,7 +194,7 @@ def test_the_unmasked_secagg_mean_feeds_the_round_accumulator() -> None:
 def test_a_resumed_coordinator_keeps_the_central_accountant(tmp_path: Path) -> None:
     """The checkpoint carries central DP's accountant: a run resumed from it (a coordinator restart) goes
     on from the same epsilon; its privacy report keeps the sites."""
-    from server.round import CHECKPOINT, FederatedRun  # noqa: PLC0415
+    from server.pretraining import CHECKPOINT, FederatedRun  # noqa: PLC0415
 
     grads = tmp_path / "gradients.npy"
     save_gradients(grads, np.random.default_rng(0).standard_normal((40, 30)).astype(np.float32))

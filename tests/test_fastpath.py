@@ -32,7 +32,7 @@ needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which
 
 @needs_compiler
 def test_compiled_path_follows_eager_over_200_steps_on_cpu() -> None:
-    """The issue's numerics check: same seed and batches, fp32 on both paths, 200 optimizer steps."""
+    """The numerics check of docs/performance.md: same seed and batches, fp32 on both paths, 200 optimizer steps."""
     r = compare_paths(PerfConfig(compile=True), size="tiny", batch=8, steps=200, n_rois=32, n_frames=64)
     assert r.fast == "compile"
     assert r.eager_loss[-1] < 0.8 * r.eager_loss[0], "the runs must actually train for the comparison to mean much"

@@ -1,5 +1,5 @@
 """Federated pretraining over Flower's real network transport: a SuperLink and SuperNodes as separate
-processes on loopback (brainjepa.federation.flower.LocalFederation), `flwr run ... --stream` submitting the app.
+processes on loopback (brainjepa.federation.launcher.LocalFederation), `flwr run ... --stream` submitting the app.
 
 Tiny model (50 ROIs x 64 frames), few steps: each test takes ~20-60 s on 2 CPU cores.
 """
@@ -19,7 +19,7 @@ from torch.nn.utils import parameters_to_vector
 from brainjepa.checkpoint import load_checkpoint
 from brainjepa.config import ModelConfig
 from brainjepa.demo import prepare_federation
-from brainjepa.federation.flower import LocalFederation, write_app_dir
+from brainjepa.federation.launcher import LocalFederation, write_app_dir
 from brainjepa.gradients import load_gradients, save_gradients
 from brainjepa.jepa import JEPAModels
 from server.config import FederationConfig, to_run_config

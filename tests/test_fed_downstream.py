@@ -37,7 +37,7 @@ from brainjepa.downstream.metrics import METRICS
 from brainjepa.downstream.model import load_backbone
 from brainjepa.federation.contract import ARRAYS, SITE, Metric, eval_metric_key
 from brainjepa.federation.contract import METRICS as METRICS_RECORD
-from brainjepa.federation.flower import LocalFederation, write_app_dir
+from brainjepa.federation.launcher import LocalFederation, write_app_dir
 from brainjepa.pretrain import pretrain
 from server.config import FederationConfig, to_run_config
 

@@ -16,7 +16,7 @@ import torch
 from brainjepa.checkpoint import load_checkpoint
 from brainjepa.config import PretrainConfig
 from brainjepa.demo import prepare_federation
-from brainjepa.federation.flower import LocalFederation, write_app_dir
+from brainjepa.federation.launcher import LocalFederation, write_app_dir
 from brainjepa.gradients import load_gradients
 from brainjepa.jepa import JEPAModels
 from brainjepa.pretrain import pretrain

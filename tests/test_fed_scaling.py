@@ -32,11 +32,11 @@ from brainjepa.federation.contract import (
     Metric,
     decode_update,
 )
-from brainjepa.federation.flower import LocalFederation, write_app_dir
+from brainjepa.federation.launcher import LocalFederation, write_app_dir
 from client.training import RoundRefused, load_site_data, site_sketch
 from server.aggregate import SiteUpdate
 from server.config import FederationConfig, from_run_config, to_run_config
-from server.round import FederatedRun
+from server.pretraining import FederatedRun
 from server.scaling import check_sketch, combine_sketches
 from sites.cohort import Cohort, load_cohort
 from sites.errors import ConfigError

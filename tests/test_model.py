@@ -7,7 +7,7 @@ import torch
 
 from brainjepa.attention import Attention, explicit_attention
 from brainjepa.config import ModelConfig
-from brainjepa.pos_embed import BrainPositionalEmbedding, sincos_1d
+from brainjepa.positions import BrainPositionalEmbedding, sincos_1d
 from brainjepa.predictor import Predictor
 from brainjepa.vit import Encoder
 from sites.errors import ConfigError
@@ -27,7 +27,7 @@ def test_vit_base_parameter_counts_at_450_by_160() -> None:
 
 @pytest.mark.parametrize("size,heads", [("small", 6), ("base", 12), ("large", 16)])
 def test_predictor_uses_the_encoders_head_count(size: str, heads: int) -> None:
-    # the reference builds its predictor with num_heads=encoder.num_heads (brain-jepa.md, predictor)
+    # the reference builds its predictor with num_heads=encoder.num_heads (docs/model.md)
     cfg = ModelConfig(size=size)
     assert cfg.pred_heads == heads == cfg.num_heads
     assert (cfg.pred_dim, cfg.pred_depth) == (384, 6)

@@ -17,7 +17,7 @@ import yaml as pyyaml
 
 from brainjepa.demo import prepare_federation
 from brainjepa.federation.contract import Metric
-from brainjepa.federation.flower import LocalFederation, write_app_dir
+from brainjepa.federation.launcher import LocalFederation, write_app_dir
 from brainjepa.privacy.budget import Ledger, epsilon_of
 from server.config import FederationConfig, to_run_config
 

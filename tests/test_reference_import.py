@@ -21,7 +21,7 @@ from brainjepa.checkpoint import load_checkpoint
 from brainjepa.cli import app
 from brainjepa.config import ModelConfig
 from brainjepa.jepa import JEPAModels
-from brainjepa.reference import import_reference
+from brainjepa.reference_import import import_reference
 from sites.errors import DataError
 from sites.scaling import RobustScaling
 from sites.schema import from_mapping

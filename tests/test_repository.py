@@ -1,8 +1,10 @@
 """The repository stands alone: no tracked file names a work item (a tracker's ticket or a working
-period, written as the word followed by its number). Such labels mean nothing to a reader of the tree;
-name the question or the feature instead.
+period, written as the word followed by its number), and none cites a file outside the repository (a
+folder beside it, an absolute working or temporary path, a note that is not tracked). Such labels and
+citations mean nothing to a reader of the tree: name the question or the feature, and put what a reader
+needs into docs/.
 
-The pattern is assembled from pieces so that this file's own text does not match it.
+The patterns are assembled from pieces so that this file's own text does not match them.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def test_pattern_catches_work_item_words_and_spares_others():
 
 def test_hits_name_file_and_line_and_skip_binary_files(tmp_path):
     word = _WORDS[0]
-    text = tmp_path / "notes.md"
+    text = tmp_path / "notes.txt"
     text.write_text(f"first line\nsee {word} 9 here\n")
     binary = tmp_path / "array.npy"
     binary.write_bytes(f"{word} 9".encode())
@@ -97,3 +99,81 @@ def test_no_tracked_file_names_a_work_item():
     hits = work_item_hits(paths)
     listing = "\n".join(hits)
     assert hits == [], f"{len(hits)} hit(s) name a work item (name the question or feature):\n{listing}"
+
+
+# Outside the repository: the folder beside it (`..` then the name) or its design / reference notes, and
+# absolute working, temporary or home folders. Not preceded by a word character, '.', '~' or '-', so a
+# URL's path or a relative folder of ours (runs/tmp/...) does not count.
+_BESIDE = "sha" + "red"
+_ABSOLUTE = ("wo" + "rk", "t" + "mp", "ho" + "me", "ro" + "ot", "Us" + "ers")
+OUTSIDE_PATH = re.compile(
+    r"\.\./" + _BESIDE + r"\b"
+    + r"|(?<![\w.-])" + _BESIDE + r"/(?:design|reference|tools|hooks)\b"
+    + r"|(?<![\w.~-])/(?:" + "|".join(_ABSOLUTE) + r")/"
+)
+# A Markdown file cited by name (`docs/model.md`, `README.md`): it must be one of ours.
+MARKDOWN_NAME = re.compile(r"(?<![\w.-])([A-Za-z0-9][\w-]*)\.md\b")
+# Markdown files our commands write (not tracked): `brainjepa bench --profile` writes profile.md, a
+# site's DP ledger gets <ledger stem>-report.md beside it.
+WRITTEN_BY_OUR_TOOLS = re.compile(r"profile|[\w-]+-report")
+
+
+def is_run_record(rel: Path) -> bool:
+    """Machine-written records of experiment runs (provenance, ledger, tables): they log where a run
+    wrote, as written at the time; they cite nothing."""
+    return rel.parts[:1] == ("experiments",) and rel.suffix in {".json", ".jsonl", ".csv"}
+
+
+def outside_hits(paths: list[Path], markdown_names: set[str]) -> list[str]:
+    """'relative/path:line: text' for each line of `paths` that cites a path outside the repository, or
+    a Markdown file that is neither in `markdown_names` (the stems of the tracked .md files) nor one our
+    commands write."""
+    hits = []
+    for path in paths:
+        rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+        text = _text(path)
+        if text is None or is_run_record(rel):
+            continue
+        for number, line in enumerate(text.splitlines(), start=1):
+            unknown = [m.group(0) for m in MARKDOWN_NAME.finditer(line)
+                       if m.group(1) not in markdown_names and not WRITTEN_BY_OUR_TOOLS.fullmatch(m.group(1))]
+            if OUTSIDE_PATH.search(line) or unknown:
+                hits.append(f"{rel}:{number}: {line.strip()[:120]}")
+    return hits
+
+
+def test_outside_pattern_catches_paths_outside_and_spares_ours():
+    beside = _BESIDE
+    work, temp, home = _ABSOLUTE[:3]
+    caught = [f"see ../{beside}/x.csv", f"(`{beside}/reference/anchor.txt`)", f"{beside}/design/notes",
+              f'Path("/{work}/{beside}/a.csv")', f"--out /{temp}/real", f"`/{home}/me/data`",
+              f"ledger: /{work}/main/experiments/ledger.jsonl"]  # fmt: skip
+    spared = [f"{beside}/ is where a checkout keeps it", "https://example.org/tmp/x", f"runs/{temp}/x",
+              "--out data/real", f"a {beside} folder", f"~/{temp}/x"]  # fmt: skip
+    assert [s for s in caught if not OUTSIDE_PATH.search(s)] == []
+    assert [s for s in spared if OUTSIDE_PATH.search(s)] == []
+
+
+def test_outside_hits_name_file_and_line_and_unknown_markdown(tmp_path):
+    temp, md = _ABSOLUTE[1], "." + "md"
+    text = tmp_path / "module.py"
+    cites = f'"""See docs/model{md}, design-notes{md}; writes profile{md}, site-report{md}."""'
+    text.write_text(f'{cites}\nOUT = "/{temp}/x"\nfine = 1\n')
+    assert outside_hits([text], {"model"}) == [f"{text}:1: {cites}", f'{text}:2: OUT = "/{temp}/x"']
+    assert outside_hits([text], {"model", "design-notes"}) == [f'{text}:2: OUT = "/{temp}/x"']
+    record = ROOT / "experiments" / "run" / "provenance.json"
+    assert is_run_record(record.relative_to(ROOT)) and not is_run_record(Path("experiments/run/report.md"))
+
+
+def test_no_tracked_file_cites_a_path_outside_the_repository():
+    paths = _tracked_files()
+    assert len(paths) > 10, f"expected the repository's tracked files, git listed {len(paths)}"
+    paths = sorted(set(paths) | {Path(__file__).resolve()})
+    markdown_names = {p.stem for p in paths if p.suffix == ".md"}
+    assert "README" in markdown_names, f"expected README.md among the tracked files: {sorted(markdown_names)}"
+    hits = outside_hits(paths, markdown_names)
+    listing = "\n".join(hits)
+    assert hits == [], (
+        f"{len(hits)} line(s) cite a path outside the repository or an untracked note (cite docs/ instead; "
+        f"put what a reader needs there):\n{listing}"
+    )

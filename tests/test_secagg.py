@@ -30,7 +30,7 @@ from torch.nn.utils import parameters_to_vector
 from brainjepa.checkpoint import load_checkpoint
 from brainjepa.config import ModelConfig
 from brainjepa.demo import DemoFederation, prepare_federation
-from brainjepa.federation.flower import LocalFederation, write_app_dir
+from brainjepa.federation.launcher import LocalFederation, write_app_dir
 from brainjepa.federation.secure import secagg_tolerance
 from brainjepa.gradients import load_gradients
 from brainjepa.jepa import JEPAModels

@@ -33,7 +33,7 @@ from brainjepa.checkpoint import load_checkpoint, save_checkpoint
 from brainjepa.config import ModelConfig, PretrainConfig, TrainConfig, load_site
 from brainjepa.demo import prepare_federation
 from brainjepa.federation.contract import ARRAYS, METRICS, SITE, RoundSpec
-from brainjepa.federation.flower import flower_bin, flower_env, write_app_dir
+from brainjepa.federation.launcher import flower_bin, flower_env, write_app_dir
 from brainjepa.federation.processes import ManagedProcess, free_port, start_process
 from brainjepa.federation.tls import make_ca, make_server_cert, make_supernode_key
 from client.cli import probe_coordinator

@@ -1,6 +1,6 @@
 """Sample-weighted averaging of the sites' flat weight vectors (FedAvg's mean), one site at a time.
 
-Used by the coordinator (`server.round`) and by the in-process federation of the downstream harness
+Used by the coordinator (`server.pretraining`) and by the in-process federation of the downstream harness
 (`brainjepa.downstream.fit`), so both average the same way.
 """
 

@@ -1,6 +1,6 @@
 """Subprocesses started and stopped cleanly: each in its own session, its output in a log file.
 
-Generic (nothing Flower-specific): `flower.py` builds the command lines and environments of Flower's
+Generic (nothing Flower-specific): `launcher.py` builds the command lines and environments of Flower's
 processes and starts them with `start_process`.
 
 Every process is started in its own session (process group) so that stopping it also stops the

@@ -5,9 +5,8 @@
 - `numerics`: trains eager and the fast path from one seed and compares the loss curves.
 - `profiling`: torch.profiler over a few steps, summarised by phase and op.
 - `cli`: the `brainjepa bench | memory | numerics` commands (`register(app)`).
-- `gpu_plan`: the GPU measurements in one device call (`python3 -m brainjepa.perf.gpu_plan`).
-- `reference_memory`: the memory estimate run on the reference code, against its measured peaks.
 
 The fast path itself (`brainjepa.fastpath`, `brainjepa.prefetch`, `PerfConfig`) is training runtime
-and lives outside this package. Importing this package imports none of its modules.
+and lives outside this package. Importing this package imports none of its modules. The one-off
+measurements built on it (the GPU plan, the memory estimate run on the reference code) are in `scripts/`.
 """

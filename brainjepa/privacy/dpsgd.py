@@ -2,7 +2,7 @@
 
 Per-sample gradients come from `torch.func` (`vmap(grad(...))` over the WHOLE trained network, the
 approach of Opacus' functorch grad-sample mode applied to the network instead of layer by layer): our
-positional embedding (`brainjepa.pos_embed.GradientProjection`) has no batch input, so Opacus' per-layer
+positional embedding (`brainjepa.positions.GradientProjection`) has no batch input, so Opacus' per-layer
 hooks cannot attribute its gradient to samples; through `functional_call` every parameter, the mask
 token and the gradient projection included, gets its exact per-sample gradient.
 

@@ -1,6 +1,6 @@
 """Parameter shapes of Brain-JEPA's three weight sets (encoder, predictor, EMA target) for ViT-S / ViT-B.
 
-Mirrors brain-jepa.md: ROI-patch embedding Linear(p -> D), gradient positioning Linear(k -> D/2),
+Mirrors the model (docs/model.md): ROI-patch embedding Linear(p -> D), gradient positioning Linear(k -> D/2),
 pre-LN blocks (qkv bias, MLP ratio 4), final norm; predictor Linear(D -> 384), mask token, 6 blocks of
 width 384, norm, Linear(384 -> D). Only the shapes matter here (the transport does not care about names).
 """

@@ -1,14 +1,14 @@
-"""The fast path's GPU measurements in one device call, most important first, inside a time budget.
+"""The fast path's GPU measurements in one call, most important first, inside a time budget.
 
-On the device machine (its image has torch, pyyaml, tqdm, matplotlib; nothing to install):
+From the repository root, on a GPU machine with torch, pyyaml, tqdm and matplotlib (nothing else to install):
 
-    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 -m brainjepa.perf.gpu_plan --out $OUT --budget 480
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 scripts/gpu_plan.py --out OUT --budget 480
 
-Writes to --out (8 files, the device tool's limit): results.jsonl (one line per run, appended as it
+Writes to --out (8 files, all directly in it): results.jsonl (one line per run, appended as it
 goes), table.md (environment, ours beside the reference's anchor in the reference GPU figures in docs/performance.md),
 numerics.json / numerics.png (fast vs eager, 200 steps, bf16), two profile-*.md (time per phase and
 op) and one Chrome trace. Prints table.md last.
-`--device cpu --quick` runs the same plan on tiny models, to check the plan itself here.
+`--device cpu --quick` runs the same plan on tiny models, to check the plan itself on a CPU.
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ def main() -> None:
             f.write(json.dumps({"run": item.name, "checkpointing": item.checkpointing} | r.as_dict()) + "\n")
         log.info("%s: %.1f samples/s, %.0f TFLOP/s, %.1f GiB, first step %.0f s", item.name, r.samples_per_s,
                  r.tflops_per_s, r.peak_memory_gib, r.first_step_s)  # fmt: skip
-        if prof is not None:  # flatten: the device tool returns files at most two folders down
+        if prof is not None:  # flatten: every output directly in --out
             (prof / "profile.md").rename(args.out / f"{prof.name}.md")
             trace = prof / "trace.json.gz"
             if item.name == "B16 fast" and trace.stat().st_size < 15 * 2**20:

@@ -1,7 +1,7 @@
 """How close is `brainjepa memory`? Run the reference Brain-JEPA code's own training step under the same
 fake-tensor byte count and compare with its measured H200 peaks (the reference GPU figures in docs/performance.md).
 
-    PYTHONPATH=. python3 -m brainjepa.perf.reference_memory --reference-repo PATH/TO/Brain-JEPA --size base --batch 16
+    PYTHONPATH=. python3 scripts/reference_memory.py --reference-repo PATH/TO/Brain-JEPA --size base --batch 16
 
 It imports the reference's encoder, predictor, mask collator and helpers from a checkout (nothing of
 it is copied here). Its flash-attn import is served by SDPA, as in the anchor's measurement; the step

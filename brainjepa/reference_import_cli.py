@@ -34,7 +34,7 @@ def import_reference(
     an unknown key, a missing one or a wrong shape is an error naming it. The file is read with
     torch.load(weights_only=True): tensors and plain containers only.
     """
-    from brainjepa.reference import import_reference as run
+    from brainjepa.reference_import import import_reference as run
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip

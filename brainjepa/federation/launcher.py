@@ -1,4 +1,5 @@
-"""Flower's processes on one machine: a SuperLink, SuperNodes and `flwr run`, started and stopped cleanly.
+"""The launcher of Flower's processes on one machine: a SuperLink, SuperNodes and `flwr run`, started and
+stopped cleanly.
 
 Used by `brainjepa-server start` (SuperLink + the run), `brainjepa-client` (one SuperNode), the
 integration tests (SuperLink + N SuperNodes on free loopback ports) and `scripts/transport_bench.py`.
@@ -29,7 +30,7 @@ from brainjepa.federation.processes import (
 
 log = logging.getLogger(__name__)
 
-# Environment every Flower process of ours gets (environment-notes.md): no `uv sync` of the app's
+# Environment every Flower process of ours gets (docs/federation.md): no `uv sync` of the app's
 # dependencies at run time (offline it fails; with torch listed it fetches a CUDA build), no update
 # check, no telemetry.
 FLOWER_QUIET_ENV = {

@@ -1,6 +1,7 @@
 """The `brainjepa embed` command: frozen-backbone features of a site's scans or of one series file.
 
-`register(app)` adds it to the main typer app (brainjepa/cli.py calls it); the logic is brainjepa.embed.
+`register(app)` adds it to the main typer app (brainjepa/cli.py calls it); the logic is
+`brainjepa.frozen_features`.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def embed(
     Writes PREFIX.npy (float32, one row per subject), PREFIX.ids.txt (the subject ids, same order) and
     PREFIX.json (checkpoint and its sha256, random_init, windows, shape, model config, split, scaling).
     """
-    from brainjepa.embed import EmbedRequest, run_embed
+    from brainjepa.frozen_features import EmbedRequest, run_embed
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from brainjepa.errors import ConfigError, where
+from brainjepa.schema import check_choices, from_mapping, read_yaml_mapping
 from sites.config import SiteConfig, load_site_yaml
-from sites.errors import ConfigError, where
-from sites.schema import check_choices, from_mapping, read_yaml_mapping
 from sites.temporal import DEFAULT_MODEL_TR
 
 ModelSize = Literal["tiny", "small", "base", "large"]

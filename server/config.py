@@ -24,8 +24,8 @@ from brainjepa.config import (
     load_pretrain_config,
 )
 from brainjepa.downstream.config import DownstreamTask
-from sites.errors import ConfigError, Origin
-from sites.schema import check_choices, from_mapping, read_yaml_mapping
+from brainjepa.errors import ConfigError, Origin
+from brainjepa.schema import check_choices, from_mapping, read_yaml_mapping
 
 RUN_CONFIG = Origin("run config")
 Strategy = Literal["fedavg", "fedavgm", "fedadam", "median", "trimmed-mean"]

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 
 from brainjepa.checkpoint import load_checkpoint, save_checkpoint
 from brainjepa.config import PretrainConfig, to_dict
+from brainjepa.errors import ConfigError, DataError
 from brainjepa.federation.contract import SCALING, Metric, RoundSpec, scaling_arrays
 from brainjepa.gradients import gradient_checksum, load_gradients, save_gradients
 from brainjepa.jepa import JEPAModels
@@ -33,7 +34,6 @@ from server.report import RunReport, new_run_dir
 from server.robust import RobustAggregate
 from server.round_privacy import RoundPrivacy
 from server.scaling import scaling_stats
-from sites.errors import ConfigError, DataError
 from sites.scaling import RobustScaling
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from typing import Literal
 
 import numpy as np
 
+from brainjepa.errors import DataError, where
 from sites.config import SiteConfig
-from sites.errors import DataError, where
 from sites.layout import discover_subjects, fill, find_subject_file, read_site_participants, subject_column
 from sites.manifest import read_manifest
 from sites.missing import apply_policy, log_missing

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from sites.errors import ConfigError, where
-from sites.schema import from_mapping, read_yaml_mapping
+from brainjepa.errors import ConfigError, where
+from brainjepa.schema import from_mapping, read_yaml_mapping
 
 
 @dataclass(frozen=True)

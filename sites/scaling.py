@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sites.errors import DataError
+from brainjepa.errors import DataError
 
 log = logging.getLogger(__name__)
 

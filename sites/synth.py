@@ -46,9 +46,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from brainjepa.errors import DataError
 from sites import mechanisms as mech
 from sites.connectome import Connectome, model_connectome
-from sites.errors import DataError
 from sites.mechanisms import GENERATOR_VERSION, MECHANISMS, Effects, effects_for_version, effects_from_pairs
 from sites.participants import write_participants
 from sites.roi_io import write_roi_npy

@@ -23,6 +23,7 @@ from brainjepa.checkpoint import load_checkpoint
 from brainjepa.config import PretrainConfig, load_site
 from brainjepa.data import pretraining_stream
 from brainjepa.demo import DemoFederation, prepare_federation
+from brainjepa.errors import ConfigError
 from brainjepa.federation.contract import (
     ARRAYS,
     METRICS,
@@ -39,7 +40,6 @@ from server.config import FederationConfig, from_run_config, to_run_config
 from server.round import FederatedRun
 from server.scaling import check_sketch, combine_sketches
 from sites.cohort import Cohort, load_cohort
-from sites.errors import ConfigError
 from sites.scaling import RobustScaling, combine, summarize
 
 REPO = Path(__file__).resolve().parents[1]

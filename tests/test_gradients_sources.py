@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from brainjepa import gradients as G
+from brainjepa.errors import DataError
 from sites.connectome import brainspace_data_dir
-from sites.errors import DataError
 
 REFERENCE = Path("/work/shared/reference/gradient_mapping_450.csv")
 

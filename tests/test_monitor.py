@@ -12,10 +12,10 @@ import torch
 from conftest import structured_cohort, write_roi_dir
 
 from brainjepa.config import DataConfig, ModelConfig, MonitorConfig, PretrainConfig, TrainConfig
+from brainjepa.errors import ConfigError
 from brainjepa.monitor import CollapseMonitor, effective_rank, feature_stats, read_rows, synthetic_probe
 from brainjepa.pretrain import pretrain
 from brainjepa.vit import Encoder
-from sites.errors import ConfigError
 
 CFG = ModelConfig(size="tiny", n_rois=32, n_frames=64, gradient_components=8)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from brainjepa.config import load_site
+from brainjepa.errors import ConfigError
 from sites.config import RUNTIME_KEYS, load_site_config, parse_site_config, site_config_to_dict
-from sites.errors import ConfigError
 
 ROI_YAML = """\
 site: site_x

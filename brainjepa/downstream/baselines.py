@@ -52,7 +52,7 @@ from brainjepa.downstream.features import (
 )
 from brainjepa.downstream.metrics import PRIMARY, classification_metrics, regression_metrics
 from brainjepa.downstream.selection import best_index, can_cross_validate, cv_scores
-from sites.errors import ConfigError, DataError
+from brainjepa.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from sites.errors import ConfigError
-from sites.schema import check_choices
+from brainjepa.errors import ConfigError
+from brainjepa.schema import check_choices
 from sites.temporal import DEFAULT_MODEL_TR
 
 TaskKind = Literal["classification", "regression"]

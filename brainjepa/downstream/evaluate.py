@@ -50,8 +50,8 @@ from brainjepa.downstream.protocol import (
 )
 from brainjepa.downstream.provenance import Ledger
 from brainjepa.downstream.train import predict, weighted_metrics
+from brainjepa.errors import DataError
 from sites.cohort import load_site_series
-from sites.errors import DataError
 
 log = logging.getLogger(__name__)
 

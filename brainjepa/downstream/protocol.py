@@ -26,10 +26,10 @@ from typing import Literal
 
 from brainjepa.config import PosEmbed
 from brainjepa.downstream.config import BaselineConfig, DownstreamConfig, TaskSpec
+from brainjepa.errors import ConfigError, where
+from brainjepa.schema import check_choices, from_mapping, read_yaml_mapping
 from sites.config import SiteConfig, load_site_config
-from sites.errors import ConfigError, where
 from sites.participants import read_participants
-from sites.schema import check_choices, from_mapping, read_yaml_mapping
 
 MethodName = Literal["finetune", "probe", "scratch", "random_probe", "roi_spectrum", "fc", "fc_tangent", "fc_raw"]
 NEURAL: tuple[str, ...] = ("finetune", "probe", "scratch", "random_probe")

@@ -18,7 +18,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from sites.errors import ConfigError, where
+from brainjepa.errors import ConfigError, where
 
 _MISSING = dataclasses.MISSING
 

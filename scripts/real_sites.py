@@ -222,7 +222,6 @@ def _site_yaml(site: str, tr: float, blocks: list[dict], phenotypes: list[str], 
         "rois": blocks,
         "participants": {"file": "participants.tsv", "phenotypes": phenotypes},
         "split": split,
-        "batch_size": 16,
         "device": "cpu",
     }
 

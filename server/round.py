@@ -27,7 +27,7 @@ from brainjepa.monitor import CollapseMonitor, synthetic_probe
 from brainjepa.weights import WEIGHT_SETS, flat_parameters, load_flat_parameters, model_checksum
 from server.aggregate import RunningMean, ServerOptimizer, check_update
 from server.audit import AuditLog
-from server.config import FederationConfig, to_run_config
+from server.config import ROBUST_METHODS, FederationConfig, to_run_config
 from server.exchange import SiteResult, count, exchange, ok_updates, save_update, site_row
 from server.registry import RegisteredSite, read_registry
 from server.report import RunReport, new_run_dir
@@ -200,7 +200,7 @@ class FederatedRun:
         sched = spec.schedule()
         log.info("round %d/%d: lr %.2e, ema %.5f", rnd + 1, cfg.num_rounds, sched.lr, sched.momentum)
         mean: RunningMean | RobustAggregate = (RobustAggregate(cfg.strategy, cfg.trim_fraction)
-                                               if cfg.strategy in ("median", "trimmed-mean") else RunningMean())
+                                               if cfg.strategy in ROBUST_METHODS else RunningMean())
         records = {SCALING: scaling_arrays(self.scaling)} if self.scaling is not None else None
         if self.privacy is None:
             results = exchange(grid, cfg, spec, self.sets, lambda res: self._accept(rnd, res, mean), records=records)

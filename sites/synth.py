@@ -240,7 +240,6 @@ def _site_yaml(spec: SiteSpec, n_rois: int, n_sub: int, seed: int,
         "rois": [{"name": "subcortex", "n_rois": n_sub}, {"name": "cortex", "n_rois": n_rois - n_sub}],
         "participants": {"file": "participants.tsv", "phenotypes": ["age", "sex", "diagnosis", "population"]},
         "split": {"train": split[0], "val": split[1], "test": split[2], "seed": seed},
-        "batch_size": 16,
         "device": "cpu",
     }
 

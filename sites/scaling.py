@@ -258,7 +258,7 @@ def fit_method(series: list[np.ndarray], method: str,
         return fit_centered(series)
     if method == "none":
         return None
-    raise DataError(f"scaling: expected {', '.join(get_args(Scaling)[:-1])} or none, got '{method}'")
+    raise DataError(f"scaling: expected one of {', '.join(get_args(Scaling))}, got '{method}'")
 
 
 CENTRED_MAX = 0.5  # auto: |time-mean| / within-scan SD below this (median over scans, ROIs) = demeaned data

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sites.errors import DataError
+from brainjepa.errors import DataError
 
 FORMAT = "brainjepa-checkpoint/1"
 NDARRAY = "__ndarray__"  # {NDARRAY: tensor}: a NumPy array stored as a tensor (weights_only-loadable)

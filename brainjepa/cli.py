@@ -10,8 +10,8 @@ import typer
 
 from brainjepa import data_cli, frozen_features_cli, reference_import_cli
 from brainjepa.downstream import cli as downstream_cli
+from brainjepa.errors import InputError
 from brainjepa.perf import cli as perf_cli
-from sites.errors import InputError
 
 app = typer.Typer(
     help="Brain-JEPA: pretrain a brain-dynamics foundation model on ROI fMRI series, on one machine "

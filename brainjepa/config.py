@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from brainjepa.errors import ConfigError, where
+from brainjepa.schema import check_choices, from_mapping, read_yaml_mapping
 from sites.config import SiteConfig, load_site_yaml
-from sites.errors import ConfigError, where
-from sites.schema import check_choices, from_mapping, read_yaml_mapping
+from sites.scaling import Scaling
 from sites.temporal import DEFAULT_MODEL_TR
 
 ModelSize = Literal["tiny", "small", "base", "large"]
@@ -21,7 +22,6 @@ PosEmbed = Literal["gradient", "learned_roi", "sincos_roi"]  # gradient: Brain-J
 # the positional term); unit: std 1/sqrt(patch_size), a unit-variance patch gives a unit-variance embedding.
 PatchInit = Literal["reference", "unit"]
 Loss = Literal["smooth_l1", "l2"]
-Scaling = Literal["auto", "robust", "values", "scan", "centered", "none"]  # robust: the reference's (stats of ROI time-means)
 Precision = Literal["auto", "bf16", "fp32"]  # auto: bf16 autocast on CUDA, fp32 on CPU
 WireDtype = Literal["float32", "float16"]  # how weights travel in a federated round (float16: deltas uplink)
 AttentionBackend = Literal["auto", "cudnn", "flash", "efficient", "math", "default"]
@@ -270,16 +270,12 @@ class PrivacyConfig:
 @dataclass(frozen=True)
 class SiteRuntime:
     """How a site trains, from the top-level keys of its YAML that are not about its data
-    (`sites.config.RUNTIME_KEYS`): the machine's device and speed switches, and its privacy budget."""
+    (`sites.config.RUNTIME_KEYS`): the machine's device and speed switches, and its privacy budget.
+    The batch size is the federation's (the run config's `batch-size`), not the site's."""
 
-    batch_size: int = 16  # not used yet: federated rounds use the run's batch-size, `pretrain` its train.batch_size
-    device: str = "cpu"  # auto | cpu | cuda | cuda:N
+    device: str = TrainConfig.device  # auto | cpu | cuda | cuda:N
     perf: PerfConfig = field(default_factory=PerfConfig)  # this machine's speed switches (brainjepa.fastpath)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
-
-    def __post_init__(self) -> None:
-        if self.batch_size <= 0:
-            raise ConfigError(f"batch_size: expected a positive integer, got {self.batch_size}")
 
 
 def load_site(path: str | Path) -> tuple[SiteConfig, SiteRuntime]:

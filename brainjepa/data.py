@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from brainjepa.config import MaskConfig, PretrainConfig
+from brainjepa.errors import ConfigError, DataError
 from brainjepa.masks import Masks, sample_masks_observed, split_missing
 from sites.cohort import Cohort, load_cohort
 from sites.config import load_site_config
-from sites.errors import ConfigError, DataError
 from sites.windows import PackedSeries, check_lengths, pack, random_windows
 
 

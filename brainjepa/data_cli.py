@@ -13,7 +13,7 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from sites.errors import InputError
+from brainjepa.errors import InputError
 from sites.temporal import DEFAULT_MODEL_TR
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ def gradients(
 
 
 def _read_fc_sum(path: Path) -> tuple[np.ndarray, int | np.ndarray]:
-    from sites.errors import DataError
+    from brainjepa.errors import DataError
 
     if not path.is_file():
         raise DataError(f"FC contribution '{path}' does not exist")
@@ -183,8 +183,8 @@ def _read_fc_sum(path: Path) -> tuple[np.ndarray, int | np.ndarray]:
 
 
 def _networks(path: Path | None, mat: np.ndarray) -> np.ndarray:
+    from brainjepa.errors import DataError
     from sites.connectome import networks_from_fc
-    from sites.errors import DataError
 
     if path is None:
         return networks_from_fc(mat)

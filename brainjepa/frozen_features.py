@@ -31,14 +31,14 @@ from tqdm import tqdm
 from brainjepa.checkpoint import atomic_write_text
 from brainjepa.config import load_site, to_dict
 from brainjepa.downstream.model import Backbone, load_backbone
+from brainjepa.errors import ConfigError, DataError, where
 from brainjepa.jepa import resolve_device
 from brainjepa.masks import mean_observed, split_missing
+from brainjepa.schema import check_choices
 from brainjepa.vit import Encoder
 from sites.cohort import SPLITS, load_site_series
-from sites.errors import ConfigError, DataError, where
 from sites.manifest import file_sha256
 from sites.scaling import check_spread, fit_method, scaling_from_dict
-from sites.schema import check_choices
 from sites.temporal import DEFAULT_MODEL_TR
 from sites.windows import multi_windows, pack
 

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from sites.errors import InputError
+from brainjepa.errors import InputError
 
 
 def _fail(e: Exception) -> typer.Exit:

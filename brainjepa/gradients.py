@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from brainjepa.errors import DataError
 from sites.cohort import load_cohort
 from sites.config import SiteConfig
-from sites.errors import DataError
 
 
 def load_gradients(path: str | Path, n_rois: int | None = None, n_components: int | None = None) -> np.ndarray:

@@ -20,12 +20,12 @@ from torch import nn
 from torch.autograd.profiler import record_function
 
 from brainjepa.config import ModelConfig, OptimConfig, PerfConfig, Precision
+from brainjepa.errors import ConfigError
 from brainjepa.fastpath import accelerate, attention_backends, attention_context
 from brainjepa.masks import Masks
 from brainjepa.predictor import Predictor
 from brainjepa.schedules import SchedulePoint, schedule_at
 from brainjepa.vit import Encoder, gather_tokens
-from sites.errors import ConfigError
 
 
 class JEPAModels(nn.Module):

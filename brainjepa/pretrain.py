@@ -17,13 +17,13 @@ from tqdm.auto import tqdm
 from brainjepa.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from brainjepa.config import PretrainConfig, to_dict
 from brainjepa.data import load_pretraining_cohort, pretraining_stream
+from brainjepa.errors import ConfigError, DataError
 from brainjepa.gradients import gradient_checksum, gradients_for, save_gradients
 from brainjepa.jepa import JEPAModels, PretrainStep, resolve_device
 from brainjepa.monitor import CollapseMonitor, probe_batch, read_rows
 from brainjepa.plots import plot_collapse, plot_loss_curve
 from brainjepa.prefetch import Prefetcher
 from brainjepa.schedules import schedule_at
-from sites.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

@@ -51,9 +51,9 @@ import torch
 
 from brainjepa.checkpoint import save_checkpoint
 from brainjepa.config import ENCODER_SIZES, DataConfig, ModelConfig, PretrainConfig, to_dict
+from brainjepa.errors import DataError
 from brainjepa.gradients import gradient_checksum, load_gradients
 from brainjepa.jepa import JEPAModels
-from sites.errors import DataError
 from sites.scaling import RobustScaling
 
 log = logging.getLogger(__name__)

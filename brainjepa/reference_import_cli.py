@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from sites.errors import InputError
+from brainjepa.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from typing import Annotated
 
 import typer
 
+from brainjepa.errors import InputError
 from brainjepa.federation.launcher import flower_env, supernode_command
 from brainjepa.federation.names import check_site_name
 from brainjepa.federation.processes import ManagedProcess, free_port, start_process
-from sites.errors import InputError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
 

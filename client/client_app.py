@@ -23,6 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from brainjepa.config import SiteRuntime
+from brainjepa.errors import InputError
 from brainjepa.federation.contract import (
     ARRAYS,
     CONFIG,
@@ -52,7 +53,6 @@ from client.training import (
     site_sketch,
 )
 from sites.config import SiteConfig
-from sites.errors import InputError
 from sites.scaling import RobustScaling
 
 log = logging.getLogger(__name__)

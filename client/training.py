@@ -17,6 +17,7 @@ from torch import nn
 
 from brainjepa.config import ModelConfig, PretrainConfig, SiteRuntime, load_site
 from brainjepa.data import BatchStream, pretraining_stream
+from brainjepa.errors import DataError, InputError
 from brainjepa.federation.contract import SKETCH_LEVELS, SKETCH_QUANTILES, Metric, RoundSpec
 from brainjepa.gradients import gradient_checksum, load_gradients
 from brainjepa.jepa import JEPAModels, PretrainStep, resolve_device
@@ -27,7 +28,6 @@ from brainjepa.privacy.session import PrivateRound, ledger_path, run_key
 from brainjepa.weights import WEIGHT_SETS, flat_parameters, load_flat_parameters, model_checksum
 from sites.cohort import check_spread, load_cohort
 from sites.config import SiteConfig
-from sites.errors import DataError, InputError
 from sites.layout import read_site_participants, subject_column
 from sites.scaling import RobustScaling, summarize
 

@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(ROOT))
 
+from brainjepa.errors import DataError  # noqa: E402
 from scripts.real_sites import DATASETS, package_root, read_dataset  # noqa: E402
-from sites.errors import DataError  # noqa: E402
 from sites.participants import write_participants  # noqa: E402
 
 log = logging.getLogger("real_nifti")

@@ -66,7 +66,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from sites.errors import DataError  # noqa: E402
+from brainjepa.errors import DataError  # noqa: E402
 from sites.participants import write_participants  # noqa: E402
 from sites.roi_io import check_series, write_roi_npy  # noqa: E402
 
@@ -222,7 +222,6 @@ def _site_yaml(site: str, tr: float, blocks: list[dict], phenotypes: list[str], 
         "rois": blocks,
         "participants": {"file": "participants.tsv", "phenotypes": phenotypes},
         "split": split,
-        "batch_size": 16,
         "device": "cpu",
     }
 

@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from brainjepa.errors import InputError
 from brainjepa.federation.launcher import (
     TlsFiles,
     flower_bin,
@@ -35,7 +36,6 @@ from brainjepa.federation.processes import (
 from brainjepa.federation.tls import certificate_names, make_ca, make_server_cert
 from server.config import FederationConfig, from_run_config, to_run_config
 from server.registry import load_sites_file, register_sites
-from sites.errors import InputError
 
 # Option defaults are the run config's (server.config.FederationConfig), never written twice.
 D = FederationConfig()

@@ -1,7 +1,9 @@
 """The federation's run-wide settings: Flower's run config (`[tool.flwr.app.config]`) as a frozen dataclass.
 
 The defaults below are the only copy: pyproject.toml's `[tool.flwr.app.config]`, the `brainjepa-server`
-options and the table in docs/federation.md are checked against them by tests. The server is the single
+options and the table in docs/federation.md are checked against them by tests. Those that are a
+pretraining or server-optimiser setting as well (model-size, lr, seed, server-lr, server-momentum) are
+taken from those dataclasses' defaults; n-rois, n-frames and batch-size are the run's own (a CPU demo). The server is the single
 source of truth for training: it turns these settings into a `PretrainConfig` (model, mask, optimiser)
 and sends that to every site with each round (`brainjepa.federation.contract`), with checksums the site
 verifies.
@@ -13,24 +15,29 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from brainjepa.config import (
     ModelConfig,
     ModelSize,
+    OptimConfig,
     PretrainConfig,
     TrainConfig,
     WireDtype,
     load_pretrain_config,
 )
 from brainjepa.downstream.config import DownstreamTask
-from sites.errors import ConfigError, Origin
-from sites.schema import check_choices, from_mapping, read_yaml_mapping
+from brainjepa.errors import ConfigError, Origin
+from brainjepa.schema import check_choices, from_mapping, read_yaml_mapping
 
 RUN_CONFIG = Origin("run config")
-Strategy = Literal["fedavg", "fedavgm", "fedadam", "median", "trimmed-mean"]
+# fedavg (x <- mean), fedavgm (server momentum) or fedadam (Reddi et al. 2021, FedOpt): a server step
+ServerMethod = Literal["fedavg", "fedavgm", "fedadam"]
 # median / trimmed-mean: coordinate-wise robust aggregation of the sites' weights (Flower's FedMedian /
 # FedTrimmedAvg logic); they hold every accepted reply of a round at once (sites x parameters x 4 bytes).
+RobustMethod = Literal["median", "trimmed-mean"]
+ROBUST_METHODS: tuple[str, ...] = get_args(RobustMethod)
+Strategy = Literal[ServerMethod, RobustMethod]
 # pretrain: federated Brain-JEPA pretraining; finetune / probe: a downstream task on a pretrained backbone
 # (`checkpoint` + `downstream-config`), trained federated, selected on validation, scored on test.
 RunTask = Literal["pretrain", "finetune", "probe"]
@@ -43,7 +50,7 @@ ScalingScope = Literal["site", "federation"]
 class ServerOptConfig:
     """`fedavg` (x <- mean), `fedavgm` (server momentum) or `fedadam` (Reddi et al. 2021, FedOpt)."""
 
-    method: Literal["fedavg", "fedavgm", "fedadam"] = "fedavg"
+    method: ServerMethod = "fedavg"
     lr: float = 1.0  # server learning rate (eta); fedavg ignores it
     momentum: float = 0.9  # fedavgm
     beta1: float = 0.9  # fedadam
@@ -63,16 +70,18 @@ class FederationConfig:
     wait_for_sites_s: float = 120.0  # how long a round waits for min_sites to be connected
     round_timeout_s: float = 600.0  # a site that has not replied by then is dropped from the round
     strategy: Strategy = "fedavg"
-    server_lr: float = 1.0
-    server_momentum: float = 0.9
+    server_lr: float = ServerOptConfig.lr
+    server_momentum: float = ServerOptConfig.momentum
     wire_dtype: WireDtype = "float32"  # float16: half-precision transfer, uplink as deltas
-    seed: int = 0
-    pretrain_config: str = ""  # optional pretraining YAML (model / mask / optim sections)
-    model_size: ModelSize = "tiny"
-    n_rois: int = 100
-    n_frames: int = 96
-    lr: float = 1e-3
-    batch_size: int = 8  # local batch size (a site's YAML batch_size is used only by local pretraining)
+    seed: int = TrainConfig.seed
+    # Optional pretraining YAML (model / mask / optim / data sections). It decides the model and the LR:
+    # model-size, n-rois, n-frames and lr must then stay at their defaults (`PRETRAIN_CONFIG_DECIDES`).
+    pretrain_config: str = ""
+    model_size: ModelSize = ModelConfig.size
+    n_rois: int = 100  # the run's own default (a CPU demo), not model.n_rois'
+    n_frames: int = 96  # the run's own default (a CPU demo), not model.n_frames'
+    lr: float = OptimConfig.lr
+    batch_size: int = 8  # each site's local batch size (train.batch_size); the run's own default, a CPU demo's
     gradients: str = ""  # the federation's gradient file (.npy / .csv, R x k)
     out_dir: str = "runs/federated"
     resume_dir: str = ""  # continue this run folder from its last completed round
@@ -105,6 +114,7 @@ class FederationConfig:
 
     def __post_init__(self) -> None:
         check_choices(self, RUN_CONFIG)
+        self._check_pretrain_config()
         if self.num_rounds < 1 or self.local_steps < 1 or self.min_sites < 1:
             raise ConfigError("run config: 'num-rounds', 'local-steps' and 'min-sites' must be >= 1")
         if not 0.0 < self.fraction_sites <= 1.0:
@@ -125,6 +135,20 @@ class FederationConfig:
             raise ConfigError(f"run config 'scaling-scope': 'federation' applies to pretraining, not task "
                               f"'{self.task}' (downstream sites scale with their own statistics)")  # fmt: skip
 
+    def _check_pretrain_config(self) -> None:
+        """With `pretrain-config` the file decides the model and the LR: a run-config key it would
+        override must stay at its default (a key that is set and never read is an error)."""
+        if not self.pretrain_config:
+            return
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, section_key in PRETRAIN_CONFIG_DECIDES.items():
+            value = getattr(self, name)
+            if value != defaults[name]:
+                key = run_config_key(name)
+                raise ConfigError(f"run config '{key}': set to {value!r} together with 'pretrain-config' (file "
+                                  f"'{self.pretrain_config}'), whose {section_key} decides it: set {section_key} "
+                                  f"in that file, or leave '{key}' at its default {defaults[name]!r}")  # fmt: skip
+
     def _check_privacy(self) -> None:
         """central-dp / secure-aggregation settings (pretraining runs only)."""
         if (self.central_dp or self.secure_aggregation) and self.task != "pretrain":
@@ -135,7 +159,7 @@ class FederationConfig:
             raise ConfigError(f"run config: central DP needs 'central-dp-noise-multiplier' > 0, 'central-dp-clip-norm' "
                               f"> 0 and 'central-dp-delta' in (0, 1), got {self.central_dp_noise_multiplier}, "
                               f"{self.central_dp_clip_norm}, {self.central_dp_delta}")  # fmt: skip
-        if (self.central_dp or self.secure_aggregation) and self.strategy in ("median", "trimmed-mean"):
+        if (self.central_dp or self.secure_aggregation) and self.strategy in ROBUST_METHODS:
             what = "central-dp" if self.central_dp else "secure-aggregation"
             raise ConfigError(f"run config 'strategy': '{self.strategy}' with '{what}' (central DP needs the clipped "
                               "sum, secure aggregation hides single updates): use fedavg, fedavgm or fedadam")  # fmt: skip
@@ -153,7 +177,7 @@ class FederationConfig:
         return self.num_rounds * self.local_steps
 
     def server_opt(self) -> ServerOptConfig:
-        method = "fedavg" if self.strategy in ("median", "trimmed-mean") else self.strategy  # no server step
+        method = "fedavg" if self.strategy in ROBUST_METHODS else self.strategy  # no server step
         return ServerOptConfig(method=method, lr=self.server_lr, momentum=self.server_momentum)
 
     def pretrain(self, base_dir: Path | None = None) -> PretrainConfig:
@@ -170,6 +194,11 @@ class FederationConfig:
                 cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, scaling="robust"))
         train = TrainConfig(steps=self.total_steps, batch_size=self.batch_size, seed=self.seed, device="cpu")
         return dataclasses.replace(cfg, train=train)
+
+
+# Run-config keys that a `pretrain-config` file decides instead (FederationConfig field -> the file's key).
+PRETRAIN_CONFIG_DECIDES = {"model_size": "model.size", "n_rois": "model.n_rois", "n_frames": "model.n_frames",
+                           "lr": "optim.lr"}  # fmt: skip
 
 
 def run_config_key(name: str) -> str:

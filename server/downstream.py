@@ -34,6 +34,7 @@ from brainjepa.downstream.fit import init_seed, load_state_vector, reaches_eval_
 from brainjepa.downstream.metrics import METRICS, PRIMARY, is_better
 from brainjepa.downstream.model import Backbone, DownstreamModel, load_backbone
 from brainjepa.downstream.train import TargetScale, weighted_metrics
+from brainjepa.errors import ConfigError
 from brainjepa.federation.contract import MODEL_SET, Metric, RoundSpec, eval_metric_key, eval_metrics
 from brainjepa.gradients import gradient_checksum
 from brainjepa.weights import model_checksum
@@ -44,7 +45,6 @@ from server.exchange import SiteResult, exchange, ok_updates, save_update, site_
 from server.privacy_report import PrivacyReport
 from server.registry import RegisteredSite, read_registry
 from server.report import SITE_FIELDS, append_rows, new_run_dir
-from sites.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

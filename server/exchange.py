@@ -20,6 +20,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from brainjepa.errors import ConfigError
 from brainjepa.federation.contract import (
     ARRAYS,
     CONFIG,
@@ -35,7 +36,6 @@ from brainjepa.federation.names import check_site_name
 from server.aggregate import SiteUpdate
 from server.config import FederationConfig
 from server.registry import RegisteredSite, read_registry
-from sites.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 
 from brainjepa.checkpoint import load_checkpoint, save_checkpoint
 from brainjepa.config import PretrainConfig, to_dict
+from brainjepa.errors import ConfigError, DataError
 from brainjepa.federation.contract import SCALING, Metric, RoundSpec, scaling_arrays
 from brainjepa.gradients import gradient_checksum, load_gradients, save_gradients
 from brainjepa.jepa import JEPAModels
@@ -26,14 +27,13 @@ from brainjepa.monitor import CollapseMonitor, synthetic_probe
 from brainjepa.weights import WEIGHT_SETS, flat_parameters, load_flat_parameters, model_checksum
 from server.aggregate import RunningMean, ServerOptimizer, check_update
 from server.audit import AuditLog
-from server.config import FederationConfig, to_run_config
+from server.config import ROBUST_METHODS, FederationConfig, to_run_config
 from server.exchange import SiteResult, count, exchange, ok_updates, save_update, site_row
 from server.registry import RegisteredSite, read_registry
 from server.report import RunReport, new_run_dir
 from server.robust import RobustAggregate
 from server.round_privacy import RoundPrivacy
 from server.scaling import scaling_stats
-from sites.errors import ConfigError, DataError
 from sites.scaling import RobustScaling
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class FederatedRun:
         sched = spec.schedule()
         log.info("round %d/%d: lr %.2e, ema %.5f", rnd + 1, cfg.num_rounds, sched.lr, sched.momentum)
         mean: RunningMean | RobustAggregate = (RobustAggregate(cfg.strategy, cfg.trim_fraction)
-                                               if cfg.strategy in ("median", "trimmed-mean") else RunningMean())
+                                               if cfg.strategy in ROBUST_METHODS else RunningMean())
         records = {SCALING: scaling_arrays(self.scaling)} if self.scaling is not None else None
         if self.privacy is None:
             results = exchange(grid, cfg, spec, self.sets, lambda res: self._accept(rnd, res, mean), records=records)

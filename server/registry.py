@@ -23,9 +23,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from brainjepa.errors import ConfigError, DataError
 from brainjepa.federation.names import check_site_name
-from sites.errors import ConfigError, DataError
-from sites.schema import from_mapping, read_yaml_mapping
+from brainjepa.schema import from_mapping, read_yaml_mapping
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,16 @@ import numpy as np
 import torch
 from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_avg
 
+from server.config import ROBUST_METHODS
+
 
 class RobustAggregate:
     """Collects accepted replies; `result()` is their coordinate-wise median or trimmed mean per set
     (unweighted: a site's claimed sample count cannot pull the result)."""
 
     def __init__(self, method: str, trim_fraction: float) -> None:
-        if method not in ("median", "trimmed-mean"):
-            raise ValueError(f"robust aggregation: expected 'median' or 'trimmed-mean', got {method!r}")
+        if method not in ROBUST_METHODS:
+            raise ValueError(f"robust aggregation: expected one of {ROBUST_METHODS}, got {method!r}")
         self.method, self.trim_fraction = method, trim_fraction
         self.replies: list[dict[str, torch.Tensor]] = []
 

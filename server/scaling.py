@@ -15,11 +15,11 @@ import logging
 import numpy as np
 from flwr.serverapp import Grid
 
+from brainjepa.errors import DataError
 from brainjepa.federation.contract import SKETCH_LEVELS, SKETCH_QUANTILES, RoundSpec
 from server.aggregate import SiteUpdate
 from server.config import FederationConfig
 from server.exchange import SiteResult, exchange, ok_updates
-from sites.errors import DataError
 from sites.scaling import RobustScaling, ScalingSummary, combine
 
 log = logging.getLogger(__name__)

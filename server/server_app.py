@@ -18,12 +18,12 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from brainjepa.errors import InputError
 from brainjepa.federation.launcher import RUN_STOPPED as STOPPED
 from server.config import FederationConfig, from_run_config
 from server.downstream import DownstreamRun
 from server.exchange import RoundFailed
 from server.pretraining import FederatedRun
-from sites.errors import InputError
 
 log = logging.getLogger(__name__)
 app = ServerApp()

@@ -16,18 +16,17 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
+from brainjepa.errors import DataError, where
 from sites.config import SiteConfig
-from sites.errors import DataError, where
 from sites.layout import discover_subjects, fill, find_subject_file, read_site_participants, subject_column
 from sites.manifest import read_manifest
 from sites.missing import apply_policy, log_missing
 from sites.participants import Participants
 from sites.roi_io import read_roi_dir, read_roi_file
-from sites.scaling import PerScanScaling, RobustScaling, check_spread, fit_method
+from sites.scaling import PerScanScaling, RobustScaling, Scaling, check_spread, fit_method
 from sites.scrub import censor, log_censoring, read_fd
 from sites.temporal import DEFAULT_MODEL_TR, n_frames_after, resample
 
@@ -319,7 +318,7 @@ def load_cohort(
     model_tr: float = DEFAULT_MODEL_TR,
     split: str | None = "train",
     min_frames: int | None = None,
-    scaling: Literal["auto", "robust", "values", "scan", "centered", "none"] = "robust",
+    scaling: Scaling = "robust",
     for_model: bool = True,
 ) -> Cohort:
     """A site's `split` subjects (None: all), or every `.npy` of a folder (already at the model TR), scaled.

@@ -14,10 +14,11 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from sites.errors import ConfigError, where
-from sites.schema import from_mapping, read_yaml_mapping
+from brainjepa.errors import ConfigError, where
+from brainjepa.schema import from_mapping, read_yaml_mapping
+from sites.missing import MissingPolicy
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,14 @@ class RoiBlock:
     file: str | None = None  # roi format: this block's per-subject file pattern (UKB-style split files)
 
 
+# What to do with a participants row that has no data file, or a scan shorter than the model window
+SkipPolicy = Literal["error", "skip"]
+
+
 @dataclass(frozen=True)
-class DataConfig:
+class SiteFiles:
+    """The `data` section of a site YAML: where the site's files are and how they are read."""
+
     format: Literal["nifti", "roi"]
     root: Path = Path(".")
     # roi format: one per-subject file holding every ROI (else each RoiBlock names its own `file`)
@@ -43,8 +50,8 @@ class DataConfig:
     bold: str = "{subject}/func/{subject}_*space-MNI152NLin6Asym*_bold.nii.gz"
     confounds: str | None = None
     output: Path = Path("derivatives/brainjepa")  # where `prepare` writes ROI series + manifest
-    on_missing: Literal["error", "skip"] = "error"  # participants row without a data file
-    on_short: Literal["error", "skip"] = "error"  # scan shorter than the model window
+    on_missing: SkipPolicy = "error"  # participants row without a data file
+    on_short: SkipPolicy = "error"  # scan shorter than the model window
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,7 @@ class PreprocessConfig:
     fd_file: str | None = None
     # ROIs all-zero / constant / NaN in a scan (partial coverage), sites.missing: `error` (name them),
     # `skip_scan` (drop such scans, counted), `mask` (keep the scan, those ROIs marked missing)
-    missing_rois: Literal["error", "skip_scan", "mask"] = "error"
+    missing_rois: MissingPolicy = "error"
     # prepare (NIfTI): a ROI with a smaller share of its voxels inside the data (non-zero) is missing; 0: off
     min_coverage: float = 0.0
 
@@ -93,15 +100,21 @@ class SplitConfig:
     seed: int = 0
 
 
-# Top-level keys of a site YAML about how the site trains, not about its data (batch size, device, speed
-# switches, privacy budget): `sites` passes them on unparsed and the training side checks them.
-RUNTIME_KEYS = ("batch_size", "device", "perf", "privacy")
+# Top-level keys of a site YAML about how the site trains, not about its data (device, speed switches,
+# privacy budget): `sites` passes them on unparsed and the training side checks them.
+RUNTIME_KEYS = ("device", "perf", "privacy")
 
 
 @dataclass(frozen=True)
 class SiteConfig:
+    # Keys a site YAML once had (key -> what to use instead): an error naming the file and the key.
+    RETIRED_KEYS: ClassVar[dict[str, str]] = {
+        "batch_size": "a site's batch size was never used; federated rounds use the run config's 'batch-size', "
+                      "`brainjepa pretrain` the pretraining YAML's train.batch_size",
+    }  # fmt: skip
+
     site: str
-    data: DataConfig
+    data: SiteFiles
     rois: tuple[RoiBlock, ...]
     tr: float | None = None  # seconds; nifti: read from the header when null
     participants: ParticipantsConfig = field(default_factory=ParticipantsConfig)

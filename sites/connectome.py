@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sites.errors import DataError
+from brainjepa.errors import DataError
 
 SCALES = (100, 200, 300, 400)
 

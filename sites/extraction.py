@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from brainjepa.errors import ConfigError, DataError, InputError, where
 from sites.config import SiteConfig
-from sites.errors import ConfigError, DataError, InputError, where
 from sites.manifest import file_sha256
 from sites.missing import find_missing
 from sites.roi_io import write_roi_npy

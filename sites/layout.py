@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from brainjepa.errors import DataError, where
 from sites.config import SiteConfig
-from sites.errors import DataError, where
 from sites.participants import Participants, read_participants
 
 RUN_ENTITY = re.compile(r"(?:^|_)run-([A-Za-z0-9]+)(?=[_.])")  # BIDS: ..._run-02_bold.nii.gz

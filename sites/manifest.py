@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from sites.errors import DataError, where
+from brainjepa.errors import DataError, where
 
 MANIFEST = "manifest.json"
 

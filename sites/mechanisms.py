@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import yaml
 
-from sites.errors import ConfigError
+from brainjepa.errors import ConfigError
 
 GENERATOR_VERSION = 3
 MECHANISMS = ("mixed", "coupling", "amplitude", "spectrum", "null")

@@ -22,7 +22,7 @@ from typing import Literal
 
 import numpy as np
 
-from sites.errors import DataError, where
+from brainjepa.errors import DataError, where
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sites.errors import DataError, where
+from brainjepa.errors import DataError, where
 
 MISSING = ("", "n/a", "na", "nan")
 

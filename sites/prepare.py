@@ -25,8 +25,8 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
+from brainjepa.errors import ConfigError, DataError, where
 from sites.config import SiteConfig
-from sites.errors import ConfigError, DataError, where
 from sites.extraction import AtlasSpec, SubjectJob, atlas_overlaps, extract_subject, load_atlases
 from sites.layout import discover_subjects, find_subject_file, read_site_participants
 from sites.manifest import MANIFEST, write_manifest

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sites.errors import DataError, where
+from brainjepa.errors import DataError, where
 
 log = logging.getLogger(__name__)
 

@@ -24,14 +24,17 @@ import hashlib
 import logging
 import warnings
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 
-from sites.errors import DataError
+from brainjepa.errors import DataError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LEVELS = np.round(np.linspace(0.01, 0.99, 99), 6)
+# How series are scaled (`fit_method`); robust: the reference's (stats of ROI time-means)
+Scaling = Literal["auto", "robust", "values", "scan", "centered", "none"]
 
 
 def subject_means(series: list[np.ndarray]) -> np.ndarray:
@@ -255,7 +258,7 @@ def fit_method(series: list[np.ndarray], method: str,
         return fit_centered(series)
     if method == "none":
         return None
-    raise DataError(f"scaling: expected auto, robust, values, scan, centered or none, got '{method}'")
+    raise DataError(f"scaling: expected one of {', '.join(get_args(Scaling))}, got '{method}'")
 
 
 CENTRED_MAX = 0.5  # auto: |time-mean| / within-scan SD below this (median over scans, ROIs) = demeaned data

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sites.errors import DataError, where
+from brainjepa.errors import DataError, where
 from sites.roi_io import read_text_table
 
 log = logging.getLogger(__name__)

@@ -46,9 +46,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from brainjepa.errors import DataError
 from sites import mechanisms as mech
 from sites.connectome import Connectome, model_connectome
-from sites.errors import DataError
 from sites.mechanisms import GENERATOR_VERSION, MECHANISMS, Effects, effects_for_version, effects_from_pairs
 from sites.participants import write_participants
 from sites.roi_io import write_roi_npy
@@ -240,7 +240,6 @@ def _site_yaml(spec: SiteSpec, n_rois: int, n_sub: int, seed: int,
         "rois": [{"name": "subcortex", "n_rois": n_sub}, {"name": "cortex", "n_rois": n_rois - n_sub}],
         "participants": {"file": "participants.tsv", "phenotypes": ["age", "sex", "diagnosis", "population"]},
         "split": {"train": split[0], "val": split[1], "test": split[2], "seed": seed},
-        "batch_size": 16,
         "device": "cpu",
     }
 

@@ -16,7 +16,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from sites.errors import DataError
+from brainjepa.errors import DataError
 
 METHODS = ("polyphase", "linear", "nearest")
 DEFAULT_MODEL_TR = 2.205  # seconds: the reference's UKB 0.735 s x 3

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sites.errors import DataError
+from brainjepa.errors import DataError
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from brainjepa.downstream.baselines import BASELINES, FC_GRID, fit_baseline
 from brainjepa.downstream.config import BaselineConfig
 from brainjepa.downstream.features import clean_series, fc_features, roi_spectrum_features
 from brainjepa.downstream.metrics import classification_metrics, regression_metrics
-from sites.errors import ConfigError, DataError
-from sites.schema import from_mapping
+from brainjepa.errors import ConfigError, DataError
+from brainjepa.schema import from_mapping
 
 TR = 2.205
 CFG = BaselineConfig()

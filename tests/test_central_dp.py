@@ -25,6 +25,7 @@ import torch
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
+from brainjepa.errors import ConfigError
 from brainjepa.federation.contract import Metric
 from brainjepa.federation.secure import delta_norm, secagg_tolerance
 from brainjepa.gradients import save_gradients
@@ -35,7 +36,6 @@ from server.config import FederationConfig
 from server.exchange import SiteResult
 from server.privacy_report import PrivacyReport
 from server.secagg import SecureRound, add_secure_sum
-from sites.errors import ConfigError
 
 P_ENC, P_PRED, P_TGT = 300, 200, 300
 

@@ -18,10 +18,10 @@ from brainjepa.downstream.data import encode_labels, load_labelled_site
 from brainjepa.downstream.fit import fit
 from brainjepa.downstream.model import DownstreamModel, load_backbone, param_groups
 from brainjepa.downstream.protocol import load_protocol
+from brainjepa.errors import ConfigError, DataError
 from brainjepa.pretrain import pretrain
 from sites.cohort import load_site_series
 from sites.config import load_site_config
-from sites.errors import ConfigError, DataError
 from sites.synth import generate_cohorts
 
 SEX = TaskSpec("sex", "sex", "classification", ("0", "1"))

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from brainjepa.config import DataConfig, ModelConfig, PretrainConfig, TrainConfig, load_pretrain_config
+from brainjepa.errors import ConfigError, DataError
 from brainjepa.gradients import load_gradients
 from brainjepa.jepa import JEPAModels
 from brainjepa.pretrain import pretrain
-from sites.errors import ConfigError, DataError
 
 REFERENCE_GRADIENTS = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "gradient_mapping_450.csv"
 

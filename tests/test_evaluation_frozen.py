@@ -18,9 +18,9 @@ from brainjepa.downstream.config import TaskSpec
 from brainjepa.downstream.data import load_labelled_site, training_scaling
 from brainjepa.downstream.protocol import load_protocol, protocol_hash
 from brainjepa.downstream.provenance import AlreadyScored, Ledger, check_and_record, mark_completed
+from brainjepa.errors import ConfigError
 from sites.cohort import load_site_series
 from sites.config import load_site_config
-from sites.errors import ConfigError
 from sites.scaling import fit_method
 from sites.synth import GENERATOR_VERSION, generate_cohorts
 

@@ -17,13 +17,13 @@ from typer.testing import CliRunner
 
 from brainjepa.cli import app
 from brainjepa.config import MaskConfig, ModelConfig, OptimConfig, PerfConfig, load_pretrain_config
+from brainjepa.errors import ConfigError
 from brainjepa.fastpath import attention_backends, compile_blocks
 from brainjepa.jepa import JEPAModels, PretrainStep, resolve_precision
 from brainjepa.perf.bench import CPU_SDPA_FLOPS, synthetic_batches
 from brainjepa.perf.numerics import compare_paths
 from brainjepa.prefetch import Prefetcher
 from brainjepa.vit import Block, gather_tokens
-from sites.errors import ConfigError
 
 # torch.compile on a CPU generates C++: it needs a compiler (CI and the dev image have g++)
 needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,

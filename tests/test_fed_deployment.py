@@ -22,8 +22,8 @@ from brainjepa.demo import prepare_federation
 from brainjepa.federation.launcher import LocalFederation, write_app_dir
 from brainjepa.gradients import load_gradients, save_gradients
 from brainjepa.jepa import JEPAModels
+from brainjepa.schema import from_mapping
 from server.config import FederationConfig, to_run_config
-from sites.schema import from_mapping
 
 REPO = Path(__file__).resolve().parents[1]
 # One BLAS thread per Flower process: several sites share the 2 test cores.

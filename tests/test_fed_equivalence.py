@@ -20,8 +20,8 @@ from brainjepa.federation.launcher import LocalFederation, write_app_dir
 from brainjepa.gradients import load_gradients
 from brainjepa.jepa import JEPAModels
 from brainjepa.pretrain import pretrain
+from brainjepa.schema import from_mapping
 from server.config import FederationConfig, to_run_config
-from sites.schema import from_mapping
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}

@@ -23,6 +23,7 @@ from brainjepa.checkpoint import load_checkpoint
 from brainjepa.config import PretrainConfig, load_site
 from brainjepa.data import pretraining_stream
 from brainjepa.demo import DemoFederation, prepare_federation
+from brainjepa.errors import ConfigError
 from brainjepa.federation.contract import (
     ARRAYS,
     METRICS,
@@ -39,7 +40,6 @@ from server.config import FederationConfig, from_run_config, to_run_config
 from server.pretraining import FederatedRun
 from server.scaling import check_sketch, combine_sketches
 from sites.cohort import Cohort, load_cohort
-from sites.errors import ConfigError
 from sites.scaling import RobustScaling, combine, summarize
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,8 +111,10 @@ def test_site_applies_the_federation_statistics_and_refuses_another_roi_count(de
 def test_federation_scope_without_a_sketch_is_refused(demo: DemoFederation, tmp_path: Path) -> None:
     yaml_path = tmp_path / "pretrain.yaml"
     yaml_path.write_text(f"model: {{n_rois: {N_ROIS}, n_frames: {N_FRAMES}}}\ndata: {{scaling: values}}\n")
-    with pytest.raises(ConfigError, match="needs data.scaling 'robust'.*'values'"):
-        FederatedRun.create(_cfg(demo, tmp_path / "runs", pretrain_config=str(yaml_path)))
+    with pytest.raises(ConfigError, match="needs data.scaling 'robust'.*'values'"):  # the YAML decides the model
+        FederatedRun.create(FederationConfig(local_steps=2, num_rounds=1, batch_size=4, gradients=str(demo.gradients),
+                                             out_dir=str(tmp_path / "runs"), scaling_scope="federation",
+                                             pretrain_config=str(yaml_path)))  # fmt: skip
     with pytest.raises(ConfigError, match="scaling-scope"):
         FederationConfig(task="finetune", checkpoint="c.pt", downstream_config="d.yaml", scaling_scope="federation")
     with pytest.raises(ConfigError, match="scaling-scope"):

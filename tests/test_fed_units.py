@@ -12,6 +12,7 @@ from brainjepa.downstream.config import DownstreamConfig, TaskSpec
 from brainjepa.downstream.fit import load_state_vector, state_vector
 from brainjepa.downstream.model import Backbone, DownstreamModel
 from brainjepa.downstream.train import TargetScale
+from brainjepa.errors import ConfigError
 from brainjepa.federation.contract import (
     MODEL_SET,
     decode_global,
@@ -39,7 +40,6 @@ from server.config import (
     to_run_config,
 )
 from server.downstream import check_evaluation, pooled_target
-from sites.errors import ConfigError
 
 
 def _update(site: str, n: int, rng: np.random.Generator, sizes: dict[str, int]) -> SiteUpdate:

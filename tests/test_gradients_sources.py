@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from brainjepa import gradients as G
+from brainjepa.errors import DataError
 from sites.connectome import brainspace_data_dir
-from sites.errors import DataError
 
 # The gradient file the reference Brain-JEPA release ships (its data/gradient_mapping_450.csv: 450 ROIs x
 # 30 components). It is not ours to ship: set BRAINJEPA_REFERENCE_GRADIENTS to a copy to run its check.

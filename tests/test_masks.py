@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from brainjepa.config import MaskConfig
+from brainjepa.errors import ConfigError
 from brainjepa.masks import sample_masks, sample_sizes
-from sites.errors import ConfigError
 
 CFG = MaskConfig()
 GRIDS = [(450, 10), (50, 10), (32, 4), (100, 20)]

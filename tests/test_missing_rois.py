@@ -13,11 +13,11 @@ import torch
 from brainjepa.config import MaskConfig
 from brainjepa.data import BatchStream, pack_cohort
 from brainjepa.downstream.baselines import fc_features, fit_fc_baseline
+from brainjepa.errors import DataError
 from brainjepa.gradients import federated_fc, fisher_z_fc, group_connectivity, site_fc_sum
 from brainjepa.masks import mean_observed, sample_masks, sample_masks_observed, split_missing
 from sites.cohort import load_cohort, load_site_series
 from sites.config import parse_site_config
-from sites.errors import DataError
 from sites.participants import write_participants
 from sites.prepare import prepare_site
 from sites.scaling import fit_method, fit_values

@@ -7,10 +7,10 @@ import torch
 
 from brainjepa.attention import Attention, explicit_attention
 from brainjepa.config import ModelConfig
+from brainjepa.errors import ConfigError
 from brainjepa.positions import BrainPositionalEmbedding, sincos_1d
 from brainjepa.predictor import Predictor
 from brainjepa.vit import Encoder
-from sites.errors import ConfigError
 
 
 def _count(m: torch.nn.Module) -> int:

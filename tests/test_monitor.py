@@ -12,6 +12,7 @@ import torch
 from conftest import structured_cohort, write_roi_dir
 
 from brainjepa.config import DataConfig, MaskConfig, ModelConfig, MonitorConfig, PretrainConfig, TrainConfig
+from brainjepa.errors import ConfigError
 from brainjepa.jepa import JEPAModels
 from brainjepa.masks import sample_masks
 from brainjepa.monitor import (
@@ -25,7 +26,6 @@ from brainjepa.monitor import (
 )
 from brainjepa.pretrain import pretrain
 from brainjepa.vit import Encoder
-from sites.errors import ConfigError
 
 CFG = ModelConfig(size="tiny", n_rois=32, n_frames=64, gradient_components=8)
 

@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 from brainjepa.checkpoint import load_checkpoint
 from brainjepa.cli import app
 from brainjepa.config import DataConfig, ModelConfig, OptimConfig, PretrainConfig, TrainConfig
+from brainjepa.errors import ConfigError
 from brainjepa.jepa import JEPAModels
 from brainjepa.pretrain import pretrain
-from sites.errors import ConfigError
 
 
 def _config(roi_dir: Path, out: Path, steps: int, **train) -> PretrainConfig:

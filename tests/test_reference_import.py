@@ -20,11 +20,11 @@ from typer.testing import CliRunner
 from brainjepa.checkpoint import load_checkpoint
 from brainjepa.cli import app
 from brainjepa.config import ModelConfig
+from brainjepa.errors import DataError
 from brainjepa.jepa import JEPAModels
 from brainjepa.reference_import import import_reference
-from sites.errors import DataError
+from brainjepa.schema import from_mapping
 from sites.scaling import RobustScaling
-from sites.schema import from_mapping
 
 R, T, P, K = 20, 32, 16, 30  # ROIs, frames, patch, gradient components
 W = T // P

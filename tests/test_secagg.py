@@ -35,8 +35,8 @@ from brainjepa.federation.secure import secagg_tolerance
 from brainjepa.gradients import load_gradients
 from brainjepa.jepa import JEPAModels
 from brainjepa.schedules import schedule_at
+from brainjepa.schema import from_mapping
 from server.config import FederationConfig, to_run_config
-from sites.schema import from_mapping
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}

@@ -32,6 +32,7 @@ from flwr.cli.build import build_fab_from_disk
 from brainjepa.checkpoint import load_checkpoint, save_checkpoint
 from brainjepa.config import ModelConfig, PretrainConfig, TrainConfig, load_site
 from brainjepa.demo import prepare_federation
+from brainjepa.errors import ConfigError, DataError
 from brainjepa.federation.contract import ARRAYS, METRICS, SITE, RoundSpec
 from brainjepa.federation.launcher import flower_bin, flower_env, write_app_dir
 from brainjepa.federation.processes import ManagedProcess, free_port, start_process
@@ -46,7 +47,6 @@ from server.exchange import SiteResult, malformed, refuse_duplicate, reply_site
 from server.fleet_proxy import fleet_allowed
 from server.registry import RegisteredSite, load_sites_file
 from server.robust import RobustAggregate
-from sites.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from brainjepa.errors import DataError
 from sites.cohort import load_site_series
 from sites.config import parse_site_config
-from sites.errors import DataError
 from sites.participants import write_participants
 from sites.roi_io import read_roi_file
 from sites.temporal import n_frames_after, resample

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from brainjepa.config import load_site
+from brainjepa.errors import ConfigError
 from sites.config import RUNTIME_KEYS, load_site_config, parse_site_config, site_config_to_dict
-from sites.errors import ConfigError
 
 ROI_YAML = """\
 site: site_x
@@ -26,7 +26,6 @@ participants:
   file: participants.tsv
   phenotypes: [age, sex]
 split: {train: 0.7, val: 0.15, test: 0.15, seed: 3}
-batch_size: 8
 device: cpu
 """
 
@@ -58,7 +57,7 @@ def test_roi_config_parses_and_resolves_paths(tmp_path):
     assert cfg.participants.phenotypes == ("age", "sex")
     assert cfg.split.seed == 3
     same, runtime = load_site(tmp_path / "site.yaml")  # the whole file: data + how the site trains
-    assert same == cfg and runtime.batch_size == 8 and runtime.device == "cpu" and not runtime.privacy.enabled
+    assert same == cfg and runtime.device == "cpu" and not runtime.privacy.enabled
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.tr = 2.0  # type: ignore[misc]
     # round trip through the YAML-ready mapping
@@ -77,13 +76,13 @@ def test_nifti_config_parses(tmp_path):
 @pytest.mark.parametrize(
     "edit, key, what",
     [
-        (("batch_size: 8", "batch_size: 8\nbatchsize: 4"), "batchsize", "unknown key"),
+        (("device: cpu", "device: cpu\nbatchsize: 4"), "batchsize", "unknown key"),
         (
             ("  orientation: time_x_rois", "  orientation: time_x_rois\n  fromat: roi"),
             "data.fromat",
             "unknown key",
         ),
-        (("batch_size: 8", "batch_size: eight"), "batch_size", "expected an integer"),
+        (("device: cpu", "device: 1"), "device", "expected a string"),
         (("tr: 0.8", "tr: fast"), "tr", "expected a number"),
         (("tr: 0.8", "tr: true"), "tr", "expected a number"),
         (("  format: roi", "  format: csv"), "data.format", "one of 'nifti', 'roi'"),
@@ -163,7 +162,19 @@ def test_runtime_sections_are_the_training_sides(tmp_path):
     assert load_site_config(p).site == "site_x"  # data commands (prepare, synth) do not need them
     with pytest.raises(ConfigError, match="perf.compile"):
         load_site(p)
-    assert set(RUNTIME_KEYS) == {"batch_size", "device", "perf", "privacy"}
+    assert set(RUNTIME_KEYS) == {"device", "perf", "privacy"}
+
+
+@pytest.mark.parametrize("reader", [load_site, load_site_config], ids=["load_site", "load_site_config"])
+def test_a_site_batch_size_is_an_error_saying_what_to_use(tmp_path, reader):
+    """A site's `batch_size` was never read: a file that sets it is refused (data commands included), the
+    message naming the file, the key and what sets the batch size instead."""
+    p = write(tmp_path, ROI_YAML + "batch_size: 16\n")
+    with pytest.raises(ConfigError) as e:
+        reader(p)
+    msg = str(e.value)
+    assert str(p) in msg and "'batch_size'" in msg and "not read" in msg
+    assert "'batch-size'" in msg and "train.batch_size" in msg  # what to use instead
 
 
 def test_privacy_enabled_needs_a_budget_naming_file_and_key(tmp_path):

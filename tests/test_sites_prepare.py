@@ -10,9 +10,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from brainjepa.errors import DataError
 from sites.cohort import load_site_series
 from sites.config import parse_site_config
-from sites.errors import DataError
 from sites.manifest import file_sha256
 from sites.participants import write_participants
 from sites.prepare import prepare_site

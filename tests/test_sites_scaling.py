@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from sites.errors import DataError
+from brainjepa.errors import DataError
 from sites.scaling import RobustScaling, ScalingSummary, combine, fit, subject_means, summarize
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from brainjepa.errors import ConfigError, DataError
 from sites.cohort import load_site_series
 from sites.config import parse_site_config
-from sites.errors import ConfigError, DataError
 from sites.manifest import write_manifest
 from sites.participants import write_participants
 from sites.scrub import keep_mask, longest_run, read_fd

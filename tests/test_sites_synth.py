@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 
+from brainjepa.errors import DataError
 from sites.cohort import load_site_series
 from sites.config import load_site_config
-from sites.errors import DataError
 from sites.participants import read_participants
 from sites.synth import generate_cohorts
 
@@ -137,7 +137,7 @@ def test_signal_is_learnable_but_not_trivial(tmp_path):
 def test_effects_from_key_value_pairs_and_their_errors(tmp_path):
     """`brainjepa synth --effect KEY=VALUE`: values read as YAML, tuples from lists; generator version 1's
     effects are two pairs away and differ from the default; bad keys and kinds are named."""
-    from sites.errors import ConfigError
+    from brainjepa.errors import ConfigError
     from sites.synth import Effects, effects_for_version, effects_from_pairs
 
     old = effects_from_pairs(["sex_gain=0.6", "factor_tau=[1.5, 6]"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sites.errors import DataError
+from brainjepa.errors import DataError
 from sites.windows import check_lengths, fixed_windows, gather, multi_windows, pack, random_windows
 
 

@@ -19,7 +19,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from sites.errors import ConfigError
+from brainjepa.errors import ConfigError
 from sites.participants import read_participants
 from sites.synth import (
     GENERATOR_VERSION,

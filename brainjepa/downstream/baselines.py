@@ -39,7 +39,7 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from brainjepa.downstream.config import BaselineConfig
+from brainjepa.downstream.config import BASELINES, BaselineConfig
 from brainjepa.downstream.features import (
     Z_CLIP,
     check_series,
@@ -52,14 +52,13 @@ from brainjepa.downstream.features import (
 )
 from brainjepa.downstream.metrics import PRIMARY, classification_metrics, regression_metrics
 from brainjepa.downstream.selection import best_index, can_cross_validate, cv_scores
-from sites.errors import ConfigError, DataError
+from brainjepa.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["BASELINES", "FC_GRID", "Z_CLIP", "FittedBaseline", "fc_features", "fit_baseline", "fit_fc_baseline",
            "make_fc_pipeline", "predict_scores", "regularisation_strength"]  # fmt: skip
 
-BASELINES: tuple[str, ...] = ("roi_spectrum", "fc", "fc_tangent", "fc_raw")
 # Candidate C (LogisticRegression, inverse strength) and alpha (Ridge, strength) per task kind.
 FC_GRID: dict[str, tuple[float, ...]] = {
     "classification": tuple(np.logspace(-5, 4, 10).tolist()),

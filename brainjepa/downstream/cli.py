@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from sites.errors import InputError
+from brainjepa.errors import InputError
 
 
 def evaluate(

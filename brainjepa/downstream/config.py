@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
-from sites.errors import ConfigError
-from sites.schema import check_choices
+from brainjepa.errors import ConfigError
+from brainjepa.schema import check_choices
+from sites.scaling import Scaling
 from sites.temporal import DEFAULT_MODEL_TR
 
 TaskKind = Literal["classification", "regression"]
@@ -23,7 +24,10 @@ TaskKind = Literal["classification", "regression"]
 # scratch: the same ViT and head from random weights (no pretraining); random_probe: a probe on a frozen
 # untrained backbone (what pretraining must beat).
 Method = Literal["finetune", "probe", "scratch", "random_probe"]
-NEURAL_METHODS: tuple[str, ...] = ("finetune", "probe", "scratch", "random_probe")
+NEURAL_METHODS: tuple[str, ...] = get_args(Method)
+# The non-neural baselines (brainjepa.downstream.baselines): per-ROI band power, cleaned / tangent / raw FC.
+Baseline = Literal["roi_spectrum", "fc", "fc_tangent", "fc_raw"]
+BASELINES: tuple[str, ...] = get_args(Baseline)
 # mean: the reference's mean over all ROI x time tokens (D features); roi_std: per ROI the mean and the
 # std over time of its tokens (R x 2D features: keeps the ROI axis and each ROI's spread over time).
 Pool = Literal["mean", "roi_std"]
@@ -107,7 +111,7 @@ class DownstreamTask:
     task: TaskSpec
     recipe: DownstreamConfig = field(default_factory=DownstreamConfig)
     model_tr: float = DEFAULT_MODEL_TR
-    scaling: Literal["auto", "robust", "values", "scan", "centered", "none"] = "centered"
+    scaling: Scaling = "centered"
 
 
 @dataclass(frozen=True)

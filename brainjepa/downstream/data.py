@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from brainjepa.downstream.config import TaskSpec
+from brainjepa.errors import DataError, where
 from sites.cohort import SPLITS, load_site_series
 from sites.config import SiteConfig
-from sites.errors import DataError, where
 from sites.layout import read_site_participants
 from sites.scaling import CenteredScaling, PerScanScaling, RobustScaling, check_spread, fit_method
 from sites.windows import PackedSeries, multi_windows, pack, random_windows

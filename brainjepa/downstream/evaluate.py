@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from brainjepa.config import load_pretrain_config
 from brainjepa.downstream import baselines, comparison, provenance, report
-from brainjepa.downstream.config import TaskSpec
+from brainjepa.downstream.config import BASELINES, NEURAL_METHODS, TaskSpec
 from brainjepa.downstream.data import LabelledSite, load_labelled_site, training_scaling
 from brainjepa.downstream.fit import fit, pooled
 from brainjepa.downstream.metrics import (
@@ -39,8 +39,6 @@ from brainjepa.downstream.metrics import (
 )
 from brainjepa.downstream.model import Backbone, load_backbone
 from brainjepa.downstream.protocol import (
-    BASELINE_METHODS,
-    NEURAL,
     Ablation,
     Experiment,
     Protocol,
@@ -50,8 +48,8 @@ from brainjepa.downstream.protocol import (
 )
 from brainjepa.downstream.provenance import Ledger
 from brainjepa.downstream.train import predict, weighted_metrics
+from brainjepa.errors import DataError
 from sites.cohort import load_site_series
-from sites.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -158,13 +156,13 @@ def run_cohort(p: Protocol, out_dir: Path, progress: bool, device: str) -> tuple
             modes = list(p.training) if len(fts) > 1 else ["centralized"]
             runs = [(seed, m, v, mode) for seed in p.seeds for m in p.methods
                     for v in (variants if m in ("finetune", "probe") else [None])
-                    for mode in (modes if m in p.training_methods and m in NEURAL else ["centralized"])]  # fmt: skip
+                    for mode in (modes if m in p.training_methods and m in NEURAL_METHODS else ["centralized"])]  # fmt: skip
             desc = f"{p.cohort + ' ' if p.cohort else ''}{exp.name}: {task.name}"
             for seed, method, variant, mode in tqdm(runs, desc=desc, disable=not progress):
                 name = method if variant is None else f"{method} [{variant.name}]"
                 base = {"experiment": exp.name, "method": name, "training": mode, "task": task.name, "seed": seed,
                         "cohort": cohort}  # fmt: skip
-                if method in BASELINE_METHODS:
+                if method in BASELINES:
                     scores, extra = _baseline_scores(p, method, task, fts, tests, seed, model_tr)
                     r, pr = _score(task, tests, scores, base, "+".join(exp.finetune), extra)
                     rows, preds = rows + r, preds + pr
@@ -306,7 +304,7 @@ def write_reports(p: Protocol, rows: list[dict], preds: list[dict], out_dir: Pat
     summary = summarize(overall, ["experiment", "method", "training", "task"], metric_names)
     summary_csv = report.write_csv(summary, out_dir / "summary.csv")
     kinds = {t.name: t.kind for t in p.tasks}
-    cmp = comparison.compare(preds, kinds, n_boot=p.n_bootstrap, baselines=BASELINE_METHODS)
+    cmp = comparison.compare(preds, kinds, n_boot=p.n_bootstrap, baselines=BASELINES)
     report.write_csv(cmp.rows, out_dir / "intervals.csv")
     sections, plots = [], []
     primary = {t.name: PRIMARY[t.kind] for t in p.tasks}

@@ -36,7 +36,7 @@ from scipy.interpolate import interp1d
 from scipy.signal import welch
 
 from brainjepa.downstream.config import BaselineConfig
-from sites.errors import ConfigError, DataError
+from brainjepa.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

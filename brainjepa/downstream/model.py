@@ -25,10 +25,10 @@ from torch import nn
 from brainjepa.checkpoint import load_checkpoint
 from brainjepa.config import ModelConfig
 from brainjepa.downstream.config import DownstreamConfig, TaskSpec
+from brainjepa.errors import DataError
 from brainjepa.masks import mean_observed, split_missing
+from brainjepa.schema import from_mapping
 from brainjepa.vit import Encoder, init_weights, set_drop_path
-from sites.errors import DataError
-from sites.schema import from_mapping
 
 
 @dataclass(frozen=True)

@@ -24,16 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from brainjepa.config import PosEmbed
-from brainjepa.downstream.config import BaselineConfig, DownstreamConfig, TaskSpec
+from brainjepa.config import MaskMode, PosEmbed
+from brainjepa.downstream.config import Baseline, BaselineConfig, DownstreamConfig, Method, TaskSpec
+from brainjepa.errors import ConfigError, where
+from brainjepa.schema import check_choices, from_mapping, read_yaml_mapping
 from sites.config import SiteConfig, load_site_config
-from sites.errors import ConfigError, where
 from sites.participants import read_participants
-from sites.schema import check_choices, from_mapping, read_yaml_mapping
 
-MethodName = Literal["finetune", "probe", "scratch", "random_probe", "roi_spectrum", "fc", "fc_tangent", "fc_raw"]
-NEURAL: tuple[str, ...] = ("finetune", "probe", "scratch", "random_probe")
-BASELINE_METHODS: tuple[str, ...] = ("roi_spectrum", "fc", "fc_tangent", "fc_raw")
+MethodName = Literal[Method, Baseline]  # a neural method or a baseline
 Training = Literal["federated", "centralized", "local"]
 # How a site that only tests (no training split) is scaled: with the statistics of the experiment's
 # fine-tuning sites' training scans (what a new site meets), or with its own scans (label-free, but it
@@ -81,7 +79,7 @@ class Ablation:
 
     name: str
     pos_embed: PosEmbed = "gradient"  # learned_roi / sincos_roi: positions without brain gradients
-    mask_mode: Literal["spatiotemporal", "random"] = "spatiotemporal"
+    mask_mode: MaskMode = "spatiotemporal"
 
     def __post_init__(self) -> None:
         check_choices(self, f"ablation '{self.name}'")

@@ -55,11 +55,11 @@ import torch
 
 from brainjepa.config import ModelConfig, PretrainConfig, WireDtype, to_dict
 from brainjepa.downstream.config import DownstreamTask
+from brainjepa.errors import ConfigError, InputError, Origin
 from brainjepa.schedules import SchedulePoint, schedule_at
+from brainjepa.schema import check_choices, from_mapping
 from brainjepa.weights import WEIGHT_SETS
-from sites.errors import ConfigError, InputError, Origin
 from sites.scaling import RobustScaling
-from sites.schema import check_choices, from_mapping
 
 # Bumped whenever a field changes meaning: a site and a server of different versions refuse each other.
 CONTRACT_VERSION = 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from sites.errors import ConfigError
+from brainjepa.errors import ConfigError
 
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from opacus.accountants import create_accountant
 
 from brainjepa.config import PrivacyConfig
-from sites.errors import DataError, InputError
+from brainjepa.errors import DataError, InputError
 
 LEDGER_VERSION = 1
 

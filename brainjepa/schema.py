@@ -4,6 +4,8 @@ A small, strict converter: an unknown key, a missing required key or a value of 
 `ConfigError` that names the file, the dotted key, what was expected and what came. Supported field
 types: bool, int, float (ints accepted), str, Path, `X | None`, `Literal[...]`, `tuple[X, ...]`, and
 fixed-length `tuple[X, Y]`, nested dataclasses (also as `tuple[Dataclass, ...]` from a YAML list).
+A dataclass may list keys it used to have in a `RETIRED_KEYS` class variable (key -> what to do instead):
+such a key is an error that says so, rather than a plain unknown key.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from sites.errors import ConfigError, where
+from brainjepa.errors import ConfigError, where
 
 _MISSING = dataclasses.MISSING
 
@@ -124,9 +126,12 @@ def from_mapping(cls: type, data: dict, file: Path | str | None, prefix: str = "
     hints = typing.get_type_hints(cls)
     spell = spell or (lambda name: name)
     fields = {spell(f.name): f for f in dataclasses.fields(cls) if f.init}
+    retired: dict[str, str] = getattr(cls, "RETIRED_KEYS", {})
     for k in data:
+        full = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(k, str) and k in retired:
+            raise ConfigError(f"{where(file, full)}: not read by anything, remove it: {retired[k]}")
         if not isinstance(k, str) or k not in fields:
-            full = f"{prefix}.{k}" if prefix else str(k)
             raise ConfigError(
                 f"{where(file, full)}: unknown key; allowed keys here: {', '.join(sorted(fields))}"
             )

@@ -91,6 +91,38 @@ def test_a_generated_protocol_runs_once_per_cohort_with_provenance_intervals_and
     assert prov["scoring"]["rescore"] and prov["scoring"]["times_scored_before_by_this_protocol"] == 1
 
 
+def test_a_run_whose_report_step_failed_is_finished_by_report_only_and_then_counts_as_scored(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from brainjepa.downstream import comparison
+
+    path = _generated_protocol(tmp_path, generator_seeds=[0], methods=["fc"])
+    out, ledger = tmp_path / "out", tmp_path / "ledger.jsonl"
+    run = ["evaluate", "--protocol", str(path), "--out-dir", str(out), "--ledger", str(ledger)]
+    real = comparison.compare
+
+    def fails(*a: object, **k: object) -> None:
+        raise RuntimeError("the report step failed")
+
+    monkeypatch.setattr(comparison, "compare", fails)
+    res = CliRunner().invoke(app, run)
+    assert isinstance(res.exception, RuntimeError)
+    assert (out / "predictions.csv").is_file() and (out / "provenance.json").is_file()
+    assert not (out / "report.md").exists()
+    assert not any(e.get("completed") for e in Ledger(ledger).entries())  # no test number was shown
+    monkeypatch.setattr(comparison, "compare", real)
+    res = CliRunner().invoke(app, [*run, "--report-only"])
+    assert res.exit_code == 0, res.output
+    assert "| fc · centralized |" in (out / "report.md").read_text()
+    assert [e["completed"] for e in Ledger(ledger).entries()] == [False, True]
+    again = CliRunner().invoke(app, run)
+    assert again.exit_code == 2 and "already scored" in again.output
+    CliRunner().invoke(app, [*run, "--report-only"])  # rendering again is no new scoring
+    assert [e["completed"] for e in Ledger(ledger).entries()] == [False, True]
+    empty = CliRunner().invoke(app, ["evaluate", "--protocol", str(path), "--out-dir", str(tmp_path / "none"),
+                                     "--report-only", "--ledger", str(ledger)])  # fmt: skip
+    assert empty.exit_code == 2 and "no results.csv" in empty.output
+
+
 def test_the_ledger_counts_only_completed_scorings_and_other_protocols_separately(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "l.jsonl")
     first = check_and_record(ledger, "p1", "data", tmp_path, rescore=False)

@@ -18,7 +18,7 @@ def evaluate(
     seeds: Annotated[int | None, typer.Option(help="Use only the protocol's first N seeds (a quick look).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     rescore: Annotated[bool, typer.Option(help="Score this protocol's test data again although it was scored before (recorded in provenance.json and the report).")] = False,
-    report_only: Annotated[bool, typer.Option(help="Only write the reports again from OUT_DIR's results.csv, predictions.csv and provenance.json (a finished run of this protocol): nothing is fitted or predicted.")] = False,
+    report_only: Annotated[bool, typer.Option(help="Only write the reports again from OUT_DIR's results.csv, predictions.csv and provenance.json (a run of this protocol that predicted every test subject, e.g. one whose report step failed): nothing is fitted or predicted.")] = False,
     ledger: Annotated[Path | None, typer.Option(help="The scoring ledger (default $BRAINJEPA_LEDGER, else ~/.local/state/brainjepa/scored.jsonl).")] = None,
     verbose: bool = False,
 ) -> None:
@@ -47,7 +47,7 @@ def evaluate(
                                 for e in p.experiments)  # fmt: skip
             p = dataclasses.replace(p, experiments=experiments, ablations=())
         if report_only:
-            result = rerender(p, out_dir.resolve())
+            result = rerender(p, out_dir.resolve(), Ledger(ledger or default_ledger()))
         else:
             result = run_protocol(p, out_dir.resolve(), progress=True, device=device,
                                   ledger=Ledger(ledger or default_ledger()), rescore=rescore)  # fmt: skip

@@ -3,7 +3,9 @@
 For every (experiment, task, method, training) the per-subject predictions of `brainjepa evaluate`
 (predictions.csv: one row per test subject, training seed and fitted model) become the arrays of
 `brainjepa.downstream.intervals`: the subjects of every test site of every cohort, each (cohort, site) a
-stratum, each (seed, fine-tuning site) a replicate. Every method gets an interval per metric; every neural
+stratum, each (seed, fine-tuning site) a replicate. For classification, a test site whose subjects hold a
+single class has no AUROC of its own: the test sites of its cohort then form one stratum (one fitted model
+scores them all, so their scores share a scale), and the report says so. Every method gets an interval per metric; every neural
 method gets its paired difference to the best baseline on the same resampled subjects. "Best" is the
 baseline with the highest point estimate of the ranking metric (AUROC; regression: R²) on the test
 subjects: the strongest comparison for the neural method, never a choice made in its favour. Every
@@ -13,14 +15,17 @@ finetune - scratch): what pretraining buys.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from brainjepa.downstream import intervals
 from brainjepa.downstream.report import LABELS
+
+log = logging.getLogger(__name__)
 
 SHOWN: dict[str, tuple[str, ...]] = {"classification": ("balanced_acc", "auroc"), "regression": ("r2", "mae", "pearson_r")}
 RANKING: dict[str, str] = {"classification": "auroc", "regression": "r2"}
@@ -31,6 +36,7 @@ UNTRAINED: dict[str, str] = {"probe": "random_probe", "finetune": "scratch"}  # 
 class Comparison:
     rows: list[dict]  # experiment, task, method, training, metric, versus ("" or the baseline), estimate, lo, hi
     best_baseline: dict[tuple[str, str], str]  # (experiment, task) -> baseline method
+    pooled: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)  # (experiment, task) -> cohorts
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,8 @@ class MethodPredictions:
     subjects: list[tuple[str, str, int]]  # N x (cohort, site, subject index), sorted
     y: np.ndarray  # (N,)
     scores: np.ndarray  # (S, N, C) class probabilities | (S, N) predictions; S replicates (seed, trained_on)
-    group: np.ndarray  # (N,) int stratum: (cohort, site)
+    group: np.ndarray  # (N,) int stratum: (cohort, site), or (cohort, pooled sites)
+    pooled: tuple[str, ...] = ()  # cohorts whose test sites form one stratum (a site held a single class)
 
 
 def method_predictions(rows: Sequence[Mapping], kind: str) -> MethodPredictions:
@@ -58,9 +65,19 @@ def method_predictions(rows: Sequence[Mapping], kind: str) -> MethodPredictions:
         y = y.astype(np.int64)
     else:
         scores = np.array([[per[s]["pred"] for s in subjects] for per in reps.values()], dtype=np.float64)
-    strata = {k: i for i, k in enumerate(dict.fromkeys((c, site) for c, site, _ in subjects))}
-    group = np.array([strata[(c, site)] for c, site, _ in subjects], dtype=np.int64)
-    return MethodPredictions(subjects, y, scores, group)
+    pooled = _single_class_cohorts(subjects, y) if kind == "classification" else ()
+    keys = [(c, "" if c in pooled else site) for c, site, _ in subjects]
+    strata = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+    group = np.array([strata[k] for k in keys], dtype=np.int64)
+    return MethodPredictions(subjects, y, scores, group, pooled)
+
+
+def _single_class_cohorts(subjects: Sequence[tuple[str, str, int]], y: np.ndarray) -> tuple[str, ...]:
+    """The cohorts with a test site whose subjects hold a single class."""
+    classes: dict[tuple[str, str], set[int]] = {}
+    for (c, site, _), label in zip(subjects, y.tolist(), strict=True):
+        classes.setdefault((c, site), set()).add(label)
+    return tuple(dict.fromkeys(c for (c, _), k in classes.items() if len(k) < 2))
 
 
 def compare(preds: Sequence[Mapping], kinds: Mapping[str, str], *, n_boot: int, baselines: Sequence[str],
@@ -72,6 +89,10 @@ def compare(preds: Sequence[Mapping], kinds: Mapping[str, str], *, n_boot: int, 
     arrays = {k: method_predictions(v, kinds[k[1]]) for k, v in by.items()}
     rows: list[dict] = []
     best: dict[tuple[str, str], str] = {}
+    pooled = {(k[0], k[1]): mp.pooled for k, mp in arrays.items() if mp.pooled}
+    for (exp, task), cohorts in pooled.items():
+        log.warning("%s / %s: a test site of cohort(s) %s holds a single class; each such cohort's test sites "
+                    "form one stratum", exp, task, ", ".join(cohorts))  # fmt: skip
     for (exp, task, method, training), mp in arrays.items():
         kind = kinds[task]
         for metric in SHOWN[kind]:
@@ -109,7 +130,7 @@ def compare(preds: Sequence[Mapping], kinds: Mapping[str, str], *, n_boot: int, 
                                              n_boot=n_boot, seed=seed)  # fmt: skip
             rows.append({"experiment": exp, "task": task, "method": method, "training": training, "metric": metric,
                          "versus": untrained, "estimate": iv.estimate, "lo": iv.lo, "hi": iv.hi})  # fmt: skip
-    return Comparison(rows, best)
+    return Comparison(rows, best, pooled)
 
 
 def _iv(r: Mapping) -> intervals.Interval:
@@ -141,6 +162,11 @@ def markdown(cmp: Comparison, experiment: str, tasks: Sequence[str], kinds: Mapp
         lines.append(f"| {me} · {tr} | " + " | ".join(out) + " |")
     lines += ["", "*Estimate [95 % interval]: subjects resampled within each test site (and generated cohort), "
               "class counts kept; training seeds averaged. Best per column in bold.*"]  # fmt: skip
+    for t in tasks:
+        cohorts = cmp.pooled.get((experiment, t))
+        if cohorts:
+            lines += ["", f"*{t}: a test site of cohort(s) {', '.join(cohorts)} holds a single class (no AUROC of its "
+                         "own); each such cohort's test sites are resampled and scored as one stratum.*"]  # fmt: skip
     best_rows = [r for r in rows if r["versus"] and r["versus"] == cmp.best_baseline.get((experiment, r["task"]))]
     untrained = [r for r in rows if r["versus"] and r["versus"] in UNTRAINED.values() and r not in best_rows]
     for diffs, what in ((best_rows, "the best baseline"), (untrained, "the same model untrained (what pretraining buys)")):

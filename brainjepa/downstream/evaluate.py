@@ -237,6 +237,9 @@ def run_protocol(p: Protocol, out_dir: Path, progress: bool = True, device: str 
     record["test_data_sha256"] = provenance.combined(test_prints)
     if ledger is not None:
         record["scoring"] = provenance.check_and_record(ledger, phash, record["test_data_sha256"], out_dir, rescore)
+    for stale in ("results.csv", "predictions.csv"):  # an earlier run's: never rendered with this one's provenance
+        (out_dir / stale).unlink(missing_ok=True)
+    provenance.write_provenance(out_dir / "provenance.json", record)  # now: a run whose report fails can be rerendered
     rows: list[dict] = []
     preds: list[dict] = []
     for cp in resolved_cohorts:
@@ -270,10 +273,16 @@ def _shape_only(p: Protocol, exp: Experiment, out: Path, progress: bool) -> Back
     return Backbone(cfg.model, grads, {}, "random init", None)
 
 
-def rerender(p: Protocol, out_dir: Path) -> EvaluationResult:
-    """The reports again from a finished run's results.csv, predictions.csv and provenance.json: no model is
-    fitted and nothing new is predicted (e.g. after the report's format changed)."""
+def rerender(p: Protocol, out_dir: Path, ledger: Ledger | None = None) -> EvaluationResult:
+    """The reports again from a run's results.csv, predictions.csv and provenance.json: no model is fitted
+    and nothing new is predicted (after the report's format changed, or when the run's last step, the
+    report, failed). With a `ledger`, a scoring not yet marked completed there is marked now: its test
+    numbers are shown."""
     out_dir = Path(out_dir)
+    for name in ("results.csv", "predictions.csv", "provenance.json"):
+        if not (out_dir / name).is_file():
+            raise DataError(f"{out_dir}: no {name}; --report-only needs a run of this protocol that predicted "
+                            f"every test subject (results.csv, predictions.csv and provenance.json)")  # fmt: skip
     record = json.loads((out_dir / "provenance.json").read_text())
     if record["protocol_sha256"] != protocol_hash(p):
         raise DataError(f"{out_dir}: its provenance.json is of another protocol (sha256 {record['protocol_sha256'][:12]}, "
@@ -282,7 +291,10 @@ def rerender(p: Protocol, out_dir: Path) -> EvaluationResult:
                                  "command": sys.argv, "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
     tidy = [{k: _tidy(v) for k, v in r.items()} for r in report.read_csv(out_dir / "results.csv")]
     preds = [{k: _tidy(v) for k, v in r.items()} for r in report.read_csv(out_dir / "predictions.csv")]
-    return write_reports(p, tidy, preds, out_dir, record)
+    result = write_reports(p, tidy, preds, out_dir, record)
+    if ledger is not None and not provenance.completed(ledger, record["protocol_sha256"], record["test_data_sha256"], out_dir):
+        provenance.mark_completed(ledger, record["protocol_sha256"], record["test_data_sha256"], out_dir)
+    return result
 
 
 def _tidy(v: object) -> object:

@@ -160,6 +160,13 @@ def check_and_record(ledger: Ledger, protocol: str, test_data: str, out_dir: Pat
             "times_scored_before_by_other_protocols": len(prior) - len(same)}  # fmt: skip
 
 
+def completed(ledger: Ledger, protocol: str, test_data: str, out_dir: Path) -> bool:
+    """Whether the ledger records this scoring's tables as written."""
+    where = _where(out_dir, ledger)
+    return any(e.get("completed") and e.get("protocol") == protocol and e.get("out_dir") == where
+               for e in ledger.prior(test_data))  # fmt: skip
+
+
 def mark_completed(ledger: Ledger, protocol: str, test_data: str, out_dir: Path) -> None:
     """Record that the scoring's tables were written: from now on a second one needs `--rescore`."""
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

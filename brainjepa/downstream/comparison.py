@@ -195,5 +195,7 @@ def provenance_markdown(record: Mapping) -> str:
         lines.append(f"- this test data was scored before {s['times_scored_before_by_this_protocol']} time(s) by this "
                      f"protocol{' (--rescore)' if s['rescore'] else ''} and "
                      f"{s['times_scored_before_by_other_protocols']} time(s) by other protocols")  # fmt: skip
+    if record.get("rebuilt"):
+        lines.append(f"- {record['rebuilt']}")
     lines.append("- everything else (resolved protocol, command, package versions, fingerprints): provenance.json")
     return "\n".join(lines) + "\n"

@@ -1,4 +1,5 @@
 # One command each: `make demo` (set up + run the demo), `make test` (set up + run the tests).
+# `make test-fast`: the unit tests only (no Flower processes, no long runs; under a minute), for the edit loop.
 # The virtual environment is created on first use. torch is installed FIRST and pinned, so that no
 # dependency pulls a multi-GB CUDA build on a CPU machine; GPU users: see README "GPU".
 PYTHON ?= python3
@@ -11,7 +12,7 @@ export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_TELEMETRY_ENABLED=0
 export FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE=16777216
 
-.PHONY: setup demo demo-local test lint bench clean
+.PHONY: setup demo demo-local test test-fast lint bench clean
 
 $(BIN)/brainjepa: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +36,9 @@ demo-local: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not integration"
 
 lint: setup
 	$(BIN)/ruff check .

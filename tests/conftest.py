@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import numpy as np
@@ -42,3 +43,23 @@ def roi_dir(tmp_path: Path) -> Path:
 def _scoring_ledger(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test scores into its own ledger (`brainjepa evaluate` refuses a second scoring of a test split)."""
     monkeypatch.setenv("BRAINJEPA_LEDGER", str(tmp_path_factory.mktemp("ledger") / "scored.jsonl"))
+
+
+def freeze_heap() -> None:
+    """Collect garbage once, then move every object alive now out of the collector's reach for the rest
+    of the session (`gc.freeze`; they are still freed by reference counting). nilearn calls `gc.collect()`
+    at every image read (`safe_get_data`): over the millions of objects the imports (torch, Flower,
+    nilearn, sklearn) and earlier tests left, a collection took ~0.15 s, several seconds per extraction
+    test; over a frozen heap it scans only what the test itself made."""
+    gc.collect()
+    gc.freeze()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    freeze_heap()  # every test module is imported now
+
+
+@pytest.fixture
+def gc_frozen() -> None:
+    """For tests that extract with nilearn's masker: what earlier tests left alive is frozen too."""
+    freeze_heap()

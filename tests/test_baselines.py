@@ -52,6 +52,7 @@ def _bacc(fitted, xs, y) -> float:
     return classification_metrics(y, fitted.predict_scores(xs, 2), 2)["balanced_acc"]
 
 
+@pytest.mark.slow  # tangent-space FC cross-validated fold by fold, then again with nilearn + sklearn
 @pytest.mark.parametrize("kind", ["classification", "regression"])
 def test_fc_tangent_equals_nilearn_and_sklearn_with_the_reference_refitted_per_fold(kind: str) -> None:
     """Scores of every strength over the 5 folds (regression's MSE: continuous, so a reference fitted on
@@ -143,6 +144,7 @@ def test_roi_spectrum_is_welch_band_power(n_frames: int) -> None:
     assert not np.allclose(roi_spectrum_features([x], TR, linear)[0, :4], got[0])
 
 
+@pytest.mark.slow  # every baseline fitted (cross-validated) on two simulated cohorts
 def test_each_baseline_reads_what_it_should() -> None:
     """Variance alone -> roi_spectrum far above chance; a correlation alone -> fc and fc_tangent above
     chance, roi_spectrum near it."""

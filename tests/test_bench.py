@@ -27,6 +27,7 @@ def test_flop_count_includes_attention_on_cpu() -> None:
     assert flops == forward + 2.5 * forward  # torch's formula: backward = 2.5 x forward
 
 
+@pytest.mark.slow  # the default mode compiles the model (torch.compile)
 def test_bench_command_reports_throughput_flops_memory_and_params() -> None:
     result = CliRunner().invoke(
         app, ["bench", "--size", "tiny", "--batch", "2", "--rois", "20", "--frames", "32", "--steps", "1",

@@ -149,6 +149,7 @@ def test_a_protocol_with_an_unknown_site_column_or_method_is_refused(tmp_path: P
     assert needle in str(e.value) and str(path) in str(e.value)
 
 
+@pytest.mark.slow  # `brainjepa evaluate` end to end: every method of a protocol
 def test_evaluate_runs_a_protocol_and_writes_the_tables(tmp_path: Path, world) -> None:
     _, yamls, ckpt = world
     path = _protocol(tmp_path, yamls, ckpt)

@@ -48,6 +48,7 @@ def _generated_protocol(root: Path, **edit) -> Path:
     return path
 
 
+@pytest.mark.slow  # `brainjepa evaluate` end to end: two generated cohorts, pretraining, four methods
 def test_a_generated_protocol_runs_once_per_cohort_with_provenance_intervals_and_a_ledger(tmp_path: Path) -> None:
     path = _generated_protocol(tmp_path)
     out = tmp_path / "out"

@@ -30,6 +30,7 @@ needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which
                                     reason="torch.compile on CPU needs a C++ compiler")  # fmt: skip
 
 
+@pytest.mark.slow  # torch.compile, then 200 steps
 @needs_compiler
 def test_compiled_path_follows_eager_over_200_steps_on_cpu() -> None:
     """The numerics check of docs/performance.md: same seed and batches, fp32 on both paths, 200 optimizer steps."""
@@ -78,6 +79,7 @@ def test_selecting_in_the_last_block_saves_its_flops() -> None:
     assert 0.6 < saved < 0.8  # 3/4 of the queries, projections and MLP rows; the keys and values stay
 
 
+@pytest.mark.slow  # torch.compile of the blocks
 @needs_compiler
 @pytest.mark.parametrize("selective", [False, True], ids=["plain", "selective-checkpointing"])
 def test_compiled_blocks_keep_parameters_and_gradients(selective: bool) -> None:
@@ -150,6 +152,7 @@ def test_perf_section_is_read(tmp_path: Path) -> None:
     assert load_pretrain_config(good).perf == PerfConfig(compile=True, prefetch=0)
 
 
+@pytest.mark.slow  # torch.compile, then both paths side by side
 @needs_compiler
 def test_numerics_command_writes_plot_and_verdict(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["numerics", "--steps", "12", "--rois", "20", "--frames", "48", "--batch", "4",

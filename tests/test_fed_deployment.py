@@ -7,13 +7,13 @@ Tiny model (50 ROIs x 64 frames), few steps: each test takes ~20-60 s on 2 CPU c
 from __future__ import annotations
 
 import csv
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from harness import FLOWER_ENV, crash_superlink
 from torch.nn.utils import parameters_to_vector
 
 from brainjepa.checkpoint import load_checkpoint
@@ -25,9 +25,8 @@ from brainjepa.jepa import JEPAModels
 from brainjepa.schema import from_mapping
 from server.config import FederationConfig, to_run_config
 
-REPO = Path(__file__).resolve().parents[1]
-# One BLAS thread per Flower process: several sites share the 2 test cores.
-ENV = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+pytestmark = pytest.mark.integration  # SuperLink / SuperNodes as real processes
+
 BASE = dict(n_rois=50, n_frames=64, local_steps=2, batch_size=4)
 
 # A ClientApp wrapping the real one, for fault tests only: node config `inject-nan` poisons the reply,
@@ -117,7 +116,7 @@ def test_two_rounds_weighted_mean_nan_rejected_wrong_gradients_refused(tmp_path:
     (tmp_path / "app" / "faulty_client.py").write_text(FAULTY_CLIENT)
     app = write_app_dir(tmp_path / "app", run_config(tmp_path, grads, num_rounds=2, min_sites=2),
                         clientapp="faulty_client:app")
-    with LocalFederation(tmp_path, nodes, env_extra=ENV) as fed:
+    with LocalFederation(tmp_path, nodes, env_extra=FLOWER_ENV) as fed:
         res = fed.run(app, timeout_s=400)
     assert res.returncode == 0 and "outputs under" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
     run_dir = the_run_dir(tmp_path)
@@ -168,7 +167,7 @@ def test_site_killed_mid_round_then_server_killed_and_resumed(tmp_path: Path, de
     rc = run_config(tmp_path, grads, num_rounds=2, min_sites=1, round_timeout_s=25.0, wait_for_sites_s=60.0)
     app = write_app_dir(tmp_path / "app", rc, clientapp="faulty_client:app")
     # The SuperLink keeps its state in a database file, so that the restarted one knows the site.
-    with LocalFederation(tmp_path, nodes, env_extra=ENV, database=str(tmp_path / "superlink.db")) as fed:
+    with LocalFederation(tmp_path, nodes, env_extra=FLOWER_ENV, database=str(tmp_path / "superlink.db")) as fed:
         run = fed.start_run(app)
         deadline = time.monotonic() + 120
         while not marker.exists() and time.monotonic() < deadline:
@@ -185,7 +184,7 @@ def test_site_killed_mid_round_then_server_killed_and_resumed(tmp_path: Path, de
             time.sleep(0.3)
         assert ckpt is not None, run.log_tail()
         assert time.monotonic() - t_kill < 60, "the round waited too long for a dead site"
-        fed.crash_superlink()  # the coordinator's machine dies (SuperLink + ServerApp)
+        crash_superlink(fed)  # the coordinator's machine dies (SuperLink + ServerApp)
         run.kill()
         first = read_csv(ckpt.parent / "site_metrics.csv")
         done = load_checkpoint(ckpt)["round"]

@@ -17,7 +17,6 @@ import csv
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from harness import FLOWER_ENV
 
 from brainjepa.checkpoint import load_checkpoint
 from brainjepa.config import DataConfig, ModelConfig, PretrainConfig, TrainConfig, load_site
@@ -41,11 +41,8 @@ from brainjepa.federation.launcher import LocalFederation, write_app_dir
 from brainjepa.pretrain import pretrain
 from server.config import FederationConfig, to_run_config
 
-REPO = Path(__file__).resolve().parents[1]
-# One BLAS / OpenMP thread in every process (the sites' and this one): on a shared 2-core machine two
-# threads per process spin against each other (3 tiny steps: 5 s instead of 0.07 s), and both sides
-# then sum in the same order.
-ENV = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+pytestmark = pytest.mark.integration  # SuperLink / SuperNodes as real processes
+
 N_ROIS, N_FRAMES = 40, 64
 # What an evaluation reply may hold besides `eval-<metric>` values: the scan count and transfer figures.
 EVAL_BOOKKEEPING = {Metric.NUM_EXAMPLES, Metric.ROUND_WALL_S, Metric.BYTES_RECEIVED, Metric.BYTES_SENT}
@@ -57,6 +54,8 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     one SuperNode per site (both tests' runs go through it; each site dumps what it sends)."""
     tmp = tmp_path_factory.mktemp("fed_downstream")
     threads = torch.get_num_threads()
+    # One thread here as in the sites' processes (FLOWER_ENV): both sides then sum in the same order (and
+    # on a shared 2-core machine two threads per process spin against each other).
     torch.set_num_threads(1)
     demo = prepare_federation(tmp / "sites", n_sites=2, subjects=16, n_rois=N_ROIS, n_frames=N_FRAMES, seed=5)
     cfg = PretrainConfig(model=ModelConfig(n_rois=N_ROIS, n_frames=N_FRAMES),
@@ -67,7 +66,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     dumps = tmp / "dumps"
     nodes = [{"site-config": str(y), "gradients": str(demo.gradients), "dump-updates-dir": str(dumps)}
              for y in demo.site_yamls]  # fmt: skip
-    with LocalFederation(tmp / "flower", nodes, env_extra=ENV) as fed:
+    with LocalFederation(tmp / "flower", nodes, env_extra=FLOWER_ENV) as fed:
         yield {"tmp": tmp, "demo": demo, "checkpoint": checkpoint, "fed": fed, "dumps": dumps}
     torch.set_num_threads(threads)
 

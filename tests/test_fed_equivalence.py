@@ -8,10 +8,11 @@ site's context state, FedAvg over one site = identity (coefficient exactly 1.0).
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
+import pytest
 import torch
+from harness import FLOWER_ENV
 
 from brainjepa.checkpoint import load_checkpoint
 from brainjepa.config import PretrainConfig
@@ -23,8 +24,7 @@ from brainjepa.pretrain import pretrain
 from brainjepa.schema import from_mapping
 from server.config import FederationConfig, to_run_config
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+pytestmark = pytest.mark.integration  # SuperLink / SuperNodes as real processes
 
 
 def test_one_site_federated_equals_local_pretraining(tmp_path: Path) -> None:
@@ -35,7 +35,7 @@ def test_one_site_federated_equals_local_pretraining(tmp_path: Path) -> None:
                            gradients=str(grads), out_dir=str(tmp_path / "runs"), seed=3)  # fmt: skip
     (site_yaml,) = sorted((tmp_path / "sites").glob("*/*.yaml"))
     app = write_app_dir(tmp_path / "app", to_run_config(cfg))
-    with LocalFederation(tmp_path, [{"site-config": str(site_yaml), "gradients": str(grads)}], env_extra=ENV) as fed:
+    with LocalFederation(tmp_path, [{"site-config": str(site_yaml), "gradients": str(grads)}], env_extra=FLOWER_ENV) as fed:
         res = fed.run(app, timeout_s=300)
     assert res.returncode == 0 and "outputs under" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
     (fed_ckpt,) = list((tmp_path / "runs").glob("*/checkpoint.pt"))
@@ -47,7 +47,12 @@ def test_one_site_federated_equals_local_pretraining(tmp_path: Path) -> None:
         pcfg, data=dataclasses.replace(pcfg.data, site=str(site_yaml), gradients=str(grads)),
         train=dataclasses.replace(pcfg.train, steps=rounds * k, out_dir=str(tmp_path / "local"), checkpoint_every=100),
     )  # fmt: skip
-    local = pretrain(local_cfg, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread, as in the site's process (FLOWER_ENV): both sides sum in one order
+    try:
+        local = pretrain(local_cfg, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     local_state = load_checkpoint(local.checkpoint)
 
     assert fed_state["step"] == local_state["step"] == rounds * k

@@ -11,13 +11,13 @@ each site sent in the stats round (its own dump) is the sketch and its count, no
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord
+from harness import FLOWER_ENV
 
 from brainjepa.checkpoint import load_checkpoint
 from brainjepa.config import PretrainConfig, load_site
@@ -42,8 +42,6 @@ from server.scaling import check_sketch, combine_sketches
 from sites.cohort import Cohort, load_cohort
 from sites.scaling import RobustScaling, combine, summarize
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
 N_ROIS, N_FRAMES = 40, 64
 REPLY_BOOKKEEPING = {Metric.NUM_EXAMPLES, Metric.ROUND_WALL_S, Metric.BYTES_RECEIVED, Metric.BYTES_SENT}
 
@@ -121,12 +119,13 @@ def test_federation_scope_without_a_sketch_is_refused(demo: DemoFederation, tmp_
         from_run_config({"scaling-scope": "global"})
 
 
+@pytest.mark.integration  # SuperLink / SuperNodes as real processes
 def test_federation_scaling_over_flower(demo: DemoFederation, tmp_path: Path) -> None:
     cfg = _cfg(demo, tmp_path / "runs")
     dumps = tmp_path / "dumps"
     nodes = [{"site-config": str(y), "gradients": str(demo.gradients), "dump-updates-dir": str(dumps)}
              for y in demo.site_yamls]  # fmt: skip
-    with LocalFederation(tmp_path / "flower", nodes, env_extra=ENV) as fed:
+    with LocalFederation(tmp_path / "flower", nodes, env_extra=FLOWER_ENV) as fed:
         res = fed.run(write_app_dir(tmp_path / "app", to_run_config(cfg)), timeout_s=240)
     assert res.returncode == 0 and "outputs under" in res.stdout, res.stdout[-4000:] + res.stderr[-2000:]
     (ckpt_path,) = list((tmp_path / "runs").glob("*/checkpoint.pt"))

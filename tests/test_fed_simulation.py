@@ -8,9 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-# One BLAS thread per Flower process: several sites share the 2 test cores.
-ENV = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+import pytest
+from harness import FLOWER_ENV
+
+pytestmark = pytest.mark.integration  # SuperLink / SuperNodes as real processes
 
 
 def _live_cmdlines() -> list[str]:
@@ -29,7 +30,7 @@ def test_simulation_demo_three_sites(tmp_path: Path) -> None:
     cmd = [str(cli), "simulate", "--sites", "3", "--subjects", "10", "--rounds", "3", "--local-steps", "2",
            "--out-dir", str(tmp_path / "runs"), "--run-config", "n-rois=50", "--run-config", "n-frames=64",
            "--run-config", "batch-size=4"]  # fmt: skip
-    res = subprocess.run(cmd, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=500, check=False)
+    res = subprocess.run(cmd, env={**os.environ, **FLOWER_ENV}, capture_output=True, text=True, timeout=500, check=False)
     out = res.stdout + res.stderr
     assert res.returncode == 0 and "outputs under" in out, out[-4000:]
     assert len(list((tmp_path / "runs" / "sites").glob("*/*.yaml"))) == 3  # prepared before Flower started

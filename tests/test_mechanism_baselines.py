@@ -40,6 +40,7 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return out
 
 
+@pytest.mark.slow  # baselines fitted on 80 generated subjects, 1,000 bootstrap draws
 def test_coupling_is_read_by_connectivity_and_not_by_the_spectrum(sites: dict) -> None:
     est, lo, hi = _auroc(sites["coupling"], "roi_spectrum")
     assert lo < 0.5 < hi, (est, lo, hi)
@@ -48,6 +49,7 @@ def test_coupling_is_read_by_connectivity_and_not_by_the_spectrum(sites: dict) -
         assert lo > 0.65, (method, est, lo, hi)
 
 
+@pytest.mark.slow  # baselines fitted on 80 generated subjects, 1,000 bootstrap draws
 def test_amplitude_is_read_by_the_spectrum_and_not_by_connectivity(sites: dict) -> None:
     est, lo, hi = _auroc(sites["amplitude"], "roi_spectrum")
     assert lo > 0.6, (est, lo, hi)  # a +8 % gain on two networks, under each subject's own intensity scale

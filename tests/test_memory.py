@@ -53,6 +53,7 @@ def test_fake_estimate_equals_the_real_count() -> None:
     assert fake.optimizer_gib * GIB == 2 * 4 * trainable  # AdamW's two fp32 moments
 
 
+@pytest.mark.slow  # four memory estimates (one traced step each)
 def test_checkpointing_lowers_the_estimate() -> None:
     """At a batch where activations dominate the peak, each step of recomputation must lower it."""
     eager = estimate_step_memory(**WIDER)
@@ -74,6 +75,7 @@ def test_setting_parser() -> None:
         parse_setting("fastest")
 
 
+@pytest.mark.slow  # a search over settings, one traced step each
 def test_fit_picks_the_first_setting_that_fits_and_prints_a_loadable_perf_section(tmp_path: Path) -> None:
     eager = estimate_step_memory(**WIDER)
     chosen, tried = fit_setting(eager.peak_gib * 0.99, headroom=0.0, **WIDER)
@@ -86,6 +88,7 @@ def test_fit_picks_the_first_setting_that_fits_and_prints_a_loadable_perf_sectio
     assert (perf.selective_checkpointing, perf.recompute_fraction) == (chosen.selective_checkpointing, chosen.recompute_fraction)
 
 
+@pytest.mark.slow  # a search over settings, one traced step each
 def test_fit_says_none_when_even_full_recomputation_does_not_fit() -> None:
     chosen, tried = fit_setting(1e-6, **SMALL)
     assert chosen is None
@@ -103,6 +106,7 @@ def test_heaviest_masks_are_the_largest_draw_at_any_batch() -> None:
         heaviest_masks(MaskConfig(reference_truncation=True), 16, 450, 10, draws=5)
 
 
+@pytest.mark.slow  # the `memory` command end to end (a traced step per call)
 def test_memory_command_prints_estimates_and_rejects_bad_settings() -> None:
     args = ["memory", "--size", "tiny", "--batch", "2", "--rois", "32", "--frames", "64", "--steps", "1"]
     result = CliRunner().invoke(app, [*args, "--setting", "selective", "--json"])

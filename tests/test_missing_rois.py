@@ -226,6 +226,7 @@ def nifti_site(tmp_path: Path, policy: str, fd: np.ndarray | None = None, min_co
     return parse_site_config(raw, tmp_path / "n.yaml"), truth
 
 
+@pytest.mark.usefixtures("gc_frozen")  # nilearn collects garbage at every image read
 def test_prepare_records_missing_rois_and_the_loader_applies_the_policy(tmp_path):
     cfg, truth = nifti_site(tmp_path / "e", "error")
     m = prepare_site(cfg, progress=False)
@@ -244,6 +245,7 @@ def test_prepare_records_missing_rois_and_the_loader_applies_the_policy(tmp_path
     assert prepare_site(cfg, progress=False)["qc"]["missing_rois"]["per_scan"] == {"sub-00": [0], "sub-01": [2]}
 
 
+@pytest.mark.usefixtures("gc_frozen")  # nilearn collects garbage at every image read
 def test_prepare_censors_through_sample_mask_and_keeps_the_longest_stretch(tmp_path):
     fd = np.full(30, 0.1)
     fd[[8, 20]] = 0.9  # censored: frames 8 and 20; frame 0 dropped (drop_initial = 1)
@@ -258,6 +260,7 @@ def test_prepare_censors_through_sample_mask_and_keeps_the_longest_stretch(tmp_p
     assert ss.series[0].shape == (3, 11) and ss.censored["sub-00"] == {"frames": 29, "censored": 2, "kept": 11}
 
 
+@pytest.mark.usefixtures("gc_frozen")  # nilearn collects garbage at every image read
 def test_prepare_extracts_each_bids_run_as_a_row(tmp_path):
     cfg, truth = nifti_site(tmp_path, "mask")
     root = cfg.data.root

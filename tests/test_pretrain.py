@@ -43,6 +43,7 @@ def _embedding_spread(models: JEPAModels, x: torch.Tensor) -> tuple[float, float
     return std, torch.exp(-(p * p.clamp_min(1e-12).log()).sum()).item()
 
 
+@pytest.mark.slow  # 200 pretraining steps
 def test_pretraining_learns_without_collapse(tmp_path: Path) -> None:
     data = structured_cohort(48, 32, 96, seed=1)
     d = write_roi_dir(data, tmp_path / "rois")

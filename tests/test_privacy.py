@@ -93,6 +93,7 @@ def test_no_clipped_per_sample_gradient_exceeds_the_bound() -> None:
     assert float(dp.last_norms[0]) == pytest.approx(float(norms[5]), rel=1e-5)
 
 
+@pytest.mark.slow  # noise calibration and RDP accounting, round after round
 def test_reported_epsilon_equals_an_independent_opacus_computation(tmp_path: Path) -> None:
     """Rounds at two sampling rates / noise levels: the ledger's epsilon is Opacus' RDP analysis of the
     same (q, sigma, steps), composed by hand here; and the ledger survives a site restart (re-read)."""
@@ -118,6 +119,7 @@ def test_reported_epsilon_equals_an_independent_opacus_computation(tmp_path: Pat
         Ledger.open(tmp_path / "l.json", "site_b")
 
 
+@pytest.mark.slow  # noise calibration repeated until the budget runs out
 def test_budget_is_refused_past_its_limit_and_the_server_cannot_loosen_it(tmp_path: Path) -> None:
     """Calibrated sigma is fixed at the run's first round: later rounds asking for more steps, another
     planned length or a larger batch (sampling rate) can only spend faster, and are declined past the
@@ -194,6 +196,7 @@ def _spec(grads: Path, rnd: int, local_steps: int = 2, batch: int = 4) -> RoundS
                      task_config=cfg)  # fmt: skip
 
 
+@pytest.mark.slow  # DP-SGD rounds at a site (Opacus) until its budget runs out
 def test_a_dp_site_round_spends_reports_and_declines_at_its_budget(tmp_path: Path, site) -> None:
     """The ClientApp's pretraining round with `privacy.enabled`: epsilon in the reply grows round by round,
     the ledger and the report are on the site's disk, and the round past the budget is declined."""
@@ -262,6 +265,7 @@ def test_fine_tuning_per_sample_gradients_equal_one_sample_at_a_time(pool: str) 
             torch.testing.assert_close(grads["model." + n][i], p.grad, rtol=tol, atol=tol * 1e-2 * scale, msg=n)
 
 
+@pytest.mark.slow  # a DP-SGD round at a site (Opacus)
 @pytest.mark.parametrize("method", ["finetune", "probe"])
 def test_a_dp_fine_tuning_round_at_a_site_spends_from_the_same_ledger(tmp_path: Path, site, method: str) -> None:
     """A fine-tuning / probing round with privacy.enabled trains (weights move), reports epsilon and

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import pytest
 import yaml as pyyaml
+from harness import FLOWER_ENV, crash_superlink
 
 from brainjepa.demo import prepare_federation
 from brainjepa.federation.contract import Metric
@@ -21,15 +21,13 @@ from brainjepa.federation.launcher import LocalFederation, write_app_dir
 from brainjepa.privacy.budget import Ledger, epsilon_of
 from server.config import FederationConfig, to_run_config
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+pytestmark = pytest.mark.integration  # SuperLink / SuperNodes as real processes
 
 
 def _reply_metrics(dumps: Path, rnd: int, site: str) -> dict[str, float]:
     return json.loads((dumps / f"round-{rnd:03d}" / f"{site}.json").read_text())["metrics"]
 
 
-@pytest.mark.slow
 def test_epsilon_continues_after_a_site_restart_and_a_coordinator_restart(tmp_path: Path) -> None:
     demo = prepare_federation(tmp_path / "sites", n_sites=2, subjects=8, n_rois=50, n_frames=64)
     ledgers = {}
@@ -43,7 +41,7 @@ def test_epsilon_continues_after_a_site_restart_and_a_coordinator_restart(tmp_pa
     cfg = FederationConfig(n_rois=50, n_frames=64, local_steps=1, batch_size=4, num_rounds=2, min_sites=1,
                            keep_checkpoints=2, out_dir=str(tmp_path / "runs"), gradients=str(demo.gradients))  # fmt: skip
     app = write_app_dir(tmp_path / "app", to_run_config(cfg))
-    with LocalFederation(tmp_path, nodes, env_extra=ENV, database=str(tmp_path / "superlink.db")) as fed:
+    with LocalFederation(tmp_path, nodes, env_extra=FLOWER_ENV, database=str(tmp_path / "superlink.db")) as fed:
         res = fed.run(app, timeout_s=300)
         assert res.returncode == 0 and "outputs under" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
         (run_dir,) = list((tmp_path / "runs").glob("*-run*"))
@@ -56,7 +54,7 @@ def test_epsilon_continues_after_a_site_restart_and_a_coordinator_restart(tmp_pa
         doc = pyyaml.safe_load(yaml_b.read_text())
         doc["privacy"]["target_epsilon"] = (spent_b + one_more) / 2
         yaml_b.write_text(pyyaml.safe_dump(doc))
-        fed.crash_superlink()  # the coordinator's machine dies
+        crash_superlink(fed)  # the coordinator's machine dies
         fed.restart_superlink()
         fed.supernodes[0].kill()  # site_a's machine restarts too: its SuperNode's context.state is gone
         fed.add_supernode({**nodes[0], "dump-updates-dir": str(second)}, "supernode0-restarted")

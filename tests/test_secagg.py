@@ -17,12 +17,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from harness import FLOWER_ENV
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from torch.nn.utils import parameters_to_vector
@@ -38,8 +38,8 @@ from brainjepa.schedules import schedule_at
 from brainjepa.schema import from_mapping
 from server.config import FederationConfig, to_run_config
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+pytestmark = pytest.mark.integration  # SuperLink / SuperNodes as real processes
+
 N_ROIS, N_FRAMES = 40, 64
 SETS = ("encoder", "predictor", "target")
 
@@ -75,7 +75,7 @@ def dumped(dumps: Path) -> list[dict[str, np.ndarray]]:
     return out
 
 
-@pytest.mark.slow  # two flwr runs of 4 SecAgg+ stages each (each stage spawns a ClientApp per site)
+# two flwr runs of 4 SecAgg+ stages each (each stage spawns a ClientApp per site)
 def test_secagg_round_equals_weighted_fedavg_then_central_dp_on_top(demo: DemoFederation, tmp_path: Path) -> None:
     grads = load_gradients(demo.gradients)
     cfg = FederationConfig(n_rois=N_ROIS, n_frames=N_FRAMES, local_steps=2, num_rounds=1, batch_size=4,
@@ -86,7 +86,7 @@ def test_secagg_round_equals_weighted_fedavg_then_central_dp_on_top(demo: DemoFe
     nodes = [{"site-config": str(y), "gradients": str(demo.gradients), "dump-updates-dir": str(dumps)}
              for y in demo.site_yamls]  # fmt: skip
     start = initial_sets(cfg, grads)
-    with LocalFederation(tmp_path / "flower", nodes, env_extra=ENV) as fed:
+    with LocalFederation(tmp_path / "flower", nodes, env_extra=FLOWER_ENV) as fed:
         res = fed.run(write_app_dir(tmp_path / "app1", to_run_config(cfg)), timeout_s=300)
         assert res.returncode == 0 and "outputs under" in res.stdout, res.stdout[-4000:] + res.stderr[-2000:]
         (run1,) = list((tmp_path / "runs1").glob("*"))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import socket
 import ssl
@@ -28,6 +27,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.cli.build import build_fab_from_disk
+from harness import FLOWER_ENV
 
 from brainjepa.checkpoint import load_checkpoint, save_checkpoint
 from brainjepa.config import ModelConfig, PretrainConfig, TrainConfig, load_site
@@ -48,8 +48,6 @@ from server.fleet_proxy import fleet_allowed
 from server.registry import RegisteredSite, load_sites_file
 from server.robust import RobustAggregate
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
 SMALL = ["--run-config", "n-rois=50", "--run-config", "n-frames=64", "--run-config", "batch-size=4"]
 
 EVIL_APP = '''
@@ -90,7 +88,7 @@ def _client(tmp: Path, name: str, yaml: Path, grads: Path, port: int, ca: Path, 
     return start_process(name, cmd, tmp / "logs" / f"{name}.out", env, cwd=tmp)
 
 
-@pytest.mark.slow
+@pytest.mark.integration  # `brainjepa-server start`, `brainjepa-client`, `flwr` as real processes
 def test_outsider_refused_sites_known_by_key_resume_with_auth(tmp_path: Path, demo) -> None:
     yamls, grads = demo
     ca = make_ca(tmp_path / "pki")
@@ -101,7 +99,7 @@ def test_outsider_refused_sites_known_by_key_resume_with_auth(tmp_path: Path, de
     sites_file = tmp_path / "sites.yaml"
     sites_file.write_text("".join(f"{n}:\n  public-key: keys/{n}.pub\n  max-samples: 100\n" for n in ("site_a", "site_b", "site_c")))
     port = free_port()
-    env = flower_env(tmp_path / "user_flwr_home", ENV)
+    env = flower_env(tmp_path / "user_flwr_home", FLOWER_ENV)
     out = tmp_path / "out"
 
     def start_server(*extra: str) -> ManagedProcess:
@@ -130,7 +128,7 @@ def test_outsider_refused_sites_known_by_key_resume_with_auth(tmp_path: Path, de
         home.mkdir()
         (home / "config.toml").write_text(f'[superlink]\ndefault = "victim"\n\n[superlink.victim]\n'
                                           f'address = "localhost:{port}"\nroot-certificates = "{ca.cert}"\n')
-        outsider_env = flower_env(home, ENV)
+        outsider_env = flower_env(home, FLOWER_ENV)
         reg = subprocess.run([flower_bin("flwr"), "supernode", "register", str(keys["outsider"]) + ".pub", "victim"],
                              env=outsider_env, capture_output=True, text=True, timeout=60)  # fmt: skip
         assert "403" in reg.stdout + reg.stderr and "registered successfully" not in reg.stdout, reg.stdout

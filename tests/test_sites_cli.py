@@ -169,6 +169,7 @@ def test_schaefer400_default(app, tmp_path):
     assert load_gradients(tmp_path / "s.csv", n_rois=400, n_components=30).shape == (400, 30)
 
 
+@pytest.mark.usefixtures("gc_frozen")  # nilearn collects garbage at every image read
 def test_prepare_command(app, tmp_path):
     import yaml
     from test_sites_prepare import build, site_raw
@@ -195,6 +196,7 @@ def test_prepare_command(app, tmp_path):
     assert r.exit_code == 2 and "malformed YAML" in r.output and str(y) in r.output
 
 
+@pytest.mark.usefixtures("gc_frozen")  # nilearn collects garbage at every image read
 def test_prepare_with_a_relative_site_path_then_load(app, tmp_path, monkeypatch):
     """`prepare --site <dir>/site.yaml` from the folder above writes under the YAML's data root once, and
     the prepared site loads from any working directory."""

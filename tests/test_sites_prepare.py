@@ -17,6 +17,8 @@ from sites.manifest import file_sha256
 from sites.participants import write_participants
 from sites.prepare import prepare_site
 
+pytestmark = pytest.mark.usefixtures("gc_frozen")  # nilearn collects garbage at every image read
+
 SHAPE = (8, 8, 6)
 AFF = np.array([[3.0, 0, 0, -12], [0, 3.0, 0, -12], [0, 0, 3.0, -9], [0, 0, 0, 1]])
 N_FRAMES = 40
@@ -207,6 +209,7 @@ def test_site_level_errors_leave_outputs_intact(tmp_path):
     assert (cfg.output_dir / "sub-01.npy").is_file()
 
 
+@pytest.mark.slow  # n_jobs 2: a pool of worker processes that import nilearn
 def test_confound_regression_detrend_and_parallel(tmp_path):
     cfg, truth = build(
         tmp_path,

@@ -228,11 +228,6 @@ class LocalFederation:
         return start_process(name, flwr_run_command(app_dir, "local-deploy", run_config),
                              self.work_dir / "logs" / f"{name}.log", self.env(), cwd=self.work_dir)
 
-    def crash_superlink(self) -> None:
-        """Kill the SuperLink and the ServerApp it runs, as a machine failure would."""
-        assert self.superlink is not None
-        self.superlink.kill()
-
     def restart_superlink(self, ready_timeout_s: float = 60.0) -> ManagedProcess:
         """A new SuperLink on the same address (SuperNodes reconnect to it by themselves)."""
         return self._start_superlink("superlink-restarted.log", ready_timeout_s)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from brainjepa.federation.flower import LocalFederation
+from brainjepa.federation.launcher import LocalFederation
 
 REPO = Path(__file__).resolve().parents[1]
 

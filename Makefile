@@ -42,6 +42,7 @@ test-fast: setup
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench: setup
 	$(BIN)/brainjepa bench --size tiny --size base --batch 1 --steps 2

@@ -76,9 +76,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = from_safe(torch.load(path, map_location=map_location, weights_only=True))
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise DataError(f"checkpoint '{path}': cannot be read with torch.load(weights_only=True) (only tensors and "
-                        f"plain containers are accepted; a truncated file or one holding other objects is "
-                        f"refused): {str(e).splitlines()[0][:300]}") from e
+        raise DataError(
+            f"checkpoint '{path}': cannot be read with torch.load(weights_only=True) (only tensors and "
+            f"plain containers are accepted; a truncated file or one holding other objects is "
+            f"refused): {str(e).splitlines()[0][:300]}"
+        ) from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise DataError(f"checkpoint '{path}': not a brainjepa checkpoint (expected format '{FORMAT}')")
     return ckpt

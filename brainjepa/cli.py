@@ -22,8 +22,9 @@ app = typer.Typer(
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 def _fail(err: Exception) -> typer.Exit:
@@ -33,7 +34,12 @@ def _fail(err: Exception) -> typer.Exit:
 
 @app.command()
 def pretrain(
-    config: Annotated[Path, typer.Option("--config", "-c", help="Pretraining YAML (sections model, mask, optim, data, train, perf, monitor).")],
+    config: Annotated[
+        Path,
+        typer.Option(
+            "--config", "-c", help="Pretraining YAML (sections model, mask, optim, data, train, perf, monitor)."
+        ),
+    ],
     resume: Annotated[bool, typer.Option(help="Continue from OUT_DIR/checkpoint.pt with the same schedule.")] = False,
     site: Annotated[Path | None, typer.Option(help="Override data.site: train on this site YAML.")] = None,
     steps: Annotated[int | None, typer.Option(help="Override train.steps (the planned optimizer steps).")] = None,
@@ -48,9 +54,16 @@ def pretrain(
     from brainjepa.pretrain import pretrain as run
 
     _setup_logging(verbose)
-    overrides = {k: v for k, v in {"train.steps": steps, "train.out_dir": str(out_dir.resolve()) if out_dir else None,
-                                   "train.device": device, "data.site": str(site.resolve()) if site else None,
-                                   }.items() if v is not None}  # fmt: skip
+    overrides = {
+        k: v
+        for k, v in {
+            "train.steps": steps,
+            "train.out_dir": str(out_dir.resolve()) if out_dir else None,
+            "train.device": device,
+            "data.site": str(site.resolve()) if site else None,
+        }.items()
+        if v is not None
+    }
     if site:
         overrides["data.roi_dir"] = ""
     try:
@@ -62,8 +75,10 @@ def pretrain(
         typer.secho("interrupted: the last checkpoint is intact; continue with --resume", err=True)
         raise typer.Exit(code=130) from None
     typer.echo(f"loss {result.first_loss:.4f} -> {result.final_loss:.4f}")
-    typer.echo(f"outputs in {result.out_dir.resolve()}: checkpoint.pt, metrics.csv, loss.png, gradients.npy, "
-               "monitor.csv, collapse.png")
+    typer.echo(
+        f"outputs in {result.out_dir.resolve()}: checkpoint.pt, metrics.csv, loss.png, gradients.npy, "
+        "monitor.csv, collapse.png"
+    )
 
 
 @app.command()

@@ -63,9 +63,7 @@ class ModelConfig:
             )
         for name, dim, heads in (("", self.embed_dim, self.num_heads), ("pred_", self.pred_dim, self.pred_heads)):
             if dim % heads or dim % 4:
-                raise ConfigError(
-                    f"model.{name}dim={dim}: must be divisible by 4 and by model.{name}heads={heads}"
-                )
+                raise ConfigError(f"model.{name}dim={dim}: must be divisible by 4 and by model.{name}heads={heads}")
 
     @property
     def n_time_patches(self) -> int:
@@ -147,7 +145,9 @@ class DataConfig:
     roi_dir: str = ""  # or: a folder of per-subject (R, L) .npy files, already at the model TR
     gradients: str = ""  # gradient file (.npy/.csv, R x k); empty = computed from the cohort's FC
     model_tr: float = DEFAULT_MODEL_TR  # seconds: every site's series is resampled to it (site input only)
-    scaling: Scaling = "centered"  # each scan's ROI means removed, one per-ROI scale; robust: the reference's (docs/data.md)
+    scaling: Scaling = (
+        "centered"  # each scan's ROI means removed, one per-ROI scale; robust: the reference's (docs/data.md)
+    )
 
     def __post_init__(self) -> None:
         check_choices(self, "data")
@@ -172,7 +172,9 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: expected >= 1, got {getattr(self, name)}")
         if self.keep_every < 0:
-            raise ConfigError(f"train.keep_every: expected >= 0 (0 = keep only the latest checkpoint), got {self.keep_every}")
+            raise ConfigError(
+                f"train.keep_every: expected >= 0 (0 = keep only the latest checkpoint), got {self.keep_every}"
+            )
 
 
 ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
@@ -187,8 +189,12 @@ class PerfConfig:
     attention: AttentionBackend = "auto"  # SDPA backend order on CUDA (auto: cuDNN first on Hopper)
     cuda_graphs: bool = False  # CUDA + compile only: replay the target encoder's static-shape forward as a CUDA graph
     prefetch: int = 2  # steps of batches (windows + masks) prepared ahead in a background thread; 0 = inline
-    selective_checkpointing: bool = False  # backward keeps matmul/attention outputs, recomputes pointwise ops (less memory)
-    recompute_fraction: float = 0.0  # share of each trained network's blocks recomputed whole in backward (1 = train.activation_checkpointing)
+    selective_checkpointing: bool = (
+        False  # backward keeps matmul/attention outputs, recomputes pointwise ops (less memory)
+    )
+    recompute_fraction: float = (
+        0.0  # share of each trained network's blocks recomputed whole in backward (1 = train.activation_checkpointing)
+    )
 
     def __post_init__(self) -> None:
         check_choices(self, "perf")
@@ -215,8 +221,10 @@ class MonitorConfig:
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.probe_scans < 2:
-            raise ConfigError(f"monitor: expected every >= 0 and probe_scans >= 2, got every={self.every}, "
-                              f"probe_scans={self.probe_scans}")  # fmt: skip
+            raise ConfigError(
+                f"monitor: expected every >= 0 and probe_scans >= 2, got every={self.every}, "
+                f"probe_scans={self.probe_scans}"
+            )
         if not 0.0 < self.drop < 1.0:
             raise ConfigError(f"monitor.drop: expected a share in (0, 1), got {self.drop}")
 
@@ -254,15 +262,19 @@ class PrivacyConfig:
         if not self.enabled:
             return
         if self.target_epsilon is None or not self.target_epsilon > 0:
-            raise ConfigError(f"privacy.target_epsilon: expected a positive number when privacy.enabled is true, "
-                              f"got {self.target_epsilon}")  # fmt: skip
+            raise ConfigError(
+                f"privacy.target_epsilon: expected a positive number when privacy.enabled is true, "
+                f"got {self.target_epsilon}"
+            )
         if not 0.0 < self.delta < 1.0:
             raise ConfigError(f"privacy.delta: expected a number in (0, 1), got {self.delta}")
         if not self.max_grad_norm > 0:
             raise ConfigError(f"privacy.max_grad_norm: expected a positive number, got {self.max_grad_norm}")
         if self.noise_multiplier is not None and not self.noise_multiplier > 0:
-            raise ConfigError(f"privacy.noise_multiplier: expected a positive number or null (calibrate to the "
-                              f"budget), got {self.noise_multiplier}")  # fmt: skip
+            raise ConfigError(
+                f"privacy.noise_multiplier: expected a positive number or null (calibrate to the "
+                f"budget), got {self.noise_multiplier}"
+            )
         if self.clip_chunk < 0:
             raise ConfigError(f"privacy.clip_chunk: expected >= 0 (0 = the whole batch), got {self.clip_chunk}")
 

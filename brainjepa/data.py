@@ -36,8 +36,9 @@ def pack_cohort(series: Sequence[np.ndarray], subject_ids: Sequence[str], n_fram
 class BatchStream:
     """Deterministic (x, masks) micro-batches for any micro-batch index."""
 
-    def __init__(self, packed: PackedSeries, n_frames: int, patch_size: int, batch_size: int,
-                 mask_cfg: MaskConfig, seed: int) -> None:  # fmt: skip
+    def __init__(
+        self, packed: PackedSeries, n_frames: int, patch_size: int, batch_size: int, mask_cfg: MaskConfig, seed: int
+    ) -> None:
         n = len(packed)
         if n < batch_size:
             raise DataError(f"the cohort has {n} subjects, fewer than the batch size {batch_size}")
@@ -54,8 +55,9 @@ class BatchStream:
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Masks]:
         """Micro-batch `index`: (B, R, T) windows and their masks. Missing ROIs (NaN rows) are filled with 0
         and left out of every sample's masks (`masks.sample_masks_observed`: the batch's union)."""
-        x, _ = random_windows(self.packed, self.subjects(index), self.n_frames,
-                              np.random.default_rng([self.seed, 1, index]))  # fmt: skip
+        x, _ = random_windows(
+            self.packed, self.subjects(index), self.n_frames, np.random.default_rng([self.seed, 1, index])
+        )
         g = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, 2, index]).integers(2**62)))
         x, observed = split_missing(torch.from_numpy(x))  # (B, R, T), (B, R)
         masks = sample_masks_observed(self.mask_cfg, self.batch_size, self.packed.n_rois, self.n_time, g, observed)
@@ -67,16 +69,24 @@ def load_pretraining_cohort(cfg: PretrainConfig) -> Cohort:
     YAMLs pooled (each site scaled with its own statistics, as each would in a federation), or a folder."""
     d = cfg.data
     if sum((bool(d.site), bool(d.sites), bool(d.roi_dir))) != 1:
-        raise ConfigError("data: set exactly one of 'site' (a site YAML), 'sites' (several, pooled) or 'roi_dir' "
-                          "(a folder of .npy files)")  # fmt: skip
+        raise ConfigError(
+            "data: set exactly one of 'site' (a site YAML), 'sites' (several, pooled) or 'roi_dir' "
+            "(a folder of .npy files)"
+        )
     if d.roi_dir:
         return load_cohort(d.roi_dir, d.model_tr, min_frames=cfg.model.n_frames, scaling=d.scaling)
-    cohorts = [load_cohort(load_site_config(p), d.model_tr, min_frames=cfg.model.n_frames, scaling=d.scaling)
-               for p in ((d.site,) if d.site else d.sites)]  # fmt: skip
+    cohorts = [
+        load_cohort(load_site_config(p), d.model_tr, min_frames=cfg.model.n_frames, scaling=d.scaling)
+        for p in ((d.site,) if d.site else d.sites)
+    ]
     if len(cohorts) == 1:
         return cohorts[0]
-    return Cohort([x for c in cohorts for x in c.series], [f"{c.source}:{i}" for c in cohorts for i in c.subject_ids],
-                  " + ".join(c.source for c in cohorts), None)  # fmt: skip
+    return Cohort(
+        [x for c in cohorts for x in c.series],
+        [f"{c.source}:{i}" for c in cohorts for i in c.subject_ids],
+        " + ".join(c.source for c in cohorts),
+        None,
+    )
 
 
 def pretraining_stream(cohort: Cohort, cfg: PretrainConfig) -> BatchStream:

@@ -27,9 +27,7 @@ def _fail(e: Exception) -> typer.Exit:
 def prepare(
     site: Annotated[Path, typer.Option("--site", help="Site YAML (data.format: nifti).")],
     force: Annotated[bool, typer.Option(help="Redo subjects already extracted.")] = False,
-    jobs: Annotated[
-        int | None, typer.Option(help="Subjects in parallel (default: preprocess.n_jobs).")
-    ] = None,
+    jobs: Annotated[int | None, typer.Option(help="Subjects in parallel (default: preprocess.n_jobs).")] = None,
     min_frames: Annotated[
         int | None, typer.Option(help="Model window T: count scans shorter than T frames at --model-tr.")
     ] = None,
@@ -49,9 +47,7 @@ def prepare(
 
     try:
         cfg = load_site_config(site)
-        m = prepare_site(
-            cfg, force=force, n_jobs=jobs, progress=progress, min_frames=min_frames, model_tr=model_tr
-        )
+        m = prepare_site(cfg, force=force, n_jobs=jobs, progress=progress, min_frames=min_frames, model_tr=model_tr)
     except InputError as e:
         raise _fail(e) from e
     s = m["summary"]
@@ -66,32 +62,23 @@ def prepare(
 
 def gradients(
     out: Annotated[
-        Path,
-        typer.Option("--out", help="Gradient file to write (.npy or .csv); metadata goes to <out>.json."),
+        Path, typer.Option("--out", help="Gradient file to write (.npy or .csv); metadata goes to <out>.json.")
     ],
-    fc: Annotated[
-        Path | None, typer.Option(help="Source: a square connectivity matrix (.npy / .csv).")
-    ] = None,
+    fc: Annotated[Path | None, typer.Option(help="Source: a square connectivity matrix (.npy / .csv).")] = None,
     site: Annotated[
         list[Path] | None,
-        typer.Option(
-            help="Source: site YAML(s); one = its subjects' mean Fisher-z FC, several = a federation."
-        ),
+        typer.Option(help="Source: site YAML(s); one = its subjects' mean Fisher-z FC, several = a federation."),
     ] = None,
     fc_sum: Annotated[
         list[Path] | None,
-        typer.Option(
-            help="Source: site FC contributions (.npz from --export-fc-sum), summed as a federation."
-        ),
+        typer.Option(help="Source: site FC contributions (.npz from --export-fc-sum), summed as a federation."),
     ] = None,
     schaefer400: Annotated[
         bool, typer.Option(help="Source: BrainSpace's shipped Schaefer-400 group FC (the ready default).")
     ] = False,
     group: Annotated[str, typer.Option(help="BrainSpace group for --schaefer400: main or holdout.")] = "main",
     n_components: Annotated[int, typer.Option(help="Gradient components k.")] = 30,
-    align_to: Annotated[
-        Path | None, typer.Option(help="Reference gradient file: Procrustes-align to it.")
-    ] = None,
+    align_to: Annotated[Path | None, typer.Option(help="Reference gradient file: Procrustes-align to it.")] = None,
     split: Annotated[
         str | None, typer.Option(help="With --site: use only this split's subjects (e.g. train).")
     ] = "train",
@@ -100,13 +87,9 @@ def gradients(
     ] = DEFAULT_MODEL_TR,
     export_fc_sum: Annotated[
         Path | None,
-        typer.Option(
-            help="With one --site: also write its (FC sum, count) contribution (.npz) for a federation."
-        ),
+        typer.Option(help="With one --site: also write its (FC sum, count) contribution (.npz) for a federation."),
     ] = None,
-    plot: Annotated[
-        Path | None, typer.Option(help="PNG scatter of the first gradients, coloured by network.")
-    ] = None,
+    plot: Annotated[Path | None, typer.Option(help="PNG scatter of the first gradients, coloured by network.")] = None,
     networks: Annotated[
         Path | None, typer.Option(help="Text file, one network label per ROI (default: data-driven).")
     ] = None,
@@ -123,9 +106,7 @@ def gradients(
     sources = [fc is not None, bool(site), bool(fc_sum), schaefer400]
     if sum(sources) != 1:
         raise _fail(
-            ValueError(
-                "give exactly one source: --fc, --site (repeatable), --fc-sum (repeatable) or --schaefer400"
-            )
+            ValueError("give exactly one source: --fc, --site (repeatable), --fc-sum (repeatable) or --schaefer400")
         )
     try:
         params: dict = {"n_components": n_components, "seed": seed}
@@ -174,9 +155,7 @@ def _read_fc_sum(path: Path) -> tuple[np.ndarray, int | np.ndarray]:
         raise DataError(f"FC contribution '{path}' does not exist")
     with np.load(path) as z:
         if "fc_sum" not in z or "count" not in z:
-            raise DataError(
-                f"FC contribution '{path}': expected arrays 'fc_sum' and 'count' (from --export-fc-sum)"
-            )
+            raise DataError(f"FC contribution '{path}': expected arrays 'fc_sum' and 'count' (from --export-fc-sum)")
         from brainjepa.gradients import fc_count
 
         return z["fc_sum"], fc_count(z["count"])
@@ -195,18 +174,12 @@ def _networks(path: Path | None, mat: np.ndarray) -> np.ndarray:
 
 
 def synth(
-    out: Annotated[
-        Path, typer.Option("--out", help="Folder to write the sites into (one subfolder per site).")
-    ],
-    sites: Annotated[
-        int, typer.Option(help="Number of sites (the last of two or more is population B).")
-    ] = 3,
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the sites into (one subfolder per site).")],
+    sites: Annotated[int, typer.Option(help="Number of sites (the last of two or more is population B).")] = 3,
     subjects: Annotated[int, typer.Option(help="Subjects per site.")] = 100,
     seed: Annotated[int, typer.Option(help="Seed: same seed, same files.")] = 0,
     rois: Annotated[int, typer.Option(help="ROIs in all, subcortical block included.")] = 450,
-    subcortical: Annotated[
-        int | None, typer.Option(help="Subcortical ROIs (default rois/9: 50 of 450).")
-    ] = None,
+    subcortical: Annotated[int | None, typer.Option(help="Subcortical ROIs (default rois/9: 50 of 450).")] = None,
     duration: Annotated[
         float | None, typer.Option(help="Scan length in seconds for every site (default: per-site presets).")
     ] = None,
@@ -215,24 +188,32 @@ def synth(
     ] = (0.8, 0.1, 0.1),
     effect: Annotated[
         list[str],
-        typer.Option(help="Change a generated effect, KEY=VALUE (repeatable; `sites.synth.Effects`, over the "
-                     "--generator-version defaults), e.g. 'coupling_weight=0.4'; recorded in each synth.json."),
+        typer.Option(
+            help="Change a generated effect, KEY=VALUE (repeatable; `sites.synth.Effects`, over the "
+            "--generator-version defaults), e.g. 'coupling_weight=0.4'; recorded in each synth.json."
+        ),
     ] = [],  # noqa: B006
     mechanism: Annotated[
         str,
-        typer.Option(help="What carries the labels (sex, diagnosis): mixed (the original effects), coupling "
-                     "(between-network correlations only), amplitude (per-ROI variance only), spectrum "
-                     "(timescales only) or null (nothing). See `sites.mechanisms`."),
+        typer.Option(
+            help="What carries the labels (sex, diagnosis): mixed (the original effects), coupling "
+            "(between-network correlations only), amplitude (per-ROI variance only), spectrum "
+            "(timescales only) or null (nothing). See `sites.mechanisms`."
+        ),
     ] = "mixed",
     generator_version: Annotated[
         int | None,
-        typer.Option(help="Reproduce an earlier generator exactly (default: the latest). 1: factor timescales "
-                     "1.5-6 s and a strengthened sex driver; 2: today's effects, mixed only; 3: adds mechanisms."),
+        typer.Option(
+            help="Reproduce an earlier generator exactly (default: the latest). 1: factor timescales "
+            "1.5-6 s and a strengthened sex driver; 2: today's effects, mixed only; 3: adds mechanisms."
+        ),
     ] = None,
     only: Annotated[
         list[str],
-        typer.Option(help="Write only this site of the cohort (repeatable, e.g. '--sites 5 --only site_d "
-                     "--only site_e': new sites of the same population; a site's files do not depend on the others)."),
+        typer.Option(
+            help="Write only this site of the cohort (repeatable, e.g. '--sites 5 --only site_d "
+            "--only site_e': new sites of the same population; a site's files do not depend on the others)."
+        ),
     ] = [],  # noqa: B006
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:

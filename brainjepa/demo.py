@@ -28,9 +28,15 @@ class DemoFederation:
 
 
 def prepare_federation(
-    sites_dir: Path, n_sites: int, subjects: int, n_rois: int, n_frames: int,
-    model_tr: float = DEFAULT_MODEL_TR, n_components: int = 30, seed: int = 0,
-) -> DemoFederation:  # fmt: skip
+    sites_dir: Path,
+    n_sites: int,
+    subjects: int,
+    n_rois: int,
+    n_frames: int,
+    model_tr: float = DEFAULT_MODEL_TR,
+    n_components: int = 30,
+    seed: int = 0,
+) -> DemoFederation:
     """Generate `n_sites` synthetic sites under `sites_dir` (kept when already there) and their gradient file.
 
     Scans last long enough for windows of `n_frames` frames at `model_tr` (at least 5 minutes).
@@ -40,10 +46,17 @@ def prepare_federation(
     yamls = sorted(sites_dir.glob("*/*.yaml"))
     if len(yamls) < n_sites:
         duration = max(300.0, 1.3 * n_frames * model_tr)
-        log.info("demo: generating %d synthetic sites x %d subjects (%d ROIs, %.0f s scans) in %s",
-                 n_sites, subjects, n_rois, duration, sites_dir)  # fmt: skip
-        yamls = generate_cohorts(sites_dir, n_sites=n_sites, subjects_per_site=subjects, seed=seed, n_rois=n_rois,
-                                 duration_s=duration)  # fmt: skip
+        log.info(
+            "demo: generating %d synthetic sites x %d subjects (%d ROIs, %.0f s scans) in %s",
+            n_sites,
+            subjects,
+            n_rois,
+            duration,
+            sites_dir,
+        )
+        yamls = generate_cohorts(
+            sites_dir, n_sites=n_sites, subjects_per_site=subjects, seed=seed, n_rois=n_rois, duration_s=duration
+        )
         grad_path.unlink(missing_ok=True)
     if not grad_path.exists():
         contributions = [site_contribution(load_site_config(y), model_tr) for y in yamls]

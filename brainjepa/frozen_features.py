@@ -70,9 +70,7 @@ class EmbedRequest:
         if (self.site is None) == (self.series is None):
             raise ConfigError("embed: give exactly one input, --site SITE.yaml or --series FILE.npy")
         if self.series_id and self.series is None:
-            raise ConfigError(
-                "embed: --ids names the subject of --series; a site's ids come from its participants"
-            )
+            raise ConfigError("embed: --ids names the subject of --series; a site's ids come from its participants")
         if self.windows < 1 or self.chunk < 1:
             raise ConfigError(f"embed: windows and chunk must be >= 1, got {self.windows} and {self.chunk}")
 
@@ -127,8 +125,10 @@ def site_scans(path: Path, backbone: Backbone, model_tr: float, split: str, meth
     site, _ = load_site(path)
     n_rois, n_frames = backbone.model.n_rois, backbone.model.n_frames
     if site.n_rois != n_rois:
-        raise DataError(f"{where(site.source)}: the site has {site.n_rois} ROIs, the checkpoint "
-                        f"'{backbone.source}' expects {n_rois} (its model.n_rois)")  # fmt: skip
+        raise DataError(
+            f"{where(site.source)}: the site has {site.n_rois} ROIs, the checkpoint "
+            f"'{backbone.source}' expects {n_rois} (its model.n_rois)"
+        )
     all_series = load_site_series(site, model_tr=model_tr, min_frames=n_frames)
     fitted = fit_method(all_series.subset("train").series, method, str(site.source))
     chosen = all_series if split == "all" else all_series.subset(split)
@@ -137,8 +137,11 @@ def site_scans(path: Path, backbone: Backbone, model_tr: float, split: str, meth
     if fitted is None:
         scaling: dict = {"kind": "none"}
     else:
-        scaling = {"kind": f"site-train-{method}", "n_subjects": getattr(fitted, "n_subjects", 0),
-                   "checksum": fitted.checksum()}
+        scaling = {
+            "kind": f"site-train-{method}",
+            "n_subjects": getattr(fitted, "n_subjects", 0),
+            "checksum": fitted.checksum(),
+        }
     splits = [str(s) for s in chosen.splits]
     source = str(Path(site.source).resolve())
     series = chosen.series if fitted is None else fitted.apply_all(chosen.series)
@@ -157,23 +160,31 @@ def series_scans(path: Path, subject_id: str, backbone: Backbone) -> Scans:
     except ValueError as e:
         raise DataError(f"series file '{path}': not a readable .npy array ({e}); expected {expected}") from e
     if x.ndim != 2 or x.shape[0] != n_rois or x.shape[1] < n_frames or not np.issubdtype(x.dtype, np.number):
-        raise DataError(f"series file '{path}': expected {expected} for checkpoint '{backbone.source}', "
-                        f"got shape {x.shape} ({x.dtype})")  # fmt: skip
+        raise DataError(
+            f"series file '{path}': expected {expected} for checkpoint '{backbone.source}', "
+            f"got shape {x.shape} ({x.dtype})"
+        )
     x = x.astype(np.float32)
     if backbone.scaling is not None:
         fitted = scaling_from_dict(backbone.scaling)
         x, scaling = fitted.apply(x), {"kind": "checkpoint-robust", "checksum": fitted.checksum()}
     else:
-        log.warning(
-            "checkpoint '%s' saved no scaling statistics: '%s' is embedded unscaled", backbone.source, path
-        )
+        log.warning("checkpoint '%s' saved no scaling statistics: '%s' is embedded unscaled", backbone.source, path)
         scaling = {"kind": "none"}
     check_spread([x], str(path), "checkpoint")
     return Scans([x], [subject_id or path.stem], [""], str(path.resolve()), scaling)
 
 
-def embed_scans(encoder: Encoder, scans: Scans, windows: int, tokens: bool, out: np.ndarray,
-                device: torch.device, chunk: int, progress: bool) -> None:  # fmt: skip
+def embed_scans(
+    encoder: Encoder,
+    scans: Scans,
+    windows: int,
+    tokens: bool,
+    out: np.ndarray,
+    device: torch.device,
+    chunk: int,
+    progress: bool,
+) -> None:
     """Fill out (N, D) (pooled) or (N, n_tokens, D) (tokens) with window-averaged features."""
     packed = pack(scans.series, scans.ids)
     n_frames, N = encoder.cfg.n_frames, len(scans.series)
@@ -226,14 +237,22 @@ def run_embed(req: EmbedRequest) -> EmbedResult:
             tmp.unlink(missing_ok=True)
     atomic_write_text(ids_path, "".join(f"{s}\n" for s in scans.ids))
     meta = {
-        "checkpoint": str(Path(req.checkpoint).resolve()), "checkpoint_sha256": file_sha256(req.checkpoint),
-        "random_init": req.random_init, "seed": req.seed if req.random_init else None,
-        "source": scans.source, "split": req.split if req.site is not None else None,
+        "checkpoint": str(Path(req.checkpoint).resolve()),
+        "checkpoint_sha256": file_sha256(req.checkpoint),
+        "random_init": req.random_init,
+        "seed": req.seed if req.random_init else None,
+        "source": scans.source,
+        "split": req.split if req.site is not None else None,
         "subject_splits": scans.splits if req.site is not None else None,
-        "features": "tokens" if req.tokens else "mean over tokens", "windows": req.windows,
-        "shape": list(shape), "dtype": "float32", "model": to_dict(model), "scaling": scans.scaling,
-        "device": str(device), "seconds": round(seconds, 3),
-    }  # fmt: skip
+        "features": "tokens" if req.tokens else "mean over tokens",
+        "windows": req.windows,
+        "shape": list(shape),
+        "dtype": "float32",
+        "model": to_dict(model),
+        "scaling": scans.scaling,
+        "device": str(device),
+        "seconds": round(seconds, 3),
+    }
     atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     log.info("embedded %d scan(s) in %.2f s -> %s %s", N, seconds, npy, shape)
     return EmbedResult(npy, ids_path, meta_path, shape, seconds)

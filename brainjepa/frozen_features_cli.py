@@ -21,12 +21,8 @@ def _fail(e: Exception) -> typer.Exit:
 
 
 def embed(
-    checkpoint: Annotated[
-        Path, typer.Argument(help="Pretraining checkpoint (checkpoint.pt): its EMA target encoder.")
-    ],
-    out: Annotated[
-        Path, typer.Option("--out", help="Output prefix: writes PREFIX.npy, PREFIX.ids.txt, PREFIX.json.")
-    ],
+    checkpoint: Annotated[Path, typer.Argument(help="Pretraining checkpoint (checkpoint.pt): its EMA target encoder.")],
+    out: Annotated[Path, typer.Option("--out", help="Output prefix: writes PREFIX.npy, PREFIX.ids.txt, PREFIX.json.")],
     site: Annotated[
         Path | None,
         typer.Option(
@@ -77,18 +73,33 @@ def embed(
     """
     from brainjepa.frozen_features import EmbedRequest, run_embed
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
-        req = EmbedRequest(checkpoint=checkpoint, out=out, site=site, series=series, series_id=ids or "",
-                           split=split, tokens=tokens, random_init=random_init, seed=seed,  # type: ignore[arg-type]
-                           windows=windows, device=device, chunk=chunk, progress=progress)  # fmt: skip
+        req = EmbedRequest(
+            checkpoint=checkpoint,
+            out=out,
+            site=site,
+            series=series,
+            series_id=ids or "",
+            split=split,
+            tokens=tokens,
+            random_init=random_init,
+            seed=seed,  # type: ignore[arg-type]
+            windows=windows,
+            device=device,
+            chunk=chunk,
+            progress=progress,
+        )
         result = run_embed(req)
     except InputError as e:
         raise _fail(e) from e
     n = result.shape[0]
-    typer.echo(f"embedded {n} scan(s) -> {result.features} {tuple(result.shape)} float32 "
-               f"({result.seconds:.2f} s), {result.ids.name}, {result.meta.name}")  # fmt: skip
+    typer.echo(
+        f"embedded {n} scan(s) -> {result.features} {tuple(result.shape)} float32 "
+        f"({result.seconds:.2f} s), {result.ids.name}, {result.meta.name}"
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -35,9 +35,7 @@ def load_gradients(path: str | Path, n_rois: int | None = None, n_components: in
         try:
             g = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
         except ValueError as e:
-            raise DataError(
-                f"gradient file '{path}' is not a headerless numeric CSV (R rows x k columns): {e}"
-            ) from e
+            raise DataError(f"gradient file '{path}' is not a headerless numeric CSV (R rows x k columns): {e}") from e
     else:
         raise DataError(f"gradient file '{path}': expected a .npy or .csv file, got suffix '{path.suffix}'")
     if g.ndim != 2:
@@ -45,9 +43,7 @@ def load_gradients(path: str | Path, n_rois: int | None = None, n_components: in
     if not np.isfinite(g).all():
         raise DataError(f"gradient file '{path}': contains NaN or Inf values")
     if n_rois is not None and g.shape[0] != n_rois:
-        raise DataError(
-            f"gradient file '{path}': has {g.shape[0]} rows (ROIs) but the data has {n_rois} ROIs"
-        )
+        raise DataError(f"gradient file '{path}': has {g.shape[0]} rows (ROIs) but the data has {n_rois} ROIs")
     if n_components is not None:
         if g.shape[1] < n_components:
             raise DataError(
@@ -71,8 +67,10 @@ def group_connectivity(series: np.ndarray) -> np.ndarray:
     else:
         pairs = ok.sum(axis=0)  # (R, R) scans per pair
         if (pairs == 0).any():
-            raise DataError(f"group connectivity: {int((pairs == 0).sum())} ROI pair(s) have no scan with both "
-                            "ROIs present (missing ROIs): no pairwise-complete FC for them")  # fmt: skip
+            raise DataError(
+                f"group connectivity: {int((pairs == 0).sum())} ROI pair(s) have no scan with both "
+                "ROIs present (missing ROIs): no pairwise-complete FC for them"
+            )
         z = np.where(ok, z, 0.0).sum(axis=0) / pairs
     np.fill_diagonal(z, 0.0)
     return z
@@ -199,8 +197,10 @@ def federated_fc(contributions: list[tuple[np.ndarray, int | np.ndarray]]) -> np
         raise DataError("federated FC: no subjects in any site")
     if np.min(n) <= 0:
         bad = np.argwhere(np.asarray(n) <= 0)[0]
-        raise DataError(f"federated FC: {int(np.sum(np.asarray(n) <= 0))} ROI pair(s) (e.g. {bad.tolist()}) have "
-                        "no scan with both ROIs present (missing ROIs): no pairwise-complete FC for them")  # fmt: skip
+        raise DataError(
+            f"federated FC: {int(np.sum(np.asarray(n) <= 0))} ROI pair(s) (e.g. {bad.tolist()}) have "
+            "no scan with both ROIs present (missing ROIs): no pairwise-complete FC for them"
+        )
     return sum(np.asarray(s, dtype=np.float64) for s, _ in contributions) / n
 
 

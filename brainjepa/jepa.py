@@ -45,9 +45,14 @@ class JEPAModels(nn.Module):
         self.target.requires_grad_(False)
 
 
-def jepa_loss(models: JEPAModels, x: torch.Tensor, masks: Masks, loss: str = "smooth_l1",
-              target_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              context_input: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def jepa_loss(
+    models: JEPAModels,
+    x: torch.Tensor,
+    masks: Masks,
+    loss: str = "smooth_l1",
+    target_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    context_input: torch.Tensor | None = None,
+) -> torch.Tensor:
     """x (B, R, T) -> scalar loss between predictions and LayerNorm-ed target tokens.
 
     `target_forward` replaces the target encoder's call (a CUDA-graph replay, `brainjepa.fastpath`).
@@ -112,10 +117,16 @@ class PretrainStep:
     """
 
     def __init__(
-        self, models: JEPAModels, cfg: OptimConfig, total_steps: int, device: torch.device | str = "cpu",
-        fused: bool | None = None, activation_checkpointing: bool = False, perf: PerfConfig | None = None,
+        self,
+        models: JEPAModels,
+        cfg: OptimConfig,
+        total_steps: int,
+        device: torch.device | str = "cpu",
+        fused: bool | None = None,
+        activation_checkpointing: bool = False,
+        perf: PerfConfig | None = None,
         precision: str = "auto",
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.models, self.cfg, self.total_steps = models, cfg, total_steps
         self.device = torch.device(device)
         self.perf = perf or PerfConfig()

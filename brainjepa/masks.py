@@ -123,12 +123,18 @@ def sample_sizes(cfg: MaskConfig, n_rois: int, n_time: int, g: torch.Generator) 
         return 0 if w == 0 else min(max(int(pool * f), 1), pool)
 
     return BatchMaskSizes(
-        n_alpha=n_alpha, w_alpha=w_alpha, n_ctx_roi=n_ctx_roi, w_ctx=w_ctx,
-        w_right=w_right, w_left=w_left,
-        n_ct_right=edge_count(n_ctx_roi, f_right, w_right), n_ct_left=edge_count(n_ctx_roi, f_left, w_left),
-        n_dc_right=edge_count(n_alpha, f_right, w_right), n_dc_left=edge_count(n_alpha, f_left, w_left),
+        n_alpha=n_alpha,
+        w_alpha=w_alpha,
+        n_ctx_roi=n_ctx_roi,
+        w_ctx=w_ctx,
+        w_right=w_right,
+        w_left=w_left,
+        n_ct_right=edge_count(n_ctx_roi, f_right, w_right),
+        n_ct_left=edge_count(n_ctx_roi, f_left, w_left),
+        n_dc_right=edge_count(n_alpha, f_right, w_right),
+        n_dc_left=edge_count(n_alpha, f_left, w_left),
         edge=edge,
-    )  # fmt: skip
+    )
 
 
 def sample_masks(cfg: MaskConfig, batch: int, n_rois: int, n_time: int, g: torch.Generator) -> Masks:
@@ -221,8 +227,12 @@ def sample_reference_masks(cfg: MaskConfig, batch: int, n_rois: int, n_time: int
             h_both, h_rest = int(len(both) * f), int(len(rest) * f)
             w = min(int(W * frac(cfg.edge_time_scale)), edge)
             cols = torch.randperm(edge, generator=g)[:w] + (W - edge if side == "right" else 0)
-            rois = torch.cat([rest[torch.randperm(len(rest), generator=g)][:h_rest],
-                              both[torch.randperm(len(both), generator=g)][:h_both]])  # fmt: skip
+            rois = torch.cat(
+                [
+                    rest[torch.randperm(len(rest), generator=g)][:h_rest],
+                    both[torch.randperm(len(both), generator=g)][:h_both],
+                ]
+            )
             region = torch.zeros(R, W, dtype=torch.bool)
             if w > 0:
                 region[rois[:, None], cols[None, :]] = True
@@ -251,8 +261,9 @@ def split_missing(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(observed[..., None], x, torch.zeros((), dtype=x.dtype)), observed
 
 
-def sample_masks_observed(cfg: MaskConfig, batch: int, n_rois: int, n_time: int, g: torch.Generator,
-                          observed: torch.Tensor | None = None) -> Masks:  # fmt: skip
+def sample_masks_observed(
+    cfg: MaskConfig, batch: int, n_rois: int, n_time: int, g: torch.Generator, observed: torch.Tensor | None = None
+) -> Masks:
     """`sample_masks` on the ROIs observed in every sample (`observed` (B, R) bool; None: all), its token
     ids mapped back to the full R x W grid: a missing ROI's patches are never context nor target tokens.
     With every ROI observed this is `sample_masks` itself (the same draws)."""
@@ -260,8 +271,10 @@ def sample_masks_observed(cfg: MaskConfig, batch: int, n_rois: int, n_time: int,
         return sample_masks(cfg, batch, n_rois, n_time, g)
     keep = torch.nonzero(observed.all(dim=0)).flatten()  # (R',) ascending
     if keep.numel() < 3:
-        raise ValueError(f"masks: only {keep.numel()} of {n_rois} ROIs are observed in every scan of the batch "
-                         "(need >= 3): too many missing ROIs")  # fmt: skip
+        raise ValueError(
+            f"masks: only {keep.numel()} of {n_rois} ROIs are observed in every scan of the batch "
+            "(need >= 3): too many missing ROIs"
+        )
     m = sample_masks(cfg, batch, int(keep.numel()), n_time, g)
 
     def full_grid(tok: torch.Tensor) -> torch.Tensor:  # monotone: sorted stays sorted

@@ -86,8 +86,9 @@ def token_stats(tokens: torch.Tensor) -> FeatureStats:
     B, N, D = tokens.shape
     flat = tokens.reshape(B * N, D).double()  # (B*N, D)
     pooled = tokens.double().mean(1)  # (B, D)
-    return FeatureStats(rank=effective_rank(flat), spread=float(flat.std(0).mean()),
-                        scan_spread=float(pooled.std(0).mean()))  # fmt: skip
+    return FeatureStats(
+        rank=effective_rank(flat), spread=float(flat.std(0).mean()), scan_spread=float(pooled.std(0).mean())
+    )
 
 
 @torch.no_grad()
@@ -97,8 +98,9 @@ def feature_stats(encoder: nn.Module, probe: torch.Tensor, chunk: int = 8) -> Fe
     encoder.eval()
     device = next(encoder.parameters()).device
     try:
-        tokens = torch.cat([encoder(probe[i : i + chunk].to(device)).float().cpu()
-                            for i in range(0, probe.shape[0], chunk)])  # fmt: skip  # (B, N, D)
+        tokens = torch.cat(
+            [encoder(probe[i : i + chunk].to(device)).float().cpu() for i in range(0, probe.shape[0], chunk)]
+        )  # (B, N, D)
     finally:
         encoder.train(was_training)
     return token_stats(tokens)
@@ -163,9 +165,18 @@ def synthetic_probe(n_scans: int, n_rois: int, n_frames: int, seed: int = 0) -> 
 class CollapseMonitor:
     """Measures the target on a fixed probe batch, appends to a CSV, warns on a collapse."""
 
-    def __init__(self, cfg: MonitorConfig, probe: torch.Tensor, embed_dim: int, csv_path: str | Path,
-                 keep_below: int = 0, label: str = "step", mask_cfg: MaskConfig | None = None,
-                 patch_size: int = 16, loss: str = "smooth_l1") -> None:  # fmt: skip
+    def __init__(
+        self,
+        cfg: MonitorConfig,
+        probe: torch.Tensor,
+        embed_dim: int,
+        csv_path: str | Path,
+        keep_below: int = 0,
+        label: str = "step",
+        mask_cfg: MaskConfig | None = None,
+        patch_size: int = 16,
+        loss: str = "smooth_l1",
+    ) -> None:
         """`keep_below`: on resume, the CSV's rows with `label` below it are kept (the others rewritten).
         `mask_cfg`: measure `position_share` and `context_gain` too, on masks drawn once from a fixed seed."""
         self.cfg, self.probe, self.embed_dim, self.label, self.loss = cfg, probe, embed_dim, label, loss
@@ -198,10 +209,20 @@ class CollapseMonitor:
             stats = FeatureStats(stats.rank, stats.spread, stats.scan_spread, share, gain)
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=self.fields).writerow(
-                {self.label: step, **{k: f"{v:.6g}" for k, v in asdict(stats).items()}})
-        log.info("collapse monitor, %s %d: effective rank %.2f of %d, spread %.4f, per-scan spread %.4f, "
-                 "position share %.3f, context gain %.3f", self.label, step, stats.rank, self.embed_dim,
-                 stats.spread, stats.scan_spread, stats.position_share, stats.context_gain)  # fmt: skip
+                {self.label: step, **{k: f"{v:.6g}" for k, v in asdict(stats).items()}}
+            )
+        log.info(
+            "collapse monitor, %s %d: effective rank %.2f of %d, spread %.4f, per-scan spread %.4f, "
+            "position share %.3f, context gain %.3f",
+            self.label,
+            step,
+            stats.rank,
+            self.embed_dim,
+            stats.spread,
+            stats.scan_spread,
+            stats.position_share,
+            stats.context_gain,
+        )
         for reason in self.check(stats):
             log.warning("collapse monitor, %s %d: %s", self.label, step, reason)
         if self.baseline is None:
@@ -213,25 +234,33 @@ class CollapseMonitor:
         c, reasons = self.cfg, []
         floor = c.rank_floor * self.embed_dim
         if stats.rank < floor:
-            reasons.append(f"effective rank {stats.rank:.2f} of {self.embed_dim} dimensions is below the floor "
-                           f"{floor:.2f} (monitor.rank_floor {c.rank_floor})")  # fmt: skip
+            reasons.append(
+                f"effective rank {stats.rank:.2f} of {self.embed_dim} dimensions is below the floor "
+                f"{floor:.2f} (monitor.rank_floor {c.rank_floor})"
+            )
         if stats.spread < c.spread_floor:
-            reasons.append(f"feature spread {stats.spread:.4f} is below the floor {c.spread_floor} "
-                           f"(monitor.spread_floor)")  # fmt: skip
+            reasons.append(
+                f"feature spread {stats.spread:.4f} is below the floor {c.spread_floor} (monitor.spread_floor)"
+            )
         b = self.baseline
         if b is not None and stats.position_share > c.position_ceiling:
-            reasons.append(f"position alone explains {stats.position_share:.0%} of the target features' variance "
-                           f"(above monitor.position_ceiling {c.position_ceiling}): the targets carry little "
-                           f"scan-specific content")  # fmt: skip
+            reasons.append(
+                f"position alone explains {stats.position_share:.0%} of the target features' variance "
+                f"(above monitor.position_ceiling {c.position_ceiling}): the targets carry little "
+                f"scan-specific content"
+            )
         if b is not None and stats.context_gain < c.context_gain_floor:
-            reasons.append(f"another scan's context raises the loss only x{stats.context_gain:.3f} (below "
-                           f"monitor.context_gain_floor {c.context_gain_floor}): the predictor barely uses what "
-                           f"it sees")  # fmt: skip
+            reasons.append(
+                f"another scan's context raises the loss only x{stats.context_gain:.3f} (below "
+                f"monitor.context_gain_floor {c.context_gain_floor}): the predictor barely uses what "
+                f"it sees"
+            )
         if b is not None:
             for name, now, then in (("effective rank", stats.rank, b.rank), ("feature spread", stats.spread, b.spread)):
                 if now < (1.0 - c.drop) * then:
-                    reasons.append(f"{name} fell from {then:.4g} to {now:.4g}, by more than {c.drop:.0%} "
-                                   f"(monitor.drop)")  # fmt: skip
+                    reasons.append(
+                        f"{name} fell from {then:.4g} to {now:.4g}, by more than {c.drop:.0%} (monitor.drop)"
+                    )
         return reasons
 
 
@@ -241,5 +270,6 @@ def read_rows(path: str | Path, label: str = "step") -> list[dict]:
     if not path.exists():
         return []
     with open(path, newline="") as f:
-        return [{label: int(r[label]), **{k: float(r.get(k) or NAN) for k in FIELDS[1:]}}
-                for r in csv.DictReader(f)]  # fmt: skip  # older files lack the content columns
+        return [
+            {label: int(r[label]), **{k: float(r.get(k) or NAN) for k in FIELDS[1:]}} for r in csv.DictReader(f)
+        ]  # older files lack the content columns

@@ -42,8 +42,9 @@ def plot_loss_curve(metrics_csv: str | Path, png: str | Path, title: str = "Brai
     return save_figure(fig, png)
 
 
-def plot_loss_pair(a: list[float], b: list[float], png: str | Path, labels: tuple[str, str],
-                   title: str = "fast path vs eager") -> Path:  # fmt: skip
+def plot_loss_pair(
+    a: list[float], b: list[float], png: str | Path, labels: tuple[str, str], title: str = "fast path vs eager"
+) -> Path:
     """Two loss curves over the same steps (top) and their relative difference (bottom, log)."""
     import matplotlib
 
@@ -67,8 +68,13 @@ def plot_loss_pair(a: list[float], b: list[float], png: str | Path, labels: tupl
     return save_figure(fig, png)
 
 
-def plot_collapse(loss: list[tuple[int, float]], monitor: list[dict], png: str | Path, xlabel: str = "step",
-                  title: str = "Brain-JEPA pretraining: loss and collapse monitor") -> Path:  # fmt: skip
+def plot_collapse(
+    loss: list[tuple[int, float]],
+    monitor: list[dict],
+    png: str | Path,
+    xlabel: str = "step",
+    title: str = "Brain-JEPA pretraining: loss and collapse monitor",
+) -> Path:
     """Panels over the same x axis: the loss, the target features' effective rank, their spread (per token
     and per scan), and, when measured, whether the pretext needs the content (position share of the
     targets' variance; loss ratio with another scan's context). `monitor` rows as `read_rows` gives them."""
@@ -94,13 +100,23 @@ def plot_collapse(loss: list[tuple[int, float]], monitor: list[dict], png: str |
     bottom.legend()
     if content:
         last = axes[3]
-        last.plot(xs, [r["position_share"] for r in monitor], marker=".", color="tab:purple",
-                  label="target variance explained by position")  # fmt: skip
+        last.plot(
+            xs,
+            [r["position_share"] for r in monitor],
+            marker=".",
+            color="tab:purple",
+            label="target variance explained by position",
+        )
         last.set_ylabel("position share")
         last.set_ylim(0, 1)
         gain = last.twinx()
-        gain.plot(xs, [r["context_gain"] for r in monitor], marker=".", color="tab:red",
-                  label="loss, another scan's context / own")  # fmt: skip
+        gain.plot(
+            xs,
+            [r["context_gain"] for r in monitor],
+            marker=".",
+            color="tab:red",
+            label="loss, another scan's context / own",
+        )
         gain.axhline(1.0, color="tab:red", lw=0.6, ls=":")
         gain.set_ylabel("context gain", color="tab:red")
         last.legend(loc="upper left", fontsize=8)

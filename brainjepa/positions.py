@@ -85,6 +85,6 @@ class BrainPositionalEmbedding(nn.Module):
         space = self.spatial()  # (R, D/2)
         R, W = self.n_rois, self.n_time
         time = self.temporal.to(space.dtype)  # (W, D/2)
-        return torch.cat(
-            [time[None, :, :].expand(R, W, -1), space[:, None, :].expand(R, W, -1)], dim=-1
-        ).reshape(R * W, -1)  # (R*W, D)
+        return torch.cat([time[None, :, :].expand(R, W, -1), space[:, None, :].expand(R, W, -1)], dim=-1).reshape(
+            R * W, -1
+        )  # (R*W, D)

@@ -44,5 +44,5 @@ class Predictor(nn.Module):
         m = self.mask_token(gather_tokens(pos, tgt_idx).to(x.dtype))  # (B, Nt, Dp)
         x = torch.cat([x, m], dim=1)  # (B, Nc+Nt, Dp)
         x = run_blocks(self.blocks, x, self.recompute_blocks)
-        x = self.norm(x[:, ctx.shape[1]:])  # (B, Nt, Dp)
+        x = self.norm(x[:, ctx.shape[1] :])  # (B, Nt, Dp)
         return self.proj(x)  # (B, Nt, D)

@@ -31,8 +31,9 @@ class Prefetcher:
     Stopping early (an exception, Ctrl-C) cancels what was queued and joins the thread.
     """
 
-    def __init__(self, make: Callable[[int], MicroBatches], steps: Sequence[int], depth: int = 2,
-                 pin: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self, make: Callable[[int], MicroBatches], steps: Sequence[int], depth: int = 2, pin: bool = False
+    ) -> None:
         self.make, self.steps, self.depth, self.pin = make, steps, depth, pin
 
     def _build(self, step: int) -> MicroBatches:

@@ -76,8 +76,10 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
     cohort = load_pretraining_cohort(cfg)
     stream = pretraining_stream(cohort, cfg)
     if not cfg.data.gradients:
-        log.info("no gradient file given: computing %d diffusion-map gradients from the cohort's mean FC",
-                 cfg.model.gradient_components)  # fmt: skip
+        log.info(
+            "no gradient file given: computing %d diffusion-map gradients from the cohort's mean FC",
+            cfg.model.gradient_components,
+        )
     grads, grad_source = gradients_for(cfg.data.gradients, cohort.series, cfg.model.gradient_components, cohort.source)
     checksum = gradient_checksum(grads)
     save_gradients(out / "gradients.npy", grads)
@@ -85,8 +87,15 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
         atomic_write_text(out / "scaling.json", json.dumps(cohort.scaling.to_dict()))
 
     models = JEPAModels(cfg.model, torch.from_numpy(grads))
-    step_fn = PretrainStep(models, cfg.optim, t.steps, device, activation_checkpointing=t.activation_checkpointing,
-                           perf=cfg.perf, precision=t.precision)  # fmt: skip
+    step_fn = PretrainStep(
+        models,
+        cfg.optim,
+        t.steps,
+        device,
+        activation_checkpointing=t.activation_checkpointing,
+        perf=cfg.perf,
+        precision=t.precision,
+    )
     start = 0
     if resume:
         ckpt = load_checkpoint(ckpt_path)
@@ -103,20 +112,39 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
 
     def checkpoint(step: int) -> None:
         save_checkpoint(
-            ckpt_path, kind="pretrain", step=step, config=to_dict(cfg), model_config=to_dict(cfg.model),
-            gradients=grads, gradient_checksum=checksum, gradient_source=grad_source,
-            models=models.state_dict(), trainer=step_fn.state_dict(),
+            ckpt_path,
+            kind="pretrain",
+            step=step,
+            config=to_dict(cfg),
+            model_config=to_dict(cfg.model),
+            gradients=grads,
+            gradient_checksum=checksum,
+            gradient_source=grad_source,
+            models=models.state_dict(),
+            trainer=step_fn.state_dict(),
             scaling=cohort.scaling.to_dict() if cohort.scaling else None,
-        )  # fmt: skip
+        )
 
     f, writer = _open_metrics(metrics_path, start)
     probe = torch.nan_to_num(probe_batch(stream.packed, cfg.model.n_frames, cfg.monitor.probe_scans))  # (B, R, T)
-    monitor = CollapseMonitor(cfg.monitor, probe, cfg.model.embed_dim, out / "monitor.csv", start,
-                              mask_cfg=cfg.mask, patch_size=cfg.model.patch_size, loss=cfg.optim.loss)  # fmt: skip
+    monitor = CollapseMonitor(
+        cfg.monitor,
+        probe,
+        cfg.model.embed_dim,
+        out / "monitor.csv",
+        start,
+        mask_cfg=cfg.mask,
+        patch_size=cfg.model.patch_size,
+        loss=cfg.optim.loss,
+    )
     pending: list[tuple[int, torch.Tensor, float]] = []
     first_loss = last_loss = float("nan")
-    batches = Prefetcher(lambda step: [stream[step * accum + a] for a in range(accum)], range(start, t.steps),
-                         cfg.perf.prefetch, pin=device.type == "cuda")  # fmt: skip
+    batches = Prefetcher(
+        lambda step: [stream[step * accum + a] for a in range(accum)],
+        range(start, t.steps),
+        cfg.perf.prefetch,
+        pin=device.type == "cuda",
+    )
     bar = tqdm(batches, initial=start, total=t.steps, desc="pretrain", disable=not progress)
     t0 = time.perf_counter()
     try:
@@ -127,9 +155,17 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
                 losses = torch.stack([p[1] for p in pending]).tolist()  # one host sync per flush
                 for (s, _, sec), value in zip(pending, losses, strict=True):
                     pt = schedule_at(cfg.optim, s, t.steps)
-                    writer.writerow({"step": s, "loss": f"{value:.6f}", "lr": f"{pt.lr:.3e}",
-                                     "weight_decay": f"{pt.weight_decay:.4f}", "momentum": f"{pt.momentum:.6f}",
-                                     "samples": (s + 1) * t.batch_size * accum, "seconds": f"{sec:.2f}"})  # fmt: skip
+                    writer.writerow(
+                        {
+                            "step": s,
+                            "loss": f"{value:.6f}",
+                            "lr": f"{pt.lr:.3e}",
+                            "weight_decay": f"{pt.weight_decay:.4f}",
+                            "momentum": f"{pt.momentum:.6f}",
+                            "samples": (s + 1) * t.batch_size * accum,
+                            "seconds": f"{sec:.2f}",
+                        }
+                    )
                 f.flush()
                 if first_loss != first_loss and pending[0][0] == 0:
                     first_loss = losses[0]

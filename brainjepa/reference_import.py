@@ -77,8 +77,11 @@ PREDICTOR_RULES = [
     (rf"predictor_norm\.{_W}", r"norm.\1"),
     (rf"predictor_proj\.{_W}", r"proj.\1"),
 ]
-SINCOS_KEY = {"encoder": "pos_embed_proj.emb_h", "target_encoder": "pos_embed_proj.emb_h",
-              "predictor": "predictor_2dpe_proj.emb_h"}  # fmt: skip
+SINCOS_KEY = {
+    "encoder": "pos_embed_proj.emb_h",
+    "target_encoder": "pos_embed_proj.emb_h",
+    "predictor": "predictor_2dpe_proj.emb_h",
+}
 SINCOS_ATOL = 1e-6  # float32 round-off; the tables are computed the same way (float64, then float32)
 
 
@@ -99,14 +102,15 @@ def read_reference(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]]
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise DataError(f"reference checkpoint '{path}': holds objects beyond tensors and plain containers, "
-                        f"which we refuse to unpickle (torch.load weights_only=True said: {e})") from e  # fmt: skip
+        raise DataError(
+            f"reference checkpoint '{path}': holds objects beyond tensors and plain containers, "
+            f"which we refuse to unpickle (torch.load weights_only=True said: {e})"
+        ) from e
     except (RuntimeError, EOFError) as e:
         raise DataError(f"reference checkpoint '{path}': not a readable torch checkpoint: {e}") from e
     if not isinstance(raw, dict) or any(not isinstance(raw.get(p), dict) for p in PARTS):
         found = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
-        raise DataError(f"reference checkpoint '{path}': expected a dict with state dicts {list(PARTS)}, "
-                        f"found {found}")  # fmt: skip
+        raise DataError(f"reference checkpoint '{path}': expected a dict with state dicts {list(PARTS)}, found {found}")
     parts = {}
     for part in PARTS:
         sd = {k.removeprefix("module."): v for k, v in raw[part].items()}
@@ -121,8 +125,10 @@ def read_reference(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]]
 def _need(sd: dict[str, torch.Tensor], part: str, key: str, ndim: int) -> torch.Tensor:
     if key not in sd:
         if part != "predictor" and key.startswith("pos_embed_proj.") and "pos_embed_proj.emb_w" in sd:
-            raise DataError(f"reference {part}: has 'pos_embed_proj.emb_w' (add_w: origin, a sin-cos ROI half) "
-                            "and no gradient projection: only add_w: mapping checkpoints can be imported")  # fmt: skip
+            raise DataError(
+                f"reference {part}: has 'pos_embed_proj.emb_w' (add_w: origin, a sin-cos ROI half) "
+                "and no gradient projection: only add_w: mapping checkpoints can be imported"
+            )
         raise DataError(f"reference {part}: key '{key}' is missing")
     if sd[key].ndim != ndim:
         shape = tuple(sd[key].shape)
@@ -142,46 +148,69 @@ def head_count(size: str | None, num_heads: int | None, width: int) -> int:
             log.warning("both --size %s and --num-heads %d given: using %d heads", size, num_heads, num_heads)
         return num_heads
     if size is None:
-        raise DataError("the head count is not in the weights' shapes: give --size S|B|L (6, 12, 16 heads, the "
-                        "reference's vit_small / vit_base / vit_large) or --num-heads N")  # fmt: skip
+        raise DataError(
+            "the head count is not in the weights' shapes: give --size S|B|L (6, 12, 16 heads, the "
+            "reference's vit_small / vit_base / vit_large) or --num-heads N"
+        )
     key = {"s": "S", "small": "S", "b": "B", "base": "B", "l": "L", "large": "L"}.get(size.lower())
     if key is None:
         raise DataError(f"--size: expected S, B or L, got '{size}'")
     expected = ENCODER_SIZES[SIZE_NAMES[key]][0]
     if width != expected:
-        raise DataError(f"--size {size}: the reference's {SIZE_NAMES[key]} model is {expected} wide, this "
-                        f"checkpoint's encoder is {width} wide; give --num-heads N for another model")  # fmt: skip
+        raise DataError(
+            f"--size {size}: the reference's {SIZE_NAMES[key]} model is {expected} wide, this "
+            f"checkpoint's encoder is {width} wide; give --num-heads N for another model"
+        )
     return HEADS[key]
 
 
-def infer_config(parts: dict[str, dict[str, torch.Tensor]], n_rois: int, heads: int,
-                 n_frames: int | None = None, patch_size: int | None = None) -> ModelConfig:  # fmt: skip
+def infer_config(
+    parts: dict[str, dict[str, torch.Tensor]],
+    n_rois: int,
+    heads: int,
+    n_frames: int | None = None,
+    patch_size: int | None = None,
+) -> ModelConfig:
     """Our ModelConfig of a reference model, from its weights' shapes, R and the head count."""
     enc, pred = parts["encoder"], parts["predictor"]
     w = _need(enc, "encoder", "patch_embed.proj.weight", 4)  # (D, 1, 1, p) Conv2d
     if tuple(w.shape[1:3]) != (1, 1):
-        raise DataError(f"reference encoder key 'patch_embed.proj.weight': expected a Conv2d weight (D, 1, 1, p) "
-                        f"(one input channel, kernel (1, p)), got shape {tuple(w.shape)}")  # fmt: skip
+        raise DataError(
+            f"reference encoder key 'patch_embed.proj.weight': expected a Conv2d weight (D, 1, 1, p) "
+            f"(one input channel, kernel (1, p)), got shape {tuple(w.shape)}"
+        )
     D, p = int(w.shape[0]), int(w.shape[3])
     k = int(_need(enc, "encoder", "pos_embed_proj.predictor_pos_embed_proj.weight", 2).shape[1])  # (D/2, k)
     rows = int(_need(enc, "encoder", SINCOS_KEY["encoder"], 2).shape[0])  # (R*W, D/2)
     if rows % n_rois:
-        raise DataError(f"reference encoder key '{SINCOS_KEY['encoder']}' has {rows} rows (ROIs x time patches), "
-                        f"not a multiple of the gradient file's {n_rois} ROIs")  # fmt: skip
+        raise DataError(
+            f"reference encoder key '{SINCOS_KEY['encoder']}' has {rows} rows (ROIs x time patches), "
+            f"not a multiple of the gradient file's {n_rois} ROIs"
+        )
     T = rows // n_rois * p
     if patch_size is not None and patch_size != p:
         raise DataError(f"--patch-size {patch_size}: the checkpoint's patch embedding has kernel (1, {p})")
     if n_frames is not None and n_frames != T:
-        raise DataError(f"--n-frames {n_frames}: the checkpoint's '{SINCOS_KEY['encoder']}' has {rows // n_rois} "
-                        f"time patches per ROI at patch size {p}, i.e. {T} frames")  # fmt: skip
+        raise DataError(
+            f"--n-frames {n_frames}: the checkpoint's '{SINCOS_KEY['encoder']}' has {rows // n_rois} "
+            f"time patches per ROI at patch size {p}, i.e. {T} frames"
+        )
     hidden = int(_need(enc, "encoder", "blocks.0.mlp.fc1.weight", 2).shape[0])  # (4D, D)
     size = {d: name for name, (d, _, _) in ENCODER_SIZES.items()}.get(D, "tiny")  # a label: all set below
     return ModelConfig(
-        size=size, n_rois=n_rois, n_frames=T, patch_size=p, gradient_components=k,  # type: ignore[arg-type]
-        embed_dim=D, depth=_depth(enc, "blocks"), num_heads=heads,
+        size=size,
+        n_rois=n_rois,
+        n_frames=T,
+        patch_size=p,
+        gradient_components=k,  # type: ignore[arg-type]
+        embed_dim=D,
+        depth=_depth(enc, "blocks"),
+        num_heads=heads,
         pred_dim=int(_need(pred, "predictor", "predictor_embed.weight", 2).shape[0]),  # (Dp, D)
-        pred_depth=_depth(pred, "predictor_blocks"), pred_heads=heads, mlp_ratio=hidden / D,
-    )  # fmt: skip
+        pred_depth=_depth(pred, "predictor_blocks"),
+        pred_heads=heads,
+        mlp_ratio=hidden / D,
+    )
 
 
 def _our_key(part: str, key: str) -> str | None:
@@ -191,8 +220,7 @@ def _our_key(part: str, key: str) -> str | None:
     return None
 
 
-def convert(parts: dict[str, dict[str, torch.Tensor]],
-            models: JEPAModels) -> tuple[dict[str, torch.Tensor], float]:  # fmt: skip
+def convert(parts: dict[str, dict[str, torch.Tensor]], models: JEPAModels) -> tuple[dict[str, torch.Tensor], float]:
     """Our `models.state_dict()` with every weight from the reference; every reference key is used,
     every one of ours is filled (the gradient buffers stay as built). Returns it and the sin-cos check."""
     ours = models.state_dict()
@@ -204,20 +232,25 @@ def convert(parts: dict[str, dict[str, torch.Tensor]],
                 continue
             name = _our_key(part, key)
             if name is None or name not in ours:
-                raise DataError(f"reference {part} key '{key}' (shape {tuple(value.shape)}) has no counterpart in "
-                                f"our model{f' (would be {name!r})' if name else ''}")  # fmt: skip
+                raise DataError(
+                    f"reference {part} key '{key}' (shape {tuple(value.shape)}) has no counterpart in "
+                    f"our model{f' (would be {name!r})' if name else ''}"
+                )
             if key == "patch_embed.proj.weight" and value.ndim == 4 and tuple(value.shape[1:3]) == (1, 1):
                 value = value.reshape(value.shape[0], value.shape[3])  # Conv2d (D, 1, 1, p) -> Linear (D, p)
             if value.shape != ours[name].shape:
-                raise DataError(f"reference {part} key '{key}' has shape {tuple(value.shape)}, our '{name}' "
-                                f"expects {tuple(ours[name].shape)}")  # fmt: skip
+                raise DataError(
+                    f"reference {part} key '{key}' has shape {tuple(value.shape)}, our '{name}' "
+                    f"expects {tuple(ours[name].shape)}"
+                )
             ours[name] = value.detach().to(ours[name].dtype).clone()
             done.add(name)
     missing = [k for k in ours if k not in done and not k.endswith(".spatial.gradients")]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise DataError(f"reference checkpoint has no weight for our '{missing[0]}' "
-                        f"(shape {tuple(ours[missing[0]].shape)}){more}")  # fmt: skip
+        raise DataError(
+            f"reference checkpoint has no weight for our '{missing[0]}' (shape {tuple(ours[missing[0]].shape)}){more}"
+        )
     for part in parts:
         if SINCOS_KEY[part] not in parts[part]:
             raise DataError(f"reference {part}: key '{SINCOS_KEY[part]}' is missing")
@@ -229,12 +262,16 @@ def _check_sincos(part: str, emb_h: torch.Tensor, models: JEPAModels) -> float:
     pe = getattr(models, PARTS[part]).pos_embed
     ours = pe.temporal[None].expand(pe.n_rois, -1, -1).reshape(pe.n_rois * pe.n_time, -1)  # (R*W, D/2)
     if emb_h.shape != ours.shape:
-        raise DataError(f"reference {part} key '{SINCOS_KEY[part]}' has shape {tuple(emb_h.shape)}, "
-                        f"our sin-cos time table is {tuple(ours.shape)}")  # fmt: skip
+        raise DataError(
+            f"reference {part} key '{SINCOS_KEY[part]}' has shape {tuple(emb_h.shape)}, "
+            f"our sin-cos time table is {tuple(ours.shape)}"
+        )
     diff = float((emb_h.float() - ours).abs().max())
     if diff > SINCOS_ATOL:
-        raise DataError(f"reference {part} key '{SINCOS_KEY[part]}' differs from our sin-cos time table by up to "
-                        f"{diff:.3g} (tolerance {SINCOS_ATOL}): not the positions our model computes")  # fmt: skip
+        raise DataError(
+            f"reference {part} key '{SINCOS_KEY[part]}' differs from our sin-cos time table by up to "
+            f"{diff:.3g} (tolerance {SINCOS_ATOL}): not the positions our model computes"
+        )
     return diff
 
 
@@ -252,19 +289,32 @@ def read_normalization(path: str | Path, n_rois: int) -> tuple[dict | None, dict
     if {"medians", "iqrs"} <= set(arrays):
         med, iqr = arrays["medians"].astype(np.float64), arrays["iqrs"].astype(np.float64)
         if med.shape != (n_rois,) or iqr.shape != (n_rois,):
-            raise DataError(f"normalization file '{path}': medians {med.shape} and iqrs {iqr.shape}, expected "
-                            f"({n_rois},) each (the gradient file's ROIs)")  # fmt: skip
+            raise DataError(
+                f"normalization file '{path}': medians {med.shape} and iqrs {iqr.shape}, expected "
+                f"({n_rois},) each (the gradient file's ROIs)"
+            )
         d = RobustScaling(med, iqr, n_subjects=0, method="reference-npz").to_dict()  # subject count not recorded
         RobustScaling.from_dict(d)  # zero / invalid IQRs are a DataError here
         return d, None
-    log.warning("normalization file '%s' holds %s, not medians/iqrs: stored as 'reference_normalization', "
-                "not used as our scaling", path, sorted(arrays))  # fmt: skip
+    log.warning(
+        "normalization file '%s' holds %s, not medians/iqrs: stored as 'reference_normalization', "
+        "not used as our scaling",
+        path,
+        sorted(arrays),
+    )
     return None, {k: v.tolist() for k, v in arrays.items()}
 
 
-def import_reference(ckpt: str | Path, gradients: str | Path, out: str | Path, size: str | None = None,
-                     num_heads: int | None = None, normalization: str | Path | None = None,
-                     n_frames: int | None = None, patch_size: int | None = None) -> ImportResult:  # fmt: skip
+def import_reference(
+    ckpt: str | Path,
+    gradients: str | Path,
+    out: str | Path,
+    size: str | None = None,
+    num_heads: int | None = None,
+    normalization: str | Path | None = None,
+    n_frames: int | None = None,
+    patch_size: int | None = None,
+) -> ImportResult:
     """Convert a reference checkpoint into ours at `out` (kind "pretrain", step 0, no optimizer state)."""
     parts, meta = read_reference(ckpt)
     k = _need(parts["encoder"], "encoder", "pos_embed_proj.predictor_pos_embed_proj.weight", 2).shape[1]
@@ -278,14 +328,35 @@ def import_reference(ckpt: str | Path, gradients: str | Path, out: str | Path, s
     extra = {} if ref_norm is None else {"reference_normalization": ref_norm}
     pcfg = PretrainConfig(model=cfg, data=DataConfig(gradients=str(Path(gradients).resolve())))
     path = save_checkpoint(
-        out, kind="pretrain", step=0, config=to_dict(pcfg), model_config=to_dict(cfg), gradients=grads,
-        gradient_checksum=gradient_checksum(grads), gradient_source=str(gradients), models=models.state_dict(),
-        trainer=None, scaling=scaling,
+        out,
+        kind="pretrain",
+        step=0,
+        config=to_dict(pcfg),
+        model_config=to_dict(cfg),
+        gradients=grads,
+        gradient_checksum=gradient_checksum(grads),
+        gradient_source=str(gradients),
+        models=models.state_dict(),
+        trainer=None,
+        scaling=scaling,
         reference={"source": str(ckpt), "normalization": str(normalization) if normalization else None, **meta},
         **extra,
-    )  # fmt: skip
+    )
     where_scaling = "scaling" if scaling else "reference_normalization" if ref_norm else "none"
-    log.info("imported %s (epoch %s): %s, D=%d depth=%d heads=%d, predictor %d/%d, R=%d T=%d p=%d k=%d -> %s",
-             ckpt, meta.get("epoch"), cfg.size, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.pred_dim,
-             cfg.pred_depth, cfg.n_rois, cfg.n_frames, cfg.patch_size, cfg.gradient_components, path)  # fmt: skip
+    log.info(
+        "imported %s (epoch %s): %s, D=%d depth=%d heads=%d, predictor %d/%d, R=%d T=%d p=%d k=%d -> %s",
+        ckpt,
+        meta.get("epoch"),
+        cfg.size,
+        cfg.embed_dim,
+        cfg.depth,
+        cfg.num_heads,
+        cfg.pred_dim,
+        cfg.pred_depth,
+        cfg.n_rois,
+        cfg.n_frames,
+        cfg.patch_size,
+        cfg.gradient_components,
+        path,
+    )
     return ImportResult(Path(path), cfg, meta.get("epoch"), max_diff, where_scaling)

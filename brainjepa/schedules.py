@@ -43,4 +43,6 @@ def ema_momentum(cfg: OptimConfig, step: int, total: int) -> float:
 
 
 def schedule_at(cfg: OptimConfig, step: int, total: int) -> SchedulePoint:
-    return SchedulePoint(learning_rate(cfg, step, total), weight_decay(cfg, step, total), ema_momentum(cfg, step, total))
+    return SchedulePoint(
+        learning_rate(cfg, step, total), weight_decay(cfg, step, total), ema_momentum(cfg, step, total)
+    )

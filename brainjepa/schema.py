@@ -49,9 +49,7 @@ def _is_optional(tp: Any) -> bool:
 
 def _convert(value: Any, tp: Any, file: Path | str | None, key: str) -> Any:
     def bad() -> ConfigError:
-        return ConfigError(
-            f"{where(file, key)}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})"
-        )
+        return ConfigError(f"{where(file, key)}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
     if _is_optional(tp):
         if value is None:
@@ -116,8 +114,9 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict:
     return data
 
 
-def from_mapping(cls: type, data: dict, file: Path | str | None, prefix: str = "",
-                 spell: Callable[[str], str] | None = None) -> Any:  # fmt: skip
+def from_mapping(
+    cls: type, data: dict, file: Path | str | None, prefix: str = "", spell: Callable[[str], str] | None = None
+) -> Any:
     """Build dataclass `cls` from a mapping; errors name `file` and the dotted key.
 
     `spell` maps a field name to how the source writes its key (e.g. `num_rounds` -> `num-rounds` in
@@ -132,18 +131,14 @@ def from_mapping(cls: type, data: dict, file: Path | str | None, prefix: str = "
         if isinstance(k, str) and k in retired:
             raise ConfigError(f"{where(file, full)}: not read by anything, remove it: {retired[k]}")
         if not isinstance(k, str) or k not in fields:
-            raise ConfigError(
-                f"{where(file, full)}: unknown key; allowed keys here: {', '.join(sorted(fields))}"
-            )
+            raise ConfigError(f"{where(file, full)}: unknown key; allowed keys here: {', '.join(sorted(fields))}")
     kwargs = {}
     for key, f in fields.items():
         full = f"{prefix}.{key}" if prefix else key
         if key in data:
             kwargs[f.name] = _convert(data[key], hints[f.name], file, full)
         elif f.default is _MISSING and f.default_factory is _MISSING:
-            raise ConfigError(
-                f"{where(file, full)}: required key is missing (expected {_type_name(hints[f.name])})"
-            )
+            raise ConfigError(f"{where(file, full)}: required key is missing (expected {_type_name(hints[f.name])})")
     try:
         return cls(**kwargs)
     except ConfigError as e:  # a dataclass's own check (__post_init__): add the file it came from

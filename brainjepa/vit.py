@@ -162,8 +162,9 @@ class Encoder(nn.Module):
         if cfg.patch_init == "unit":  # data term ~ positional term at init (the reference: ~1/9 of it)
             nn.init.normal_(self.patch_embed.proj.weight, std=cfg.patch_size**-0.5)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None,
-                select: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self, x: torch.Tensor, keep: torch.Tensor | None = None, select: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x (B, R, T) -> (B, N, D) over all tokens, or (B, M, D) over `keep` (B, M) token indices.
 
         `select` (B, S) picks output tokens after the blocks (the final LayerNorm then runs on those

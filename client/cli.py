@@ -29,8 +29,10 @@ def probe_coordinator(server: str, root_cert: Path | None, timeout_s: float = 5.
     try:
         sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s)
     except OSError as e:
-        return (f"cannot reach the coordinator at {server}: {e.strerror or e} (is `brainjepa-server start` running "
-                f"there, and is the port open to this machine?)")  # fmt: skip
+        return (
+            f"cannot reach the coordinator at {server}: {e.strerror or e} (is `brainjepa-server start` running "
+            f"there, and is the port open to this machine?)"
+        )
     with sock:
         if root_cert is None:
             return None
@@ -39,9 +41,11 @@ def probe_coordinator(server: str, root_cert: Path | None, timeout_s: float = 5.
             with ctx.wrap_socket(sock, server_hostname=host.strip("[]")):
                 return None
         except ssl.SSLCertVerificationError as e:
-            return (f"the coordinator's TLS certificate at {server} does not verify against --root-certificates "
-                    f"{root_cert}: {e.verify_message} (a name mismatch means the certificate's SAN lacks '{host}': "
-                    f"connect with a name it holds, or ask the coordinator for a certificate with this one)")  # fmt: skip
+            return (
+                f"the coordinator's TLS certificate at {server} does not verify against --root-certificates "
+                f"{root_cert}: {e.verify_message} (a name mismatch means the certificate's SAN lacks '{host}': "
+                f"connect with a name it holds, or ask the coordinator for a certificate with this one)"
+            )
         except (ssl.SSLError, OSError) as e:
             return f"TLS handshake with the coordinator at {server} failed: {e}"
 
@@ -85,10 +89,17 @@ def main_command(
     server: Annotated[str, typer.Option(help="The coordinator's HOST:PORT.")] = "127.0.0.1:9092",
     root_certificates: Annotated[Path | None, typer.Option(help="CA certificate to verify the server (TLS).")] = None,
     insecure: Annotated[bool, typer.Option(help="No TLS (testing only): weights travel unencrypted.")] = False,
-    auth_key: Annotated[Path | None, typer.Option(help="This site's SuperNode private key (registered at the server).")] = None,
+    auth_key: Annotated[
+        Path | None, typer.Option(help="This site's SuperNode private key (registered at the server).")
+    ] = None,
     log_dir: Annotated[Path, typer.Option(help="Where the SuperNode log goes.")] = Path("runs/site-logs"),
     runtime_port: Annotated[int, typer.Option(help="Local port for the site's ClientApp API (0: any free port).")] = 0,
-    trust_any_app: Annotated[bool, typer.Option(help="Run any app bundle the coordinator sends (development only); by default only the brainjepa ClientApp installed here runs.")] = False,
+    trust_any_app: Annotated[
+        bool,
+        typer.Option(
+            help="Run any app bundle the coordinator sends (development only); by default only the brainjepa ClientApp installed here runs."
+        ),
+    ] = False,
 ) -> None:
     """Join the federation at --server as the site described by --site. Scans never leave this machine:
     only model weights and metrics do. Ctrl-C leaves the federation cleanly."""
@@ -113,17 +124,25 @@ def main_command(
         typer.secho(f"error: {problem}", fg=typer.colors.RED, err=True)
         raise typer.Exit(3)
     if insecure:
-        typer.secho("!! --insecure: NO TLS. Model weights travel unencrypted. Local tests only. !!",
-                    fg=typer.colors.RED, bold=True, err=True)  # fmt: skip
+        typer.secho(
+            "!! --insecure: NO TLS. Model weights travel unencrypted. Local tests only. !!",
+            fg=typer.colors.RED,
+            bold=True,
+            err=True,
+        )
     cmd = supernode_command(
-        server, runtime_port or free_port(), {"site-config": str(site.resolve()), "gradients": str(gradients.resolve())},
+        server,
+        runtime_port or free_port(),
+        {"site-config": str(site.resolve()), "gradients": str(gradients.resolve())},
         root_cert=root_certificates.resolve() if root_certificates else None,
         auth_private_key=auth_key.resolve() if auth_key else None,
     )
     log_path = (log_dir / f"supernode-{cfg.site}.log").resolve()
     typer.echo(f"site '{cfg.site}': {cfg.n_rois} ROIs, TR {cfg.tr} s, data under {cfg.data.root}")
-    typer.echo(f"gradient file {gradients}: {grads.shape[0]} ROIs x {grads.shape[1]} components (checksum "
-               f"{gradient_checksum(grads)[:16]}...; the coordinator's model must use the same)")  # fmt: skip
+    typer.echo(
+        f"gradient file {gradients}: {grads.shape[0]} ROIs x {grads.shape[1]} components (checksum "
+        f"{gradient_checksum(grads)[:16]}...; the coordinator's model must use the same)"
+    )
     typer.echo(f"joining the federation at {server}; SuperNode log: {log_path} (Ctrl-C to leave)")
     # The user's FLWR_HOME (None); a new session: Ctrl-C reaches only us, and we stop the SuperNode's tree.
     env = flower_env(None) if trust_any_app else pinned_app_env(log_path.parent / ".pinned-app-bin")
@@ -137,10 +156,13 @@ def main_command(
             for ln in why:
                 typer.secho(f"  {ln.strip()}", fg=typer.colors.RED, err=True)
             if any("305" in ln for ln in why):
-                typer.secho("  (exit 305: the coordinator refused to activate this site: either its public key is not "
-                            "in the coordinator's --sites-file, or the coordinator still lists this site as connected "
-                            "from a session that ended without leaving: it forgets it within 60 s, try again then)",
-                            fg=typer.colors.RED, err=True)  # fmt: skip
+                typer.secho(
+                    "  (exit 305: the coordinator refused to activate this site: either its public key is not "
+                    "in the coordinator's --sites-file, or the coordinator still lists this site as connected "
+                    "from a session that ended without leaving: it forgets it within 60 s, try again then)",
+                    fg=typer.colors.RED,
+                    err=True,
+                )
         raise typer.Exit(code)
     except KeyboardInterrupt:
         typer.echo("\nCtrl-C: leaving the federation")

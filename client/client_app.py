@@ -44,14 +44,7 @@ from client.downstream import DownstreamSite
 from client.redact import scrub
 from client.secagg import is_secure, secure_train
 from client.state import load_optimizer, save_optimizer
-from client.training import (
-    RoundRefused,
-    SiteTrainer,
-    load_site_data,
-    private_train,
-    resolve_site,
-    site_sketch,
-)
+from client.training import RoundRefused, SiteTrainer, load_site_data, private_train, resolve_site, site_sketch
 from sites.config import SiteConfig
 from sites.scaling import RobustScaling
 
@@ -67,19 +60,25 @@ def site_paths(context: Context) -> tuple[Path, Path]:
         site = Path(str(node["site-config"]))
         grads = str(node.get("gradients", "")) or run_gradients
         if not grads:
-            raise RoundRefused(f"site '{site}': no gradient file; start the site with --gradients FILE "
-                               "(the federation's gradient file, the same as the server's)")  # fmt: skip
+            raise RoundRefused(
+                f"site '{site}': no gradient file; start the site with --gradients FILE "
+                "(the federation's gradient file, the same as the server's)"
+            )
         return site, Path(grads)
     if "partition-id" in node:  # simulation: one site YAML per simulated node
         sites_dir = str(run.get("sites-dir", ""))
         if not sites_dir or not run_gradients:
-            raise RoundRefused("simulation node: the run config needs 'sites-dir' (a folder of site folders) and "
-                               "'gradients' (`brainjepa-server simulate` prepares both)")  # fmt: skip
+            raise RoundRefused(
+                "simulation node: the run config needs 'sites-dir' (a folder of site folders) and "
+                "'gradients' (`brainjepa-server simulate` prepares both)"
+            )
         yamls = sorted(Path(sites_dir).glob("*/*.yaml"))
         pid = int(node["partition-id"])
         if pid >= len(yamls):
-            raise RoundRefused(f"simulation node {pid}: only {len(yamls)} site YAML(s) under '{sites_dir}' "
-                               "(set num-supernodes to the number of sites)")  # fmt: skip
+            raise RoundRefused(
+                f"simulation node {pid}: only {len(yamls)} site YAML(s) under '{sites_dir}' "
+                "(set num-supernodes to the number of sites)"
+            )
         return yamls[pid], Path(run_gradients)
     raise RoundRefused("node config has no 'site-config' (start the site with `brainjepa-client --site FILE`)")
 
@@ -100,9 +99,13 @@ def run_round(msg: Message, context: Context) -> Message:
         else:
             sets, metrics = DownstreamSite(spec, site, runtime, grad_file).run(received)
         arrays = ArrayRecord(encode_update(sets, received, spec.wire_dtype))
-    metrics.update({Metric.ROUND_WALL_S: time.perf_counter() - t0,
-                    Metric.BYTES_RECEIVED: float(msg.content[ARRAYS].count_bytes()),
-                    Metric.BYTES_SENT: float(arrays.count_bytes())})  # fmt: skip
+    metrics.update(
+        {
+            Metric.ROUND_WALL_S: time.perf_counter() - t0,
+            Metric.BYTES_RECEIVED: float(msg.content[ARRAYS].count_bytes()),
+            Metric.BYTES_SENT: float(arrays.count_bytes()),
+        }
+    )
     content = RecordDict({ARRAYS: arrays, METRICS: MetricRecord(metrics), SITE: ConfigRecord({"name": site.site})})
     _maybe_dump(context, site.site, spec, content)
     return Message(content, reply_to=msg)
@@ -118,9 +121,15 @@ def federation_scaling(spec: RoundSpec, content: RecordDict) -> RobustScaling | 
     return scaling_from_arrays(content[SCALING].to_torch_state_dict(), spec.scaling_checksum)
 
 
-def pretrain_round(spec: RoundSpec, site: SiteConfig, runtime: SiteRuntime, grad_file: Path,
-                   received: dict[str, torch.Tensor], state: RecordDict,
-                   scaling: RobustScaling | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:  # fmt: skip
+def pretrain_round(
+    spec: RoundSpec,
+    site: SiteConfig,
+    runtime: SiteRuntime,
+    grad_file: Path,
+    received: dict[str, torch.Tensor],
+    state: RecordDict,
+    scaling: RobustScaling | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """K JEPA steps from the received sets, AdamW moments carried in the run's `context.state`; the data
     scaled with the federation's `scaling`, or the site's own statistics (None)."""
     trainer = SiteTrainer(spec, grad_file, runtime)
@@ -147,8 +156,10 @@ def _maybe_dump(context: Context, site: str, spec: RoundSpec, content: RecordDic
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays, metrics = content[ARRAYS], content[METRICS]
     np.savez(path, num_examples=int(metrics[Metric.NUM_EXAMPLES]), **{k: arrays[k].numpy() for k in arrays.keys()})
-    layout = {"records": {name: sorted(record.keys()) for name, record in content.items()},
-              "metrics": {k: float(v) for k, v in metrics.items()}}  # fmt: skip
+    layout = {
+        "records": {name: sorted(record.keys()) for name, record in content.items()},
+        "metrics": {k: float(v) for k, v in metrics.items()},
+    }
     path.with_suffix(".json").write_text(json.dumps(layout, indent=1))
 
 

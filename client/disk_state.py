@@ -38,9 +38,17 @@ def save_state(site: SiteConfig, spec: RoundSpec, optimizer: torch.optim.Optimiz
 
 
 def _save(path: Path, spec: RoundSpec, optimizer: torch.optim.Optimizer, rounds_done: int) -> Path:
-    return atomic_save({"model-checksum": spec.model_checksum, "gradient-checksum": spec.gradient_checksum,
-                        "step-end": spec.step_start + spec.local_steps, "rounds-done": rounds_done,
-                        "optimizer": optimizer.state_dict(), "torch-rng": torch.get_rng_state()}, path)  # fmt: skip
+    return atomic_save(
+        {
+            "model-checksum": spec.model_checksum,
+            "gradient-checksum": spec.gradient_checksum,
+            "step-end": spec.step_start + spec.local_steps,
+            "rounds-done": rounds_done,
+            "optimizer": optimizer.state_dict(),
+            "torch-rng": torch.get_rng_state(),
+        },
+        path,
+    )
 
 
 def load_state(site: SiteConfig, spec: RoundSpec, optimizer: torch.optim.Optimizer) -> int:
@@ -49,11 +57,18 @@ def load_state(site: SiteConfig, spec: RoundSpec, optimizer: torch.optim.Optimiz
     if spec.step_start == 0 or not path.is_file():
         return 0
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    same = (saved.get("model-checksum") == spec.model_checksum and saved.get("gradient-checksum") ==
-            spec.gradient_checksum and int(saved.get("step-end", -1)) == spec.step_start)  # fmt: skip
+    same = (
+        saved.get("model-checksum") == spec.model_checksum
+        and saved.get("gradient-checksum") == spec.gradient_checksum
+        and int(saved.get("step-end", -1)) == spec.step_start
+    )
     if not same:
-        log.info("optimizer state %s ends at step %s, this round starts at %d: AdamW moments start afresh",
-                 path, saved.get("step-end"), spec.step_start)  # fmt: skip
+        log.info(
+            "optimizer state %s ends at step %s, this round starts at %d: AdamW moments start afresh",
+            path,
+            saved.get("step-end"),
+            spec.step_start,
+        )
         return 0
     optimizer.load_state_dict(saved["optimizer"])
     torch.set_rng_state(saved["torch-rng"])

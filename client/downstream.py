@@ -80,12 +80,25 @@ class DownstreamSite:
         if self.privacy.enabled:
             loss, dp = self.private_round(model)
         else:
-            loss = site_round(model, self.data, self.target, spec.step_start, spec.local_steps, spec.total_steps,
-                              spec.model.n_frames, self.device)  # fmt: skip
+            loss = site_round(
+                model,
+                self.data,
+                self.target,
+                spec.step_start,
+                spec.local_steps,
+                spec.total_steps,
+                spec.model.n_frames,
+                self.device,
+            )
         n = len(self.data.train)
-        metrics = {**dp, Metric.LOSS: loss, Metric.LOCAL_STEPS: float(spec.local_steps), Metric.NUM_EXAMPLES: float(n),
-                   Metric.WALL_S: time.perf_counter() - t0,
-                   Metric.SAMPLES_SEEN: float(spec.local_steps * min(self.recipe.batch_size, n))}  # fmt: skip
+        metrics = {
+            **dp,
+            Metric.LOSS: loss,
+            Metric.LOCAL_STEPS: float(spec.local_steps),
+            Metric.NUM_EXAMPLES: float(n),
+            Metric.WALL_S: time.perf_counter() - t0,
+            Metric.SAMPLES_SEEN: float(spec.local_steps * min(self.recipe.batch_size, n)),
+        }
         return {MODEL_SET: state_vector(model).cpu()}, metrics
 
     def private_round(self, model: DownstreamModel) -> tuple[float, dict[str, float]]:
@@ -95,15 +108,26 @@ class DownstreamSite:
         units = scan_units(self.site, train.ids)
         expected = min(self.recipe.batch_size, int(units.max()) + 1)
         sampler = PoissonSubjects(train.packed(), units, expected, spec.model.n_frames)
-        dp = PrivateRound.open(privacy, ledger_path(privacy, self.site.source, self.name), self.name,
-                               run_key(spec.task, spec.model_checksum, spec.gradient_checksum, spec.total_steps,
-                                       self.recipe.seed),
-                               spec.task, spec.round, sampler.sample_rate, spec.local_steps,
-                               spec.total_steps - spec.step_start)  # fmt: skip
+        dp = PrivateRound.open(
+            privacy,
+            ledger_path(privacy, self.site.source, self.name),
+            self.name,
+            run_key(spec.task, spec.model_checksum, spec.gradient_checksum, spec.total_steps, self.recipe.seed),
+            spec.task,
+            spec.round,
+            sampler.sample_rate,
+            spec.local_steps,
+            spec.total_steps - spec.step_start,
+        )
         rng, noise = secret_generators()
-        step = DPDownstreamStep(DownstreamStep(model, self.task, spec.total_steps, self.target, self.device,
-                                              labels=train.y),
-                                dp.noise_multiplier, privacy.max_grad_norm, expected, noise, privacy.clip_chunk)
+        step = DPDownstreamStep(
+            DownstreamStep(model, self.task, spec.total_steps, self.target, self.device, labels=train.y),
+            dp.noise_multiplier,
+            privacy.max_grad_norm,
+            expected,
+            noise,
+            privacy.clip_chunk,
+        )
         losses = []
         for s in range(spec.step_start, spec.step_start + spec.local_steps):
             scans = sampler.draw_scans(rng)
@@ -124,11 +148,16 @@ class DownstreamSite:
     def label_stats(self) -> dict[str, float]:
         """Regression: count, sum and centred sum of squares of the training labels (aggregates only)."""
         if self.task.kind != "regression":
-            raise RoundRefused(f"label-stats round for task '{self.task.name}', a {self.task.kind}: only "
-                               "regression targets are standardised")  # fmt: skip
+            raise RoundRefused(
+                f"label-stats round for task '{self.task.name}', a {self.task.kind}: only "
+                "regression targets are standardised"
+            )
         y = self.data.train.y.astype(np.float64)
-        return {Metric.NUM_EXAMPLES: float(y.size), Metric.LABEL_SUM: float(y.sum()),
-                Metric.LABEL_M2: float(((y - y.mean()) ** 2).sum())}  # fmt: skip
+        return {
+            Metric.NUM_EXAMPLES: float(y.size),
+            Metric.LABEL_SUM: float(y.sum()),
+            Metric.LABEL_M2: float(((y - y.mean()) ** 2).sum()),
+        }
 
     def run(self, received: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """The round's work by task: (weight sets to send back, metrics)."""

@@ -38,8 +38,10 @@ def check_fab(content: bytes) -> None:
             names = z.namelist()
             extra = sorted(n for n in names if n != "pyproject.toml" and not n.startswith(".info/"))
             if extra:
-                raise UntrustedApp(f"the app bundle carries files besides pyproject.toml: {extra[:10]} (this site runs "
-                                   "only the brainjepa ClientApp installed here)")  # fmt: skip
+                raise UntrustedApp(
+                    f"the app bundle carries files besides pyproject.toml: {extra[:10]} (this site runs "
+                    "only the brainjepa ClientApp installed here)"
+                )
             toml = tomllib.loads(z.read("pyproject.toml").decode())
     except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise UntrustedApp(f"unreadable app bundle: {e}") from e

@@ -12,8 +12,9 @@ import re
 _PATH = re.compile(r"(?:[A-Za-z]:)?(?:~|\.{1,2})?(?:[/\\][^\s'\"/\\,;:)\]]+)+[/\\]?")
 _BIDS = re.compile(r"\b(sub|ses)-[A-Za-z0-9]+")
 _ID_LIST = re.compile(r"\b(subjects?(?: ids?)?|participants?(?:_id| ids?)?)\b(\s*[:=]?\s*)\[[^\]]*\]", re.IGNORECASE)
-_ID_ONE = re.compile(r"\b(subject(?: id)?|participant(?:_id| id)?)\b(\s*[:=]\s*|\s+)('[^']*'|\"[^\"]*\"|[^\s,;:)<]+)",
-                     re.IGNORECASE)  # fmt: skip
+_ID_ONE = re.compile(
+    r"\b(subject(?: id)?|participant(?:_id| id)?)\b(\s*[:=]\s*|\s+)('[^']*'|\"[^\"]*\"|[^\s,;:)<]+)", re.IGNORECASE
+)
 
 
 def scrub(text: str) -> str:

@@ -76,14 +76,21 @@ def legacy_round(msg: Message, context: Context, handle: Handler) -> Message:
     except (KeyError, TypeError, ValueError) as e:
         raise SecureRoundError(ErrorCode.REFUSED, f"site refused the round: secure-aggregation settings: {e!r}") from e
     if len(names) != len(fitins.parameters.tensors) or weighting not in ("samples", "uniform"):
-        raise SecureRoundError(ErrorCode.REFUSED, f"site refused the round: {len(fitins.parameters.tensors)} arrays "
-                               f"for names {names}, weighting '{weighting}'")  # fmt: skip
+        raise SecureRoundError(
+            ErrorCode.REFUSED,
+            f"site refused the round: {len(fitins.parameters.tensors)} arrays "
+            f"for names {names}, weighting '{weighting}'",
+        )
     records: dict[str, dict[str, torch.Tensor]] = {ARRAYS: {}}
     for name, blob in zip(names, fitins.parameters.tensors, strict=True):
         rec, _, key = name.rpartition(".")
         records.setdefault(rec or ARRAYS, {})[key] = torch.from_numpy(bytes_to_ndarray(blob).copy())
-    msg.content = RecordDict({CONFIG: ConfigRecord({k: v for k, v in config.items() if k not in SECAGG_KEYS}),
-                              **{rec: ArrayRecord(tensors) for rec, tensors in records.items()}})  # fmt: skip
+    msg.content = RecordDict(
+        {
+            CONFIG: ConfigRecord({k: v for k, v in config.items() if k not in SECAGG_KEYS}),
+            **{rec: ArrayRecord(tensors) for rec, tensors in records.items()},
+        }
+    )
     reply = handle(msg, context)
     if reply.has_error():
         raise SecureRoundError(reply.error.code, reply.error.reason or "")
@@ -99,8 +106,12 @@ def legacy_round(msg: Message, context: Context, handle: Handler) -> Message:
     check_secure_payload(delta, weight, max_weight, clip_range)
     metrics[SITE_NAME] = str(content[SITE]["name"]) if SITE in content.config_records else ""
     tensors = [ndarray_to_bytes(delta[k].numpy()) for k in send]
-    fitres = FitRes(Status(Code.OK, "ok"), Parameters(tensors=tensors, tensor_type="numpy.ndarray"),
-                    num_examples=int(weight), metrics=metrics)  # type: ignore[arg-type]
+    fitres = FitRes(
+        Status(Code.OK, "ok"),
+        Parameters(tensors=tensors, tensor_type="numpy.ndarray"),
+        num_examples=int(weight),
+        metrics=metrics,
+    )  # type: ignore[arg-type]
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
@@ -108,10 +119,16 @@ def check_secure_payload(delta: dict[str, torch.Tensor], weight: float, max_weig
     """Refuse what Flower's SecAgg+ would silently clip: a weight above `max_weight`, or a weighted delta
     value (weight / max_weight x delta) outside [-clip_range, clip_range]."""
     if not (weight >= 1 and float(weight).is_integer() and weight <= max_weight):
-        raise SecureRoundError(ErrorCode.REFUSED, f"site refused the round: its weight (num-examples) {weight:g} is "
-                               f"above the federation's secure-aggregation-max-weight {max_weight:g} (raise it)")  # fmt: skip
+        raise SecureRoundError(
+            ErrorCode.REFUSED,
+            f"site refused the round: its weight (num-examples) {weight:g} is "
+            f"above the federation's secure-aggregation-max-weight {max_weight:g} (raise it)",
+        )
     peak = max(float(v.abs().max()) for v in delta.values()) * weight / max_weight
     if not peak <= clip_range:
-        raise SecureRoundError(ErrorCode.FAILED, f"site failed: its weighted update reaches {peak:.4g}, outside the "
-                               f"secure-aggregation-clip-range {clip_range:g} (SecAgg+ would clip it; raise the "
-                               "range or lower the learning rate)")  # fmt: skip
+        raise SecureRoundError(
+            ErrorCode.FAILED,
+            f"site failed: its weighted update reaches {peak:.4g}, outside the "
+            f"secure-aggregation-clip-range {clip_range:g} (SecAgg+ would clip it; raise the "
+            "range or lower the learning rate)",
+        )

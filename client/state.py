@@ -31,12 +31,16 @@ def save_optimizer(state: RecordDict, optimizer: torch.optim.Optimizer, model_ch
         flat = [sd["state"][i][moment].reshape(-1) for i in have]
         arrays[moment] = Array(torch.cat(flat).float().numpy() if flat else np.zeros(0, np.float32))
     state[OPT_KEY] = ArrayRecord(arrays)
-    state[META_KEY] = ConfigRecord({
-        "model-checksum": model_checksum, "rounds-done": rounds_done, "param-index": have,
-        "param-steps": [float(sd["state"][i]["step"]) for i in have],
-        "param-groups": json.dumps([{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]),
-        "torch-rng": torch.get_rng_state().numpy().tobytes(),
-    })  # fmt: skip
+    state[META_KEY] = ConfigRecord(
+        {
+            "model-checksum": model_checksum,
+            "rounds-done": rounds_done,
+            "param-index": have,
+            "param-steps": [float(sd["state"][i]["step"]) for i in have],
+            "param-groups": json.dumps([{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]),
+            "torch-rng": torch.get_rng_state().numpy().tobytes(),
+        }
+    )
 
 
 def load_optimizer(state: RecordDict, optimizer: torch.optim.Optimizer, model_checksum: str) -> int:
@@ -54,8 +58,10 @@ def load_optimizer(state: RecordDict, optimizer: torch.optim.Optimizer, model_ch
     for i, step in zip(meta["param-index"], meta["param-steps"], strict=True):
         p = params[int(i)]
         n = p.numel()
-        new_state[int(i)] = {"step": torch.tensor(float(step)),
-                             **{m: moments[m][offset:offset + n].view_as(p).clone() for m in MOMENTS}}  # fmt: skip
+        new_state[int(i)] = {
+            "step": torch.tensor(float(step)),
+            **{m: moments[m][offset : offset + n].view_as(p).clone() for m in MOMENTS},
+        }
         offset += n
     groups = json.loads(str(meta["param-groups"]))
     for g, saved in zip(sd["param_groups"], groups, strict=True):

@@ -29,7 +29,8 @@ from brainjepa.weights import WEIGHT_SETS, flat_parameters, load_flat_parameters
 from sites.cohort import check_spread, load_cohort
 from sites.config import SiteConfig
 from sites.layout import read_site_participants, subject_column
-from sites.scaling import RobustScaling, summarize
+from sites.scaling import RobustScaling
+from sites.scaling_sketch import summarize
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,10 @@ def load_site_data(site: SiteConfig, cfg: PretrainConfig, scaling: RobustScaling
         raw = load_cohort(site, cfg.data.model_tr, min_frames=m.n_frames, scaling="none", for_model=False)
         n_rois = raw.series[0].shape[0]
         if scaling.n_rois != n_rois:
-            raise RoundRefused(f"federation scaling has statistics for {scaling.n_rois} ROIs, this site's data "
-                               f"'{site.source}' has {n_rois} ROIs")  # fmt: skip
+            raise RoundRefused(
+                f"federation scaling has statistics for {scaling.n_rois} ROIs, this site's data "
+                f"'{site.source}' has {n_rois} ROIs"
+            )
         series = scaling.apply_all(raw.series)
         check_spread(series, raw.source, "robust")
         cohort = dataclasses.replace(raw, series=series, scaling=scaling)
@@ -80,23 +83,29 @@ def scan_units(site: SiteConfig, scan_ids: list[str]) -> np.ndarray:
 
 def site_sketch(site: SiteConfig, cfg: PretrainConfig) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """scaling-stats round: the quantile sketch of the training subjects' per-ROI time-means at the model
-    TR, unscaled (`sites.scaling.summarize`), and the subject count: all that leaves the site."""
+    TR, unscaled (`sites.scaling_sketch.summarize`), and the subject count: all that leaves the site."""
     m = cfg.model
     check_rois(site, m)
     if cfg.data.scaling != "robust":
-        raise RoundRefused(f"scaling-stats round with data.scaling '{cfg.data.scaling}': only the reference "
-                           "('robust') scaling has a federation-wide sketch")  # fmt: skip
+        raise RoundRefused(
+            f"scaling-stats round with data.scaling '{cfg.data.scaling}': only the reference "
+            "('robust') scaling has a federation-wide sketch"
+        )
     raw = load_cohort(site, cfg.data.model_tr, min_frames=m.n_frames, scaling="none", for_model=False)
     sketch = summarize(raw.series, site.site)
-    arrays = {SKETCH_LEVELS: torch.from_numpy(sketch.levels.astype(np.float64)),
-              SKETCH_QUANTILES: torch.from_numpy(sketch.quantiles.astype(np.float64))}  # fmt: skip
+    arrays = {
+        SKETCH_LEVELS: torch.from_numpy(sketch.levels.astype(np.float64)),
+        SKETCH_QUANTILES: torch.from_numpy(sketch.quantiles.astype(np.float64)),
+    }
     return arrays, {Metric.NUM_EXAMPLES: float(sketch.n_subjects)}
 
 
 def check_rois(site: SiteConfig, m: ModelConfig) -> None:
     if site.n_rois != m.n_rois:
-        raise RoundRefused(f"site config '{site.source}' declares {site.n_rois} ROIs, the federation's "
-                           f"model expects model.n_rois={m.n_rois}")  # fmt: skip
+        raise RoundRefused(
+            f"site config '{site.source}' declares {site.n_rois} ROIs, the federation's "
+            f"model expects model.n_rois={m.n_rois}"
+        )
 
 
 def checked_gradients(gradient_file: Path, m: ModelConfig, expected: str) -> np.ndarray:
@@ -109,15 +118,18 @@ def checked_gradients(gradient_file: Path, m: ModelConfig, expected: str) -> np.
     if mine != expected:
         raise RoundRefused(
             f"gradient file '{gradient_file}' has checksum {mine[:16]}..., the federation's gradient file has "
-            f"{expected[:16]}...: this site must use the same gradient file as the server")  # fmt: skip
+            f"{expected[:16]}...: this site must use the same gradient file as the server"
+        )
     return grads
 
 
 def check_model(mine: str, spec: RoundSpec) -> None:
     """The site built the model the server did (`brainjepa.weights.model_checksum`), or it refuses."""
     if mine != spec.model_checksum:
-        raise RoundRefused(f"model checksum {mine[:16]}... differs from the server's {spec.model_checksum[:16]}...: "
-                           "site and server build different models (package versions or model config)")  # fmt: skip
+        raise RoundRefused(
+            f"model checksum {mine[:16]}... differs from the server's {spec.model_checksum[:16]}...: "
+            "site and server build different models (package versions or model config)"
+        )
 
 
 def site_device(runtime: SiteRuntime) -> torch.device:
@@ -142,9 +154,15 @@ class SiteTrainer:
         self.perf, self.privacy = runtime.perf, runtime.privacy
         private = self.privacy.enabled  # the DP path is the plain eager fp32 step
         perf = dataclasses.replace(self.perf, compile=False, cuda_graphs=False) if private else self.perf
-        self.step_fn = PretrainStep(self.models, cfg.optim, spec.total_steps, dev,
-                                    activation_checkpointing=cfg.train.activation_checkpointing and not private,
-                                    perf=perf, precision="fp32" if private else cfg.train.precision)  # fmt: skip
+        self.step_fn = PretrainStep(
+            self.models,
+            cfg.optim,
+            spec.total_steps,
+            dev,
+            activation_checkpointing=cfg.train.activation_checkpointing and not private,
+            perf=perf,
+            precision="fp32" if private else cfg.train.precision,
+        )
 
     @property
     def modules(self) -> dict[str, nn.Module]:
@@ -171,14 +189,23 @@ class SiteTrainer:
         t0 = time.perf_counter()
         losses = []
         steps = range(spec.step_start, spec.step_start + spec.local_steps)
-        batches = Prefetcher(lambda step: [data.stream[step * accum + a] for a in range(accum)], steps,
-                             self.perf.prefetch, pin=self.step_fn.device.type == "cuda")  # fmt: skip
+        batches = Prefetcher(
+            lambda step: [data.stream[step * accum + a] for a in range(accum)],
+            steps,
+            self.perf.prefetch,
+            pin=self.step_fn.device.type == "cuda",
+        )
         for step, micro_batches in batches:
             losses.append(self.step_fn(micro_batches, step))
         values = torch.stack(losses).tolist()  # one host sync per round
-        return {Metric.LOSS: sum(values) / len(values), Metric.LOSS_FIRST: values[0], Metric.LOSS_LAST: values[-1],
-                Metric.LOCAL_STEPS: float(spec.local_steps), Metric.WALL_S: time.perf_counter() - t0,
-                Metric.SAMPLES_SEEN: float(spec.local_steps * accum * spec.task_config.train.batch_size)}  # fmt: skip
+        return {
+            Metric.LOSS: sum(values) / len(values),
+            Metric.LOSS_FIRST: values[0],
+            Metric.LOSS_LAST: values[-1],
+            Metric.LOCAL_STEPS: float(spec.local_steps),
+            Metric.WALL_S: time.perf_counter() - t0,
+            Metric.SAMPLES_SEEN: float(spec.local_steps * accum * spec.task_config.train.batch_size),
+        }
 
 
 def private_train(trainer: SiteTrainer, data: SiteData, site: SiteConfig) -> dict[str, float]:
@@ -188,30 +215,50 @@ def private_train(trainer: SiteTrainer, data: SiteData, site: SiteConfig) -> dic
     expected = cfg.train.batch_size * cfg.optim.accumulation_steps
     assert data.units is not None
     try:
-        sampler = PoissonSubjects(data.stream.packed, data.units, expected, cfg.model.n_frames,
-                                  cfg.model.patch_size, cfg.mask)  # fmt: skip
+        sampler = PoissonSubjects(
+            data.stream.packed, data.units, expected, cfg.model.n_frames, cfg.model.patch_size, cfg.mask
+        )
     except ValueError as e:
         raise RoundRefused(f"site '{site.source}': {e}") from e
-    dp = PrivateRound.open(privacy, ledger_path(privacy, site.source, site.site), site.site,
-                           run_key(spec.task, spec.model_checksum, spec.gradient_checksum, spec.total_steps,
-                                   cfg.train.seed),
-                           spec.task, spec.round, sampler.sample_rate, spec.local_steps,
-                           spec.total_steps - spec.step_start)  # fmt: skip
+    dp = PrivateRound.open(
+        privacy,
+        ledger_path(privacy, site.source, site.site),
+        site.site,
+        run_key(spec.task, spec.model_checksum, spec.gradient_checksum, spec.total_steps, cfg.train.seed),
+        spec.task,
+        spec.round,
+        sampler.sample_rate,
+        spec.local_steps,
+        spec.total_steps - spec.step_start,
+    )
     rng, noise = secret_generators()
-    step = DPPretrainStep(trainer.step_fn, dp.noise_multiplier, privacy.max_grad_norm, expected, noise,
-                          privacy.clip_chunk)  # fmt: skip
+    step = DPPretrainStep(
+        trainer.step_fn, dp.noise_multiplier, privacy.max_grad_norm, expected, noise, privacy.clip_chunk
+    )
     t0 = time.perf_counter()
     losses = [step(*sampler.draw(rng), s) for s in range(spec.step_start, spec.step_start + spec.local_steps)]
     values = [v for v in torch.stack(losses).tolist() if v == v]  # an empty draw has no loss (NaN)
     metrics = dp.commit()
-    log.info("site %s: DP round %d, epsilon %.3f of %s (noise multiplier %.3g, sampling rate %.3g)", site.site,
-             spec.round + 1, metrics[Metric.EPSILON_SPENT], privacy.target_epsilon, dp.noise_multiplier,
-             sampler.sample_rate)  # fmt: skip
+    log.info(
+        "site %s: DP round %d, epsilon %.3f of %s (noise multiplier %.3g, sampling rate %.3g)",
+        site.site,
+        spec.round + 1,
+        metrics[Metric.EPSILON_SPENT],
+        privacy.target_epsilon,
+        dp.noise_multiplier,
+        sampler.sample_rate,
+    )
     mean = sum(values) / len(values) if values else float("nan")
-    metrics.update({Metric.LOSS: mean, Metric.LOSS_FIRST: values[0] if values else mean,
-                    Metric.LOSS_LAST: values[-1] if values else mean, Metric.LOCAL_STEPS: float(spec.local_steps),
-                    Metric.WALL_S: time.perf_counter() - t0,
-                    Metric.SAMPLES_SEEN: float(spec.local_steps * expected)})  # fmt: skip
+    metrics.update(
+        {
+            Metric.LOSS: mean,
+            Metric.LOSS_FIRST: values[0] if values else mean,
+            Metric.LOSS_LAST: values[-1] if values else mean,
+            Metric.LOCAL_STEPS: float(spec.local_steps),
+            Metric.WALL_S: time.perf_counter() - t0,
+            Metric.SAMPLES_SEEN: float(spec.local_steps * expected),
+        }
+    )
     return metrics
 
 

@@ -36,6 +36,7 @@ from brainjepa.prefetch import pinned
 
 log = logging.getLogger("gpu_plan")
 
+
 @dataclass(frozen=True)
 class Item:
     name: str
@@ -66,7 +67,9 @@ def plan(device: str) -> list[Item]:
         # recomputed as well; the reference's masks need selective checkpointing only
         Item("B16 fast sac+rc50", "base", 16, fast_perf(device, selective_checkpointing=True, recompute_fraction=0.5)),
         Item("B64 fast sac+rc50", "base", 64, fast_perf(device, selective_checkpointing=True, recompute_fraction=0.5)),
-        Item("B16 fast sac refmasks", "base", 16, fast_perf(device, selective_checkpointing=True), reference_masks=True),
+        Item(
+            "B16 fast sac refmasks", "base", 16, fast_perf(device, selective_checkpointing=True), reference_masks=True
+        ),
         Item("B16 fast refmasks", "base", 16, fast, reference_masks=True),
         Item("B64 fast refmasks", "base", 64, fast, reference_masks=True),
         Item("S16 eager", "small", 16, eager),
@@ -84,16 +87,21 @@ def plan(device: str) -> list[Item]:
 
 
 def table(rows: list[tuple[Item, BenchResult]]) -> str:
-    lines = ["| run | masks | mode | samples/s | x reference | TFLOP/s | TFLOP/sample | peak GiB | x ref memory "
-             "| ctx / tgt tokens | first step s |", "|" + "---|" * 11]  # fmt: skip
+    lines = [
+        "| run | masks | mode | samples/s | x reference | TFLOP/s | TFLOP/sample | peak GiB | x ref memory "
+        "| ctx / tgt tokens | first step s |",
+        "|" + "---|" * 11,
+    ]
     for item, r in rows:
         ref = ANCHOR.get((r.size, r.batch))
         x = f"{r.samples_per_s / ref[0]:.2f}" if ref else "-"
         xm = f"{r.peak_memory_gib / ref[1]:.2f}" if ref else "-"
-        lines.append(f"| {item.name} | {r.masks} | {r.mode}{' +ckpt' if item.checkpointing else ''} | "
-                     f"{r.samples_per_s:.1f} | {x} | {r.tflops_per_s:.0f} | {r.tflop_per_sample:.3f} | "
-                     f"{r.peak_memory_gib:.1f} | {xm} | {r.context_tokens:.0f} / {r.target_tokens:.0f} | "
-                     f"{r.first_step_s:.0f} |")  # fmt: skip
+        lines.append(
+            f"| {item.name} | {r.masks} | {r.mode}{' +ckpt' if item.checkpointing else ''} | "
+            f"{r.samples_per_s:.1f} | {x} | {r.tflops_per_s:.0f} | {r.tflop_per_sample:.3f} | "
+            f"{r.peak_memory_gib:.1f} | {xm} | {r.context_tokens:.0f} / {r.target_tokens:.0f} | "
+            f"{r.first_step_s:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -120,8 +128,9 @@ def matmul_ceiling(device: str) -> float:
 def host_syncs(device: str) -> list[str]:
     """Host-device synchronisations in 3 fast-path steps after warm-up (torch's sync debug mode)."""
     cfg = ModelConfig(size="tiny", n_rois=100, n_frames=160)
-    step_fn = PretrainStep(JEPAModels(cfg, torch.randn(100, cfg.gradient_components)), OptimConfig(), 100, device,
-                           perf=fast_perf(device))  # fmt: skip
+    step_fn = PretrainStep(
+        JEPAModels(cfg, torch.randn(100, cfg.gradient_components)), OptimConfig(), 100, device, perf=fast_perf(device)
+    )
     make = synthetic_batches(8, 100, 160, cfg.n_time_patches, MaskConfig())
     batches = [pinned(make(s)) for s in range(6)]
     for s in range(3):
@@ -149,8 +158,11 @@ def main() -> None:
     dev = torch.device(args.device)
     env = {"torch": torch.__version__, "device": args.device}
     if dev.type == "cuda":
-        env |= {"gpu": torch.cuda.get_device_name(dev), "capability": torch.cuda.get_device_capability(dev),
-                "bf16_matmul_tflops": round(matmul_ceiling(args.device), 1)}  # fmt: skip
+        env |= {
+            "gpu": torch.cuda.get_device_name(dev),
+            "capability": torch.cuda.get_device_capability(dev),
+            "bf16_matmul_tflops": round(matmul_ceiling(args.device), 1),
+        }
     log.info("environment %s", env)
     # blocks of every width share Block.forward's cache (train and no-grad graphs per width): room for all
     for name in ("recompile_limit", "cache_size_limit"):
@@ -168,12 +180,23 @@ def main() -> None:
     # 1. numerics: fast vs eager, same precision, 200 steps
     numerics: dict = {}
     try:
-        n = compare_paths(fast_perf(args.device), size="tiny" if args.quick else "small", batch=8,
-                          steps=20 if args.quick else 200, n_rois=32 if args.quick else 100,
-                          n_frames=64 if args.quick else 160, device=args.device)  # fmt: skip
+        n = compare_paths(
+            fast_perf(args.device),
+            size="tiny" if args.quick else "small",
+            batch=8,
+            steps=20 if args.quick else 200,
+            n_rois=32 if args.quick else 100,
+            n_frames=64 if args.quick else 160,
+            device=args.device,
+        )
         numerics = n.summary()
-        plot_loss_pair(n.eager_loss, n.fast_loss, args.out / "numerics.png", ("eager", n.fast),
-                       f"{args.device}, {n.precision}: fast vs eager")  # fmt: skip
+        plot_loss_pair(
+            n.eager_loss,
+            n.fast_loss,
+            args.out / "numerics.png",
+            ("eager", n.fast),
+            f"{args.device}, {n.precision}: fast vs eager",
+        )
     except RuntimeError as e:
         numerics = {"error": str(e)[:2000]}
     (args.out / "numerics.json").write_text(json.dumps(numerics, indent=2))
@@ -191,9 +214,18 @@ def main() -> None:
         batch = max(2, item.batch // 8) if args.quick else item.batch
         prof = args.out / f"profile-{item.name.replace(' ', '-')}" if item.profile else None
         try:
-            r = run_bench(size=size, batch=batch, device=args.device, steps=3 if args.quick else 10, warmup=3,
-                          activation_checkpointing=item.checkpointing, perf=item.perf,
-                          reference_masks=item.reference_masks, profile_dir=prof, **grid)  # fmt: skip
+            r = run_bench(
+                size=size,
+                batch=batch,
+                device=args.device,
+                steps=3 if args.quick else 10,
+                warmup=3,
+                activation_checkpointing=item.checkpointing,
+                perf=item.perf,
+                reference_masks=item.reference_masks,
+                profile_dir=prof,
+                **grid,
+            )
         except RuntimeError as e:  # out of memory, a compiler failure: one variant must not lose the others
             log.warning("%s failed: %s", item.name, str(e).splitlines()[0] if str(e) else type(e).__name__)
             with open(args.out / "results.jsonl", "a") as f:
@@ -204,8 +236,14 @@ def main() -> None:
         rows.append((item, r))
         with open(args.out / "results.jsonl", "a") as f:
             f.write(json.dumps({"run": item.name, "checkpointing": item.checkpointing} | r.as_dict()) + "\n")
-        log.info("%s: %.1f samples/s, %.0f TFLOP/s, %.1f GiB, first step %.0f s", item.name, r.samples_per_s,
-                 r.tflops_per_s, r.peak_memory_gib, r.first_step_s)  # fmt: skip
+        log.info(
+            "%s: %.1f samples/s, %.0f TFLOP/s, %.1f GiB, first step %.0f s",
+            item.name,
+            r.samples_per_s,
+            r.tflops_per_s,
+            r.peak_memory_gib,
+            r.first_step_s,
+        )
         if prof is not None:  # flatten: every output directly in --out
             (prof / "profile.md").rename(args.out / f"{prof.name}.md")
             trace = prof / "trace.json.gz"

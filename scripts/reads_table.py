@@ -16,8 +16,12 @@ import math
 from pathlib import Path
 
 MECHANISMS = ("coupling", "amplitude", "spectrum", "mixed")
-WHAT = {"coupling": "between-network correlations only", "amplitude": "per-ROI variance only",
-        "spectrum": "timescales only", "mixed": "the earlier generator: amplitude, coupling and timescales"}  # fmt: skip
+WHAT = {
+    "coupling": "between-network correlations only",
+    "amplitude": "per-ROI variance only",
+    "spectrum": "timescales only",
+    "mixed": "the earlier generator: amplitude, coupling and timescales",
+}
 
 
 def read(folder: Path) -> list[dict]:
@@ -38,11 +42,15 @@ def main() -> None:
     prov = {m: json.loads((args.root / m / "provenance.json").read_text()) for m in found}
     steps = sorted({p["protocol"]["pretrain"]["steps"] for p in prov.values()})
     cohorts = sorted({len(p["protocol"]["generator_seeds"]) for p in prov.values()})
-    lines = ["# What each method reads", "",
-             f"AUROC % [95 % interval] on the held-out site C, {'/'.join(map(str, cohorts))} generated cohorts pooled "
-             "(subjects resampled within each cohort); the probe's backbone pretrained "
-             f"{'/'.join(f'{s:,}' for s in steps)} steps on sites A + B of each cohort. Each column's labels are "
-             "carried by one label mechanism of the generator:", ""]  # fmt: skip
+    lines = [
+        "# What each method reads",
+        "",
+        f"AUROC % [95 % interval] on the held-out site C, {'/'.join(map(str, cohorts))} generated cohorts pooled "
+        "(subjects resampled within each cohort); the probe's backbone pretrained "
+        f"{'/'.join(f'{s:,}' for s in steps)} steps on sites A + B of each cohort. Each column's labels are "
+        "carried by one label mechanism of the generator:",
+        "",
+    ]
     lines += [f"- `{m}`: {WHAT[m]}" for m in found]
     for task in tasks:
         lines += ["", f"## {task}", "", "| method | " + " | ".join(found) + " |", "|---|" + "---|" * len(found)]
@@ -50,12 +58,18 @@ def main() -> None:
             out = []
             for m in found:
                 r = cell.get((m, me, task))
-                out.append("–" if r is None else f"{100 * float(r['estimate']):.1f} [{100 * float(r['lo']):.1f}, "
-                           f"{100 * float(r['hi']):.1f}]")  # fmt: skip
+                out.append(
+                    "–"
+                    if r is None
+                    else f"{100 * float(r['estimate']):.1f} [{100 * float(r['lo']):.1f}, {100 * float(r['hi']):.1f}]"
+                )
             lines.append(f"| {me} | " + " | ".join(out) + " |")
     commits = {m: p["git"]["commit"] for m, p in prov.items()}
-    lines += ["", "Sources: " + ", ".join(f"[{m}/report.md]({m}/report.md) (code {str(c)[:10]})" for m, c in commits.items()),
-              ""]  # fmt: skip
+    lines += [
+        "",
+        "Sources: " + ", ".join(f"[{m}/report.md]({m}/report.md) (code {str(c)[:10]})" for m, c in commits.items()),
+        "",
+    ]
     (args.root / "table.md").write_text("\n".join(lines))
     plot(found, tasks, methods, cell, args.root / "table.png")
     print(f"wrote {args.root / 'table.md'} and table.png")
@@ -70,13 +84,23 @@ def plot(found: dict, tasks: list[str], methods: list[str], cell: dict, path: Pa
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(len(tasks) * (2.2 + 0.8 * len(found)), 0.5 * len(methods) + 1.8))
     for ax, task in zip(np.atleast_1d(axes), tasks, strict=True):
-        v = np.array([[float(cell[(m, me, task)]["estimate"]) if (m, me, task) in cell else math.nan for m in found]
-                      for me in methods])  # fmt: skip
+        v = np.array(
+            [
+                [float(cell[(m, me, task)]["estimate"]) if (m, me, task) in cell else math.nan for m in found]
+                for me in methods
+            ]
+        )
         ax.imshow(v, vmin=0.4, vmax=1.0, cmap="viridis")
         for i in range(len(methods)):
             for j in range(len(found)):
-                ax.text(j, i, "–" if math.isnan(v[i, j]) else f"{100 * v[i, j]:.0f}", ha="center", va="center",
-                        color="white" if v[i, j] < 0.75 else "black")  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    "–" if math.isnan(v[i, j]) else f"{100 * v[i, j]:.0f}",
+                    ha="center",
+                    va="center",
+                    color="white" if v[i, j] < 0.75 else "black",
+                )
         ax.set_xticks(range(len(found)), list(found), rotation=30)
         ax.set_yticks(range(len(methods)), methods)
         ax.set_title(f"{task}: AUROC %")

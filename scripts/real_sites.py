@@ -345,9 +345,7 @@ def _write_site(
             cols["parcel_volume_ml"].append(s.parcel_volume_ml)
             if seg is not None:
                 cols["segment"].append(float(seg))
-                cols["split"].append(
-                    "test" if seg == len(pieces) else "val" if seg == len(pieces) - 1 else "train"
-                )
+                cols["split"].append("test" if seg == len(pieces) else "val" if seg == len(pieces) - 1 else "train")
     if all(np.isnan(v) for v in cols["parcel_volume_ml"]):
         del cols["parcel_volume_ml"]  # not shipped for this dataset
     arrays = {c: np.array(v) for c, v in cols.items()}
@@ -417,8 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--split", type=float, nargs=3, default=[0.6, 0.2, 0.2], metavar=("TRAIN", "VAL", "TEST"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--missing-rois", type=float, default=0.0,
-                    help="fraction of scans losing 1-3 ROIs (all zero); the site YAML then masks them")
+    ap.add_argument(
+        "--missing-rois",
+        type=float,
+        default=0.0,
+        help="fraction of scans losing 1-3 ROIs (all zero); the site YAML then masks them",
+    )
     ap.add_argument("--gw-tr", type=float, default=None, help="override the gw TR (default 2.0 s, inferred)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

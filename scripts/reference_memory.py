@@ -50,14 +50,29 @@ def main() -> None:
 
     rows = np.loadtxt(args.reference_repo / "data" / "gradient_mapping_450.csv", delimiter=",")
     gradient = torch.tensor(rows, dtype=torch.float32)[None]  # (1, 450, 30)
-    encoder, predictor = init_model(device="cpu", patch_size=16, crop_size=(450, 160), pred_depth=6, pred_emb_dim=384,
-                                    model_name=f"vit_{args.size}", gradient_pos_embed=gradient,
-                                    attn_mode="flash_attn", add_w="mapping")  # fmt: skip
+    encoder, predictor = init_model(
+        device="cpu",
+        patch_size=16,
+        crop_size=(450, 160),
+        pred_depth=6,
+        pred_emb_dim=384,
+        model_name=f"vit_{args.size}",
+        gradient_pos_embed=gradient,
+        attn_mode="flash_attn",
+        add_w="mapping",
+    )
     target = copy.deepcopy(encoder)
-    collator = MaskCollator_fmri(input_size=(450, 160), patch_size=16, enc_mask_scale=(0.84, 1),
-                                 pred_mask_R_scale=(0.45, 0.6), pred_mask_T_scale=(0.0, 0.4),
-                                 pred_mask_T_roi_scale=(0.2, 0.6), pred_mask_R_roi_scale=(0.15, 0.3),
-                                 allow_overlap=False, min_keep=4)  # fmt: skip
+    collator = MaskCollator_fmri(
+        input_size=(450, 160),
+        patch_size=16,
+        enc_mask_scale=(0.84, 1),
+        pred_mask_R_scale=(0.45, 0.6),
+        pred_mask_T_scale=(0.0, 0.4),
+        pred_mask_T_roi_scale=(0.2, 0.6),
+        pred_mask_R_roi_scale=(0.15, 0.3),
+        allow_overlap=False,
+        min_keep=4,
+    )
     torch.manual_seed(0)  # the reference collator draws from the global RNG
     batches = [collator([torch.randn(1, 450, 160) for _ in range(args.batch)]) for _ in range(args.steps)]
 
@@ -69,9 +84,14 @@ def main() -> None:
     for net in (encoder, predictor, target):
         for t in [*net.parameters(), *net.buffers()]:
             live.track(t)
-    decay = [{"params": [p for n, p in net.named_parameters() if "bias" not in n and p.ndim != 1]} for net in (encoder, predictor)]
-    no_decay = [{"params": [p for n, p in net.named_parameters() if "bias" in n or p.ndim == 1], "weight_decay": 0.0}
-                for net in (encoder, predictor)]  # fmt: skip
+    decay = [
+        {"params": [p for n, p in net.named_parameters() if "bias" not in n and p.ndim != 1]}
+        for net in (encoder, predictor)
+    ]
+    no_decay = [
+        {"params": [p for n, p in net.named_parameters() if "bias" in n or p.ndim == 1], "weight_decay": 0.0}
+        for net in (encoder, predictor)
+    ]
     optimizer = torch.optim.AdamW(decay + no_decay, foreach=True)
     peaks = []
     with fake, live:
@@ -95,8 +115,10 @@ def main() -> None:
             peaks.append(live.peak / GIB)
     measured = REFERENCE_H200.get((args.size, args.batch), (None, None))[1]
     versus = f", measured on an H200: {measured} GiB ({max(peaks[2:]) / measured:.2f}x)" if measured else ""
-    print(f"reference vit_{args.size} batch {args.batch}: estimated peak {max(peaks[2:]):.2f} GiB{versus}; "
-          f"per step {[round(p, 2) for p in peaks]}")
+    print(
+        f"reference vit_{args.size} batch {args.batch}: estimated peak {max(peaks[2:]):.2f} GiB{versus}; "
+        f"per step {[round(p, 2) for p in peaks]}"
+    )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,11 @@ from brainjepa.federation.launcher import LocalFederation
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "scripts" / "secagg_bench_app"
-SIZES = {"small": (21306816, 10949568, 21306816), "base": (85080960, 11244864, 85080960),
-         "tiny": (1000000, 500000, 1000000)}  # encoder, predictor, target parameters (n_rois 100)
+SIZES = {
+    "small": (21306816, 10949568, 21306816),
+    "base": (85080960, 11244864, 85080960),
+    "tiny": (1000000, 500000, 1000000),
+}  # encoder, predictor, target parameters (n_rois 100)
 log = logging.getLogger("secagg_bench")
 
 
@@ -46,13 +49,24 @@ def run_one(size: str, sites: int, central_dp: bool, work_root: Path) -> dict:
         sampler = RssSampler(roots)
         sampler.start()
         t0 = time.perf_counter()
-        res = fed.run(APP_DIR, {"encoder": enc, "predictor": pred, "target": tgt, "sites": sites,
-                                "central-dp": central_dp, "result-path": str(result_path)}, timeout_s=3600)
+        res = fed.run(
+            APP_DIR,
+            {
+                "encoder": enc,
+                "predictor": pred,
+                "target": tgt,
+                "sites": sites,
+                "central-dp": central_dp,
+                "result-path": str(result_path),
+            },
+            timeout_s=3600,
+        )
         wall = time.perf_counter() - t0
         sampler.stop()
     if res.returncode != 0 or not result_path.exists():
-        raise RuntimeError(f"flwr run failed ({res.returncode}); logs in {work / 'logs'}:\n"
-                           f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+        raise RuntimeError(
+            f"flwr run failed ({res.returncode}); logs in {work / 'logs'}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+        )
     row = json.loads(result_path.read_text())
     row.update({"size": size, "flwr_run_wall_s": wall, "peak_rss_mb": {k: v / 1e6 for k, v in sampler.peak.items()}})
     return row
@@ -74,14 +88,18 @@ def main(
         with out.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         rows.append(row)
-    print("| update | params | sites | plain s | SecAgg+ s | stages s (setup, keys, collect, unmask) | "
-          "plain MB up | SecAgg+ MB up | SecAgg+ MB down | max err / bound | peak RSS all MB |")
+    print(
+        "| update | params | sites | plain s | SecAgg+ s | stages s (setup, keys, collect, unmask) | "
+        "plain MB up | SecAgg+ MB up | SecAgg+ MB down | max err / bound | peak RSS all MB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         st = ", ".join(f"{x['wall_s']:.1f}" for x in r["stages"])
-        print(f"| {r['size']} | {r['params'] / 1e6:.1f} M | {r['sites']} | {r['plain_s']:.1f} | {r['secagg_s']:.1f} | "
-              f"{st} | {r['plain_mb_received']:.0f} | {r['secagg_mb_received']:.0f} | {r['secagg_mb_sent']:.0f} | "
-              f"{r['max_abs_err']:.2e} / {r['tolerance']:.2e} | {r['peak_rss_mb'].get('all', 0):.0f} |")
+        print(
+            f"| {r['size']} | {r['params'] / 1e6:.1f} M | {r['sites']} | {r['plain_s']:.1f} | {r['secagg_s']:.1f} | "
+            f"{st} | {r['plain_mb_received']:.0f} | {r['secagg_mb_received']:.0f} | {r['secagg_mb_sent']:.0f} | "
+            f"{r['max_abs_err']:.2e} / {r['tolerance']:.2e} | {r['peak_rss_mb'].get('all', 0):.0f} |"
+        )
 
 
 if __name__ == "__main__":

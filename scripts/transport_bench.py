@@ -46,7 +46,7 @@ def _proc_table() -> dict[int, tuple[int, str, int, float]]:
             cmdline = Path(entry.path, "cmdline").read_bytes().split(b"\0")
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
+        fields = stat[stat.rindex(")") + 2 :].split()
         name = " ".join(c.decode(errors="replace").rsplit("/", 1)[-1] for c in cmdline[:2])
         cpu = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
         table[int(entry.name)] = (int(fields[1]), name, int(statm[1]) * page, cpu)
@@ -104,8 +104,9 @@ class RssSampler(threading.Thread):
         return out
 
 
-def run_one(model: str, wire_dtype: str, chunk_mib: float, database: str, packing: str, sites: int,
-            rounds: int, work_root: Path) -> dict:
+def run_one(
+    model: str, wire_dtype: str, chunk_mib: float, database: str, packing: str, sites: int, rounds: int, work_root: Path
+) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"bench-{model}-{wire_dtype}-{chunk_mib}-", dir=work_root))
     result_path = work / "result.json"
     env = {"FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE": str(int(chunk_mib * 2**20))}
@@ -115,25 +116,45 @@ def run_one(model: str, wire_dtype: str, chunk_mib: float, database: str, packin
         sampler = RssSampler(roots)
         sampler.start()
         t0 = time.perf_counter()
-        res = fed.run(APP_DIR, {"model": model, "wire-dtype": wire_dtype, "packing": packing, "rounds": rounds,
-                                "min-nodes": sites, "result-path": str(result_path)}, timeout_s=1800)
+        res = fed.run(
+            APP_DIR,
+            {
+                "model": model,
+                "wire-dtype": wire_dtype,
+                "packing": packing,
+                "rounds": rounds,
+                "min-nodes": sites,
+                "result-path": str(result_path),
+            },
+            timeout_s=1800,
+        )
         wall = time.perf_counter() - t0
         sampler.stop()
     if res.returncode != 0 or not result_path.exists():
-        raise RuntimeError(f"flwr run failed ({res.returncode}); logs in {work / 'logs'}:\n"
-                           f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+        raise RuntimeError(
+            f"flwr run failed ({res.returncode}); logs in {work / 'logs'}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+        )
     per_round = json.loads(result_path.read_text())
     best = min(per_round, key=lambda r: r["roundtrip_s"])
     mb = best["bytes_per_site"] / 1e6
     return {
-        "model": model, "wire_dtype": wire_dtype, "chunk_mib": chunk_mib, "database": database,
-        "packing": packing,        "sites": sites, "rounds": rounds, "mb_per_direction_per_site": mb,
-        "mb_per_direction": mb * sites, "roundtrip_s": [r["roundtrip_s"] for r in per_round],
-        "effective_mb_s": 2 * mb * sites / best["roundtrip_s"], "flwr_run_wall_s": wall,
+        "model": model,
+        "wire_dtype": wire_dtype,
+        "chunk_mib": chunk_mib,
+        "database": database,
+        "packing": packing,
+        "sites": sites,
+        "rounds": rounds,
+        "mb_per_direction_per_site": mb,
+        "mb_per_direction": mb * sites,
+        "roundtrip_s": [r["roundtrip_s"] for r in per_round],
+        "effective_mb_s": 2 * mb * sites / best["roundtrip_s"],
+        "flwr_run_wall_s": wall,
         "verified_sites": best["verified"],
         "peak_rss_mb": {k: v / 1e6 for k, v in sampler.peak.items()},
         "cpu_s": sampler.cpu_seconds(),
-        "server_serialize_s": best["serialize_s"], "server_deserialize_s": best["deserialize_s"],
+        "server_serialize_s": best["serialize_s"],
+        "server_deserialize_s": best["deserialize_s"],
         "client": best["client"],
     }
 
@@ -150,11 +171,13 @@ def fp16_averaging_error(model: str, sites: int, update_scale: float, seed: int 
     rng = np.random.default_rng(seed)
     err_w, err_d, n = 0.0, 0.0, 0
     for _, shape in model_shapes(model):
-        g = (rng.standard_normal(shape, dtype=np.float32) * 0.02 if len(shape) > 1
-             else 1 + rng.standard_normal(shape, dtype=np.float32) * 0.02)
+        g = (
+            rng.standard_normal(shape, dtype=np.float32) * 0.02
+            if len(shape) > 1
+            else 1 + rng.standard_normal(shape, dtype=np.float32) * 0.02
+        )
         received = g.astype(np.float16).astype(np.float32)  # what fp16 downlink delivers
-        results = [received + rng.standard_normal(shape, dtype=np.float32) * update_scale
-                   for _ in range(sites)]
+        results = [received + rng.standard_normal(shape, dtype=np.float32) * update_scale for _ in range(sites)]
         ref = np.mean(results, axis=0)
         via_w = np.mean([r.astype(np.float16).astype(np.float32) for r in results], axis=0)
         via_d = g + np.mean([(r - received).astype(np.float16).astype(np.float32) for r in results], axis=0)
@@ -163,8 +186,13 @@ def fp16_averaging_error(model: str, sites: int, update_scale: float, seed: int 
         err_w = max(err_w, float(np.abs(via_w - ref).max()))
         err_d = max(err_d, float(np.abs(via_d - ref_d).max()))
         n += g.size
-    return {"model": model, "update_scale": update_scale, "max_abs_err_fp16_weights": err_w,
-            "max_abs_err_fp16_deltas": err_d, "params": n}
+    return {
+        "model": model,
+        "update_scale": update_scale,
+        "max_abs_err_fp16_weights": err_w,
+        "max_abs_err_fp16_deltas": err_d,
+        "params": n,
+    }
 
 
 def main(
@@ -188,14 +216,18 @@ def main(
         with out.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         rows.append(row)
-    print("| model | packing | wire | chunk MiB | state | MB/direction | round s | eff. MB/s | "
-          "peak RSS SuperLink MB | peak RSS ServerApp MB | peak RSS all MB |")
+    print(
+        "| model | packing | wire | chunk MiB | state | MB/direction | round s | eff. MB/s | "
+        "peak RSS SuperLink MB | peak RSS ServerApp MB | peak RSS all MB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         p = r["peak_rss_mb"]
-        print(f"| {r['model']} | {r['packing']} | {r['wire_dtype']} | {r['chunk_mib']:g} | {r['database']} | "
-              f"{r['mb_per_direction']:.0f} | {min(r['roundtrip_s']):.1f} | {r['effective_mb_s']:.0f} | "
-              f"{p.get('flower-superlink', 0):.0f} | {p.get('flwr-serverapp', 0):.0f} | {p.get('all', 0):.0f} |")
+        print(
+            f"| {r['model']} | {r['packing']} | {r['wire_dtype']} | {r['chunk_mib']:g} | {r['database']} | "
+            f"{r['mb_per_direction']:.0f} | {min(r['roundtrip_s']):.1f} | {r['effective_mb_s']:.0f} | "
+            f"{p.get('flower-superlink', 0):.0f} | {p.get('flwr-serverapp', 0):.0f} | {p.get('all', 0):.0f} |"
+        )
     if numerics:
         import sys  # noqa: PLC0415
 

@@ -29,8 +29,14 @@ class SiteUpdate:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def check_update(update: SiteUpdate, expected: dict[str, int], current: dict[str, torch.Tensor] | None = None,
-                 max_ratio: float = 0.0, max_samples: int = 0, bounded: tuple[str, ...] = TRAINED_SETS) -> str | None:  # fmt: skip
+def check_update(
+    update: SiteUpdate,
+    expected: dict[str, int],
+    current: dict[str, torch.Tensor] | None = None,
+    max_ratio: float = 0.0,
+    max_samples: int = 0,
+    bounded: tuple[str, ...] = TRAINED_SETS,
+) -> str | None:
     """Why `update` must not be averaged (missing / wrong-length set, NaN/Inf, no samples, more samples
     than `max_samples` (0: no cap), a `bounded` set farther than `max_ratio` x its norm from the `current`
     global set (0: no bound)), or None."""
@@ -56,8 +62,10 @@ def check_update(update: SiteUpdate, expected: dict[str, int], current: dict[str
                 ref = float(current[name].norm())
                 dist = float((update.sets[name] - current[name]).norm())
                 if dist > max_ratio * ref:
-                    return (f"weight set '{name}' moved {dist:.4g} from the global weights (norm {ref:.4g}): more "
-                            f"than max-update-ratio {max_ratio:g} x the global norm")  # fmt: skip
+                    return (
+                        f"weight set '{name}' moved {dist:.4g} from the global weights (norm {ref:.4g}): more "
+                        f"than max-update-ratio {max_ratio:g} x the global norm"
+                    )
     return None
 
 
@@ -94,4 +102,3 @@ class ServerOptimizer:
 
     def load_state_dict(self, sd: dict) -> None:
         self.state = {k: v.clone() for k, v in sd["state"].items()}
-

@@ -30,18 +30,26 @@ class AuditLog:
             f.write(line + "\n")
 
     def start(self, run_config: Mapping[str, object], start_round: int) -> None:
-        sites = {str(n): {"site": r.site, "fingerprint": r.fingerprint, "max_samples": r.max_samples}
-                 for n, r in self.registry.items()}  # fmt: skip
+        sites = {
+            str(n): {"site": r.site, "fingerprint": r.fingerprint, "max_samples": r.max_samples}
+            for n, r in self.registry.items()
+        }
         self._write("start", start_round=start_round, registered_sites=sites, run_config=dict(run_config))
 
     def round(self, rnd: int, task: str, results: Sequence[SiteResult]) -> None:
         rows = []
         for r in results:
             reg = self.registry.get(r.node_id)
-            rows.append({"node_id": r.node_id, "site": r.site or (reg.site if reg else ""),
-                         "fingerprint": reg.fingerprint if reg else "", "status": r.status,
-                         "samples": r.update.num_examples if r.update is not None else 0,
-                         "reason": r.detail.splitlines()[-1][:500] if r.detail and r.status != "ok" else ""})  # fmt: skip
+            rows.append(
+                {
+                    "node_id": r.node_id,
+                    "site": r.site or (reg.site if reg else ""),
+                    "fingerprint": reg.fingerprint if reg else "",
+                    "status": r.status,
+                    "samples": r.update.num_examples if r.update is not None else 0,
+                    "reason": r.detail.splitlines()[-1][:500] if r.detail and r.status != "ok" else "",
+                }
+            )
         self._write("round", round=rnd, task=task, sites=rows)
 
     def checkpoint(self, rnd: int, path: Path) -> None:

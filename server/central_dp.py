@@ -78,8 +78,9 @@ class ClippedSum:
         self.count += count
 
 
-def noisy_mean(sums: Mapping[str, torch.Tensor], sampled: int, params: CentralDPParams,
-               generator: torch.Generator) -> dict[str, torch.Tensor]:  # fmt: skip
+def noisy_mean(
+    sums: Mapping[str, torch.Tensor], sampled: int, params: CentralDPParams, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
     """(sum + N(0, (z C)^2 I)) / sampled for each set: the released mean delta (float32)."""
     std = params.noise_multiplier * params.clip_norm
     out = {}
@@ -111,8 +112,14 @@ class CentralDP:
     def new_sum(self, current: Mapping[str, torch.Tensor]) -> ClippedSum:
         return ClippedSum(current, self.params.clip_norm)
 
-    def release(self, clipped: ClippedSum, current: Mapping[str, torch.Tensor], sampled: int, population: int,
-                momenta: Sequence[float]) -> dict[str, torch.Tensor]:  # fmt: skip
+    def release(
+        self,
+        clipped: ClippedSum,
+        current: Mapping[str, torch.Tensor],
+        sampled: int,
+        population: int,
+        momenta: Sequence[float],
+    ) -> dict[str, torch.Tensor]:
         """The round's new global sets from the clipped sum (noise added, divided by `sampled`), the
         target recomputed; the round is composed into the accountant."""
         if sampled < 1 or population < sampled:
@@ -123,14 +130,30 @@ class CentralDP:
         rate = sampled / population
         self.accountant.step(noise_multiplier=self.params.noise_multiplier, sample_rate=rate)
         # the sites clipped under secure aggregation: the server never learns whose update was clipped
-        clipped_sites = sum(n > self.params.clip_norm for n in clipped.norms) if len(clipped.norms) == clipped.count else None
-        self.rounds.append({"sampled": sampled, "population": population, "sample_rate": rate,
-                            "sites_summed": clipped.count, "sites_clipped": clipped_sites,
-                            "epsilon": self.epsilon()})  # fmt: skip
-        log.info("central DP: %d site(s) summed (%s clipped to %.3g), noise std %.3g on the mean; epsilon %.3f "
-                 "at delta %.1e after %d round(s)", clipped.count, clipped_sites, self.params.clip_norm,
-                 self.params.noise_multiplier * self.params.clip_norm / sampled, self.epsilon(),
-                 self.params.delta, len(self.rounds))  # fmt: skip
+        clipped_sites = (
+            sum(n > self.params.clip_norm for n in clipped.norms) if len(clipped.norms) == clipped.count else None
+        )
+        self.rounds.append(
+            {
+                "sampled": sampled,
+                "population": population,
+                "sample_rate": rate,
+                "sites_summed": clipped.count,
+                "sites_clipped": clipped_sites,
+                "epsilon": self.epsilon(),
+            }
+        )
+        log.info(
+            "central DP: %d site(s) summed (%s clipped to %.3g), noise std %.3g on the mean; epsilon %.3f "
+            "at delta %.1e after %d round(s)",
+            clipped.count,
+            clipped_sites,
+            self.params.clip_norm,
+            self.params.noise_multiplier * self.params.clip_norm / sampled,
+            self.epsilon(),
+            self.params.delta,
+            len(self.rounds),
+        )
         return new
 
     def epsilon(self) -> float:
@@ -143,10 +166,18 @@ class CentralDP:
     def summary(self) -> dict[str, object]:
         """The report's central-DP block."""
         p = self.params
-        return {"enabled": True, "privacy_unit": "site (its whole update in a round)",
-                "noise_multiplier": p.noise_multiplier, "clip_norm": p.clip_norm, "delta": p.delta,
-                "weighting": "uniform (each site 1), divided by the sites sampled", "accountant": "opacus rdp",
-                "rounds": len(self.rounds), "epsilon": self.epsilon(), "per_round": self.rounds}  # fmt: skip
+        return {
+            "enabled": True,
+            "privacy_unit": "site (its whole update in a round)",
+            "noise_multiplier": p.noise_multiplier,
+            "clip_norm": p.clip_norm,
+            "delta": p.delta,
+            "weighting": "uniform (each site 1), divided by the sites sampled",
+            "accountant": "opacus rdp",
+            "rounds": len(self.rounds),
+            "epsilon": self.epsilon(),
+            "per_round": self.rounds,
+        }
 
     def state_dict(self) -> dict[str, object]:
         return {"history": [list(h) for h in self.accountant.history], "rounds": list(self.rounds)}

@@ -120,8 +120,10 @@ class FederationConfig:
         if not 0.0 < self.fraction_sites <= 1.0:
             raise ConfigError(f"run config 'fraction-sites': expected (0, 1], got {self.fraction_sites}")
         if self.task != "pretrain" and not (self.checkpoint and self.downstream_config):
-            raise ConfigError(f"run config: task '{self.task}' needs 'checkpoint' (a pretraining checkpoint) and "
-                              "'downstream-config' (a YAML with task: and recipe: sections)")  # fmt: skip
+            raise ConfigError(
+                f"run config: task '{self.task}' needs 'checkpoint' (a pretraining checkpoint) and "
+                "'downstream-config' (a YAML with task: and recipe: sections)"
+            )
         if self.max_update_ratio < 0 or self.max_site_samples < 0 or self.resume_round < 0:
             raise ConfigError("run config: 'max-update-ratio', 'max-site-samples' and 'resume-round' must be >= 0")
         if not 0.0 <= self.trim_fraction < 0.5:
@@ -132,8 +134,10 @@ class FederationConfig:
             raise ConfigError("run config 'resume-round' needs 'resume-dir' (the run folder to continue)")
         self._check_privacy()
         if self.scaling_scope == "federation" and self.task != "pretrain":
-            raise ConfigError(f"run config 'scaling-scope': 'federation' applies to pretraining, not task "
-                              f"'{self.task}' (downstream sites scale with their own statistics)")  # fmt: skip
+            raise ConfigError(
+                f"run config 'scaling-scope': 'federation' applies to pretraining, not task "
+                f"'{self.task}' (downstream sites scale with their own statistics)"
+            )
 
     def _check_pretrain_config(self) -> None:
         """With `pretrain-config` the file decides the model and the LR: a run-config key it would
@@ -145,31 +149,44 @@ class FederationConfig:
             value = getattr(self, name)
             if value != defaults[name]:
                 key = run_config_key(name)
-                raise ConfigError(f"run config '{key}': set to {value!r} together with 'pretrain-config' (file "
-                                  f"'{self.pretrain_config}'), whose {section_key} decides it: set {section_key} "
-                                  f"in that file, or leave '{key}' at its default {defaults[name]!r}")  # fmt: skip
+                raise ConfigError(
+                    f"run config '{key}': set to {value!r} together with 'pretrain-config' (file "
+                    f"'{self.pretrain_config}'), whose {section_key} decides it: set {section_key} "
+                    f"in that file, or leave '{key}' at its default {defaults[name]!r}"
+                )
 
     def _check_privacy(self) -> None:
         """central-dp / secure-aggregation settings (pretraining runs only)."""
         if (self.central_dp or self.secure_aggregation) and self.task != "pretrain":
-            raise ConfigError(f"run config: 'central-dp' and 'secure-aggregation' apply to pretraining runs, not task "
-                              f"'{self.task}'")  # fmt: skip
-        if self.central_dp and not (self.central_dp_noise_multiplier > 0 and self.central_dp_clip_norm > 0
-                                    and 0 < self.central_dp_delta < 1):  # fmt: skip
-            raise ConfigError(f"run config: central DP needs 'central-dp-noise-multiplier' > 0, 'central-dp-clip-norm' "
-                              f"> 0 and 'central-dp-delta' in (0, 1), got {self.central_dp_noise_multiplier}, "
-                              f"{self.central_dp_clip_norm}, {self.central_dp_delta}")  # fmt: skip
+            raise ConfigError(
+                f"run config: 'central-dp' and 'secure-aggregation' apply to pretraining runs, not task '{self.task}'"
+            )
+        if self.central_dp and not (
+            self.central_dp_noise_multiplier > 0 and self.central_dp_clip_norm > 0 and 0 < self.central_dp_delta < 1
+        ):
+            raise ConfigError(
+                f"run config: central DP needs 'central-dp-noise-multiplier' > 0, 'central-dp-clip-norm' "
+                f"> 0 and 'central-dp-delta' in (0, 1), got {self.central_dp_noise_multiplier}, "
+                f"{self.central_dp_clip_norm}, {self.central_dp_delta}"
+            )
         if (self.central_dp or self.secure_aggregation) and self.strategy in ROBUST_METHODS:
             what = "central-dp" if self.central_dp else "secure-aggregation"
-            raise ConfigError(f"run config 'strategy': '{self.strategy}' with '{what}' (central DP needs the clipped "
-                              "sum, secure aggregation hides single updates): use fedavg, fedavgm or fedadam")  # fmt: skip
+            raise ConfigError(
+                f"run config 'strategy': '{self.strategy}' with '{what}' (central DP needs the clipped "
+                "sum, secure aggregation hides single updates): use fedavg, fedavgm or fedadam"
+            )
         if self.secure_aggregation and self.min_sites < 2:
-            raise ConfigError("run config 'secure-aggregation': needs 'min-sites' >= 2 (a sum of one site is that site)")
-        if self.secure_aggregation and not (self.secure_aggregation_clip_range > 0
-                                            and self.secure_aggregation_max_weight >= 1):  # fmt: skip
-            raise ConfigError(f"run config: 'secure-aggregation-clip-range' must be > 0 and "
-                              f"'secure-aggregation-max-weight' >= 1, got {self.secure_aggregation_clip_range}, "
-                              f"{self.secure_aggregation_max_weight}")  # fmt: skip
+            raise ConfigError(
+                "run config 'secure-aggregation': needs 'min-sites' >= 2 (a sum of one site is that site)"
+            )
+        if self.secure_aggregation and not (
+            self.secure_aggregation_clip_range > 0 and self.secure_aggregation_max_weight >= 1
+        ):
+            raise ConfigError(
+                f"run config: 'secure-aggregation-clip-range' must be > 0 and "
+                f"'secure-aggregation-max-weight' >= 1, got {self.secure_aggregation_clip_range}, "
+                f"{self.secure_aggregation_max_weight}"
+            )
 
     @property
     def total_steps(self) -> int:
@@ -197,8 +214,12 @@ class FederationConfig:
 
 
 # Run-config keys that a `pretrain-config` file decides instead (FederationConfig field -> the file's key).
-PRETRAIN_CONFIG_DECIDES = {"model_size": "model.size", "n_rois": "model.n_rois", "n_frames": "model.n_frames",
-                           "lr": "optim.lr"}  # fmt: skip
+PRETRAIN_CONFIG_DECIDES = {
+    "model_size": "model.size",
+    "n_rois": "model.n_rois",
+    "n_frames": "model.n_frames",
+    "lr": "optim.lr",
+}
 
 
 def run_config_key(name: str) -> str:

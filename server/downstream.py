@@ -91,14 +91,18 @@ class DownstreamRun:
     @classmethod
     def create(cls, cfg: FederationConfig, run_id: int = 0) -> DownstreamRun:
         if cfg.resume_dir or cfg.strategy != "fedavg":
-            raise ConfigError("run config: downstream runs average with strategy 'fedavg' and do not resume "
-                              f"(got strategy '{cfg.strategy}', resume-dir '{cfg.resume_dir}')")  # fmt: skip
+            raise ConfigError(
+                "run config: downstream runs average with strategy 'fedavg' and do not resume "
+                f"(got strategy '{cfg.strategy}', resume-dir '{cfg.resume_dir}')"
+            )
         backbone = load_backbone(cfg.checkpoint)
         dtask = load_downstream_task(cfg.downstream_config, pretraining_data(cfg.checkpoint))
         kind = "probe" if dtask.recipe.frozen_backbone else "finetune"
         if cfg.task != kind:
-            raise ConfigError(f"run config 'task': '{cfg.task}', but recipe method '{dtask.recipe.method}' in "
-                              f"'{cfg.downstream_config}' is a {kind} run")  # fmt: skip
+            raise ConfigError(
+                f"run config 'task': '{cfg.task}', but recipe method '{dtask.recipe.method}' in "
+                f"'{cfg.downstream_config}' is a {kind} run"
+            )
         r = dtask.recipe  # seeded as `fit` does: the same head (and untrained backbone) initialisation
         torch.manual_seed(init_seed(r))
         model = DownstreamModel(backbone, dtask.task, dtask.recipe)
@@ -118,19 +122,38 @@ class DownstreamRun:
 
     def spec(self, task: str, rnd: int, start: int = 0, n: int = 1, split: str = "") -> RoundSpec:
         return RoundSpec(
-            task=task, round=rnd, num_rounds=self.num_rounds, step_start=start, local_steps=n,  # type: ignore[arg-type]
-            wire_dtype=self.cfg.wire_dtype, model_checksum=model_checksum(self.backbone.model, {MODEL_SET: self.model}),
-            gradient_checksum=gradient_checksum(self.backbone.gradients), task_config=self.dtask,
-            model_config=self.backbone.model, target_center=self.target.center, target_scale=self.target.scale,
+            task=task,
+            round=rnd,
+            num_rounds=self.num_rounds,
+            step_start=start,
+            local_steps=n,  # type: ignore[arg-type]
+            wire_dtype=self.cfg.wire_dtype,
+            model_checksum=model_checksum(self.backbone.model, {MODEL_SET: self.model}),
+            gradient_checksum=gradient_checksum(self.backbone.gradients),
+            task_config=self.dtask,
+            model_config=self.backbone.model,
+            target_center=self.target.center,
+            target_scale=self.target.scale,
             split=split,  # type: ignore[arg-type]
-        )  # fmt: skip
+        )
 
     def log_start(self) -> None:
         r, t = self.dtask.recipe, self.dtask.task
-        log.info("federated downstream %s of task '%s' (%s, column '%s'): %d steps in %d rounds x %d local steps, "
-                 "validation every %d steps; backbone %s (%s); %d values in the weight vector", r.method, t.name,
-                 t.kind, t.column, r.steps, self.num_rounds, self.cfg.local_steps, r.eval_every, self.backbone.source,
-                 self.backbone.model.size, state_vector(self.model).numel())  # fmt: skip
+        log.info(
+            "federated downstream %s of task '%s' (%s, column '%s'): %d steps in %d rounds x %d local steps, "
+            "validation every %d steps; backbone %s (%s); %d values in the weight vector",
+            r.method,
+            t.name,
+            t.kind,
+            t.column,
+            r.steps,
+            self.num_rounds,
+            self.cfg.local_steps,
+            r.eval_every,
+            self.backbone.source,
+            self.backbone.model.size,
+            state_vector(self.model).numel(),
+        )
         log.info("run folder: %s", self.run_dir)
 
     def execute(self, grid: Grid) -> Path:
@@ -148,12 +171,21 @@ class DownstreamRun:
                 self.validate(grid, rnd, done, loss, vec)
         assert self.best is not None
         per_site, weighted = self.evaluate(grid, self.num_rounds - 1, "test", self.best[0])
-        test = {"step": self.best[2], "sites": {s: {**m, "n": n} for s, (m, n) in per_site.items()}, "weighted": weighted}
+        test = {
+            "step": self.best[2],
+            "sites": {s: {**m, "n": n} for s, (m, n) in per_site.items()},
+            "weighted": weighted,
+        }
         atomic_write_text(self.run_dir / "test_metrics.json", json.dumps(test, indent=1))
         self.save(test)
         primary = PRIMARY[self.kind]
-        log.info("test (weights of step %d): %s %.4f over %d scans", self.best[2], primary, weighted[primary],
-                 int(weighted["n"]))  # fmt: skip
+        log.info(
+            "test (weights of step %d): %s %.4f over %d scans",
+            self.best[2],
+            primary,
+            weighted[primary],
+            int(weighted["n"]),
+        )
         log.info("outputs under %s", self.run_dir)
         return self.run_dir
 
@@ -171,8 +203,12 @@ class DownstreamRun:
         results = exchange(grid, self.cfg, self.spec("label-stats", 0), {}, accept, 1.0, "evaluate")
         ok_updates(results, self.cfg.min_sites, "label-stats round")
         target = pooled_target(stats)
-        log.info("regression target from %d sites' label sums: center %.4g, scale %.4g", len(stats), target.center,
-                 target.scale)  # fmt: skip
+        log.info(
+            "regression target from %d sites' label sums: center %.4g, scale %.4g",
+            len(stats),
+            target.center,
+            target.scale,
+        )
         return target
 
     def train_round(self, grid: Grid, spec: RoundSpec, vec: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -186,8 +222,14 @@ class DownstreamRun:
                 return
             reg = self.registry.get(res.node_id)
             caps = [c for c in (self.cfg.max_site_samples, reg.max_samples if reg else 0) if c > 0]
-            reason = check_update(res.update, {MODEL_SET: vec.numel()}, {MODEL_SET: vec}, self.cfg.max_update_ratio,
-                                  min(caps) if caps else 0, bounded=(MODEL_SET,))  # fmt: skip
+            reason = check_update(
+                res.update,
+                {MODEL_SET: vec.numel()},
+                {MODEL_SET: vec},
+                self.cfg.max_update_ratio,
+                min(caps) if caps else 0,
+                bounded=(MODEL_SET,),
+            )
             if reason:
                 res.status, res.detail = "rejected", reason
                 log.warning("%s: update of site %s rejected: %s", label, res.site, reason)
@@ -204,12 +246,20 @@ class DownstreamRun:
         PrivacyReport(self.run_dir, secure_aggregation=False).update(spec.round, results, None)  # the sites' DP figures
         ok = ok_updates(results, self.cfg.min_sites, label)
         loss = sum(u.metrics[Metric.LOSS] for u in ok) / len(ok)
-        log.info("%s (steps %d-%d) done in %.1f s: loss %.4f, %d site(s) ok", label, spec.step_start,
-                 spec.step_start + spec.local_steps - 1, time.perf_counter() - t0, loss, len(ok))  # fmt: skip
+        log.info(
+            "%s (steps %d-%d) done in %.1f s: loss %.4f, %d site(s) ok",
+            label,
+            spec.step_start,
+            spec.step_start + spec.local_steps - 1,
+            time.perf_counter() - t0,
+            loss,
+            len(ok),
+        )
         return mean.result()[MODEL_SET], loss
 
-    def evaluate(self, grid: Grid, rnd: int, split: str,
-                 vec: torch.Tensor) -> tuple[dict[str, tuple[dict[str, float], int]], dict[str, float]]:  # fmt: skip
+    def evaluate(
+        self, grid: Grid, rnd: int, split: str, vec: torch.Tensor
+    ) -> tuple[dict[str, tuple[dict[str, float], int]], dict[str, float]]:
         """Every connected site scores `vec` on its `split`: (per site: (metrics, scans), scan-weighted)."""
 
         def accept(res: SiteResult) -> None:
@@ -218,8 +268,9 @@ class DownstreamRun:
                 res.status, res.detail = "rejected", reason
                 log.warning("evaluate %s: reply of site %s rejected: %s", split, res.site, reason)
 
-        results = exchange(grid, self.cfg, self.spec("evaluate", rnd, split=split), {MODEL_SET: vec}, accept, 1.0,
-                           "evaluate")  # fmt: skip
+        results = exchange(
+            grid, self.cfg, self.spec("evaluate", rnd, split=split), {MODEL_SET: vec}, accept, 1.0, "evaluate"
+        )
         if self.audit is not None:
             self.audit.round(rnd + 1, f"evaluate-{split}", results)
         ok = ok_updates(results, self.cfg.min_sites, f"evaluate {split} after round {rnd + 1}")
@@ -235,23 +286,46 @@ class DownstreamRun:
             self.best = (vec.clone(), val, step)
             self.save()
         fields = ["round", "step", "loss", "sites", *METRICS[self.kind], "n", "selected"]
-        row = {"round": rnd + 1, "step": step, "loss": f"{loss:.6f}", "sites": len(per_site), "selected": int(selected),
-               **{m: f"{val[m]:.6f}" for m in METRICS[self.kind]}, "n": int(val["n"])}  # fmt: skip
+        row = {
+            "round": rnd + 1,
+            "step": step,
+            "loss": f"{loss:.6f}",
+            "sites": len(per_site),
+            "selected": int(selected),
+            **{m: f"{val[m]:.6f}" for m in METRICS[self.kind]},
+            "n": int(val["n"]),
+        }
         append_rows(self.run_dir / "downstream_metrics.csv", fields, [row])
-        log.info("validation after step %d: %s %.4f over %d scans%s", step, primary, val[primary], int(val["n"]),
-                 " (selected)" if selected else "")  # fmt: skip
+        log.info(
+            "validation after step %d: %s %.4f over %d scans%s",
+            step,
+            primary,
+            val[primary],
+            int(val["n"]),
+            " (selected)" if selected else "",
+        )
 
     def save(self, test: dict | None = None) -> Path:
         """The selected model as a checkpoint (atomic), with what it needs to be used and audited."""
         assert self.best is not None
         load_state_vector(self.model, self.best[0])
         path = save_checkpoint(
-            self.run_dir / CHECKPOINT, kind="downstream", federated=True, method=self.dtask.recipe.method,
-            task=to_dict(self.dtask), model_config=to_dict(self.backbone.model), gradients=self.backbone.gradients,
-            gradient_checksum=gradient_checksum(self.backbone.gradients), backbone=self.backbone.source,
-            model=self.model.state_dict(), target={"center": self.target.center, "scale": self.target.scale},
-            step=self.best[2], val=self.best[1], test=test, run_config=to_run_config(self.cfg),
-        )  # fmt: skip
+            self.run_dir / CHECKPOINT,
+            kind="downstream",
+            federated=True,
+            method=self.dtask.recipe.method,
+            task=to_dict(self.dtask),
+            model_config=to_dict(self.backbone.model),
+            gradients=self.backbone.gradients,
+            gradient_checksum=gradient_checksum(self.backbone.gradients),
+            backbone=self.backbone.source,
+            model=self.model.state_dict(),
+            target={"center": self.target.center, "scale": self.target.scale},
+            step=self.best[2],
+            val=self.best[1],
+            test=test,
+            run_config=to_run_config(self.cfg),
+        )
         if self.audit is not None:
             self.audit.checkpoint(self.best[2], path)
         return path

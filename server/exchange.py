@@ -77,10 +77,16 @@ def sample_nodes(nodes: list[int], fraction: float, min_sites: int, rng: np.rand
     return sorted(nodes[int(i)] for i in picked)
 
 
-def exchange(grid: Grid, cfg: FederationConfig, spec: RoundSpec, sets: Mapping[str, torch.Tensor],
-             on_result: Callable[[SiteResult], None], fraction: float | None = None,
-             message_type: str = "train",
-             records: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> list[SiteResult]:  # fmt: skip
+def exchange(
+    grid: Grid,
+    cfg: FederationConfig,
+    spec: RoundSpec,
+    sets: Mapping[str, torch.Tensor],
+    on_result: Callable[[SiteResult], None],
+    fraction: float | None = None,
+    message_type: str = "train",
+    records: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+) -> list[SiteResult]:
     """Send round `spec` with the global `sets` (and further ArrayRecords `records`, sent as they are,
     e.g. the federation's scaling statistics) to the sampled sites (a share `fraction`, default the
     run's `fraction-sites`, seeded by the round) and collect their replies, sorted by node."""
@@ -91,17 +97,42 @@ def exchange(grid: Grid, cfg: FederationConfig, spec: RoundSpec, sets: Mapping[s
     arrays = ArrayRecord(encode_global(sets, spec.wire_dtype))
     extra = {name: ArrayRecord(dict(tensors)) for name, tensors in (records or {}).items()}
     sent = arrays.count_bytes() + sum(r.count_bytes() for r in extra.values())
-    log.info("%s round %d/%d: sending %.1f MB to each of %d site(s)", spec.task, spec.round + 1, spec.num_rounds,
-             sent / 1e6, len(sampled))  # fmt: skip
-    msgs = [Message(RecordDict({ARRAYS: arrays, CONFIG: conf, **extra}), dst_node_id=node, message_type=message_type,
-                    group_id=f"{spec.task}-{spec.round}") for node in sampled]  # fmt: skip
+    log.info(
+        "%s round %d/%d: sending %.1f MB to each of %d site(s)",
+        spec.task,
+        spec.round + 1,
+        spec.num_rounds,
+        sent / 1e6,
+        len(sampled),
+    )
+    msgs = [
+        Message(
+            RecordDict({ARRAYS: arrays, CONFIG: conf, **extra}),
+            dst_node_id=node,
+            message_type=message_type,
+            group_id=f"{spec.task}-{spec.round}",
+        )
+        for node in sampled
+    ]
     registry = read_registry(cfg.site_registry) if cfg.site_registry else None
-    return collect(grid, msgs, cfg.round_timeout_s,
-                   lambda reply, node: decode(reply, node, sent, spec.wire_dtype, sets, registry), on_result, sent)
+    return collect(
+        grid,
+        msgs,
+        cfg.round_timeout_s,
+        lambda reply, node: decode(reply, node, sent, spec.wire_dtype, sets, registry),
+        on_result,
+        sent,
+    )
 
 
-def collect(grid: Grid, msgs: list[Message], timeout_s: float, read: Callable[[Message, int], SiteResult],
-            on_result: Callable[[SiteResult], None], sent_bytes: int = 0) -> list[SiteResult]:  # fmt: skip
+def collect(
+    grid: Grid,
+    msgs: list[Message],
+    timeout_s: float,
+    read: Callable[[Message, int], SiteResult],
+    on_result: Callable[[SiteResult], None],
+    sent_bytes: int = 0,
+) -> list[SiteResult]:
     """Push the round's messages and pull replies (one at a time, each read, handed to `on_result` and
     released) until all came, a site left, or the timeout."""
     ids = list(grid.push_messages(msgs))
@@ -129,13 +160,15 @@ def collect(grid: Grid, msgs: list[Message], timeout_s: float, read: Callable[[M
                 gone_since.pop(mid, None)
             elif now - gone_since.setdefault(mid, now) > 5.0:  # left the federation mid-round
                 pending.discard(mid)
-                results.append(SiteResult(node_of[mid], "failed", detail="site disconnected mid-round",
-                                          bytes_sent=sent_bytes))  # fmt: skip
+                results.append(
+                    SiteResult(node_of[mid], "failed", detail="site disconnected mid-round", bytes_sent=sent_bytes)
+                )
                 log.warning("site node %d disconnected mid-round: dropped from this round", node_of[mid])
         time.sleep(0.5)
     for mid in pending:
-        results.append(SiteResult(node_of[mid], "timeout", detail=f"no reply within {timeout_s:.0f} s",
-                                  bytes_sent=sent_bytes))  # fmt: skip
+        results.append(
+            SiteResult(node_of[mid], "timeout", detail=f"no reply within {timeout_s:.0f} s", bytes_sent=sent_bytes)
+        )
         log.warning("site node %d: no reply within %.0f s, dropped from this round", node_of[mid], timeout_s)
     return sorted(results, key=lambda r: r.node_id)
 
@@ -159,8 +192,10 @@ def reply_site(content: RecordDict, node_id: int, registry: Mapping[int, Registe
     if reg is None:
         raise ConfigError(f"node {node_id} is not in the site registry (no registered key)")
     if declared is not None and declared != reg.site:
-        raise ConfigError(f"node {node_id} is registered as site '{reg.site}' (key {reg.fingerprint}) but its "
-                          f"reply claims to be {str(declared)[:64]!r}")  # fmt: skip
+        raise ConfigError(
+            f"node {node_id} is registered as site '{reg.site}' (key {reg.fingerprint}) but its "
+            f"reply claims to be {str(declared)[:64]!r}"
+        )
     return reg.site
 
 
@@ -171,8 +206,14 @@ def malformed(content: RecordDict) -> str:
     return ""
 
 
-def decode(reply: Message, node_id: int, sent_bytes: int, wire_dtype: str, master: Mapping[str, torch.Tensor],
-           registry: Mapping[int, RegisteredSite] | None = None) -> SiteResult:  # fmt: skip
+def decode(
+    reply: Message,
+    node_id: int,
+    sent_bytes: int,
+    wire_dtype: str,
+    master: Mapping[str, torch.Tensor],
+    registry: Mapping[int, RegisteredSite] | None = None,
+) -> SiteResult:
     """A reply -> SiteResult: `failed` (error reply), `rejected` (malformed reply, wrong identity,
     undecodable weights) or `ok` with the site's fp32 weight sets (fp16 deltas added to `master`), sample
     count and metrics."""
@@ -197,8 +238,14 @@ def decode(reply: Message, node_id: int, sent_bytes: int, wire_dtype: str, maste
     try:
         sets = decode_update(arrays.to_torch_state_dict(), wire_dtype, master)
     except (ValueError, TypeError) as e:
-        return SiteResult(node_id, "rejected", site, f"undecodable weights: {e}", bytes_sent=sent_bytes,
-                          bytes_received=arrays.count_bytes())  # fmt: skip
+        return SiteResult(
+            node_id,
+            "rejected",
+            site,
+            f"undecodable weights: {e}",
+            bytes_sent=sent_bytes,
+            bytes_received=arrays.count_bytes(),
+        )
     n = metrics.get(Metric.NUM_EXAMPLES, 0.0)
     update = SiteUpdate(site, int(n) if float(n).is_integer() else -1, sets, metrics)
     return SiteResult(node_id, "ok", site, update=update, bytes_sent=sent_bytes, bytes_received=arrays.count_bytes())
@@ -214,20 +261,29 @@ def ok_updates(results: list[SiteResult], min_sites: int, what: str, hint: str =
 
 def count(results: list[SiteResult]) -> tuple[int, int, int]:
     """(ok, failed or timed out, rejected) sites of a round."""
-    return (sum(r.status == "ok" for r in results), sum(r.status in ("failed", "declined", "timeout") for r in results),
-            sum(r.status == "rejected" for r in results))  # fmt: skip
+    return (
+        sum(r.status == "ok" for r in results),
+        sum(r.status in ("failed", "declined", "timeout") for r in results),
+        sum(r.status == "rejected" for r in results),
+    )
 
 
 def site_row(rnd: int, r: SiteResult) -> dict:
     """A site's row of `site_metrics.csv` (`server.report.SITE_FIELDS`)."""
     m = r.update.metrics if r.update is not None else {}
     return {
-        "round": rnd + 1, "site": r.site or f"node-{r.node_id}", "node_id": r.node_id, "status": r.status,
-        "loss": f"{m[Metric.LOSS]:.6f}" if Metric.LOSS in m else "", "local_steps": int(m.get(Metric.LOCAL_STEPS, 0)),
-        "samples": int(m.get(Metric.NUM_EXAMPLES, 0)), "wall_s": f"{m.get(Metric.WALL_S, 0.0):.2f}",
-        "bytes_sent": r.bytes_sent, "bytes_received": r.bytes_received,
+        "round": rnd + 1,
+        "site": r.site or f"node-{r.node_id}",
+        "node_id": r.node_id,
+        "status": r.status,
+        "loss": f"{m[Metric.LOSS]:.6f}" if Metric.LOSS in m else "",
+        "local_steps": int(m.get(Metric.LOCAL_STEPS, 0)),
+        "samples": int(m.get(Metric.NUM_EXAMPLES, 0)),
+        "wall_s": f"{m.get(Metric.WALL_S, 0.0):.2f}",
+        "bytes_sent": r.bytes_sent,
+        "bytes_received": r.bytes_received,
         "detail": r.detail.splitlines()[-1][:300] if r.detail else "",
-    }  # fmt: skip
+    }
 
 
 def save_update(run_dir: Path, label: str, r: SiteResult) -> None:
@@ -236,5 +292,13 @@ def save_update(run_dir: Path, label: str, r: SiteResult) -> None:
     out = run_dir / "updates" / label
     out.mkdir(parents=True, exist_ok=True)
     assert r.update is not None
-    torch.save({"site": r.site, "status": r.status, "num_examples": r.update.num_examples,
-                "sets": r.update.sets, "metrics": r.update.metrics}, out / f"{r.site}.pt")  # fmt: skip
+    torch.save(
+        {
+            "site": r.site,
+            "status": r.status,
+            "num_examples": r.update.num_examples,
+            "sets": r.update.sets,
+            "metrics": r.update.metrics,
+        },
+        out / f"{r.site}.pt",
+    )

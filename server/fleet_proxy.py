@@ -29,8 +29,18 @@ log = logging.getLogger("server.fleet_proxy")
 FLEET_PATH = re.compile(r"^/v1/fleet/[a-z][a-z-]{0,63}$")  # e.g. /v1/fleet/pull-messages
 MAX_BODY = 256 * 2**20  # Flower moves arrays in chunks (16 MiB here): a body above this is refused
 # Hop-by-hop headers (RFC 9110 7.6.1) are not forwarded; Host is the upstream's.
-HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-       "transfer-encoding", "upgrade", "host", "content-length"}  # fmt: skip
+HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+}
 
 
 def fleet_allowed(method: str, path: str) -> bool:
@@ -57,8 +67,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _forward(self) -> None:
         path = self.path.split("?", 1)[0]
         if not fleet_allowed(self.command, path):
-            log.warning("refused %s %s from %s (only the Fleet API is served here)", self.command, path,
-                        self.client_address[0])  # fmt: skip
+            log.warning(
+                "refused %s %s from %s (only the Fleet API is served here)", self.command, path, self.client_address[0]
+            )
             self._refuse(403, "forbidden: this port serves the Flower Fleet API (sites) only\n")
             return
         length = int(self.headers.get("Content-Length") or 0)

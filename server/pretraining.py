@@ -40,8 +40,16 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 # Run-config keys that may differ between a run and its resumption.
-RESUME_FREE_KEYS = {"resume-dir", "out-dir", "round-timeout-s", "wait-for-sites-s", "save-updates", "resume-round",
-                    "site-registry", "keep-checkpoints"}  # fmt: skip
+RESUME_FREE_KEYS = {
+    "resume-dir",
+    "out-dir",
+    "round-timeout-s",
+    "wait-for-sites-s",
+    "save-updates",
+    "resume-round",
+    "site-registry",
+    "keep-checkpoints",
+}
 
 
 def round_checkpoint(run_dir: Path, rnd: int) -> Path:
@@ -52,9 +60,11 @@ def round_checkpoint(run_dir: Path, rnd: int) -> Path:
 def resolve_gradients(cfg: FederationConfig, pcfg: PretrainConfig) -> tuple[np.ndarray, str]:
     """The federation's gradient matrix (every site must hold the same file) and its path."""
     if not cfg.gradients:
-        raise ConfigError("run config 'gradients': empty; the federation needs one gradient file that the server "
-                          "and every site share (`brainjepa gradients --site ...` makes one from the sites' FC "
-                          "sums; `brainjepa-server simulate` prepares sites and gradients for a demo)")  # fmt: skip
+        raise ConfigError(
+            "run config 'gradients': empty; the federation needs one gradient file that the server "
+            "and every site share (`brainjepa gradients --site ...` makes one from the sites' FC "
+            "sums; `brainjepa-server simulate` prepares sites and gradients for a demo)"
+        )
     m = pcfg.model
     return load_gradients(cfg.gradients, m.n_rois, m.gradient_components), str(Path(cfg.gradients).resolve())
 
@@ -80,9 +90,11 @@ class FederatedRun:
     def create(cls, cfg: FederationConfig, run_id: int = 0) -> FederatedRun:
         pcfg = cfg.pretrain()
         if cfg.scaling_scope == "federation" and pcfg.data.scaling != "robust":
-            raise ConfigError(f"run config 'scaling-scope': 'federation' needs data.scaling 'robust' (the "
-                              f"reference scaling, whose statistics sites share as quantile sketches), got "
-                              f"'{pcfg.data.scaling}' (use scaling-scope 'site')")  # fmt: skip
+            raise ConfigError(
+                f"run config 'scaling-scope': 'federation' needs data.scaling 'robust' (the "
+                f"reference scaling, whose statistics sites share as quantile sketches), got "
+                f"'{pcfg.data.scaling}' (use scaling-scope 'site')"
+            )
         if cfg.resume_dir:
             run_dir = Path(cfg.resume_dir).resolve()
             if not run_dir.is_dir():
@@ -100,8 +112,10 @@ class FederatedRun:
         if cfg.resume_dir:
             if not ckpt_path.exists():
                 kept = sorted(p.name for p in run_dir.glob("round-*.pt"))
-                raise ConfigError(f"run config 'resume-dir': '{ckpt_path}' does not exist (checkpoints in "
-                                  f"{run_dir}: {kept or 'none'}); nothing to resume")  # fmt: skip
+                raise ConfigError(
+                    f"run config 'resume-dir': '{ckpt_path}' does not exist (checkpoints in "
+                    f"{run_dir}: {kept or 'none'}); nothing to resume"
+                )
             run._load(ckpt_path)
         else:
             save_gradients(run_dir / "gradients.npy", grads)
@@ -119,8 +133,9 @@ class FederatedRun:
         new = {k: v for k, v in to_run_config(self.cfg).items() if k not in RESUME_FREE_KEYS}
         diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
         if diff:
-            raise ConfigError(f"checkpoint '{path}': run config differs from the run being resumed "
-                              f"(key: (checkpoint, now)): {diff}")
+            raise ConfigError(
+                f"checkpoint '{path}': run config differs from the run being resumed (key: (checkpoint, now)): {diff}"
+            )
         self.models.load_state_dict(ckpt["models"])
         self.server_opt.load_state_dict(ckpt["server_optimizer"])
         self.start_round = int(ckpt["round"])
@@ -135,7 +150,7 @@ class FederatedRun:
         kept = round_checkpoint(self.run_dir, completed_rounds)
         kept.unlink(missing_ok=True)
         os.link(path, kept)  # the same bytes; checkpoint.pt is replaced by a rename next round
-        for old in sorted(self.run_dir.glob("round-*.pt"))[:-self.cfg.keep_checkpoints]:
+        for old in sorted(self.run_dir.glob("round-*.pt"))[: -self.cfg.keep_checkpoints]:
             old.unlink()
         if self.audit is not None:
             self.audit.checkpoint(completed_rounds, kept)
@@ -143,15 +158,23 @@ class FederatedRun:
 
     def _write_checkpoint(self, completed_rounds: int) -> Path:
         return save_checkpoint(
-            self.run_dir / CHECKPOINT, kind="pretrain", federated=True, round=completed_rounds,
-            step=completed_rounds * self.cfg.local_steps, config=to_dict(self.pcfg),
-            model_config=to_dict(self.pcfg.model), gradients=self.gradients,
-            gradient_checksum=gradient_checksum(self.gradients), gradient_source=self.gradient_source,
-            model_checksum=self.model_checksum, models=self.models.state_dict(),
-            server_optimizer=self.server_opt.state_dict(), run_config=to_run_config(self.cfg),
+            self.run_dir / CHECKPOINT,
+            kind="pretrain",
+            federated=True,
+            round=completed_rounds,
+            step=completed_rounds * self.cfg.local_steps,
+            config=to_dict(self.pcfg),
+            model_config=to_dict(self.pcfg.model),
+            gradients=self.gradients,
+            gradient_checksum=gradient_checksum(self.gradients),
+            gradient_source=self.gradient_source,
+            model_checksum=self.model_checksum,
+            models=self.models.state_dict(),
+            server_optimizer=self.server_opt.state_dict(),
+            run_config=to_run_config(self.cfg),
             scaling=self.scaling.to_dict() if self.scaling is not None else None,
             central_dp=self.privacy.state_dict() if self.privacy is not None else None,
-        )  # fmt: skip
+        )
 
     @property
     def model_checksum(self) -> str:
@@ -160,20 +183,40 @@ class FederatedRun:
     # ---------------------------------------------------------------- rounds
     def log_start(self) -> None:
         n = {k: v.numel() for k, v in self.sets.items()}
-        log.info("federated Brain-JEPA pretraining: %d rounds x %d local steps, strategy %s, wire %s, "
-                 "min %d sites, fraction %.2f", self.cfg.num_rounds, self.cfg.local_steps, self.cfg.strategy,
-                 self.cfg.wire_dtype, self.cfg.min_sites, self.cfg.fraction_sites)  # fmt: skip
-        log.info("model %s: encoder %d, predictor %d, target %d parameters; gradients %s",
-                 self.pcfg.model.size, n["encoder"], n["predictor"], n["target"], self.gradient_source)
+        log.info(
+            "federated Brain-JEPA pretraining: %d rounds x %d local steps, strategy %s, wire %s, "
+            "min %d sites, fraction %.2f",
+            self.cfg.num_rounds,
+            self.cfg.local_steps,
+            self.cfg.strategy,
+            self.cfg.wire_dtype,
+            self.cfg.min_sites,
+            self.cfg.fraction_sites,
+        )
+        log.info(
+            "model %s: encoder %d, predictor %d, target %d parameters; gradients %s",
+            self.pcfg.model.size,
+            n["encoder"],
+            n["predictor"],
+            n["target"],
+            self.gradient_source,
+        )
         log.info("run folder: %s", self.run_dir)
 
     def round_spec(self, rnd: int, task: str = "pretrain") -> RoundSpec:
         checksum = self.scaling.checksum() if self.scaling is not None and task == "pretrain" else ""
         return RoundSpec(
-            task=task, round=rnd, num_rounds=self.cfg.num_rounds, step_start=rnd * self.cfg.local_steps,  # type: ignore[arg-type]
-            local_steps=self.cfg.local_steps, wire_dtype=self.cfg.wire_dtype, model_checksum=self.model_checksum,
-            gradient_checksum=gradient_checksum(self.gradients), task_config=self.pcfg, scaling_checksum=checksum,
-        )  # fmt: skip
+            task=task,
+            round=rnd,
+            num_rounds=self.cfg.num_rounds,
+            step_start=rnd * self.cfg.local_steps,  # type: ignore[arg-type]
+            local_steps=self.cfg.local_steps,
+            wire_dtype=self.cfg.wire_dtype,
+            model_checksum=self.model_checksum,
+            gradient_checksum=gradient_checksum(self.gradients),
+            task_config=self.pcfg,
+            scaling_checksum=checksum,
+        )
 
     def execute(self, grid: Grid) -> Path:
         if self.cfg.scaling_scope == "federation" and self.scaling is None and self.start_round < self.cfg.num_rounds:
@@ -183,14 +226,27 @@ class FederatedRun:
         m, pm = self.pcfg.model, self.pcfg.monitor
         if pm.every > 0:  # the server holds no data: a probe batch generated from the run's seed
             probe = synthetic_probe(pm.probe_scans, m.n_rois, m.n_frames, seed=self.cfg.seed)  # (B, R, T)
-            self.monitor = CollapseMonitor(pm, probe, m.embed_dim, self.run_dir / "monitor.csv", self.start_round + 1,
-                                           label="round", mask_cfg=self.pcfg.mask, patch_size=m.patch_size,
-                                           loss=self.pcfg.optim.loss)  # fmt: skip
+            self.monitor = CollapseMonitor(
+                pm,
+                probe,
+                m.embed_dim,
+                self.run_dir / "monitor.csv",
+                self.start_round + 1,
+                label="round",
+                mask_cfg=self.pcfg.mask,
+                patch_size=m.patch_size,
+                loss=self.pcfg.optim.loss,
+            )
         for rnd in range(self.start_round, self.cfg.num_rounds):
             self.run_round(grid, rnd, report)
         png = report.finish()
-        log.info("done: %d rounds; checkpoint %s; metrics %s; plot %s", self.cfg.num_rounds,
-                 self.run_dir / CHECKPOINT, report.sites_csv, png)
+        log.info(
+            "done: %d rounds; checkpoint %s; metrics %s; plot %s",
+            self.cfg.num_rounds,
+            self.run_dir / CHECKPOINT,
+            report.sites_csv,
+            png,
+        )
         log.info("outputs under %s", self.run_dir)
         return self.run_dir
 
@@ -200,20 +256,31 @@ class FederatedRun:
         spec = self.round_spec(rnd)
         sched = spec.schedule()
         log.info("round %d/%d: lr %.2e, ema %.5f", rnd + 1, cfg.num_rounds, sched.lr, sched.momentum)
-        mean: RunningMean | RobustAggregate = (RobustAggregate(cfg.strategy, cfg.trim_fraction)
-                                               if cfg.strategy in ROBUST_METHODS else RunningMean())
+        mean: RunningMean | RobustAggregate = (
+            RobustAggregate(cfg.strategy, cfg.trim_fraction) if cfg.strategy in ROBUST_METHODS else RunningMean()
+        )
         records = {SCALING: scaling_arrays(self.scaling)} if self.scaling is not None else None
         if self.privacy is None:
             results = exchange(grid, cfg, spec, self.sets, lambda res: self._accept(rnd, res, mean), records=records)
         else:  # central DP (clipped sum) and / or secure aggregation (SecAgg+)
             mean = self.privacy.accumulator(mean, self.sets)  # type: ignore[arg-type]
-            results = self.privacy.exchange(grid, spec, self.sets, records, mean,  # type: ignore[arg-type]
-                                            lambda res: self._accept(rnd, res, mean))  # type: ignore[arg-type]
+            results = self.privacy.exchange(
+                grid,
+                spec,
+                self.sets,
+                records,
+                mean,  # type: ignore[arg-type]
+                lambda res: self._accept(rnd, res, mean),
+            )  # type: ignore[arg-type]
         report.site_rows([site_row(rnd, r) for r in results])
         if self.audit is not None:
             self.audit.round(rnd + 1, spec.task, results)
-        ok = ok_updates(results, cfg.min_sites, f"round {rnd + 1}", f"; the global model stays at round {rnd} "
-                        f"(resume with resume-dir={self.run_dir})")  # fmt: skip
+        ok = ok_updates(
+            results,
+            cfg.min_sites,
+            f"round {rnd + 1}",
+            f"; the global model stays at round {rnd} (resume with resume-dir={self.run_dir})",
+        )
         new = mean.result() if self.privacy is None else self.privacy.new_sets(mean, self.sets, spec)  # type: ignore[arg-type]
         self.sets = self.server_opt.step(self.sets, new)
         for name in WEIGHT_SETS:
@@ -224,20 +291,38 @@ class FederatedRun:
         loss = sum(u.metrics.get(Metric.LOSS, float("nan")) * u.num_examples for u in ok) / samples
         wall = time.perf_counter() - t0
         n_ok, n_failed, n_rejected = count(results)
-        report.round_row({
-            "round": rnd + 1, "loss": f"{loss:.6f}", "sites_ok": n_ok, "sites_failed": n_failed,
-            "sites_rejected": n_rejected, "samples": samples,
-            "step_start": spec.step_start, "lr": f"{sched.lr:.3e}", "weight_decay": f"{sched.weight_decay:.4f}",
-            "momentum": f"{sched.momentum:.6f}", "wall_s": f"{wall:.2f}",
-            "bytes_sent": sum(r.bytes_sent for r in results), "bytes_received": sum(r.bytes_received for r in results),
-        })  # fmt: skip
+        report.round_row(
+            {
+                "round": rnd + 1,
+                "loss": f"{loss:.6f}",
+                "sites_ok": n_ok,
+                "sites_failed": n_failed,
+                "sites_rejected": n_rejected,
+                "samples": samples,
+                "step_start": spec.step_start,
+                "lr": f"{sched.lr:.3e}",
+                "weight_decay": f"{sched.weight_decay:.4f}",
+                "momentum": f"{sched.momentum:.6f}",
+                "wall_s": f"{wall:.2f}",
+                "bytes_sent": sum(r.bytes_sent for r in results),
+                "bytes_received": sum(r.bytes_received for r in results),
+            }
+        )
         # The checkpoint last: a checkpoint of round N implies its metrics rows (a crash before it leaves rows
         # that a resume truncates to the checkpoint's round, `RunReport` / `CollapseMonitor`).
         self._save(rnd + 1)
         if self.privacy is not None:
             self.privacy.after_round(rnd, results)
-        log.info("round %d/%d done in %.1f s: loss %.4f (%d site(s) ok, %d failed, %d rejected), checkpoint saved",
-                 rnd + 1, cfg.num_rounds, wall, loss, n_ok, n_failed, n_rejected)
+        log.info(
+            "round %d/%d done in %.1f s: loss %.4f (%d site(s) ok, %d failed, %d rejected), checkpoint saved",
+            rnd + 1,
+            cfg.num_rounds,
+            wall,
+            loss,
+            n_ok,
+            n_failed,
+            n_rejected,
+        )
 
     def _accept(self, rnd: int, res: SiteResult, mean: RunningMean) -> None:
         """Check one decoded reply; add it to the mean (then drop its weights) or reject it."""
@@ -245,8 +330,13 @@ class FederatedRun:
             return
         reg = self.registry.get(res.node_id)
         caps = [c for c in (self.cfg.max_site_samples, reg.max_samples if reg else 0) if c > 0]
-        reason = check_update(res.update, {k: v.numel() for k, v in self.sets.items()}, self.sets,
-                              self.cfg.max_update_ratio, min(caps) if caps else 0)  # fmt: skip
+        reason = check_update(
+            res.update,
+            {k: v.numel() for k, v in self.sets.items()},
+            self.sets,
+            self.cfg.max_update_ratio,
+            min(caps) if caps else 0,
+        )
         if reason:
             res.status, res.detail = "rejected", reason
             log.warning("round %d: update of site %s rejected: %s", rnd + 1, res.site, reason)

@@ -23,10 +23,16 @@ log = logging.getLogger(__name__)
 
 JSON, MARKDOWN = "privacy.json", "privacy.md"
 # reply metric -> report field
-SITE_FIELDS = {Metric.EPSILON_SPENT: "epsilon", Metric.EPSILON_BUDGET: "epsilon_budget", Metric.DELTA: "delta",
-               Metric.DP_NOISE_MULTIPLIER: "noise_multiplier", Metric.DP_MAX_GRAD_NORM: "clip_norm",
-               Metric.DP_SAMPLE_RATE: "sample_rate", Metric.DP_STEPS: "steps",
-               Metric.ROUNDS_DONE: "rounds"}  # fmt: skip
+SITE_FIELDS = {
+    Metric.EPSILON_SPENT: "epsilon",
+    Metric.EPSILON_BUDGET: "epsilon_budget",
+    Metric.DELTA: "delta",
+    Metric.DP_NOISE_MULTIPLIER: "noise_multiplier",
+    Metric.DP_MAX_GRAD_NORM: "clip_norm",
+    Metric.DP_SAMPLE_RATE: "sample_rate",
+    Metric.DP_STEPS: "steps",
+    Metric.ROUNDS_DONE: "rounds",
+}
 
 
 def _num(v: float) -> float | int | str:
@@ -67,8 +73,12 @@ class PrivacyReport:
         self.write()
 
     def to_dict(self) -> dict[str, object]:
-        return {"rounds": self.rounds, "secure_aggregation": self.secure_aggregation, "central_dp": self.central,
-                "sites": dict(sorted(self.sites.items()))}  # fmt: skip
+        return {
+            "rounds": self.rounds,
+            "secure_aggregation": self.secure_aggregation,
+            "central_dp": self.central,
+            "sites": dict(sorted(self.sites.items())),
+        }
 
     def write(self) -> tuple[Path, Path]:
         data = self.to_dict()
@@ -79,16 +89,34 @@ class PrivacyReport:
 
 def render(data: Mapping[str, object]) -> str:
     """privacy.md: the same figures as privacy.json, for a reader."""
+
     def fmt(v: object) -> str:
         if isinstance(v, float):
             return f"{v:.4g}"
         return "" if v is None else str(v)
 
-    cols = ["site", "status", "dp_sgd", "epsilon", "epsilon_budget", "delta", "noise_multiplier", "clip_norm",
-            "sample_rate", "steps", "rounds", "last_round"]  # fmt: skip
-    lines = [f"# Privacy report after round {data['rounds']}", "",
-             "## Sites (their own accountants, as reported in their last reply)", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]  # fmt: skip
+    cols = [
+        "site",
+        "status",
+        "dp_sgd",
+        "epsilon",
+        "epsilon_budget",
+        "delta",
+        "noise_multiplier",
+        "clip_norm",
+        "sample_rate",
+        "steps",
+        "rounds",
+        "last_round",
+    ]
+    lines = [
+        f"# Privacy report after round {data['rounds']}",
+        "",
+        "## Sites (their own accountants, as reported in their last reply)",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
     sites = data["sites"]
     assert isinstance(sites, dict)
     for entry in sites.values():
@@ -97,8 +125,16 @@ def render(data: Mapping[str, object]) -> str:
     assert isinstance(central, dict)
     lines += ["", "## Central DP (on the server)", ""]
     if central.get("enabled"):
-        for key in ("privacy_unit", "noise_multiplier", "clip_norm", "delta", "weighting", "accountant", "rounds",
-                    "epsilon"):  # fmt: skip
+        for key in (
+            "privacy_unit",
+            "noise_multiplier",
+            "clip_norm",
+            "delta",
+            "weighting",
+            "accountant",
+            "rounds",
+            "epsilon",
+        ):
             lines.append(f"- {key.replace('_', ' ')}: {fmt(central.get(key))}")
         per_round = central.get("per_round") or []
         assert isinstance(per_round, list)
@@ -106,8 +142,10 @@ def render(data: Mapping[str, object]) -> str:
             last = per_round[-1]
             clipped = last.get("sites_clipped")
             how = "clipped at the sites (secure aggregation)" if clipped is None else f"{clipped} clipped"
-            lines.append(f"- last round: {last.get('sites_summed')} site(s) summed of {last.get('sampled')} sampled "
-                         f"(sampling rate {fmt(last.get('sample_rate'))}), {how}")
+            lines.append(
+                f"- last round: {last.get('sites_summed')} site(s) summed of {last.get('sampled')} sampled "
+                f"(sampling rate {fmt(last.get('sample_rate'))}), {how}"
+            )
     else:
         lines.append("- off")
     on = "on (Flower SecAgg+: the server saw only the sum of the updates)" if data["secure_aggregation"] else "off"

@@ -59,8 +59,10 @@ def load_sites_file(path: Path) -> dict[str, tuple[Path, SiteKey]]:
     for name, entry in raw.items():
         check_site_name(name, f"sites file '{path}'")
         if not isinstance(entry, Mapping):
-            raise ConfigError(f"sites file '{path}', site '{name}': expected a mapping with 'public-key' (and "
-                              f"optionally 'max-samples'), got {type(entry).__name__}")  # fmt: skip
+            raise ConfigError(
+                f"sites file '{path}', site '{name}': expected a mapping with 'public-key' (and "
+                f"optionally 'max-samples'), got {type(entry).__name__}"
+            )
         key = from_mapping(SiteKey, dict(entry), path, prefix=f"{name}.", spell=lambda f: f.replace("_", "-"))
         key_path = (path.parent / key.public_key).resolve()
         if not key_path.is_file():
@@ -68,10 +70,14 @@ def load_sites_file(path: Path) -> dict[str, tuple[Path, SiteKey]]:
         try:
             key_fingerprint(key_path.read_text())
         except (ValueError, UnicodeDecodeError) as e:
-            raise ConfigError(f"sites file '{path}', site '{name}', 'public-key': '{key_path}' is not an OpenSSH "
-                              f"public key (ssh-keygen -t ecdsa -b 384 writes one): {e}") from e  # fmt: skip
+            raise ConfigError(
+                f"sites file '{path}', site '{name}', 'public-key': '{key_path}' is not an OpenSSH "
+                f"public key (ssh-keygen -t ecdsa -b 384 writes one): {e}"
+            ) from e
         if key.max_samples < 0:
-            raise ConfigError(f"sites file '{path}', site '{name}', 'max-samples': expected >= 0, got {key.max_samples}")
+            raise ConfigError(
+                f"sites file '{path}', site '{name}', 'max-samples': expected >= 0, got {key.max_samples}"
+            )
         out[name] = (key_path, key)
     if not out:
         raise ConfigError(f"sites file '{path}': no sites")
@@ -83,8 +89,12 @@ def load_sites_file(path: Path) -> dict[str, tuple[Path, SiteKey]]:
 
 def write_registry(path: Path, nodes: Mapping[int, RegisteredSite]) -> Path:
     """The registry JSON (owner-only): {"nodes": {node_id: {site, fingerprint, max_samples}}}."""
-    data = {"nodes": {str(n): {"site": r.site, "fingerprint": r.fingerprint, "max_samples": r.max_samples}
-                      for n, r in nodes.items()}}  # fmt: skip
+    data = {
+        "nodes": {
+            str(n): {"site": r.site, "fingerprint": r.fingerprint, "max_samples": r.max_samples}
+            for n, r in nodes.items()
+        }
+    }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
         json.dump(data, f, indent=1)
@@ -96,17 +106,21 @@ def read_registry(path: str | Path) -> dict[int, RegisteredSite]:
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-        return {int(n): RegisteredSite(str(e["site"]), str(e["fingerprint"]), int(e["max_samples"]))
-                for n, e in data["nodes"].items()}  # fmt: skip
+        return {
+            int(n): RegisteredSite(str(e["site"]), str(e["fingerprint"]), int(e["max_samples"]))
+            for n, e in data["nodes"].items()
+        }
     except FileNotFoundError as e:
         raise DataError(f"run config 'site-registry': file '{path}' does not exist") from e
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-        raise DataError(f"site registry '{path}': expected {{\"nodes\": {{node_id: {{site, fingerprint, "
-                        f"max_samples}}}}}}: {e}") from e  # fmt: skip
+        raise DataError(
+            f"site registry '{path}': expected {{\"nodes\": {{node_id: {{site, fingerprint, max_samples}}}}}}: {e}"
+        ) from e
 
 
-def register_sites(sites: Mapping[str, tuple[Path, SiteKey]], flwr: str, connection: str, env: Mapping[str, str],
-                   registry: Path) -> dict[int, RegisteredSite]:  # fmt: skip
+def register_sites(
+    sites: Mapping[str, tuple[Path, SiteKey]], flwr: str, connection: str, env: Mapping[str, str], registry: Path
+) -> dict[int, RegisteredSite]:
     """Register each site's key with the SuperLink (`flwr supernode register`, control API on loopback);
     a key the SuperLink already knows (a resumed coordinator with its state database) keeps the node id
     the previous start wrote to `registry`."""
@@ -114,18 +128,27 @@ def register_sites(sites: Mapping[str, tuple[Path, SiteKey]], flwr: str, connect
     nodes: dict[int, RegisteredSite] = {}
     for name, (key_path, key) in sites.items():
         fp = key_fingerprint(key_path.read_text())
-        res = subprocess.run([flwr, "supernode", "register", str(key_path), connection, "--format", "json"],
-                             env=dict(env), capture_output=True, text=True, check=False)  # fmt: skip
+        res = subprocess.run(
+            [flwr, "supernode", "register", str(key_path), connection, "--format", "json"],
+            env=dict(env),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         text = res.stdout + res.stderr
         node_id = _node_id(res.stdout)
         if node_id is None and "already in use" in text and fp in known:
             node_id = known[fp]
         if node_id is None:
-            hint = (" (the SuperLink's state database already holds this key, but no registry file "
-                    f"'{registry}' of an earlier start names it: use a fresh --out-dir, or the original one)"
-                    if "already in use" in text else "")  # fmt: skip
-            raise ConfigError(f"sites file: registering site '{name}' (key '{key_path}') failed{hint}: "
-                              f"{text.strip()[-500:]}")  # fmt: skip
+            hint = (
+                " (the SuperLink's state database already holds this key, but no registry file "
+                f"'{registry}' of an earlier start names it: use a fresh --out-dir, or the original one)"
+                if "already in use" in text
+                else ""
+            )
+            raise ConfigError(
+                f"sites file: registering site '{name}' (key '{key_path}') failed{hint}: {text.strip()[-500:]}"
+            )
         nodes[node_id] = RegisteredSite(name, fp, key.max_samples)
     write_registry(registry, nodes)
     return nodes

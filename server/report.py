@@ -12,10 +12,34 @@ from brainjepa.plots import plot_collapse, save_figure
 
 log = logging.getLogger(__name__)
 
-SITE_FIELDS = ["round", "site", "node_id", "status", "loss", "local_steps", "samples", "wall_s",
-               "bytes_sent", "bytes_received", "detail"]
-ROUND_FIELDS = ["round", "loss", "sites_ok", "sites_failed", "sites_rejected", "samples", "step_start",
-                "lr", "weight_decay", "momentum", "wall_s", "bytes_sent", "bytes_received"]
+SITE_FIELDS = [
+    "round",
+    "site",
+    "node_id",
+    "status",
+    "loss",
+    "local_steps",
+    "samples",
+    "wall_s",
+    "bytes_sent",
+    "bytes_received",
+    "detail",
+]
+ROUND_FIELDS = [
+    "round",
+    "loss",
+    "sites_ok",
+    "sites_failed",
+    "sites_rejected",
+    "samples",
+    "step_start",
+    "lr",
+    "weight_decay",
+    "momentum",
+    "wall_s",
+    "bytes_sent",
+    "bytes_received",
+]
 
 
 def new_run_dir(out_dir: str | Path, run_id: int) -> Path:
@@ -89,8 +113,13 @@ class RunReport:
         if monitor:  # the collapse monitor (brainjepa.monitor) beside the loss per round
             with open(self.rounds_csv, newline="") as f:
                 loss = [(int(r["round"]), float(r["loss"])) for r in csv.DictReader(f)]
-            plot_collapse(loss, monitor, self.run_dir / "collapse_per_round.png", xlabel="round",
-                          title="Federated pretraining: loss and collapse monitor (global target)")
+            plot_collapse(
+                loss,
+                monitor,
+                self.run_dir / "collapse_per_round.png",
+                xlabel="round",
+                title="Federated pretraining: loss and collapse monitor (global target)",
+            )
         return plot_site_losses(self.sites_csv, self.run_dir / "loss_per_round.png")
 
 

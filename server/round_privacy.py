@@ -30,17 +30,29 @@ log = logging.getLogger(__name__)
 class RoundPrivacy:
     def __init__(self, cfg: FederationConfig, run_dir: Path, generator: torch.Generator | None = None) -> None:
         self.cfg = cfg
-        self.central = (CentralDP(CentralDPParams(cfg.central_dp_noise_multiplier, cfg.central_dp_clip_norm,
-                                                  cfg.central_dp_delta), generator) if cfg.central_dp else None)  # fmt: skip
+        self.central = (
+            CentralDP(
+                CentralDPParams(cfg.central_dp_noise_multiplier, cfg.central_dp_clip_norm, cfg.central_dp_delta),
+                generator,
+            )
+            if cfg.central_dp
+            else None
+        )
         self.report = PrivacyReport(run_dir, cfg.secure_aggregation)
         self.sampled = self.population = 0
 
     def accumulator(self, default: RunningMean, current: Mapping[str, torch.Tensor]) -> RunningMean | ClippedSum:
         return self.central.new_sum(current) if self.central is not None else default
 
-    def exchange(self, grid: Grid, spec: RoundSpec, sets: Mapping[str, torch.Tensor],
-                 records: Mapping[str, Mapping[str, torch.Tensor]] | None, acc: RunningMean | ClippedSum,
-                 on_result: Callable[[SiteResult], None]) -> list[SiteResult]:  # fmt: skip
+    def exchange(
+        self,
+        grid: Grid,
+        spec: RoundSpec,
+        sets: Mapping[str, torch.Tensor],
+        records: Mapping[str, Mapping[str, torch.Tensor]] | None,
+        acc: RunningMean | ClippedSum,
+        on_result: Callable[[SiteResult], None],
+    ) -> list[SiteResult]:
         """The round's exchange; under secure aggregation the unmasked sum goes into `acc` here, otherwise
         `on_result` adds each reply."""
         if self.cfg.secure_aggregation:
@@ -56,8 +68,9 @@ class RoundPrivacy:
         self.sampled, self.population = len(results), max(connected, len(results))
         return results
 
-    def new_sets(self, acc: RunningMean | ClippedSum, current: Mapping[str, torch.Tensor],
-                 spec: RoundSpec) -> dict[str, torch.Tensor]:  # fmt: skip
+    def new_sets(
+        self, acc: RunningMean | ClippedSum, current: Mapping[str, torch.Tensor], spec: RoundSpec
+    ) -> dict[str, torch.Tensor]:
         """The aggregate the server optimiser steps to: the mean, or central DP's noisy release."""
         if self.central is None or not isinstance(acc, ClippedSum):
             return acc.result()  # type: ignore[union-attr]
@@ -73,5 +86,8 @@ class RoundPrivacy:
     def load_state_dict(self, state: Mapping[str, object] | None) -> None:
         if self.central is not None and state is not None:
             self.central.load_state_dict(state)
-            log.info("central DP: %d round(s) already accounted, epsilon %.3f", len(self.central.rounds),
-                     self.central.epsilon())  # fmt: skip
+            log.info(
+                "central DP: %d round(s) already accounted, epsilon %.3f",
+                len(self.central.rounds),
+                self.central.epsilon(),
+            )

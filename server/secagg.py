@@ -134,12 +134,14 @@ class RoundStrategy(Strategy):
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return None
 
-    def configure_fit(self, server_round: int, parameters: Parameters,
-                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:  # fmt: skip
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
         return [(proxy, self.fitins) for proxy in client_manager.all().values()]
 
-    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
-                      failures: list) -> tuple[Parameters | None, dict]:  # fmt: skip
+    def aggregate_fit(
+        self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list
+    ) -> tuple[Parameters | None, dict]:
         self.results = list(results)
         return (results[0][1].parameters if results else None), {}
 
@@ -168,25 +170,42 @@ class SecureRound:
     stages: list[dict[str, float]] = field(default_factory=list)  # setup, share keys, collect, unmask
 
 
-def round_fitins(spec: RoundSpec, sets: Mapping[str, torch.Tensor], records: Mapping[str, Mapping[str, torch.Tensor]],
-                 cfg: FederationConfig, weighting: Weighting, send: tuple[str, ...], clip_norm: float,
-                 max_weight: float) -> FitIns:  # fmt: skip
+def round_fitins(
+    spec: RoundSpec,
+    sets: Mapping[str, torch.Tensor],
+    records: Mapping[str, Mapping[str, torch.Tensor]],
+    cfg: FederationConfig,
+    weighting: Weighting,
+    send: tuple[str, ...],
+    clip_norm: float,
+    max_weight: float,
+) -> FitIns:
     """The round as legacy FitIns: the global sets (and extra records as `record.key`) as unnamed arrays,
     their names and the secure-aggregation settings next to the round record."""
     arrays = dict(encode_global(sets, spec.wire_dtype))
     for rec, tensors in records.items():
         arrays.update({f"{rec}.{k}": v for k, v in tensors.items()})
-    config = {**spec.to_record(), SECAGG_ARRAYS: ",".join(arrays), SECAGG_SETS: ",".join(send),
-              SECAGG_WEIGHTING: weighting, SECAGG_CLIP_NORM: float(clip_norm),
-              SECAGG_CLIP_RANGE: cfg.secure_aggregation_clip_range,
-              SECAGG_MAX_WEIGHT: max_weight}  # fmt: skip
+    config = {
+        **spec.to_record(),
+        SECAGG_ARRAYS: ",".join(arrays),
+        SECAGG_SETS: ",".join(send),
+        SECAGG_WEIGHTING: weighting,
+        SECAGG_CLIP_NORM: float(clip_norm),
+        SECAGG_CLIP_RANGE: cfg.secure_aggregation_clip_range,
+        SECAGG_MAX_WEIGHT: max_weight,
+    }
     tensors = [ndarray_to_bytes(v.detach().numpy()) for v in arrays.values()]
     return FitIns(Parameters(tensors=tensors, tensor_type="numpy.ndarray"), config)
 
 
-def secure_exchange(grid: Grid, cfg: FederationConfig, spec: RoundSpec, sets: Mapping[str, torch.Tensor],
-                    records: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
-                    clip_norm: float = 0.0) -> SecureRound:  # fmt: skip
+def secure_exchange(
+    grid: Grid,
+    cfg: FederationConfig,
+    spec: RoundSpec,
+    sets: Mapping[str, torch.Tensor],
+    records: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    clip_norm: float = 0.0,
+) -> SecureRound:
     """One pretraining round through SecAgg+. Sites are sampled as `server.exchange` samples them. With
     `clip_norm` > 0 (central DP) each site clips its encoder + predictor delta to that norm and weighs 1;
     otherwise it sends all three sets' deltas weighted by its sample count."""
@@ -206,19 +225,35 @@ def secure_exchange(grid: Grid, cfg: FederationConfig, spec: RoundSpec, sets: Ma
     context = LegacyContext(base, strategy=strategy, client_manager=manager)
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: spec.round + 1})
     context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
-    workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=RECONSTRUCTION_THRESHOLD,
-                                  max_weight=max_weight,
-                                  clipping_range=cfg.secure_aggregation_clip_range, timeout=cfg.round_timeout_s)  # fmt: skip
+    workflow = SecAggPlusWorkflow(
+        num_shares=1.0,
+        reconstruction_threshold=RECONSTRUCTION_THRESHOLD,
+        max_weight=max_weight,
+        clipping_range=cfg.secure_aggregation_clip_range,
+        timeout=cfg.round_timeout_s,
+    )
     recording = RecordingGrid(grid)
-    log.info("%s round %d/%d: SecAgg+ with %d site(s) (%s weights, deltas of %s, clip range %.3g, threshold "
-             "%.2f)", spec.task, spec.round + 1, spec.num_rounds, len(sampled), weighting, ",".join(send),
-             cfg.secure_aggregation_clip_range, RECONSTRUCTION_THRESHOLD)  # fmt: skip
+    log.info(
+        "%s round %d/%d: SecAgg+ with %d site(s) (%s weights, deltas of %s, clip range %.3g, threshold %.2f)",
+        spec.task,
+        spec.round + 1,
+        spec.num_rounds,
+        len(sampled),
+        weighting,
+        ",".join(send),
+        cfg.secure_aggregation_clip_range,
+        RECONSTRUCTION_THRESHOLD,
+    )
     workflow(recording, context)  # type: ignore[arg-type]
     out = SecureRound(results=[], sampled=len(sampled), population=len(nodes))
     by_node = {proxy.node_id: fitres for proxy, fitres in strategy.results}  # type: ignore[attr-defined]
     for node in sampled:
-        res = SiteResult(node, "failed", bytes_sent=recording.bytes_sent.get(node, 0),
-                         bytes_received=recording.bytes_received.get(node, 0))  # fmt: skip
+        res = SiteResult(
+            node,
+            "failed",
+            bytes_sent=recording.bytes_sent.get(node, 0),
+            bytes_received=recording.bytes_received.get(node, 0),
+        )
         fitres = by_node.get(node)
         if fitres is not None:
             metrics = {k: float(v) for k, v in fitres.metrics.items() if isinstance(v, (int, float))}
@@ -235,12 +270,20 @@ def secure_exchange(grid: Grid, cfg: FederationConfig, spec: RoundSpec, sets: Ma
         out.results.append(res)
     if strategy.results:
         agg = strategy.results[0][1].parameters.tensors
-        out.mean_delta = {k: torch.from_numpy(np.asarray(bytes_to_ndarray(t), np.float64)) for k, t in zip(send, agg, strict=True)}
+        out.mean_delta = {
+            k: torch.from_numpy(np.asarray(bytes_to_ndarray(t), np.float64)) for k, t in zip(send, agg, strict=True)
+        }
         out.sites = len(strategy.results)
     out.wall_s, out.stages = time.perf_counter() - t0, recording.stages
-    log.info("SecAgg+ round %d: %d of %d site(s) in the sum, %.1f s, %.1f MB sent, %.1f MB received", spec.round + 1,
-             out.sites, len(sampled), out.wall_s, sum(recording.bytes_sent.values()) / 1e6,
-             sum(recording.bytes_received.values()) / 1e6)  # fmt: skip
+    log.info(
+        "SecAgg+ round %d: %d of %d site(s) in the sum, %.1f s, %.1f MB sent, %.1f MB received",
+        spec.round + 1,
+        out.sites,
+        len(sampled),
+        out.wall_s,
+        sum(recording.bytes_sent.values()) / 1e6,
+        sum(recording.bytes_received.values()) / 1e6,
+    )
     return out
 
 

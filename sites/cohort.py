@@ -99,8 +99,10 @@ def assign_splits(ids: list[str], cfg: SiteConfig, parts: Participants) -> np.nd
             for sid in parts.ids:
                 first = seen.setdefault(groups[sid], str(by_id[sid]))
                 if first != str(by_id[sid]):
-                    raise DataError(f"{where(parts.source, s.column)}: {subject} '{groups[sid]}' is in "
-                                    f"both '{first}' and '{by_id[sid]}' (one subject must stay in one split)")  # fmt: skip
+                    raise DataError(
+                        f"{where(parts.source, s.column)}: {subject} '{groups[sid]}' is in "
+                        f"both '{first}' and '{by_id[sid]}' (one subject must stay in one split)"
+                    )
         return np.array([by_id[i] for i in ids], dtype="<U5")
     units = sorted(set(groups.values())) if groups is not None else sorted(parts.ids)  # row order and skips
     perm = np.random.default_rng(s.seed).permutation(len(units))  # do not change the draw
@@ -254,11 +256,7 @@ def load_site_series(
         log_censoring(cfg.site, cfg.preprocess.scrub_fd, censored)
     if short:
         log.warning(
-            "site %s: skipped %d scan(s) shorter than %d frames: %s",
-            cfg.site,
-            len(short),
-            min_frames,
-            short[:5],
+            "site %s: skipped %d scan(s) shorter than %d frames: %s", cfg.site, len(short), min_frames, short[:5]
         )
     if not kept:
         raise DataError(
@@ -288,9 +286,7 @@ def _censor_subject(cfg: SiteConfig, sid: str, x: np.ndarray) -> tuple[np.ndarra
     FD from `preprocess.fd_file`, else the confounds TSV; NIfTI: the first `drop_initial` FD values are
     of frames `prepare` already dropped."""
     pp = cfg.preprocess
-    key, pattern = (
-        ("preprocess.fd_file", pp.fd_file) if pp.fd_file else ("data.confounds", cfg.data.confounds)
-    )
+    key, pattern = ("preprocess.fd_file", pp.fd_file) if pp.fd_file else ("data.confounds", cfg.data.confounds)
     path = find_subject_file(cfg.data.root, pattern, sid, key, cfg.source, cfg.participants.runs)
     if path is None:
         raise DataError(

@@ -110,8 +110,8 @@ class SiteConfig:
     # Keys a site YAML once had (key -> what to use instead): an error naming the file and the key.
     RETIRED_KEYS: ClassVar[dict[str, str]] = {
         "batch_size": "a site's batch size was never used; federated rounds use the run config's 'batch-size', "
-                      "`brainjepa pretrain` the pretraining YAML's train.batch_size",
-    }  # fmt: skip
+        "`brainjepa pretrain` the pretraining YAML's train.batch_size"
+    }
 
     site: str
     data: SiteFiles
@@ -184,8 +184,7 @@ def _validate(cfg: SiteConfig) -> None:
         per_block = [b.file is not None for b in cfg.rois]
         if cfg.data.file is None and not all(per_block):
             raise err(
-                "data.file",
-                "format 'roi' needs 'data.file' (all ROIs in one file) or a 'file' in every ROI block",
+                "data.file", "format 'roi' needs 'data.file' (all ROIs in one file) or a 'file' in every ROI block"
             )
         if cfg.data.file is not None and any(per_block):
             raise err("data.file", "give either 'data.file' or per-block 'file' patterns, not both")
@@ -202,9 +201,7 @@ def _validate(cfg: SiteConfig) -> None:
         if min(fr) < 0 or abs(sum(fr) - 1.0) > 1e-6:
             raise err("split", f"train/val/test fractions must be >= 0 and sum to 1, got {fr}")
     if cfg.preprocess.drop_initial < 0:
-        raise err(
-            "preprocess.drop_initial", f"expected a frame count >= 0, got {cfg.preprocess.drop_initial}"
-        )
+        raise err("preprocess.drop_initial", f"expected a frame count >= 0, got {cfg.preprocess.drop_initial}")
     if cfg.preprocess.n_jobs <= 0:
         raise err("preprocess.n_jobs", f"expected a positive integer, got {cfg.preprocess.n_jobs}")
     for key, v in (
@@ -220,8 +217,11 @@ def _validate(cfg: SiteConfig) -> None:
         raise err("preprocess.scrub_fd", f"expected an FD threshold in mm > 0, got {pp.scrub_fd}")
     no_fd = pp.fd_file is None and (cfg.data.format == "roi" or cfg.data.confounds is None)
     if pp.scrub_fd is not None and no_fd:
-        raise err("preprocess.fd_file", "scrub_fd needs FD per frame: set 'preprocess.fd_file' (a per-subject "
-                  "pattern) or, for NIfTI input, 'data.confounds'")  # fmt: skip
+        raise err(
+            "preprocess.fd_file",
+            "scrub_fd needs FD per frame: set 'preprocess.fd_file' (a per-subject "
+            "pattern) or, for NIfTI input, 'data.confounds'",
+        )
     if pp.fd_file is not None and "{subject}" not in pp.fd_file and "{label}" not in pp.fd_file:
         raise err("preprocess.fd_file", f"pattern '{pp.fd_file}' must contain '{{subject}}' or '{{label}}'")
 
@@ -234,9 +234,7 @@ def parse_site_config(data: object, source: Path | str = "<memory>") -> SiteConf
 
 def _parse(data: object, source: Path) -> tuple[SiteConfig, dict]:
     if not isinstance(data, dict):
-        raise ConfigError(
-            f"{where(source)}: expected a YAML mapping at the top level, got {type(data).__name__}"
-        )
+        raise ConfigError(f"{where(source)}: expected a YAML mapping at the top level, got {type(data).__name__}")
     if "source" in data:
         raise ConfigError(f"{where(source, 'source')}: unknown key (reserved: set by the loader)")
     runtime = {k: v for k, v in data.items() if k in RUNTIME_KEYS}

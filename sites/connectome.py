@@ -32,15 +32,8 @@ def brainspace_data_dir() -> Path:
 def schaefer_fc(scale: int = 400, group: str = "main") -> np.ndarray:
     """BrainSpace's group FC for Schaefer-`scale` (Pearson r, unit diagonal) -> float64 (scale, scale)."""
     if scale not in SCALES or group not in ("main", "holdout"):
-        raise DataError(
-            f"Schaefer group FC exists for scale in {SCALES} and group main/holdout, got {scale}/{group}"
-        )
-    path = (
-        brainspace_data_dir()
-        / "matrices"
-        / f"{group}_group"
-        / f"schaefer_{scale}_mean_connectivity_matrix.csv"
-    )
+        raise DataError(f"Schaefer group FC exists for scale in {SCALES} and group main/holdout, got {scale}/{group}")
+    path = brainspace_data_dir() / "matrices" / f"{group}_group" / f"schaefer_{scale}_mean_connectivity_matrix.csv"
     return np.loadtxt(path, delimiter=",", dtype=np.float64)
 
 
@@ -110,9 +103,7 @@ def model_connectome(n_rois: int = 450, n_subcortical: int | None = None, n_netw
         n_subcortical = max(1, round(n_rois / 9))  # 50 of 450, as in Tian-III + Schaefer-400
     n_ctx = n_rois - n_subcortical
     if n_subcortical < 0 or n_ctx < n_networks:
-        raise DataError(
-            f"need at least {n_networks} cortical ROIs, got n_rois={n_rois}, n_subcortical={n_subcortical}"
-        )
+        raise DataError(f"need at least {n_networks} cortical ROIs, got n_rois={n_rois}, n_subcortical={n_subcortical}")
     ctx = cortical_fc(n_ctx)  # (C, C)
     net_ctx = networks_from_fc(ctx, n_networks)
     s = n_subcortical

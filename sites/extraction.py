@@ -71,13 +71,9 @@ def load_atlases(cfg: SiteConfig) -> tuple[AtlasSpec, ...]:
         if data.ndim == 4 and data.shape[3] == 1:
             data = data[..., 0]
         if data.ndim != 3:
-            raise DataError(
-                f"{where(b.atlas)}: a label atlas must be a 3D image, got shape {data.shape} ({key})"
-            )
+            raise DataError(f"{where(b.atlas)}: a label atlas must be a 3D image, got shape {data.shape} ({key})")
         if not np.allclose(data, np.round(data)):
-            raise DataError(
-                f"{where(b.atlas)}: a label atlas must hold integer labels, got non-integer values ({key})"
-            )
+            raise DataError(f"{where(b.atlas)}: a label atlas must hold integer labels, got non-integer values ({key})")
         present = [int(v) for v in np.unique(np.round(data).astype(np.int64)) if v != 0]
         if b.labels is not None:
             absent = sorted(set(b.labels) - set(present))
@@ -264,9 +260,7 @@ def _extract(job: SubjectJob) -> tuple[np.ndarray, dict, list[str]]:
             f"{where(job.bold)}: {int((~finite).sum())} NaN or Inf voxel value(s) in frame(s) {frames[:10].tolist()}"
         )
     img = nib.Nifti1Image(arr, img.affine, img.header)
-    conf = (
-        _read_confounds(job.confounds, job.confound_columns, n_frames) if job.confounds is not None else None
-    )
+    conf = _read_confounds(job.confounds, job.confound_columns, n_frames) if job.confounds is not None else None
     if job.drop_initial >= n_frames:
         raise DataError(
             f"{where(job.bold)}: has {n_frames} frames, all dropped by preprocess.drop_initial={job.drop_initial}"
@@ -303,9 +297,7 @@ def _extract(job: SubjectJob) -> tuple[np.ndarray, dict, list[str]]:
             strategy="mean",
         )
         with warnings.catch_warnings():
-            warnings.simplefilter(
-                "ignore"
-            )  # nilearn's resampling / empty-label warnings: reported as QC instead
+            warnings.simplefilter("ignore")  # nilearn's resampling / empty-label warnings: reported as QC instead
             sig = masker.fit_transform(img, confounds=conf, sample_mask=keep)  # (L', n_present)
         col_of = {int(v): k for k, v in masker.region_ids_.items() if k != "background"}
         block = np.zeros((len(a.labels), sig.shape[0]), dtype=np.float32)  # (R_block, L')
@@ -385,6 +377,10 @@ def _sample_mask(job: SubjectJob, n_frames: int) -> tuple[np.ndarray | None, dic
         raise DataError(f"{where(job.bold)}: every frame is censored (FD > {job.scrub_fd} mm) or dropped")
     start, stop = longest_run(keep)
     first = int(keep[:start].sum())  # the stretch's position among the kept frames
-    counts = {"frames": int(n_frames - job.drop_initial), "censored": int((~uncensored[job.drop_initial :]).sum()),
-              "kept": int(stop - start), "threshold_mm": float(job.scrub_fd)}  # fmt: skip
+    counts = {
+        "frames": int(n_frames - job.drop_initial),
+        "censored": int((~uncensored[job.drop_initial :]).sum()),
+        "kept": int(stop - start),
+        "threshold_mm": float(job.scrub_fd),
+    }
     return np.flatnonzero(keep), counts, slice(first, first + stop - start)

@@ -55,8 +55,11 @@ def find_subject_file(root: Path, pattern: str, sid: str, key: str, cfg_file: Pa
     if m:
         hits = [h for h in hits if run_of(h.name) == m.group("run")]
     if len(hits) > 1:
-        hint = ("set 'participants.runs: true' (each run its own scan)" if not runs and any(run_of(h.name) for h in hits)
-                else "make it specific (one file per scan)")  # fmt: skip
+        hint = (
+            "set 'participants.runs: true' (each run its own scan)"
+            if not runs and any(run_of(h.name) for h in hits)
+            else "make it specific (one file per scan)"
+        )
         raise DataError(
             f"{where(cfg_file, key)}: pattern '{pattern}' matches {len(hits)} files for '{sid}' "
             f"({', '.join(h.name for h in hits[:4])}...): {hint}"
@@ -118,9 +121,11 @@ def read_site_participants(cfg: SiteConfig, columns: tuple[str, ...] | None = No
         hits = _matches(cfg.data.root, pattern, sid)
         labels = sorted({r for r in (run_of(h.name) for h in hits) if r is not None})
         if len(hits) > max(len(labels), 1):
-            raise DataError(f"{where(cfg.source, key)}: '{sid}' has {len(hits)} files matching '{pattern}' for "
-                            f"{len(labels)} distinct run-<label> entities ({', '.join(h.name for h in hits[:4])}): "
-                            "with participants.runs every file must name its run")  # fmt: skip
+            raise DataError(
+                f"{where(cfg.source, key)}: '{sid}' has {len(hits)} files matching '{pattern}' for "
+                f"{len(labels)} distinct run-<label> entities ({', '.join(h.name for h in hits[:4])}): "
+                "with participants.runs every file must name its run"
+            )
         scans = [f"{sid}_run-{r}" for r in labels] or [sid]
         ids += scans
         rows += [i] * len(scans)

@@ -59,7 +59,9 @@ class Effects:
     the networks (sex_networks, dx_network, dx_boost_network) say where the labels act in all."""
 
     sex_networks: tuple[int, int] = (1, 2)  # driver x (1 + sex_gain) in the first for M, the second for F
-    sex_gain: float = -0.5  # negative: weakened (a coupling more than an amplitude effect; the old experiment record (git history))
+    sex_gain: float = (
+        -0.5
+    )  # negative: weakened (a coupling more than an amplitude effect; the old experiment record (git history))
     dx_network: int = 0  # patients: driver amplitude x (1 - dx_weaken), timescale x dx_slow
     dx_weaken: float = 0.6
     dx_boost_network: int = 3  # patients: compensatory stronger driver in another network
@@ -110,13 +112,20 @@ def check_mechanism(mechanism: str, version: int) -> None:
 def check_effects(eff: Effects, n_networks: int, mechanism: str) -> None:
     """A `ConfigError` unless every network index of `eff` is one of the model's networks and the
     mechanism's sizes are usable."""
-    used = {"sex_networks": eff.sex_networks, "dx_network": (eff.dx_network,),
-            "dx_boost_network": (eff.dx_boost_network,), "pop_b_networks": eff.pop_b_networks}  # fmt: skip
+    used = {
+        "sex_networks": eff.sex_networks,
+        "dx_network": (eff.dx_network,),
+        "dx_boost_network": (eff.dx_boost_network,),
+        "pop_b_networks": eff.pop_b_networks,
+    }
     for key, nets in used.items():
         if any(not 0 <= k < n_networks for k in nets):
             raise ConfigError(f"effects {key}: expected network indices 0..{n_networks - 1}, got {nets}")
-    sizes = {"coupling": ("coupling_weight", "coupling_weight_sd"), "amplitude": ("amplitude_gain",),
-             "spectrum": ("spectrum_slow",)}  # fmt: skip
+    sizes = {
+        "coupling": ("coupling_weight", "coupling_weight_sd"),
+        "amplitude": ("amplitude_gain",),
+        "spectrum": ("spectrum_slow",),
+    }
     for key in sizes.get(mechanism, ()):
         value = getattr(eff, key)
         if not np.isfinite(value) or value < 0 or (value == 0 and key != "coupling_weight_sd"):
@@ -141,8 +150,11 @@ def effects_from_pairs(pairs: list[str], source: str = "--effect", base: Effects
         value = yaml.safe_load(text)
         default = getattr(base, key)
         if isinstance(default, tuple):
-            ok = isinstance(value, list) and len(value) == len(default) and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)  # fmt: skip
+            ok = (
+                isinstance(value, list)
+                and len(value) == len(default)
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            )
             kind = f"a list of {len(default)} numbers"
             value = tuple(type(d)(v) for d, v in zip(default, value, strict=True)) if ok else value
         else:
@@ -165,8 +177,9 @@ def _contrast(ph: dict[str, np.ndarray], label: str) -> np.ndarray:
     return np.where(ph[label] > 0, 1.0, -1.0)
 
 
-def network_factors(ph: dict[str, np.ndarray], eff: Effects, n_net: int, sex: float,
-                    dx: tuple[float, float]) -> np.ndarray:  # fmt: skip
+def network_factors(
+    ph: dict[str, np.ndarray], eff: Effects, n_net: int, sex: float, dx: tuple[float, float]
+) -> np.ndarray:
     """(B, N_net) label factors: x `sex` on network p in M, on q in F; patients x `dx` on the diagnosis pair;
     1 elsewhere (shared by `amplitude` and `spectrum`)."""
     b = ph["sex"].shape[0]

@@ -54,9 +54,7 @@ def describe(x: np.ndarray, miss: np.ndarray) -> str:
     return "; ".join(parts) + f" (0-based, of {x.shape[0]})"
 
 
-def apply_policy(
-    x: np.ndarray, policy: MissingPolicy, path: object, sid: str
-) -> tuple[np.ndarray | None, np.ndarray]:
+def apply_policy(x: np.ndarray, policy: MissingPolicy, path: object, sid: str) -> tuple[np.ndarray | None, np.ndarray]:
     """Apply the site's policy to one scan (R, L) -> (the scan or None when skipped, missing ROI indices).
 
     `error` raises a DataError naming the file, the ROIs and the key to change; `skip_scan` returns None;
@@ -103,9 +101,14 @@ def log_missing(site: str, policy: str, per_scan: dict[str, list[int]], n_scans:
     action = {"mask": "kept, those ROIs masked", "skip_scan": "scans skipped"}.get(policy, policy)
     log.warning(
         "site %s: %d of %d scan(s) have missing (all-zero / constant / NaN) ROIs, %d ROI-scan pairs in all "
-        "(%s); most often: %s", site, s["scans_with_missing"], n_scans, sum(len(v) for v in per_scan.values()),
-        action, ", ".join(f"{k} ({v})" for k, v in top),
-    )  # fmt: skip
+        "(%s); most often: %s",
+        site,
+        s["scans_with_missing"],
+        n_scans,
+        sum(len(v) for v in per_scan.values()),
+        action,
+        ", ".join(f"{k} ({v})" for k, v in top),
+    )
 
 
 def _list(idx: np.ndarray, k: int = 10) -> str:

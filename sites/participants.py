@@ -21,9 +21,7 @@ class Participants:
 
     def column(self, name: str) -> np.ndarray:
         if name not in self.columns:
-            raise DataError(
-                f"{where(self.source, name)}: no such column; columns are {', '.join(self.columns)}"
-            )
+            raise DataError(f"{where(self.source, name)}: no such column; columns are {', '.join(self.columns)}")
         return self.columns[name]
 
 
@@ -33,9 +31,7 @@ def _as_array(values: list[str]) -> np.ndarray:
         [float(v) for v in present]
     except ValueError:
         return np.array(values, dtype=str)
-    return np.array(
-        [float(v) if v.strip().lower() not in MISSING else np.nan for v in values], dtype=np.float64
-    )
+    return np.array([float(v) if v.strip().lower() not in MISSING else np.nan for v in values], dtype=np.float64)
 
 
 def read_participants(

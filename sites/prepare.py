@@ -48,8 +48,17 @@ def _job_key(cfg: SiteConfig, atlases: tuple[AtlasSpec, ...], bold: Path, confou
             "bold_mtime": bold.stat().st_mtime_ns,
             "confounds": str(confounds),
             "tr": cfg.tr,
-            "preprocess": [p.detrend, p.high_pass, p.low_pass, list(p.confound_columns), p.drop_initial,
-                           p.missing_rois, _prepare_scrub(cfg), p.fd_column, p.min_coverage],
+            "preprocess": [
+                p.detrend,
+                p.high_pass,
+                p.low_pass,
+                list(p.confound_columns),
+                p.drop_initial,
+                p.missing_rois,
+                _prepare_scrub(cfg),
+                p.fd_column,
+                p.min_coverage,
+            ],
         },
         sort_keys=True,
     )
@@ -90,9 +99,7 @@ def prepare_site(
     overlaps = atlas_overlaps(atlases)
     if overlaps:
         log.warning(
-            "prepare %s: voxel(s) claimed by two atlas blocks (counted in both ROIs), per pair: %s",
-            cfg.site,
-            overlaps,
+            "prepare %s: voxel(s) claimed by two atlas blocks (counted in both ROIs), per pair: %s", cfg.site, overlaps
         )
     root, out_dir = cfg.data.root, cfg.output_dir
     runs = cfg.participants.runs
@@ -109,9 +116,7 @@ def prepare_site(
         if orphans:
             msg.append(f"BOLD file(s) whose subject has no row in '{parts.source}': {orphans[:5]}")
         raise DataError(
-            f"{where(cfg.source, 'data.bold')}: "
-            + "; ".join(msg)
-            + " (set 'data.on_missing: skip' to skip them)"
+            f"{where(cfg.source, 'data.bold')}: " + "; ".join(msg) + " (set 'data.on_missing: skip' to skip them)"
         )
     existing = {} if force else _read_existing(out_dir)
     subjects: dict[str, dict] = {}
@@ -199,8 +204,10 @@ def prepare_site(
         )
     ok = {sid: e for sid, e in manifest["subjects"].items() if e.get("status") == "ok"}
     per_scan = {sid: e["qc"]["missing_rois"] for sid, e in ok.items() if e["qc"].get("missing_rois")}
-    manifest["qc"]["missing_rois"] = {"policy": cfg.preprocess.missing_rois,
-                                      **missing_summary(per_scan, cfg.roi_names, len(ok))}  # fmt: skip
+    manifest["qc"]["missing_rois"] = {
+        "policy": cfg.preprocess.missing_rois,
+        **missing_summary(per_scan, cfg.roi_names, len(ok)),
+    }
     log_missing(cfg.site, cfg.preprocess.missing_rois, per_scan, len(ok), cfg.roi_names)
     censoring = {sid: e["qc"]["censoring"] for sid, e in ok.items() if "censoring" in e["qc"]}
     if censoring:

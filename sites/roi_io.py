@@ -101,9 +101,7 @@ def read_roi_file(
     elif suffix in (".tsv", ".tsv.gz"):
         x = _read_table(path, "\t", csv_header)
     else:
-        raise DataError(
-            f"{where(path)}: unsupported ROI file type '{suffix}', expected one of {ROI_SUFFIXES}"
-        )
+        raise DataError(f"{where(path)}: unsupported ROI file type '{suffix}', expected one of {ROI_SUFFIXES}")
     if x.ndim != 2:
         raise DataError(f"{where(path)}: expected a 2-D ROI series ({orientation}), got shape {x.shape}")
     if orientation == "time_x_rois":
@@ -126,9 +124,7 @@ def check_series(x: np.ndarray, path: object) -> None:
     finite = np.isfinite(x)
     if not finite.all():
         rois = np.flatnonzero(~finite.all(axis=1))
-        raise DataError(
-            f"{where(path)}: NaN or Inf values in ROI(s) {_list(rois)} (0-based, of {x.shape[0]})"
-        )
+        raise DataError(f"{where(path)}: NaN or Inf values in ROI(s) {_list(rois)} (0-based, of {x.shape[0]})")
     const = np.ptp(x, axis=1) == 0
     if const.any():
         rois = np.flatnonzero(const)

@@ -7,15 +7,8 @@ and `apply()` everywhere.
 Three ways to fit:
 - `fit(series)`: exact, from one site's (or a pooled) list of training series.
 - per site: each site's own `fit` (site-specific scaling, removes site offsets and gains).
-- federation-wide without pooling: each site computes `summarize(series)`: a quantile sketch of its
-  subjects' per-ROI time-means (per-ROI quantiles at fixed levels, default 1 %, 2 %, ..., 99 %, plus
-  the subject count) and shares only that. `combine(summaries)` rebuilds the pooled distribution as
-  the count-weighted mixture of the sites' piecewise-linear CDFs and reads off the median and the
-  quartiles. The approximation error is the within-site interpolation between the sketch's levels (and
-  at most 1 % of a site's mass in each tail): for sites of ~100 subjects the pooled median and IQR
-  are recovered to within a few percent of the IQR (test `test_sites_scaling.py`). No raw series and
-  no individual's mean leaves a site, though per-ROI quantiles of a small site are close to
-  individual values: sites with few subjects can pass coarser `levels`.
+- federation-wide without pooling: each site shares a quantile sketch of its subjects' per-ROI
+  time-means, and the federation combines them (`sites.scaling_sketch`).
 """
 
 from __future__ import annotations
@@ -32,7 +25,6 @@ from brainjepa.errors import DataError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LEVELS = np.round(np.linspace(0.01, 0.99, 99), 6)
 # How series are scaled (`fit_method`); robust: the reference's (stats of ROI time-means)
 Scaling = Literal["auto", "robust", "values", "scan", "centered", "none"]
 
@@ -90,18 +82,16 @@ class RobustScaling:
     @classmethod
     def from_dict(cls, d: dict) -> RobustScaling:
         if not isinstance(d, dict) or d.get("kind") != "robust_roi_scaling":
-            raise DataError(
-                "scaling: not a saved robust_roi_scaling mapping (missing kind='robust_roi_scaling')"
-            )
+            raise DataError("scaling: not a saved robust_roi_scaling mapping (missing kind='robust_roi_scaling')")
         med = np.asarray(d["median"], dtype=np.float64)
         iqr = np.asarray(d["iqr"], dtype=np.float64)
         if med.shape != iqr.shape or med.ndim != 1:
             raise DataError(f"scaling: median {med.shape} and iqr {iqr.shape} must be equal 1-D shapes")
-        _check_iqr(iqr, int(d.get("n_subjects", 0)))
+        check_iqr(iqr, int(d.get("n_subjects", 0)))
         return cls(median=med, iqr=iqr, n_subjects=int(d["n_subjects"]), method=str(d.get("method", "exact")))
 
 
-def _check_iqr(iqr: np.ndarray, n: int) -> None:
+def check_iqr(iqr: np.ndarray, n: int) -> None:
     bad = np.flatnonzero(~(iqr > 0) | ~np.isfinite(iqr))
     if bad.size:
         raise DataError(
@@ -115,14 +105,14 @@ def fit_means(means: np.ndarray, method: str = "exact") -> RobustScaling:
     means = np.asarray(means, dtype=np.float64)
     if means.ndim != 2 or means.shape[0] < 2:
         raise DataError(f"scaling: need (N >= 2, R) subject means, got shape {means.shape}")
-    q25, med, q75 = _nan_quantiles(means, [0.25, 0.5, 0.75], axis=0)  # (R,) each, missing ROIs ignored
+    q25, med, q75 = nan_quantiles(means, [0.25, 0.5, 0.75], axis=0)  # (R,) each, missing ROIs ignored
     iqr = q75 - q25
-    _check_iqr(iqr, means.shape[0])
+    check_iqr(iqr, means.shape[0])
     return RobustScaling(median=med, iqr=iqr, n_subjects=int(means.shape[0]), method=method)
 
 
-def _nan_quantiles(a: np.ndarray, q: list[float], axis: int) -> np.ndarray:
-    """np.nanquantile, quiet about all-NaN slices (a ROI missing everywhere: NaN, refused by _check_iqr)."""
+def nan_quantiles(a: np.ndarray, q: list[float], axis: int) -> np.ndarray:
+    """np.nanquantile, quiet about all-NaN slices (a ROI missing everywhere: NaN, refused by check_iqr)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanquantile(a, q, axis=axis)
@@ -139,12 +129,11 @@ def fit_values(series: list[np.ndarray], frames_per_subject: int = 256) -> Robus
     where the reference's statistics of time-means break (IQR ~ 0 for demeaned series)."""
     if not series:
         raise DataError("scaling: no series to compute statistics from")
-    cols = [s[:, np.linspace(0, s.shape[1] - 1, min(frames_per_subject, s.shape[1])).astype(np.int64)]
-            for s in series]  # fmt: skip
+    cols = [s[:, np.linspace(0, s.shape[1] - 1, min(frames_per_subject, s.shape[1])).astype(np.int64)] for s in series]
     frames = np.concatenate(cols, axis=1).astype(np.float64)  # (R, sum of kept frames)
-    q25, med, q75 = _nan_quantiles(frames, [0.25, 0.5, 0.75], axis=1)  # (R,) each, missing ROIs ignored
+    q25, med, q75 = nan_quantiles(frames, [0.25, 0.5, 0.75], axis=1)  # (R,) each, missing ROIs ignored
     iqr = q75 - q25
-    _check_iqr(iqr, len(series))
+    check_iqr(iqr, len(series))
     return RobustScaling(median=med, iqr=iqr, n_subjects=len(series), method="values")
 
 
@@ -195,8 +184,10 @@ class CenteredScaling:
         """(..., R, L) -> float32, same shape; a missing ROI (NaN) stays NaN."""
         x = np.asarray(x, dtype=np.float32)
         if x.ndim < 2 or x.shape[-2] != self.n_rois:
-            raise DataError(f"scaling: statistics are for {self.n_rois} ROIs but the series has shape {x.shape} "
-                            f"(expected (..., {self.n_rois}, L))")  # fmt: skip
+            raise DataError(
+                f"scaling: statistics are for {self.n_rois} ROIs but the series has shape {x.shape} "
+                f"(expected (..., {self.n_rois}, L))"
+            )
         return ((x - x.mean(axis=-1, keepdims=True)) / self.scale.astype(np.float32)[:, None]).astype(np.float32)
 
     def apply_all(self, series: list[np.ndarray]) -> list[np.ndarray]:
@@ -213,7 +204,7 @@ class CenteredScaling:
         scale = np.asarray(d["scale"], dtype=np.float64)
         if scale.ndim != 1:
             raise DataError(f"scaling: a centered scaling's scale must be 1-D, got shape {scale.shape}")
-        _check_iqr(scale, int(d.get("n_subjects", 0)))
+        check_iqr(scale, int(d.get("n_subjects", 0)))
         return cls(scale=scale, n_subjects=int(d["n_subjects"]))
 
 
@@ -221,12 +212,13 @@ def fit_centered(series: list[np.ndarray]) -> CenteredScaling:
     """Per-ROI median over the training scans of each scan's IQR over its frames (NaN ROIs ignored)."""
     if not series:
         raise DataError("scaling: no series to compute statistics from")
-    iqrs = np.stack([np.subtract(*_nan_quantiles(np.asarray(s, np.float64), [0.75, 0.25], axis=1))
-                     for s in series])  # fmt: skip  (N, R): each scan's per-ROI IQR over its frames
+    iqrs = np.stack(
+        [np.subtract(*nan_quantiles(np.asarray(s, np.float64), [0.75, 0.25], axis=1)) for s in series]
+    )  # (N, R): each scan's per-ROI IQR over its frames
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         scale = np.nanmedian(iqrs, axis=0)  # (R,)
-    _check_iqr(scale, len(series))
+    check_iqr(scale, len(series))
     return CenteredScaling(scale=scale, n_subjects=len(series))
 
 
@@ -239,8 +231,9 @@ def scaling_from_dict(d: dict) -> RobustScaling | PerScanScaling | CenteredScali
     return RobustScaling.from_dict(d)
 
 
-def fit_method(series: list[np.ndarray], method: str,
-               source: str = "data") -> RobustScaling | PerScanScaling | CenteredScaling | None:  # fmt: skip
+def fit_method(
+    series: list[np.ndarray], method: str, source: str = "data"
+) -> RobustScaling | PerScanScaling | CenteredScaling | None:
     """`robust`: the reference's statistics of subjects' ROI time-means; `values`: of the values
     themselves (`fit_values`); `scan`: each scan by its own (`PerScanScaling`); `centered`: each scan's
     per-ROI mean removed, one fitted per-ROI scale (`CenteredScaling`); `none`: no scaling;
@@ -283,19 +276,26 @@ def choose_method(series: list[np.ndarray]) -> tuple[str, str]:
     ok = np.isfinite(means) & (sds > 0)
     centred = float(np.median(np.abs(means[ok]) / sds[ok]))
     if centred < CENTRED_MAX:
-        return "values", (f"the series look demeaned per scan (median |time-mean| / SD = {centred:.3g} < "
-                          f"{CENTRED_MAX})")  # fmt: skip
-    q25, q75 = _nan_quantiles(means, [0.25, 0.75], axis=0)  # (R,) each
-    within = _nan_quantiles(np.where(ok, sds, np.nan), [0.5], axis=0)[0]  # (R,)
+        return "values", (
+            f"the series look demeaned per scan (median |time-mean| / SD = {centred:.3g} < {CENTRED_MAX})"
+        )
+    q25, q75 = nan_quantiles(means, [0.25, 0.75], axis=0)  # (R,) each
+    within = nan_quantiles(np.where(ok, sds, np.nan), [0.5], axis=0)[0]  # (R,)
     ratio = float(np.nanmedian((q75 - q25) / within)) if len(series) > 1 else 0.0
     if ratio > BASELINE_MAX:
-        return "scan", (f"raw intensities whose baselines differ across scans by {ratio:.3g} x the within-scan "
-                        f"SD (> {BASELINE_MAX}): each scan by its own statistics")  # fmt: skip
+        return "scan", (
+            f"raw intensities whose baselines differ across scans by {ratio:.3g} x the within-scan "
+            f"SD (> {BASELINE_MAX}): each scan by its own statistics"
+        )
     if ratio < BASELINE_MIN:
-        return "values", (f"raw intensities with nearly equal baselines across scans (IQR across scans = {ratio:.3g} "
-                          f"x the within-scan SD < {BASELINE_MIN:.3g}): the time-means' IQR is too small to divide by")  # fmt: skip
-    return "robust", (f"raw intensities (|time-mean| / SD = {centred:.3g}) with comparable baselines (IQR across "
-                      f"scans = {ratio:.3g} x the within-scan SD): the reference's recipe")  # fmt: skip
+        return "values", (
+            f"raw intensities with nearly equal baselines across scans (IQR across scans = {ratio:.3g} "
+            f"x the within-scan SD < {BASELINE_MIN:.3g}): the time-means' IQR is too small to divide by"
+        )
+    return "robust", (
+        f"raw intensities (|time-mean| / SD = {centred:.3g}) with comparable baselines (IQR across "
+        f"scans = {ratio:.3g} x the within-scan SD): the reference's recipe"
+    )
 
 
 def typical_spread(series: list[np.ndarray]) -> float:
@@ -317,78 +317,19 @@ def check_spread(series: list[np.ndarray], source: str, scaling: str) -> float:
             "Set `data.scaling: values` (median / IQR of the values themselves) or `auto` for such data"
         )
     if not 0.1 <= spread <= 10.0:
-        hint = ("consider `scaling: values` or `auto`" if scaling != "values" else
-                "the subjects' baselines differ by more than the signal: consider `scaling: scan`")
-        log.warning("data '%s': after scaling '%s' the series' typical spread is %.3g, far from 1 (the model "
-                    "trains best near 1): %s", source, scaling, spread, hint)  # fmt: skip
+        hint = (
+            "consider `scaling: values` or `auto`"
+            if scaling != "values"
+            else "the subjects' baselines differ by more than the signal: consider `scaling: scan`"
+        )
+        log.warning(
+            "data '%s': after scaling '%s' the series' typical spread is %.3g, far from 1 (the model "
+            "trains best near 1): %s",
+            source,
+            scaling,
+            spread,
+            hint,
+        )
     else:
         log.info("data '%s': scaling '%s', typical spread %.3g", source, scaling, spread)
     return spread
-
-
-@dataclass(frozen=True)
-class ScalingSummary:
-    """What one site shares for federation-wide scaling: quantiles of its subjects' ROI means."""
-
-    site: str
-    n_subjects: int
-    levels: np.ndarray  # (Q,) in (0, 1), increasing
-    quantiles: np.ndarray  # (Q, R)
-
-    def to_dict(self) -> dict:
-        return {
-            "kind": "roi_mean_quantile_sketch",
-            "site": self.site,
-            "n_subjects": int(self.n_subjects),
-            "levels": self.levels.tolist(),
-            "quantiles": self.quantiles.tolist(),
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ScalingSummary:
-        if not isinstance(d, dict) or d.get("kind") != "roi_mean_quantile_sketch":
-            raise DataError("scaling: not a roi_mean_quantile_sketch mapping")
-        return cls(
-            site=str(d["site"]),
-            n_subjects=int(d["n_subjects"]),
-            levels=np.asarray(d["levels"], dtype=np.float64),
-            quantiles=np.asarray(d["quantiles"], dtype=np.float64),
-        )
-
-
-def summarize(series: list[np.ndarray], site: str, levels: np.ndarray = DEFAULT_LEVELS) -> ScalingSummary:
-    """A site's quantile sketch of per-ROI subject means (the only thing it shares)."""
-    levels = np.asarray(levels, dtype=np.float64)
-    if levels.ndim != 1 or np.any(np.diff(levels) <= 0) or levels[0] <= 0 or levels[-1] >= 1:
-        raise DataError("scaling: sketch levels must be increasing and strictly inside (0, 1)")
-    means = subject_means(series)  # (N, R)
-    q = _nan_quantiles(means, list(levels), axis=0)  # (Q, R); missing ROIs ignored
-    return ScalingSummary(site=site, n_subjects=means.shape[0], levels=levels, quantiles=q)
-
-
-def combine(summaries: list[ScalingSummary]) -> RobustScaling:
-    """Federation-wide median/IQR from per-site sketches (count-weighted mixture of site CDFs)."""
-    if not summaries:
-        raise DataError("scaling: no site summaries to combine")
-    r = {s.quantiles.shape[1] for s in summaries}
-    if len(r) != 1:
-        raise DataError(
-            "scaling: site summaries disagree on the ROI count: "
-            + ", ".join(f"{s.site}={s.quantiles.shape[1]}" for s in summaries)
-        )
-    n = np.array([s.n_subjects for s in summaries], dtype=np.float64)
-    w = n / n.sum()  # (S,)
-    n_rois = r.pop()
-    out = np.empty((3, n_rois))
-    targets = np.array([0.25, 0.5, 0.75])
-    for j in range(n_rois):  # R small interpolations; not a hot path
-        knots = np.unique(np.concatenate([s.quantiles[:, j] for s in summaries]))  # (K,)
-        cdf = sum(
-            wi * np.interp(knots, s.quantiles[:, j], s.levels, left=0.0, right=1.0)
-            for wi, s in zip(w, summaries, strict=True)
-        )  # (K,) non-decreasing
-        cdf = np.maximum.accumulate(cdf)
-        out[:, j] = np.interp(targets, cdf, knots)
-    iqr = out[2] - out[0]
-    _check_iqr(iqr, int(n.sum()))
-    return RobustScaling(median=out[1], iqr=iqr, n_subjects=int(n.sum()), method="federated-sketch")

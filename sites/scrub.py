@@ -43,8 +43,7 @@ def read_fd(path: Path, column: str) -> np.ndarray:
     df = read_text_table(path, sep, "framewise-displacement table")
     first = [str(v).strip() for v in df.iloc[0]]
     has_header = any(
-        v.lower() not in NA_MARKERS and pd.to_numeric(pd.Series([v]), errors="coerce").isna().all()
-        for v in first
+        v.lower() not in NA_MARKERS and pd.to_numeric(pd.Series([v]), errors="coerce").isna().all() for v in first
     )
     if has_header:
         df = df.iloc[1:].set_axis(first, axis=1)
@@ -53,9 +52,7 @@ def read_fd(path: Path, column: str) -> np.ndarray:
         elif df.shape[1] == 1:
             cells = df.iloc[:, 0]
         else:
-            raise DataError(
-                f"{where(path, column)}: no FD column '{column}' (preprocess.fd_column); have {first[:8]}"
-            )
+            raise DataError(f"{where(path, column)}: no FD column '{column}' (preprocess.fd_column); have {first[:8]}")
     elif df.shape[1] == 1:
         cells = df.iloc[:, 0]
     else:
@@ -67,9 +64,7 @@ def read_fd(path: Path, column: str) -> np.ndarray:
     fd = pd.to_numeric(cells.mask(cells.str.lower().isin(NA_MARKERS), "nan"), errors="coerce").to_numpy()
     bad = np.flatnonzero(np.isnan(fd) & ~cells.str.lower().isin(NA_MARKERS).to_numpy())
     if bad.size:
-        raise DataError(
-            f"{where(path, column)}: non-numeric FD value {cells.iloc[bad[0]]!r} at frame {bad[0]}"
-        )
+        raise DataError(f"{where(path, column)}: non-numeric FD value {cells.iloc[bad[0]]!r} at frame {bad[0]}")
     return fd.astype(np.float64)
 
 
@@ -89,9 +84,7 @@ def longest_run(keep: np.ndarray) -> tuple[int, int]:
     return int(starts[i]), int(stops[i])
 
 
-def censor(
-    x: np.ndarray, fd: np.ndarray, threshold: float, fd_path: Path, sid: str
-) -> tuple[np.ndarray, dict]:
+def censor(x: np.ndarray, fd: np.ndarray, threshold: float, fd_path: Path, sid: str) -> tuple[np.ndarray, dict]:
     """The longest uncensored stretch of `x` (R, L) -> ((R, L_kept), counts).
 
     counts: `frames` (L), `censored` (FD > threshold), `kept` (frames of the stretch kept); frames removed
@@ -118,5 +111,10 @@ def log_censoring(site: str, threshold: float, counts: dict[str, dict]) -> None:
     log.info(
         "site %s: censored %d frames (%.1f %%) in %d scans at FD > %g mm; %d frames removed in all "
         "(censored + shorter uncensored stretches; the longest stretch of each scan is kept)",
-        site, cens, pct, scans, threshold, removed,
-    )  # fmt: skip
+        site,
+        cens,
+        pct,
+        scans,
+        threshold,
+        removed,
+    )

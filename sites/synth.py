@@ -23,7 +23,7 @@ from a second one):
   sex driver strengthened by 1.6x, an amplitude effect any random projection reads
   (`Effects(factor_tau=(1.5, 6.0), sex_gain=0.6)`; the old experiment record (git history)); version 2 has today's
   `Effects()` defaults; version 3 adds the mechanisms (its `mixed` files are version 2's).
-- Site effects (`SiteSpec`): TR, scan length, thermal noise level, intensity gain, motion spikes.
+- Site effects (`sites.acquisition.SiteSpec`): TR, scan length, thermal noise level, intensity gain, motion spikes.
 - Populations A and B: B has a shifted FC (fixed per-factor gains), stronger drivers in two other
   networks, an older age distribution, a higher diagnosis prevalence and a lower baseline intensity.
 - BOLD scale: each ROI has a baseline intensity (hundreds of scanner units, varying per subject) and
@@ -48,6 +48,7 @@ import yaml
 
 from brainjepa.errors import DataError
 from sites import mechanisms as mech
+from sites.acquisition import SiteSpec, default_site_specs
 from sites.connectome import Connectome, model_connectome
 from sites.mechanisms import GENERATOR_VERSION, MECHANISMS, Effects, effects_for_version, effects_from_pairs
 from sites.participants import write_participants
@@ -55,41 +56,17 @@ from sites.roi_io import write_roi_npy
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GENERATOR_VERSION", "MECHANISMS", "PRESETS", "Effects", "SiteSpec", "default_site_specs",
-           "effects_for_version", "effects_from_pairs", "generate_cohorts", "generate_site", "hrf",
-           "read_generator_record"]  # fmt: skip
-
-
-@dataclass(frozen=True)
-class SiteSpec:
-    name: str
-    tr: float  # seconds
-    n_frames: int
-    noise: float = 0.4  # thermal noise SD, in units of the structured signal's SD
-    gain: float = 1.0  # scanner intensity gain
-    spike_rate: float = 0.005  # motion spikes per frame
-    population: str = "A"
-
-
-PRESETS = (
-    SiteSpec("site_a", 0.735, 490, noise=0.35, gain=1.00, spike_rate=0.004),  # UKB-like
-    SiteSpec("site_b", 2.0, 200, noise=0.50, gain=0.85, spike_rate=0.010),
-    SiteSpec("site_c", 2.5, 180, noise=0.45, gain=1.15, spike_rate=0.006),
-    SiteSpec("site_d", 1.5, 260, noise=0.40, gain=0.95, spike_rate=0.006),
-    SiteSpec("site_e", 0.8, 460, noise=0.55, gain=1.05, spike_rate=0.012),
-)
-
-
-def default_site_specs(n_sites: int, duration_s: float | None = None) -> list[SiteSpec]:
-    """Preset sites (cycled); the last of two or more sites is population B."""
-    specs = []
-    for i in range(n_sites):
-        p = PRESETS[i % len(PRESETS)]
-        name = p.name if i < len(PRESETS) else f"{p.name}{i // len(PRESETS) + 1}"
-        n_frames = p.n_frames if duration_s is None else max(8, int(round(duration_s / p.tr)))
-        pop = "B" if (n_sites >= 2 and i == n_sites - 1) else "A"
-        specs.append(dataclasses.replace(p, name=name, n_frames=n_frames, population=pop))
-    return specs
+__all__ = [
+    "GENERATOR_VERSION",
+    "MECHANISMS",
+    "Effects",
+    "effects_for_version",
+    "effects_from_pairs",
+    "generate_cohorts",
+    "generate_site",
+    "hrf",
+    "read_generator_record",
+]
 
 
 def hrf(tr: float, length_s: float = 32.0) -> np.ndarray:
@@ -160,8 +137,13 @@ def _phenotypes(rng: np.random.Generator, n: int, population: str) -> dict[str, 
 
 
 def _simulate_chunk(
-    rng: np.random.Generator, model: _Model, spec: SiteSpec, ph: dict[str, np.ndarray], eff: Effects,
-    mechanism: str = "mixed", mech_rng: np.random.Generator | None = None,
+    rng: np.random.Generator,
+    model: _Model,
+    spec: SiteSpec,
+    ph: dict[str, np.ndarray],
+    eff: Effects,
+    mechanism: str = "mixed",
+    mech_rng: np.random.Generator | None = None,
 ) -> np.ndarray:
     """BOLD-like series for a chunk of B subjects -> (B, R, L) float32. `mech_rng`: the mechanism's draws."""
     b = ph["age"].shape[0]
@@ -211,11 +193,7 @@ def _simulate_chunk(
     s *= amp.astype(f32)[:, None, None]
     s += spec.noise * rng.standard_normal(s.shape, dtype=np.float32)  # thermal noise (white)
     # motion spikes: a global jump of a few signal SDs, ROI-varying amplitude
-    spikes = (
-        (rng.random((b, n)) < spec.spike_rate)
-        * rng.choice([-1.0, 1.0], (b, n))
-        * rng.uniform(2.0, 5.0, (b, n))
-    )
+    spikes = (rng.random((b, n)) < spec.spike_rate) * rng.choice([-1.0, 1.0], (b, n)) * rng.uniform(2.0, 5.0, (b, n))
     s += spikes.astype(f32)[:, None, :] * rng.uniform(0.5, 1.0, (b, r, 1)).astype(f32)
     s += rng.normal(0.0, 0.5, (b, r, 1)).astype(f32) * np.linspace(-1.0, 1.0, n, dtype=f32)  # slow drift
     if mechanism == "amplitude":  # every fluctuation of a ROI scaled: correlations exactly unchanged
@@ -231,8 +209,9 @@ def _simulate_chunk(
     return s  # (B, R, L) float32
 
 
-def _site_yaml(spec: SiteSpec, n_rois: int, n_sub: int, seed: int,
-               split: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> dict:  # fmt: skip
+def _site_yaml(
+    spec: SiteSpec, n_rois: int, n_sub: int, seed: int, split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+) -> dict:
     return {
         "site": spec.name,
         "data": {"format": "roi", "root": ".", "file": "roi/{subject}.npy", "orientation": "rois_x_time"},
@@ -273,17 +252,15 @@ def generate_site(
         x = _simulate_chunk(rng, model, spec, ph_b, effects, mechanism, mech_rng)  # (B, R, L)
         for j, sid in enumerate(ids[sl]):
             write_roi_npy(site_dir / "roi" / f"{sid}.npy", x[j])
-    cols = {
-        **ph,
-        "population": np.array([spec.population] * n_subjects),
-        "site": np.array([spec.name] * n_subjects),
-    }
+    cols = {**ph, "population": np.array([spec.population] * n_subjects), "site": np.array([spec.name] * n_subjects)}
     write_participants(site_dir / "participants.tsv", ids, cols)
     n_rois = model.loadings.shape[0]
     cfg = _site_yaml(spec, n_rois, model.conn.n_subcortical, seed, split)
     yml = site_dir / f"{spec.name}.yaml"
-    header = (f"# Generated by `brainjepa synth` (seed {seed}, generator version {version}, mechanism {mechanism});"
-              " a valid site config for this folder.\n")  # fmt: skip
+    header = (
+        f"# Generated by `brainjepa synth` (seed {seed}, generator version {version}, mechanism {mechanism});"
+        " a valid site config for this folder.\n"
+    )
     tmp = yml.with_name(yml.name + ".tmp")
     tmp.write_text(header + yaml.safe_dump(cfg, sort_keys=False))
     tmp.replace(yml)
@@ -341,9 +318,7 @@ def generate_cohorts(
     version = int(version)
     effects = effects_for_version(version) if effects is None else effects
     specs = sites if sites is not None else default_site_specs(n_sites, duration_s)
-    counts = (
-        [subjects_per_site] * len(specs) if isinstance(subjects_per_site, int) else list(subjects_per_site)
-    )
+    counts = [subjects_per_site] * len(specs) if isinstance(subjects_per_site, int) else list(subjects_per_site)
     if len(counts) != len(specs):
         raise DataError(f"synth: {len(specs)} sites but {len(counts)} subject counts")
     if min(counts) < 1:
@@ -365,10 +340,18 @@ def generate_cohorts(
     with threadpool_limits(limits=1):
         model = _build_model(n_rois, n_subcortical, n_factors, seed, effects)
         mech.check_effects(effects, int(model.conn.networks.max()) + 1, mechanism)
-        paths = [generate_site(out_dir, spec, n, seed, i, model, effects, split=split, mechanism=mechanism,
-                               version=version) for i, (spec, n) in it]  # fmt: skip
-    log.info("synth: wrote %d sites (%d subjects, generator version %d, mechanism %s) under %s",
-             len(paths), n_written, version, mechanism, out_dir)  # fmt: skip
+        paths = [
+            generate_site(out_dir, spec, n, seed, i, model, effects, split=split, mechanism=mechanism, version=version)
+            for i, (spec, n) in it
+        ]
+    log.info(
+        "synth: wrote %d sites (%d subjects, generator version %d, mechanism %s) under %s",
+        len(paths),
+        n_written,
+        version,
+        mechanism,
+        out_dir,
+    )
     return paths
 
 

@@ -79,11 +79,7 @@ def random_starts(
 
 
 def random_windows(
-    packed: PackedSeries,
-    idx: np.ndarray,
-    n_frames: int,
-    rng: np.random.Generator,
-    max_start: int | None = None,
+    packed: PackedSeries, idx: np.ndarray, n_frames: int, rng: np.random.Generator, max_start: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Training crops: one random window per requested subject -> ((B, R, T), starts (B,))."""
     idx = np.asarray(idx, dtype=np.int64)
@@ -108,9 +104,7 @@ def fixed_windows(
     return gather(packed, idx, starts, n_frames)
 
 
-def multi_windows(
-    packed: PackedSeries, n_frames: int, n_windows: int, idx: np.ndarray | None = None
-) -> np.ndarray:
+def multi_windows(packed: PackedSeries, n_frames: int, n_windows: int, idx: np.ndarray | None = None) -> np.ndarray:
     """Evaluation crops: `n_windows` evenly spaced windows per subject -> (N, n_windows, R, T).
 
     Windows run from the first to the last possible start (they overlap when the scan is short);

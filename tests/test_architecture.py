@@ -47,8 +47,10 @@ def modules(package: str) -> list[Path]:
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
 def test_imports_point_one_way(package: str) -> None:
-    bad = {str(p.relative_to(ROOT)): sorted(imported_packages(p, BASE_MODULES) & FORBIDDEN[package])
-           for p in modules(package)}  # fmt: skip
+    bad = {
+        str(p.relative_to(ROOT)): sorted(imported_packages(p, BASE_MODULES) & FORBIDDEN[package])
+        for p in modules(package)
+    }
     bad = {k: v for k, v in bad.items() if v}
     assert not bad, f"imports against the direction sites <- brainjepa <- client, server: {bad}"
 
@@ -71,6 +73,10 @@ def test_the_checker_sees_imports_inside_functions(tmp_path: Path) -> None:
 
 
 def test_no_module_is_too_long_to_read() -> None:
-    long = {str(p.relative_to(ROOT)): n for pkg in FORBIDDEN for p in modules(pkg)
-            if (n := len(p.read_text().splitlines())) > MAX_LINES}  # fmt: skip
+    long = {
+        str(p.relative_to(ROOT)): n
+        for pkg in FORBIDDEN
+        for p in modules(pkg)
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
     assert not long, f"modules over {MAX_LINES} lines (split them by concept): {long}"

@@ -29,8 +29,9 @@ CFG = BaselineConfig()
 NO_Y = np.array([], dtype=np.int64)
 
 
-def _cohort(rng: np.random.Generator, y: np.ndarray, n_rois: int = 6, n_frames: int = 150, r: float = 0.0,
-            scale: float = 1.0) -> list[np.ndarray]:  # fmt: skip
+def _cohort(
+    rng: np.random.Generator, y: np.ndarray, n_rois: int = 6, n_frames: int = 150, r: float = 0.0, scale: float = 1.0
+) -> list[np.ndarray]:
     """One white-noise (R, L) scan per label; class 1: ROI 0-1 correlation r (variances unchanged) and ROIs
     0-2 scaled by `scale`."""
     out = []
@@ -69,12 +70,16 @@ def test_fc_tangent_equals_nilearn_and_sklearn_with_the_reference_refitted_per_f
     c_tr, c_te = [_clean(x) for x in tr], [_clean(x) for x in te]  # (L, R) each
 
     def measure(cleaned):
-        return ConnectivityMeasure(kind="tangent", vectorize=True, discard_diagonal=True,
-                                   standardize="zscore_sample").fit(cleaned)  # fmt: skip
+        return ConnectivityMeasure(
+            kind="tangent", vectorize=True, discard_diagonal=True, standardize="zscore_sample"
+        ).fit(cleaned)
 
     def model(c, cm, cleaned, y):
-        head = (LogisticRegression(C=c, class_weight="balanced", max_iter=5000, random_state=0)
-                if kind == "classification" else Ridge(alpha=c))  # fmt: skip
+        head = (
+            LogisticRegression(C=c, class_weight="balanced", max_iter=5000, random_state=0)
+            if kind == "classification"
+            else Ridge(alpha=c)
+        )
         return make_pipeline(StandardScaler(), head).fit(cm.transform(cleaned), y)
 
     def predict(est, x):
@@ -82,16 +87,22 @@ def test_fc_tangent_equals_nilearn_and_sklearn_with_the_reference_refitted_per_f
 
     # 5 folds (stratified for classification), the tangent reference fitted on each fold's training part
     grid = FC_GRID[kind]
-    folds = (StratifiedKFold(5, shuffle=True, random_state=0).split(np.zeros(40), y_tr) if kind == "classification"
-             else KFold(5, shuffle=True, random_state=0).split(np.zeros(40)))  # fmt: skip
+    folds = (
+        StratifiedKFold(5, shuffle=True, random_state=0).split(np.zeros(40), y_tr)
+        if kind == "classification"
+        else KFold(5, shuffle=True, random_state=0).split(np.zeros(40))
+    )
     cv: list[list[float]] = [[] for _ in grid]
     for fit, held in folds:
         cm = measure([c_tr[i] for i in fit])
         x_held = cm.transform([c_tr[i] for i in held])
         for j, c in enumerate(grid):
             p = predict(model(c, cm, [c_tr[i] for i in fit], y_tr[fit]), x_held)
-            cv[j].append(balanced_accuracy_score(y_tr[held], p.argmax(1)) if kind == "classification"
-                         else mean_squared_error(y_tr[held], p))  # fmt: skip
+            cv[j].append(
+                balanced_accuracy_score(y_tr[held], p.argmax(1))
+                if kind == "classification"
+                else mean_squared_error(y_tr[held], p)
+            )
     means = np.array([np.mean(s) for s in cv])
     np.testing.assert_allclose(fitted.scores, means, rtol=1e-9, atol=1e-12)
     assert fitted.strength == grid[int(np.argmax(means) if kind == "classification" else np.argmin(means))]
@@ -154,8 +165,10 @@ def test_each_baseline_reads_what_it_should() -> None:
     spectrum = fit_baseline("roi_spectrum", var_tr, y_tr, [], NO_Y, kind="classification", seed=0, tr=TR)
     assert _bacc(spectrum, var_te, y_te) > 0.9
     cor_tr, cor_te = _cohort(rng, y_tr, r=0.6), _cohort(rng, y_te, r=0.6)
-    got = {n: _bacc(fit_baseline(n, cor_tr, y_tr, [], NO_Y, kind="classification", seed=0, tr=TR), cor_te, y_te)
-           for n in BASELINES}  # fmt: skip
+    got = {
+        n: _bacc(fit_baseline(n, cor_tr, y_tr, [], NO_Y, kind="classification", seed=0, tr=TR), cor_te, y_te)
+        for n in BASELINES
+    }
     assert got["fc"] > 0.85 and got["fc_tangent"] > 0.85 and got["fc_raw"] > 0.85, got
     assert abs(got["roi_spectrum"] - 0.5) < 0.17, got
 
@@ -171,8 +184,9 @@ def test_regression_and_missing_rois_imputed_from_training_scans() -> None:
     assert pred.shape == (20,) and regression_metrics(t[40:], pred)["pearson_r"] > 0.8
     assert fitted.strength in FC_GRID["regression"]
     y = (t > 0.5).astype(np.int64)
-    fc = fit_baseline("fc", xs[:40], y[:40], xs[40:50], y[40:50], kind="classification", seed=0, tr=TR,
-                      select="validation")  # fmt: skip
+    fc = fit_baseline(
+        "fc", xs[:40], y[:40], xs[40:50], y[40:50], kind="classification", seed=0, tr=TR, select="validation"
+    )
     assert np.isfinite(fc.predict_scores(xs[40:], 2)).all()
     imputer = fc.estimator.named_steps["impute"]
     pair_12 = 4 + 1  # upper triangle of 5: (0,1..4), then (1,2)
@@ -192,11 +206,22 @@ def test_the_test_scans_never_shape_the_model() -> None:
     before = a.predict_scores(xs[40:50], 2)
     a.predict_scores(xs[30:60], 2)
     np.testing.assert_array_equal(a.predict_scores(xs[40:50], 2), before)
-    v = fit_baseline("fc_tangent", xs[:30], y[:30], xs[30:40], y[30:40], kind="classification", seed=0, tr=TR,
-                     select="validation")  # fmt: skip
+    v = fit_baseline(
+        "fc_tangent", xs[:30], y[:30], xs[30:40], y[30:40], kind="classification", seed=0, tr=TR, select="validation"
+    )
     np.testing.assert_allclose(v.tangent.mean_, a.tangent.mean_, rtol=1e-12)
-    other = fit_baseline("fc_tangent", xs[:30], y[:30], xs[30:40], y[30:40], kind="classification", seed=0,
-                         tr=TR, select="validation", config=BaselineConfig(c_grid=(0.01, 1.0)))  # fmt: skip
+    other = fit_baseline(
+        "fc_tangent",
+        xs[:30],
+        y[:30],
+        xs[30:40],
+        y[30:40],
+        kind="classification",
+        seed=0,
+        tr=TR,
+        select="validation",
+        config=BaselineConfig(c_grid=(0.01, 1.0)),
+    )
     assert other.grid == (0.01, 1.0) and other.strength in other.grid
 
 
@@ -244,11 +269,14 @@ def test_baseline_config_loads_as_a_nested_section_of_the_strict_loader() -> Non
     class Holder:
         baselines: BaselineConfig = dataclasses.field(default_factory=BaselineConfig)
 
-    got = from_mapping(Holder, {"baselines": {"low_pass": 0.08, "high_pass": None,
-                                              "bands": [[0.01, 0.05], [0.05, 0.2]], "c_grid": [0.1, 1]}},
-                       "p.yaml")  # fmt: skip
-    assert got.baselines == BaselineConfig(low_pass=0.08, high_pass=None, bands=((0.01, 0.05), (0.05, 0.2)),
-                                           c_grid=(0.1, 1.0))  # fmt: skip
+    got = from_mapping(
+        Holder,
+        {"baselines": {"low_pass": 0.08, "high_pass": None, "bands": [[0.01, 0.05], [0.05, 0.2]], "c_grid": [0.1, 1]}},
+        "p.yaml",
+    )
+    assert got.baselines == BaselineConfig(
+        low_pass=0.08, high_pass=None, bands=((0.01, 0.05), (0.05, 0.2)), c_grid=(0.1, 1.0)
+    )
     assert from_mapping(Holder, {}, "p.yaml").baselines == BaselineConfig()
     with pytest.raises(ConfigError, match=r"p.yaml', field 'baselines.lowpass': unknown key"):
         from_mapping(Holder, {"baselines": {"lowpass": 0.08}}, "p.yaml")

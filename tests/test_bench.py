@@ -30,9 +30,24 @@ def test_flop_count_includes_attention_on_cpu() -> None:
 @pytest.mark.slow  # the default mode compiles the model (torch.compile)
 def test_bench_command_reports_throughput_flops_memory_and_params() -> None:
     result = CliRunner().invoke(
-        app, ["bench", "--size", "tiny", "--batch", "2", "--rois", "20", "--frames", "32", "--steps", "1",
-              "--warmup", "1", "--json"],
-    )  # fmt: skip
+        app,
+        [
+            "bench",
+            "--size",
+            "tiny",
+            "--batch",
+            "2",
+            "--rois",
+            "20",
+            "--frames",
+            "32",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     row = json.loads(result.output.strip().splitlines()[-1])
     for key in ("samples_per_s", "tflops_per_s", "peak_memory_gib", "encoder_params", "predictor_params"):
@@ -41,9 +56,27 @@ def test_bench_command_reports_throughput_flops_memory_and_params() -> None:
 
 def test_bench_profile_writes_phase_table_and_trace(tmp_path) -> None:  # noqa: ANN001
     result = CliRunner().invoke(
-        app, ["bench", "--size", "tiny", "--batch", "2", "--rois", "20", "--frames", "32", "--steps", "1",
-              "--warmup", "1", "--mode", "eager", "--profile", str(tmp_path)],
-    )  # fmt: skip
+        app,
+        [
+            "bench",
+            "--size",
+            "tiny",
+            "--batch",
+            "2",
+            "--rois",
+            "20",
+            "--frames",
+            "32",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--mode",
+            "eager",
+            "--profile",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "| tiny | 2 | ours | eager |" in result.output
     run = tmp_path / "tiny-b2-eager"
@@ -62,8 +95,14 @@ def test_reference_masks_cost_fewer_flops_than_ours() -> None:
     ref = run_bench(size="tiny", batch=8, steps=1, warmup=1, n_rois=60, n_frames=160, reference_masks=True)
     assert ref.masks == "reference" and ours.masks == "ours" and ours.mode == ref.mode == "eager"
     g = torch.Generator().manual_seed(0)
-    counts = {name: sum(sample_masks(MaskConfig(reference_truncation=name == "ref"), 8, 450, 10, g).context.shape[1]
-                        for _ in range(40)) / 40 for name in ("ours", "ref")}  # fmt: skip
+    counts = {
+        name: sum(
+            sample_masks(MaskConfig(reference_truncation=name == "ref"), 8, 450, 10, g).context.shape[1]
+            for _ in range(40)
+        )
+        / 40
+        for name in ("ours", "ref")
+    }
     assert counts["ref"] < 0.9 * counts["ours"], counts  # measured ~810 vs ~1,100 context tokens
 
 

@@ -41,8 +41,11 @@ P_ENC, P_PRED, P_TGT = 300, 200, 300
 
 
 def _sets(g: torch.Generator, scale: float = 1.0) -> dict[str, torch.Tensor]:
-    return {"encoder": torch.randn(P_ENC, generator=g) * scale, "predictor": torch.randn(P_PRED, generator=g) * scale,
-            "target": torch.randn(P_TGT, generator=g) * scale}  # fmt: skip
+    return {
+        "encoder": torch.randn(P_ENC, generator=g) * scale,
+        "predictor": torch.randn(P_PRED, generator=g) * scale,
+        "target": torch.randn(P_TGT, generator=g) * scale,
+    }
 
 
 def test_clipping_bounds_every_site_and_ignores_sample_counts() -> None:
@@ -149,21 +152,42 @@ def test_site_refuses_what_secagg_would_silently_clip() -> None:
 
 def test_privacy_report_per_site_and_central(tmp_path: Path) -> None:
     report = PrivacyReport(tmp_path, secure_aggregation=True)
-    dp_metrics = {Metric.NUM_EXAMPLES: 9.0, Metric.EPSILON_SPENT: 2.5, Metric.EPSILON_BUDGET: 8.0, Metric.DELTA: 1e-5,
-                  Metric.DP_NOISE_MULTIPLIER: 1.2, Metric.DP_MAX_GRAD_NORM: 1.0, Metric.DP_SAMPLE_RATE: 0.25,
-                  Metric.DP_STEPS: 8.0, Metric.ROUNDS_DONE: 2.0}  # fmt: skip
-    results = [SiteResult(1, "ok", "site_a", update=SiteUpdate("site_a", 9, {}, dp_metrics)),
-               SiteResult(2, "ok", "site_b", update=SiteUpdate("site_b", 7, {}, {Metric.NUM_EXAMPLES: 7.0})),
-               SiteResult(3, "declined", "site_c", detail="site declined the round: budget 8 spent")]  # fmt: skip
+    dp_metrics = {
+        Metric.NUM_EXAMPLES: 9.0,
+        Metric.EPSILON_SPENT: 2.5,
+        Metric.EPSILON_BUDGET: 8.0,
+        Metric.DELTA: 1e-5,
+        Metric.DP_NOISE_MULTIPLIER: 1.2,
+        Metric.DP_MAX_GRAD_NORM: 1.0,
+        Metric.DP_SAMPLE_RATE: 0.25,
+        Metric.DP_STEPS: 8.0,
+        Metric.ROUNDS_DONE: 2.0,
+    }
+    results = [
+        SiteResult(1, "ok", "site_a", update=SiteUpdate("site_a", 9, {}, dp_metrics)),
+        SiteResult(2, "ok", "site_b", update=SiteUpdate("site_b", 7, {}, {Metric.NUM_EXAMPLES: 7.0})),
+        SiteResult(3, "declined", "site_c", detail="site declined the round: budget 8 spent"),
+    ]
     dp = CentralDP(CentralDPParams(1.0, 0.5, 1e-5), torch.Generator().manual_seed(0))
     current = _sets(torch.Generator().manual_seed(1))
     dp.release(dp.new_sum(current), current, 3, 3, [0.99])
     report.update(1, results, dp.summary())
     data = json.loads((tmp_path / "privacy.json").read_text())
     a, b, c = (data["sites"][s] for s in ("site_a", "site_b", "site_c"))
-    assert a == {"site": "site_a", "last_round": 2, "status": "ok", "epsilon": 2.5, "epsilon_budget": 8,
-                 "delta": 1e-5, "noise_multiplier": 1.2, "clip_norm": 1, "sample_rate": 0.25, "steps": 8,
-                 "rounds": 2, "dp_sgd": True}  # fmt: skip
+    assert a == {
+        "site": "site_a",
+        "last_round": 2,
+        "status": "ok",
+        "epsilon": 2.5,
+        "epsilon_budget": 8,
+        "delta": 1e-5,
+        "noise_multiplier": 1.2,
+        "clip_norm": 1,
+        "sample_rate": 0.25,
+        "steps": 8,
+        "rounds": 2,
+        "dp_sgd": True,
+    }
     assert b["dp_sgd"] is False and b["epsilon"] == "inf" and c["status"] == "declined" and "budget" in c["detail"]
     assert data["secure_aggregation"] is True and data["rounds"] == 2
     assert data["central_dp"]["epsilon"] == pytest.approx(dp.epsilon()) and data["central_dp"]["clip_norm"] == 0.5
@@ -177,8 +201,11 @@ def test_privacy_report_per_site_and_central(tmp_path: Path) -> None:
 def test_the_unmasked_secagg_mean_feeds_the_round_accumulator() -> None:
     g = torch.Generator().manual_seed(8)
     current = _sets(g)
-    ok = [SiteResult(1, "ok", "a", update=SiteUpdate("a", 10, {}, {})),
-          SiteResult(2, "ok", "b", update=SiteUpdate("b", 6, {}, {})), SiteResult(3, "failed", "c")]  # fmt: skip
+    ok = [
+        SiteResult(1, "ok", "a", update=SiteUpdate("a", 10, {}, {})),
+        SiteResult(2, "ok", "b", update=SiteUpdate("b", 6, {}, {})),
+        SiteResult(3, "failed", "c"),
+    ]
     mean = {k: v.double() * 1e-3 for k, v in _sets(g).items()}
     plain = RunningMean()  # sample-weighted FedAvg: the new weights are global + the unmasked weighted mean delta
     add_secure_sum(plain, SecureRound(ok, mean, sites=2, weight_sum=16.0), current)
@@ -198,8 +225,15 @@ def test_a_resumed_coordinator_keeps_the_central_accountant(tmp_path: Path) -> N
 
     grads = tmp_path / "gradients.npy"
     save_gradients(grads, np.random.default_rng(0).standard_normal((40, 30)).astype(np.float32))
-    cfg = FederationConfig(n_rois=40, n_frames=64, gradients=str(grads), out_dir=str(tmp_path / "runs"),
-                           central_dp=True, central_dp_noise_multiplier=0.9, fraction_sites=0.5)  # fmt: skip
+    cfg = FederationConfig(
+        n_rois=40,
+        n_frames=64,
+        gradients=str(grads),
+        out_dir=str(tmp_path / "runs"),
+        central_dp=True,
+        central_dp_noise_multiplier=0.9,
+        fraction_sites=0.5,
+    )
     run = FederatedRun.create(cfg)
     assert run.privacy is not None and run.privacy.central is not None
     for rnd in range(2):  # two rounds' releases (2 of 4 sites), as run_round makes them

@@ -9,7 +9,7 @@ import types
 import pytest
 import typer
 
-from server.cli import _parse_pairs
+from server.options import parse_pairs
 
 
 def _toml_parser() -> types.ModuleType:
@@ -23,7 +23,7 @@ def _toml_parser() -> types.ModuleType:
 
 @pytest.fixture
 def without_tomllib(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Python 3.10 as `_parse_pairs` sees it: no `tomllib`; a `tomli` that records what it parsed."""
+    """Python 3.10 as `parse_pairs` sees it: no `tomllib`; a `tomli` that records what it parsed."""
     real = _toml_parser()
     parsed: list[str] = []
 
@@ -43,7 +43,7 @@ def test_run_config_pairs_parse_with_tomli_when_tomllib_is_missing(without_tomll
     with pytest.raises(ModuleNotFoundError):
         import tomllib  # noqa: F401
     pairs = ["n-rois=450", 'strategy="fedadam"', "lr=1e-4", "save-updates=true"]
-    assert _parse_pairs(pairs) == {"n-rois": 450, "strategy": "fedadam", "lr": 1e-4, "save-updates": True}
+    assert parse_pairs(pairs) == {"n-rois": 450, "strategy": "fedadam", "lr": 1e-4, "save-updates": True}
     assert without_tomllib == pairs  # every pair went through the tomli fallback
 
 
@@ -52,11 +52,13 @@ def test_malformed_run_config_pair_is_a_clear_bad_parameter(fallback: bool, requ
     if fallback:
         request.getfixturevalue("without_tomllib")
     with pytest.raises(typer.BadParameter, match=r"--run-config 'strategy=fedadam': expected key=value"):
-        _parse_pairs(["n-rois=450", "strategy=fedadam"])  # an unquoted string is not a TOML value
+        parse_pairs(["n-rois=450", "strategy=fedadam"])  # an unquoted string is not a TOML value
 
 
 def test_cli_modules_import_without_torch_or_flower() -> None:
     """`brainjepa-server --help` / `brainjepa-client --help` must not pay for importing torch (or flwr)."""
-    code = ("import sys, server.cli, client.cli; "
-            "heavy = sorted({'torch', 'flwr'} & set(sys.modules)); assert not heavy, heavy")  # fmt: skip
+    code = (
+        "import sys, server.cli, client.cli; "
+        "heavy = sorted({'torch', 'flwr'} & set(sys.modules)); assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

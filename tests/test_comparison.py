@@ -9,9 +9,23 @@ from brainjepa.downstream import comparison
 
 
 def _rows(method: str, cohort: str, site: str, y: np.ndarray, p1: np.ndarray) -> list[dict]:
-    return [{"experiment": "e", "task": "t", "method": method, "training": "centralized", "seed": 0,
-             "cohort": cohort, "site": site, "trained_on": "x", "subject": i, "y": float(y[i]),
-             "p0": float(1 - p1[i]), "p1": float(p1[i])} for i in range(y.size)]  # fmt: skip
+    return [
+        {
+            "experiment": "e",
+            "task": "t",
+            "method": method,
+            "training": "centralized",
+            "seed": 0,
+            "cohort": cohort,
+            "site": site,
+            "trained_on": "x",
+            "subject": i,
+            "y": float(y[i]),
+            "p0": float(1 - p1[i]),
+            "p1": float(p1[i]),
+        }
+        for i in range(y.size)
+    ]
 
 
 def _cohort(rng: np.random.Generator, method: str, ya: np.ndarray, yb: np.ndarray) -> list[dict]:
@@ -43,7 +57,9 @@ def test_a_single_class_test_site_pools_its_cohort_into_one_stratum_and_the_repo
     want = roc_auc_score([r["y"] for r in fc], [r["p1"] for r in fc])
     est = next(r["estimate"] for r in cmp.rows if (r["method"], r["metric"], r["versus"]) == ("fc", "auroc", ""))
     assert abs(est - want) < 1e-12
-    lo, hi = next((r["lo"], r["hi"]) for r in cmp.rows if (r["method"], r["metric"], r["versus"]) == ("fc", "auroc", ""))
+    lo, hi = next(
+        (r["lo"], r["hi"]) for r in cmp.rows if (r["method"], r["metric"], r["versus"]) == ("fc", "auroc", "")
+    )
     assert lo < est < hi
     text = comparison.markdown(cmp, "e", ["t"], {"t": "classification"})
     assert "gen0 holds a single class" in text and "one stratum" in text

@@ -69,9 +69,16 @@ def test_server_cli_defaults_are_the_run_configs(command: str) -> None:
     from server.cli import app
 
     params = {p.name: p.default for p in typer.main.get_command(app).commands[command].params}
-    same = {"rounds": "num-rounds", "local_steps": "local-steps", "min_sites": "min-sites",
-            "fraction_sites": "fraction-sites", "strategy": "strategy", "wire_dtype": "wire-dtype",
-            "model_size": "model-size", "out_dir": "out-dir"}  # fmt: skip
+    same = {
+        "rounds": "num-rounds",
+        "local_steps": "local-steps",
+        "min_sites": "min-sites",
+        "fraction_sites": "fraction-sites",
+        "strategy": "strategy",
+        "wire_dtype": "wire-dtype",
+        "model_size": "model-size",
+        "out_dir": "out-dir",
+    }
     checked = 0
     for option, key in same.items():
         if option in params:
@@ -83,8 +90,12 @@ def test_server_cli_defaults_are_the_run_configs(command: str) -> None:
 def test_model_tr_is_written_once() -> None:
     """The reference's model TR (UKB 0.735 s x 3) appears in code only as DEFAULT_MODEL_TR."""
     assert DEFAULT_MODEL_TR == 2.205
-    hits = [str(p.relative_to(ROOT)) for pkg in ("sites", "brainjepa", "client", "server")
-            for p in (ROOT / pkg).rglob("*.py") if re.search(r"(?<![\d.])2\.205(?!\d)", p.read_text())]  # fmt: skip
+    hits = [
+        str(p.relative_to(ROOT))
+        for pkg in ("sites", "brainjepa", "client", "server")
+        for p in (ROOT / pkg).rglob("*.py")
+        if re.search(r"(?<![\d.])2\.205(?!\d)", p.read_text())
+    ]
     assert hits == ["sites/temporal.py"], hits
 
 
@@ -133,10 +144,18 @@ def _pretrain_yaml(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("key, value, decides", [("n-rois", 450, "model.n_rois"), ("n-frames", 160, "model.n_frames"),
-                                                 ("model-size", "small", "model.size"), ("lr", 0.01, "optim.lr")])  # fmt: skip
-def test_a_run_config_key_that_pretrain_config_decides_is_an_error(tmp_path: Path, key: str, value: object,
-                                                                  decides: str) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    "key, value, decides",
+    [
+        ("n-rois", 450, "model.n_rois"),
+        ("n-frames", 160, "model.n_frames"),
+        ("model-size", "small", "model.size"),
+        ("lr", 0.01, "optim.lr"),
+    ],
+)
+def test_a_run_config_key_that_pretrain_config_decides_is_an_error(
+    tmp_path: Path, key: str, value: object, decides: str
+) -> None:
     """Flower hands the server the whole run config (pyproject defaults + overrides): a key the pretraining
     YAML would override silently is refused, naming both keys and the file."""
     path = _pretrain_yaml(tmp_path)
@@ -160,8 +179,19 @@ def test_server_cli_refuses_a_run_config_key_that_pretrain_config_decides(tmp_pa
     from server.cli import app
 
     path = _pretrain_yaml(tmp_path)
-    res = CliRunner().invoke(app, ["simulate", "--out-dir", str(tmp_path / "out"), "--prepare-only",
-                                   "--run-config", f'pretrain-config="{path}"', "--run-config", "n-rois=450"])  # fmt: skip
+    res = CliRunner().invoke(
+        app,
+        [
+            "simulate",
+            "--out-dir",
+            str(tmp_path / "out"),
+            "--prepare-only",
+            "--run-config",
+            f'pretrain-config="{path}"',
+            "--run-config",
+            "n-rois=450",
+        ],
+    )
     assert res.exit_code == 2, res.output
     assert "'n-rois'" in res.output and "'pretrain-config'" in res.output
     assert not (tmp_path / "out" / "sites").exists()  # refused before anything was generated

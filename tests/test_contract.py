@@ -34,19 +34,42 @@ from sites.scaling import RobustScaling
 
 
 def _spec(**kw: object) -> RoundSpec:
-    cfg = PretrainConfig(model=ModelConfig(n_rois=20, n_frames=32), optim=OptimConfig(lr=3e-4),
-                         train=TrainConfig(steps=40, batch_size=4, seed=7))  # fmt: skip
-    base = dict(task="pretrain", round=2, num_rounds=10, step_start=8, local_steps=4, wire_dtype="float16",
-                model_checksum="m" * 64, gradient_checksum="g" * 64, task_config=cfg)  # fmt: skip
+    cfg = PretrainConfig(
+        model=ModelConfig(n_rois=20, n_frames=32),
+        optim=OptimConfig(lr=3e-4),
+        train=TrainConfig(steps=40, batch_size=4, seed=7),
+    )
+    base = dict(
+        task="pretrain",
+        round=2,
+        num_rounds=10,
+        step_start=8,
+        local_steps=4,
+        wire_dtype="float16",
+        model_checksum="m" * 64,
+        gradient_checksum="g" * 64,
+        task_config=cfg,
+    )
     return RoundSpec(**{**base, **kw})  # type: ignore[arg-type]
 
 
 def _downstream(task: str = "finetune", method: str = "finetune", **kw: object) -> RoundSpec:
     spec = TaskSpec(name="age", column="age", kind="regression")
     cfg = DownstreamTask(task=spec, recipe=DownstreamConfig(method=method, steps=30, eval_every=6), model_tr=1.5)  # type: ignore[arg-type]
-    base = dict(task=task, round=1, num_rounds=5, step_start=6, local_steps=6, wire_dtype="float32",
-                model_checksum="m" * 64, gradient_checksum="g" * 64, task_config=cfg,
-                model_config=ModelConfig(n_rois=20, n_frames=32), target_center=61.5, target_scale=7.25)  # fmt: skip
+    base = dict(
+        task=task,
+        round=1,
+        num_rounds=5,
+        step_start=6,
+        local_steps=6,
+        wire_dtype="float32",
+        model_checksum="m" * 64,
+        gradient_checksum="g" * 64,
+        task_config=cfg,
+        model_config=ModelConfig(n_rois=20, n_frames=32),
+        target_center=61.5,
+        target_scale=7.25,
+    )
     return RoundSpec(**{**base, **kw})  # type: ignore[arg-type]
 
 
@@ -79,9 +102,17 @@ def test_choices_are_checked_for_specs_built_in_code() -> None:
         _downstream().schedule()
 
 
-@pytest.mark.parametrize(("task", "method", "split"), [("finetune", "finetune", ""), ("finetune", "scratch", ""),
-                         ("probe", "probe", ""), ("evaluate", "probe", "val"), ("evaluate", "finetune", "test"),
-                         ("label-stats", "finetune", "")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("task", "method", "split"),
+    [
+        ("finetune", "finetune", ""),
+        ("finetune", "scratch", ""),
+        ("probe", "probe", ""),
+        ("evaluate", "probe", "val"),
+        ("evaluate", "finetune", "test"),
+        ("label-stats", "finetune", ""),
+    ],
+)
 def test_downstream_records_round_trip(task: str, method: str, split: str) -> None:
     spec = _downstream(task, method, split=split)
     record = spec.to_record()
@@ -109,7 +140,9 @@ def test_federation_scaling_travels_in_float64_and_is_checked() -> None:
     """The statistics survive a real ArrayRecord bit for bit (never wire-rounded), their checksum is verified;
     a sketch reply is decoded in float64 even on an fp16 wire."""
     rng = np.random.default_rng(0)
-    s = RobustScaling(median=rng.normal(size=7), iqr=rng.uniform(0.5, 2, size=7), n_subjects=30, method="federated-sketch")
+    s = RobustScaling(
+        median=rng.normal(size=7), iqr=rng.uniform(0.5, 2, size=7), n_subjects=30, method="federated-sketch"
+    )
     arrays = ArrayRecord(scaling_arrays(s)).to_torch_state_dict()
     back = scaling_from_arrays(arrays, s.checksum())
     assert np.array_equal(back.median, s.median) and np.array_equal(back.iqr, s.iqr)
@@ -142,8 +175,13 @@ def test_federation_scaling_travels_in_float64_and_is_checked() -> None:
         (_downstream, lambda r: r.update({"task": "probe"}), "recipe method 'finetune'"),
         (_downstream, lambda r: r.update({"target-scale": 0.0}), "target scale"),
         (_downstream, lambda r: r.update({"model-config": "{"}), "model-config is not JSON"),
-        (_downstream, lambda r: r.update({"task-config": '{"task": {"name": "x", "column": "x", "kind": "regression"}, '
-                                                         '"recipe": {"stepz": 1}}'}), "task-config.recipe.stepz"),
+        (
+            _downstream,
+            lambda r: r.update(
+                {"task-config": '{"task": {"name": "x", "column": "x", "kind": "regression"}, "recipe": {"stepz": 1}}'}
+            ),
+            "task-config.recipe.stepz",
+        ),
     ],
 )
 def test_a_record_this_side_cannot_honour_is_refused_with_the_field(make, edit, needle: str) -> None:

@@ -31,11 +31,14 @@ SEX = TaskSpec("sex", "sex", "classification", ("0", "1"))
 def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path], Path]:
     """Three generated sites (20 ROIs) and a tiny checkpoint pretrained 3 steps on the first."""
     root = tmp_path_factory.mktemp("downstream")
-    yamls = generate_cohorts(root / "sites", n_sites=3, subjects_per_site=15, n_rois=20, duration_s=200,
-                             split=(0.6, 0.2, 0.2))  # fmt: skip
-    cfg = PretrainConfig(model=ModelConfig(size="tiny", n_rois=20, n_frames=32, gradient_components=8),
-                         data=DataConfig(site=str(yamls[0])),
-                         train=TrainConfig(steps=3, batch_size=4, out_dir=str(root / "pre"), checkpoint_every=3))  # fmt: skip
+    yamls = generate_cohorts(
+        root / "sites", n_sites=3, subjects_per_site=15, n_rois=20, duration_s=200, split=(0.6, 0.2, 0.2)
+    )
+    cfg = PretrainConfig(
+        model=ModelConfig(size="tiny", n_rois=20, n_frames=32, gradient_components=8),
+        data=DataConfig(site=str(yamls[0])),
+        train=TrainConfig(steps=3, batch_size=4, out_dir=str(root / "pre"), checkpoint_every=3),
+    )
     pretrain(cfg, progress=False)
     return root, yamls, root / "pre" / "checkpoint.pt"
 
@@ -97,8 +100,9 @@ def test_heads_lr_decay_and_drop_path_take_effect(world) -> None:
     probe = DownstreamModel(bb, SEX, DownstreamConfig(method="probe"))
     assert not any(p.requires_grad for p in probe.backbone.parameters())
     assert isinstance(probe.head[0], torch.nn.BatchNorm1d) and not probe.head[0].affine
-    torch.testing.assert_close(probe.backbone.state_dict()["blocks.0.attn.qkv.weight"],
-                               bb.weights["blocks.0.attn.qkv.weight"])  # the target encoder's weights  # fmt: skip
+    torch.testing.assert_close(
+        probe.backbone.state_dict()["blocks.0.attn.qkv.weight"], bb.weights["blocks.0.attn.qkv.weight"]
+    )  # the target encoder's weights
 
 
 def test_probe_leaves_the_backbone_alone_and_all_modes_run(world) -> None:
@@ -117,15 +121,18 @@ def test_probe_leaves_the_backbone_alone_and_all_modes_run(world) -> None:
 
 def _protocol(root: Path, yamls: list[Path], ckpt: Path, **edit) -> Path:
     p = {
-        "name": "tiny", "pretrain": {}, "seeds": [0],
+        "name": "tiny",
+        "pretrain": {},
+        "seeds": [0],
         "sites": [{"name": y.parent.name, "config": str(y)} for y in yamls],
         "tasks": [{"name": "sex", "column": "sex", "kind": "classification", "classes": ["0", "1"]}],
         "methods": ["finetune", "probe", "random_probe", "fc"],
         "recipe": {"steps": 4, "batch_size": 4, "eval_every": 2, "eval_windows": 2},
         "local_steps": 2,
-        "experiments": [{"name": "held out", "checkpoint": str(ckpt), "finetune": ["site_a", "site_b"],
-                         "test": ["site_c"]}],
-    }  # fmt: skip
+        "experiments": [
+            {"name": "held out", "checkpoint": str(ckpt), "finetune": ["site_a", "site_b"], "test": ["site_c"]}
+        ],
+    }
     p.update(edit)
     path = root / "protocol.yaml"
     path.write_text(yaml.safe_dump(p))
@@ -135,12 +142,14 @@ def _protocol(root: Path, yamls: list[Path], ckpt: Path, **edit) -> Path:
 @pytest.mark.parametrize(
     ("edit", "needle"),
     [
-        ({"experiments": [{"name": "x", "checkpoint": "c.pt", "finetune": ["site_z"], "test": ["site_c"]}]},
-         "site 'site_z' of experiment 'x' is not declared"),
+        (
+            {"experiments": [{"name": "x", "checkpoint": "c.pt", "finetune": ["site_z"], "test": ["site_c"]}]},
+            "site 'site_z' of experiment 'x' is not declared",
+        ),
         ({"tasks": [{"name": "iq", "column": "iq", "kind": "regression"}]}, "uses column 'iq'"),
         ({"methods": ["finetune", "transformer_xl"]}, "'methods[1]'"),
     ],
-)  # fmt: skip
+)
 def test_a_protocol_with_an_unknown_site_column_or_method_is_refused(tmp_path: Path, world, edit, needle) -> None:
     _, yamls, ckpt = world
     path = _protocol(tmp_path, yamls, ckpt, **edit)
@@ -177,7 +186,9 @@ def test_a_test_only_site_is_scored_on_all_its_subjects_and_cannot_train(tmp_pat
     site = load_labelled_site(load_site_config(external), SEX, 2.205, 32, "centered", training=False)
     assert (len(site.train), len(site.val), len(site.test)) == (0, 0, n_subjects)
     assert site.scaling is not None  # fitted on the site's own (label-free) scans
-    sites = [{"name": y.parent.name, "config": str(y)} for y in yamls[:2]] + [{"name": "site_c", "config": str(external)}]
+    sites = [{"name": y.parent.name, "config": str(y)} for y in yamls[:2]] + [
+        {"name": "site_c", "config": str(external)}
+    ]
     path = _protocol(tmp_path, yamls, ckpt, sites=sites, methods=["probe", "fc"])
     res = CliRunner().invoke(app, ["evaluate", "--protocol", str(path), "--out-dir", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output
@@ -200,8 +211,9 @@ def test_roi_std_pooling_keeps_a_per_roi_amplitude_that_the_mean_loses() -> None
 
     from brainjepa.downstream.model import Backbone
 
-    cfg = ModelConfig(size="tiny", n_rois=20, n_frames=128, gradient_components=8,
-                      patch_init="reference")  # 8 time patches
+    cfg = ModelConfig(
+        size="tiny", n_rois=20, n_frames=128, gradient_components=8, patch_init="reference"
+    )  # 8 time patches
     bb = Backbone(cfg, np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32), {}, "random")
     g = torch.Generator().manual_seed(0)
     n = 96
@@ -263,12 +275,19 @@ def test_solved_probe_is_a_converged_regression_with_its_strength_chosen_by_cros
             want = Ridge(alpha=1.0 / c).fit(z, (y - scale[0]) / scale[1]).predict(z)
             np.testing.assert_allclose(out[:, 0], want, atol=1e-4)
     sex_sites = [load_labelled_site(load_site_config(y), SEX, 2.205, 32) for y in yamls[:2]]
-    on_val = fit(bb, SEX, DownstreamConfig(method="probe", eval_windows=2, select="validation"), sex_sites, "centralized")
+    on_val = fit(
+        bb, SEX, DownstreamConfig(method="probe", eval_windows=2, select="validation"), sex_sites, "centralized"
+    )
     vals = [h[2] for h in on_val.history]
     assert on_val.best_step == int(np.argmax(vals)) and on_val.val["balanced_acc"] == max(vals)
     assert all(h[1] == h[1] for h in on_val.history)  # the validation rule records each candidate's training loss
-    sgd = fit(bb, SEX, DownstreamConfig(method="probe", probe_solver="sgd", steps=4, batch_size=4, eval_every=2),
-              [load_labelled_site(load_site_config(yamls[0]), SEX, 2.205, 32)], "local")  # fmt: skip
+    sgd = fit(
+        bb,
+        SEX,
+        DownstreamConfig(method="probe", probe_solver="sgd", steps=4, batch_size=4, eval_every=2),
+        [load_labelled_site(load_site_config(yamls[0]), SEX, 2.205, 32)],
+        "local",
+    )
     assert [h[0] for h in sgd.history] == [2, 4]
 
 
@@ -284,8 +303,9 @@ def test_fine_tuning_weights_classes_as_scikit_learn_balanced_and_per_sample() -
 
     labels = np.array([0] * 9 + [1] * 3)
     w = class_weights(SEX, DownstreamConfig(), labels)
-    assert torch.allclose(w, torch.tensor(compute_class_weight("balanced", classes=np.arange(2), y=labels),
-                                          dtype=torch.float32))  # fmt: skip
+    assert torch.allclose(
+        w, torch.tensor(compute_class_weight("balanced", classes=np.arange(2), y=labels), dtype=torch.float32)
+    )
     assert class_weights(SEX, DownstreamConfig(class_weight="none"), labels) is None
     assert torch.allclose(class_weights(SEX, DownstreamConfig(), np.zeros(4, np.int64)), torch.tensor([0.5, 1.0]))
     with pytest.raises(ConfigError, match="class_weight"):
@@ -303,4 +323,6 @@ def test_fine_tuning_weights_classes_as_scikit_learn_balanced_and_per_sample() -
         assert torch.allclose(losses[rule], per_sample.mean())
     plain = torch.nn.functional.cross_entropy(out, y, reduction="none")
     assert torch.allclose(losses["none"], plain.mean())
-    assert torch.allclose(losses["balanced"], (plain * w[y]).mean()) and not torch.allclose(losses["balanced"], plain.mean())
+    assert torch.allclose(losses["balanced"], (plain * w[y]).mean()) and not torch.allclose(
+        losses["balanced"], plain.mean()
+    )

@@ -103,16 +103,41 @@ def _rows() -> list[dict]:
     for method, base in (("finetune", 0.8), ("fc", 0.7)):
         for seed, d in enumerate((-0.1, 0.0, 0.1)):
             for site in ("A", "B"):
-                rows.append({"experiment": "e1", "method": method, "training": "centralized", "task": "sex",
-                             "seed": seed, "site": site, "balanced_acc": base + d, "auroc": base + d / 2})
-                rows.append({"experiment": "e1", "method": method, "training": "federated", "task": "age",
-                             "seed": seed, "site": site, "mse": 10 * base + d})  # fmt: skip
+                rows.append(
+                    {
+                        "experiment": "e1",
+                        "method": method,
+                        "training": "centralized",
+                        "task": "sex",
+                        "seed": seed,
+                        "site": site,
+                        "balanced_acc": base + d,
+                        "auroc": base + d / 2,
+                    }
+                )
+                rows.append(
+                    {
+                        "experiment": "e1",
+                        "method": method,
+                        "training": "federated",
+                        "task": "age",
+                        "seed": seed,
+                        "site": site,
+                        "mse": 10 * base + d,
+                    }
+                )
     return rows
 
 
 def test_summarize_mean_std_n() -> None:
-    rows = [{"m": "a", "v": 0.7}, {"m": "a", "v": 0.8}, {"m": "a", "v": 0.9}, {"m": "b", "v": 0.5},
-            {"m": "b", "v": math.nan}, {"m": "c"}]  # fmt: skip
+    rows = [
+        {"m": "a", "v": 0.7},
+        {"m": "a", "v": 0.8},
+        {"m": "a", "v": 0.9},
+        {"m": "b", "v": 0.5},
+        {"m": "b", "v": math.nan},
+        {"m": "c"},
+    ]
     s = summarize(rows, ["m"], ["v"])
     assert [r["m"] for r in s] == ["a", "b", "c"]
     assert s[0]["v_mean"] == pytest.approx(0.8) and s[0]["v_std"] == pytest.approx(0.1) and s[0]["v_n"] == 3
@@ -150,9 +175,11 @@ def test_plots_write_pngs(tmp_path: Path) -> None:
     rows = _rows()
     s = summarize([r for r in rows if r["task"] == "sex"], ["method", "task"], ["balanced_acc"])
     modes = summarize(rows, ["method", "training", "task"], ["balanced_acc"])
-    outs = [plot_methods(s, tmp_path / "methods.png", "balanced_acc"),
-            plot_training_modes(modes, tmp_path / "modes.png", "balanced_acc"),
-            plot_per_site(rows, tmp_path / "sites.png", "mse")]  # fmt: skip
+    outs = [
+        plot_methods(s, tmp_path / "methods.png", "balanced_acc"),
+        plot_training_modes(modes, tmp_path / "modes.png", "balanced_acc"),
+        plot_per_site(rows, tmp_path / "sites.png", "mse"),
+    ]
     for p in outs:
         assert p.stat().st_size > 1000 and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -192,16 +219,35 @@ def test_fc_baseline_separates_and_selects_by_cross_validation_or_on_validation(
     test = classification_metrics(y["test"], predict_scores(est, X["test"], "classification", 2), 2)
     assert test["balanced_acc"] > 0.9
     folds = list(StratifiedKFold(5, shuffle=True, random_state=0).split(X["train"], y["train"]))
-    cv = [np.mean([balanced_accuracy_score(y["train"][te], make_fc_pipeline("classification", c, 0)
-                                           .fit(X["train"][tr], y["train"][tr]).predict(X["train"][te]))
-                   for tr, te in folds]) for c in grid]  # fmt: skip
+    cv = [
+        np.mean(
+            [
+                balanced_accuracy_score(
+                    y["train"][te],
+                    make_fc_pipeline("classification", c, 0)
+                    .fit(X["train"][tr], y["train"][tr])
+                    .predict(X["train"][te]),
+                )
+                for tr, te in folds
+            ]
+        )
+        for c in grid
+    ]
     assert regularisation_strength(est) == grid[int(np.argmax(cv))]
-    np.testing.assert_allclose(est.named_steps["model"].coef_, make_fc_pipeline("classification", grid[int(
-        np.argmax(cv))], 0).fit(X["train"], y["train"]).named_steps["model"].coef_)  # refitted on all training
+    np.testing.assert_allclose(
+        est.named_steps["model"].coef_,
+        make_fc_pipeline("classification", grid[int(np.argmax(cv))], 0)
+        .fit(X["train"], y["train"])
+        .named_steps["model"]
+        .coef_,
+    )  # refitted on all training
     on_val = fit_fc_baseline(X["train"], y["train"], X["val"], y["val"], "classification", seed=0, select="validation")
-    val = [balanced_accuracy_score(y["val"], make_fc_pipeline("classification", c, 0)
-                                   .fit(X["train"], y["train"]).predict(X["val"]))
-           for c in grid]  # fmt: skip
+    val = [
+        balanced_accuracy_score(
+            y["val"], make_fc_pipeline("classification", c, 0).fit(X["train"], y["train"]).predict(X["val"])
+        )
+        for c in grid
+    ]
     assert regularisation_strength(on_val) == grid[int(np.argmax(val))]
     with pytest.raises(ValueError, match="select must be"):
         fit_fc_baseline(X["train"], y["train"], X["val"], y["val"], "classification", seed=0, select="test")

@@ -93,8 +93,17 @@ def test_series_file_matches_a_direct_forward(run: tuple[Path, Path], tmp_path: 
     _, ckpt = run
     x = np.random.default_rng(0).normal(size=(R, 100)).astype(np.float32)
     np.save(tmp_path / "scan.npy", x)
-    _embed(str(ckpt), "--series", str(tmp_path / "scan.npy"), "--ids", "sub-x", "--windows", "1",
-           "--out", str(tmp_path / "one"))  # fmt: skip
+    _embed(
+        str(ckpt),
+        "--series",
+        str(tmp_path / "scan.npy"),
+        "--ids",
+        "sub-x",
+        "--windows",
+        "1",
+        "--out",
+        str(tmp_path / "one"),
+    )
     assert (tmp_path / "one.ids.txt").read_text() == "sub-x\n"
     bb = load_backbone(ckpt)
     enc = Encoder(bb.model, torch.from_numpy(bb.gradients))

@@ -25,23 +25,36 @@ from sites.scaling import fit_method
 from sites.synth import GENERATOR_VERSION, generate_cohorts
 
 SEX = TaskSpec("sex", "sex", "classification", ("0", "1"))
-PRETRAIN = {"model": {"size": "tiny", "n_rois": 20, "n_frames": 32, "gradient_components": 8},
-            "data": {"scaling": "centered"}, "train": {"batch_size": 4, "device": "cpu"}}  # fmt: skip
+PRETRAIN = {
+    "model": {"size": "tiny", "n_rois": 20, "n_frames": 32, "gradient_components": 8},
+    "data": {"scaling": "centered"},
+    "train": {"batch_size": 4, "device": "cpu"},
+}
 
 
 def _generated_protocol(root: Path, **edit) -> Path:
     (root / "pre.yaml").write_text(yaml.safe_dump(PRETRAIN))
     p = {
-        "name": "frozen", "pretrain": {"config": "pre.yaml", "steps": 2}, "seeds": [0],
-        "generate": {"version": GENERATOR_VERSION, "sites": 3, "subjects": 24, "rois": 20, "duration": 200,
-                     "split": [0.6, 0.2, 0.2], "mechanism": "coupling"},
+        "name": "frozen",
+        "pretrain": {"config": "pre.yaml", "steps": 2},
+        "seeds": [0],
+        "generate": {
+            "version": GENERATOR_VERSION,
+            "sites": 3,
+            "subjects": 24,
+            "rois": 20,
+            "duration": 200,
+            "split": [0.6, 0.2, 0.2],
+            "mechanism": "coupling",
+        },
         "generator_seeds": [0, 1],
         "sites": [{"name": "site_a"}, {"name": "site_b"}, {"name": "site_c"}],
         "tasks": [{"name": "sex", "column": "sex", "kind": "classification", "classes": ["0", "1"]}],
         "methods": ["random_probe", "roi_spectrum", "fc", "fc_tangent"],
-        "recipe": {"eval_windows": 2}, "n_bootstrap": 200,
+        "recipe": {"eval_windows": 2},
+        "n_bootstrap": 200,
         "experiments": [{"name": "held out", "finetune": ["site_a", "site_b"], "test": ["site_c"]}],
-    }  # fmt: skip
+    }
     p.update(edit)
     path = root / "protocol.yaml"
     path.write_text(yaml.safe_dump(p))
@@ -93,7 +106,8 @@ def test_a_generated_protocol_runs_once_per_cohort_with_provenance_intervals_and
 
 
 def test_a_run_whose_report_step_failed_is_finished_by_report_only_and_then_counts_as_scored(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from brainjepa.downstream import comparison
 
     path = _generated_protocol(tmp_path, generator_seeds=[0], methods=["fc"])
@@ -119,8 +133,19 @@ def test_a_run_whose_report_step_failed_is_finished_by_report_only_and_then_coun
     assert again.exit_code == 2 and "already scored" in again.output
     CliRunner().invoke(app, [*run, "--report-only"])  # rendering again is no new scoring
     assert [e["completed"] for e in Ledger(ledger).entries()] == [False, True]
-    empty = CliRunner().invoke(app, ["evaluate", "--protocol", str(path), "--out-dir", str(tmp_path / "none"),
-                                     "--report-only", "--ledger", str(ledger)])  # fmt: skip
+    empty = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--protocol",
+            str(path),
+            "--out-dir",
+            str(tmp_path / "none"),
+            "--report-only",
+            "--ledger",
+            str(ledger),
+        ],
+    )
     assert empty.exit_code == 2 and "no results.csv" in empty.output
 
 
@@ -147,15 +172,21 @@ def test_protocol_hash_changes_with_anything_a_result_depends_on(tmp_path: Path)
     assert protocol_hash(p) != h  # the pretraining recipe's text is part of it
 
 
-@pytest.mark.parametrize(("edit", "needle"), [
-    ({"generator_seeds": []}, "at least one generator seed"),
-    ({"sites": [{"name": s} for s in ("site_a", "site_b", "site_c", "site_q")]}, "not one of the 3 generated sites"),
-    ({"tasks": [{"name": "iq", "column": "iq", "kind": "regression"}]}, "generated sites have"),
-    ({"generate": None}, "needs a 'generate' section"),
-    ({"generate": None, "generator_seeds": []}, "need a 'config'"),
-    ({"generate": {"version": GENERATOR_VERSION, "mechanism": "vibes"}}, "generate.mechanism"),
-    ({"test_site_scaling": "test_scans"}, "test_site_scaling"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        ({"generator_seeds": []}, "at least one generator seed"),
+        (
+            {"sites": [{"name": s} for s in ("site_a", "site_b", "site_c", "site_q")]},
+            "not one of the 3 generated sites",
+        ),
+        ({"tasks": [{"name": "iq", "column": "iq", "kind": "regression"}]}, "generated sites have"),
+        ({"generate": None}, "needs a 'generate' section"),
+        ({"generate": None, "generator_seeds": []}, "need a 'config'"),
+        ({"generate": {"version": GENERATOR_VERSION, "mechanism": "vibes"}}, "generate.mechanism"),
+        ({"test_site_scaling": "test_scans"}, "test_site_scaling"),
+    ],
+)
 def test_a_malformed_generated_protocol_is_refused_naming_the_key(tmp_path: Path, edit: dict, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle) as e:
         load_protocol(_generated_protocol(tmp_path, **edit))
@@ -163,7 +194,9 @@ def test_a_malformed_generated_protocol_is_refused_naming_the_key(tmp_path: Path
 
 
 def test_a_test_only_site_takes_the_training_sites_scaling_unless_told_otherwise(tmp_path: Path) -> None:
-    yamls = generate_cohorts(tmp_path, n_sites=3, subjects_per_site=12, n_rois=20, duration_s=200, split=(0.6, 0.2, 0.2))
+    yamls = generate_cohorts(
+        tmp_path, n_sites=3, subjects_per_site=12, n_rois=20, duration_s=200, split=(0.6, 0.2, 0.2)
+    )
     cfgs = [load_site_config(y) for y in yamls]
     shared = training_scaling(cfgs[:2], 2.205, 32, "centered")
     pooled = [x for c in cfgs[:2] for x in load_site_series(c, 2.205, split="train", min_frames=32).series]
@@ -183,8 +216,9 @@ def test_git_state_sees_edits_but_not_the_ledger_it_keeps(tmp_path: Path) -> Non
     from brainjepa.downstream.provenance import git_state
 
     def git(*args: str) -> None:
-        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
-                       capture_output=True)  # fmt: skip
+        subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True, capture_output=True
+        )
 
     (tmp_path / "code.py").write_text("x = 1\n")
     (tmp_path / "ledger.jsonl").write_text("")

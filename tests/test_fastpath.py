@@ -26,8 +26,9 @@ from brainjepa.prefetch import Prefetcher
 from brainjepa.vit import Block, gather_tokens
 
 # torch.compile on a CPU generates C++: it needs a compiler (CI and the dev image have g++)
-needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                                    reason="torch.compile on CPU needs a C++ compiler")  # fmt: skip
+needs_compiler = pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None, reason="torch.compile on CPU needs a C++ compiler"
+)
 
 
 @pytest.mark.slow  # torch.compile, then 200 steps
@@ -133,12 +134,15 @@ def test_prefetcher_yields_every_step_in_order_and_stops_cleanly() -> None:
     assert threading.active_count() == before
 
 
-@pytest.mark.parametrize(("text", "error"), [
-    ("perf:\n  attention: fastest\n", "perf.attention.*fastest"),
-    ("perf:\n  cuda_graphs: true\n", "perf.cuda_graphs.*perf.compile"),
-    ("perf:\n  recompute_fraction: 1.5\n", "perf.recompute_fraction.*1.5"),
-    ("train:\n  precision: fp16\n", "train.precision.*fp16"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("perf:\n  attention: fastest\n", "perf.attention.*fastest"),
+        ("perf:\n  cuda_graphs: true\n", "perf.cuda_graphs.*perf.compile"),
+        ("perf:\n  recompute_fraction: 1.5\n", "perf.recompute_fraction.*1.5"),
+        ("train:\n  precision: fp16\n", "train.precision.*fp16"),
+    ],
+)
 def test_perf_section_is_validated_with_the_field_named(tmp_path: Path, text: str, error: str) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(text)
@@ -155,8 +159,9 @@ def test_perf_section_is_read(tmp_path: Path) -> None:
 @pytest.mark.slow  # torch.compile, then both paths side by side
 @needs_compiler
 def test_numerics_command_writes_plot_and_verdict(tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["numerics", "--steps", "12", "--rois", "20", "--frames", "48", "--batch", "4",
-                                      "--out", str(tmp_path)])  # fmt: skip
+    result = CliRunner().invoke(
+        app, ["numerics", "--steps", "12", "--rois", "20", "--frames", "48", "--batch", "4", "--out", str(tmp_path)]
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "numerics.json").read_text())
     assert summary["ok"] and summary["steps"] == 12 and summary["fast"] == "compile"

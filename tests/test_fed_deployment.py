@@ -31,7 +31,7 @@ BASE = dict(n_rois=50, n_frames=64, local_steps=2, batch_size=4)
 
 # A ClientApp wrapping the real one, for fault tests only: node config `inject-nan` poisons the reply,
 # `fault-sleep-s` makes the site hang (after touching `fault-marker`) so that the test can kill it.
-FAULTY_CLIENT = '''
+FAULTY_CLIENT = """
 import time
 from pathlib import Path
 import numpy as np
@@ -62,7 +62,7 @@ def train(msg, context):
             poisoned[k] = Array(a)
         reply.content["arrays"] = ArrayRecord(poisoned)
     return reply
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,9 @@ def flat_sets(state: dict, model_cfg: dict, grads: np.ndarray) -> dict[str, torc
     """Flatten a checkpoint's models the way the wire does (independently of server code)."""
     models = JEPAModels(from_mapping(ModelConfig, model_cfg, "checkpoint"), torch.from_numpy(grads))
     models.load_state_dict(state)
-    return {n: parameters_to_vector(getattr(models, n).parameters()).detach() for n in ("encoder", "predictor", "target")}
+    return {
+        n: parameters_to_vector(getattr(models, n).parameters()).detach() for n in ("encoder", "predictor", "target")
+    }
 
 
 def test_two_rounds_weighted_mean_nan_rejected_wrong_gradients_refused(tmp_path: Path, demo) -> None:
@@ -114,8 +116,9 @@ def test_two_rounds_weighted_mean_nan_rejected_wrong_gradients_refused(tmp_path:
     ]
     (tmp_path / "app").mkdir()
     (tmp_path / "app" / "faulty_client.py").write_text(FAULTY_CLIENT)
-    app = write_app_dir(tmp_path / "app", run_config(tmp_path, grads, num_rounds=2, min_sites=2),
-                        clientapp="faulty_client:app")
+    app = write_app_dir(
+        tmp_path / "app", run_config(tmp_path, grads, num_rounds=2, min_sites=2), clientapp="faulty_client:app"
+    )
     with LocalFederation(tmp_path, nodes, env_extra=FLOWER_ENV) as fed:
         res = fed.run(app, timeout_s=400)
     assert res.returncode == 0 and "outputs under" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
@@ -193,7 +196,10 @@ def test_site_killed_mid_round_then_server_killed_and_resumed(tmp_path: Path, de
         # site_a's SuperNode reconnects with backoff after the crash: give the resumed round time.
         res = fed.run(app, {"resume-dir": str(ckpt.parent), "round-timeout-s": 150.0}, timeout_s=400)
     assert res.returncode == 0 and "outputs under" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
-    assert sorted(r["status"] for r in first) == ["ok", "timeout"] or sorted(r["status"] for r in first) == ["failed", "ok"]
+    assert sorted(r["status"] for r in first) == ["ok", "timeout"] or sorted(r["status"] for r in first) == [
+        "failed",
+        "ok",
+    ]
     assert [r["site"] for r in first if r["status"] == "ok"] == ["site_a"]
     assert f"resuming {ckpt.parent} after round 1" in res.stdout
     assert load_checkpoint(ckpt)["round"] == 2

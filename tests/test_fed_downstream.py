@@ -58,14 +58,17 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     # on a shared 2-core machine two threads per process spin against each other).
     torch.set_num_threads(1)
     demo = prepare_federation(tmp / "sites", n_sites=2, subjects=16, n_rois=N_ROIS, n_frames=N_FRAMES, seed=5)
-    cfg = PretrainConfig(model=ModelConfig(n_rois=N_ROIS, n_frames=N_FRAMES),
-                         data=DataConfig(sites=tuple(str(y) for y in demo.site_yamls), gradients=str(demo.gradients)),
-                         train=TrainConfig(steps=4, batch_size=4, device="cpu", out_dir=str(tmp / "pretrain"),
-                                           checkpoint_every=4))  # fmt: skip
+    cfg = PretrainConfig(
+        model=ModelConfig(n_rois=N_ROIS, n_frames=N_FRAMES),
+        data=DataConfig(sites=tuple(str(y) for y in demo.site_yamls), gradients=str(demo.gradients)),
+        train=TrainConfig(steps=4, batch_size=4, device="cpu", out_dir=str(tmp / "pretrain"), checkpoint_every=4),
+    )
     checkpoint = pretrain(cfg, progress=False).checkpoint
     dumps = tmp / "dumps"
-    nodes = [{"site-config": str(y), "gradients": str(demo.gradients), "dump-updates-dir": str(dumps)}
-             for y in demo.site_yamls]  # fmt: skip
+    nodes = [
+        {"site-config": str(y), "gradients": str(demo.gradients), "dump-updates-dir": str(dumps)}
+        for y in demo.site_yamls
+    ]
     with LocalFederation(tmp / "flower", nodes, env_extra=FLOWER_ENV) as fed:
         yield {"tmp": tmp, "demo": demo, "checkpoint": checkpoint, "fed": fed, "dumps": dumps}
     torch.set_num_threads(threads)
@@ -76,11 +79,19 @@ def _run(federation: dict, name: str, task: TaskSpec, recipe: DownstreamConfig, 
     tmp, demo = federation["tmp"] / name, federation["demo"]
     config = tmp / "downstream.yaml"
     config.parent.mkdir(parents=True)
-    config.write_text(yaml.safe_dump({"task": dataclasses.asdict(task) | {"classes": list(task.classes)},
-                                      "recipe": dataclasses.asdict(recipe)}))  # fmt: skip
-    cfg = FederationConfig(task="probe" if recipe.frozen_backbone else "finetune", local_steps=local_steps,
-                           checkpoint=str(federation["checkpoint"]), downstream_config=str(config),
-                           out_dir=str(tmp / "runs"), gradients=str(demo.gradients))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {"task": dataclasses.asdict(task) | {"classes": list(task.classes)}, "recipe": dataclasses.asdict(recipe)}
+        )
+    )
+    cfg = FederationConfig(
+        task="probe" if recipe.frozen_backbone else "finetune",
+        local_steps=local_steps,
+        checkpoint=str(federation["checkpoint"]),
+        downstream_config=str(config),
+        out_dir=str(tmp / "runs"),
+        gradients=str(demo.gradients),
+    )
     dumps = federation["dumps"]
     shutil.rmtree(dumps, ignore_errors=True)  # this run's replies only
     res = federation["fed"].run(write_app_dir(tmp / "app", to_run_config(cfg)), timeout_s=300)
@@ -94,13 +105,19 @@ def _run(federation: dict, name: str, task: TaskSpec, recipe: DownstreamConfig, 
     sites = [load_labelled_site(load_site(y)[0], task, dt.model_tr, N_FRAMES, dt.scaling) for y in demo.site_yamls]
     ref = fit(backbone, task, recipe, sites, "federated", local_steps=local_steps)
     state = ref.model.state_dict()
-    worst = max(float((flower["model"][k].double() - v.double()).abs().max()) for k, v in state.items()
-                if v.is_floating_point())  # fmt: skip
+    worst = max(
+        float((flower["model"][k].double() - v.double()).abs().max()) for k, v in state.items() if v.is_floating_point()
+    )
     init = {k.removeprefix("target."): v for k, v in load_checkpoint(federation["checkpoint"])["models"].items()}
-    moved = max(float((flower["model"][k] - init[k.removeprefix("backbone.")]).abs().max()) for k in state
-                if k.startswith("backbone.") and state[k].is_floating_point())  # fmt: skip
-    print(f"{name}: max |flower - in-process| = {worst:.3g} over {len(state)} tensors; selected step "
-          f"{flower['step']} (in-process {ref.best_step}); backbone moved by up to {moved:.3g}")
+    moved = max(
+        float((flower["model"][k] - init[k.removeprefix("backbone.")]).abs().max())
+        for k in state
+        if k.startswith("backbone.") and state[k].is_floating_point()
+    )
+    print(
+        f"{name}: max |flower - in-process| = {worst:.3g} over {len(state)} tensors; selected step "
+        f"{flower['step']} (in-process {ref.best_step}); backbone moved by up to {moved:.3g}"
+    )
     assert worst <= 1e-6, f"{name}: federated over Flower and in-process fit differ by up to {worst:.3g}"
     assert flower["step"] == ref.best_step
     for m in [*METRICS[task.kind], "n"]:
@@ -126,8 +143,9 @@ def _check_evaluation_replies(dumps: Path, kind: str, n_sites: int) -> None:
 def test_federated_finetuning_over_flower_equals_in_process_fit(federation: dict) -> None:
     """Drop-path on: its draws are seeded per (seed, round, site), the same at a Flower site and in `fit`."""
     task = TaskSpec(name="sex", column="sex", kind="classification", classes=("0", "1"))
-    recipe = DownstreamConfig(method="finetune", steps=6, batch_size=4, lr=1e-3, drop_path=0.2, eval_every=3,
-                              eval_windows=2, seed=1)  # fmt: skip
+    recipe = DownstreamConfig(
+        method="finetune", steps=6, batch_size=4, lr=1e-3, drop_path=0.2, eval_every=3, eval_windows=2, seed=1
+    )
     out, run_dir = _run(federation, "finetune", task, recipe, local_steps=3)
     assert out["moved"] > 1e-5  # fine-tuning trained the backbone
     with open(run_dir / "downstream_metrics.csv", newline="") as f:
@@ -135,7 +153,8 @@ def test_federated_finetuning_over_flower_equals_in_process_fit(federation: dict
     assert [int(r["step"]) for r in rows] == [3, 6] and sum(int(r["selected"]) for r in rows) >= 1
     test = json.loads((run_dir / "test_metrics.json").read_text())
     assert set(test["sites"]) == {"site_a", "site_b"} and test["weighted"]["n"] == sum(
-        s["n"] for s in test["sites"].values())
+        s["n"] for s in test["sites"].values()
+    )
     assert json.dumps(out["flower"]["test"]) == json.dumps(test) and out["flower"]["kind"] == "downstream"
     # the audit log: the start, each training round's and evaluation's verdicts, the checkpoint's hash
     events = [json.loads(line) for line in (run_dir / "audit.jsonl").read_text().splitlines()]
@@ -149,8 +168,9 @@ def test_federated_finetuning_over_flower_equals_in_process_fit(federation: dict
 
 def test_federated_probing_of_a_regression_over_flower_equals_in_process_fit(federation: dict) -> None:
     task = TaskSpec(name="age", column="age", kind="regression")
-    recipe = DownstreamConfig(method="probe", steps=3, batch_size=4, probe_lr=1e-2, eval_every=3, eval_windows=2,
-                              seed=2)  # fmt: skip
+    recipe = DownstreamConfig(
+        method="probe", steps=3, batch_size=4, probe_lr=1e-2, eval_every=3, eval_windows=2, seed=2
+    )
     out, run_dir = _run(federation, "probe", task, recipe, local_steps=3)
     assert out["moved"] == 0.0  # the probe leaves the backbone frozen
     assert out["flower"]["target"]["scale"] != 1.0  # standardised with the pooled label statistics

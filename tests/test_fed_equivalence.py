@@ -31,11 +31,22 @@ def test_one_site_federated_equals_local_pretraining(tmp_path: Path) -> None:
     rounds, k = 2, 2
     demo = prepare_federation(tmp_path / "sites", n_sites=1, subjects=10, n_rois=40, n_frames=64, seed=3)
     grads = demo.gradients
-    cfg = FederationConfig(n_rois=40, n_frames=64, local_steps=k, num_rounds=rounds, min_sites=1, batch_size=4,
-                           gradients=str(grads), out_dir=str(tmp_path / "runs"), seed=3)  # fmt: skip
+    cfg = FederationConfig(
+        n_rois=40,
+        n_frames=64,
+        local_steps=k,
+        num_rounds=rounds,
+        min_sites=1,
+        batch_size=4,
+        gradients=str(grads),
+        out_dir=str(tmp_path / "runs"),
+        seed=3,
+    )
     (site_yaml,) = sorted((tmp_path / "sites").glob("*/*.yaml"))
     app = write_app_dir(tmp_path / "app", to_run_config(cfg))
-    with LocalFederation(tmp_path, [{"site-config": str(site_yaml), "gradients": str(grads)}], env_extra=FLOWER_ENV) as fed:
+    with LocalFederation(
+        tmp_path, [{"site-config": str(site_yaml), "gradients": str(grads)}], env_extra=FLOWER_ENV
+    ) as fed:
         res = fed.run(app, timeout_s=300)
     assert res.returncode == 0 and "outputs under" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
     (fed_ckpt,) = list((tmp_path / "runs").glob("*/checkpoint.pt"))
@@ -44,9 +55,10 @@ def test_one_site_federated_equals_local_pretraining(tmp_path: Path) -> None:
     # Local pretraining on the same site (`data.site`: same loading, resampling and scaling).
     pcfg: PretrainConfig = from_mapping(PretrainConfig, fed_state["config"], "checkpoint")
     local_cfg = dataclasses.replace(
-        pcfg, data=dataclasses.replace(pcfg.data, site=str(site_yaml), gradients=str(grads)),
+        pcfg,
+        data=dataclasses.replace(pcfg.data, site=str(site_yaml), gradients=str(grads)),
         train=dataclasses.replace(pcfg.train, steps=rounds * k, out_dir=str(tmp_path / "local"), checkpoint_every=100),
-    )  # fmt: skip
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread, as in the site's process (FLOWER_ENV): both sides sum in one order
     try:

@@ -27,10 +27,29 @@ def _live_cmdlines() -> list[str]:
 
 def test_simulation_demo_three_sites(tmp_path: Path) -> None:
     cli = Path(sys.executable).parent / "brainjepa-server"
-    cmd = [str(cli), "simulate", "--sites", "3", "--subjects", "10", "--rounds", "3", "--local-steps", "2",
-           "--out-dir", str(tmp_path / "runs"), "--run-config", "n-rois=50", "--run-config", "n-frames=64",
-           "--run-config", "batch-size=4"]  # fmt: skip
-    res = subprocess.run(cmd, env={**os.environ, **FLOWER_ENV}, capture_output=True, text=True, timeout=500, check=False)
+    cmd = [
+        str(cli),
+        "simulate",
+        "--sites",
+        "3",
+        "--subjects",
+        "10",
+        "--rounds",
+        "3",
+        "--local-steps",
+        "2",
+        "--out-dir",
+        str(tmp_path / "runs"),
+        "--run-config",
+        "n-rois=50",
+        "--run-config",
+        "n-frames=64",
+        "--run-config",
+        "batch-size=4",
+    ]
+    res = subprocess.run(
+        cmd, env={**os.environ, **FLOWER_ENV}, capture_output=True, text=True, timeout=500, check=False
+    )
     out = res.stdout + res.stderr
     assert res.returncode == 0 and "outputs under" in out, out[-4000:]
     assert len(list((tmp_path / "runs" / "sites").glob("*/*.yaml"))) == 3  # prepared before Flower started

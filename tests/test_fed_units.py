@@ -26,24 +26,15 @@ from brainjepa.vit import Encoder
 from brainjepa.weights import model_checksum
 from client.downstream import UNLOADED
 from client.state import load_optimizer, save_optimizer
-from server.aggregate import (
-    RunningMean,
-    ServerOptimizer,
-    SiteUpdate,
-    check_update,
-)
-from server.config import (
-    FederationConfig,
-    ServerOptConfig,
-    from_run_config,
-    load_downstream_task,
-    to_run_config,
-)
+from server.aggregate import RunningMean, ServerOptimizer, SiteUpdate, check_update
+from server.config import FederationConfig, ServerOptConfig, from_run_config, load_downstream_task, to_run_config
 from server.downstream import check_evaluation, pooled_target
 
 
 def _update(site: str, n: int, rng: np.random.Generator, sizes: dict[str, int]) -> SiteUpdate:
-    return SiteUpdate(site, n, {k: torch.from_numpy(rng.standard_normal(v).astype(np.float32)) for k, v in sizes.items()})
+    return SiteUpdate(
+        site, n, {k: torch.from_numpy(rng.standard_normal(v).astype(np.float32)) for k, v in sizes.items()}
+    )
 
 
 SIZES = {"encoder": 300, "predictor": 120, "target": 300}
@@ -95,7 +86,9 @@ def test_fedavgm_and_fedadam_move_towards_the_mean() -> None:
     m = ServerOptimizer(ServerOptConfig("fedavgm", lr=1.0, momentum=0.5))
     first = m.step(cur, mean)
     second = m.step(cur, mean)  # same pseudo-gradient again: momentum 1 + 0.5
-    assert torch.allclose(first["encoder"], torch.ones(300)) and torch.allclose(second["encoder"], torch.full((300,), 1.5))
+    assert torch.allclose(first["encoder"], torch.ones(300)) and torch.allclose(
+        second["encoder"], torch.full((300,), 1.5)
+    )
     assert torch.equal(second["target"], mean["target"])  # the EMA target is plainly averaged
     adam = ServerOptimizer(ServerOptConfig("fedadam", lr=0.1))
     out = adam.step(cur, mean)
@@ -113,7 +106,9 @@ def test_fp16_wire_uplink_deltas_keep_the_fp32_master() -> None:
     assert all(down[k].dtype == "float16" for k in SIZES)
     received = decode_global(down.to_torch_state_dict())
     assert all(torch.equal(received[k], master[k].half().float()) for k in SIZES)
-    trained = {k: received[k] + 1e-3 * torch.from_numpy(rng.standard_normal(v).astype(np.float32)) for k, v in SIZES.items()}
+    trained = {
+        k: received[k] + 1e-3 * torch.from_numpy(rng.standard_normal(v).astype(np.float32)) for k, v in SIZES.items()
+    }
     up = ArrayRecord(encode_update(trained, received, "float16"))
     assert all(up[k].dtype == "float16" for k in SIZES)
     full = decode_update(up.to_torch_state_dict(), "float16", master)
@@ -130,7 +125,9 @@ def test_fp32_wire_is_bit_exact_both_ways() -> None:
     rng = np.random.default_rng(4)
     master = {k: torch.from_numpy(rng.standard_normal(v).astype(np.float32)) for k, v in SIZES.items()}
     received = decode_global(ArrayRecord(encode_global(master, "float32")).to_torch_state_dict())
-    back = decode_update(ArrayRecord(encode_update(received, received, "float32")).to_torch_state_dict(), "float32", master)
+    back = decode_update(
+        ArrayRecord(encode_update(received, received, "float32")).to_torch_state_dict(), "float32", master
+    )
     assert all(torch.equal(back[k], master[k]) and back[k].dtype == torch.float32 for k in SIZES)
 
 
@@ -198,8 +195,11 @@ def test_a_site_builds_the_servers_downstream_layout_without_the_checkpoint(meth
     vec = state_vector(server)
     received = decode_global(ArrayRecord(encode_global({MODEL_SET: vec}, "float32")).to_torch_state_dict())
     load_state_vector(site, received[MODEL_SET])
-    assert all(torch.equal(a, b) for a, b in zip(server.state_dict().values(), site.state_dict().values(), strict=True)
-               if a.is_floating_point())  # fmt: skip
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(server.state_dict().values(), site.state_dict().values(), strict=True)
+        if a.is_floating_point()
+    )
     up = ArrayRecord(encode_update({MODEL_SET: received[MODEL_SET] + 1e-3}, received, "float16"))
     back = decode_update(up.to_torch_state_dict(), "float16", {MODEL_SET: vec})[MODEL_SET]
     assert float((back - (vec + 1e-3)).abs().max()) < 1e-3 * 2**-10
@@ -208,8 +208,14 @@ def test_a_site_builds_the_servers_downstream_layout_without_the_checkpoint(meth
 def test_regression_target_from_site_sums_equals_the_pooled_labels() -> None:
     rng = np.random.default_rng(5)
     labels = [rng.normal(60.0, 8.0, n).astype(np.float32) for n in (13, 1, 40)]
-    stats = [(y.size, float(y.astype(np.float64).sum()),
-              float(((y.astype(np.float64) - y.astype(np.float64).mean()) ** 2).sum())) for y in labels]  # fmt: skip
+    stats = [
+        (
+            y.size,
+            float(y.astype(np.float64).sum()),
+            float(((y.astype(np.float64) - y.astype(np.float64).mean()) ** 2).sum()),
+        )
+        for y in labels
+    ]
     ref = TargetScale.of(TaskSpec(name="age", column="age", kind="regression"), labels)
     got = pooled_target(stats)
     assert got.center == pytest.approx(ref.center, rel=1e-14) and got.scale == pytest.approx(ref.scale, rel=1e-12)
@@ -220,8 +226,9 @@ def test_evaluation_replies_carry_metrics_only() -> None:
     full = {eval_metric_key(m): 0.5 for m in ("balanced_acc", "acc", "f1", "auroc")}
     assert check_evaluation(SiteUpdate("a", 4, {}, full), "classification") is None
     assert check_evaluation(SiteUpdate("a", 0, {}, {}), "classification") is None  # an empty split
-    assert "carries no weights" in str(check_evaluation(SiteUpdate("a", 4, {MODEL_SET: torch.zeros(3)}, full),
-                                                        "classification"))  # fmt: skip
+    assert "carries no weights" in str(
+        check_evaluation(SiteUpdate("a", 4, {MODEL_SET: torch.zeros(3)}, full), "classification")
+    )
     assert "missing: ['mse'" in str(check_evaluation(SiteUpdate("a", 4, {}, full), "regression"))
     assert "count" in str(check_evaluation(SiteUpdate("a", -1, {}, full), "classification"))
 

@@ -64,9 +64,11 @@ def test_schaefer400_gradient_structure(main_holdout):
     assert norms[0] >= norms[2] >= norms[10]
 
 
-@pytest.mark.skipif(REFERENCE is None or not REFERENCE.is_file(),
-                    reason=f"BRAINJEPA_REFERENCE_GRADIENTS={_REFERENCE_ENV!r}: not a file (set it to the "
-                    "reference release's gradient_mapping_450.csv)")
+@pytest.mark.skipif(
+    REFERENCE is None or not REFERENCE.is_file(),
+    reason=f"BRAINJEPA_REFERENCE_GRADIENTS={_REFERENCE_ENV!r}: not a file (set it to the "
+    "reference release's gradient_mapping_450.csv)",
+)
 def test_reference_file_has_the_structure_we_produce(main_holdout):
     ref = G.load_gradients(REFERENCE, n_rois=450, n_components=30)
     gm, _ = main_holdout
@@ -95,9 +97,7 @@ def test_federated_fc_equals_pooled_mean():
     np.testing.assert_allclose(G.federated_fc(contribs), pooled, atol=1e-12)
     # the older cohort helper (equal lengths) agrees
     eq = [s[:, :40] for s in subjects]
-    np.testing.assert_allclose(
-        G.group_connectivity(np.stack(eq)), G.federated_fc([G.site_fc_sum(eq)]), atol=1e-5
-    )
+    np.testing.assert_allclose(G.group_connectivity(np.stack(eq)), G.federated_fc([G.site_fc_sum(eq)]), atol=1e-5)
     with pytest.raises(DataError, match="ROI-count mismatch"):
         G.federated_fc([contribs[0], (np.zeros((5, 5)), 3)])
 

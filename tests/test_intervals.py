@@ -25,8 +25,9 @@ from brainjepa.downstream.metrics import METRICS, classification_metrics, regres
 from brainjepa.downstream.report import format_value
 
 
-def _probs(rng: np.random.Generator, y: np.ndarray, n_seeds: int, n_classes: int, signal: float,
-           decimals: int | None = None) -> np.ndarray:  # fmt: skip
+def _probs(
+    rng: np.random.Generator, y: np.ndarray, n_seeds: int, n_classes: int, signal: float, decimals: int | None = None
+) -> np.ndarray:
     """Class probabilities (S, N, C) that favour the true class by signal; rounded to make ties."""
     logits = rng.normal(size=(n_seeds, y.size, n_classes)) + signal * np.eye(n_classes)[y]
     p = np.exp(logits) / np.exp(logits).sum(axis=2, keepdims=True)
@@ -38,9 +39,7 @@ def _reference(kind: str, metric: str, y: np.ndarray, s: np.ndarray, idx: np.nda
     with warnings.catch_warnings():  # scikit-learn warns about one-label resamples
         warnings.simplefilter("ignore", UserWarning)
         if kind == "classification":
-            return np.array(
-                [[classification_metrics(y[i], si[i], s.shape[2])[metric] for si in s] for i in idx]
-            )
+            return np.array([[classification_metrics(y[i], si[i], s.shape[2])[metric] for si in s] for i in idx])
         return np.array([[regression_metrics(y[i], si[i])[metric] for si in s] for i in idx])
 
 
@@ -137,8 +136,9 @@ def test_interval_is_the_percentile_of_the_resampled_metric() -> None:
     reps = np.zeros(400)
     for g in (2, 5):
         slots = np.flatnonzero(group == g)
-        reps += slots.size / y.size * batch_metric(y, s, idx[:, slots], kind="classification",
-                                                   metric="auroc").mean(axis=1)  # fmt: skip
+        reps += (
+            slots.size / y.size * batch_metric(y, s, idx[:, slots], kind="classification", metric="auroc").mean(axis=1)
+        )
     lo, hi = np.quantile(reps, [0.05, 0.95])
     assert (iv.lo, iv.hi, iv.n_boot, iv.level) == (pytest.approx(lo), pytest.approx(hi), 400, 0.9)
 
@@ -225,13 +225,9 @@ def test_bad_input_gets_clear_errors() -> None:
     with pytest.raises(ValueError, match="n_boot"):
         bootstrap_interval(y, s, group, kind="classification", metric="acc", n_boot=0)
     with pytest.raises(ValueError, match="single subject"):
-        bootstrap_interval(
-            np.arange(5.0), np.ones((2, 5)), np.r_[0, 0, 0, 0, 1], kind="regression", metric="mae"
-        )
+        bootstrap_interval(np.arange(5.0), np.ones((2, 5)), np.r_[0, 0, 0, 0, 1], kind="regression", metric="mae")
     with pytest.raises(ValueError, match="NaN"):
-        bootstrap_interval(
-            np.r_[np.nan, 1.0], np.ones((1, 2)), np.zeros(2, int), kind="regression", metric="mae"
-        )
+        bootstrap_interval(np.r_[np.nan, 1.0], np.ones((1, 2)), np.zeros(2, int), kind="regression", metric="mae")
 
 
 def test_format_interval() -> None:
@@ -242,9 +238,7 @@ def test_format_interval() -> None:
     assert format_interval("auroc", Interval(0.912, 0.86, 0.951, 2000, 0.95)) == "91.2 [86.0, 95.1]"
     diff = Interval(0.031, -0.012, 0.074, 2000, 0.95)
     assert format_interval("balanced_acc", diff, signed=True) == "+3.1 [-1.2, 7.4]"
-    assert (
-        format_interval("r2", Interval(-0.1234, -0.3, 0.05, 10, 0.95), signed=True) == "-0.12 [-0.30, 0.05]"
-    )
+    assert format_interval("r2", Interval(-0.1234, -0.3, 0.05, 10, 0.95), signed=True) == "-0.12 [-0.30, 0.05]"
     assert format_interval("mse", Interval(0.08941, 0.07123, 0.11, 10, 0.95)) == "0.0894 [0.0712, 0.110]"
     assert format_interval("mae", Interval(1.5, 1.0, 2.0, 10, 0.95), signed=True) == "+1.50 [1.00, 2.00]"
     assert format_interval("acc", Interval(math.nan, math.nan, math.nan, 0, 0.95)) == "–"

@@ -63,6 +63,7 @@ def test_mask_invariants_over_many_draws(R: int, W: int) -> None:
             ct = m.target[b, n_alpha : n_alpha + n_ct]
             dc = m.target[b, n_alpha + n_ct :]
             for lo_col, hi_col in ((W - edge, W), (0, edge)):
+
                 def side(c: int, lo_col: int = lo_col, hi_col: int = hi_col) -> bool:
                     return lo_col <= c < hi_col
 
@@ -85,7 +86,9 @@ def test_same_seed_same_masks_and_different_seed_differs() -> None:
     a, b, c = draw(7), draw(7), draw(8)
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x.context, y.context) and torch.equal(x.target, y.target)
-    assert any(x.context.shape != z.context.shape or not torch.equal(x.context, z.context) for x, z in zip(a, c, strict=True))
+    assert any(
+        x.context.shape != z.context.shape or not torch.equal(x.context, z.context) for x, z in zip(a, c, strict=True)
+    )
 
 
 def test_sizes_per_batch_positions_per_sample() -> None:

@@ -21,11 +21,21 @@ TR = 2.205
 
 
 def _auroc(site, method: str) -> tuple[float, float, float]:
-    fitted = fit_baseline(method, site.train.series, site.train.y, site.val.series, site.val.y, kind="classification",
-                          seed=0, tr=TR, config=BaselineConfig())  # fmt: skip
+    fitted = fit_baseline(
+        method,
+        site.train.series,
+        site.train.y,
+        site.val.series,
+        site.val.y,
+        kind="classification",
+        seed=0,
+        tr=TR,
+        config=BaselineConfig(),
+    )
     scores = fitted.predict_scores(site.test.series, 2)[None]  # (1, N, 2)
-    iv = bootstrap_interval(site.test.y, scores, np.zeros(len(site.test), dtype=int), kind="classification",
-                            metric="auroc", n_boot=1000)  # fmt: skip
+    iv = bootstrap_interval(
+        site.test.y, scores, np.zeros(len(site.test), dtype=int), kind="classification", metric="auroc", n_boot=1000
+    )
     return iv.estimate, iv.lo, iv.hi
 
 
@@ -34,8 +44,16 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = {}
     for mechanism in ("coupling", "amplitude"):
         root: Path = tmp_path_factory.mktemp(mechanism)
-        (yml,) = generate_cohorts(root, n_sites=1, subjects_per_site=160, n_rois=30, duration_s=400.0, seed=3,
-                                  mechanism=mechanism, split=(0.5, 0.0, 0.5))  # fmt: skip
+        (yml,) = generate_cohorts(
+            root,
+            n_sites=1,
+            subjects_per_site=160,
+            n_rois=30,
+            duration_s=400.0,
+            seed=3,
+            mechanism=mechanism,
+            split=(0.5, 0.0, 0.5),
+        )
         out[mechanism] = load_labelled_site(load_site_config(yml), SEX, TR, 64, "centered")
     return out
 

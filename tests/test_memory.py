@@ -63,7 +63,12 @@ def test_checkpointing_lowers_the_estimate() -> None:
     assert full.peak_gib < half.peak_gib < selective.peak_gib < eager.peak_gib
     assert eager.context_tokens == selective.context_tokens == full.context_tokens
     assert eager.tflop_per_sample == selective.tflop_per_sample < half.tflop_per_sample < full.tflop_per_sample
-    assert [e.setting for e in (eager, selective, half, full)] == ["eager", "selective", "selective + recompute 50%", "full"]
+    assert [e.setting for e in (eager, selective, half, full)] == [
+        "eager",
+        "selective",
+        "selective + recompute 50%",
+        "full",
+    ]
 
 
 def test_setting_parser() -> None:
@@ -85,15 +90,24 @@ def test_fit_picks_the_first_setting_that_fits_and_prints_a_loadable_perf_sectio
     config = tmp_path / "site.yaml"
     config.write_text(perf_yaml(chosen) + "\n")
     perf = load_pretrain_config(config).perf
-    assert (perf.selective_checkpointing, perf.recompute_fraction) == (chosen.selective_checkpointing, chosen.recompute_fraction)
+    assert (perf.selective_checkpointing, perf.recompute_fraction) == (
+        chosen.selective_checkpointing,
+        chosen.recompute_fraction,
+    )
 
 
 @pytest.mark.slow  # a search over settings, one traced step each
 def test_fit_says_none_when_even_full_recomputation_does_not_fit() -> None:
     chosen, tried = fit_setting(1e-6, **SMALL)
     assert chosen is None
-    assert [e.setting for e in tried] == ["eager", "selective", "selective + recompute 25%", "selective + recompute 50%",
-                                          "selective + recompute 75%", "full"]  # fmt: skip
+    assert [e.setting for e in tried] == [
+        "eager",
+        "selective",
+        "selective + recompute 25%",
+        "selective + recompute 50%",
+        "selective + recompute 75%",
+        "full",
+    ]
 
 
 def test_heaviest_masks_are_the_largest_draw_at_any_batch() -> None:

@@ -31,8 +31,14 @@ CORRUPT = {  # ROI 2 of a scan made missing in each of the three ways real data 
 }
 
 
-def roi_site(tmp_path: Path, policy: str | None = None, bad: dict[str, str] | None = None, n_sub: int = 8,
-             runs: int = 0, scaling_shift: float = 100.0):  # fmt: skip
+def roi_site(
+    tmp_path: Path,
+    policy: str | None = None,
+    bad: dict[str, str] | None = None,
+    n_sub: int = 8,
+    runs: int = 0,
+    scaling_shift: float = 100.0,
+):
     """n_sub subjects of (R, L) .npy series; `bad` maps a subject to how its ROI 2 is broken."""
     rng = np.random.default_rng(0)
     root = tmp_path / "site"
@@ -96,7 +102,9 @@ def test_masks_without_missing_rois_are_the_same_draws():
     obs = torch.ones(4, 12, dtype=torch.bool)
     obs[1, 3] = obs[2, 7] = False  # the batch's union {3, 7} leaves every sample's grid
     c = sample_masks_observed(cfg, 4, 12, 10, torch.Generator().manual_seed(5), obs)
-    assert c.context.shape[1] > 0 and not torch.isin(torch.cat([c.context, c.target], 1) // 10, torch.tensor([3, 7])).any()
+    assert (
+        c.context.shape[1] > 0 and not torch.isin(torch.cat([c.context, c.target], 1) // 10, torch.tensor([3, 7])).any()
+    )
 
 
 def test_pooling_ignores_missing_rois():
@@ -136,9 +144,16 @@ def test_fc_baseline_imputes_missing_pairs_from_training_scans():
     assert np.isfinite(est.predict_proba(X[:2])).all()
 
 
-@pytest.mark.parametrize("kind, method", [("demeaned", "values"), ("standardized", "values"),
-                                          ("raw-offset", "scan"), ("raw-equal", "values"),
-                                          ("raw-near", "robust")])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind, method",
+    [
+        ("demeaned", "values"),
+        ("standardized", "values"),
+        ("raw-offset", "scan"),
+        ("raw-equal", "values"),
+        ("raw-near", "robust"),
+    ],
+)
 def test_auto_scaling_picks_by_the_data_and_lands_near_unit_spread(kind, method, caplog):
     from sites.scaling import check_spread, choose_method
 
@@ -180,8 +195,12 @@ def test_bids_runs_become_rows_of_one_subject_split_together(tmp_path):
 
 
 def _raw(cfg) -> dict:
-    return {"site": cfg.site, "data": {"format": "roi", "root": str(cfg.data.root), "file": cfg.data.file},
-            "tr": cfg.tr, "rois": [{"name": "r", "n_rois": R}]}  # fmt: skip
+    return {
+        "site": cfg.site,
+        "data": {"format": "roi", "root": str(cfg.data.root), "file": cfg.data.file},
+        "tr": cfg.tr,
+        "rois": [{"name": "r", "n_rois": R}],
+    }
 
 
 def nifti_site(tmp_path: Path, policy: str, fd: np.ndarray | None = None, min_coverage: float = 0.0):
@@ -239,7 +258,11 @@ def test_prepare_records_missing_rois_and_the_loader_applies_the_policy(tmp_path
     assert ss.missing == {"sub-01": [2]} and np.isnan(ss.series[1][2]).all()
     np.testing.assert_allclose(ss.series[1][:2], truth["sub-01"][:2], rtol=1e-5)
     q0 = m["subjects"]["sub-00"]["qc"]
-    assert q0["partial_coverage_rois"] == [0] and q0["coverage_min"] == 0.5 and m["summary"]["scans_with_partial_coverage"] == 1
+    assert (
+        q0["partial_coverage_rois"] == [0]
+        and q0["coverage_min"] == 0.5
+        and m["summary"]["scans_with_partial_coverage"] == 1
+    )
     np.testing.assert_allclose(ss.series[0][0], truth["sub-00"][0] / 2, rtol=1e-5)  # nilearn averages the zeros in
     cfg, _ = nifti_site(tmp_path / "c", "mask", min_coverage=0.6)  # less than 60 % of a ROI in the data: missing
     assert prepare_site(cfg, progress=False)["qc"]["missing_rois"]["per_scan"] == {"sub-00": [0], "sub-01": [2]}
@@ -271,10 +294,14 @@ def test_prepare_extracts_each_bids_run_as_a_row(tmp_path):
         rev = nib.Nifti1Image(np.asarray(img.dataobj)[..., ::-1].copy(), img.affine, img.header)
         nib.save(rev, root / sid / "func" / f"{sid}_task-rest_run-02_bold.nii.gz")
         f.unlink()
-    raw = {"site": "n", "data": {"format": "nifti", "root": str(root), "bold": "{subject}/func/{subject}_*_bold.nii.gz"},
-           "rois": [{"name": "a", "n_rois": 3, "atlas": str(cfg.rois[0].atlas)}],
-           "preprocess": {"n_jobs": 1, "missing_rois": "mask"}, "participants": {"runs": True},
-           "split": {"train": 0.5, "val": 0.5, "test": 0.0}}  # fmt: skip
+    raw = {
+        "site": "n",
+        "data": {"format": "nifti", "root": str(root), "bold": "{subject}/func/{subject}_*_bold.nii.gz"},
+        "rois": [{"name": "a", "n_rois": 3, "atlas": str(cfg.rois[0].atlas)}],
+        "preprocess": {"n_jobs": 1, "missing_rois": "mask"},
+        "participants": {"runs": True},
+        "split": {"train": 0.5, "val": 0.5, "test": 0.0},
+    }
     runs = parse_site_config(raw, tmp_path / "r.yaml")
     m = prepare_site(runs, progress=False)
     assert list(m["subjects"]) == ["sub-00_run-01", "sub-00_run-02", "sub-01_run-01", "sub-01_run-02"]

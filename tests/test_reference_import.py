@@ -49,8 +49,14 @@ def _lin(g: torch.Generator, out: int, inp: int, scale: float = 0.1) -> tuple[to
 
 def _blocks(g: torch.Generator, prefix: str, dim: int, depth: int) -> dict[str, torch.Tensor]:
     sd = {}
-    shapes = {"norm1": None, "attn.qkv": (3 * dim, dim), "attn.proj": (dim, dim), "norm2": None,
-              "mlp.fc1": (4 * dim, dim), "mlp.fc2": (dim, 4 * dim)}  # fmt: skip
+    shapes = {
+        "norm1": None,
+        "attn.qkv": (3 * dim, dim),
+        "attn.proj": (dim, dim),
+        "norm2": None,
+        "mlp.fc1": (4 * dim, dim),
+        "mlp.fc2": (dim, 4 * dim),
+    }
     for i in range(depth):
         for name, shape in shapes.items():
             if shape is None:  # LayerNorm: weight near 1
@@ -63,9 +69,11 @@ def _blocks(g: torch.Generator, prefix: str, dim: int, depth: int) -> dict[str, 
 
 def ref_encoder_sd(seed: int, D: int = 64, depth: int = 2) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    sd = {"patch_embed.proj.weight": torch.randn(D, 1, 1, P, generator=g) * 0.2,  # Conv2d, kernel (1, p)
-          "patch_embed.proj.bias": torch.randn(D, generator=g) * 0.1,
-          "pos_embed_proj.emb_h": emb_h(D // 2)}  # fmt: skip
+    sd = {
+        "patch_embed.proj.weight": torch.randn(D, 1, 1, P, generator=g) * 0.2,  # Conv2d, kernel (1, p)
+        "patch_embed.proj.bias": torch.randn(D, generator=g) * 0.1,
+        "pos_embed_proj.emb_h": emb_h(D // 2),
+    }
     w, b = _lin(g, D // 2, K)
     sd["pos_embed_proj.predictor_pos_embed_proj.weight"], sd["pos_embed_proj.predictor_pos_embed_proj.bias"] = w, b
     sd |= _blocks(g, "blocks.", D, depth)
@@ -95,9 +103,18 @@ def ref_checkpoint(D: int = 64, depth: int = 2, Dp: int = 32, pdepth: int = 2) -
     param.grad = torch.ones(3)
     opt.step()
     target = {f"module.{k}": v for k, v in ref_encoder_sd(2, D, depth).items()}
-    return {"encoder": ref_encoder_sd(1, D, depth), "predictor": ref_predictor_sd(3, D, Dp, pdepth),
-            "target_encoder": target, "opt": opt.state_dict(), "scaler": None, "epoch": 300, "loss": 0.125,
-            "batch_size": 16, "world_size": 4, "lr": 1e-3}  # fmt: skip
+    return {
+        "encoder": ref_encoder_sd(1, D, depth),
+        "predictor": ref_predictor_sd(3, D, Dp, pdepth),
+        "target_encoder": target,
+        "opt": opt.state_dict(),
+        "scaler": None,
+        "epoch": 300,
+        "loss": 0.125,
+        "batch_size": 16,
+        "world_size": 4,
+        "lr": 1e-3,
+    }
 
 
 @pytest.fixture
@@ -105,8 +122,11 @@ def files(tmp_path: Path) -> dict[str, Path]:
     grads = np.random.default_rng(0).standard_normal((R, K))
     np.savetxt(tmp_path / "gradient_mapping.csv", grads, delimiter=",")  # headerless, as the reference's
     torch.save(ref_checkpoint(), tmp_path / "jepa-latest.pth.tar")
-    return {"ckpt": tmp_path / "jepa-latest.pth.tar", "grads": tmp_path / "gradient_mapping.csv",
-            "out": tmp_path / "imported.pt"}  # fmt: skip
+    return {
+        "ckpt": tmp_path / "jepa-latest.pth.tar",
+        "grads": tmp_path / "gradient_mapping.csv",
+        "out": tmp_path / "imported.pt",
+    }
 
 
 # ------------------------------------------------------------------ the reference forward, written out
@@ -135,15 +155,22 @@ def ref_encoder(sd: dict, grads: torch.Tensor, x: torch.Tensor, heads: int, dept
     return F.layer_norm(t, (t.shape[-1],), sd["norm.weight"], sd["norm.bias"], eps=1e-6)
 
 
-def ref_predictor(sd: dict, grads: torch.Tensor, ctx: torch.Tensor, ctx_idx: torch.Tensor,
-                  tgt_idx: torch.Tensor, heads: int, depth: int = 2) -> torch.Tensor:  # fmt: skip
+def ref_predictor(
+    sd: dict,
+    grads: torch.Tensor,
+    ctx: torch.Tensor,
+    ctx_idx: torch.Tensor,
+    tgt_idx: torch.Tensor,
+    heads: int,
+    depth: int = 2,
+) -> torch.Tensor:
     pe = ref_positions(sd, "predictor_2dpe_proj.", grads)  # (N, Dp)
     x = ctx @ sd["predictor_embed.weight"].T + sd["predictor_embed.bias"] + pe[ctx_idx]  # (B, Nc, Dp)
     x = torch.cat([x, sd["mask_token"] + pe[tgt_idx]], dim=1)
     for i in range(depth):
         x = ref_block(x, sd, f"predictor_blocks.{i}.", heads)
     x = F.layer_norm(x, (x.shape[-1],), sd["predictor_norm.weight"], sd["predictor_norm.bias"], eps=1e-6)
-    return x[:, ctx.shape[1]:] @ sd["predictor_proj.weight"].T + sd["predictor_proj.bias"]
+    return x[:, ctx.shape[1] :] @ sd["predictor_proj.weight"].T + sd["predictor_proj.bias"]
 
 
 def load_ours(path: Path) -> tuple[JEPAModels, dict]:
@@ -161,7 +188,14 @@ def test_imported_model_computes_the_reference_formulas(files: dict[str, Path]) 
     assert (r.epoch, r.sincos_max_diff, r.scaling) == (300, 0.0, "none")  # emb_h is exactly our table
     models, ckpt = load_ours(files["out"])
     cfg = models.cfg
-    assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.pred_dim, cfg.pred_depth, cfg.pred_heads) == (64, 2, 4, 32, 2, 4)
+    assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.pred_dim, cfg.pred_depth, cfg.pred_heads) == (
+        64,
+        2,
+        4,
+        32,
+        2,
+        4,
+    )
     assert (cfg.n_rois, cfg.n_frames, cfg.patch_size, cfg.gradient_components, cfg.mlp_ratio) == (R, T, P, K, 4.0)
     assert (ckpt["kind"], ckpt["step"], ckpt["trainer"], ckpt["reference"]["epoch"]) == ("pretrain", 0, None, 300)
     ref = torch.load(files["ckpt"], weights_only=True)
@@ -180,14 +214,24 @@ def test_imported_model_computes_the_reference_formulas(files: dict[str, Path]) 
         assert not torch.allclose(ours, ref_predictor(ref["predictor"], grads, ctx, ctx_idx, tgt_idx, 2), atol=1e-3)
 
 
-@pytest.mark.parametrize("part,edit,match", [
-    ("encoder", lambda sd: sd.update({"blocks.0.attn.q_norm.weight": torch.ones(16)}), "blocks.0.attn.q_norm.weight"),
-    ("predictor", lambda sd: sd.pop("predictor_norm.weight"), "predictor.norm.weight"),
-    ("target_encoder", lambda sd: sd.update({"module.norm.bias": torch.zeros(65)}), r"norm.bias.*\(65,\).*\(64,\)"),
-    ("encoder", lambda sd: sd.pop("pos_embed_proj.emb_h"), "pos_embed_proj.emb_h"),
-    ("predictor", lambda sd: sd.update({"predictor_2dpe_proj.emb_h": emb_h(16).roll(1, 0)}),
-     r"predictor_2dpe_proj.emb_h.*differs from our sin-cos"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "part,edit,match",
+    [
+        (
+            "encoder",
+            lambda sd: sd.update({"blocks.0.attn.q_norm.weight": torch.ones(16)}),
+            "blocks.0.attn.q_norm.weight",
+        ),
+        ("predictor", lambda sd: sd.pop("predictor_norm.weight"), "predictor.norm.weight"),
+        ("target_encoder", lambda sd: sd.update({"module.norm.bias": torch.zeros(65)}), r"norm.bias.*\(65,\).*\(64,\)"),
+        ("encoder", lambda sd: sd.pop("pos_embed_proj.emb_h"), "pos_embed_proj.emb_h"),
+        (
+            "predictor",
+            lambda sd: sd.update({"predictor_2dpe_proj.emb_h": emb_h(16).roll(1, 0)}),
+            r"predictor_2dpe_proj.emb_h.*differs from our sin-cos",
+        ),
+    ],
+)
 def test_a_key_that_does_not_fit_is_named(files: dict[str, Path], part: str, edit, match: str) -> None:
     ckpt = ref_checkpoint()
     edit(ckpt[part])
@@ -202,7 +246,11 @@ def test_reference_sizes_set_the_head_count(files: dict[str, Path], size: str, D
     torch.save(ref_checkpoint(D=D, depth=1, Dp=384, pdepth=1), files["ckpt"])
     r = import_reference(files["ckpt"], files["grads"], files["out"], size=size)
     cfg = load_ours(files["out"])[0].cfg
-    assert r.model == cfg and (cfg.size, cfg.num_heads, cfg.pred_heads) == (ModelConfig(size=cfg.size).size, heads, heads)
+    assert r.model == cfg and (cfg.size, cfg.num_heads, cfg.pred_heads) == (
+        ModelConfig(size=cfg.size).size,
+        heads,
+        heads,
+    )
     assert (cfg.embed_dim, cfg.depth, cfg.pred_dim, cfg.pred_depth) == (D, 1, 384, 1)
     wrong = "B"
     with pytest.raises(DataError, match=f"--size {wrong}.*768 wide.*{D} wide"):
@@ -221,13 +269,22 @@ def test_head_count_must_be_given_and_window_options_are_checked(files: dict[str
 def test_normalization_npz_becomes_our_robust_scaling(files: dict[str, Path], tmp_path: Path) -> None:
     med, iqr = np.linspace(-1, 1, R), np.linspace(0.5, 2, R)
     np.savez(tmp_path / "normalization_params_train.npz", medians=med, iqrs=iqr)
-    r = import_reference(files["ckpt"], files["grads"], files["out"], num_heads=4,
-                         normalization=tmp_path / "normalization_params_train.npz")  # fmt: skip
+    r = import_reference(
+        files["ckpt"],
+        files["grads"],
+        files["out"],
+        num_heads=4,
+        normalization=tmp_path / "normalization_params_train.npz",
+    )
     s = RobustScaling.from_dict(load_checkpoint(files["out"])["scaling"])
     assert r.scaling == "scaling" and np.array_equal(s.median, med) and np.array_equal(s.iqr, iqr)
     np.savez(tmp_path / "other.npz", mean=med, std=iqr)  # not medians / iqrs: kept aside, said so
-    assert import_reference(files["ckpt"], files["grads"], files["out"], num_heads=4,
-                            normalization=tmp_path / "other.npz").scaling == "reference_normalization"  # fmt: skip
+    assert (
+        import_reference(
+            files["ckpt"], files["grads"], files["out"], num_heads=4, normalization=tmp_path / "other.npz"
+        ).scaling
+        == "reference_normalization"
+    )
     ckpt = load_checkpoint(files["out"])
     assert ckpt["scaling"] is None and ckpt["reference_normalization"]["mean"] == med.tolist()
     np.savez(tmp_path / "bad.npz", medians=med[:5], iqrs=iqr[:5])

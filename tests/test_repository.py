@@ -25,8 +25,27 @@ _WORDS = ("iss" + "ue", "sess" + "ion")
 WORK_ITEM = re.compile(r"(?<![a-z])(?:" + "|".join(_WORDS) + r")[ _-]?#?[0-9]+\b", re.IGNORECASE)
 
 BINARY_SUFFIXES = frozenset(
-    {".png", ".jpg", ".jpeg", ".gif", ".pdf", ".npy", ".npz", ".pt", ".pth", ".gz", ".zip", ".nii",
-     ".h5", ".pkl", ".parquet", ".ico", ".woff", ".woff2", ".ttf"}
+    {
+        ".png",
+        ".jpg",
+        ".jpeg",
+        ".gif",
+        ".pdf",
+        ".npy",
+        ".npz",
+        ".pt",
+        ".pth",
+        ".gz",
+        ".zip",
+        ".nii",
+        ".h5",
+        ".pkl",
+        ".parquet",
+        ".ico",
+        ".woff",
+        ".woff2",
+        ".ttf",
+    }
 )
 
 
@@ -35,9 +54,7 @@ def _tracked_files() -> list[Path]:
         pytest.skip("git is not installed: cannot list the tracked files")
     if not (ROOT / ".git").exists():
         pytest.skip(f"{ROOT} is not a git checkout (no .git): cannot list the tracked files")
-    out = subprocess.run(
-        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True, timeout=30
-    ).stdout
+    out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True, timeout=30).stdout
     names = [n for n in out.decode("utf-8", errors="surrogateescape").split("\0") if n]
     return [ROOT / n for n in names]
 
@@ -75,8 +92,16 @@ def work_item_hits(paths: list[Path]) -> list[str]:
 
 def test_pattern_catches_work_item_words_and_spares_others():
     word, period = _WORDS
-    caught = [f"{word.title()} 12", f"{word} 15's attack", f"since {word} 2", f"{word}12/{period}6",
-              f"transfer_{period}3.jsonl", f"{word} #4", f"{period.upper()}-7", f"({word}_3)"]
+    caught = [
+        f"{word.title()} 12",
+        f"{word} 15's attack",
+        f"since {word} 2",
+        f"{word}12/{period}6",
+        f"transfer_{period}3.jsonl",
+        f"{word} #4",
+        f"{period.upper()}-7",
+        f"({word}_3)",
+    ]
     spared = [f"t{word} 3", f"{word}s 3", f"{period}_id", f"{period}s 2", f"{word} tracker", "ses-01"]
     assert [s for s in caught if not WORK_ITEM.search(s)] == []
     assert [s for s in spared if WORK_ITEM.search(s)] == []
@@ -107,9 +132,15 @@ def test_no_tracked_file_names_a_work_item():
 _BESIDE = "sha" + "red"
 _ABSOLUTE = ("wo" + "rk", "t" + "mp", "ho" + "me", "ro" + "ot", "Us" + "ers")
 OUTSIDE_PATH = re.compile(
-    r"\.\./" + _BESIDE + r"\b"
-    + r"|(?<![\w.-])" + _BESIDE + r"/(?:design|reference|tools|hooks)\b"
-    + r"|(?<![\w.~-])/(?:" + "|".join(_ABSOLUTE) + r")/"
+    r"\.\./"
+    + _BESIDE
+    + r"\b"
+    + r"|(?<![\w.-])"
+    + _BESIDE
+    + r"/(?:design|reference|tools|hooks)\b"
+    + r"|(?<![\w.~-])/(?:"
+    + "|".join(_ABSOLUTE)
+    + r")/"
 )
 # A Markdown file cited by name (`docs/model.md`, `README.md`): it must be one of ours.
 MARKDOWN_NAME = re.compile(r"(?<![\w.-])([A-Za-z0-9][\w-]*)\.md\b")
@@ -135,8 +166,11 @@ def outside_hits(paths: list[Path], markdown_names: set[str]) -> list[str]:
         if text is None or is_run_record(rel):
             continue
         for number, line in enumerate(text.splitlines(), start=1):
-            unknown = [m.group(0) for m in MARKDOWN_NAME.finditer(line)
-                       if m.group(1) not in markdown_names and not WRITTEN_BY_OUR_TOOLS.fullmatch(m.group(1))]
+            unknown = [
+                m.group(0)
+                for m in MARKDOWN_NAME.finditer(line)
+                if m.group(1) not in markdown_names and not WRITTEN_BY_OUR_TOOLS.fullmatch(m.group(1))
+            ]
             if OUTSIDE_PATH.search(line) or unknown:
                 hits.append(f"{rel}:{number}: {line.strip()[:120]}")
     return hits
@@ -145,11 +179,23 @@ def outside_hits(paths: list[Path], markdown_names: set[str]) -> list[str]:
 def test_outside_pattern_catches_paths_outside_and_spares_ours():
     beside = _BESIDE
     work, temp, home = _ABSOLUTE[:3]
-    caught = [f"see ../{beside}/x.csv", f"(`{beside}/reference/anchor.txt`)", f"{beside}/design/notes",
-              f'Path("/{work}/{beside}/a.csv")', f"--out /{temp}/real", f"`/{home}/me/data`",
-              f"ledger: /{work}/main/experiments/ledger.jsonl"]  # fmt: skip
-    spared = [f"{beside}/ is where a checkout keeps it", "https://example.org/tmp/x", f"runs/{temp}/x",
-              "--out data/real", f"a {beside} folder", f"~/{temp}/x"]  # fmt: skip
+    caught = [
+        f"see ../{beside}/x.csv",
+        f"(`{beside}/reference/anchor.txt`)",
+        f"{beside}/design/notes",
+        f'Path("/{work}/{beside}/a.csv")',
+        f"--out /{temp}/real",
+        f"`/{home}/me/data`",
+        f"ledger: /{work}/main/experiments/ledger.jsonl",
+    ]
+    spared = [
+        f"{beside}/ is where a checkout keeps it",
+        "https://example.org/tmp/x",
+        f"runs/{temp}/x",
+        "--out data/real",
+        f"a {beside} folder",
+        f"~/{temp}/x",
+    ]
     assert [s for s in caught if not OUTSIDE_PATH.search(s)] == []
     assert [s for s in spared if OUTSIDE_PATH.search(s)] == []
 

@@ -46,10 +46,13 @@ SETS = ("encoder", "predictor", "target")
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoFederation:
-    fed = prepare_federation(tmp_path_factory.mktemp("secagg") / "sites", n_sites=2, subjects=12, n_rois=N_ROIS,
-                             n_frames=N_FRAMES, seed=5)  # fmt: skip
+    fed = prepare_federation(
+        tmp_path_factory.mktemp("secagg") / "sites", n_sites=2, subjects=12, n_rois=N_ROIS, n_frames=N_FRAMES, seed=5
+    )
     site_b = fed.site_yamls[1]  # fewer training subjects at site_b: the weighting matters
-    site_b.write_text(site_b.read_text().replace("train: 0.8\n  val: 0.1\n  test: 0.1", "train: 0.5\n  val: 0.25\n  test: 0.25"))
+    site_b.write_text(
+        site_b.read_text().replace("train: 0.8\n  val: 0.1\n  test: 0.1", "train: 0.5\n  val: 0.25\n  test: 0.25")
+    )
     return fed
 
 
@@ -78,13 +81,24 @@ def dumped(dumps: Path) -> list[dict[str, np.ndarray]]:
 # two flwr runs of 4 SecAgg+ stages each (each stage spawns a ClientApp per site)
 def test_secagg_round_equals_weighted_fedavg_then_central_dp_on_top(demo: DemoFederation, tmp_path: Path) -> None:
     grads = load_gradients(demo.gradients)
-    cfg = FederationConfig(n_rois=N_ROIS, n_frames=N_FRAMES, local_steps=2, num_rounds=1, batch_size=4,
-                           gradients=str(demo.gradients), out_dir=str(tmp_path / "runs1"), secure_aggregation=True,
-                           secure_aggregation_clip_range=0.05, secure_aggregation_max_weight=16.0,
-                           save_updates=True)  # fmt: skip
+    cfg = FederationConfig(
+        n_rois=N_ROIS,
+        n_frames=N_FRAMES,
+        local_steps=2,
+        num_rounds=1,
+        batch_size=4,
+        gradients=str(demo.gradients),
+        out_dir=str(tmp_path / "runs1"),
+        secure_aggregation=True,
+        secure_aggregation_clip_range=0.05,
+        secure_aggregation_max_weight=16.0,
+        save_updates=True,
+    )
     dumps = tmp_path / "dumps"
-    nodes = [{"site-config": str(y), "gradients": str(demo.gradients), "dump-updates-dir": str(dumps)}
-             for y in demo.site_yamls]  # fmt: skip
+    nodes = [
+        {"site-config": str(y), "gradients": str(demo.gradients), "dump-updates-dir": str(dumps)}
+        for y in demo.site_yamls
+    ]
     start = initial_sets(cfg, grads)
     with LocalFederation(tmp_path / "flower", nodes, env_extra=FLOWER_ENV) as fed:
         res = fed.run(write_app_dir(tmp_path / "app1", to_run_config(cfg)), timeout_s=300)
@@ -95,8 +109,13 @@ def test_secagg_round_equals_weighted_fedavg_then_central_dp_on_top(demo: DemoFe
 
         # ---- 2: central DP + secure aggregation on the same federation
         z, clip = 0.8, 0.05
-        cfg2 = dataclasses.replace(cfg, out_dir=str(tmp_path / "runs2"), central_dp=True,
-                                   central_dp_noise_multiplier=z, central_dp_clip_norm=clip)  # fmt: skip
+        cfg2 = dataclasses.replace(
+            cfg,
+            out_dir=str(tmp_path / "runs2"),
+            central_dp=True,
+            central_dp_noise_multiplier=z,
+            central_dp_clip_norm=clip,
+        )
         res2 = fed.run(write_app_dir(tmp_path / "app2", to_run_config(cfg2)), timeout_s=300)
         assert res2.returncode == 0 and "outputs under" in res2.stdout, res2.stdout[-4000:] + res2.stderr[-2000:]
 
@@ -134,6 +153,7 @@ def test_secagg_round_equals_weighted_fedavg_then_central_dp_on_top(demo: DemoFe
     np.testing.assert_allclose(released["target"], mu * start["target"] + (1 - mu) * released["encoder"], atol=1e-6)
     central = json.loads((run2 / "privacy.json").read_text())["central_dp"]
     orders = RDPAccountant.DEFAULT_ALPHAS
-    want_eps = get_privacy_spent(orders=orders, rdp=compute_rdp(q=1.0, noise_multiplier=z, steps=1, orders=orders),
-                                 delta=cfg2.central_dp_delta)[0]  # fmt: skip
+    want_eps = get_privacy_spent(
+        orders=orders, rdp=compute_rdp(q=1.0, noise_multiplier=z, steps=1, orders=orders), delta=cfg2.central_dp_delta
+    )[0]
     assert central["epsilon"] == pytest.approx(want_eps, rel=1e-9) and central["per_round"][0]["sites_clipped"] is None

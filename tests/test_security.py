@@ -50,7 +50,7 @@ from server.robust import RobustAggregate
 
 SMALL = ["--run-config", "n-rois=50", "--run-config", "n-frames=64", "--run-config", "batch-size=4"]
 
-EVIL_APP = '''
+EVIL_APP = """
 from pathlib import Path
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
@@ -61,7 +61,7 @@ capp = ClientApp()
 @app.main()
 def main(grid, context):
     Path(MARKER).touch()
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +83,21 @@ def _wait_for(proc: ManagedProcess, pattern: str, timeout_s: float) -> re.Match:
 
 
 def _client(tmp: Path, name: str, yaml: Path, grads: Path, port: int, ca: Path, key: Path, env: dict) -> ManagedProcess:
-    cmd = [flower_bin("brainjepa-client"), "--site", str(yaml), "--gradients", str(grads), "--server",
-           f"localhost:{port}", "--root-certificates", str(ca), "--auth-key", str(key), "--log-dir", str(tmp / name)]
+    cmd = [
+        flower_bin("brainjepa-client"),
+        "--site",
+        str(yaml),
+        "--gradients",
+        str(grads),
+        "--server",
+        f"localhost:{port}",
+        "--root-certificates",
+        str(ca),
+        "--auth-key",
+        str(key),
+        "--log-dir",
+        str(tmp / name),
+    ]
     return start_process(name, cmd, tmp / "logs" / f"{name}.out", env, cwd=tmp)
 
 
@@ -97,16 +110,40 @@ def test_outsider_refused_sites_known_by_key_resume_with_auth(tmp_path: Path, de
     for k in keys.values():
         make_supernode_key(k)
     sites_file = tmp_path / "sites.yaml"
-    sites_file.write_text("".join(f"{n}:\n  public-key: keys/{n}.pub\n  max-samples: 100\n" for n in ("site_a", "site_b", "site_c")))
+    sites_file.write_text(
+        "".join(f"{n}:\n  public-key: keys/{n}.pub\n  max-samples: 100\n" for n in ("site_a", "site_b", "site_c"))
+    )
     port = free_port()
     env = flower_env(tmp_path / "user_flwr_home", FLOWER_ENV)
     out = tmp_path / "out"
 
     def start_server(*extra: str) -> ManagedProcess:
-        cmd = [flower_bin("brainjepa-server"), "start", "--gradients", str(grads), "--address", f"127.0.0.1:{port}",
-               "--rounds", "2", "--local-steps", "1", "--min-sites", "2", "--out-dir", str(out), "--ssl-ca-certfile",
-               str(ca.cert), "--ssl-certfile", str(server.cert), "--ssl-keyfile", str(server.key), "--sites-file",
-               str(sites_file), *SMALL, *extra]  # fmt: skip
+        cmd = [
+            flower_bin("brainjepa-server"),
+            "start",
+            "--gradients",
+            str(grads),
+            "--address",
+            f"127.0.0.1:{port}",
+            "--rounds",
+            "2",
+            "--local-steps",
+            "1",
+            "--min-sites",
+            "2",
+            "--out-dir",
+            str(out),
+            "--ssl-ca-certfile",
+            str(ca.cert),
+            "--ssl-certfile",
+            str(server.cert),
+            "--ssl-keyfile",
+            str(server.key),
+            "--sites-file",
+            str(sites_file),
+            *SMALL,
+            *extra,
+        ]
         return start_process("server", cmd, tmp_path / "logs" / f"server{len(extra)}.out", env, cwd=tmp_path)
 
     srv = start_server()
@@ -119,25 +156,39 @@ def test_outsider_refused_sites_known_by_key_resume_with_auth(tmp_path: Path, de
         assert sorted(registered) == ["site_a", "site_b", "site_c"]
         # Two honest sites, and site_c's key with site_a's YAML: its replies claim to be site_a. They train
         # while the outsider tries its luck.
-        procs += [_client(tmp_path, "a", yamls[0], grads, port, ca.cert, keys["site_a"], env),
-                  _client(tmp_path, "b", yamls[1], grads, port, ca.cert, keys["site_b"], env),
-                  _client(tmp_path, "c", yamls[0], grads, port, ca.cert, keys["site_c"], env)]  # fmt: skip
+        procs += [
+            _client(tmp_path, "a", yamls[0], grads, port, ca.cert, keys["site_a"], env),
+            _client(tmp_path, "b", yamls[1], grads, port, ca.cert, keys["site_b"], env),
+            _client(tmp_path, "c", yamls[0], grads, port, ca.cert, keys["site_c"], env),
+        ]
 
         # The outsider holds the public CA certificate and reaches the public port.
         home = tmp_path / "outsider_home"
         home.mkdir()
-        (home / "config.toml").write_text(f'[superlink]\ndefault = "victim"\n\n[superlink.victim]\n'
-                                          f'address = "localhost:{port}"\nroot-certificates = "{ca.cert}"\n')
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "victim"\n\n[superlink.victim]\n'
+            f'address = "localhost:{port}"\nroot-certificates = "{ca.cert}"\n'
+        )
         outsider_env = flower_env(home, FLOWER_ENV)
-        reg = subprocess.run([flower_bin("flwr"), "supernode", "register", str(keys["outsider"]) + ".pub", "victim"],
-                             env=outsider_env, capture_output=True, text=True, timeout=60)  # fmt: skip
+        reg = subprocess.run(
+            [flower_bin("flwr"), "supernode", "register", str(keys["outsider"]) + ".pub", "victim"],
+            env=outsider_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert "403" in reg.stdout + reg.stderr and "registered successfully" not in reg.stdout, reg.stdout
         marker = tmp_path / "FOREIGN_APP_RAN"
         evil = tmp_path / "evil_app"
         write_app_dir(evil, {}, serverapp="evil:app", clientapp="evil:capp")
         (evil / "evil.py").write_text(f"MARKER = {str(marker)!r}\n" + EVIL_APP)
-        run = subprocess.run([flower_bin("flwr"), "run", str(evil), "victim"], env=outsider_env, capture_output=True,
-                             text=True, timeout=60)  # fmt: skip
+        run = subprocess.run(
+            [flower_bin("flwr"), "run", str(evil), "victim"],
+            env=outsider_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert "403" in run.stdout + run.stderr and "/v1/control/start-run" in run.stdout + run.stderr, run.stdout
         outsider = _client(tmp_path, "outsider", yamls[0], grads, port, ca.cert, keys["outsider"], env)
         assert outsider.wait(timeout=60) != 0
@@ -209,7 +260,9 @@ def test_reply_identity_names_and_malformed_replies() -> None:
     registry = {7: RegisteredSite("site_a", "SHA256:abc", 100)}
     own = RecordDict({SITE: ConfigRecord({"name": "site_a"})})
     assert reply_site(own, 7, registry) == "site_a"
-    with pytest.raises(ConfigError, match=r"registered as site 'site_a' \(key SHA256:abc\) but its reply claims to be 'site_b'"):
+    with pytest.raises(
+        ConfigError, match=r"registered as site 'site_a' \(key SHA256:abc\) but its reply claims to be 'site_b'"
+    ):
         reply_site(RecordDict({SITE: ConfigRecord({"name": "site_b"})}), 7, registry)
     with pytest.raises(ConfigError, match="node 8 is not in the site registry"):
         reply_site(own, 8, registry)
@@ -225,8 +278,10 @@ def test_reply_identity_names_and_malformed_replies() -> None:
 
 
 def test_site_errors_are_scrubbed_of_subject_ids_and_paths() -> None:
-    text = ("file '/data/hosp/sub-0012/func/sub-0012_task-rest_bold.nii.gz': bad; subject '100307': NaN; "
-            "subject id 'AB12' twice; participants ['p1', 'p2'] missing; 50 ROIs, got 400")  # fmt: skip
+    text = (
+        "file '/data/hosp/sub-0012/func/sub-0012_task-rest_bold.nii.gz': bad; subject '100307': NaN; "
+        "subject id 'AB12' twice; participants ['p1', 'p2'] missing; 50 ROIs, got 400"
+    )
     out = scrub(text)
     for secret in ("/data/hosp", "0012", "100307", "AB12", "p1", "p2"):
         assert secret not in out, out
@@ -234,8 +289,13 @@ def test_site_errors_are_scrubbed_of_subject_ids_and_paths() -> None:
 
 
 def test_checkpoints_load_weights_only_and_are_private(tmp_path: Path) -> None:
-    path = save_checkpoint(tmp_path / "c.pt", gradients=np.arange(6.0).reshape(3, 2), n=np.float32(2.5),
-                           models={"w": torch.ones(2)}, config={"a": [1, "x", None]})  # fmt: skip
+    path = save_checkpoint(
+        tmp_path / "c.pt",
+        gradients=np.arange(6.0).reshape(3, 2),
+        n=np.float32(2.5),
+        models={"w": torch.ones(2)},
+        config={"a": [1, "x", None]},
+    )
     assert path.stat().st_mode & 0o777 == 0o600
     ckpt = load_checkpoint(path)
     np.testing.assert_array_equal(ckpt["gradients"], np.arange(6.0).reshape(3, 2))
@@ -249,9 +309,14 @@ def test_checkpoints_load_weights_only_and_are_private(tmp_path: Path) -> None:
 
 def test_proxy_forwards_the_fleet_api_only() -> None:
     assert fleet_allowed("POST", "/v1/fleet/pull-messages") and fleet_allowed("POST", "/v1/fleet/activate-node")
-    for method, path in (("POST", "/v1/control/start-run"), ("POST", "/v1/control/register-node"),
-                         ("POST", "/v1/runtime/pull-messages"), ("GET", "/v1/fleet/pull-messages"),
-                         ("POST", "/v1/fleet/../control/start-run"), ("POST", "/")):  # fmt: skip
+    for method, path in (
+        ("POST", "/v1/control/start-run"),
+        ("POST", "/v1/control/register-node"),
+        ("POST", "/v1/runtime/pull-messages"),
+        ("GET", "/v1/fleet/pull-messages"),
+        ("POST", "/v1/fleet/../control/start-run"),
+        ("POST", "/"),
+    ):
         assert not fleet_allowed(method, path), path
 
 
@@ -260,11 +325,13 @@ def test_sites_file_errors_name_file_site_and_field(tmp_path: Path) -> None:
     f = tmp_path / "sites.yaml"
     f.write_text("site_a:\n  public-key: a.pub\n  max-samples: 10\n")
     assert load_sites_file(f)["site_a"][1].max_samples == 10
-    for text, pattern in (("site/a:\n  public-key: a.pub\n", "not allowed"),
-                          ("site_a:\n  public-key: missing.pub\n", r"site 'site_a', 'public-key'.*does not exist"),
-                          ("site_a:\n  public-key: a.pub\n  max-sample: 1\n", "max-sample"),
-                          ("site_a:\n  public-key: a.pub\nsite_b:\n  public-key: a.pub\n", "share one public key"),
-                          ("site_a:\n  public-key: sites.yaml\n", "not an OpenSSH public key")):  # fmt: skip
+    for text, pattern in (
+        ("site/a:\n  public-key: a.pub\n", "not allowed"),
+        ("site_a:\n  public-key: missing.pub\n", r"site 'site_a', 'public-key'.*does not exist"),
+        ("site_a:\n  public-key: a.pub\n  max-sample: 1\n", "max-sample"),
+        ("site_a:\n  public-key: a.pub\nsite_b:\n  public-key: a.pub\n", "share one public key"),
+        ("site_a:\n  public-key: sites.yaml\n", "not an OpenSSH public key"),
+    ):
         f.write_text(text)
         with pytest.raises(ConfigError, match=pattern):
             load_sites_file(f)
@@ -275,8 +342,17 @@ def test_site_optimizer_state_survives_a_coordinator_restart(tmp_path: Path, dem
     step gets them back, a rollback or another model starts afresh."""
     site, _ = load_site(demo[0][0])
     cfg = PretrainConfig(model=ModelConfig(n_rois=50, n_frames=64), train=TrainConfig(steps=8, batch_size=4))
-    spec = RoundSpec(task="pretrain", round=0, num_rounds=4, step_start=0, local_steps=2, wire_dtype="float32",
-                     model_checksum="m" * 64, gradient_checksum="g" * 64, task_config=cfg)  # fmt: skip
+    spec = RoundSpec(
+        task="pretrain",
+        round=0,
+        num_rounds=4,
+        step_start=0,
+        local_steps=2,
+        wire_dtype="float32",
+        model_checksum="m" * 64,
+        gradient_checksum="g" * 64,
+        task_config=cfg,
+    )
     w = torch.nn.Parameter(torch.randn(10))
     opt = torch.optim.AdamW([w], lr=0.1)
     for _ in range(2):
@@ -290,7 +366,10 @@ def test_site_optimizer_state_survives_a_coordinator_restart(tmp_path: Path, dem
     nxt = dataclasses.replace(spec, round=1, step_start=2)
     assert load_state(site, nxt, fresh) == 1
     torch.testing.assert_close(fresh.state_dict()["state"][0]["exp_avg_sq"], opt.state_dict()["state"][0]["exp_avg_sq"])
-    for other in (dataclasses.replace(spec, round=2, step_start=4), dataclasses.replace(nxt, gradient_checksum="h" * 64)):
+    for other in (
+        dataclasses.replace(spec, round=2, step_start=4),
+        dataclasses.replace(nxt, gradient_checksum="h" * 64),
+    ):
         assert load_state(site, other, torch.optim.AdamW([torch.nn.Parameter(torch.zeros(10))])) == 0
 
 
@@ -314,11 +393,14 @@ def test_client_probe_names_an_unreachable_coordinator_and_a_certificate_without
     cert = make_server_cert(ca, tmp_path / "pki", ["coordinator.example.org"])
     port = free_port()
     t0 = time.monotonic()
-    assert f"cannot reach the coordinator at 127.0.0.1:{port}" in (probe_coordinator(f"127.0.0.1:{port}", ca.cert) or "")
+    assert f"cannot reach the coordinator at 127.0.0.1:{port}" in (
+        probe_coordinator(f"127.0.0.1:{port}", ca.cert) or ""
+    )
     assert time.monotonic() - t0 < 6
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert.cert, cert.key)
     with socket.create_server(("127.0.0.1", 0)) as srv:
+
         def serve() -> None:
             conn, _ = srv.accept()
             with suppress(ssl.SSLError, OSError), ctx.wrap_socket(conn, server_side=True):

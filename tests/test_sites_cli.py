@@ -23,11 +23,7 @@ def app():
 
 
 def test_help_texts(app):
-    for cmd, words in (
-        ("prepare", "NiftiLabelsMasker"),
-        ("gradients", "diffusion map"),
-        ("synth", "multi-site"),
-    ):
+    for cmd, words in (("prepare", "NiftiLabelsMasker"), ("gradients", "diffusion map"), ("synth", "multi-site")):
         r = runner.invoke(app, [cmd, "--help"])
         assert r.exit_code == 0 and words in r.output
 
@@ -113,10 +109,7 @@ def test_synth_then_site_and_federated_gradients(app, synth_sites, tmp_path):
         ],
     )
     assert r2.exit_code == 0, r2.output
-    fed, both = (
-        load_gradients(tmp_path / "fed.npy", n_rois=60),
-        load_gradients(tmp_path / "both.npy", n_rois=60),
-    )
+    fed, both = (load_gradients(tmp_path / "fed.npy", n_rois=60), load_gradients(tmp_path / "both.npy", n_rois=60))
     np.testing.assert_allclose(fed, both, atol=1e-5)
     meta = json.loads((tmp_path / "fed.npy.json").read_text())
     assert meta["source"].startswith("federation of 2 site FC sums") and meta["n_components"] == 10
@@ -178,18 +171,14 @@ def test_prepare_command(app, tmp_path):
     raw = site_raw()
     y = tmp_path / "site.yaml"
     y.write_text(yaml.safe_dump(raw))
-    r = runner.invoke(
-        app, ["prepare", "--site", str(y), "--no-progress", "--min-frames", "30", "--model-tr", "2.0"]
-    )
+    r = runner.invoke(app, ["prepare", "--site", str(y), "--no-progress", "--min-frames", "30", "--model-tr", "2.0"])
     assert r.exit_code == 0, r.output
     assert (
         "2 subject(s) ready, 0 failed, 1 too short" not in r.output
         and "2 subject(s) ready, 0 failed, 0 too short" in r.output
     )
     np.testing.assert_allclose(np.load(cfg.output_dir / "sub-01.npy"), truth["sub-01"], rtol=1e-6)
-    r = runner.invoke(
-        app, ["prepare", "--site", str(y), "--no-progress", "--min-frames", "60", "--model-tr", "2.0"]
-    )
+    r = runner.invoke(app, ["prepare", "--site", str(y), "--no-progress", "--min-frames", "60", "--model-tr", "2.0"])
     assert "2 too short" in r.output
     y.write_text("site: [oops\n")
     r = runner.invoke(app, ["prepare", "--site", str(y)])

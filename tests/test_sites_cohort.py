@@ -17,15 +17,7 @@ from sites.temporal import n_frames_after, resample
 
 
 def make_site(
-    tmp_path: Path,
-    n_sub=6,
-    n_rois=5,
-    n_frames=60,
-    tr=1.0,
-    fmt="npy",
-    orientation="rois_x_time",
-    seed=0,
-    extra=None,
+    tmp_path: Path, n_sub=6, n_rois=5, n_frames=60, tr=1.0, fmt="npy", orientation="rois_x_time", seed=0, extra=None
 ):
     """Write n_sub random ROI series + participants.tsv; return (cfg, {id: (R, L) array})."""
     rng = np.random.default_rng(seed)
@@ -48,18 +40,11 @@ def make_site(
             else:
                 (d / f"{sid}.csv").write_text(text)
     write_participants(
-        root / "participants.tsv",
-        ids,
-        {"age": np.arange(n_sub) + 50.0, "sex": np.array(["M", "F"] * (n_sub // 2))},
+        root / "participants.tsv", ids, {"age": np.arange(n_sub) + 50.0, "sex": np.array(["M", "F"] * (n_sub // 2))}
     )
     raw = {
         "site": "t",
-        "data": {
-            "format": "roi",
-            "root": str(root),
-            "file": f"roi/{{subject}}.{fmt}",
-            "orientation": orientation,
-        },
+        "data": {"format": "roi", "root": str(root), "file": f"roi/{{subject}}.{fmt}", "orientation": orientation},
         "tr": tr,
         "rois": [{"name": "a", "n_rois": 2}, {"name": "b", "n_rois": n_rois - 2}],
         "participants": {"phenotypes": ["age", "sex"]},
@@ -122,11 +107,7 @@ def test_row_without_file_and_file_without_row(tmp_path):
     (cfg.data.root / "roi" / "sub-03.npy").unlink()
     with pytest.raises(DataError) as e:
         load_site_series(cfg)
-    assert (
-        "'sub-03'" in str(e.value)
-        and "without a data file" in str(e.value)
-        and str(cfg.source) in str(e.value)
-    )
+    assert "'sub-03'" in str(e.value) and "without a data file" in str(e.value) and str(cfg.source) in str(e.value)
     np.save(cfg.data.root / "roi" / "sub-03.npy", np.ones((5, 60)))
     np.save(cfg.data.root / "roi" / "sub-99.npy", np.random.default_rng(0).standard_normal((5, 60)))
     with pytest.raises(DataError, match=r"no row in.*sub-99"):
@@ -143,15 +124,11 @@ def test_on_missing_skip(tmp_path):
 def test_too_short_error_and_skip(tmp_path):
     cfg, _ = make_site(tmp_path, n_frames=60, tr=1.0)
     with pytest.raises(
-        DataError,
-        match=r"60 frames at TR 1.0 s = 29 frames at the model TR 2.1 s, shorter than the window of 40",
+        DataError, match=r"60 frames at TR 1.0 s = 29 frames at the model TR 2.1 s, shorter than the window of 40"
     ):
         load_site_series(cfg, model_tr=2.1, min_frames=40)
     cfg2, _ = make_site(tmp_path / "b", n_frames=60, extra={"data": {"on_short": "skip"}})
-    np.save(
-        cfg2.data.root / "roi" / "sub-02.npy",
-        np.random.default_rng(0).standard_normal((5, 30)).astype(np.float32),
-    )
+    np.save(cfg2.data.root / "roi" / "sub-02.npy", np.random.default_rng(0).standard_normal((5, 30)).astype(np.float32))
     ss = load_site_series(cfg2, model_tr=1.0, min_frames=40)
     assert "sub-02" not in ss.subject_ids and "too short" in ss.skipped["sub-02"] and len(ss) == 5
 
@@ -159,10 +136,7 @@ def test_too_short_error_and_skip(tmp_path):
 @pytest.mark.parametrize(
     "corrupt, match",
     [
-        (
-            lambda x: np.where(np.arange(x.shape[0])[:, None] == 1, np.nan, x),
-            r"NaN or Inf values in ROI\(s\) 1 ",
-        ),
+        (lambda x: np.where(np.arange(x.shape[0])[:, None] == 1, np.nan, x), r"NaN or Inf values in ROI\(s\) 1 "),
         (lambda x: np.where(np.arange(x.shape[0])[:, None] == 4, 0.0, x), r"all-zero ROI\(s\) 4 "),
         (lambda x: x[:4], r"has 4 ROIs .* declares 5"),
         (lambda x: x[0], r"expected a 2-D ROI series"),
@@ -205,9 +179,7 @@ def test_resampling_to_model_tr(tmp_path):
         ref = np.stack([np.sin(2 * np.pi * 0.02 * t_out), np.cos(2 * np.pi * 0.05 * t_out)])
         inner = slice(5, -5)  # polyphase edge effects
         assert np.abs(y[:, inner] - ref[:, inner]).max() < 0.05, method
-    np.testing.assert_array_equal(
-        resample(x, 0.735, 2.205, "nearest"), x[:, ::3].astype(np.float32)
-    )  # reference
+    np.testing.assert_array_equal(resample(x, 0.735, 2.205, "nearest"), x[:, ::3].astype(np.float32))  # reference
     # upsampling keeps the span; identity when TRs match
     assert resample(x, 2.0, 1.0).shape == (2, 979)
     assert resample(x, 1.0, 1.0).shape == x.shape

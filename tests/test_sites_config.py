@@ -77,11 +77,7 @@ def test_nifti_config_parses(tmp_path):
     "edit, key, what",
     [
         (("device: cpu", "device: cpu\nbatchsize: 4"), "batchsize", "unknown key"),
-        (
-            ("  orientation: time_x_rois", "  orientation: time_x_rois\n  fromat: roi"),
-            "data.fromat",
-            "unknown key",
-        ),
+        (("  orientation: time_x_rois", "  orientation: time_x_rois\n  fromat: roi"), "data.fromat", "unknown key"),
         (("device: cpu", "device: 1"), "device", "expected a string"),
         (("tr: 0.8", "tr: fast"), "tr", "expected a number"),
         (("tr: 0.8", "tr: true"), "tr", "expected a number"),
@@ -96,10 +92,7 @@ def test_nifti_config_parses(tmp_path):
         (("tr: 0.8", "tr: -1"), "tr", "> 0"),
         (("tr: 0.8\n", ""), "tr", "no header to read the TR"),
         (
-            (
-                "split: {train: 0.7, val: 0.15, test: 0.15, seed: 3}",
-                "split: {train: 0.7, val: 0.5, test: 0.1}",
-            ),
+            ("split: {train: 0.7, val: 0.15, test: 0.15, seed: 3}", "split: {train: 0.7, val: 0.5, test: 0.1}"),
             "split",
             "sum to 1",
         ),
@@ -207,13 +200,8 @@ def test_relative_site_path_resolves_once_from_any_working_directory(tmp_path, m
         assert cfg.output_dir == tmp_path / "bids" / "derivatives" / "brainjepa"
         assert str(cfg.output_dir).count(str(tmp_path / "bids")) == 1
         assert cfg.participants.file == tmp_path / "bids" / "participants.tsv"
-        assert [b.atlas for b in cfg.rois] == [
-            conf / "atlases" / "sub.nii.gz",
-            conf / "atlases" / "ctx.nii.gz",
-        ]
-        paths = [cfg.data.root, cfg.data.output, cfg.output_dir, cfg.participants.file] + [
-            b.atlas for b in cfg.rois
-        ]
+        assert [b.atlas for b in cfg.rois] == [conf / "atlases" / "sub.nii.gz", conf / "atlases" / "ctx.nii.gz"]
+        paths = [cfg.data.root, cfg.data.output, cfg.output_dir, cfg.participants.file] + [b.atlas for b in cfg.rois]
         assert all(p.is_absolute() for p in paths)
     assert relative == absolute == from_parent
 
@@ -226,6 +214,4 @@ def test_roi_tr_outside_plausible_range_names_file_and_key(tmp_path):
         msg = str(e.value)
         assert str(p) in msg and "field 'tr'" in msg and bad in msg and "0.3-5.0" in msg
     for ok in ("0.3", "0.72", "5.0"):
-        assert load_site_config(
-            write(tmp_path, ROI_YAML.replace("tr: 0.8", f"tr: {ok}"), "ok.yaml")
-        ).tr == float(ok)
+        assert load_site_config(write(tmp_path, ROI_YAML.replace("tr: 0.8", f"tr: {ok}"), "ok.yaml")).tr == float(ok)

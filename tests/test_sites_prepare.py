@@ -102,12 +102,7 @@ def test_recovers_painted_series_in_declared_order(tmp_path, caplog):
     assert on_disk["atlases"][1]["labels"] == [3, 1, 2]
     assert on_disk["atlases"][0]["sha256"] == file_sha256(tmp_path / "atlases" / "sub.nii.gz")
     e = on_disk["subjects"]["sub-01"]
-    assert (
-        e["tr"] == 2.0
-        and e["frames"] == N_FRAMES
-        and e["qc"]["empty_labels"] == []
-        and e["qc"]["frames_lost"] == 0
-    )
+    assert e["tr"] == 2.0 and e["frames"] == N_FRAMES and e["qc"]["empty_labels"] == [] and e["qc"]["frames_lost"] == 0
     # a second run skips what is done
     mtime = (cfg.output_dir / "sub-00.npy").stat().st_mtime_ns
     with caplog.at_level(logging.INFO, logger="sites.prepare"):
@@ -160,10 +155,7 @@ def test_bad_subjects_are_reported_and_skipped(tmp_path):
         and "3D" in s["sub-01"]["error"]
     )
     assert str(p2) in s["sub-02"]["error"] and "no repetition time" in s["sub-02"]["error"]
-    assert (
-        str(p3) in s["sub-03"]["error"]
-        and "1 NaN or Inf voxel value(s) in frame(s) [7]" in s["sub-03"]["error"]
-    )
+    assert str(p3) in s["sub-03"]["error"] and "1 NaN or Inf voxel value(s) in frame(s) [7]" in s["sub-03"]["error"]
     assert not (cfg.output_dir / "sub-01.npy").exists()
     # a TR given in the config overrides the header
     cfg2, _ = build(tmp_path / "b", n_sub=1, extra={"tr": 0.8})
@@ -256,9 +248,7 @@ def test_shifted_header_on_the_same_grid_fails_that_subject(tmp_path):
     nib.save(moved, p)
     m = prepare_site(cfg, progress=False)
     s = m["subjects"]
-    assert (
-        s["sub-00"]["status"] == "ok" and s["sub-02"]["status"] == "ok" and s["sub-01"]["status"] == "failed"
-    )
+    assert s["sub-00"]["status"] == "ok" and s["sub-02"]["status"] == "ok" and s["sub-01"]["status"] == "failed"
     e = s["sub-01"]["error"]
     assert str(p) in e and "atlas 'sub'" in e and "translation of (4.0, 0.0, 0.0) mm" in e
     assert "same grid shape and voxel size" in e and "not aligned" in e

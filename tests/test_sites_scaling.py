@@ -8,15 +8,13 @@ import numpy as np
 import pytest
 
 from brainjepa.errors import DataError
-from sites.scaling import RobustScaling, ScalingSummary, combine, fit, subject_means, summarize
+from sites.scaling import RobustScaling, fit, subject_means
+from sites.scaling_sketch import ScalingSummary, combine, summarize
 
 
 def cohort(rng, n, n_rois=4, shift=0.0, gain=1.0, length=(30, 50)):
     base = rng.normal(100.0, 10.0, (n, n_rois)) * gain + shift  # (N, R) per-subject ROI levels
-    return [
-        (b[:, None] + rng.standard_normal((n_rois, int(rng.integers(*length))))).astype(np.float32)
-        for b in base
-    ]
+    return [(b[:, None] + rng.standard_normal((n_rois, int(rng.integers(*length))))).astype(np.float32) for b in base]
 
 
 def test_fit_is_median_and_iqr_of_time_means():

@@ -68,8 +68,9 @@ def test_deterministic_by_seed(tmp_path, small):
 def test_only_writes_the_same_files_as_the_full_cohort(tmp_path, small):
     out, _ = small
     part = tmp_path / "part"
-    paths = generate_cohorts(part, n_sites=3, subjects_per_site=12, seed=5, n_rois=50, duration_s=400.0,
-                             only=("site_c",))  # fmt: skip
+    paths = generate_cohorts(
+        part, n_sites=3, subjects_per_site=12, seed=5, n_rois=50, duration_s=400.0, only=("site_c",)
+    )
     assert [p.parent.name for p in paths] == ["site_c"] and sorted(q.name for q in part.iterdir()) == ["site_c"]
     assert digest(part / "site_c") == digest(out / "site_c")  # population B, last of three, byte for byte
     with pytest.raises(DataError, match=r"--only \['site_x'\].*site_a"):
@@ -109,9 +110,7 @@ def test_signal_is_learnable_but_not_trivial(tmp_path):
     from brainjepa.gradients import fisher_z_fc
 
     n_rois = 60
-    paths = generate_cohorts(
-        tmp_path, n_sites=3, subjects_per_site=80, seed=1, n_rois=n_rois, duration_s=360.0
-    )
+    paths = generate_cohorts(tmp_path, n_sites=3, subjects_per_site=80, seed=1, n_rois=n_rois, duration_s=360.0)
     iu = np.triu_indices(n_rois, 1)
     feats, ph = [], {"sex": [], "diagnosis": [], "population": [], "age": []}
     for p in paths:
@@ -144,8 +143,12 @@ def test_effects_from_key_value_pairs_and_their_errors(tmp_path):
     assert old == Effects(sex_gain=0.6, factor_tau=(1.5, 6.0)) == effects_for_version(1) and old != Effects()
     assert effects_from_pairs(["sex_gain=-0.5"], base=old) == Effects(factor_tau=(1.5, 6.0))  # over a base
     assert effects_from_pairs(["sex_networks=[3, 4]"]).sex_networks == (3, 4)
-    for bad, needle in (("sex_gainn=1", "KEY one of"), ("sex_gain", "KEY=VALUE"),
-                        ("factor_tau=[1.5]", "a list of 2 numbers"), ("sex_gain=high", "a number")):  # fmt: skip
+    for bad, needle in (
+        ("sex_gainn=1", "KEY one of"),
+        ("sex_gain", "KEY=VALUE"),
+        ("factor_tau=[1.5]", "a list of 2 numbers"),
+        ("sex_gain=high", "a number"),
+    ):
         with pytest.raises(ConfigError, match=needle):
             effects_from_pairs([bad])
     a = generate_cohorts(tmp_path / "new", n_sites=1, subjects_per_site=4, n_rois=20, duration_s=100)[0]

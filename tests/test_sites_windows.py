@@ -58,9 +58,7 @@ def test_fixed_and_multi_windows():
 
 def test_too_short_error_or_skip():
     p = pack(series(), ["a", "b", "c"])
-    with pytest.raises(
-        DataError, match=r"1 series shorter than the window of 30 frames .*\['b'\] with \[25\]"
-    ):
+    with pytest.raises(DataError, match=r"1 series shorter than the window of 30 frames .*\['b'\] with \[25\]"):
         check_lengths(p, 30)
     np.testing.assert_array_equal(check_lengths(p, 30, skip=True), [0, 2])
     with pytest.raises(DataError, match="shorter than the window"):

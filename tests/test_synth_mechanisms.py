@@ -21,13 +21,7 @@ from sklearn.preprocessing import StandardScaler
 
 from brainjepa.errors import ConfigError
 from sites.participants import read_participants
-from sites.synth import (
-    GENERATOR_VERSION,
-    Effects,
-    effects_for_version,
-    generate_cohorts,
-    read_generator_record,
-)
+from sites.synth import GENERATOR_VERSION, Effects, effects_for_version, generate_cohorts, read_generator_record
 
 N, R, DURATION, SEED = 160, 50, 300.0, 0  # one population-A site (TR 0.735 s: 408 frames)
 BANDS = (0.01, 0.03, 0.06, 0.1, 0.2, 0.4)  # Hz
@@ -65,8 +59,9 @@ def cohorts(tmp_path_factory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("mechanisms")
     res = {}
     for m in ("null", "coupling", "amplitude", "spectrum"):
-        (yml,) = generate_cohorts(out / m, n_sites=1, subjects_per_site=N, seed=SEED, n_rois=R,
-                                  duration_s=DURATION, mechanism=m)  # fmt: skip
+        (yml,) = generate_cohorts(
+            out / m, n_sites=1, subjects_per_site=N, seed=SEED, n_rois=R, duration_s=DURATION, mechanism=m
+        )
         site = yml.parent
         pt = read_participants(site / "participants.tsv")
         raw = np.stack([np.load(site / "roi" / f"{s}.npy") for s in pt.ids]).astype(np.float64)  # (N, R, L)
@@ -85,8 +80,11 @@ def cohorts(tmp_path_factory) -> dict[str, dict]:
 
 
 def aurocs(c: dict) -> dict[tuple[str, str], float]:
-    return {(reader, k): cv_auroc(c[reader], c["y"][k], 0.05 if reader == "spec" else 0.01)
-            for reader in ("spec", "corr") for k in LABELS}  # fmt: skip
+    return {
+        (reader, k): cv_auroc(c[reader], c["y"][k], 0.05 if reader == "spec" else 0.01)
+        for reader in ("spec", "corr")
+        for k in LABELS
+    }
 
 
 def test_coupling_is_read_by_correlations_only(cohorts):
@@ -207,10 +205,27 @@ def test_coupling_keeps_every_roi_variance_and_signs_the_between_network_fc(coho
 def test_versions_reproduce_earlier_generators(tmp_path):
     """Version 1: factor timescales 1.5-6 s, sex strengthens a driver; version 2: the defaults before the
     mechanisms (pinned here, so a changed default needs a new version); version 3 `mixed` = version 2."""
-    v2 = dict(sex_networks=(1, 2), sex_gain=-0.5, dx_network=0, dx_weaken=0.6, dx_boost_network=3, dx_boost=0.6,
-              dx_slow=1.6, sex_slow=1.0, factor_tau=(2.0, 30.0), driver_tau=3.0, age_amplitude=-0.006,
-              age_noise=0.006, subject_factor_sd=0.25, subject_driver_sd=0.25, driver_amplitude=0.6,
-              pop_b_factor_sd=0.30, pop_b_networks=(4, 5), pop_b_driver_gain=1.4, pop_b_baseline=0.9)  # fmt: skip
+    v2 = dict(
+        sex_networks=(1, 2),
+        sex_gain=-0.5,
+        dx_network=0,
+        dx_weaken=0.6,
+        dx_boost_network=3,
+        dx_boost=0.6,
+        dx_slow=1.6,
+        sex_slow=1.0,
+        factor_tau=(2.0, 30.0),
+        driver_tau=3.0,
+        age_amplitude=-0.006,
+        age_noise=0.006,
+        subject_factor_sd=0.25,
+        subject_driver_sd=0.25,
+        driver_amplitude=0.6,
+        pop_b_factor_sd=0.30,
+        pop_b_networks=(4, 5),
+        pop_b_driver_gain=1.4,
+        pop_b_baseline=0.9,
+    )
     for version, old in ((1, {**v2, "factor_tau": (1.5, 6.0), "sex_gain": 0.6}), (2, v2), (3, v2)):
         got = dataclasses.asdict(effects_for_version(version))
         assert {k: got[k] for k in old} == old, version
@@ -233,12 +248,15 @@ def test_versions_reproduce_earlier_generators(tmp_path):
 
 
 def test_bad_mechanism_or_version_is_a_config_error(tmp_path):
-    for kw, needle in (({"mechanism": "coupling", "version": 2}, "from generator version 3.*only mixed"),
-                       ({"mechanism": "phase"}, "one of mixed, coupling"),
-                       ({"version": 0}, "integer 1..3"), ({"version": 4}, "integer 1..3"),
-                       ({"mechanism": "coupling", "effects": Effects(sex_networks=(2, 2))}, "must differ"),
-                       ({"effects": Effects(dx_network=7)}, "dx_network: expected network indices 0..6"),
-                       ({"mechanism": "amplitude", "effects": Effects(amplitude_gain=0.0)}, "amplitude_gain")):  # fmt: skip
+    for kw, needle in (
+        ({"mechanism": "coupling", "version": 2}, "from generator version 3.*only mixed"),
+        ({"mechanism": "phase"}, "one of mixed, coupling"),
+        ({"version": 0}, "integer 1..3"),
+        ({"version": 4}, "integer 1..3"),
+        ({"mechanism": "coupling", "effects": Effects(sex_networks=(2, 2))}, "must differ"),
+        ({"effects": Effects(dx_network=7)}, "dx_network: expected network indices 0..6"),
+        ({"mechanism": "amplitude", "effects": Effects(amplitude_gain=0.0)}, "amplitude_gain"),
+    ):
         with pytest.raises(ConfigError, match=needle):
             generate_cohorts(tmp_path / "bad", n_sites=1, subjects_per_site=2, n_rois=20, duration_s=60.0, **kw)
 
@@ -253,8 +271,20 @@ def test_generator_record_and_cli(tmp_path):
     app = typer.Typer()
     data_cli.register(app)
     runner = CliRunner()
-    base = ["synth", "--out", str(tmp_path / "s"), "--sites", "1", "--subjects", "2", "--rois", "20",
-            "--duration", "60", "--no-progress"]  # fmt: skip
+    base = [
+        "synth",
+        "--out",
+        str(tmp_path / "s"),
+        "--sites",
+        "1",
+        "--subjects",
+        "2",
+        "--rois",
+        "20",
+        "--duration",
+        "60",
+        "--no-progress",
+    ]
     r = runner.invoke(app, [*base, "--mechanism", "amplitude", "--effect", "amplitude_gain=1.3"])
     assert r.exit_code == 0, r.output
     rec = read_generator_record(tmp_path / "s" / "site_a")

@@ -56,8 +56,18 @@ from brainjepa.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BASELINES", "FC_GRID", "Z_CLIP", "FittedBaseline", "fc_features", "fit_baseline", "fit_fc_baseline",
-           "make_fc_pipeline", "predict_scores", "regularisation_strength"]  # fmt: skip
+__all__ = [
+    "BASELINES",
+    "FC_GRID",
+    "Z_CLIP",
+    "FittedBaseline",
+    "fc_features",
+    "fit_baseline",
+    "fit_fc_baseline",
+    "make_fc_pipeline",
+    "predict_scores",
+    "regularisation_strength",
+]
 
 # Candidate C (LogisticRegression, inverse strength) and alpha (Ridge, strength) per task kind.
 FC_GRID: dict[str, tuple[float, ...]] = {
@@ -72,12 +82,16 @@ Rows = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 def make_fc_pipeline(kind: str, strength: float, seed: int, n_components: int | None = None) -> Pipeline:
     """SimpleImputer + StandardScaler (+ PCA to n_components) + LogisticRegression(C=strength) or
     Ridge(alpha=strength)."""
-    steps: list[tuple[str, object]] = [("impute", SimpleImputer(strategy="mean", keep_empty_features=True)),
-                                       ("scale", StandardScaler())]  # fmt: skip
+    steps: list[tuple[str, object]] = [
+        ("impute", SimpleImputer(strategy="mean", keep_empty_features=True)),
+        ("scale", StandardScaler()),
+    ]
     if n_components is not None:
         steps.append(("pca", PCA(n_components=n_components, random_state=seed)))
     if kind == "classification":
-        steps.append(("model", LogisticRegression(C=strength, max_iter=5000, random_state=seed, class_weight="balanced")))
+        steps.append(
+            ("model", LogisticRegression(C=strength, max_iter=5000, random_state=seed, class_weight="balanced"))
+        )
     elif kind == "regression":
         steps.append(("model", Ridge(alpha=strength, random_state=seed)))
     else:
@@ -132,8 +146,10 @@ class FittedBaseline:
         """(N, F) features of series, the way the training scans were read (nothing is refitted)."""
         for i, s in enumerate(series):
             if np.ndim(s) != 2 or np.shape(s)[0] != self.n_rois:
-                raise DataError(f"{what} {i}: expected an ({self.n_rois}, L) series like the training scans, "
-                                f"got shape {np.shape(s)}")  # fmt: skip
+                raise DataError(
+                    f"{what} {i}: expected an ({self.n_rois}, L) series like the training scans, "
+                    f"got shape {np.shape(s)}"
+                )
         if self.tangent is not None:
             require_complete(series, what)
             return tangent_features(self.tangent, clean_series(series, self.tr, self.config, what), what)
@@ -147,8 +163,9 @@ class FittedBaseline:
         return predict_scores(self.estimator, self.features(series), self.kind, n)
 
 
-def _series_features(name: str, series: Sequence[np.ndarray], tr: float, config: BaselineConfig,
-                     what: str) -> np.ndarray:  # fmt: skip
+def _series_features(
+    name: str, series: Sequence[np.ndarray], tr: float, config: BaselineConfig, what: str
+) -> np.ndarray:
     """(N, F) features of the baselines without a fitted part (not fc_tangent)."""
     if name == "roi_spectrum":
         return roi_spectrum_features(series, tr, config, what)
@@ -188,8 +205,9 @@ def _labels(y_train: np.ndarray, y_val: np.ndarray, kind: str) -> tuple[np.ndarr
     if kind not in FC_GRID:
         raise ValueError(f"unknown task kind '{kind}', expected classification or regression")
     if y_train.ndim != 1 or y_val.ndim != 1 or y_train.size == 0:
-        raise DataError(f"expected 1-D labels (N,) with N >= 1 training scans, got shapes {y_train.shape} "
-                        f"and {y_val.shape}")  # fmt: skip
+        raise DataError(
+            f"expected 1-D labels (N,) with N >= 1 training scans, got shapes {y_train.shape} and {y_val.shape}"
+        )
     if not np.all(np.isfinite(np.concatenate([y_train, y_val]).astype(np.float64))):
         raise DataError("the labels hold NaN/inf values")
     if kind == "regression":
@@ -204,14 +222,27 @@ def _resolve_select(select: str, y_train: np.ndarray, kind: str, what: str) -> s
     if select not in ("cv", "validation"):
         raise ConfigError(f"select must be 'cv' or 'validation', got '{select}'")
     if select == "cv" and not can_cross_validate(y_train, kind):
-        log.warning("%s %s: the training scans cannot make 2 folds (a class with one scan): strength chosen "
-                    "on validation", what, kind)  # fmt: skip
+        log.warning(
+            "%s %s: the training scans cannot make 2 folds (a class with one scan): strength chosen on validation",
+            what,
+            kind,
+        )
         return "validation"
     return select
 
 
-def _choose(rows: Rows, y_train: np.ndarray, y_val: np.ndarray, kind: str, seed: int, grid: Sequence[float],
-            select: str, pca: bool, n_classes: int, what: str) -> tuple[Pipeline, np.ndarray]:  # fmt: skip
+def _choose(
+    rows: Rows,
+    y_train: np.ndarray,
+    y_val: np.ndarray,
+    kind: str,
+    seed: int,
+    grid: Sequence[float],
+    select: str,
+    pca: bool,
+    n_classes: int,
+    what: str,
+) -> tuple[Pipeline, np.ndarray]:
     """The pipeline with the best strength of grid, fitted on the training rows 0..n_train-1 (validation
     rows follow them), and (len(grid),) each strength's score."""
     if not grid:
@@ -223,6 +254,7 @@ def _choose(rows: Rows, y_train: np.ndarray, y_val: np.ndarray, kind: str, seed:
         return make_fc_pipeline(kind, strength, seed, n_components)
 
     if select == "cv":
+
         def fit_predict(strength: float, xi_fit: np.ndarray, y_fit: np.ndarray, xi_test: np.ndarray) -> np.ndarray:
             x_fit, x_test = rows(xi_fit[:, 0], xi_test[:, 0])
             return predict_scores(pipeline(strength, x_fit).fit(x_fit, y_fit), x_test, kind, n_classes)
@@ -230,8 +262,15 @@ def _choose(rows: Rows, y_train: np.ndarray, y_val: np.ndarray, kind: str, seed:
         scores = cv_scores(fit_predict, train[:, None], y_train, train, kind, grid, seed, n_classes)
         chosen = best_index(scores, kind, grid, f"{what} {kind}")
         x_fit, _ = rows(train, train[:0])
-        log.info("%s %s: strength %.3g chosen by %d-scan cross-validation (%s = %.4f)",
-                 what, kind, grid[chosen], len(y_train), PRIMARY[kind], scores[chosen])  # fmt: skip
+        log.info(
+            "%s %s: strength %.3g chosen by %d-scan cross-validation (%s = %.4f)",
+            what,
+            kind,
+            grid[chosen],
+            len(y_train),
+            PRIMARY[kind],
+            scores[chosen],
+        )
         return pipeline(grid[chosen], x_fit).fit(x_fit, y_train), scores
     if len(y_val) == 0:
         raise DataError(f"{what}: choosing the strength on validation needs validation scans, got none")
@@ -248,14 +287,26 @@ def _choose(rows: Rows, y_train: np.ndarray, y_val: np.ndarray, kind: str, seed:
         fitted.append(est)
         scores.append(score)
     chosen = best_index(np.array(scores), kind, grid, f"{what} {kind}")
-    log.info("%s %s: strength %.3g chosen on validation (%s = %.4f)",
-             what, kind, grid[chosen], PRIMARY[kind], scores[chosen])  # fmt: skip
+    log.info(
+        "%s %s: strength %.3g chosen on validation (%s = %.4f)", what, kind, grid[chosen], PRIMARY[kind], scores[chosen]
+    )
     return fitted[chosen], np.array(scores)
 
 
-def fit_baseline(name: str, train_series: Sequence[np.ndarray], y_train: np.ndarray,
-                 val_series: Sequence[np.ndarray], y_val: np.ndarray, *, kind: str, seed: int, tr: float,
-                 config: BaselineConfig | None = None, select: str = "cv", pca: bool = False) -> FittedBaseline:  # fmt: skip
+def fit_baseline(
+    name: str,
+    train_series: Sequence[np.ndarray],
+    y_train: np.ndarray,
+    val_series: Sequence[np.ndarray],
+    y_val: np.ndarray,
+    *,
+    kind: str,
+    seed: int,
+    tr: float,
+    config: BaselineConfig | None = None,
+    select: str = "cv",
+    pca: bool = False,
+) -> FittedBaseline:
     """Baseline `name` (one of BASELINES) fitted on the training scans, its strength chosen per `select`.
 
     *_series: N x (R, L_i) series at TR tr (seconds); y_*: (N,) class indices or targets; kind:
@@ -266,8 +317,10 @@ def fit_baseline(name: str, train_series: Sequence[np.ndarray], y_train: np.ndar
     config = BaselineConfig() if config is None else config
     y_train, y_val, n_classes = _labels(y_train, y_val, kind)
     if len(train_series) != len(y_train) or len(val_series) != len(y_val):
-        raise DataError(f"baseline {name}: {len(train_series)} training / {len(val_series)} validation scans but "
-                        f"{len(y_train)} / {len(y_val)} labels")  # fmt: skip
+        raise DataError(
+            f"baseline {name}: {len(train_series)} training / {len(val_series)} validation scans but "
+            f"{len(y_train)} / {len(y_val)} labels"
+        )
     what = f"baseline {name}"
     select = _resolve_select(select, y_train, kind, what)
     grid = (config.c_grid if kind == "classification" else config.alpha_grid) or FC_GRID[kind]
@@ -290,8 +343,9 @@ def fit_baseline(name: str, train_series: Sequence[np.ndarray], y_train: np.ndar
             x = np.vstack([x, _series_features(name, used_val, tr, config, "validation scan")])
         rows = _matrix_rows(x)
     est, scores = _choose(rows, y_train, y_val, kind, seed, grid, select, pca, n_classes, what)
-    return FittedBaseline(name, kind, est, float(tr), config, n_rois, n_classes, tuple(grid),
-                          tuple(float(s) for s in scores), tangent)  # fmt: skip
+    return FittedBaseline(
+        name, kind, est, float(tr), config, n_rois, n_classes, tuple(grid), tuple(float(s) for s in scores), tangent
+    )
 
 
 def _matrix_rows(x: np.ndarray) -> Rows:
@@ -307,9 +361,18 @@ def _check_xy(name: str, X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.n
     return X, y
 
 
-def fit_fc_baseline(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
-                    kind: str, seed: int, *, pca: bool = False,
-                    grid: Sequence[float] | None = None, select: str = "cv") -> Pipeline:  # fmt: skip
+def fit_fc_baseline(
+    X_train: np.ndarray,
+    y_train: np.ndarray,
+    X_val: np.ndarray,
+    y_val: np.ndarray,
+    kind: str,
+    seed: int,
+    *,
+    pca: bool = False,
+    grid: Sequence[float] | None = None,
+    select: str = "cv",
+) -> Pipeline:
     """The pipeline of feature matrices X_* (N, F) (e.g. `fc_features`), y_* (N,), with the best strength
     of grid (default FC_GRID[kind]) fitted on the training split; see `fit_baseline` for series."""
     X_train, y_train = _check_xy("training split", X_train, y_train)

@@ -12,14 +12,44 @@ from brainjepa.errors import InputError
 
 
 def evaluate(
-    protocol: Annotated[Path, typer.Option(help="Protocol YAML: sites (or the cohorts to generate), experiments (pretrain / finetune / test sites), tasks, methods, seeds (see experiments/ and configs/protocols/).")],
-    out_dir: Annotated[Path, typer.Option(help="Where report.md, provenance.json, results / predictions / summary / intervals CSVs, the PNG plots, generated cohorts and cached pretraining runs go.")] = Path("runs/evaluate"),
-    checkpoint: Annotated[Path | None, typer.Option(help="Use this pretraining checkpoint in every experiment (instead of the protocol's pretraining).")] = None,
+    protocol: Annotated[
+        Path,
+        typer.Option(
+            help="Protocol YAML: sites (or the cohorts to generate), experiments (pretrain / finetune / test sites), tasks, methods, seeds (see experiments/ and configs/protocols/)."
+        ),
+    ],
+    out_dir: Annotated[
+        Path,
+        typer.Option(
+            help="Where report.md, provenance.json, results / predictions / summary / intervals CSVs, the PNG plots, generated cohorts and cached pretraining runs go."
+        ),
+    ] = Path("runs/evaluate"),
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            help="Use this pretraining checkpoint in every experiment (instead of the protocol's pretraining)."
+        ),
+    ] = None,
     seeds: Annotated[int | None, typer.Option(help="Use only the protocol's first N seeds (a quick look).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
-    rescore: Annotated[bool, typer.Option(help="Score this protocol's test data again although it was scored before (recorded in provenance.json and the report).")] = False,
-    report_only: Annotated[bool, typer.Option(help="Only write the reports again from OUT_DIR's results.csv, predictions.csv and provenance.json (a run of this protocol that predicted every test subject, e.g. one whose report step failed): nothing is fitted or predicted.")] = False,
-    ledger: Annotated[Path | None, typer.Option(help="The scoring ledger (default $BRAINJEPA_LEDGER, else ~/.local/state/brainjepa/scored.jsonl).")] = None,
+    rescore: Annotated[
+        bool,
+        typer.Option(
+            help="Score this protocol's test data again although it was scored before (recorded in provenance.json and the report)."
+        ),
+    ] = False,
+    report_only: Annotated[
+        bool,
+        typer.Option(
+            help="Only write the reports again from OUT_DIR's results.csv, predictions.csv and provenance.json (a run of this protocol that predicted every test subject, e.g. one whose report step failed): nothing is fitted or predicted."
+        ),
+    ] = False,
+    ledger: Annotated[
+        Path | None,
+        typer.Option(
+            help="The scoring ledger (default $BRAINJEPA_LEDGER, else ~/.local/state/brainjepa/scored.jsonl)."
+        ),
+    ] = None,
     verbose: bool = False,
 ) -> None:
     """Fine-tune, probe and score a pretrained Brain-JEPA across sites as the protocol says, beside the
@@ -36,27 +66,37 @@ def evaluate(
     from brainjepa.downstream.protocol import load_protocol
     from brainjepa.downstream.provenance import AlreadyScored, Ledger, default_ledger
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         p = load_protocol(protocol)
         if seeds is not None:
             p = dataclasses.replace(p, seeds=p.seeds[:seeds])
         if checkpoint is not None:
-            experiments = tuple(dataclasses.replace(e, pretrain=(), checkpoint=str(checkpoint.resolve()))
-                                for e in p.experiments)  # fmt: skip
+            experiments = tuple(
+                dataclasses.replace(e, pretrain=(), checkpoint=str(checkpoint.resolve())) for e in p.experiments
+            )
             p = dataclasses.replace(p, experiments=experiments, ablations=())
         if report_only:
             result = rerender(p, out_dir.resolve(), Ledger(ledger or default_ledger()))
         else:
-            result = run_protocol(p, out_dir.resolve(), progress=True, device=device,
-                                  ledger=Ledger(ledger or default_ledger()), rescore=rescore)  # fmt: skip
+            result = run_protocol(
+                p,
+                out_dir.resolve(),
+                progress=True,
+                device=device,
+                ledger=Ledger(ledger or default_ledger()),
+                rescore=rescore,
+            )
     except (InputError, FileNotFoundError, AlreadyScored) as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from e
     typer.echo(result.markdown)
-    typer.echo(f"\nreports in {result.out_dir}: {result.report_md.name}, {result.rows_csv.name}, "
-               f"{result.summary_csv.name}, " + ", ".join(p.name for p in result.plots))  # fmt: skip
+    typer.echo(
+        f"\nreports in {result.out_dir}: {result.report_md.name}, {result.rows_csv.name}, "
+        f"{result.summary_csv.name}, " + ", ".join(p.name for p in result.plots)
+    )
 
 
 def register(app: typer.Typer) -> None:

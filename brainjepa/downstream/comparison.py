@@ -27,7 +27,10 @@ from brainjepa.downstream.report import LABELS
 
 log = logging.getLogger(__name__)
 
-SHOWN: dict[str, tuple[str, ...]] = {"classification": ("balanced_acc", "auroc"), "regression": ("r2", "mae", "pearson_r")}
+SHOWN: dict[str, tuple[str, ...]] = {
+    "classification": ("balanced_acc", "auroc"),
+    "regression": ("r2", "mae", "pearson_r"),
+}
 RANKING: dict[str, str] = {"classification": "auroc", "regression": "r2"}
 UNTRAINED: dict[str, str] = {"probe": "random_probe", "finetune": "scratch"}  # pretrained -> the same model untrained
 
@@ -80,8 +83,9 @@ def _single_class_cohorts(subjects: Sequence[tuple[str, str, int]], y: np.ndarra
     return tuple(dict.fromkeys(c for (c, _), k in classes.items() if len(k) < 2))
 
 
-def compare(preds: Sequence[Mapping], kinds: Mapping[str, str], *, n_boot: int, baselines: Sequence[str],
-            seed: int = 0) -> Comparison:  # fmt: skip
+def compare(
+    preds: Sequence[Mapping], kinds: Mapping[str, str], *, n_boot: int, baselines: Sequence[str], seed: int = 0
+) -> Comparison:
     """Intervals of every method and paired differences of every non-baseline method to the best baseline."""
     by: dict[tuple[str, str, str, str], list[Mapping]] = {}
     for r in preds:
@@ -91,19 +95,39 @@ def compare(preds: Sequence[Mapping], kinds: Mapping[str, str], *, n_boot: int, 
     best: dict[tuple[str, str], str] = {}
     pooled = {(k[0], k[1]): mp.pooled for k, mp in arrays.items() if mp.pooled}
     for (exp, task), cohorts in pooled.items():
-        log.warning("%s / %s: a test site of cohort(s) %s holds a single class; each such cohort's test sites "
-                    "form one stratum", exp, task, ", ".join(cohorts))  # fmt: skip
+        log.warning(
+            "%s / %s: a test site of cohort(s) %s holds a single class; each such cohort's test sites form one stratum",
+            exp,
+            task,
+            ", ".join(cohorts),
+        )
     for (exp, task, method, training), mp in arrays.items():
         kind = kinds[task]
         for metric in SHOWN[kind]:
-            iv = intervals.bootstrap_interval(mp.y, mp.scores, mp.group, kind=kind, metric=metric, n_boot=n_boot,
-                                              seed=seed)  # fmt: skip
-            rows.append({"experiment": exp, "task": task, "method": method, "training": training, "metric": metric,
-                         "versus": "", "estimate": iv.estimate, "lo": iv.lo, "hi": iv.hi})  # fmt: skip
+            iv = intervals.bootstrap_interval(
+                mp.y, mp.scores, mp.group, kind=kind, metric=metric, n_boot=n_boot, seed=seed
+            )
+            rows.append(
+                {
+                    "experiment": exp,
+                    "task": task,
+                    "method": method,
+                    "training": training,
+                    "metric": metric,
+                    "versus": "",
+                    "estimate": iv.estimate,
+                    "lo": iv.lo,
+                    "hi": iv.hi,
+                }
+            )
     for exp, task in dict.fromkeys((k[0], k[1]) for k in arrays):
         rank = RANKING[kinds[task]]
-        cands = [r for r in rows if (r["experiment"], r["task"], r["metric"], r["versus"]) == (exp, task, rank, "")
-                 and r["method"] in baselines]  # fmt: skip
+        cands = [
+            r
+            for r in rows
+            if (r["experiment"], r["task"], r["metric"], r["versus"]) == (exp, task, rank, "")
+            and r["method"] in baselines
+        ]
         if not cands:
             continue
         b = max(cands, key=lambda r: r["estimate"])
@@ -115,10 +139,22 @@ def compare(preds: Sequence[Mapping], kinds: Mapping[str, str], *, n_boot: int, 
             if mp.subjects != ref.subjects:
                 raise ValueError(f"{exp} / {task}: {method} and {b['method']} scored different subjects")
             for metric in SHOWN[kinds[task]]:
-                iv = intervals.paired_difference(mp.y, mp.scores, ref.scores, mp.group, kind=kinds[task], metric=metric,
-                                                 n_boot=n_boot, seed=seed)  # fmt: skip
-                rows.append({"experiment": exp, "task": task, "method": method, "training": training, "metric": metric,
-                             "versus": b["method"], "estimate": iv.estimate, "lo": iv.lo, "hi": iv.hi})  # fmt: skip
+                iv = intervals.paired_difference(
+                    mp.y, mp.scores, ref.scores, mp.group, kind=kinds[task], metric=metric, n_boot=n_boot, seed=seed
+                )
+                rows.append(
+                    {
+                        "experiment": exp,
+                        "task": task,
+                        "method": method,
+                        "training": training,
+                        "metric": metric,
+                        "versus": b["method"],
+                        "estimate": iv.estimate,
+                        "lo": iv.lo,
+                        "hi": iv.hi,
+                    }
+                )
     for (exp, task, method, training), mp in arrays.items():  # what pretraining buys: the same model untrained
         base, _, variant = method.partition(" ")
         untrained = UNTRAINED.get(base)
@@ -126,10 +162,22 @@ def compare(preds: Sequence[Mapping], kinds: Mapping[str, str], *, n_boot: int, 
         if untrained is None or ref is None or ref.subjects != mp.subjects:
             continue
         for metric in SHOWN[kinds[task]]:
-            iv = intervals.paired_difference(mp.y, mp.scores, ref.scores, mp.group, kind=kinds[task], metric=metric,
-                                             n_boot=n_boot, seed=seed)  # fmt: skip
-            rows.append({"experiment": exp, "task": task, "method": method, "training": training, "metric": metric,
-                         "versus": untrained, "estimate": iv.estimate, "lo": iv.lo, "hi": iv.hi})  # fmt: skip
+            iv = intervals.paired_difference(
+                mp.y, mp.scores, ref.scores, mp.group, kind=kinds[task], metric=metric, n_boot=n_boot, seed=seed
+            )
+            rows.append(
+                {
+                    "experiment": exp,
+                    "task": task,
+                    "method": method,
+                    "training": training,
+                    "metric": metric,
+                    "versus": untrained,
+                    "estimate": iv.estimate,
+                    "lo": iv.lo,
+                    "hi": iv.hi,
+                }
+            )
     return Comparison(rows, best, pooled)
 
 
@@ -160,23 +208,38 @@ def markdown(cmp: Comparison, experiment: str, tasks: Sequence[str], kinds: Mapp
             text = "–" if r is None else intervals.format_interval(m, _iv(r))
             out.append(f"**{text}**" if r is not None and r["estimate"] == best.get((t, m)) else text)
         lines.append(f"| {me} · {tr} | " + " | ".join(out) + " |")
-    lines += ["", "*Estimate [95 % interval]: subjects resampled within each test site (and generated cohort), "
-              "class counts kept; training seeds averaged. Best per column in bold.*"]  # fmt: skip
+    lines += [
+        "",
+        "*Estimate [95 % interval]: subjects resampled within each test site (and generated cohort), "
+        "class counts kept; training seeds averaged. Best per column in bold.*",
+    ]
     for t in tasks:
         cohorts = cmp.pooled.get((experiment, t))
         if cohorts:
-            lines += ["", f"*{t}: a test site of cohort(s) {', '.join(cohorts)} holds a single class (no AUROC of its "
-                         "own); each such cohort's test sites are resampled and scored as one stratum.*"]  # fmt: skip
+            lines += [
+                "",
+                f"*{t}: a test site of cohort(s) {', '.join(cohorts)} holds a single class (no AUROC of its "
+                "own); each such cohort's test sites are resampled and scored as one stratum.*",
+            ]
     best_rows = [r for r in rows if r["versus"] and r["versus"] == cmp.best_baseline.get((experiment, r["task"]))]
     untrained = [r for r in rows if r["versus"] and r["versus"] in UNTRAINED.values() and r not in best_rows]
-    for diffs, what in ((best_rows, "the best baseline"), (untrained, "the same model untrained (what pretraining buys)")):
+    for diffs, what in (
+        (best_rows, "the best baseline"),
+        (untrained, "the same model untrained (what pretraining buys)"),
+    ):
         if not diffs:
             continue
-        lines += ["", f"Paired differences to {what} (same resampled subjects; > 0: the method is better, for MAE "
-                  "< 0):", ""]  # fmt: skip
+        lines += [
+            "",
+            f"Paired differences to {what} (same resampled subjects; > 0: the method is better, for MAE < 0):",
+            "",
+        ]
         for me, tr, t, versus in dict.fromkeys((r["method"], r["training"], r["task"], r["versus"]) for r in diffs):
-            parts = [f"{LABELS.get(r['metric'], r['metric'])} {intervals.format_interval(r['metric'], _iv(r), signed=True)}"
-                     for r in diffs if (r["method"], r["training"], r["task"], r["versus"]) == (me, tr, t, versus)]  # fmt: skip
+            parts = [
+                f"{LABELS.get(r['metric'], r['metric'])} {intervals.format_interval(r['metric'], _iv(r), signed=True)}"
+                for r in diffs
+                if (r["method"], r["training"], r["task"], r["versus"]) == (me, tr, t, versus)
+            ]
             lines.append(f"- {t}: {me} · {tr} - {versus}: " + "; ".join(parts))
     return "\n".join(lines) + "\n"
 
@@ -184,17 +247,22 @@ def markdown(cmp: Comparison, experiment: str, tasks: Sequence[str], kinds: Mapp
 def provenance_markdown(record: Mapping) -> str:
     git = record.get("git", {})
     dirty = " (uncommitted changes)" if git.get("dirty") else ""
-    lines = [f"- protocol sha256 `{record['protocol_sha256'][:16]}`; code `{str(git.get('commit'))[:12]}`{dirty}",
-             f"- test data sha256 `{record['test_data_sha256'][:16]}` ({len(record.get('data', {}))} site(s) fingerprinted)"]  # fmt: skip
-    versions = sorted({str(d["generator"].get("generator_version")) for d in record.get("data", {}).values()
-                       if d.get("generator")})  # fmt: skip
+    lines = [
+        f"- protocol sha256 `{record['protocol_sha256'][:16]}`; code `{str(git.get('commit'))[:12]}`{dirty}",
+        f"- test data sha256 `{record['test_data_sha256'][:16]}` ({len(record.get('data', {}))} site(s) fingerprinted)",
+    ]
+    versions = sorted(
+        {str(d["generator"].get("generator_version")) for d in record.get("data", {}).values() if d.get("generator")}
+    )
     if versions:
         lines.append(f"- generated data: generator version {', '.join(versions)}")
     s = record.get("scoring")
     if s:
-        lines.append(f"- this test data was scored before {s['times_scored_before_by_this_protocol']} time(s) by this "
-                     f"protocol{' (--rescore)' if s['rescore'] else ''} and "
-                     f"{s['times_scored_before_by_other_protocols']} time(s) by other protocols")  # fmt: skip
+        lines.append(
+            f"- this test data was scored before {s['times_scored_before_by_this_protocol']} time(s) by this "
+            f"protocol{' (--rescore)' if s['rescore'] else ''} and "
+            f"{s['times_scored_before_by_other_protocols']} time(s) by other protocols"
+        )
     if record.get("rebuilt"):
         lines.append(f"- {record['rebuilt']}")
     lines.append("- everything else (resolved protocol, command, package versions, fingerprints): provenance.json")

@@ -53,8 +53,10 @@ class TaskSpec:
     def __post_init__(self) -> None:
         check_choices(self, f"task '{self.name}'")
         if self.kind == "classification" and len(self.classes) < 2:
-            raise ConfigError(f"task '{self.name}': classification needs 'classes', the column values to keep "
-                              f"in label order (at least 2), got {list(self.classes)}")  # fmt: skip
+            raise ConfigError(
+                f"task '{self.name}': classification needs 'classes', the column values to keep "
+                f"in label order (at least 2), got {list(self.classes)}"
+            )
         if self.kind == "regression" and self.classes:
             raise ConfigError(f"task '{self.name}': 'classes' is for classification, the task is a regression")
 
@@ -138,8 +140,7 @@ class BaselineConfig:
             if v is not None and not (v >= 0 and math.isfinite(v)):
                 raise ConfigError(f"baselines.{name}: expected a frequency >= 0 Hz (null or 0: off), got {v}")
         if self.high_pass and self.low_pass and self.high_pass >= self.low_pass:
-            raise ConfigError(f"baselines: high_pass ({self.high_pass} Hz) must be below low_pass "
-                              f"({self.low_pass} Hz)")  # fmt: skip
+            raise ConfigError(f"baselines: high_pass ({self.high_pass} Hz) must be below low_pass ({self.low_pass} Hz)")
         if not self.bands:
             raise ConfigError("baselines.bands: expected at least one (low, high) band in Hz, got none")
         for i, (lo, hi) in enumerate(self.bands):

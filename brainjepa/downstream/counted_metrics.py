@@ -15,6 +15,7 @@ import numpy as np
 
 MetricFn = Callable[[np.ndarray], np.ndarray]  # subject counts (B, n) -> metric (B, S)
 
+
 def _wsum(w: np.ndarray, a: np.ndarray) -> np.ndarray:
     """Weighted subject sums: counts w (B, n) and per-subject values a (S, n, K) -> (B, S, K)."""
     s, n, k = a.shape

@@ -73,8 +73,9 @@ def encode_labels(values: np.ndarray, task: TaskSpec) -> np.ndarray:
         try:
             y = np.asarray(values, dtype=np.float64)
         except ValueError as e:
-            raise DataError(f"task '{task.name}': column '{task.column}' is not numeric, a regression needs "
-                            f"numbers ({e})") from e  # fmt: skip
+            raise DataError(
+                f"task '{task.name}': column '{task.column}' is not numeric, a regression needs numbers ({e})"
+            ) from e
         return np.where(np.isfinite(y), y, np.nan)
     index = {c: i for i, c in enumerate(task.classes)}
     return np.array([index.get(_as_text(v), -1) for v in values], dtype=np.int64)
@@ -87,17 +88,23 @@ def _as_text(v: object) -> str:
     return str(v).strip()
 
 
-def training_scaling(sites: list[SiteConfig], model_tr: float, n_frames: int,
-                     scaling: str) -> RobustScaling | PerScanScaling | CenteredScaling | None:  # fmt: skip
+def training_scaling(
+    sites: list[SiteConfig], model_tr: float, n_frames: int, scaling: str
+) -> RobustScaling | PerScanScaling | CenteredScaling | None:
     """Scaling statistics fitted on the pooled training scans of `sites` (for a site that only tests)."""
     series = [x for s in sites for x in load_site_series(s, model_tr, split="train", min_frames=n_frames).series]
     return fit_method(series, scaling, "training sites " + "+".join(s.site for s in sites))
 
 
-def load_labelled_site(site: SiteConfig, task: TaskSpec, model_tr: float, n_frames: int,
-                       scaling: str = "robust", training: bool = True,
-                       scaling_stats: RobustScaling | PerScanScaling | CenteredScaling | None | str = "own",
-                       ) -> LabelledSite:  # fmt: skip
+def load_labelled_site(
+    site: SiteConfig,
+    task: TaskSpec,
+    model_tr: float,
+    n_frames: int,
+    scaling: str = "robust",
+    training: bool = True,
+    scaling_stats: RobustScaling | PerScanScaling | CenteredScaling | None | str = "own",
+) -> LabelledSite:
     """`training`: whether the site trains (fine-tuning, probes, FC). `scaling_stats`: "own" fits the
     scaling on the site's training split (a site with none: on all of its scans, label-free); a fitted
     scaling (or None: unscaled) is applied as given, only to a site that does not train."""
@@ -111,11 +118,16 @@ def load_labelled_site(site: SiteConfig, task: TaskSpec, model_tr: float, n_fram
     train_idx = np.flatnonzero(series.splits == "train")
     test_only = len(train_idx) == 0
     if test_only and training:
-        raise DataError(f"{where(site.source)}: 'split' puts no scan in the training split, but the site trains "
-                        f"(task '{task.name}'); a test-only site can only be tested on")  # fmt: skip
+        raise DataError(
+            f"{where(site.source)}: 'split' puts no scan in the training split, but the site trains "
+            f"(task '{task.name}'); a test-only site can only be tested on"
+        )
     if test_only and isinstance(scaling_stats, str):
-        log.info("site %s: no training scans (test only): scaling statistics from all %d of its scans",
-                 site.site, len(series.series))  # fmt: skip
+        log.info(
+            "site %s: no training scans (test only): scaling statistics from all %d of its scans",
+            site.site,
+            len(series.series),
+        )
         train_idx = np.arange(len(series.series))
     if isinstance(scaling_stats, str):
         fitted = fit_method([series.series[i] for i in train_idx], scaling, str(site.source))
@@ -130,11 +142,18 @@ def load_labelled_site(site: SiteConfig, task: TaskSpec, model_tr: float, n_fram
         splits[name] = Split(xs, y, [series.subject_ids[i] for i in idx])
     dropped = int((~usable).sum())
     if dropped:
-        log.info("site %s, task %s: %d scan(s) without a usable '%s' value left out", site.site, task.name,
-                 dropped, task.column)  # fmt: skip
+        log.info(
+            "site %s, task %s: %d scan(s) without a usable '%s' value left out",
+            site.site,
+            task.name,
+            dropped,
+            task.column,
+        )
     if not test_only and len(splits["train"]) == 0:
-        raise DataError(f"{where(site.source)}: no training scan has a usable '{task.column}' value for task "
-                        f"'{task.name}' (classes {list(task.classes)})")  # fmt: skip
+        raise DataError(
+            f"{where(site.source)}: no training scan has a usable '{task.column}' value for task "
+            f"'{task.name}' (classes {list(task.classes)})"
+        )
     seen = splits["test" if test_only else "train"].series
     check_spread(seen, str(site.source), scaling)  # what the model sees: logged, far from 1 warned
     return LabelledSite(site.site, task, splits, fitted, dropped)

@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import logging
-import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,22 +27,10 @@ from brainjepa.downstream import baselines, comparison, provenance, report
 from brainjepa.downstream.config import BASELINES, NEURAL_METHODS, TaskSpec
 from brainjepa.downstream.data import LabelledSite, load_labelled_site, training_scaling
 from brainjepa.downstream.fit import fit, pooled
-from brainjepa.downstream.metrics import (
-    METRICS,
-    PRIMARY,
-    classification_metrics,
-    regression_metrics,
-    summarize,
-)
+from brainjepa.downstream.generated_cohorts import protocol_cohorts
+from brainjepa.downstream.metrics import METRICS, PRIMARY, classification_metrics, regression_metrics, summarize
 from brainjepa.downstream.model import Backbone, load_backbone
-from brainjepa.downstream.protocol import (
-    Ablation,
-    Experiment,
-    Protocol,
-    pretrain_key,
-    protocol_hash,
-    resolved,
-)
+from brainjepa.downstream.protocol import Ablation, Experiment, Protocol, pretrain_key, protocol_hash, resolved
 from brainjepa.downstream.provenance import Ledger
 from brainjepa.downstream.train import predict, weighted_metrics
 from brainjepa.errors import DataError
@@ -64,8 +49,7 @@ class EvaluationResult:
     plots: list[Path]
 
 
-def pretrained_backbone(p: Protocol, exp: Experiment, ablation: Ablation | None, out: Path,
-                        progress: bool) -> Backbone:  # fmt: skip
+def pretrained_backbone(p: Protocol, exp: Experiment, ablation: Ablation | None, out: Path, progress: bool) -> Backbone:
     """The experiment's backbone: its checkpoint, or pretraining on its `pretrain` sites (cached)."""
     from brainjepa.pretrain import pretrain  # the single-machine loop (pooled sites)
 
@@ -78,13 +62,25 @@ def pretrained_backbone(p: Protocol, exp: Experiment, ablation: Ablation | None,
     if not p.pretrain.config:
         raise FileNotFoundError(f"protocol '{p.source}': 'pretrain.config' (a pretraining YAML) is needed to pretrain")
     sites = [str((p.source.parent / p.site(s).config).resolve()) for s in exp.pretrain]
-    overrides = {"data.site": "", "data.roi_dir": "", "data.sites": sites, "train.steps": p.pretrain.steps,
-                 "train.seed": p.pretrain.seed, "train.out_dir": str(run_dir), "train.checkpoint_every": p.pretrain.steps}  # fmt: skip
+    overrides = {
+        "data.site": "",
+        "data.roi_dir": "",
+        "data.sites": sites,
+        "train.steps": p.pretrain.steps,
+        "train.seed": p.pretrain.seed,
+        "train.out_dir": str(run_dir),
+        "train.checkpoint_every": p.pretrain.steps,
+    }
     cfg = load_pretrain_config(p.source.parent / p.pretrain.config, overrides)
     if ablation is not None:
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pos_embed=ablation.pos_embed),
-                                  mask=dataclasses.replace(cfg.mask, mode=ablation.mask_mode))  # fmt: skip
-    log.info("pretraining %s on %s (%d steps)", ablation.name if ablation else "the backbone", exp.pretrain, cfg.train.steps)
+        cfg = dataclasses.replace(
+            cfg,
+            model=dataclasses.replace(cfg.model, pos_embed=ablation.pos_embed),
+            mask=dataclasses.replace(cfg.mask, mode=ablation.mask_mode),
+        )
+    log.info(
+        "pretraining %s on %s (%d steps)", ablation.name if ablation else "the backbone", exp.pretrain, cfg.train.steps
+    )
     pretrain(cfg, progress=progress)
     return load_backbone(ckpt)
 
@@ -92,8 +88,9 @@ def pretrained_backbone(p: Protocol, exp: Experiment, ablation: Ablation | None,
 Scores = dict[str, np.ndarray]  # test site -> (N, C) class probabilities | (N,) predictions
 
 
-def _score(task: TaskSpec, tests: list[LabelledSite], scores: Scores, base: dict, trained_on: str,
-           extra: dict | None = None) -> tuple[list[dict], list[dict]]:  # fmt: skip
+def _score(
+    task: TaskSpec, tests: list[LabelledSite], scores: Scores, base: dict, trained_on: str, extra: dict | None = None
+) -> tuple[list[dict], list[dict]]:
     """Result rows (per test site, plus `site = all`: the scan-weighted mean) and per-subject prediction
     rows (subject = its index in the site's test split: no participant id is written) of one fitted model."""
     per = []
@@ -106,19 +103,34 @@ def _score(task: TaskSpec, tests: list[LabelledSite], scores: Scores, base: dict
         else:
             per.append((t.site, regression_metrics(y.astype(np.float64), s.astype(np.float64))))
             cols = [{"pred": float(v)} for v in s]
-        preds += [{**base, "trained_on": trained_on, "site": t.site, "subject": i, "y": float(y[i]), **c}
-                  for i, c in enumerate(cols)]  # fmt: skip
-    rows = [{**base, "site": s, "trained_on": trained_on, **(extra or {}), **m} for s, m in _with_all(per, tests, task.kind)]
+        preds += [
+            {**base, "trained_on": trained_on, "site": t.site, "subject": i, "y": float(y[i]), **c}
+            for i, c in enumerate(cols)
+        ]
+    rows = [
+        {**base, "site": s, "trained_on": trained_on, **(extra or {}), **m} for s, m in _with_all(per, tests, task.kind)
+    ]
     return rows, preds
 
 
-def _baseline_scores(p: Protocol, method: str, task: TaskSpec, fts: list[LabelledSite], tests: list[LabelledSite],
-                     seed: int, tr: float) -> tuple[Scores, dict]:  # fmt: skip
+def _baseline_scores(
+    p: Protocol, method: str, task: TaskSpec, fts: list[LabelledSite], tests: list[LabelledSite], seed: int, tr: float
+) -> tuple[Scores, dict]:
     """A baseline fitted on the pooled fine-tuning scans (strength by cross-validation over the training
     scans, or on the validation scans: `recipe.select`), then scored on each test site."""
     tr_split, va = pooled(fts, "train"), pooled(fts, "val")
-    est = baselines.fit_baseline(method, tr_split.series, tr_split.y, va.series, va.y, kind=task.kind, seed=seed,
-                                 tr=tr, config=p.baselines, select=p.recipe.select)  # fmt: skip
+    est = baselines.fit_baseline(
+        method,
+        tr_split.series,
+        tr_split.y,
+        va.series,
+        va.y,
+        kind=task.kind,
+        seed=seed,
+        tr=tr,
+        config=p.baselines,
+        select=p.recipe.select,
+    )
     return {t.site: est.predict_scores(t.test.series, task.n_outputs) for t in tests}, {"strength": est.strength}
 
 
@@ -127,15 +139,25 @@ def _with_all(rows: list[tuple[str, dict]], tests: list[LabelledSite], kind: str
     return rows + [("all", weighted_metrics([(m, n[s]) for s, m in rows], kind))]
 
 
-def _labelled_sites(p: Protocol, exp: Experiment, task: TaskSpec, model_tr: float, n_frames: int,
-                    scaling: str) -> dict[str, LabelledSite]:  # fmt: skip
+def _labelled_sites(
+    p: Protocol, exp: Experiment, task: TaskSpec, model_tr: float, n_frames: int, scaling: str
+) -> dict[str, LabelledSite]:
     """The experiment's sites for one task; a site that only tests is scaled as `test_site_scaling` says."""
     shared = "own"
     if p.test_site_scaling == "training_sites" and set(exp.test) - set(exp.finetune):
         shared = training_scaling([p.site_config(s) for s in exp.finetune], model_tr, n_frames, scaling)
-    return {s: load_labelled_site(p.site_config(s), task, model_tr, n_frames, scaling, training=s in exp.finetune,
-                                  scaling_stats="own" if s in exp.finetune else shared)
-            for s in dict.fromkeys((*exp.finetune, *exp.test))}  # fmt: skip
+    return {
+        s: load_labelled_site(
+            p.site_config(s),
+            task,
+            model_tr,
+            n_frames,
+            scaling,
+            training=s in exp.finetune,
+            scaling_stats="own" if s in exp.finetune else shared,
+        )
+        for s in dict.fromkeys((*exp.finetune, *exp.test))
+    }
 
 
 def run_cohort(p: Protocol, out_dir: Path, progress: bool, device: str) -> tuple[list[dict], list[dict]]:
@@ -154,14 +176,24 @@ def run_cohort(p: Protocol, out_dir: Path, progress: bool, device: str) -> tuple
             data = _labelled_sites(p, exp, task, model_tr, n_frames, scaling)
             fts, tests = [data[s] for s in exp.finetune], [data[s] for s in exp.test]
             modes = list(p.training) if len(fts) > 1 else ["centralized"]
-            runs = [(seed, m, v, mode) for seed in p.seeds for m in p.methods
-                    for v in (variants if m in ("finetune", "probe") else [None])
-                    for mode in (modes if m in p.training_methods and m in NEURAL_METHODS else ["centralized"])]  # fmt: skip
+            runs = [
+                (seed, m, v, mode)
+                for seed in p.seeds
+                for m in p.methods
+                for v in (variants if m in ("finetune", "probe") else [None])
+                for mode in (modes if m in p.training_methods and m in NEURAL_METHODS else ["centralized"])
+            ]
             desc = f"{p.cohort + ' ' if p.cohort else ''}{exp.name}: {task.name}"
             for seed, method, variant, mode in tqdm(runs, desc=desc, disable=not progress):
                 name = method if variant is None else f"{method} [{variant.name}]"
-                base = {"experiment": exp.name, "method": name, "training": mode, "task": task.name, "seed": seed,
-                        "cohort": cohort}  # fmt: skip
+                base = {
+                    "experiment": exp.name,
+                    "method": name,
+                    "training": mode,
+                    "task": task.name,
+                    "seed": seed,
+                    "cohort": cohort,
+                }
                 if method in BASELINES:
                     scores, extra = _baseline_scores(p, method, task, fts, tests, seed, model_tr)
                     r, pr = _score(task, tests, scores, base, "+".join(exp.finetune), extra)
@@ -172,57 +204,37 @@ def run_cohort(p: Protocol, out_dir: Path, progress: bool, device: str) -> tuple
                 groups = [[s] for s in fts] if mode == "local" else [fts]
                 for group in groups:
                     res = fit(backbone, task, recipe, group, mode, p.local_steps, device)
-                    scores = {t.site: predict(res.model, t.test, task, res.target, n_frames, recipe.eval_windows)
-                              for t in tests}  # fmt: skip
-                    r, pr = _score(task, tests, scores, base, "+".join(g.site for g in group), {"best_step": res.best_step})
+                    scores = {
+                        t.site: predict(res.model, t.test, task, res.target, n_frames, recipe.eval_windows)
+                        for t in tests
+                    }
+                    r, pr = _score(
+                        task, tests, scores, base, "+".join(g.site for g in group), {"best_step": res.best_step}
+                    )
                     rows, preds = rows + r, preds + pr
     return rows, preds
 
 
-def cohorts(p: Protocol, out_dir: Path, progress: bool) -> list[Protocol]:
-    """The protocol once per cohort: itself, or one copy per generator seed on its generated cohort
-    (generated under OUT/cohorts/ once, reused while the generator plan is unchanged)."""
-    if p.generate is None:
-        return [p]
-    from sites.synth import default_site_specs, effects_from_pairs, generate_cohorts
-
-    g = p.generate
-    plan = json.dumps(dataclasses.asdict(g), sort_keys=True)
-    out = []
-    for seed in p.generator_seeds:
-        root = out_dir / "cohorts" / f"gen{seed}-{hashlib.sha256(plan.encode()).hexdigest()[:8]}"
-        if not (root / ".complete").is_file():
-            tmp = root.with_name(root.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            log.info("generating cohort %d (%s, generator version %d) under %s", seed, g.mechanism, g.version, root)
-            names = [s.name for s in default_site_specs(g.sites)]
-            kw = {"n_sites": g.sites, "subjects_per_site": g.subjects, "seed": seed, "n_rois": g.rois,
-                  "duration_s": g.duration, "effects": effects_from_pairs(list(g.effects)), "mechanism": g.mechanism,
-                  "version": g.version, "progress": progress}  # fmt: skip
-            kept = tuple(n for n in names if n not in g.held_out)
-            if kept:
-                generate_cohorts(tmp, split=g.split, only=kept, **kw)
-            if g.held_out:  # a site's files depend only on the seed and its index: the same cohort
-                generate_cohorts(tmp, split=(0.0, 0.0, 1.0), only=g.held_out, **kw)
-            (tmp / ".complete").write_text(plan)
-            shutil.rmtree(root, ignore_errors=True)
-            os.replace(tmp, root)  # the site YAMLs name their folder relatively: valid after the move
-        out.append(p.for_cohort(seed, root))
-    return out
-
-
-def run_protocol(p: Protocol, out_dir: Path, progress: bool = True, device: str = "cpu", *,
-                 ledger: Ledger | None = None, rescore: bool = False) -> EvaluationResult:  # fmt: skip
+def run_protocol(
+    p: Protocol,
+    out_dir: Path,
+    progress: bool = True,
+    device: str = "cpu",
+    *,
+    ledger: Ledger | None = None,
+    rescore: bool = False,
+) -> EvaluationResult:
     """Run the protocol on every cohort and write its reports. Before anything is trained or scored, the
     data is fingerprinted and, with a `ledger`, a second scoring of the same test data by the same protocol
     is refused unless `rescore` (`provenance.AlreadyScored`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    resolved_cohorts = cohorts(p, out_dir, progress)
+    resolved_cohorts = protocol_cohorts(p, out_dir, progress)
     model_tr, _ = _pretrain_data(p)
     phash = protocol_hash(p)
-    record = provenance.base_record(phash, resolved(p), Path(__file__).resolve().parent,
-                                    ledger.path if ledger is not None else None)  # fmt: skip
+    record = provenance.base_record(
+        phash, resolved(p), Path(__file__).resolve().parent, ledger.path if ledger is not None else None
+    )
     data, test_prints = {}, []
     tested = {s for e in p.experiments for s in e.test}
     for cp in resolved_cohorts:
@@ -232,8 +244,9 @@ def run_protocol(p: Protocol, out_dir: Path, progress: bool = True, device: str 
             if name in tested:
                 test_prints.append(site["test_sha256"])
     record["data"] = data
-    record["checkpoints"] = {e.name: provenance.file_sha256(p.source.parent / e.checkpoint)
-                             for e in p.experiments if e.checkpoint}  # fmt: skip
+    record["checkpoints"] = {
+        e.name: provenance.file_sha256(p.source.parent / e.checkpoint) for e in p.experiments if e.checkpoint
+    }
     record["test_data_sha256"] = provenance.combined(test_prints)
     if ledger is not None:
         record["scoring"] = provenance.check_and_record(ledger, phash, record["test_data_sha256"], out_dir, rescore)
@@ -281,18 +294,27 @@ def rerender(p: Protocol, out_dir: Path, ledger: Ledger | None = None) -> Evalua
     out_dir = Path(out_dir)
     for name in ("results.csv", "predictions.csv", "provenance.json"):
         if not (out_dir / name).is_file():
-            raise DataError(f"{out_dir}: no {name}; --report-only needs a run of this protocol that predicted "
-                            f"every test subject (results.csv, predictions.csv and provenance.json)")  # fmt: skip
+            raise DataError(
+                f"{out_dir}: no {name}; --report-only needs a run of this protocol that predicted "
+                f"every test subject (results.csv, predictions.csv and provenance.json)"
+            )
     record = json.loads((out_dir / "provenance.json").read_text())
     if record["protocol_sha256"] != protocol_hash(p):
-        raise DataError(f"{out_dir}: its provenance.json is of another protocol (sha256 {record['protocol_sha256'][:12]}, "
-                         f"this one {protocol_hash(p)[:12]})")  # fmt: skip
-    record["report_rendered"] = {"git": provenance.git_state(Path(__file__).resolve().parent),
-                                 "command": sys.argv, "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+        raise DataError(
+            f"{out_dir}: its provenance.json is of another protocol (sha256 {record['protocol_sha256'][:12]}, "
+            f"this one {protocol_hash(p)[:12]})"
+        )
+    record["report_rendered"] = {
+        "git": provenance.git_state(Path(__file__).resolve().parent),
+        "command": sys.argv,
+        "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
     tidy = [{k: _tidy(v) for k, v in r.items()} for r in report.read_csv(out_dir / "results.csv")]
     preds = [{k: _tidy(v) for k, v in r.items()} for r in report.read_csv(out_dir / "predictions.csv")]
     result = write_reports(p, tidy, preds, out_dir, record)
-    if ledger is not None and not provenance.completed(ledger, record["protocol_sha256"], record["test_data_sha256"], out_dir):
+    if ledger is not None and not provenance.completed(
+        ledger, record["protocol_sha256"], record["test_data_sha256"], out_dir
+    ):
         provenance.mark_completed(ledger, record["protocol_sha256"], record["test_data_sha256"], out_dir)
     return result
 
@@ -304,8 +326,9 @@ def _tidy(v: object) -> object:
     return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
-def write_reports(p: Protocol, rows: list[dict], preds: list[dict], out_dir: Path,
-                  record: dict | None = None) -> EvaluationResult:  # fmt: skip
+def write_reports(
+    p: Protocol, rows: list[dict], preds: list[dict], out_dir: Path, record: dict | None = None
+) -> EvaluationResult:
     """results.csv (every row), predictions.csv (every test subject's scores), summary.csv (mean +- std over
     seeds, site = all), intervals.csv (95 % subject-bootstrap intervals and paired differences to the best
     baseline), report.md, PNG plots and provenance.json."""
@@ -337,8 +360,10 @@ def write_reports(p: Protocol, rows: list[dict], preds: list[dict], out_dir: Pat
         provenance.write_provenance(out_dir / "provenance.json", record)
     n_cohorts = len({r["cohort"] for r in rows})
     cohorts_text = f", {n_cohorts} generated cohorts" if p.generate is not None else ""
-    title = (f"{p.name}: {len(p.seeds)} seed(s){cohorts_text}; 95 % intervals from {p.n_bootstrap} resamples of "
-             f"test subjects" + (f"\n\n{p.description}" if p.description else ""))  # fmt: skip
+    title = (
+        f"{p.name}: {len(p.seeds)} seed(s){cohorts_text}; 95 % intervals from {p.n_bootstrap} resamples of "
+        f"test subjects" + (f"\n\n{p.description}" if p.description else "")
+    )
     md = "\n\n".join(f"### {h}\n\n{t}" for h, t in sections)
     report_md = report.write_markdown(out_dir / "report.md", sections, title=title)
     return EvaluationResult(out_dir, rows_csv, summary_csv, report_md, md, plots)

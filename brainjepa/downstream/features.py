@@ -45,8 +45,9 @@ SEGMENT_CYCLES = 2.0  # a Welch segment holds this many periods of the lowest ba
 MIN_SPECTRUM_FRAMES = 8  # shorter scans have no spectrum worth the name
 
 
-def check_series(series: Sequence[np.ndarray], what: str = "scan", n_rois: int | None = None,
-                 min_frames: int = 2) -> list[np.ndarray]:  # fmt: skip
+def check_series(
+    series: Sequence[np.ndarray], what: str = "scan", n_rois: int | None = None, min_frames: int = 2
+) -> list[np.ndarray]:
     """float64 copies of N (R, L_i) series: 2-D, one R (= n_rois when given), L_i >= min_frames, finite
     except whole NaN rows (missing ROIs); a present ROI may not be constant. N may be 0."""
     out = []
@@ -55,20 +56,26 @@ def check_series(series: Sequence[np.ndarray], what: str = "scan", n_rois: int |
         if n_rois is None and x.ndim == 2:
             n_rois = x.shape[0]
         if x.ndim != 2 or x.shape[0] != n_rois or x.shape[0] < 2 or x.shape[1] < min_frames:
-            raise DataError(f"{what} {i}: expected an (R, L) series with R = {n_rois} >= 2 ROIs like the first "
-                            f"scan and L >= {min_frames} frames, got shape {x.shape}")  # fmt: skip
+            raise DataError(
+                f"{what} {i}: expected an (R, L) series with R = {n_rois} >= 2 ROIs like the first "
+                f"scan and L >= {min_frames} frames, got shape {x.shape}"
+            )
         bad = ~np.isfinite(x)  # (R, L)
         if bad.any() and not (bad.all(axis=1) | ~bad.any(axis=1)).all():
             rows = np.flatnonzero(bad.any(axis=1) & ~bad.all(axis=1)).tolist()
-            raise DataError(f"{what} {i}: ROIs {rows} hold some NaN/inf values; only a whole missing ROI (an "
-                            "all-NaN row) may be NaN")  # fmt: skip
+            raise DataError(
+                f"{what} {i}: ROIs {rows} hold some NaN/inf values; only a whole missing ROI (an "
+                "all-NaN row) may be NaN"
+            )
         if np.isinf(x).any():
             raise DataError(f"{what} {i}: the series holds inf values")
         present = ~bad.all(axis=1)
         flat = present & (np.ptp(np.where(present[:, None], x, 0.0), axis=1) == 0)
         if flat.any():
-            raise DataError(f"{what} {i}: ROIs {np.flatnonzero(flat).tolist()} are constant (no correlation or "
-                            "spectrum is defined; a missing ROI should be a NaN row)")  # fmt: skip
+            raise DataError(
+                f"{what} {i}: ROIs {np.flatnonzero(flat).tolist()} are constant (no correlation or "
+                "spectrum is defined; a missing ROI should be a NaN row)"
+            )
         out.append(x)
     return out
 
@@ -90,8 +97,9 @@ def fc_features(series: Sequence[np.ndarray], what: str = "scan") -> np.ndarray:
         xc = x - x.mean(axis=1, keepdims=True)  # (R, L); a missing ROI stays NaN
         norm = np.linalg.norm(xc, axis=1)  # (R,)
         if np.any(norm == 0):  # a series cleaned to zero
-            raise DataError(f"{what} {i}: ROIs {np.flatnonzero(norm == 0).tolist()} are constant (no correlation "
-                            "is defined)")  # fmt: skip
+            raise DataError(
+                f"{what} {i}: ROIs {np.flatnonzero(norm == 0).tolist()} are constant (no correlation is defined)"
+            )
         xc /= norm[:, None]
         r = (xc @ xc.T)[iu]  # (R*(R-1)/2,); NaN where either ROI is missing
         out[i] = np.arctanh(np.clip(r, -Z_CLIP, Z_CLIP))
@@ -104,8 +112,9 @@ def _nyquist(tr: float) -> float:
     return 0.5 / tr
 
 
-def clean_series(series: Sequence[np.ndarray], tr: float, config: BaselineConfig,
-                 what: str = "scan") -> list[np.ndarray]:  # fmt: skip
+def clean_series(
+    series: Sequence[np.ndarray], tr: float, config: BaselineConfig, what: str = "scan"
+) -> list[np.ndarray]:
     """N (R, L_i) float64 series after `nilearn.signal.clean` (detrend and band-pass per `config`,
     t_r = tr, standardize off) of each scan's present ROIs; missing ROIs stay NaN rows."""
     nyq = _nyquist(tr)
@@ -113,18 +122,20 @@ def clean_series(series: Sequence[np.ndarray], tr: float, config: BaselineConfig
     low = config.low_pass or None
     for name, v in (("high_pass", high), ("low_pass", low)):
         if v is not None and v >= nyq:
-            raise ConfigError(f"baselines.{name}: {v} Hz is at or above the Nyquist frequency {nyq:.4g} Hz of "
-                              f"TR {tr:g} s; set it lower, or null to disable it")  # fmt: skip
+            raise ConfigError(
+                f"baselines.{name}: {v} Hz is at or above the Nyquist frequency {nyq:.4g} Hz of "
+                f"TR {tr:g} s; set it lower, or null to disable it"
+            )
     out = []
     for i, x in enumerate(check_series(series, what)):
         keep = present_rois(x)  # (R,)
         y = np.full_like(x, np.nan)  # (R, L)
         try:
-            y[keep] = clean(x[keep].T, detrend=config.detrend, standardize=None, low_pass=low,
-                            high_pass=high, t_r=tr).T  # fmt: skip
+            y[keep] = clean(x[keep].T, detrend=config.detrend, standardize=None, low_pass=low, high_pass=high, t_r=tr).T
         except ValueError as e:  # scipy's filtfilt: the scan is shorter than the filter's padding
-            raise DataError(f"{what} {i}: nilearn could not band-pass its {x.shape[1]} frames "
-                            f"({high}-{low} Hz at TR {tr:g} s): {e}") from e  # fmt: skip
+            raise DataError(
+                f"{what} {i}: nilearn could not band-pass its {x.shape[1]} frames ({high}-{low} Hz at TR {tr:g} s): {e}"
+            ) from e
         out.append(y)
     return out
 
@@ -134,9 +145,11 @@ def require_complete(series: Sequence[np.ndarray], what: str = "scan") -> None:
     for i, s in enumerate(series):
         missing = np.flatnonzero(~present_rois(np.asarray(s)))
         if missing.size:
-            raise DataError(f"{what} {i} has missing ROI(s) {missing.tolist()} (NaN rows): a scan with a missing "
-                            "ROI cannot enter the tangent space; use the 'fc' baseline (pairwise-complete "
-                            "correlations, imputed) or leave the scan out")  # fmt: skip
+            raise DataError(
+                f"{what} {i} has missing ROI(s) {missing.tolist()} (NaN rows): a scan with a missing "
+                "ROI cannot enter the tangent space; use the 'fc' baseline (pairwise-complete "
+                "correlations, imputed) or leave the scan out"
+            )
 
 
 def tangent_measure() -> ConnectivityMeasure:
@@ -167,8 +180,10 @@ def usable_bands(bands: Sequence[tuple[float, float]], tr: float) -> tuple[tuple
     nyq = _nyquist(tr)
     above = [(lo, hi) for lo, hi in bands if lo >= nyq]
     if above:
-        raise ConfigError(f"baselines.bands: {[list(b) for b in above]} Hz start at or above the Nyquist frequency "
-                          f"{nyq:.4g} Hz of TR {tr:g} s; drop them or lower them")  # fmt: skip
+        raise ConfigError(
+            f"baselines.bands: {[list(b) for b in above]} Hz start at or above the Nyquist frequency "
+            f"{nyq:.4g} Hz of TR {tr:g} s; drop them or lower them"
+        )
     return tuple((float(lo), float(min(hi, nyq))) for lo, hi in bands)
 
 
@@ -189,8 +204,9 @@ def band_power(freqs: np.ndarray, psd: np.ndarray, bands: Sequence[tuple[float, 
     return out
 
 
-def roi_spectrum_features(series: Sequence[np.ndarray], tr: float, config: BaselineConfig,
-                          what: str = "scan") -> np.ndarray:  # fmt: skip
+def roi_spectrum_features(
+    series: Sequence[np.ndarray], tr: float, config: BaselineConfig, what: str = "scan"
+) -> np.ndarray:
     """(N, R * n_bands) float64 log band powers, ROI-major (see the module doc); NaN for missing ROIs."""
     bands = usable_bands(config.bands, tr)
     lowest = min([e for b in bands for e in b if e > 0])
@@ -200,8 +216,15 @@ def roi_spectrum_features(series: Sequence[np.ndarray], tr: float, config: Basel
     for i, x in enumerate(xs):
         keep = present_rois(x)  # (R,)
         nperseg = welch_nperseg(x.shape[1], tr, lowest)
-        freqs, psd = welch(x[keep], fs=1.0 / tr, window="hann", nperseg=nperseg, nfft=nperseg + nperseg % 2,
-                           detrend="linear" if config.detrend else "constant", axis=-1)  # fmt: skip
+        freqs, psd = welch(
+            x[keep],
+            fs=1.0 / tr,
+            window="hann",
+            nperseg=nperseg,
+            nfft=nperseg + nperseg % 2,
+            detrend="linear" if config.detrend else "constant",
+            axis=-1,
+        )
         power = band_power(freqs, psd, bands)  # (R_present, B)
         if not (power > 0).all():
             rois = np.flatnonzero(keep)[~(power > 0).all(axis=1)].tolist()

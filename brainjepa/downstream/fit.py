@@ -31,13 +31,7 @@ from brainjepa.downstream.config import DownstreamConfig, TaskSpec
 from brainjepa.downstream.data import LabelledSite, Split, TrainBatches
 from brainjepa.downstream.metrics import PRIMARY, is_better
 from brainjepa.downstream.model import Backbone, DownstreamModel
-from brainjepa.downstream.train import (
-    DownstreamStep,
-    TargetScale,
-    split_metrics,
-    weighted_metrics,
-    window_chunks,
-)
+from brainjepa.downstream.train import DownstreamStep, TargetScale, split_metrics, weighted_metrics, window_chunks
 from brainjepa.federation.averaging import RunningMean
 
 log = logging.getLogger(__name__)
@@ -83,8 +77,11 @@ class FitResult:
 
 def pooled(sites: list[LabelledSite], split: str) -> Split:
     parts = [s.splits[split] for s in sites]
-    return Split([x for p in parts for x in p.series], np.concatenate([p.y for p in parts]),
-                 [f"{s.site}/{i}" for s, p in zip(sites, parts, strict=True) for i in p.ids])  # fmt: skip
+    return Split(
+        [x for p in parts for x in p.series],
+        np.concatenate([p.y for p in parts]),
+        [f"{s.site}/{i}" for s, p in zip(sites, parts, strict=True) for i in p.ids],
+    )
 
 
 def validate(model: DownstreamModel, sites: list[LabelledSite], target: TargetScale, n_frames: int) -> dict:
@@ -93,8 +90,16 @@ def validate(model: DownstreamModel, sites: list[LabelledSite], target: TargetSc
     return weighted_metrics(per_site, task.kind)
 
 
-def site_round(model: DownstreamModel, site: LabelledSite, target: TargetScale, start: int, n_steps: int,
-               total: int, n_frames: int, device: torch.device | str = "cpu") -> float:  # fmt: skip
+def site_round(
+    model: DownstreamModel,
+    site: LabelledSite,
+    target: TargetScale,
+    start: int,
+    n_steps: int,
+    total: int,
+    n_frames: int,
+    device: torch.device | str = "cpu",
+) -> float:
     """`n_steps` optimizer steps of `model` on the site's training scans from global step `start`;
     returns the mean loss (one host sync). Drop-path draws from torch's RNG, seeded by (recipe seed,
     round position, site name): the same draws in this process and at a Flower site."""
@@ -107,8 +112,16 @@ def site_round(model: DownstreamModel, site: LabelledSite, target: TargetScale, 
     return float(torch.stack(losses).mean())
 
 
-def fit(backbone: Backbone, task: TaskSpec, recipe: DownstreamConfig, sites: list[LabelledSite], mode: str,
-        local_steps: int = 10, device: torch.device | str = "cpu", progress: bool = False) -> FitResult:  # fmt: skip
+def fit(
+    backbone: Backbone,
+    task: TaskSpec,
+    recipe: DownstreamConfig,
+    sites: list[LabelledSite],
+    mode: str,
+    local_steps: int = 10,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> FitResult:
     """Train `recipe.steps` optimizer steps (per site, in `federated` mode) and keep the best on validation."""
     if mode not in ("federated", "centralized", "local"):
         raise ValueError(f"mode: expected federated, centralized or local, got '{mode}'")
@@ -121,8 +134,11 @@ def fit(backbone: Backbone, task: TaskSpec, recipe: DownstreamConfig, sites: lis
     if recipe.frozen_backbone and recipe.probe_solver == "lbfgs":
         if mode != "federated":
             return solve_probe(model, sites, target, n_frames)
-        log.info("%s %s: a federated probe trains by FedAvg SGD (probe_solver lbfgs is for centralized / local)",
-                 recipe.method, task.name)  # fmt: skip
+        log.info(
+            "%s %s: a federated probe trains by FedAvg SGD (probe_solver lbfgs is for centralized / local)",
+            recipe.method,
+            task.name,
+        )
     primary = PRIMARY[task.kind]
     best: tuple[dict, dict, int] | None = None
     history: list[tuple[int, float, float]] = []
@@ -152,8 +168,16 @@ def fit(backbone: Backbone, task: TaskSpec, recipe: DownstreamConfig, sites: lis
     return FitResult(model, target, best[2], best[1], history)
 
 
-def _federated_round(model: DownstreamModel, sites: list[LabelledSite], target: TargetScale, start: int,
-                     n: int, total: int, n_frames: int, device: torch.device | str) -> float:  # fmt: skip
+def _federated_round(
+    model: DownstreamModel,
+    sites: list[LabelledSite],
+    target: TargetScale,
+    start: int,
+    n: int,
+    total: int,
+    n_frames: int,
+    device: torch.device | str,
+) -> float:
     """One FedAvg round in this process: the same site work and averaging as over Flower."""
     global_vec = state_vector(model)
     mean, losses = RunningMean(), []
@@ -171,8 +195,7 @@ PROBE_STRENGTHS = tuple(float(c) for c in np.logspace(-5, 4, 10))
 
 
 @torch.no_grad()
-def window_features(model: DownstreamModel, split: Split, n_frames: int, n_windows: int,
-                    chunk: int = 32) -> np.ndarray:  # fmt: skip
+def window_features(model: DownstreamModel, split: Split, n_frames: int, n_windows: int, chunk: int = 32) -> np.ndarray:
     """(N * W, F) float64: the frozen backbone's pooled features of every scan's `n_windows` evaluation
     windows (the windows `predict` averages over), scan-major."""
     model.eval()
@@ -217,9 +240,12 @@ def solve_probe(model: DownstreamModel, sites: list[LabelledSite], target: Targe
 
     select = recipe.select
     if select == "cv" and not can_cross_validate(train.y, task.kind):
-        log.warning("%s: the training scans cannot make 2 folds (a class with one scan): strength chosen on validation", what)
+        log.warning(
+            "%s: the training scans cannot make 2 folds (a class with one scan): strength chosen on validation", what
+        )
         select = "validation"
     if select == "cv":
+
         def fit_predict(c: float, z_fit: np.ndarray, y_fit: np.ndarray, z_test: np.ndarray) -> np.ndarray:
             weight, bias, _ = _solved_head(task, c, z_fit, y_fit, target)
             out = z_test @ weight.T + bias  # (m, n_outputs)
@@ -249,13 +275,20 @@ def solve_probe(model: DownstreamModel, sites: list[LabelledSite], target: Targe
         _, val, chosen = best
         best_index(np.array([h[2] for h in history]), task.kind, PROBE_STRENGTHS, what)  # the grid-end warning
         rule = f"on validation ({primary} {val[primary]:.3f})"
-    log.info("%s: probe solved on %d windows x %d features, C = %g chosen %s", what, z.shape[0], z.shape[1],
-             PROBE_STRENGTHS[chosen], rule)  # fmt: skip
+    log.info(
+        "%s: probe solved on %d windows x %d features, C = %g chosen %s",
+        what,
+        z.shape[0],
+        z.shape[1],
+        PROBE_STRENGTHS[chosen],
+        rule,
+    )
     return FitResult(model, target, chosen, val, history)
 
 
-def _solved_head(task: TaskSpec, c: float, z: np.ndarray, y: np.ndarray,
-                 target: TargetScale) -> tuple[np.ndarray, np.ndarray, float]:  # fmt: skip
+def _solved_head(
+    task: TaskSpec, c: float, z: np.ndarray, y: np.ndarray, target: TargetScale
+) -> tuple[np.ndarray, np.ndarray, float]:
     """(weight (n_outputs, F), bias (n_outputs,), training loss) of the L2 logistic (C = c) or ridge
     (alpha = 1 / c, on the scaled target) regression of y on the standardised features z (M, F)."""
     from sklearn.linear_model import LogisticRegression, Ridge

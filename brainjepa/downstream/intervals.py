@@ -98,8 +98,10 @@ def _scores(scores: object, name: str, kind: str, y: np.ndarray) -> np.ndarray:
     s = s.astype(np.float64)
     want = "(S, N, C) class probabilities" if kind == "classification" else "(S, N) predictions"
     if s.ndim != (3 if kind == "classification" else 2):
-        raise ValueError(f"{name} must be {want} (S seeds, N subjects), got shape {s.shape}; "
-                         f"a single seed needs a leading axis of length 1")  # fmt: skip
+        raise ValueError(
+            f"{name} must be {want} (S seeds, N subjects), got shape {s.shape}; "
+            f"a single seed needs a leading axis of length 1"
+        )
     if s.shape[0] == 0:
         raise ValueError(f"{name} holds no seed (S = 0), shape {s.shape}")
     if s.shape[1] != y.shape[0]:
@@ -112,8 +114,9 @@ def _scores(scores: object, name: str, kind: str, y: np.ndarray) -> np.ndarray:
     bad = ~np.isfinite(s)
     if bad.any():
         where = np.argwhere(bad)[0]
-        raise ValueError(f"{name} holds {int(bad.sum())} NaN/inf values (of {s.size}), first at index "
-                         f"{tuple(int(i) for i in where)}")  # fmt: skip
+        raise ValueError(
+            f"{name} holds {int(bad.sum())} NaN/inf values (of {s.size}), first at index {tuple(int(i) for i in where)}"
+        )
     return s
 
 
@@ -121,8 +124,10 @@ def _check_strata(y: np.ndarray, group: np.ndarray, kind: str) -> None:
     for g in np.unique(group):
         yg = y[group == g]
         if kind == "classification" and np.unique(yg).size < 2:
-            raise ValueError(f"group {g} holds a single class ({yg[0]}, {yg.size} subjects): its metrics "
-                             f"are undefined; every group needs at least two classes")  # fmt: skip
+            raise ValueError(
+                f"group {g} holds a single class ({yg[0]}, {yg.size} subjects): its metrics "
+                f"are undefined; every group needs at least two classes"
+            )
         if yg.size < 2:
             raise ValueError(f"group {g} holds a single subject; every group needs at least two")
 
@@ -156,8 +161,7 @@ def batch_metric(y: object, scores: object, idx: object, *, kind: str, metric: s
 # ---------------------------------------------------------------- resampling
 
 
-def _draws(y: np.ndarray, kind: str, n_boot: int,
-           rng: np.random.Generator) -> Iterator[tuple[int, np.ndarray]]:  # fmt: skip
+def _draws(y: np.ndarray, kind: str, n_boot: int, rng: np.random.Generator) -> Iterator[tuple[int, np.ndarray]]:
     """Blocks (first resample, local indices (b, n)) of one group's resamples: position j draws from the
     subjects of j's class (classification) or from all n (regression), with replacement. A class with a
     single subject (e.g. subject identification: one test scan per subject) would make every stratified
@@ -201,8 +205,9 @@ def resample_indices(y: object, group: object, *, kind: str, n_boot: int, seed: 
     return out
 
 
-def _replicates(y: np.ndarray, scores: list[np.ndarray], group: np.ndarray, kind: str, metric: str,
-                n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def _replicates(
+    y: np.ndarray, scores: list[np.ndarray], group: np.ndarray, kind: str, metric: str, n_boot: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Estimates (M,) and resampled values (M, n_boot) of each method's metric, all on the same draws."""
     est = np.zeros(len(scores))
     reps = np.zeros((len(scores), n_boot))
@@ -221,16 +226,21 @@ def _replicates(y: np.ndarray, scores: list[np.ndarray], group: np.ndarray, kind
 def _percentile(estimate: float, values: np.ndarray, level: float) -> Interval:
     finite = values[np.isfinite(values)]
     if finite.size < values.size:
-        log.warning("%d of %d bootstrap resamples gave an undefined metric; the interval uses the other %d",
-                    values.size - finite.size, values.size, finite.size)  # fmt: skip
+        log.warning(
+            "%d of %d bootstrap resamples gave an undefined metric; the interval uses the other %d",
+            values.size - finite.size,
+            values.size,
+            finite.size,
+        )
     if finite.size == 0:
         return Interval(float(estimate), math.nan, math.nan, 0, level)
     lo, hi = np.quantile(finite, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
     return Interval(float(estimate), float(lo), float(hi), int(finite.size), level)
 
 
-def _prepare(y: object, scores: list[tuple[str, object]], group: object, kind: str, metric: str,
-             n_boot: int, level: float) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:  # fmt: skip
+def _prepare(
+    y: object, scores: list[tuple[str, object]], group: object, kind: str, metric: str, n_boot: int, level: float
+) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
     _check_kind_metric(kind, metric)
     _check_boot(n_boot, level)
     t = _truth(y, kind)
@@ -242,8 +252,17 @@ def _prepare(y: object, scores: list[tuple[str, object]], group: object, kind: s
     return t, arrays, g
 
 
-def bootstrap_interval(y: object, scores: object, group: object, *, kind: str, metric: str,
-                       n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> Interval:  # fmt: skip
+def bootstrap_interval(
+    y: object,
+    scores: object,
+    group: object,
+    *,
+    kind: str,
+    metric: str,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Interval:
     """The metric's estimate (group-weighted mean of the seed-mean within each group) on y (N,),
     scores (S, N, C) / (S, N) and group (N,), with its percentile interval over n_boot subject resamples
     (within groups, class-stratified for classification; see the module docstring)."""
@@ -252,14 +271,22 @@ def bootstrap_interval(y: object, scores: object, group: object, *, kind: str, m
     return _percentile(est[0], reps[0], level)
 
 
-def paired_difference(y: object, scores_a: object, scores_b: object, group: object, *, kind: str,
-                      metric: str, n_boot: int = 2000, level: float = 0.95,
-                      seed: int = 0) -> Interval:  # fmt: skip
+def paired_difference(
+    y: object,
+    scores_a: object,
+    scores_b: object,
+    group: object,
+    *,
+    kind: str,
+    metric: str,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Interval:
     """The difference a - b of two methods' metric on the same subjects (their seed counts may differ),
     with its percentile interval over the same n_boot resamples for both. Always a - b: for mse and
     mae (lower is better) a negative difference means a is better."""
-    t, (a, b), g = _prepare(y, [("scores_a", scores_a), ("scores_b", scores_b)], group, kind, metric,
-                            n_boot, level)  # fmt: skip
+    t, (a, b), g = _prepare(y, [("scores_a", scores_a), ("scores_b", scores_b)], group, kind, metric, n_boot, level)
     est, reps = _replicates(t, [a, b], g, kind, metric, n_boot, seed)
     return _percentile(est[0] - est[1], reps[0] - reps[1], level)
 

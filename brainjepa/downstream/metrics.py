@@ -25,9 +25,15 @@ METRICS: dict[str, list[str]] = {
 }
 PRIMARY: dict[str, str] = {kind: names[0] for kind, names in METRICS.items()}
 HIGHER_IS_BETTER: dict[str, bool] = {
-    "acc": True, "balanced_acc": True, "f1": True, "auroc": True,
-    "mse": False, "mae": False, "pearson_r": True, "r2": True,
-}  # fmt: skip
+    "acc": True,
+    "balanced_acc": True,
+    "f1": True,
+    "auroc": True,
+    "mse": False,
+    "mae": False,
+    "pearson_r": True,
+    "r2": True,
+}
 
 
 def _finite(name: str, a: np.ndarray) -> None:
@@ -85,12 +91,7 @@ def classification_metrics(y_true: np.ndarray, scores: np.ndarray, n_classes: in
     with warnings.catch_warnings():  # balanced accuracy averages the recall of the classes in y_true
         warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
         balanced = float(skm.balanced_accuracy_score(y, pred))
-    return {
-        "acc": float(skm.accuracy_score(y, pred)),
-        "balanced_acc": balanced,
-        "f1": float(f1),
-        "auroc": auroc,
-    }
+    return {"acc": float(skm.accuracy_score(y, pred)), "balanced_acc": balanced, "f1": float(f1), "auroc": auroc}
 
 
 def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:

@@ -128,7 +128,13 @@ def param_groups(model: DownstreamModel) -> list[dict]:
             continue
         layer = layer_of(name, depth)
         decay = not (name.endswith(".bias") or p.ndim == 1)
-        g = groups.setdefault((layer, decay), {"params": [], "lr_scale": r.layer_decay ** (depth + 1 - layer),
-                                               "weight_decay": r.weight_decay if decay else 0.0})  # fmt: skip
+        g = groups.setdefault(
+            (layer, decay),
+            {
+                "params": [],
+                "lr_scale": r.layer_decay ** (depth + 1 - layer),
+                "weight_decay": r.weight_decay if decay else 0.0,
+            },
+        )
         g["params"].append(p)
     return [groups[k] for k in sorted(groups)]

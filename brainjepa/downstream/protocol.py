@@ -122,8 +122,10 @@ class Protocol:
 
     def site_config(self, name: str) -> SiteConfig:
         if not self.site(name).config:
-            raise ConfigError(f"{where(self.source, 'sites')}: site '{name}' has no config; a generated site's is "
-                              "set per cohort (`for_cohort`)")  # fmt: skip
+            raise ConfigError(
+                f"{where(self.source, 'sites')}: site '{name}' has no config; a generated site's is "
+                "set per cohort (`for_cohort`)"
+            )
         return load_site_config(self.source.parent / self.site(name).config)
 
     @property
@@ -133,7 +135,9 @@ class Protocol:
 
     def for_cohort(self, seed: int, root: Path) -> Protocol:
         """This protocol on the generated cohort of `seed` written under root/<site>/<site>.yaml."""
-        sites = tuple(dataclasses.replace(s, config=str((root / s.name / f"{s.name}.yaml").resolve())) for s in self.sites)
+        sites = tuple(
+            dataclasses.replace(s, config=str((root / s.name / f"{s.name}.yaml").resolve())) for s in self.sites
+        )
         return dataclasses.replace(self, sites=sites, cohort=f"gen{seed}")
 
 
@@ -153,13 +157,19 @@ def _check(p: Protocol, path: Path) -> None:
         for key in ("finetune", "test", "pretrain"):
             for s in getattr(e, key):
                 if s not in names:
-                    raise ConfigError(f"{where(path, f'experiments[{i}].{key}')}: site '{s}' of experiment "
-                                      f"'{e.name}' is not declared under 'sites' ({', '.join(names)})")  # fmt: skip
+                    raise ConfigError(
+                        f"{where(path, f'experiments[{i}].{key}')}: site '{s}' of experiment "
+                        f"'{e.name}' is not declared under 'sites' ({', '.join(names)})"
+                    )
         if not e.finetune or not e.test:
-            raise ConfigError(f"{where(path, f'experiments[{i}]')}: experiment '{e.name}' needs 'finetune' and 'test' sites")
+            raise ConfigError(
+                f"{where(path, f'experiments[{i}]')}: experiment '{e.name}' needs 'finetune' and 'test' sites"
+            )
         if bool(e.pretrain) == bool(e.checkpoint) and any(m in p.methods for m in ("finetune", "probe")):
-            raise ConfigError(f"{where(path, f'experiments[{i}]')}: experiment '{e.name}' needs exactly one of "
-                              "'pretrain' (sites) or 'checkpoint' for the pretrained methods")  # fmt: skip
+            raise ConfigError(
+                f"{where(path, f'experiments[{i}]')}: experiment '{e.name}' needs exactly one of "
+                "'pretrain' (sites) or 'checkpoint' for the pretrained methods"
+            )
     if not p.seeds or not p.tasks or not p.methods:
         raise ConfigError(f"{where(path)}: 'seeds', 'tasks' and 'methods' must not be empty")
     if p.n_bootstrap < 100:
@@ -171,24 +181,30 @@ def _check(p: Protocol, path: Path) -> None:
         raise ConfigError(f"{where(path, 'generator_seeds')}: needs a 'generate' section (the cohorts to generate)")
     missing = [s.name for s in p.sites if not s.config]
     if missing:
-        raise ConfigError(f"{where(path, 'sites')}: sites {missing} need a 'config' (a site YAML), or the "
-                          "protocol a 'generate' section")  # fmt: skip
+        raise ConfigError(
+            f"{where(path, 'sites')}: sites {missing} need a 'config' (a site YAML), or the "
+            "protocol a 'generate' section"
+        )
     used = {s for e in p.experiments for s in (*e.finetune, *e.test)}
     for name in sorted(used):
         cfg = p.site_config(name)
         header = read_participants(cfg.participants.file, cfg.participants.id_column).columns
         for t in p.tasks:
             if t.column not in header:
-                raise ConfigError(f"{where(path, 'tasks')}: task '{t.name}' uses column '{t.column}', which site "
-                                  f"'{name}' ({cfg.participants.file}) does not have; it has {sorted(header)}")  # fmt: skip
+                raise ConfigError(
+                    f"{where(path, 'tasks')}: task '{t.name}' uses column '{t.column}', which site "
+                    f"'{name}' ({cfg.participants.file}) does not have; it has {sorted(header)}"
+                )
 
 
 def _check_generated(p: Protocol, path: Path) -> None:
-    from sites.synth import default_site_specs
+    from sites.acquisition import default_site_specs
 
     if not p.generator_seeds:
-        raise ConfigError(f"{where(path, 'generator_seeds')}: a protocol that generates its cohorts needs at least "
-                          "one generator seed (claims about generated data: 5 or more)")  # fmt: skip
+        raise ConfigError(
+            f"{where(path, 'generator_seeds')}: a protocol that generates its cohorts needs at least "
+            "one generator seed (claims about generated data: 5 or more)"
+        )
     if len(set(p.generator_seeds)) != len(p.generator_seeds):
         raise ConfigError(f"{where(path, 'generator_seeds')}: seeds must be unique, got {list(p.generator_seeds)}")
     names = [s.name for s in default_site_specs(p.generate.sites)]
@@ -199,12 +215,15 @@ def _check_generated(p: Protocol, path: Path) -> None:
         if s.config:
             raise ConfigError(f"{where(path, 'sites')}: site '{s.name}' is generated ('generate'); drop its 'config'")
         if s.name not in names:
-            raise ConfigError(f"{where(path, 'sites')}: site '{s.name}' is not one of the {p.generate.sites} "
-                              f"generated sites {names}")  # fmt: skip
+            raise ConfigError(
+                f"{where(path, 'sites')}: site '{s.name}' is not one of the {p.generate.sites} generated sites {names}"
+            )
     for t in p.tasks:
         if t.column not in GENERATED_COLUMNS:
-            raise ConfigError(f"{where(path, 'tasks')}: task '{t.name}' uses column '{t.column}'; generated sites "
-                              f"have {list(GENERATED_COLUMNS)}")  # fmt: skip
+            raise ConfigError(
+                f"{where(path, 'tasks')}: task '{t.name}' uses column '{t.column}'; generated sites "
+                f"have {list(GENERATED_COLUMNS)}"
+            )
 
 
 def protocol_hash(p: Protocol) -> str:
@@ -228,8 +247,18 @@ def pretrain_key(p: Protocol, sites: tuple[str, ...], ablation: Ablation | None)
     cfg = p.source.parent / p.pretrain.config if p.pretrain.config else None
     recipe = cfg.read_text() if cfg is not None and cfg.is_file() else ""  # an edited recipe is a new run
     generated = dataclasses.asdict(p.generate) if p.generate is not None else None
-    blob = json.dumps([sorted(sites), dataclasses.asdict(p.pretrain), dataclasses.asdict(ablation) if ablation else None,
-                       recipe, generated, p.cohort], sort_keys=True, default=str)  # fmt: skip
+    blob = json.dumps(
+        [
+            sorted(sites),
+            dataclasses.asdict(p.pretrain),
+            dataclasses.asdict(ablation) if ablation else None,
+            recipe,
+            generated,
+            p.cohort,
+        ],
+        sort_keys=True,
+        default=str,
+    )
     label = ablation.name.replace(" ", "_") if ablation else "main"
     cohort = f"{p.cohort}-" if p.cohort else ""
     return f"{cohort}{'+'.join(sorted(sites))}-{label}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"

@@ -46,6 +46,7 @@ def default_ledger() -> Path:
 def git_state(where: Path, ledger: Path | None = None) -> dict[str, object]:
     """{"commit": sha or None, "dirty": bool or None} of the git work tree holding `where`; changes to the
     scoring ledger itself (kept in the repository, written by every evaluation) do not count."""
+
     def git(*args: str) -> str | None:
         try:
             out = subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=30, check=False)
@@ -87,9 +88,14 @@ def site_record(series: SiteSeries) -> dict[str, object]:
     from sites.synth import read_generator_record
 
     counts = {str(k): int(v) for k, v in zip(*np.unique(series.splits, return_counts=True), strict=True)}
-    return {"site": series.site, "config": str(series.source), "scans": counts,
-            "sha256": series_fingerprint(series), "test_sha256": series_fingerprint(series, "test"),
-            "generator": read_generator_record(Path(series.source).parent)}  # fmt: skip
+    return {
+        "site": series.site,
+        "config": str(series.source),
+        "scans": counts,
+        "sha256": series_fingerprint(series),
+        "test_sha256": series_fingerprint(series, "test"),
+        "generator": read_generator_record(Path(series.source).parent),
+    }
 
 
 def combined(fingerprints: list[str]) -> str:
@@ -150,28 +156,51 @@ def check_and_record(ledger: Ledger, protocol: str, test_data: str, out_dir: Pat
     same = [e for e in prior if e.get("protocol") == protocol]
     if same and not rescore:
         when = ", ".join(f"{e.get('time')} -> {e.get('out_dir')}" for e in same)
-        raise AlreadyScored(f"this protocol (sha256 {protocol[:12]}) already scored this test data ({when}); a second "
-                            f"look at a test split is a choice made on it. Pass --rescore to score it again (recorded "
-                            f"in provenance.json), or use new test data. Ledger: {ledger.path}")  # fmt: skip
+        raise AlreadyScored(
+            f"this protocol (sha256 {protocol[:12]}) already scored this test data ({when}); a second "
+            f"look at a test split is a choice made on it. Pass --rescore to score it again (recorded "
+            f"in provenance.json), or use new test data. Ledger: {ledger.path}"
+        )
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    ledger.record({"protocol": protocol, "test_data": test_data, "time": now, "out_dir": _where(out_dir, ledger),
-                   "rescore": bool(same), "completed": False})  # fmt: skip
-    return {"ledger": str(ledger.path), "rescore": bool(same), "times_scored_before_by_this_protocol": len(same),
-            "times_scored_before_by_other_protocols": len(prior) - len(same)}  # fmt: skip
+    ledger.record(
+        {
+            "protocol": protocol,
+            "test_data": test_data,
+            "time": now,
+            "out_dir": _where(out_dir, ledger),
+            "rescore": bool(same),
+            "completed": False,
+        }
+    )
+    return {
+        "ledger": str(ledger.path),
+        "rescore": bool(same),
+        "times_scored_before_by_this_protocol": len(same),
+        "times_scored_before_by_other_protocols": len(prior) - len(same),
+    }
 
 
 def completed(ledger: Ledger, protocol: str, test_data: str, out_dir: Path) -> bool:
     """Whether the ledger records this scoring's tables as written."""
     where = _where(out_dir, ledger)
-    return any(e.get("completed") and e.get("protocol") == protocol and e.get("out_dir") == where
-               for e in ledger.prior(test_data))  # fmt: skip
+    return any(
+        e.get("completed") and e.get("protocol") == protocol and e.get("out_dir") == where
+        for e in ledger.prior(test_data)
+    )
 
 
 def mark_completed(ledger: Ledger, protocol: str, test_data: str, out_dir: Path) -> None:
     """Record that the scoring's tables were written: from now on a second one needs `--rescore`."""
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    ledger.record({"protocol": protocol, "test_data": test_data, "time": now, "out_dir": _where(out_dir, ledger),
-                   "completed": True})  # fmt: skip
+    ledger.record(
+        {
+            "protocol": protocol,
+            "test_data": test_data,
+            "time": now,
+            "out_dir": _where(out_dir, ledger),
+            "completed": True,
+        }
+    )
 
 
 def file_sha256(path: Path) -> str:
@@ -190,6 +219,12 @@ def write_provenance(path: Path, record: dict) -> Path:
 
 
 def base_record(protocol_hash: str, protocol: dict, repo: Path, ledger: Path | None = None) -> dict:
-    return {"protocol_sha256": protocol_hash, "protocol": protocol, "git": git_state(repo, ledger),
-            "command": sys.argv, "python": sys.version.split()[0], "packages": package_versions(),
-            "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+    return {
+        "protocol_sha256": protocol_hash,
+        "protocol": protocol,
+        "git": git_state(repo, ledger),
+        "command": sys.argv,
+        "python": sys.version.split()[0],
+        "packages": package_versions(),
+        "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }

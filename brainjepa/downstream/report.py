@@ -27,9 +27,15 @@ TEXT_KEYS = frozenset({"experiment", "method", "training", "task", "cohort", "si
 TRAINING_ORDER: tuple[str, ...] = ("federated", "centralized", "local", "-")
 PERCENT = frozenset({"acc", "balanced_acc", "f1", "auroc"})
 LABELS: dict[str, str] = {
-    "acc": "accuracy (%)", "balanced_acc": "balanced accuracy (%)", "f1": "F1 (%)", "auroc": "AUROC (%)",
-    "mse": "MSE", "mae": "MAE", "pearson_r": "Pearson r", "r2": "R²",
-}  # fmt: skip
+    "acc": "accuracy (%)",
+    "balanced_acc": "balanced accuracy (%)",
+    "f1": "F1 (%)",
+    "auroc": "AUROC (%)",
+    "mse": "MSE",
+    "mae": "MAE",
+    "pearson_r": "Pearson r",
+    "r2": "R²",
+}
 
 
 def _write_atomic(path: str | Path, text: str) -> Path:
@@ -97,14 +103,17 @@ def _cells(summary: Sequence[Mapping[str, Any]], keys: tuple[str, ...]) -> dict[
     for r in summary:
         key = tuple(r[k] for k in keys)
         if key in out:
-            raise ValueError(f"two summary rows for {dict(zip(keys, key, strict=True))}: summarize or filter "
-                             f"the rows so that each {keys} appears once")  # fmt: skip
+            raise ValueError(
+                f"two summary rows for {dict(zip(keys, key, strict=True))}: summarize or filter "
+                f"the rows so that each {keys} appears once"
+            )
         out[key] = r
     return out
 
 
-def markdown_table(summary: Sequence[Mapping[str, Any]], methods: Sequence[str], tasks: Sequence[str],
-                   metric: str | Mapping[str, str]) -> str:  # fmt: skip
+def markdown_table(
+    summary: Sequence[Mapping[str, Any]], methods: Sequence[str], tasks: Sequence[str], metric: str | Mapping[str, str]
+) -> str:
     """A Markdown table of summary rows (one per method and task): rows = methods, columns = tasks, cells
     "mean ± std" of metric (one name, or one per task), best mean per column in bold (ties: all), then a
     caption line naming the metrics and the number of seeds. A missing cell reads "–"."""
@@ -152,9 +161,17 @@ def _ordered(values: list[Any], order: Sequence[Any] = ()) -> list[Any]:
     return [v for v in order if v in seen] + [v for v in seen if v not in order]
 
 
-def _bars(summary: Sequence[Mapping[str, Any]], path: str | Path, metric: str, group: str,
-          series: tuple[str, ...], title: str, group_order: Sequence[Any] = (),
-          series_order: Sequence[Any] = (), named: Sequence[str] = ()) -> Path:  # fmt: skip
+def _bars(
+    summary: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    metric: str,
+    group: str,
+    series: tuple[str, ...],
+    title: str,
+    group_order: Sequence[Any] = (),
+    series_order: Sequence[Any] = (),
+    named: Sequence[str] = (),
+) -> Path:
     """Grouped bar chart: one group of bars per value of `group`, one bar (colour) per `series` tuple,
     height metric's mean, error bar its std. Series labels name the series keys that vary and those in
     `named`."""
@@ -201,9 +218,16 @@ def plot_methods(summary: Sequence[Mapping[str, Any]], path: str | Path, metric:
 
 def plot_training_modes(summary: Sequence[Mapping[str, Any]], path: str | Path, metric: str) -> Path:
     """Federated vs centralized vs local per task (summary rows, one per method, training and task)."""
-    return _bars(summary, path, metric, "task", ("method", "training"),
-                 f"training modes per task: {LABELS.get(metric, metric)}", series_order=TRAINING_ORDER,
-                 named=("training",))  # fmt: skip
+    return _bars(
+        summary,
+        path,
+        metric,
+        "task",
+        ("method", "training"),
+        f"training modes per task: {LABELS.get(metric, metric)}",
+        series_order=TRAINING_ORDER,
+        named=("training",),
+    )
 
 
 def plot_per_site(rows: Sequence[Mapping[str, Any]], path: str | Path, metric: str) -> Path:
@@ -213,5 +237,13 @@ def plot_per_site(rows: Sequence[Mapping[str, Any]], path: str | Path, metric: s
     summary = summarize(rows, present, [metric])
     sites = [r["site"] for r in summary]
     order = [s for s in dict.fromkeys(sites) if s != "all"] + (["all"] if "all" in sites else [])
-    return _bars(summary, path, metric, "site", tuple(present[1:]),
-                 f"per test site: {LABELS.get(metric, metric)}", group_order=order, named=("method",))  # fmt: skip
+    return _bars(
+        summary,
+        path,
+        metric,
+        "site",
+        tuple(present[1:]),
+        f"per test site: {LABELS.get(metric, metric)}",
+        group_order=order,
+        named=("method",),
+    )

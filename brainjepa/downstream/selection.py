@@ -54,8 +54,16 @@ def scan_folds(y_scan: np.ndarray, kind: str, seed: int, n_folds: int = N_FOLDS)
     return [test for _, test in split]
 
 
-def cv_scores(fit_predict: FitPredict, x: np.ndarray, y: np.ndarray, scan: np.ndarray, kind: str,
-              grid: Sequence[float], seed: int, n_classes: int = 0) -> np.ndarray:  # fmt: skip
+def cv_scores(
+    fit_predict: FitPredict,
+    x: np.ndarray,
+    y: np.ndarray,
+    scan: np.ndarray,
+    kind: str,
+    grid: Sequence[float],
+    seed: int,
+    n_classes: int = 0,
+) -> np.ndarray:
     """(len(grid),) the mean over folds of the primary metric of each strength.
 
     x (M, F) rows (a scan's windows, or one row per scan), y (M,) their labels, scan (M,) each row's scan
@@ -88,6 +96,10 @@ def best_index(scores: np.ndarray, kind: str, grid: Sequence[float], what: str) 
         if is_better(kind, float(scores[i]), float(scores[best])):
             best = i
     if len(grid) > 2 and best in (0, len(grid) - 1):
-        log.warning("%s: the chosen strength %g is an end of the grid %s; the best may lie beyond it",
-                    what, grid[best], [f"{g:g}" for g in grid])  # fmt: skip
+        log.warning(
+            "%s: the chosen strength %g is an end of the grid %s; the best may lie beyond it",
+            what,
+            grid[best],
+            [f"{g:g}" for g in grid],
+        )
     return best

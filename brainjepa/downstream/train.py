@@ -61,8 +61,15 @@ def class_weights(task: TaskSpec, recipe: DownstreamConfig, labels: np.ndarray) 
 
 
 class DownstreamStep:
-    def __init__(self, model: DownstreamModel, task: TaskSpec, total_steps: int, target: TargetScale,
-                 device: torch.device | str, labels: np.ndarray) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: DownstreamModel,
+        task: TaskSpec,
+        total_steps: int,
+        target: TargetScale,
+        device: torch.device | str,
+        labels: np.ndarray,
+    ) -> None:
         """`labels`: (N,) the training labels this optimizer sees, for the class weights (`class_weights`)."""
         self.model, self.task, self.total_steps, self.target = model, task, total_steps, target
         self.device = torch.device(device)
@@ -100,8 +107,15 @@ def window_chunks(split: Split, n_frames: int, n_windows: int, chunk: int = 32) 
 
 
 @torch.no_grad()
-def predict(model: DownstreamModel, split: Split, task: TaskSpec, target: TargetScale, n_frames: int,
-            n_windows: int, chunk: int = 32) -> np.ndarray:  # fmt: skip
+def predict(
+    model: DownstreamModel,
+    split: Split,
+    task: TaskSpec,
+    target: TargetScale,
+    n_frames: int,
+    n_windows: int,
+    chunk: int = 32,
+) -> np.ndarray:
     """(N, C) class probabilities or (N,) values for every scan, averaged over `n_windows` windows."""
     model.eval()
     device = next(model.parameters()).device
@@ -116,8 +130,9 @@ def predict(model: DownstreamModel, split: Split, task: TaskSpec, target: Target
     return np.concatenate(out)
 
 
-def split_metrics(model: DownstreamModel, split: Split, task: TaskSpec, target: TargetScale, n_frames: int,
-                  n_windows: int) -> dict[str, float]:  # fmt: skip
+def split_metrics(
+    model: DownstreamModel, split: Split, task: TaskSpec, target: TargetScale, n_frames: int, n_windows: int
+) -> dict[str, float]:
     """This split's metrics (at the site that holds it)."""
     scores = predict(model, split, task, target, n_frames, n_windows)
     if task.kind == "classification":

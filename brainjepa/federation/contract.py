@@ -21,9 +21,9 @@ of squares of the site's training labels, from which the server forms the target
 
 Federation-wide scaling (run config `scaling-scope = "federation"`): a `scaling-stats` round (described
 by the run's `PretrainConfig`, no weights sent) gets back each site's quantile sketch of its training
-subjects' per-ROI time-means (`sites.scaling.summarize`: the arrays `SKETCH_LEVELS` (Q,) and
+subjects' per-ROI time-means (`sites.scaling_sketch.summarize`: the arrays `SKETCH_LEVELS` (Q,) and
 `SKETCH_QUANTILES` (Q, R), float64, in the reply's ARRAYS record; NUM_EXAMPLES = its subject count).
-The server combines them once (`sites.scaling.combine`); every pretraining round then carries the
+The server combines them once (`sites.scaling_sketch.combine`); every pretraining round then carries the
 median / IQR as a second ArrayRecord, `SCALING` (`scaling_arrays`, float64, never wire-rounded), and
 their checksum in the record (`scaling-checksum`), which the site verifies before applying them
 instead of fitting its own.
@@ -66,9 +66,14 @@ CONTRACT_VERSION = 3
 
 Task = Literal["pretrain", "finetune", "probe", "evaluate", "label-stats", "scaling-stats"]
 # The config each task's site work is described by.
-TASK_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "finetune": DownstreamTask, "probe": DownstreamTask,
-                                 "evaluate": DownstreamTask, "label-stats": DownstreamTask,
-                                 "scaling-stats": PretrainConfig}  # fmt: skip
+TASK_CONFIGS: dict[str, type] = {
+    "pretrain": PretrainConfig,
+    "finetune": DownstreamTask,
+    "probe": DownstreamTask,
+    "evaluate": DownstreamTask,
+    "label-stats": DownstreamTask,
+    "scaling-stats": PretrainConfig,
+}
 DOWNSTREAM_TASKS = ("finetune", "probe", "evaluate", "label-stats")
 EvalSplit = Literal["", "train", "val", "test"]  # evaluate rounds: the split scored ("" otherwise)
 # The one weight set of downstream rounds: the DownstreamModel's floating state as a flat vector.
@@ -166,24 +171,35 @@ class RoundSpec:
         check_choices(self, "round record")
         expected = TASK_CONFIGS.get(self.task)
         if expected is None or not isinstance(self.task_config, expected):
-            raise ContractError(f"round record: task '{self.task}' is not supported by this version "
-                                f"(supported: {sorted(TASK_CONFIGS)})")  # fmt: skip
+            raise ContractError(
+                f"round record: task '{self.task}' is not supported by this version (supported: {sorted(TASK_CONFIGS)})"
+            )
         if not 0 <= self.round < self.num_rounds or self.local_steps < 1 or self.step_start < 0:
-            raise ContractError(f"round record: round {self.round} of {self.num_rounds}, {self.local_steps} local "
-                                f"steps from step {self.step_start}: not a valid round")  # fmt: skip
+            raise ContractError(
+                f"round record: round {self.round} of {self.num_rounds}, {self.local_steps} local "
+                f"steps from step {self.step_start}: not a valid round"
+            )
         downstream = self.task in DOWNSTREAM_TASKS
         if downstream != (self.model_config is not None):
-            raise ContractError(f"round record: task '{self.task}' {'needs' if downstream else 'takes no'} "
-                                "model-config (downstream rounds carry the backbone's model config)")  # fmt: skip
+            raise ContractError(
+                f"round record: task '{self.task}' {'needs' if downstream else 'takes no'} "
+                "model-config (downstream rounds carry the backbone's model config)"
+            )
         if (self.task == "evaluate") != bool(self.split):
-            raise ContractError(f"round record: split '{self.split}' with task '{self.task}' (an evaluate round "
-                                "names the split to score, other rounds none)")  # fmt: skip
+            raise ContractError(
+                f"round record: split '{self.split}' with task '{self.task}' (an evaluate round "
+                "names the split to score, other rounds none)"
+            )
         if self.task in ("finetune", "probe") and (self.task == "probe") != self.task_config.recipe.frozen_backbone:
-            raise ContractError(f"round record: task '{self.task}' with recipe method "
-                                f"'{self.task_config.recipe.method}' (probe rounds train a frozen backbone's head)")
+            raise ContractError(
+                f"round record: task '{self.task}' with recipe method "
+                f"'{self.task_config.recipe.method}' (probe rounds train a frozen backbone's head)"
+            )
         if self.scaling_checksum and self.task != "pretrain":
-            raise ContractError(f"round record: scaling-checksum with task '{self.task}' (only pretraining rounds "
-                                "carry federation-wide scaling)")  # fmt: skip
+            raise ContractError(
+                f"round record: scaling-checksum with task '{self.task}' (only pretraining rounds "
+                "carry federation-wide scaling)"
+            )
         if not (self.target_scale > 0.0 and abs(self.target_center) < float("inf")):
             raise ContractError(f"round record: target scale {self.target_scale} / center {self.target_center}")
 
@@ -212,14 +228,25 @@ class RoundSpec:
     def to_record(self) -> dict[str, int | float | str]:
         """The values of the message's CONFIG record (Flower ConfigRecord scalars)."""
         record: dict[str, int | float | str] = {
-            "contract-version": CONTRACT_VERSION, "task": self.task, "round": self.round,
-            "num-rounds": self.num_rounds, "step-start": self.step_start, "local-steps": self.local_steps,
-            "wire-dtype": self.wire_dtype, "model-checksum": self.model_checksum,
-            "gradient-checksum": self.gradient_checksum, "task-config": json.dumps(to_dict(self.task_config)),
-        }  # fmt: skip
+            "contract-version": CONTRACT_VERSION,
+            "task": self.task,
+            "round": self.round,
+            "num-rounds": self.num_rounds,
+            "step-start": self.step_start,
+            "local-steps": self.local_steps,
+            "wire-dtype": self.wire_dtype,
+            "model-checksum": self.model_checksum,
+            "gradient-checksum": self.gradient_checksum,
+            "task-config": json.dumps(to_dict(self.task_config)),
+        }
         if self.model_config is not None:
-            record.update({"model-config": json.dumps(to_dict(self.model_config)),
-                           "target-center": self.target_center, "target-scale": self.target_scale})  # fmt: skip
+            record.update(
+                {
+                    "model-config": json.dumps(to_dict(self.model_config)),
+                    "target-center": self.target_center,
+                    "target-scale": self.target_scale,
+                }
+            )
         if self.split:
             record["split"] = self.split
         if self.scaling_checksum:
@@ -231,8 +258,10 @@ class RoundSpec:
         """Inverse of `to_record`; a missing field, another contract version or a bad value is a ContractError."""
         version = record.get("contract-version")
         if version != CONTRACT_VERSION:
-            raise ContractError(f"round record: contract version {version!r}, this side speaks {CONTRACT_VERSION}: "
-                                "server and site run different brainjepa versions")  # fmt: skip
+            raise ContractError(
+                f"round record: contract version {version!r}, this side speaks {CONTRACT_VERSION}: "
+                "server and site run different brainjepa versions"
+            )
         fields = dataclasses.fields(cls)
         required = {_key(f.name) for f in fields if f.default is dataclasses.MISSING}
         missing = sorted(required - set(record))
@@ -240,8 +269,9 @@ class RoundSpec:
             raise ContractError(f"round record lacks {missing}: server and site run different brainjepa versions")
         task = str(record["task"])
         if task not in TASK_CONFIGS:
-            raise ContractError(f"round record: task '{task}' is not supported by this version "
-                                f"(supported: {sorted(TASK_CONFIGS)})")  # fmt: skip
+            raise ContractError(
+                f"round record: task '{task}' is not supported by this version (supported: {sorted(TASK_CONFIGS)})"
+            )
         values = {_key(f.name): record[_key(f.name)] for f in fields if _key(f.name) in record}
         for key in ("task-config", "model-config"):
             if key in values:
@@ -278,8 +308,10 @@ def weight_sets(task: str) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------------------- scaling
 def scaling_arrays(scaling: RobustScaling) -> dict[str, torch.Tensor]:
     """Server -> site: the federation's median / IQR as the SCALING record's float64 arrays."""
-    return {SCALING_MEDIAN: torch.from_numpy(np.asarray(scaling.median, np.float64).copy()),
-            SCALING_IQR: torch.from_numpy(np.asarray(scaling.iqr, np.float64).copy())}  # fmt: skip
+    return {
+        SCALING_MEDIAN: torch.from_numpy(np.asarray(scaling.median, np.float64).copy()),
+        SCALING_IQR: torch.from_numpy(np.asarray(scaling.iqr, np.float64).copy()),
+    }
 
 
 def scaling_from_arrays(arrays: Mapping[str, torch.Tensor], checksum: str) -> RobustScaling:
@@ -289,12 +321,16 @@ def scaling_from_arrays(arrays: Mapping[str, torch.Tensor], checksum: str) -> Ro
     except KeyError as e:
         raise ContractError(f"round record: scaling-checksum {checksum} but the '{SCALING}' record lacks {e}") from e
     if med.ndim != 1 or med.shape != iqr.shape or not (np.isfinite(med).all() and (iqr > 0).all()):
-        raise ContractError(f"round record: federation scaling median {med.shape} / iqr {iqr.shape}: not R finite "
-                            "values and R positive IQRs")  # fmt: skip
+        raise ContractError(
+            f"round record: federation scaling median {med.shape} / iqr {iqr.shape}: not R finite "
+            "values and R positive IQRs"
+        )
     scaling = RobustScaling(median=med, iqr=iqr, n_subjects=0, method="federated-sketch")
     if scaling.checksum() != checksum:
-        raise ContractError(f"federation scaling: received statistics have checksum {scaling.checksum()}, the "
-                            f"record says {checksum} (corrupted in transit)")  # fmt: skip
+        raise ContractError(
+            f"federation scaling: received statistics have checksum {scaling.checksum()}, the "
+            f"record says {checksum} (corrupted in transit)"
+        )
     return scaling
 
 
@@ -307,7 +343,9 @@ def encode_global(sets: Mapping[str, torch.Tensor], wire_dtype: str) -> dict[str
         if wire_dtype == "float16":
             peak = float(vec.abs().max())
             if peak > FP16_MAX:
-                raise ValueError(f"weight set '{name}' has |w| up to {peak:.3g}, beyond fp16 range: use wire-dtype float32")
+                raise ValueError(
+                    f"weight set '{name}' has |w| up to {peak:.3g}, beyond fp16 range: use wire-dtype float32"
+                )
             out[name] = vec.to(torch.float16)
         else:
             out[name] = vec.float()
@@ -319,16 +357,18 @@ def decode_global(payload: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     return {name: vec.float().clone() for name, vec in payload.items()}
 
 
-def encode_update(trained: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor],
-                  wire_dtype: str) -> dict[str, torch.Tensor]:  # fmt: skip
+def encode_update(
+    trained: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor], wire_dtype: str
+) -> dict[str, torch.Tensor]:
     """Site -> server: fp32 weights, or fp16 deltas to what the site received (every set in `trained`)."""
     if wire_dtype == "float16":
         return {k: (trained[k] - received[k]).to(torch.float16) for k in trained}
     return {k: trained[k].float() for k in trained}
 
 
-def decode_update(payload: Mapping[str, torch.Tensor], wire_dtype: str,
-                  master: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # fmt: skip
+def decode_update(
+    payload: Mapping[str, torch.Tensor], wire_dtype: str, master: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """A site's reply -> full fp32 vectors (fp16 deltas are added to the server's fp32 master copy)."""
     out = {}
     for name, vec in payload.items():

@@ -94,16 +94,21 @@ class TlsFiles:
 
 
 def superlink_command(
-    host: str, port: int, database: str | None, tls: TlsFiles | None,
-    enable_supernode_auth: bool = False,
+    host: str, port: int, database: str | None, tls: TlsFiles | None, enable_supernode_auth: bool = False
 ) -> list[str]:
     """Command line of a SuperLink serving Fleet, Control and Runtime APIs on one HTTP port."""
     cmd = [flower_bin("flower-superlink"), "--host", host, "--port", str(port)]
     if tls is None:
         cmd.append("--insecure")
     else:
-        cmd += ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
-                "--ssl-keyfile", str(tls.server_key)]
+        cmd += [
+            "--ssl-ca-certfile",
+            str(tls.ca_cert),
+            "--ssl-certfile",
+            str(tls.server_cert),
+            "--ssl-keyfile",
+            str(tls.server_key),
+        ]
     if database:
         cmd += ["--database", database]
     if enable_supernode_auth:
@@ -112,7 +117,10 @@ def superlink_command(
 
 
 def supernode_command(
-    superlink: str, port: int, node_config: Mapping[str, object], root_cert: Path | None = None,
+    superlink: str,
+    port: int,
+    node_config: Mapping[str, object],
+    root_cert: Path | None = None,
     auth_private_key: Path | None = None,
 ) -> list[str]:
     """Command line of a SuperNode joining `superlink` (host:port) with `node_config`."""
@@ -159,8 +167,9 @@ def _checked(result: subprocess.CompletedProcess, log_path: Path) -> subprocess.
     return result
 
 
-def flwr_run_command(app_dir: Path, connection: str, run_config: Mapping[str, object] | None = None,
-                     stream: bool = True) -> list[str]:
+def flwr_run_command(
+    app_dir: Path, connection: str, run_config: Mapping[str, object] | None = None, stream: bool = True
+) -> list[str]:
     cmd = [flower_bin("flwr"), "run", str(app_dir), connection]
     if run_config:
         cmd += ["--run-config", toml_pairs(run_config)]
@@ -207,26 +216,39 @@ class LocalFederation:
 
     def add_supernode(self, node_config: Mapping[str, object], name: str) -> ManagedProcess:
         port = free_port(self.host)
-        proc = start_process(name, supernode_command(self.address, port, node_config),
-                             self.work_dir / "logs" / f"{name}.log", self.env(), cwd=self.work_dir)
+        proc = start_process(
+            name,
+            supernode_command(self.address, port, node_config),
+            self.work_dir / "logs" / f"{name}.log",
+            self.env(),
+            cwd=self.work_dir,
+        )
         wait_for_port(proc, self.host, port)
         self.supernodes.append(proc)
         return proc
 
-    def run(self, app_dir: Path, run_config: Mapping[str, object] | None = None,
-            timeout_s: float = 600.0) -> subprocess.CompletedProcess:
+    def run(
+        self, app_dir: Path, run_config: Mapping[str, object] | None = None, timeout_s: float = 600.0
+    ) -> subprocess.CompletedProcess:
         """`flwr run app_dir local-deploy --stream`; its output goes to logs/flwr_run.log too."""
         cmd = flwr_run_command(app_dir, "local-deploy", run_config)
         log.info("running %s", " ".join(cmd))
-        result = subprocess.run(cmd, env=self.env(), cwd=self.work_dir, capture_output=True, text=True,
-                                timeout=timeout_s, check=False)
+        result = subprocess.run(
+            cmd, env=self.env(), cwd=self.work_dir, capture_output=True, text=True, timeout=timeout_s, check=False
+        )
         return _checked(result, self.work_dir / "logs" / "flwr_run.log")
 
-    def start_run(self, app_dir: Path, run_config: Mapping[str, object] | None = None,
-                  name: str = "flwr_run") -> ManagedProcess:
+    def start_run(
+        self, app_dir: Path, run_config: Mapping[str, object] | None = None, name: str = "flwr_run"
+    ) -> ManagedProcess:
         """`flwr run ... --stream` in the background (tests that kill things mid-run)."""
-        return start_process(name, flwr_run_command(app_dir, "local-deploy", run_config),
-                             self.work_dir / "logs" / f"{name}.log", self.env(), cwd=self.work_dir)
+        return start_process(
+            name,
+            flwr_run_command(app_dir, "local-deploy", run_config),
+            self.work_dir / "logs" / f"{name}.log",
+            self.env(),
+            cwd=self.work_dir,
+        )
 
     def restart_superlink(self, ready_timeout_s: float = 60.0) -> ManagedProcess:
         """A new SuperLink on the same address (SuperNodes reconnect to it by themselves)."""
@@ -234,8 +256,12 @@ class LocalFederation:
 
     def _start_superlink(self, log_name: str, ready_timeout_s: float) -> ManagedProcess:
         self.superlink = start_process(
-            "superlink", superlink_command(self.host, self.port, self.database, None),
-            self.work_dir / "logs" / log_name, self.env(), cwd=self.work_dir)
+            "superlink",
+            superlink_command(self.host, self.port, self.database, None),
+            self.work_dir / "logs" / log_name,
+            self.env(),
+            cwd=self.work_dir,
+        )
         wait_for_port(self.superlink, self.host, self.port, ready_timeout_s)
         return self.superlink
 
@@ -255,19 +281,36 @@ class LocalFederation:
         self.stop()
 
 
-def app_toml(run_config: Mapping[str, object], name: str = "brainjepa-federation",
-             serverapp: str = "server.server_app:app", clientapp: str = "client.client_app:app") -> str:
+def app_toml(
+    run_config: Mapping[str, object],
+    name: str = "brainjepa-federation",
+    serverapp: str = "server.server_app:app",
+    clientapp: str = "client.client_app:app",
+) -> str:
     """A `pyproject.toml` declaring the brainjepa Flower app (ServerApp + ClientApp) with `run_config`.
 
     The app's code is the installed `server` / `client` packages; this file only wires them (the same
     `[tool.flwr.app]` section the project's own pyproject.toml carries, docs/federation.md).
     """
     lines = [
-        "[build-system]", 'requires = ["setuptools>=68"]', 'build-backend = "setuptools.build_meta"', "",
-        "[project]", f'name = "{name}"', 'version = "0.1.0"', 'license = "Apache-2.0"',
-        'description = "Brain-JEPA federated pretraining (brainjepa)"', "dependencies = []", "",
-        "[tool.flwr.app]", 'publisher = "brainjepa"', "",
-        "[tool.flwr.app.components]", f'serverapp = "{serverapp}"', f'clientapp = "{clientapp}"', "",
+        "[build-system]",
+        'requires = ["setuptools>=68"]',
+        'build-backend = "setuptools.build_meta"',
+        "",
+        "[project]",
+        f'name = "{name}"',
+        'version = "0.1.0"',
+        'license = "Apache-2.0"',
+        'description = "Brain-JEPA federated pretraining (brainjepa)"',
+        "dependencies = []",
+        "",
+        "[tool.flwr.app]",
+        'publisher = "brainjepa"',
+        "",
+        "[tool.flwr.app.components]",
+        f'serverapp = "{serverapp}"',
+        f'clientapp = "{clientapp}"',
+        "",
         "[tool.flwr.app.config]",
     ]
     lines += [f"{k} = {toml_value(v)}" for k, v in run_config.items()]
@@ -281,23 +324,39 @@ def write_app_dir(path: Path, run_config: Mapping[str, object], **components: st
     return path
 
 
-def run_simulation(app_dir: Path, work_dir: Path, num_supernodes: int, run_config: Mapping[str, object] | None = None,
-                   env_extra: Mapping[str, str] | None = None, timeout_s: float | None = 900.0,
-                   stream: bool = False) -> subprocess.CompletedProcess:
+def run_simulation(
+    app_dir: Path,
+    work_dir: Path,
+    num_supernodes: int,
+    run_config: Mapping[str, object] | None = None,
+    env_extra: Mapping[str, str] | None = None,
+    timeout_s: float | None = 900.0,
+    stream: bool = False,
+) -> subprocess.CompletedProcess:
     """`flwr run APP local --stream` (Ray simulation) with a private FLWR_HOME and private ports.
 
     `flwr run` starts a detached `flower-superlink --simulation` that outlives it: it is found by its
     (private) port and stopped, with everything under it, before returning.
     """
     port, control = free_port(), free_port()
-    env = flower_env(work_dir / "flwr_home", {**(env_extra or {}),
-                     "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port), "FLWR_LOCAL_CONTROL_API_PORT": str(control)})
-    cmd = [*flwr_run_command(app_dir, "local", run_config), "--federation-config",
-           f"num-supernodes={num_supernodes} client-resources-num-cpus=1"]
+    env = flower_env(
+        work_dir / "flwr_home",
+        {
+            **(env_extra or {}),
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(control),
+        },
+    )
+    cmd = [
+        *flwr_run_command(app_dir, "local", run_config),
+        "--federation-config",
+        f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
+    ]
     log.info("running %s", " ".join(cmd))
     try:
-        result = subprocess.run(cmd, env=env, cwd=work_dir, capture_output=not stream, text=True,
-                                timeout=timeout_s, check=False)  # fmt: skip
+        result = subprocess.run(
+            cmd, env=env, cwd=work_dir, capture_output=not stream, text=True, timeout=timeout_s, check=False
+        )
     finally:
         home = str(work_dir / "flwr_home")  # the detached SuperLink's state and log live under it
         kill_trees(set(pids_with_args("--simulation", str(port))) | set(pids_mentioning(home)), timeout_s=15.0)

@@ -48,7 +48,7 @@ def descendants(pid: int) -> list[int]:
             stat = Path(entry.path, "stat").read_text()
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
         children.setdefault(ppid, []).append(int(entry.name))
     out, todo = [], list(children.get(pid, []))
     while todo:
@@ -135,8 +135,13 @@ def start_process(
     log.info("starting %s: %s (log: %s)", name, " ".join(cmd), log_path)
     with open(log_path, "ab") as out:
         popen = subprocess.Popen(
-            list(cmd), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=dict(env), cwd=cwd, start_new_session=True,
+            list(cmd),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env),
+            cwd=cwd,
+            start_new_session=True,
         )
     return ManagedProcess(name=name, popen=popen, log_path=log_path)
 
@@ -155,8 +160,9 @@ def wait_for_port(proc: ManagedProcess, host: str, port: int, timeout_s: float =
             if sock.connect_ex((host, port)) == 0:
                 return
         time.sleep(0.2)
-    raise TimeoutError(f"{proc.name} did not listen on {host}:{port} within {timeout_s:.0f} s; "
-                       f"log {proc.log_path}:\n{proc.log_tail()}")
+    raise TimeoutError(
+        f"{proc.name} did not listen on {host}:{port} within {timeout_s:.0f} s; log {proc.log_path}:\n{proc.log_tail()}"
+    )
 
 
 def pids_with_args(*needles: str) -> list[int]:

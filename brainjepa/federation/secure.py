@@ -45,8 +45,9 @@ def delta_norm(delta: Mapping[str, torch.Tensor], names: tuple[str, ...] = TRAIN
     return math.sqrt(sum(float(delta[n].double().square().sum()) for n in names))
 
 
-def clip_delta(delta: Mapping[str, torch.Tensor], clip_norm: float,
-               names: tuple[str, ...] = TRAINED_SETS) -> tuple[dict[str, torch.Tensor], float]:  # fmt: skip
+def clip_delta(
+    delta: Mapping[str, torch.Tensor], clip_norm: float, names: tuple[str, ...] = TRAINED_SETS
+) -> tuple[dict[str, torch.Tensor], float]:
     """`names`' deltas scaled by min(1, clip_norm / ||delta||) (one factor for all of them: the norm is
     over their concatenation), and the norm before clipping. Other sets are not returned."""
     norm = delta_norm(delta, names)

@@ -26,9 +26,15 @@ from brainjepa.prefetch import MicroBatches, Prefetcher
 
 # The reference code on one H200 (the reference GPU figures in docs/performance.md, flash path via SDPA, bf16):
 # (size, batch) -> (samples/s, peak GiB of torch.cuda.max_memory_allocated).
-REFERENCE_H200 = {("small", 16): (134, 5.5), ("small", 64): (259, 21.1), ("base", 16): (55.7, 8.8),
-                  ("base", 32): (114.5, 16.6), ("base", 64): (128.8, 32.2), ("large", 16): (44.7, 19.4),
-                  ("large", 32): (51.5, 34.3)}  # fmt: skip
+REFERENCE_H200 = {
+    ("small", 16): (134, 5.5),
+    ("small", 64): (259, 21.1),
+    ("base", 16): (55.7, 8.8),
+    ("base", 32): (114.5, 16.6),
+    ("base", 64): (128.8, 32.2),
+    ("large", 16): (44.7, 19.4),
+    ("large", 32): (51.5, 34.3),
+}
 
 
 @dataclass(frozen=True)
@@ -82,8 +88,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def synthetic_batches(batch: int, n_rois: int, n_frames: int, n_time: int, mask_cfg: MaskConfig,
-                      seed: int = 0) -> Callable[[int], MicroBatches]:  # fmt: skip
+def synthetic_batches(
+    batch: int, n_rois: int, n_frames: int, n_time: int, mask_cfg: MaskConfig, seed: int = 0
+) -> Callable[[int], MicroBatches]:
     """step -> [(x (B, R, T) standard normal, masks)]: a pure function of (seed, step), like real data."""
 
     def make(step: int) -> MicroBatches:
@@ -94,11 +101,21 @@ def synthetic_batches(batch: int, n_rois: int, n_frames: int, n_time: int, mask_
     return make
 
 
-def fast_perf(device: torch.device | str, cuda_graphs: bool = False, attention: str = "auto",
-              selective_checkpointing: bool = False, recompute_fraction: float = 0.0) -> PerfConfig:  # fmt: skip
+def fast_perf(
+    device: torch.device | str,
+    cuda_graphs: bool = False,
+    attention: str = "auto",
+    selective_checkpointing: bool = False,
+    recompute_fraction: float = 0.0,
+) -> PerfConfig:
     """The fast path's settings for a device: compiled blocks, SDPA backend order, prefetching."""
-    return PerfConfig(compile=True, attention=attention, cuda_graphs=cuda_graphs and torch.device(device).type == "cuda",
-                      selective_checkpointing=selective_checkpointing, recompute_fraction=recompute_fraction)  # fmt: skip
+    return PerfConfig(
+        compile=True,
+        attention=attention,
+        cuda_graphs=cuda_graphs and torch.device(device).type == "cuda",
+        selective_checkpointing=selective_checkpointing,
+        recompute_fraction=recompute_fraction,
+    )
 
 
 def _eager_step_flops(models: JEPAModels, batches: list[MicroBatches], device: torch.device) -> int:
@@ -127,10 +144,20 @@ def describe(perf: PerfConfig, device: torch.device | str) -> str:
     return "+".join(parts) or "eager"
 
 
-def run_bench(size: str = "base", batch: int = 16, device: str = "cpu", steps: int = 5, warmup: int = 2,
-              n_rois: int = 450, n_frames: int = 160, seed: int = 0, activation_checkpointing: bool = False,
-              perf: PerfConfig | None = None, reference_masks: bool = False,
-              profile_dir: Path | None = None) -> BenchResult:  # fmt: skip
+def run_bench(
+    size: str = "base",
+    batch: int = 16,
+    device: str = "cpu",
+    steps: int = 5,
+    warmup: int = 2,
+    n_rois: int = 450,
+    n_frames: int = 160,
+    seed: int = 0,
+    activation_checkpointing: bool = False,
+    perf: PerfConfig | None = None,
+    reference_masks: bool = False,
+    profile_dir: Path | None = None,
+) -> BenchResult:
     """Time `steps` optimizer steps after `warmup` untimed ones; batches are built by the same
     background prefetcher as in training, so mask sampling is timed only where it is not hidden.
     With `profile_dir`, three more steps run under torch.profiler (`brainjepa.perf.profiling`)."""
@@ -145,8 +172,14 @@ def run_bench(size: str = "base", batch: int = 16, device: str = "cpu", steps: i
 
     timed = range(1 + warmup, 1 + warmup + steps)
     flops = _eager_step_flops(models, [make(s) for s in timed], dev) / steps  # per timed step, on average
-    step_fn = PretrainStep(models, OptimConfig(), total_steps=1000, device=dev,
-                           activation_checkpointing=activation_checkpointing, perf=perf)  # fmt: skip
+    step_fn = PretrainStep(
+        models,
+        OptimConfig(),
+        total_steps=1000,
+        device=dev,
+        activation_checkpointing=activation_checkpointing,
+        perf=perf,
+    )
     batches = iter(Prefetcher(make, range(1, 1 + warmup + steps), perf.prefetch, pin=dev.type == "cuda"))
     tokens = []
     t0 = time.perf_counter()
@@ -173,21 +206,32 @@ def run_bench(size: str = "base", batch: int = 16, device: str = "cpu", steps: i
         n = 1 + warmup + steps
         profile_steps(step_fn, make, range(n, n + 3), dev, profile_dir)
     return BenchResult(
-        size=size, batch=batch, device=str(dev), mode=describe(perf, dev),
-        masks="reference" if reference_masks else "ours", samples_per_s=batch / per_step,
-        tflops_per_s=flops / per_step / 1e12, tflop_per_sample=flops / batch / 1e12, peak_memory_gib=peak,
-        memory_kind=kind, encoder_params=sum(p.numel() for p in models.encoder.parameters()),
+        size=size,
+        batch=batch,
+        device=str(dev),
+        mode=describe(perf, dev),
+        masks="reference" if reference_masks else "ours",
+        samples_per_s=batch / per_step,
+        tflops_per_s=flops / per_step / 1e12,
+        tflop_per_sample=flops / batch / 1e12,
+        peak_memory_gib=peak,
+        memory_kind=kind,
+        encoder_params=sum(p.numel() for p in models.encoder.parameters()),
         predictor_params=sum(p.numel() for p in models.predictor.parameters()),
-        context_tokens=sum(c for c, _ in tokens) / len(tokens), target_tokens=sum(t for _, t in tokens) / len(tokens),
-        step_ms=per_step * 1e3, first_step_s=first_step_s,
-    )  # fmt: skip
+        context_tokens=sum(c for c, _ in tokens) / len(tokens),
+        target_tokens=sum(t for _, t in tokens) / len(tokens),
+        step_ms=per_step * 1e3,
+        first_step_s=first_step_s,
+    )
 
 
 def format_table(results: list[BenchResult]) -> str:
     """Markdown table; `x eager` is samples/s over the eager row of the same size, batch and masks."""
     eager = {(r.size, r.batch, r.masks): r.samples_per_s for r in results if r.mode == "eager"}
-    head = ("| model | batch | masks | mode | samples/s | x eager | achieved TFLOP/s | TFLOP/sample | peak memory "
-            "| first step | encoder / predictor params |")  # fmt: skip
+    head = (
+        "| model | batch | masks | mode | samples/s | x eager | achieved TFLOP/s | TFLOP/sample | peak memory "
+        "| first step | encoder / predictor params |"
+    )
     rows = [head, "|" + "---|" * 11]
     for r in results:
         base = eager.get((r.size, r.batch, r.masks))

@@ -96,7 +96,9 @@ class MemoryEstimate:
 def setting_label(selective: bool, recompute_fraction: float) -> str:
     if recompute_fraction >= 1.0:
         return "full"
-    parts = (["selective"] if selective else []) + ([f"recompute {recompute_fraction:.0%}"] if recompute_fraction else [])
+    parts = (["selective"] if selective else []) + (
+        [f"recompute {recompute_fraction:.0%}"] if recompute_fraction else []
+    )
     return " + ".join(parts) or "eager"
 
 
@@ -126,8 +128,9 @@ def fake_parameters(model: torch.nn.Module, fake: FakeTensorMode) -> None:
         for module in model.modules():
             for name, p in module._parameters.items():
                 if p is not None:
-                    module._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
-                                                                  requires_grad=p.requires_grad)  # fmt: skip
+                    module._parameters[name] = torch.nn.Parameter(
+                        torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad
+                    )
             for name, b in module._buffers.items():
                 if b is not None:
                     module._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
@@ -159,10 +162,20 @@ def heaviest_masks(cfg: MaskConfig, batch: int, n_rois: int, n_time: int, draws:
     return sample_masks(cfg, batch, n_rois, n_time, torch.Generator().manual_seed(seed + heaviest))
 
 
-def estimate_step_memory(size: str = "base", batch: int = 16, n_rois: int = 450, n_frames: int = 160,
-                         steps: int = 5, warmup: int = 2, seed: int = 0, reference_masks: bool = False,
-                         selective_checkpointing: bool = False, recompute_fraction: float = 0.0,
-                         worst_of: int = 0, fake: bool = True) -> MemoryEstimate:  # fmt: skip
+def estimate_step_memory(
+    size: str = "base",
+    batch: int = 16,
+    n_rois: int = 450,
+    n_frames: int = 160,
+    steps: int = 5,
+    warmup: int = 2,
+    seed: int = 0,
+    reference_masks: bool = False,
+    selective_checkpointing: bool = False,
+    recompute_fraction: float = 0.0,
+    worst_of: int = 0,
+    fake: bool = True,
+) -> MemoryEstimate:
     """Peak bytes of bf16 training steps on the batches `brainjepa bench` times (same seed, same
     masks): `warmup` steps first (the first allocates AdamW's state), then the peak of each of `steps`.
     `recompute_fraction` is `perf.recompute_fraction` (1 = full activation checkpointing).
@@ -174,16 +187,21 @@ def estimate_step_memory(size: str = "base", batch: int = 16, n_rois: int = 450,
     make = synthetic_batches(batch, n_rois, n_frames, cfg.n_time_patches, mask_cfg, seed)
     mode = FakeTensorMode() if fake else None
     if mode is None:
-        models = JEPAModels(cfg, torch.randn(n_rois, cfg.gradient_components, generator=torch.Generator().manual_seed(seed)))
+        models = JEPAModels(
+            cfg, torch.randn(n_rois, cfg.gradient_components, generator=torch.Generator().manual_seed(seed))
+        )
     else:
         models = _fake_models(cfg, mode)
     live = LiveBytes()
     for t in [*models.parameters(), *models.buffers()]:
         live.track(t)
     weights = live.now
-    perf = PerfConfig(attention="default", selective_checkpointing=selective_checkpointing,
-                      recompute_fraction=recompute_fraction)  # fmt: skip
-    step_fn = PretrainStep(models, OptimConfig(), total_steps=1000, device="cpu", fused=True, precision="bf16", perf=perf)
+    perf = PerfConfig(
+        attention="default", selective_checkpointing=selective_checkpointing, recompute_fraction=recompute_fraction
+    )
+    step_fn = PretrainStep(
+        models, OptimConfig(), total_steps=1000, device="cpu", fused=True, precision="bf16", perf=perf
+    )
     batches = [make(s)[0] for s in range(1, 1 + warmup + (0 if worst_of else steps))]  # real: masks read values
     if worst_of:
         heavy = heaviest_masks(mask_cfg, batch, n_rois, cfg.n_time_patches, worst_of, seed)
@@ -201,22 +219,44 @@ def estimate_step_memory(size: str = "base", batch: int = 16, n_rois: int = 450,
     with mode or nullcontext(), FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as counter:
         step_fn([(as_input(x), masks)], s + 1)  # once more, apart: the counter holds tensors of its own
 
-    optimizer = sum(live.bytes_of(t) for st in step_fn.optimizer.state.values()
-                    for t in st.values() if isinstance(t, torch.Tensor) and t.ndim > 0)  # fmt: skip
+    optimizer = sum(
+        live.bytes_of(t)
+        for st in step_fn.optimizer.state.values()
+        for t in st.values()
+        if isinstance(t, torch.Tensor) and t.ndim > 0
+    )
     setting = setting_label(selective_checkpointing, recompute_fraction)
     masks = "reference" if reference_masks else f"ours, worst of {worst_of}" if worst_of else "ours"
-    return MemoryEstimate(size=size, batch=batch, masks=masks, setting=setting,
-                          selective_checkpointing=selective_checkpointing, recompute_fraction=recompute_fraction,
-                          weights_gib=weights / GIB, optimizer_gib=optimizer / GIB, peak_gib=max(peaks),
-                          step_peaks_gib=tuple(round(p, 3) for p in peaks), context_tokens=tuple(contexts),
-                          tflop_per_sample=counter.get_total_flops() / batch / 1e12)  # fmt: skip
+    return MemoryEstimate(
+        size=size,
+        batch=batch,
+        masks=masks,
+        setting=setting,
+        selective_checkpointing=selective_checkpointing,
+        recompute_fraction=recompute_fraction,
+        weights_gib=weights / GIB,
+        optimizer_gib=optimizer / GIB,
+        peak_gib=max(peaks),
+        step_peaks_gib=tuple(round(p, 3) for p in peaks),
+        context_tokens=tuple(contexts),
+        tflop_per_sample=counter.get_total_flops() / batch / 1e12,
+    )
 
 
 # From least to most recomputation: the first setting whose peak fits is the fastest that fits.
-LADDER = ("eager", "selective", "selective+recompute:0.25", "selective+recompute:0.5", "selective+recompute:0.75", "full")
+LADDER = (
+    "eager",
+    "selective",
+    "selective+recompute:0.25",
+    "selective+recompute:0.5",
+    "selective+recompute:0.75",
+    "full",
+)
 
 
-def fit_setting(budget_gib: float, headroom: float = 0.15, **kwargs) -> tuple[MemoryEstimate | None, list[MemoryEstimate]]:  # noqa: ANN003
+def fit_setting(
+    budget_gib: float, headroom: float = 0.15, **kwargs
+) -> tuple[MemoryEstimate | None, list[MemoryEstimate]]:  # noqa: ANN003
     """Walk `LADDER` until the estimated peak is at most (1 - headroom) of `budget_gib`: the GPU's
     memory, less what the estimate leaves out (CUDA context, allocator rounding, workspaces).
     `kwargs` go to `estimate_step_memory`. Returns (the fitting estimate or None, all estimates tried)."""
@@ -239,11 +279,16 @@ def perf_yaml(e: MemoryEstimate) -> str:
 def format_estimates(estimates: list[MemoryEstimate], anchor: dict[tuple[str, int], float] | None = None) -> str:
     """Markdown table; with `anchor` ((size, batch) -> the reference's measured GiB), a ratio column."""
     anchor = anchor or {}
-    rows = ["| model | batch | masks | setting | estimated peak | x reference | TFLOP/sample | weights | AdamW state "
-            "| context tokens |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    rows = [
+        "| model | batch | masks | setting | estimated peak | x reference | TFLOP/sample | weights | AdamW state "
+        "| context tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for e in estimates:
         ref = anchor.get((e.size, e.batch))
         ratio = f"{e.peak_gib / ref:.2f}" if ref else "-"
-        rows.append(f"| {e.size} | {e.batch} | {e.masks} | {e.setting} | {e.peak_gib:.2f} GiB | {ratio} | {e.tflop_per_sample:.2f} | "
-                    f"{e.weights_gib:.2f} GiB | {e.optimizer_gib:.2f} GiB | {min(e.context_tokens)}-{max(e.context_tokens)} |")  # fmt: skip
+        rows.append(
+            f"| {e.size} | {e.batch} | {e.masks} | {e.setting} | {e.peak_gib:.2f} GiB | {ratio} | {e.tflop_per_sample:.2f} | "
+            f"{e.weights_gib:.2f} GiB | {e.optimizer_gib:.2f} GiB | {min(e.context_tokens)}-{max(e.context_tokens)} |"
+        )
     return "\n".join(rows)

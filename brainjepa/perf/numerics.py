@@ -46,12 +46,25 @@ class NumericsResult:
     def summary(self) -> dict:
         d = asdict(self)
         del d["eager_loss"], d["fast_loss"]
-        return d | {"loss_first": self.eager_loss[0], "loss_last_eager": self.eager_loss[-1],
-                    "loss_last_fast": self.fast_loss[-1], "tolerance_max_mean": self.tolerance, "ok": self.ok}  # fmt: skip
+        return d | {
+            "loss_first": self.eager_loss[0],
+            "loss_last_eager": self.eager_loss[-1],
+            "loss_last_fast": self.fast_loss[-1],
+            "tolerance_max_mean": self.tolerance,
+            "ok": self.ok,
+        }
 
 
-def _train(cfg: ModelConfig, grads: torch.Tensor, perf: PerfConfig, batch: int, steps: int,
-           device: torch.device, seed: int, precision: str) -> tuple[torch.Tensor, JEPAModels]:  # fmt: skip
+def _train(
+    cfg: ModelConfig,
+    grads: torch.Tensor,
+    perf: PerfConfig,
+    batch: int,
+    steps: int,
+    device: torch.device,
+    seed: int,
+    precision: str,
+) -> tuple[torch.Tensor, JEPAModels]:
     torch.manual_seed(seed)  # identical initial weights in both runs
     models = JEPAModels(cfg, grads)
     step_fn = PretrainStep(models, OptimConfig(), steps, device, perf=perf, precision=precision)
@@ -60,8 +73,17 @@ def _train(cfg: ModelConfig, grads: torch.Tensor, perf: PerfConfig, batch: int, 
     return torch.stack(losses).float().cpu(), models
 
 
-def compare_paths(fast: PerfConfig, size: str = "tiny", batch: int = 8, steps: int = 200, n_rois: int = 32,
-                  n_frames: int = 64, device: str = "cpu", seed: int = 0, precision: str = "auto") -> NumericsResult:  # fmt: skip
+def compare_paths(
+    fast: PerfConfig,
+    size: str = "tiny",
+    batch: int = 8,
+    steps: int = 200,
+    n_rois: int = 32,
+    n_frames: int = 64,
+    device: str = "cpu",
+    seed: int = 0,
+    precision: str = "auto",
+) -> NumericsResult:
     """Train twice from the same seed and batches, eager and `fast`, in the same precision, and compare.
     `precision` auto is bf16 autocast on CUDA and fp32 on CPU; bf16 on a CPU emulates the GPU's rounding."""
     import torch._dynamo
@@ -78,7 +100,14 @@ def compare_paths(fast: PerfConfig, size: str = "tiny", batch: int = 8, steps: i
     rel = (eager_loss - fast_loss).abs() / eager_loss.abs()
     params = [((p - q).norm() / p.norm()).item() for p, q in zip(eager.parameters(), quick.parameters(), strict=True)]
     return NumericsResult(
-        device=str(dev), precision=precision, fast=describe(fast, dev), steps=steps, eager_loss=eager_loss.tolist(),
-        fast_loss=fast_loss.tolist(), max_rel_loss_diff=rel.max().item(), mean_rel_loss_diff=rel.mean().item(),
-        max_rel_param_diff=max(params), graphs=graphs,
-    )  # fmt: skip
+        device=str(dev),
+        precision=precision,
+        fast=describe(fast, dev),
+        steps=steps,
+        eager_loss=eager_loss.tolist(),
+        fast_loss=fast_loss.tolist(),
+        max_rel_loss_diff=rel.max().item(),
+        mean_rel_loss_diff=rel.mean().item(),
+        max_rel_param_diff=max(params),
+        graphs=graphs,
+    )

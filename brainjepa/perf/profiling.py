@@ -21,8 +21,16 @@ from torch.profiler import ProfilerActivity, profile
 from brainjepa.checkpoint import atomic_write_text
 from brainjepa.prefetch import MicroBatches
 
-PHASES = ("jepa/to_device", "jepa/target", "jepa/context_encoder", "jepa/predictor", "jepa/loss",
-          "jepa/backward", "jepa/optimizer", "jepa/ema")  # fmt: skip
+PHASES = (
+    "jepa/to_device",
+    "jepa/target",
+    "jepa/context_encoder",
+    "jepa/predictor",
+    "jepa/loss",
+    "jepa/backward",
+    "jepa/optimizer",
+    "jepa/ema",
+)
 
 
 @dataclass(frozen=True)
@@ -42,8 +50,12 @@ class Profile:
 
     def markdown(self, top: int = 20) -> str:
         on_gpu = any(d > 0 for _, d in self.phases.values())
-        lines = [f"Profiled {self.steps} steps: {self.wall_ms:.1f} ms per step (wall).", "",
-                 "| phase | host ms / step | device ms / step |", "|---|---|---|"]  # fmt: skip
+        lines = [
+            f"Profiled {self.steps} steps: {self.wall_ms:.1f} ms per step (wall).",
+            "",
+            "| phase | host ms / step | device ms / step |",
+            "|---|---|---|",
+        ]
         for name, (cpu, dev) in self.phases.items():
             lines.append(f"| {name} | {cpu:.2f} | {dev:.2f} |" if on_gpu else f"| {name} | {cpu:.2f} | - |")
         lines += ["", "| op | calls / step | self host ms / step | self device ms / step |", "|---|---|---|---|"]
@@ -57,8 +69,13 @@ def _device_us(event: object, attr: str) -> float:
     return float(getattr(event, f"device_{attr}", getattr(event, f"cuda_{attr}", 0.0)))
 
 
-def profile_steps(step_fn: Callable[[MicroBatches, int], torch.Tensor], make: Callable[[int], MicroBatches],
-                  steps: range, device: torch.device, out_dir: Path | None = None) -> Profile:  # fmt: skip
+def profile_steps(
+    step_fn: Callable[[MicroBatches, int], torch.Tensor],
+    make: Callable[[int], MicroBatches],
+    steps: range,
+    device: torch.device,
+    out_dir: Path | None = None,
+) -> Profile:
     """Profile `step_fn` over `steps` (warm it up before: compilation would dominate). Batches are
     built before the profiler starts. With `out_dir`, writes trace.json.gz and profile.md there.
     Profiling adds host overhead per op: take wall times from `brainjepa bench`, not from here."""
@@ -75,10 +92,16 @@ def profile_steps(step_fn: Callable[[MicroBatches, int], torch.Tensor], make: Ca
     n = len(batches)
     averages = prof.key_averages()
     by_name = {e.key: e for e in averages}
-    phases = {p: (by_name[p].cpu_time_total / 1e3 / n, _device_us(by_name[p], "time_total") / 1e3 / n)
-              for p in PHASES if p in by_name}  # fmt: skip
-    ops = [OpTime(e.key, round(e.count / n), e.self_cpu_time_total / 1e3 / n, _device_us(e, "self_time_total") / 1e3 / n)
-           for e in averages if not e.key.startswith(("jepa/", "ProfilerStep"))]  # fmt: skip
+    phases = {
+        p: (by_name[p].cpu_time_total / 1e3 / n, _device_us(by_name[p], "time_total") / 1e3 / n)
+        for p in PHASES
+        if p in by_name
+    }
+    ops = [
+        OpTime(e.key, round(e.count / n), e.self_cpu_time_total / 1e3 / n, _device_us(e, "self_time_total") / 1e3 / n)
+        for e in averages
+        if not e.key.startswith(("jepa/", "ProfilerStep"))
+    ]
     ops.sort(key=lambda o: (o.device_ms, o.cpu_ms), reverse=True)
     result = Profile(n, wall, phases, ops)
     if out_dir is not None:

@@ -36,18 +36,31 @@ class DPBenchResult:
     params: int  # trained parameters (encoder + predictor)
 
 
-def measure(size: str, batch: int, dp: bool, chunk: int = 0, steps: int = 3, warmup: int = 1, rois: int = 450,
-            frames: int = 160, device: str = "cpu", seed: int = 0) -> DPBenchResult:  # fmt: skip
+def measure(
+    size: str,
+    batch: int,
+    dp: bool,
+    chunk: int = 0,
+    steps: int = 3,
+    warmup: int = 1,
+    rois: int = 450,
+    frames: int = 160,
+    device: str = "cpu",
+    seed: int = 0,
+) -> DPBenchResult:
     """Time `steps` optimizer steps after `warmup` (run it in a fresh process for a clean memory peak)."""
     torch.manual_seed(seed)
     dev = torch.device(device)
     cfg = ModelConfig(size=size, n_rois=rois, n_frames=frames)
     models = JEPAModels(cfg, torch.randn(rois, cfg.gradient_components))
-    step = PretrainStep(models, OptimConfig(), total_steps=1000, device=dev, perf=PerfConfig(attention="default"),
-                        precision="fp32")  # fmt: skip
+    step = PretrainStep(
+        models, OptimConfig(), total_steps=1000, device=dev, perf=PerfConfig(attention="default"), precision="fp32"
+    )
     g = torch.Generator().manual_seed(seed)
-    batches = [(torch.randn(batch, rois, frames, generator=g),
-                sample_masks(MaskConfig(), batch, rois, cfg.n_time_patches, g)) for _ in range(warmup + steps)]  # fmt: skip
+    batches = [
+        (torch.randn(batch, rois, frames, generator=g), sample_masks(MaskConfig(), batch, rois, cfg.n_time_patches, g))
+        for _ in range(warmup + steps)
+    ]
     if dp:
         dp_step = DPPretrainStep(step, 1.0, 1.0, float(batch), torch.Generator(device=dev).manual_seed(1), chunk)
 
@@ -78,10 +91,16 @@ def measure(size: str, batch: int, dp: bool, chunk: int = 0, steps: int = 3, war
 
 def measure_isolated(**kwargs: object) -> DPBenchResult:
     """`measure` in a fresh Python process (its own peak memory)."""
-    out = subprocess.run([sys.executable, "-m", "brainjepa.privacy.bench", json.dumps(kwargs)], capture_output=True,
-                         text=True, check=False)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "brainjepa.privacy.bench", json.dumps(kwargs)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if out.returncode != 0:
-        raise RuntimeError(f"dp-bench {kwargs}: {out.stderr.strip().splitlines()[-1] if out.stderr else out.returncode}")
+        raise RuntimeError(
+            f"dp-bench {kwargs}: {out.stderr.strip().splitlines()[-1] if out.stderr else out.returncode}"
+        )
     return DPBenchResult(**json.loads(out.stdout.strip().splitlines()[-1]))
 
 
@@ -91,8 +110,10 @@ def format_table(results: list[DPBenchResult]) -> str:
     rows = ["| model | batch | mode | step | x non-DP | peak memory | trained params |", "|" + "---|" * 7]
     for r in results:
         ratio = f"{r.step_s / base[(r.size, r.batch)]:.2f}" if (r.size, r.batch) in base else "-"
-        rows.append(f"| {r.size} | {r.batch} | {r.mode} | {r.step_s:.3f} s | {ratio} | {r.peak_memory_gib:.2f} GiB "
-                    f"({r.memory_kind}) | {r.params / 1e6:.1f} M |")  # fmt: skip
+        rows.append(
+            f"| {r.size} | {r.batch} | {r.mode} | {r.step_s:.3f} s | {ratio} | {r.peak_memory_gib:.2f} GiB "
+            f"({r.memory_kind}) | {r.params / 1e6:.1f} M |"
+        )
     return "\n".join(rows)
 
 

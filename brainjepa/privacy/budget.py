@@ -57,8 +57,15 @@ def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant
     return float(acc.get_epsilon(delta=delta))
 
 
-def calibrate(history: list[tuple[float, float, int]], sample_rate: float, steps: int, target: float, delta: float,
-              accountant: str = "rdp", tol: float = 1e-3) -> float | None:  # fmt: skip
+def calibrate(
+    history: list[tuple[float, float, int]],
+    sample_rate: float,
+    steps: int,
+    target: float,
+    delta: float,
+    accountant: str = "rdp",
+    tol: float = 1e-3,
+) -> float | None:
     """The smallest noise multiplier (to `tol` relative) for which `history` plus `steps` at `sample_rate`
     stays within `target` epsilon; None when even sigma = 1e3 does not fit."""
 
@@ -98,8 +105,10 @@ class Ledger:
             releases = [Release(**r) for r in raw["releases"]]
             noise = {str(k): float(v) for k, v in raw.get("noise", {}).items()}
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise DataError(f"privacy ledger '{path}': unreadable ({e}); the site's budget cannot be known: "
-                            "restore the file from a backup (never delete it to reset the budget)") from e  # fmt: skip
+            raise DataError(
+                f"privacy ledger '{path}': unreadable ({e}); the site's budget cannot be known: "
+                "restore the file from a backup (never delete it to reset the budget)"
+            ) from e
         if raw.get("site") != site:
             raise DataError(f"privacy ledger '{path}' belongs to site '{raw.get('site')}', not '{site}'")
         return cls(path, site, releases, noise)
@@ -120,8 +129,12 @@ class Ledger:
         """Write-then-rename: a crash leaves the old file or the new one, never half of one."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        body = {"version": LEDGER_VERSION, "site": self.site, "noise": self.noise,
-                "releases": [asdict(r) for r in self.releases]}  # fmt: skip
+        body = {
+            "version": LEDGER_VERSION,
+            "site": self.site,
+            "noise": self.noise,
+            "releases": [asdict(r) for r in self.releases],
+        }
         with open(tmp, "w") as f:
             json.dump(body, f, indent=1)
             f.flush()
@@ -140,37 +153,45 @@ class RoundBudget:
     epsilon_after: float
 
 
-def grant(ledger: Ledger, cfg: PrivacyConfig, run: str, sample_rate: float, steps: int,
-          planned_steps: int) -> RoundBudget:  # fmt: skip
+def grant(
+    ledger: Ledger, cfg: PrivacyConfig, run: str, sample_rate: float, steps: int, planned_steps: int
+) -> RoundBudget:
     """The round's noise multiplier, or BudgetExhausted when `steps` at `sample_rate` would take the
     site's composed epsilon past `cfg.target_epsilon`. Only the site's YAML and ledger decide: the server
     chooses `steps`, `sample_rate` (through the batch size) and `planned_steps`, and each can only make the
     site spend faster or decline sooner."""
     assert cfg.target_epsilon is not None  # PrivacyConfig checks it when enabled
     if not 0.0 < sample_rate <= 1.0:
-        raise BudgetExhausted(f"sampling rate {sample_rate:.4g} is not in (0, 1]: the batch is larger than the site's "
-                              "subjects")  # fmt: skip
+        raise BudgetExhausted(
+            f"sampling rate {sample_rate:.4g} is not in (0, 1]: the batch is larger than the site's subjects"
+        )
     history = ledger.history()
     before = epsilon_of(history, cfg.delta, cfg.accountant)
     sigma = cfg.noise_multiplier or ledger.noise.get(run)
     if sigma is None:
-        sigma = calibrate(history, sample_rate, max(steps, planned_steps), cfg.target_epsilon, cfg.delta,
-                          cfg.accountant)  # fmt: skip
+        sigma = calibrate(
+            history, sample_rate, max(steps, planned_steps), cfg.target_epsilon, cfg.delta, cfg.accountant
+        )
         if sigma is None:
-            raise BudgetExhausted(f"site '{ledger.site}': epsilon {before:.3f} of its budget {cfg.target_epsilon} is "
-                                  f"spent; no noise level lets {planned_steps} more steps fit (ledger "
-                                  f"'{ledger.path}')")  # fmt: skip
+            raise BudgetExhausted(
+                f"site '{ledger.site}': epsilon {before:.3f} of its budget {cfg.target_epsilon} is "
+                f"spent; no noise level lets {planned_steps} more steps fit (ledger "
+                f"'{ledger.path}')"
+            )
         ledger.noise[run] = sigma
         ledger.save()
     after = epsilon_of([*history, (sigma, sample_rate, steps)], cfg.delta, cfg.accountant)
     if after > cfg.target_epsilon:
-        raise BudgetExhausted(f"site '{ledger.site}': this round's {steps} steps (noise multiplier {sigma:.3g}, "
-                              f"sampling rate {sample_rate:.3g}) would take epsilon from {before:.3f} to {after:.3f}, "
-                              f"past its budget {cfg.target_epsilon} (delta {cfg.delta}); it declines to train "
-                              f"(ledger '{ledger.path}')")  # fmt: skip
+        raise BudgetExhausted(
+            f"site '{ledger.site}': this round's {steps} steps (noise multiplier {sigma:.3g}, "
+            f"sampling rate {sample_rate:.3g}) would take epsilon from {before:.3f} to {after:.3f}, "
+            f"past its budget {cfg.target_epsilon} (delta {cfg.delta}); it declines to train "
+            f"(ledger '{ledger.path}')"
+        )
     return RoundBudget(sigma, sample_rate, steps, before, after)
 
 
 def release_of(run: str, task: str, round_index: int, granted: RoundBudget, max_grad_norm: float) -> Release:
-    return Release(run, task, round_index, granted.noise_multiplier, granted.sample_rate, granted.steps,
-                   max_grad_norm, time.time())  # fmt: skip
+    return Release(
+        run, task, round_index, granted.noise_multiplier, granted.sample_rate, granted.steps, max_grad_norm, time.time()
+    )

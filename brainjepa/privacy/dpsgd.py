@@ -52,8 +52,9 @@ def plain_eager(module: nn.Module) -> None:
             sub.selective_checkpointing = False
 
 
-def per_sample_gradients(module: nn.Module, loss_of: SampleLoss, *batch: torch.Tensor,
-                         ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:  # fmt: skip
+def per_sample_gradients(
+    module: nn.Module, loss_of: SampleLoss, *batch: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Each sample's gradient of `loss_of` w.r.t. every trainable parameter of `module`.
 
     batch: tensors with a leading sample dim B. Returns ({name: (B, *param.shape)}, losses (B,)).
@@ -76,10 +77,22 @@ class DPGradients:
     by the expected batch size: p.grad is then what the optimizer steps on.
     """
 
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, noise_multiplier: float,
-                 max_grad_norm: float, generator: torch.Generator) -> None:  # fmt: skip
-        self.dp = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                              expected_batch_size=None, loss_reduction="sum", generator=generator)  # fmt: skip
+    def __init__(
+        self,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        generator: torch.Generator,
+    ) -> None:
+        self.dp = DPOptimizer(
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=None,
+            loss_reduction="sum",
+            generator=generator,
+        )
         names = {id(p): n for n, p in module.named_parameters()}
         self.names = [names[id(p)] for p in self.dp.params]  # the optimizer's parameters, by name
         self.last_norms = torch.zeros(0)  # (b,) pre-clipping norms of the last chunk (tests, diagnostics)
@@ -116,8 +129,9 @@ class OnlineJEPA(nn.Module):
 def jepa_sample_loss(loss: str) -> SampleLoss:
     """One sample's JEPA loss: its mean over (Nt, D), as `jepa_loss` averages the batch."""
 
-    def loss_of(forward: Callable[..., torch.Tensor], x: torch.Tensor, ctx: torch.Tensor, tgt: torch.Tensor,
-                y: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    def loss_of(
+        forward: Callable[..., torch.Tensor], x: torch.Tensor, ctx: torch.Tensor, tgt: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
         pred = forward(x, ctx, tgt).float()  # (1, Nt, D)
         return F.mse_loss(pred, y.float()) if loss == "l2" else F.smooth_l1_loss(pred, y.float(), beta=1.0)
 
@@ -132,8 +146,15 @@ class DPPretrainStep:
     `generator` draws the noise: seed it from a secret source (never from anything the server sends).
     """
 
-    def __init__(self, step: PretrainStep, noise_multiplier: float, max_grad_norm: float, expected_batch: float,
-                 generator: torch.Generator, chunk: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        step: PretrainStep,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch: float,
+        generator: torch.Generator,
+        chunk: int = 0,
+    ) -> None:
         if step.precision != "fp32" or step.target_forward is not None:
             raise ValueError("the DP step runs the plain eager fp32 path: set train.precision fp32, perf.compile off")
         self.step, self.expected_batch, self.chunk = step, expected_batch, chunk
@@ -157,8 +178,9 @@ class DPPretrainStep:
             c = self.chunk or len(x)
             for i in range(0, len(x), c):
                 part = slice(i, i + c)
-                g, loss = per_sample_gradients(self.online, self.loss_of, x[part], masks.context[part],
-                                               masks.target[part], y[part])  # fmt: skip
+                g, loss = per_sample_gradients(
+                    self.online, self.loss_of, x[part], masks.context[part], masks.target[part], y[part]
+                )
                 self.grads.accumulate(g)
                 losses.append(loss)
         self.grads.release(self.expected_batch)
@@ -199,8 +221,15 @@ class DPDownstreamStep:
     draw a different in-place mask per sample) and the probe's BatchNorm runs on its initial statistics:
     batch statistics would mix samples, and learned running statistics would leave the site unprotected."""
 
-    def __init__(self, step: DownstreamStep, noise_multiplier: float, max_grad_norm: float, expected_batch: float,
-                 generator: torch.Generator, chunk: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        step: DownstreamStep,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch: float,
+        generator: torch.Generator,
+        chunk: int = 0,
+    ) -> None:
         self.step, self.expected_batch, self.chunk = step, expected_batch, chunk
         plain_eager(step.model)
         self.forward = DownstreamForward(step.model)
@@ -224,8 +253,9 @@ class DPDownstreamStep:
             x, y = x.to(s.device), y.to(s.device)
             c = self.chunk or len(x)
             for i in range(0, len(x), c):
-                g, loss = per_sample_gradients(self.forward, lambda f, xi, yi: s.loss(f(xi), yi), x[i : i + c],
-                                               y[i : i + c])  # fmt: skip
+                g, loss = per_sample_gradients(
+                    self.forward, lambda f, xi, yi: s.loss(f(xi), yi), x[i : i + c], y[i : i + c]
+                )
                 self.grads.accumulate(g)
                 losses.append(loss)
         self.grads.release(self.expected_batch)

@@ -14,8 +14,17 @@ def summary(ledger: Ledger, cfg: PrivacyConfig) -> dict:
     """Epsilon spent over the whole ledger and per federation run, with each run's DP parameters."""
     runs = {}
     for r in ledger.releases:
-        run = runs.setdefault(r.run, {"rounds": 0, "steps": 0, "tasks": set(), "noise_multiplier": set(),
-                                      "sample_rate": set(), "max_grad_norm": set()})  # fmt: skip
+        run = runs.setdefault(
+            r.run,
+            {
+                "rounds": 0,
+                "steps": 0,
+                "tasks": set(),
+                "noise_multiplier": set(),
+                "sample_rate": set(),
+                "max_grad_norm": set(),
+            },
+        )
         run["rounds"] += 1
         run["steps"] += r.steps
         run["tasks"].add(r.task)
@@ -25,27 +34,45 @@ def summary(ledger: Ledger, cfg: PrivacyConfig) -> dict:
     for key, run in runs.items():
         run.update({k: sorted(v) for k, v in run.items() if isinstance(v, set)})
         run["epsilon"] = ledger.epsilon(cfg.delta, cfg.accountant, run=key)
-    return {"site": ledger.site, "unit": "subject", "accountant": cfg.accountant, "delta": cfg.delta,
-            "target_epsilon": cfg.target_epsilon, "epsilon_spent": ledger.epsilon(cfg.delta, cfg.accountant),
-            "rounds": len(ledger.releases), "steps": sum(r.steps for r in ledger.releases),
-            "max_grad_norm": cfg.max_grad_norm, "ledger": str(ledger.path), "runs": runs}  # fmt: skip
+    return {
+        "site": ledger.site,
+        "unit": "subject",
+        "accountant": cfg.accountant,
+        "delta": cfg.delta,
+        "target_epsilon": cfg.target_epsilon,
+        "epsilon_spent": ledger.epsilon(cfg.delta, cfg.accountant),
+        "rounds": len(ledger.releases),
+        "steps": sum(r.steps for r in ledger.releases),
+        "max_grad_norm": cfg.max_grad_norm,
+        "ledger": str(ledger.path),
+        "runs": runs,
+    }
 
 
 def markdown(s: dict) -> str:
-    lines = [f"# Privacy report: site {s['site']}", "",
-             f"- guarantee: ({s['epsilon_spent']:.3f}, {s['delta']:g})-differential privacy per **{s['unit']}** "
-             f"(budget epsilon {s['target_epsilon']}, accountant {s['accountant'].upper()}, Opacus)",
-             f"- DP-SGD: {s['rounds']} rounds, {s['steps']} steps; clip norm {s['max_grad_norm']}",
-             f"- ledger: `{s['ledger']}`", "",
-             "| federation run | tasks | rounds | steps | noise multiplier | sampling rate | clip norm | epsilon (run alone) |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# Privacy report: site {s['site']}",
+        "",
+        f"- guarantee: ({s['epsilon_spent']:.3f}, {s['delta']:g})-differential privacy per **{s['unit']}** "
+        f"(budget epsilon {s['target_epsilon']}, accountant {s['accountant'].upper()}, Opacus)",
+        f"- DP-SGD: {s['rounds']} rounds, {s['steps']} steps; clip norm {s['max_grad_norm']}",
+        f"- ledger: `{s['ledger']}`",
+        "",
+        "| federation run | tasks | rounds | steps | noise multiplier | sampling rate | clip norm | epsilon (run alone) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for key, r in s["runs"].items():
-        lines.append(f"| `{key}` | {', '.join(r['tasks'])} | {r['rounds']} | {r['steps']} | "
-                     f"{', '.join(f'{v:.4g}' for v in r['noise_multiplier'])} | "
-                     f"{', '.join(f'{v:.4g}' for v in r['sample_rate'])} | "
-                     f"{', '.join(f'{v:g}' for v in r['max_grad_norm'])} | {r['epsilon']:.3f} |")  # fmt: skip
-    lines += ["", "The total epsilon composes every run of the ledger (one accountant over everything this site's "
-              "data has trained); each run's own epsilon is shown for reference."]  # fmt: skip
+        lines.append(
+            f"| `{key}` | {', '.join(r['tasks'])} | {r['rounds']} | {r['steps']} | "
+            f"{', '.join(f'{v:.4g}' for v in r['noise_multiplier'])} | "
+            f"{', '.join(f'{v:.4g}' for v in r['sample_rate'])} | "
+            f"{', '.join(f'{v:g}' for v in r['max_grad_norm'])} | {r['epsilon']:.3f} |"
+        )
+    lines += [
+        "",
+        "The total epsilon composes every run of the ledger (one accountant over everything this site's "
+        "data has trained); each run's own epsilon is shown for reference.",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -40,8 +40,15 @@ class PoissonSubjects:
     """The subjects Poisson-drawn at each step (a variable batch, possibly empty): one scan each
     (`draw_scans`), and for pretraining a window of it with the batch's masks (`draw`)."""
 
-    def __init__(self, packed: PackedSeries, scan_unit: np.ndarray, expected_batch: int, n_frames: int,
-                 patch_size: int = 1, mask_cfg: MaskConfig | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        packed: PackedSeries,
+        scan_unit: np.ndarray,
+        expected_batch: int,
+        n_frames: int,
+        patch_size: int = 1,
+        mask_cfg: MaskConfig | None = None,
+    ) -> None:
         self.packed, self.n_frames, self.n_time, self.mask_cfg = packed, n_frames, n_frames // patch_size, mask_cfg
         self.n_units = int(scan_unit.max()) + 1
         order = np.argsort(scan_unit, kind="stable")  # scans grouped by unit

@@ -45,8 +45,18 @@ class PrivateRound:
     granted: RoundBudget
 
     @classmethod
-    def open(cls, cfg: PrivacyConfig, path: Path, site: str, run: str, task: str, round_index: int,
-             sample_rate: float, steps: int, planned_steps: int) -> PrivateRound:  # fmt: skip
+    def open(
+        cls,
+        cfg: PrivacyConfig,
+        path: Path,
+        site: str,
+        run: str,
+        task: str,
+        round_index: int,
+        sample_rate: float,
+        steps: int,
+        planned_steps: int,
+    ) -> PrivateRound:
         """Grant the round or raise BudgetExhausted (nothing is trained then)."""
         ledger = Ledger.open(path, site)
         return cls(cfg, ledger, run, task, round_index, grant(ledger, cfg, run, sample_rate, steps, planned_steps))
@@ -59,8 +69,12 @@ class PrivateRound:
         """Record the round's release on disk, rewrite the report; the reply's privacy metrics."""
         self.ledger.record(release_of(self.run, self.task, self.round_index, self.granted, self.cfg.max_grad_norm))
         write_report(self.ledger, self.cfg)
-        return {Metric.EPSILON_SPENT: self.ledger.epsilon(self.cfg.delta, self.cfg.accountant),
-                Metric.EPSILON_BUDGET: float(self.cfg.target_epsilon or 0.0), Metric.DELTA: self.cfg.delta,
-                Metric.DP_NOISE_MULTIPLIER: self.granted.noise_multiplier,
-                Metric.DP_MAX_GRAD_NORM: self.cfg.max_grad_norm, Metric.DP_SAMPLE_RATE: self.granted.sample_rate,
-                Metric.DP_STEPS: float(sum(r.steps for r in self.ledger.releases))}  # fmt: skip
+        return {
+            Metric.EPSILON_SPENT: self.ledger.epsilon(self.cfg.delta, self.cfg.accountant),
+            Metric.EPSILON_BUDGET: float(self.cfg.target_epsilon or 0.0),
+            Metric.DELTA: self.cfg.delta,
+            Metric.DP_NOISE_MULTIPLIER: self.granted.noise_multiplier,
+            Metric.DP_MAX_GRAD_NORM: self.cfg.max_grad_norm,
+            Metric.DP_SAMPLE_RATE: self.granted.sample_rate,
+            Metric.DP_STEPS: float(sum(r.steps for r in self.ledger.releases)),
+        }

@@ -33,8 +33,13 @@ def handle(msg: Message, context: Context) -> Message:
     delta = site_delta(site_id, received)
     trained = {k: received[k] + delta[k] for k in received}
     metrics = {Metric.NUM_EXAMPLES: float(site_weight(site_id)), "bench-site-s": time.perf_counter() - t0}
-    content = RecordDict({ARRAYS: ArrayRecord(encode_update(trained, received, "float32")),
-                          METRICS: MetricRecord(metrics), SITE: ConfigRecord({"name": f"site{site_id}"})})
+    content = RecordDict(
+        {
+            ARRAYS: ArrayRecord(encode_update(trained, received, "float32")),
+            METRICS: MetricRecord(metrics),
+            SITE: ConfigRecord({"name": f"site{site_id}"}),
+        }
+    )
     return Message(content, reply_to=msg)
 
 

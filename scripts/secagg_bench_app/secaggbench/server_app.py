@@ -29,10 +29,24 @@ def main(grid: Grid, context: Context) -> None:
     g = torch.Generator().manual_seed(0)
     sets = {k: torch.randn(n, generator=g) * 0.02 for k, n in sizes.items()}  # (P_k,)
     central = bool(rc["central-dp"])
-    cfg = FederationConfig(min_sites=int(rc["sites"]), secure_aggregation=True, round_timeout_s=3000.0,
-                           central_dp=central, central_dp_clip_norm=1e6)  # no clipping: checks the sum exactly
-    spec = RoundSpec(task="pretrain", round=0, num_rounds=1, step_start=0, local_steps=1, wire_dtype="float32",
-                     model_checksum="bench", gradient_checksum="bench", task_config=cfg.pretrain())
+    cfg = FederationConfig(
+        min_sites=int(rc["sites"]),
+        secure_aggregation=True,
+        round_timeout_s=3000.0,
+        central_dp=central,
+        central_dp_clip_norm=1e6,
+    )  # no clipping: checks the sum exactly
+    spec = RoundSpec(
+        task="pretrain",
+        round=0,
+        num_rounds=1,
+        step_start=0,
+        local_steps=1,
+        wire_dtype="float32",
+        model_checksum="bench",
+        gradient_checksum="bench",
+        task_config=cfg.pretrain(),
+    )
     t0 = time.perf_counter()
     plain = exchange(grid, cfg, spec, sets, lambda r: None)
     plain_s = time.perf_counter() - t0
@@ -48,12 +62,16 @@ def main(grid: Grid, context: Context) -> None:
     max_weight = 1.0 if central else cfg.secure_aggregation_max_weight
     result = {
         "params": sum(v.numel() for k, v in sets.items() if not central or k in TRAINED_SETS),
-        "sites": len(ids), "central_dp_weighting": central,
-        "plain_s": plain_s, "plain_mb_sent": sum(r.bytes_sent for r in plain) / 1e6,
+        "sites": len(ids),
+        "central_dp_weighting": central,
+        "plain_s": plain_s,
+        "plain_mb_sent": sum(r.bytes_sent for r in plain) / 1e6,
         "plain_mb_received": sum(r.bytes_received for r in plain) / 1e6,
-        "secagg_s": sec.wall_s, "secagg_mb_sent": sum(r.bytes_sent for r in sec.results) / 1e6,
+        "secagg_s": sec.wall_s,
+        "secagg_mb_sent": sum(r.bytes_sent for r in sec.results) / 1e6,
         "secagg_mb_received": sum(r.bytes_received for r in sec.results) / 1e6,
-        "stages": sec.stages, "max_abs_err": err,
+        "stages": sec.stages,
+        "max_abs_err": err,
         "tolerance": secagg_tolerance(cfg.secure_aggregation_clip_range, weights, max_weight),
     }
     Path(str(rc["result-path"])).write_text(json.dumps(result))

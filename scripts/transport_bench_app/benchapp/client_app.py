@@ -21,5 +21,7 @@ def train(msg: Message, context: Context) -> Message:
     t1 = time.perf_counter()
     reply = ArrayRecord(out)
     t2 = time.perf_counter()
-    return Message(RecordDict({"arrays": reply, "metrics": MetricRecord(
-        {"deserialize_s": t1 - t0, "serialize_s": t2 - t1})}), reply_to=msg)
+    return Message(
+        RecordDict({"arrays": reply, "metrics": MetricRecord({"deserialize_s": t1 - t0, "serialize_s": t2 - t1})}),
+        reply_to=msg,
+    )

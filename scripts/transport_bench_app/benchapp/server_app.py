@@ -38,15 +38,28 @@ def main(grid: Grid, context: Context) -> None:
         t0 = time.perf_counter()
         if str(cfg["packing"]) == "flat":
             # One flat 1-D array per weight set (encoder., predictor., target.): 3 objects, not ~380.
-            record = ArrayRecord({p: Array(np.concatenate(
-                [v.reshape(-1) for k, v in weights.items() if k.startswith(p + ".")]).astype(wire, copy=False))
-                for p in ("encoder", "predictor", "target")})
+            record = ArrayRecord(
+                {
+                    p: Array(
+                        np.concatenate([v.reshape(-1) for k, v in weights.items() if k.startswith(p + ".")]).astype(
+                            wire, copy=False
+                        )
+                    )
+                    for p in ("encoder", "predictor", "target")
+                }
+            )
         else:
             record = ArrayRecord({k: Array(v.astype(wire, copy=False)) for k, v in weights.items()})
         t_ser = time.perf_counter() - t0
         n_bytes = record.count_bytes()
-        msgs = [Message(RecordDict({"arrays": record, "config": ConfigRecord({"round": rnd})}),
-                        dst_node_id=node, message_type="train") for node in nodes]
+        msgs = [
+            Message(
+                RecordDict({"arrays": record, "config": ConfigRecord({"round": rnd})}),
+                dst_node_id=node,
+                message_type="train",
+            )
+            for node in nodes
+        ]
         # As the brainjepa ServerApp does: push, then pull replies one at a time every 0.5 s, verify,
         # keep only the metrics (one reply's weights in memory at a time).
         t1 = time.perf_counter()
@@ -69,8 +82,18 @@ def main(grid: Grid, context: Context) -> None:
             if pending:
                 time.sleep(0.5)
         t_rt = time.perf_counter() - t1
-        rounds.append({"round": rnd, "serialize_s": t_ser, "roundtrip_s": t_rt, "deserialize_s": t_de,
-                       "bytes_per_site": n_bytes, "sites": len(client), "verified": ok, "client": client})
+        rounds.append(
+            {
+                "round": rnd,
+                "serialize_s": t_ser,
+                "roundtrip_s": t_rt,
+                "deserialize_s": t_de,
+                "bytes_per_site": n_bytes,
+                "sites": len(client),
+                "verified": ok,
+                "client": client,
+            }
+        )
         log.info("round %d: %.1f MB per site, round trip %.1f s", rnd, n_bytes / 1e6, t_rt)
     out = str(cfg["result-path"])
     if out:

@@ -40,7 +40,6 @@ from brainjepa.federation.contract import (
 )
 from brainjepa.privacy.budget import BudgetExhausted
 from client.disk_state import load_state, save_state
-from client.downstream import DownstreamSite
 from client.redact import scrub
 from client.secagg import is_secure, secure_train
 from client.state import load_optimizer, save_optimizer
@@ -97,6 +96,8 @@ def run_round(msg: Message, context: Context) -> Message:
             scaling = federation_scaling(spec, msg.content)
             sets, metrics = pretrain_round(spec, site, runtime, grad_file, received, context.state, scaling)
         else:
+            from client.downstream import DownstreamSite  # here: a pretraining round's process never imports sklearn
+
             sets, metrics = DownstreamSite(spec, site, runtime, grad_file).run(received)
         arrays = ArrayRecord(encode_update(sets, received, spec.wire_dtype))
     metrics.update(

@@ -22,7 +22,6 @@ from brainjepa.federation.contract import SKETCH_LEVELS, SKETCH_QUANTILES, Metri
 from brainjepa.gradients import gradient_checksum, load_gradients
 from brainjepa.jepa import JEPAModels, PretrainStep, resolve_device
 from brainjepa.prefetch import Prefetcher
-from brainjepa.privacy.dpsgd import DPPretrainStep
 from brainjepa.privacy.sampling import PoissonSubjects, secret_generators, unit_index
 from brainjepa.privacy.session import PrivateRound, ledger_path, run_key
 from brainjepa.weights import WEIGHT_SETS, flat_parameters, load_flat_parameters, model_checksum
@@ -231,6 +230,8 @@ def private_train(trainer: SiteTrainer, data: SiteData, site: SiteConfig) -> dic
         spec.local_steps,
         spec.total_steps - spec.step_start,
     )
+    from brainjepa.privacy.dpsgd import DPPretrainStep  # here: opacus costs ~1.4 s in every round's process
+
     rng, noise = secret_generators()
     step = DPPretrainStep(
         trainer.step_fn, dp.noise_multiplier, privacy.max_grad_norm, expected, noise, privacy.clip_chunk

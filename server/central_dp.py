@@ -38,7 +38,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from opacus.accountants import RDPAccountant
 
 from brainjepa.federation.secure import TRAINED_SETS, clip_delta
 
@@ -105,6 +104,8 @@ class CentralDP:
         self.params = params
         # The noise must be unpredictable: a seed from the run config would let anyone subtract it.
         self.generator = generator or torch.Generator().manual_seed(secrets.randbits(63))
+        from opacus.accountants import RDPAccountant  # here: a run without central DP never imports opacus
+
         self.accountant = RDPAccountant()
         self.rounds: list[dict[str, float]] = []
         self._eps: tuple[tuple, float] | None = None  # (accountant history, epsilon)

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -21,9 +22,11 @@ from flwr.serverapp import Grid, ServerApp
 from brainjepa.errors import InputError
 from brainjepa.federation.launcher import RUN_STOPPED as STOPPED
 from server.config import FederationConfig, from_run_config
-from server.downstream import DownstreamRun
 from server.exchange import RoundFailed
 from server.pretraining import FederatedRun
+
+if TYPE_CHECKING:
+    from server.downstream import DownstreamRun
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -56,6 +59,8 @@ def main(grid: Grid, context: Context) -> None:
         if cfg.task == "pretrain":
             run = FederatedRun.create(cfg, run_id=context.run_id)
         else:
+            from server.downstream import DownstreamRun  # here: a pretraining run never imports sklearn
+
             run = DownstreamRun.create(cfg, run_id=context.run_id)
         _attach_logging(run.run_dir)
         run.log_start()

@@ -22,8 +22,6 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from opacus.accountants import create_accountant
-
 from brainjepa.config import PrivacyConfig
 from brainjepa.errors import DataError, InputError
 
@@ -52,6 +50,8 @@ def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant
     """Composed epsilon of (noise multiplier, sampling rate, steps) entries by Opacus' accountant."""
     if not history:
         return 0.0
+    from opacus.accountants import create_accountant  # here: importing opacus costs ~1.4 s per Flower app process
+
     acc = create_accountant(accountant)
     acc.history = [(float(s), float(q), int(k)) for s, q, k in history]
     return float(acc.get_epsilon(delta=delta))

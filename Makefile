@@ -1,5 +1,5 @@
 # One command each: `make demo` (set up + run the demo), `make test` (set up + run the tests).
-# `make test-fast`: the unit tests only (no Flower processes, no long runs; under a minute), for the edit loop.
+# `make test-fast`: the unit tests only (no Flower processes, no long runs; about a minute), for the edit loop.
 # The virtual environment is created on first use. torch is installed FIRST and pinned, so that no
 # dependency pulls a multi-GB CUDA build on a CPU machine; GPU users: see README "GPU".
 PYTHON ?= python3
@@ -34,11 +34,12 @@ demo: setup
 demo-local: setup
 	$(BIN)/brainjepa demo
 
+# Two pytest workers (pytest-xdist): the Flower tests mostly wait on their processes, so two run side by side.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow and not integration"
+	$(BIN)/python -m pytest -q -n 2 -m "not slow and not integration"
 
 lint: setup
 	$(BIN)/ruff check .

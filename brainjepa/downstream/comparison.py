@@ -102,24 +102,11 @@ def compare(
             ", ".join(cohorts),
         )
     for (exp, task, method, training), mp in arrays.items():
-        kind = kinds[task]
-        for metric in SHOWN[kind]:
+        for metric in SHOWN[kinds[task]]:
             iv = intervals.bootstrap_interval(
-                mp.y, mp.scores, mp.group, kind=kind, metric=metric, n_boot=n_boot, seed=seed
+                mp.y, mp.scores, mp.group, kind=kinds[task], metric=metric, n_boot=n_boot, seed=seed
             )
-            rows.append(
-                {
-                    "experiment": exp,
-                    "task": task,
-                    "method": method,
-                    "training": training,
-                    "metric": metric,
-                    "versus": "",
-                    "estimate": iv.estimate,
-                    "lo": iv.lo,
-                    "hi": iv.hi,
-                }
-            )
+            rows.append(_row((exp, task, method, training), metric, "", iv))
     for exp, task in dict.fromkeys((k[0], k[1]) for k in arrays):
         rank = RANKING[kinds[task]]
         cands = [
@@ -133,52 +120,54 @@ def compare(
         b = max(cands, key=lambda r: r["estimate"])
         best[(exp, task)] = b["method"]
         ref = arrays[(exp, task, b["method"], b["training"])]
-        for (e, t, method, training), mp in arrays.items():
-            if (e, t) != (exp, task) or method in baselines:
+        for key, mp in arrays.items():
+            if key[:2] != (exp, task) or key[2] in baselines:
                 continue
             if mp.subjects != ref.subjects:
-                raise ValueError(f"{exp} / {task}: {method} and {b['method']} scored different subjects")
-            for metric in SHOWN[kinds[task]]:
-                iv = intervals.paired_difference(
-                    mp.y, mp.scores, ref.scores, mp.group, kind=kinds[task], metric=metric, n_boot=n_boot, seed=seed
-                )
-                rows.append(
-                    {
-                        "experiment": exp,
-                        "task": task,
-                        "method": method,
-                        "training": training,
-                        "metric": metric,
-                        "versus": b["method"],
-                        "estimate": iv.estimate,
-                        "lo": iv.lo,
-                        "hi": iv.hi,
-                    }
-                )
-    for (exp, task, method, training), mp in arrays.items():  # what pretraining buys: the same model untrained
-        base, _, variant = method.partition(" ")
-        untrained = UNTRAINED.get(base)
+                raise ValueError(f"{exp} / {task}: {key[2]} and {b['method']} scored different subjects")
+            rows += _differences(key, mp, ref, b["method"], kinds[task], n_boot, seed)
+    for key, mp in arrays.items():  # what pretraining buys: the same model untrained
+        exp, task, method, training = key
+        untrained = UNTRAINED.get(method.partition(" ")[0])
         ref = arrays.get((exp, task, untrained, training)) or arrays.get((exp, task, untrained, "centralized"))
         if untrained is None or ref is None or ref.subjects != mp.subjects:
             continue
-        for metric in SHOWN[kinds[task]]:
-            iv = intervals.paired_difference(
-                mp.y, mp.scores, ref.scores, mp.group, kind=kinds[task], metric=metric, n_boot=n_boot, seed=seed
-            )
-            rows.append(
-                {
-                    "experiment": exp,
-                    "task": task,
-                    "method": method,
-                    "training": training,
-                    "metric": metric,
-                    "versus": untrained,
-                    "estimate": iv.estimate,
-                    "lo": iv.lo,
-                    "hi": iv.hi,
-                }
-            )
+        rows += _differences(key, mp, ref, untrained, kinds[task], n_boot, seed)
     return Comparison(rows, best, pooled)
+
+
+def _row(key: tuple[str, str, str, str], metric: str, versus: str, iv: intervals.Interval) -> dict:
+    exp, task, method, training = key
+    return {
+        "experiment": exp,
+        "task": task,
+        "method": method,
+        "training": training,
+        "metric": metric,
+        "versus": versus,
+        "estimate": iv.estimate,
+        "lo": iv.lo,
+        "hi": iv.hi,
+    }
+
+
+def _differences(
+    key: tuple[str, str, str, str],
+    mp: MethodPredictions,
+    ref: MethodPredictions,
+    versus: str,
+    kind: str,
+    n_boot: int,
+    seed: int,
+) -> list[dict]:
+    """The paired differences method - `versus` on every shown metric, on the same resampled subjects."""
+    out = []
+    for metric in SHOWN[kind]:
+        iv = intervals.paired_difference(
+            mp.y, mp.scores, ref.scores, mp.group, kind=kind, metric=metric, n_boot=n_boot, seed=seed
+        )
+        out.append(_row(key, metric, versus, iv))
+    return out
 
 
 def _iv(r: Mapping) -> intervals.Interval:

@@ -244,8 +244,10 @@ def test_a_dp_site_round_spends_reports_and_declines_at_its_budget(tmp_path: Pat
     assert (tmp_path / "ledger-report.md").exists()
 
 
-def _finetune_model(method: str = "finetune", pool: str = "mean") -> tuple[DownstreamModel, ModelConfig, np.ndarray]:
-    cfg = ModelConfig(size="tiny", n_rois=20, n_frames=32, gradient_components=4)
+def _finetune_model(
+    method: str = "finetune", pool: str = "mean", n_frames: int = 32
+) -> tuple[DownstreamModel, ModelConfig, np.ndarray]:
+    cfg = ModelConfig(size="tiny", n_rois=20, n_frames=n_frames, gradient_components=4)
     torch.manual_seed(0)
     grads = torch.randn(20, 4).numpy()
     backbone = Backbone(cfg, grads, Encoder(cfg, torch.from_numpy(grads)).state_dict(), "test")
@@ -254,14 +256,15 @@ def _finetune_model(method: str = "finetune", pool: str = "mean") -> tuple[Downs
     return DownstreamModel(backbone, task, recipe), cfg, grads
 
 
-@pytest.mark.parametrize("pool", ["mean", "roi_std"])
+@pytest.mark.parametrize("pool", ["mean", "roi_std", "roi_fc"])
 def test_fine_tuning_per_sample_gradients_equal_one_sample_at_a_time(pool: str) -> None:
     """Backbone + head (the fine-tuning networks) under DP: vmap per-sample gradients == one-sample backward,
-    with either pooling (the reference's mean, or per-ROI mean + std)."""
-    model, _, _ = _finetune_model(pool=pool)
+    with each pooling (the reference's mean, per-ROI mean + std, feature connectivity over 6 time patches)."""
+    frames = 96 if pool == "roi_fc" else 32
+    model, _, _ = _finetune_model(pool=pool, n_frames=frames)
     plain_eager(model)
     model.train()
-    x, y = torch.randn(3, 20, 32), torch.randn(3)
+    x, y = torch.randn(3, 20, frames), torch.randn(3)
     x[1, 4] = float("nan")  # a missing ROI (sites.missing): left out of the pooled features
     wrapped = DownstreamForward(model)
     grads, _ = per_sample_gradients(wrapped, lambda f, xi, yi: F.mse_loss(f(xi)[:, 0], yi), x, y)

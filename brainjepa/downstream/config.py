@@ -29,8 +29,11 @@ NEURAL_METHODS: tuple[str, ...] = get_args(Method)
 Baseline = Literal["roi_spectrum", "fc", "fc_tangent", "fc_raw"]
 BASELINES: tuple[str, ...] = get_args(Baseline)
 # mean: the reference's mean over all ROI x time tokens (D features); roi_std: per ROI the mean and the
-# std over time of its tokens (R x 2D features: keeps the ROI axis and each ROI's spread over time).
-Pool = Literal["mean", "roi_std"]
+# std over time of its tokens (R x 2D features: keeps the ROI axis and each ROI's spread over time);
+# roi_fc: second-order pooling, the connectivity of the learned features: per embedding dimension the
+# correlation of two ROIs' tokens over the window's time patches, averaged over dimensions, Fisher z
+# (R(R-1)/2 features, what FC reads, from the encoder's tokens instead of the raw series).
+Pool = Literal["mean", "roi_std", "roi_fc"]
 # lbfgs: the probe's head solved on the frozen features (scikit-learn's L2 logistic / ridge regression,
 # its strength chosen by `select`); sgd: trained like the other methods (AdamW `steps` at `probe_lr`,
 # the reference's way; what a federated probe does, FedAvg having no closed form).

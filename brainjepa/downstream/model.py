@@ -10,6 +10,8 @@
 - `pool: roi_std` (recipe key; default `mean`, the reference): features keep the ROI axis, per ROI the
   mean and the std over time of its tokens, (R, 2D); the heads normalise them per ROI (LayerNorm(2D),
   fine-tuning) or per feature (BatchNorm, probe) and read all R x 2D (docs/model.md).
+- `pool: roi_fc`: second-order pooling, the connectivity of the learned features (`roi_coupling`):
+  R(R-1)/2 features, normalised per feature by the head (BatchNorm, probe; LayerNorm, fine-tuning).
 - `scratch` / `random_probe`: the same model with the backbone left at its random initialisation.
 """
 
@@ -67,20 +69,27 @@ class DownstreamModel(nn.Module):
             missing = self.backbone.load_state_dict(backbone.weights, strict=True)
             assert not missing.missing_keys  # strict=True raised otherwise
         D, R = backbone.model.embed_dim, backbone.model.n_rois
-        F = D if recipe.pool == "mean" else R * 2 * D  # features per scan
+        if recipe.pool == "roi_fc" and backbone.model.n_frames // backbone.model.patch_size < 3:
+            raise DataError(
+                f"recipe.pool 'roi_fc' needs 3 or more time patches per window to correlate, the model has "
+                f"{backbone.model.n_frames // backbone.model.patch_size} (n_frames {backbone.model.n_frames}, "
+                f"patch_size {backbone.model.patch_size})"
+            )
+        F = {"mean": D, "roi_std": R * 2 * D, "roi_fc": R * (R - 1) // 2}[recipe.pool]  # features per window
         if recipe.frozen_backbone:
             self.backbone.requires_grad_(False)
             self.head = nn.Sequential(nn.BatchNorm1d(F, affine=False), nn.Linear(F, task.n_outputs))
         else:
             set_drop_path(self.backbone.blocks, recipe.drop_path)
-            norm = nn.LayerNorm(D if recipe.pool == "mean" else 2 * D, eps=1e-6)  # per ROI for roi_std
+            norm = nn.LayerNorm(2 * D if recipe.pool == "roi_std" else F, eps=1e-6)  # per ROI for roi_std
             self.head = nn.Sequential(norm, nn.Linear(F, task.n_outputs))
         self.head.apply(init_weights)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, R, T) -> (B, D) (`pool: mean`): the backbone's tokens, mean-pooled over the observed ROIs'
         tokens (a missing ROI, a NaN row (sites.missing), enters the backbone as 0 and is left out of the
-        mean); (B, R, 2D) (`pool: roi_std`): per ROI the mean and std over time, 0 for a missing ROI."""
+        mean); (B, R, 2D) (`pool: roi_std`): per ROI the mean and std over time, 0 for a missing ROI;
+        (B, R(R-1)/2) (`pool: roi_fc`): the feature connectivity of `roi_coupling`."""
         x, observed = split_missing(x)  # (B, R, T), (B, R)
         if self.recipe.frozen_backbone:
             self.backbone.eval()
@@ -91,6 +100,8 @@ class DownstreamModel(nn.Module):
     def pool(self, h: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
         if self.recipe.pool == "mean":
             return mean_observed(h, observed)  # (B, N, D) -> (B, D)
+        if self.recipe.pool == "roi_fc":
+            return roi_coupling(h, observed)  # (B, N, D) -> (B, R(R-1)/2)
         B, N, D = h.shape
         h = h.reshape(B, observed.shape[1], -1, D)  # (B, R, W, D), ROI-major tokens
         f = torch.cat([h.mean(2), h.std(2, unbiased=False)], dim=-1)  # (B, R, 2D)
@@ -107,6 +118,27 @@ class DownstreamModel(nn.Module):
         if self.recipe.frozen_backbone:
             return linear(norm(f.flatten(1)))  # BatchNorm over all R x 2D features
         return linear(norm(f).flatten(1))  # LayerNorm per ROI, then all R x 2D
+
+
+def roi_coupling(h: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+    """The connectivity of learned features: h (B, N, D) ROI-major tokens of R ROIs x W time patches,
+    observed (B, R) -> (B, R(R-1)/2). Per embedding dimension the Pearson correlation of two ROIs' tokens
+    over the W time patches, averaged over the D dimensions, Fisher z (clamped at |r| = 0.999), upper
+    triangle in `torch.triu_indices` order; 0 for a pair with a missing ROI."""
+    B, N, D = h.shape
+    R = observed.shape[1]
+    if N // R < 3:
+        raise DataError(
+            f"pool 'roi_fc' correlates tokens over time: {N // R} time patch(es) per ROI make every "
+            "correlation +-1; it needs 3 or more (a longer window or a smaller patch_size)"
+        )
+    c = h.reshape(B, R, N // R, D)  # (B, R, W, D)
+    c = c - c.mean(dim=2, keepdim=True)
+    c = c / c.norm(dim=2, keepdim=True).clamp_min(1e-6)  # unit norm over time per (ROI, dim)
+    corr = torch.einsum("brwd,bswd->brs", c, c) / D  # (B, R, R)
+    i, j = torch.triu_indices(R, R, 1, device=h.device)
+    z = torch.atanh(corr[:, i, j].clamp(-0.999, 0.999))  # (B, R(R-1)/2)
+    return z * (observed[:, i] & observed[:, j]).to(z.dtype)
 
 
 def layer_of(name: str, depth: int) -> int:

@@ -27,27 +27,27 @@ def test_flop_count_includes_attention_on_cpu() -> None:
     assert flops == forward + 2.5 * forward  # torch's formula: backward = 2.5 x forward
 
 
+# One timed step of the tiny model on 20 ROIs x 32 frames: what the bench tests run.
+TINY_BENCH = [
+    "bench",
+    "--size",
+    "tiny",
+    "--batch",
+    "2",
+    "--rois",
+    "20",
+    "--frames",
+    "32",
+    "--steps",
+    "1",
+    "--warmup",
+    "1",
+]
+
+
 @pytest.mark.slow  # the default mode compiles the model (torch.compile)
 def test_bench_command_reports_throughput_flops_memory_and_params() -> None:
-    result = CliRunner().invoke(
-        app,
-        [
-            "bench",
-            "--size",
-            "tiny",
-            "--batch",
-            "2",
-            "--rois",
-            "20",
-            "--frames",
-            "32",
-            "--steps",
-            "1",
-            "--warmup",
-            "1",
-            "--json",
-        ],
-    )
+    result = CliRunner().invoke(app, [*TINY_BENCH, "--json"])
     assert result.exit_code == 0, result.output
     row = json.loads(result.output.strip().splitlines()[-1])
     for key in ("samples_per_s", "tflops_per_s", "peak_memory_gib", "encoder_params", "predictor_params"):
@@ -55,28 +55,7 @@ def test_bench_command_reports_throughput_flops_memory_and_params() -> None:
 
 
 def test_bench_profile_writes_phase_table_and_trace(tmp_path) -> None:  # noqa: ANN001
-    result = CliRunner().invoke(
-        app,
-        [
-            "bench",
-            "--size",
-            "tiny",
-            "--batch",
-            "2",
-            "--rois",
-            "20",
-            "--frames",
-            "32",
-            "--steps",
-            "1",
-            "--warmup",
-            "1",
-            "--mode",
-            "eager",
-            "--profile",
-            str(tmp_path),
-        ],
-    )
+    result = CliRunner().invoke(app, [*TINY_BENCH, "--mode", "eager", "--profile", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "| tiny | 2 | ours | eager |" in result.output
     run = tmp_path / "tiny-b2-eager"

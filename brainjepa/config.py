@@ -218,6 +218,9 @@ class MonitorConfig:
     drop: float = 0.5  # warn when rank or spread fall below (1 - drop) x their first measured value
     position_ceiling: float = 0.5  # warn when position alone explains more of the targets' variance
     context_gain_floor: float = 1.05  # warn when another scan's context raises the loss by less than this factor
+    # raise `Explosion` when the target's weight norm, feature spread or per-scan spread grows by more than this
+    # factor (or its effective rank changes by it) since the previous measurement; 0 = off
+    explode: float = 10.0
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.probe_scans < 2:
@@ -227,6 +230,8 @@ class MonitorConfig:
             )
         if not 0.0 < self.drop < 1.0:
             raise ConfigError(f"monitor.drop: expected a share in (0, 1), got {self.drop}")
+        if self.explode != 0.0 and self.explode <= 1.0:
+            raise ConfigError(f"monitor.explode: expected a factor > 1 (or 0: off), got {self.explode}")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,11 @@ below `rank_floor * D`, `spread` below `spread_floor`, or either below `(1 - dro
 when `position_share` rises above `position_ceiling` or `context_gain` stays below `context_gain_floor`
 (both after the first measurement: an untrained predictor uses nothing).
 
+Explosion is the opposite failure, and the one a hostile federated site causes (weights scaled up):
+`measure` raises `Explosion`, recording nothing, when the target's weight norm (`weight_norm`), `spread`
+or `scan_spread` grew by more than `explode` x since the previous measurement, or one is not finite.
+`brainjepa pretrain` stops there; the federated server rolls the round back and quarantines the site.
+
 Where the probe batch comes from: `brainjepa pretrain` takes one centred window of the first
 `probe_scans` subjects of its cohort (`probe_batch`). The federated server holds no data, so it
 measures the global target after every round on a batch generated from a fixed seed
@@ -38,7 +43,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +58,7 @@ from sites.windows import PackedSeries, multi_windows
 
 log = logging.getLogger(__name__)
 
-FIELDS = ["step", "rank", "spread", "scan_spread", "position_share", "context_gain"]
+FIELDS = ["step", "rank", "spread", "scan_spread", "position_share", "context_gain", "weight_norm"]
 NAN = float("nan")
 
 
@@ -64,6 +69,11 @@ class FeatureStats:
     scan_spread: float  # mean per-dimension std over the scans' mean features
     position_share: float = NAN  # share of the normalised targets' variance explained by position, 0 .. 1
     context_gain: float = NAN  # loss with another scan's context / loss with the scan's own context
+    weight_norm: float = NAN  # L2 norm of the measured encoder's parameters
+
+
+class Explosion(RuntimeError):
+    """The target's weights or features grew by more than `monitor.explode` x in one measurement interval."""
 
 
 def effective_rank(x: torch.Tensor) -> float:
@@ -189,6 +199,7 @@ class CollapseMonitor:
         rows = read_rows(self.path, label)
         rows = [r for r in rows if r[label] < keep_below]
         self.baseline = FeatureStats(**{k: rows[0][k] for k in FIELDS[1:]}) if rows else None
+        self.last = FeatureStats(**{k: rows[-1][k] for k in FIELDS[1:]}) if rows else None
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "w", newline="") as f:  # resume: keep the rows of the completed steps only
             w = csv.DictWriter(f, fieldnames=self.fields)
@@ -200,13 +211,28 @@ class CollapseMonitor:
         """At step 0 (after the first update), every `every` steps, and at the end; never when off."""
         return self.cfg.every > 0 and (step % self.cfg.every == 0 or last)
 
-    def measure(self, encoder: nn.Module, step: int, models: nn.Module | None = None) -> FeatureStats:
-        """The target `encoder`'s statistics; with `models` (its JEPAModels) and a mask config, the content
-        measures too."""
+    def stats(self, encoder: nn.Module, models: nn.Module | None = None) -> FeatureStats:
+        """The target `encoder`'s statistics (nothing recorded); with `models` (its JEPAModels) and a mask
+        config, the content measures too."""
         stats = feature_stats(encoder, self.probe)
+        share, gain = NAN, NAN
         if models is not None and self.masks is not None:
             share, gain = content_stats(models, self.probe, self.masks, self.loss)
-            stats = FeatureStats(stats.rank, stats.spread, stats.scan_spread, share, gain)
+        norm = float(torch.linalg.vector_norm(torch.stack([p.detach().float().norm() for p in encoder.parameters()])))
+        return replace(stats, position_share=share, context_gain=gain, weight_norm=norm)
+
+    def measure(self, encoder: nn.Module, step: int, models: nn.Module | None = None) -> FeatureStats:
+        """Measure and record the target `encoder`'s statistics (`stats`); raises `Explosion` (nothing
+        recorded) when they grew by more than `monitor.explode` x since the previous measurement."""
+        stats = self.stats(encoder, models)
+        reasons = self.explosion(stats)
+        if reasons:
+            raise Explosion(f"collapse monitor, {self.label} {step}: " + "; ".join(reasons))
+        self.record(stats, step)
+        return stats
+
+    def record(self, stats: FeatureStats, step: int) -> None:
+        """Append `stats` to the CSV and log them (a warning per `check` reason)."""
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=self.fields).writerow(
                 {self.label: step, **{k: f"{v:.6g}" for k, v in asdict(stats).items()}}
@@ -227,7 +253,25 @@ class CollapseMonitor:
             log.warning("collapse monitor, %s %d: %s", self.label, step, reason)
         if self.baseline is None:
             self.baseline = stats
-        return stats
+        self.last = stats
+
+    def explosion(self, stats: FeatureStats) -> list[str]:
+        """Why `stats` look like an explosion against the previous measurement (empty: none, or off)."""
+        factor, before = self.cfg.explode, self.last
+        if factor <= 0 or before is None:
+            return []
+        reasons = []
+        for name, now, then in (
+            ("target weight norm", stats.weight_norm, before.weight_norm),
+            ("feature spread", stats.spread, before.spread),
+            ("per-scan spread", stats.scan_spread, before.scan_spread),
+            ("effective rank", stats.rank, before.rank),
+        ):
+            if not math.isfinite(now):
+                reasons.append(f"{name} is {now}")
+            elif then > 0 and math.isfinite(then) and now > factor * then:
+                reasons.append(f"{name} went from {then:.4g} to {now:.4g} (more than monitor.explode {factor:g} x)")
+        return reasons
 
     def check(self, stats: FeatureStats) -> list[str]:
         """The reasons to warn about (empty: healthy)."""

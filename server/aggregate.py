@@ -7,11 +7,13 @@ check of shape is a check of length, and the mean is one fused operation per set
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from brainjepa.federation.averaging import RunningMean  # noqa: F401 (the server's averaging)
+from server.bounds import SetBound, check_bounds
 from server.config import ServerOptConfig
 
 # Weight sets the server optimiser (FedAvgM / FedAdam) steps; the EMA target is always plainly
@@ -32,14 +34,13 @@ class SiteUpdate:
 def check_update(
     update: SiteUpdate,
     expected: dict[str, int],
-    current: dict[str, torch.Tensor] | None = None,
-    max_ratio: float = 0.0,
+    current: Mapping[str, torch.Tensor] | None = None,
+    bounds: Mapping[str, SetBound] | None = None,
     max_samples: int = 0,
-    bounded: tuple[str, ...] = TRAINED_SETS,
 ) -> str | None:
     """Why `update` must not be averaged (missing / wrong-length set, NaN/Inf, no samples, more samples
-    than `max_samples` (0: no cap), a `bounded` set farther than `max_ratio` x its norm from the `current`
-    global set (0: no bound)), or None."""
+    than `max_samples` (0: no cap), a set outside its bound against the `current` global set
+    (`server.bounds`)), or None."""
     if not (isinstance(update.num_examples, int) and update.num_examples > 0):
         return f"num-examples must be a positive integer, got {update.num_examples!r}"
     if max_samples and update.num_examples > max_samples:
@@ -56,16 +57,8 @@ def check_update(
     extra = set(update.sets) - set(expected)
     if extra:
         return f"unexpected weight set(s) {sorted(extra)}"
-    if max_ratio and current is not None:
-        for name in bounded:
-            if name in current and name in update.sets:
-                ref = float(current[name].norm())
-                dist = float((update.sets[name] - current[name]).norm())
-                if dist > max_ratio * ref:
-                    return (
-                        f"weight set '{name}' moved {dist:.4g} from the global weights (norm {ref:.4g}): more "
-                        f"than max-update-ratio {max_ratio:g} x the global norm"
-                    )
+    if bounds and current is not None:
+        return check_bounds(update.sets, current, bounds)
     return None
 
 

@@ -2,7 +2,8 @@
 
 Events: `start` (run config, the registered sites with their key fingerprints), `round` (each site's
 node id, registered name and key fingerprint, status and the reason of a rejection or failure), and
-`checkpoint` (round, file, SHA-256). Appended, never rewritten: a resumed run adds to the same file.
+`checkpoint` (round, file, SHA-256), `quarantine` (round, site, node id, reason) and `rollback` (round,
+reason, the site blamed). Appended, never rewritten: a resumed run adds to the same file.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ class AuditLog:
                 }
             )
         self._write("round", round=rnd, task=task, sites=rows)
+
+    def event(self, event: str, **fields: object) -> None:
+        """Any other event (`quarantine`, `rollback`: see `server.guard`)."""
+        self._write(event, **fields)
 
     def checkpoint(self, rnd: int, path: Path) -> None:
         self._write("checkpoint", round=rnd, file=str(path), sha256=file_sha256(path))

@@ -95,6 +95,10 @@ class FederationConfig:
     # writes (node id -> registered site name, key fingerprint, max samples); a reply's site is its node's.
     site_registry: str = ""
     max_update_ratio: float = 0.5  # per trained set: ||site - global|| <= ratio x ||global|| (0: no bound)
+    # every set: ||site|| <= (1 + max-norm-growth) x the global norm norm-window rounds ago (0: no bound)
+    max_norm_growth: float = 0.25
+    norm_window: int = 10
+    quarantine_rounds: int = 0  # a rejected site sits out this many rounds (0: the rest of the run)
     max_site_samples: int = 0  # a site claiming more num-examples is rejected (0: only the registry's caps)
     trim_fraction: float = 0.2  # trimmed-mean: share of the sites cut at each end, per coordinate
     keep_checkpoints: int = 3  # round-NNN.pt of the last N rounds are kept next to checkpoint.pt
@@ -124,8 +128,15 @@ class FederationConfig:
                 f"run config: task '{self.task}' needs 'checkpoint' (a pretraining checkpoint) and "
                 "'downstream-config' (a YAML with task: and recipe: sections)"
             )
-        if self.max_update_ratio < 0 or self.max_site_samples < 0 or self.resume_round < 0:
-            raise ConfigError("run config: 'max-update-ratio', 'max-site-samples' and 'resume-round' must be >= 0")
+        if min(self.max_update_ratio, self.max_site_samples, self.resume_round, self.max_norm_growth) < 0:
+            raise ConfigError(
+                "run config: 'max-update-ratio', 'max-norm-growth', 'max-site-samples' and 'resume-round' must be >= 0"
+            )
+        if self.norm_window < 1 or self.quarantine_rounds < 0:
+            raise ConfigError(
+                f"run config: 'norm-window' must be >= 1 and 'quarantine-rounds' >= 0, got {self.norm_window}, "
+                f"{self.quarantine_rounds}"
+            )
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ConfigError(f"run config 'trim-fraction': expected [0, 0.5), got {self.trim_fraction}")
         if self.keep_checkpoints < 1:

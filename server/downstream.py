@@ -40,6 +40,7 @@ from brainjepa.gradients import gradient_checksum
 from brainjepa.weights import model_checksum
 from server.aggregate import RunningMean, SiteUpdate, check_update
 from server.audit import AuditLog
+from server.bounds import SetBound, adam_reach, check_bounds, distance_bound
 from server.config import FederationConfig, load_downstream_task, to_run_config
 from server.exchange import SiteResult, exchange, ok_updates, save_update, site_row
 from server.privacy_report import PrivacyReport
@@ -74,6 +75,18 @@ def pooled_target(stats: list[tuple[int, float, float]]) -> TargetScale:
     mean = sum(s for _, s, _ in stats) / n
     m2 = sum(m + c * (s / c - mean) ** 2 for c, s, m in stats if c)
     return TargetScale(mean, math.sqrt(m2 / n) or 1.0)
+
+
+def head_weights(model: DownstreamModel) -> torch.Tensor:
+    """Indices of the head's trained weights in the model's state vector (`state_vector`; BatchNorm
+    statistics are not weights), so that a head is bounded apart from the far larger backbone."""
+    params, index, offset = {id(p) for p in model.head.parameters()}, [], 0
+    for v in model.state_dict(keep_vars=True).values():  # keep_vars: the Parameter objects themselves
+        if v.is_floating_point():
+            if id(v) in params:
+                index.append(torch.arange(offset, offset + v.numel()))
+            offset += v.numel()
+    return torch.cat(index)
 
 
 @dataclass
@@ -216,20 +229,30 @@ class DownstreamRun:
         t0 = time.perf_counter()
         mean = RunningMean()
         label = f"{spec.task}-round-{spec.round + 1:03d}"
+        head = head_weights(self.model)
+        current = {MODEL_SET: vec, "head": vec[head]}
+        r = self.dtask.recipe
+        lr = r.probe_lr if r.frozen_backbone else r.lr
+        bounds = {
+            MODEL_SET: SetBound(distance_bound(vec, self.cfg.max_update_ratio)),
+            "head": SetBound(
+                max(
+                    distance_bound(vec[head], self.cfg.max_update_ratio), adam_reach(head.numel(), lr, spec.local_steps)
+                )
+                if self.cfg.max_update_ratio > 0
+                else math.inf
+            ),
+        }
 
         def accept(res: SiteResult) -> None:
             if res.status != "ok" or res.update is None:
                 return
             reg = self.registry.get(res.node_id)
             caps = [c for c in (self.cfg.max_site_samples, reg.max_samples if reg else 0) if c > 0]
-            reason = check_update(
-                res.update,
-                {MODEL_SET: vec.numel()},
-                {MODEL_SET: vec},
-                self.cfg.max_update_ratio,
-                min(caps) if caps else 0,
-                bounded=(MODEL_SET,),
-            )
+            reason = check_update(res.update, {MODEL_SET: vec.numel()}, max_samples=min(caps) if caps else 0)
+            if reason is None:
+                site = res.update.sets[MODEL_SET]
+                reason = check_bounds({MODEL_SET: site, "head": site[head]}, current, bounds)
             if reason:
                 res.status, res.detail = "rejected", reason
                 log.warning("%s: update of site %s rejected: %s", label, res.site, reason)

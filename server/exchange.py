@@ -53,20 +53,27 @@ class SiteResult:
     update: SiteUpdate | None = None
     bytes_sent: int = 0
     bytes_received: int = 0
+    quarantine: bool = True  # a rejection quarantines the site (not one for a duplicate name: see server.guard)
 
 
-def wait_for_nodes(grid: Grid, n: int, timeout_s: float) -> list[int]:
-    """Connected SuperNode ids once at least `n` are connected (sorted, for reproducible sampling)."""
+def wait_for_nodes(
+    grid: Grid, n: int, timeout_s: float, exclude: frozenset[int] = frozenset(), why: str = ""
+) -> list[int]:
+    """Connected SuperNode ids, less `exclude` (quarantined: `why` names them), once at least `n` are
+    connected (sorted, for reproducible sampling); RoundFailed after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     announced = False
+    note = f" (not counting {why})" if exclude else ""
     while True:
-        nodes = sorted(grid.get_node_ids())
+        nodes = sorted(set(grid.get_node_ids()) - exclude)
         if len(nodes) >= n:
             return nodes
         if time.monotonic() > deadline:
-            raise RoundFailed(f"only {len(nodes)} site(s) connected after {timeout_s:.0f} s, min-sites is {n}")
+            raise RoundFailed(
+                f"only {len(nodes)} eligible site(s) connected after {timeout_s:.0f} s{note}, min-sites is {n}"
+            )
         if not announced:
-            log.info("waiting for sites: %d of at least %d connected", len(nodes), n)
+            log.warning("waiting up to %.0f s for sites: %d of at least %d connected%s", timeout_s, len(nodes), n, note)
             announced = True
         time.sleep(1.0)
 
@@ -86,11 +93,14 @@ def exchange(
     fraction: float | None = None,
     message_type: str = "train",
     records: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    exclude: frozenset[int] = frozenset(),
+    why: str = "",
 ) -> list[SiteResult]:
     """Send round `spec` with the global `sets` (and further ArrayRecords `records`, sent as they are,
     e.g. the federation's scaling statistics) to the sampled sites (a share `fraction`, default the
-    run's `fraction-sites`, seeded by the round) and collect their replies, sorted by node."""
-    nodes = wait_for_nodes(grid, cfg.min_sites, cfg.wait_for_sites_s)
+    run's `fraction-sites`, seeded by the round; never the `exclude`d nodes, which `why` names) and
+    collect their replies, sorted by node."""
+    nodes = wait_for_nodes(grid, cfg.min_sites, cfg.wait_for_sites_s, exclude, why)
     share = cfg.fraction_sites if fraction is None else fraction
     sampled = sample_nodes(nodes, share, cfg.min_sites, np.random.default_rng([cfg.seed, spec.round]))
     conf = ConfigRecord(spec.to_record())
@@ -176,7 +186,7 @@ def collect(
 def refuse_duplicate(res: SiteResult, earlier: list[SiteResult]) -> SiteResult:
     """`res` rejected if an earlier accepted reply of the round came under the same site name."""
     if res.status == "ok" and any(r.site == res.site and r.status == "ok" for r in earlier):
-        res.status, res.update = "rejected", None
+        res.status, res.update, res.quarantine = "rejected", None, False
         res.detail = f"a second reply as site '{res.site}' in this round (duplicate site name)"
         log.warning("site node %d rejected: %s", res.node_id, res.detail)
     return res

@@ -23,12 +23,13 @@ from brainjepa.errors import ConfigError, DataError
 from brainjepa.federation.contract import SCALING, Metric, RoundSpec, scaling_arrays
 from brainjepa.gradients import gradient_checksum, load_gradients, save_gradients
 from brainjepa.jepa import JEPAModels
-from brainjepa.monitor import CollapseMonitor, synthetic_probe
+from brainjepa.monitor import CollapseMonitor, Explosion, synthetic_probe
 from brainjepa.weights import WEIGHT_SETS, flat_parameters, load_flat_parameters, model_checksum
-from server.aggregate import RunningMean, ServerOptimizer, check_update
+from server.aggregate import RunningMean, ServerOptimizer
 from server.audit import AuditLog
 from server.config import ROBUST_METHODS, FederationConfig, to_run_config
-from server.exchange import SiteResult, count, exchange, ok_updates, save_update, site_row
+from server.exchange import RoundFailed, SiteResult, count, exchange, ok_updates, save_update, site_row
+from server.guard import UpdateGuard, norm_explosion
 from server.registry import RegisteredSite, read_registry
 from server.report import RunReport, new_run_dir
 from server.robust import RobustAggregate
@@ -85,6 +86,8 @@ class FederatedRun:
     audit: AuditLog | None = None
     monitor: CollapseMonitor | None = None  # the global target after each round, on a generated probe batch
     privacy: RoundPrivacy | None = None  # central DP, secure aggregation, privacy.json / privacy.md
+    guard: UpdateGuard | None = None  # bounds, sample claims, quarantine, rollback blame
+    guard_state: dict | None = None  # the resumed checkpoint's guard state
 
     @classmethod
     def create(cls, cfg: FederationConfig, run_id: int = 0) -> FederatedRun:
@@ -122,6 +125,8 @@ class FederatedRun:
         run.audit = AuditLog(run_dir, run.registry)
         run.audit.start(to_run_config(cfg), run.start_round)
         run.sets = {name: flat_parameters(getattr(models, name)) for name in WEIGHT_SETS}
+        run.guard = UpdateGuard(cfg, run_dir, run.registry, run.audit, run.guard_state)
+        run.guard.norms.record(run.start_round, run.sets)
         return run
 
     # ---------------------------------------------------------------- checkpoints
@@ -129,7 +134,8 @@ class FederatedRun:
         ckpt = load_checkpoint(path)
         if ckpt.get("gradient_checksum") != gradient_checksum(self.gradients):
             raise DataError(f"checkpoint '{path}' was trained with other gradients (checksum mismatch)")
-        old = {k: v for k, v in ckpt["run_config"].items() if k not in RESUME_FREE_KEYS}
+        defaults = to_run_config(FederationConfig())  # keys newer than the checkpoint: their defaults
+        old = {k: v for k, v in {**defaults, **ckpt["run_config"]}.items() if k not in RESUME_FREE_KEYS}
         new = {k: v for k, v in to_run_config(self.cfg).items() if k not in RESUME_FREE_KEYS}
         diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
         if diff:
@@ -143,6 +149,7 @@ class FederatedRun:
             self.scaling = RobustScaling.from_dict(ckpt["scaling"])
         if self.privacy is not None:
             self.privacy.load_state_dict(ckpt.get("central_dp"))
+        self.guard_state = ckpt.get("guard")
         log.info("resuming %s after round %d of %d", self.run_dir, self.start_round, self.cfg.num_rounds)
 
     def _save(self, completed_rounds: int) -> Path:
@@ -174,6 +181,7 @@ class FederatedRun:
             run_config=to_run_config(self.cfg),
             scaling=self.scaling.to_dict() if self.scaling is not None else None,
             central_dp=self.privacy.state_dict() if self.privacy is not None else None,
+            guard=self.guard.state_dict() if self.guard is not None else None,
         )
 
     @property
@@ -251,6 +259,23 @@ class FederatedRun:
         return self.run_dir
 
     def run_round(self, grid: Grid, rnd: int, report: RunReport) -> None:
+        """Round `rnd` (0-based). When sites were quarantined in an attempt that then fell short of
+        min-sites (or was rolled back), the round is asked again of the remaining sites, waiting up to
+        wait-for-sites-s for enough of them; RoundFailed only when no site was newly quarantined."""
+        assert self.guard is not None
+        while True:
+            before = self.guard.events
+            try:
+                self._attempt(grid, rnd, report)
+                return
+            except RoundFailed as e:
+                if self.guard.events == before:
+                    raise
+                why = self.guard.exclusion(rnd)[1]
+                log.warning("round %d: %s; asking again without the %s sites", rnd + 1, e, why)
+
+    def _attempt(self, grid: Grid, rnd: int, report: RunReport) -> None:
+        assert self.guard is not None
         t0 = time.perf_counter()
         cfg = self.cfg
         spec = self.round_spec(rnd)
@@ -260,8 +285,15 @@ class FederatedRun:
             RobustAggregate(cfg.strategy, cfg.trim_fraction) if cfg.strategy in ROBUST_METHODS else RunningMean()
         )
         records = {SCALING: scaling_arrays(self.scaling)} if self.scaling is not None else None
+        exclude, why = self.guard.exclusion(rnd)
+        bounds = self.guard.bounds(spec, self.sets)
+        self.guard.start_round()
+
+        def accept(res: SiteResult) -> None:
+            self._accept(rnd, res, mean, bounds)
+
         if self.privacy is None:
-            results = exchange(grid, cfg, spec, self.sets, lambda res: self._accept(rnd, res, mean), records=records)
+            results = exchange(grid, cfg, spec, self.sets, accept, records=records, exclude=exclude, why=why)
         else:  # central DP (clipped sum) and / or secure aggregation (SecAgg+)
             mean = self.privacy.accumulator(mean, self.sets)  # type: ignore[arg-type]
             results = self.privacy.exchange(
@@ -270,8 +302,11 @@ class FederatedRun:
                 self.sets,
                 records,
                 mean,  # type: ignore[arg-type]
-                lambda res: self._accept(rnd, res, mean),
-            )  # type: ignore[arg-type]
+                accept,
+                exclude,
+                why,
+            )
+        self.guard.after_exchange(rnd, results)
         report.site_rows([site_row(rnd, r) for r in results])
         if self.audit is not None:
             self.audit.round(rnd + 1, spec.task, results)
@@ -282,11 +317,7 @@ class FederatedRun:
             f"; the global model stays at round {rnd} (resume with resume-dir={self.run_dir})",
         )
         new = mean.result() if self.privacy is None else self.privacy.new_sets(mean, self.sets, spec)  # type: ignore[arg-type]
-        self.sets = self.server_opt.step(self.sets, new)
-        for name in WEIGHT_SETS:
-            load_flat_parameters(getattr(self.models, name), self.sets[name])
-        if self.monitor is not None:
-            self.monitor.measure(self.models.target, rnd + 1, self.models)
+        self._step(rnd, new)
         samples = sum(u.num_examples for u in ok)
         loss = sum(u.metrics.get(Metric.LOSS, float("nan")) * u.num_examples for u in ok) / samples
         wall = time.perf_counter() - t0
@@ -324,19 +355,36 @@ class FederatedRun:
             n_rejected,
         )
 
-    def _accept(self, rnd: int, res: SiteResult, mean: RunningMean) -> None:
+    def _step(self, rnd: int, new: dict[str, torch.Tensor]) -> None:
+        """The server optimiser's step to the round's aggregate `new`, unless the global model would explode
+        (a set's norm, or the monitor's measures, up by more than monitor.explode x): then the round is
+        rolled back, its farthest-moving site quarantined, and RoundFailed raised."""
+        assert self.guard is not None
+        snapshot = self.server_opt.state_dict()
+        candidate = self.server_opt.step(self.sets, new)
+        why = norm_explosion(self.sets, candidate, self.pcfg.monitor.explode)
+        for name in WEIGHT_SETS:
+            load_flat_parameters(getattr(self.models, name), candidate[name])
+        if not why and self.monitor is not None:
+            try:
+                self.monitor.measure(self.models.target, rnd + 1, self.models)
+            except Explosion as e:
+                why = str(e)
+        if why:
+            for name in WEIGHT_SETS:
+                load_flat_parameters(getattr(self.models, name), self.sets[name])
+            self.server_opt.load_state_dict(snapshot)
+            self.guard.rollback(rnd, why)
+            raise RoundFailed(f"round {rnd + 1} rolled back: {why}")
+        self.sets = candidate
+        self.guard.norms.record(rnd + 1, self.sets)
+
+    def _accept(self, rnd: int, res: SiteResult, mean: RunningMean, bounds: dict) -> None:
         """Check one decoded reply; add it to the mean (then drop its weights) or reject it."""
         if res.status != "ok" or res.update is None:
             return
-        reg = self.registry.get(res.node_id)
-        caps = [c for c in (self.cfg.max_site_samples, reg.max_samples if reg else 0) if c > 0]
-        reason = check_update(
-            res.update,
-            {k: v.numel() for k, v in self.sets.items()},
-            self.sets,
-            self.cfg.max_update_ratio,
-            min(caps) if caps else 0,
-        )
+        assert self.guard is not None
+        reason = self.guard.check(res, rnd, self.sets, bounds)
         if reason:
             res.status, res.detail = "rejected", reason
             log.warning("round %d: update of site %s rejected: %s", rnd + 1, res.site, reason)

@@ -52,17 +52,19 @@ class RoundPrivacy:
         records: Mapping[str, Mapping[str, torch.Tensor]] | None,
         acc: RunningMean | ClippedSum,
         on_result: Callable[[SiteResult], None],
+        exclude: frozenset[int] = frozenset(),
+        why: str = "",
     ) -> list[SiteResult]:
-        """The round's exchange; under secure aggregation the unmasked sum goes into `acc` here, otherwise
-        `on_result` adds each reply."""
+        """The round's exchange (never with the `exclude`d nodes, which `why` names); under secure
+        aggregation the unmasked sum goes into `acc` here, otherwise `on_result` adds each reply."""
         if self.cfg.secure_aggregation:
             clip = self.central.params.clip_norm if self.central is not None else 0.0
-            sec = secure_exchange(grid, self.cfg, spec, sets, records, clip)
+            sec = secure_exchange(grid, self.cfg, spec, sets, records, clip, exclude, why)
             add_secure_sum(acc, sec, sets)
             self.sampled, self.population = sec.sampled, sec.population
             return sec.results
         connected = len(grid.get_node_ids())
-        results = exchange(grid, self.cfg, spec, sets, on_result, records=records)
+        results = exchange(grid, self.cfg, spec, sets, on_result, records=records, exclude=exclude, why=why)
         # every sampled site has a result (ok, failed, rejected, timeout); the population is the connected
         # sites when sampling (at least the sampled ones: the sampling rate is never understated above 1)
         self.sampled, self.population = len(results), max(connected, len(results))

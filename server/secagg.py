@@ -205,12 +205,14 @@ def secure_exchange(
     sets: Mapping[str, torch.Tensor],
     records: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     clip_norm: float = 0.0,
+    exclude: frozenset[int] = frozenset(),
+    why: str = "",
 ) -> SecureRound:
     """One pretraining round through SecAgg+. Sites are sampled as `server.exchange` samples them. With
     `clip_norm` > 0 (central DP) each site clips its encoder + predictor delta to that norm and weighs 1;
     otherwise it sends all three sets' deltas weighted by its sample count."""
     t0 = time.perf_counter()
-    nodes = wait_for_nodes(grid, cfg.min_sites, cfg.wait_for_sites_s)
+    nodes = wait_for_nodes(grid, cfg.min_sites, cfg.wait_for_sites_s, exclude, why)
     sampled = sample_nodes(nodes, cfg.fraction_sites, cfg.min_sites, np.random.default_rng([cfg.seed, spec.round]))
     weighting: Weighting = "uniform" if clip_norm > 0 else "samples"
     send = TRAINED_SETS if clip_norm > 0 else WEIGHT_SETS

@@ -7,6 +7,7 @@ Tiny model (50 ROIs x 64 frames), few steps: each test takes ~20-60 s on 2 CPU c
 from __future__ import annotations
 
 import csv
+import json
 import time
 from pathlib import Path
 
@@ -30,7 +31,9 @@ pytestmark = pytest.mark.integration  # SuperLink / SuperNodes as real processes
 BASE = dict(n_rois=50, n_frames=64, local_steps=2, batch_size=4)
 
 # A ClientApp wrapping the real one, for fault tests only: node config `inject-nan` poisons the reply,
-# `fault-sleep-s` makes the site hang (after touching `fault-marker`) so that the test can kill it.
+# `fault-sleep-s` makes the site hang (after touching `fault-marker`) so that the test can kill it,
+# `poison` ("encoder,target", ...) multiplies those weight sets by `poison-factor` and claims
+# `poison-claim` samples (0: the real count), from round `poison-from` (1-based) on.
 FAULTY_CLIENT = """
 import time
 from pathlib import Path
@@ -48,10 +51,16 @@ def train(msg, context):
         Path(str(node["fault-marker"])).touch()
         time.sleep(float(node["fault-sleep-s"]))
     reply = real_train(msg, context)
-    if bool(node.get("poison", False)) and not reply.has_error():  # the poisoning attack: x 1e4, 1e6 samples
-        arrays = reply.content["arrays"]
-        reply.content["arrays"] = ArrayRecord({k: Array(arrays[k].numpy() * 1e4) for k in arrays.keys()})
-        reply.content["metrics"] = MetricRecord({**dict(reply.content["metrics"]), "num-examples": 1e6})
+    poisoned = str(node.get("poison", "")).split(",") if node.get("poison") else []
+    rnd = int(msg.content["config"]["round"]) + 1
+    if poisoned and rnd >= int(node.get("poison-from", 1)) and not reply.has_error():
+        arrays, factor = reply.content["arrays"], float(node.get("poison-factor", 1e4))
+        reply.content["arrays"] = ArrayRecord(
+            {k: Array(arrays[k].numpy() * (factor if k in poisoned else 1.0)) for k in arrays.keys()}
+        )
+        if float(node.get("poison-claim", 0)) > 0:
+            claim = float(node["poison-claim"])
+            reply.content["metrics"] = MetricRecord({**dict(reply.content["metrics"]), "num-examples": claim})
     if bool(node.get("inject-nan", False)) and not reply.has_error():
         arrays = reply.content["arrays"]
         poisoned = {}
@@ -98,10 +107,12 @@ def flat_sets(state: dict, model_cfg: dict, grads: np.ndarray) -> dict[str, torc
 
 
 def test_two_rounds_weighted_mean_nan_rejected_wrong_gradients_refused(tmp_path: Path, demo) -> None:
-    """Five sites over real transport, two rounds: site_a and site_b train normally, site_c sends NaN
-    (rejected), a fourth site uses another gradient file (refused), a fifth sends weights x 1e4 claiming 1e6
-    samples (rejected by max-update-ratio). The global weights must equal the
-    sample-weighted mean of what site_a and site_b sent (dumped by the sites, recomputed here)."""
+    """Six sites over real transport, two rounds: site_a and site_b train normally, site_c sends NaN
+    (rejected), a fourth site uses another gradient file (refused), a fifth sends its EMA target x 1e4
+    claiming 500 samples (rejected by the target's bound), a sixth its predictor x 1.45 (inside
+    max-update-ratio 0.5; rejected by max-norm-growth). The rejected sites are quarantined: round 2 does
+    not ask them. The global weights must equal the sample-weighted mean of what site_a and site_b sent
+    (dumped by the sites, recomputed here)."""
     yamls, grads = demo
     other = tmp_path / "other_gradients.npy"
     g = load_gradients(grads)
@@ -112,7 +123,8 @@ def test_two_rounds_weighted_mean_nan_rejected_wrong_gradients_refused(tmp_path:
         {"site-config": str(yamls[1]), "gradients": str(grads), "dump-updates-dir": str(dumps)},
         {"site-config": str(yamls[2]), "gradients": str(grads), "inject-nan": True},
         {"site-config": str(yamls[0]), "gradients": str(other)},
-        {"site-config": str(yamls[2]), "gradients": str(grads), "poison": True},
+        {"site-config": str(yamls[2]), "gradients": str(grads), "poison": "target", "poison-claim": 500},
+        {"site-config": str(yamls[2]), "gradients": str(grads), "poison": "predictor", "poison-factor": 1.45},
     ]
     (tmp_path / "app").mkdir()
     (tmp_path / "app" / "faulty_client.py").write_text(FAULTY_CLIENT)
@@ -135,13 +147,20 @@ def test_two_rounds_weighted_mean_nan_rejected_wrong_gradients_refused(tmp_path:
         assert not np.allclose(sent[0][name], sent[1][name])  # the sites really differ
 
     rows = read_csv(run_dir / "site_metrics.csv")
-    for rnd in ("1", "2"):
-        by_status = sorted((r["status"], r["site"]) for r in rows if r["round"] == rnd)
-        assert [st for st, _ in by_status] == ["failed", "ok", "ok", "rejected", "rejected"], by_status
-        assert ("ok", "site_a") in by_status and ("ok", "site_b") in by_status and ("rejected", "site_c") in by_status
-    rejected = [r for r in rows if r["status"] == "rejected"]
-    assert sorted("NaN" in r["detail"] for r in rejected) == [False, False, True, True]  # per round: NaN, the poison
-    assert sum("max-update-ratio" in r["detail"] for r in rejected) == 2  # bounded (the global model is the mean above)
+    by_round = {rnd: sorted((r["status"], r["site"]) for r in rows if r["round"] == rnd) for rnd in ("1", "2")}
+    assert [st for st, _ in by_round["1"]] == ["failed", "ok", "ok", "rejected", "rejected", "rejected"], by_round
+    assert [st for st, _ in by_round["2"]] == ["failed", "ok", "ok"], by_round  # the rejected: quarantined
+    for listing in by_round.values():
+        assert ("ok", "site_a") in listing and ("ok", "site_b") in listing
+    assert ("rejected", "site_c") in by_round["1"]
+    rejected = sorted(r["detail"] for r in rows if r["status"] == "rejected")
+    assert sum("NaN" in d for d in rejected) == 1
+    assert sum("'target' moved" in d and "EMA schedule" in d for d in rejected) == 1, rejected
+    assert sum("'predictor' has norm" in d and "max-norm-growth" in d for d in rejected) == 1, rejected
+    quarantined = json.loads((run_dir / "quarantine.json").read_text())["sites"]
+    assert len(quarantined) == 3 and all(e["round"] == 1 and e["until"] == 0 for e in quarantined.values())
+    events = [json.loads(line) for line in (run_dir / "audit.jsonl").read_text().splitlines()]
+    assert sum(e["event"] == "quarantine" for e in events) == 3
     refused = [r for r in rows if r["status"] == "failed"]
     for r in refused:  # the site's file path is masked in what the site sends (its own console has it)
         assert "refused" in r["detail"] and "gradient file" in r["detail"] and str(other) not in r["detail"]
@@ -150,7 +169,10 @@ def test_two_rounds_weighted_mean_nan_rejected_wrong_gradients_refused(tmp_path:
     ok = [r for r in rows if r["status"] == "ok"]
     assert all(int(r["bytes_sent"]) > 0 and int(r["bytes_received"]) > 0 and float(r["loss"]) > 0 for r in ok)
     rounds = read_csv(run_dir / "round_metrics.csv")
-    assert [(r["sites_ok"], r["sites_rejected"], r["sites_failed"]) for r in rounds] == [("2", "2", "1")] * 2
+    assert [(r["sites_ok"], r["sites_rejected"], r["sites_failed"]) for r in rounds] == [
+        ("2", "3", "1"),
+        ("2", "0", "1"),
+    ]
     assert float(rounds[1]["loss"]) < float(rounds[0]["loss"])
     assert (run_dir / "loss_per_round.png").stat().st_size > 1000
 
@@ -205,3 +227,49 @@ def test_site_killed_mid_round_then_server_killed_and_resumed(tmp_path: Path, de
     assert load_checkpoint(ckpt)["round"] == 2
     rounds = [int(r["round"]) for r in read_csv(ckpt.parent / "round_metrics.csv")]
     assert rounds == [1, 2]
+
+
+def test_hostile_site_rolled_back_quarantined_and_cannot_halt_a_resumed_run(tmp_path: Path, demo) -> None:
+    """With the per-set bounds off (max-update-ratio 0, max-norm-growth 0), only the explosion check is
+    left. Round 1 is honest; in round 2 a site sends its EMA target x 1e4 (500 samples claimed): the global
+    target would explode, so the coordinator rolls round 2 back, quarantines that site (audit-logged)
+    and asks again. With one honest site left and min-sites 2 it waits wait-for-sites-s and stops with a
+    line naming the quarantine, the round-1 checkpoint intact. Resumed after a second honest site joins,
+    the quarantined site (still connected) is not asked, and the run finishes with a sane target."""
+    yamls, grads = demo
+    nodes = [
+        {"site-config": str(yamls[0]), "gradients": str(grads)},
+        {"site-config": str(yamls[2]), "gradients": str(grads), "poison": "target", "poison-from": 2},
+    ]
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "faulty_client.py").write_text(FAULTY_CLIENT)
+    rc = run_config(
+        tmp_path, grads, num_rounds=2, min_sites=2, max_update_ratio=0.0, max_norm_growth=0.0, wait_for_sites_s=8.0
+    )
+    app = write_app_dir(tmp_path / "app", rc, clientapp="faulty_client:app")
+    with LocalFederation(tmp_path, nodes, env_extra=FLOWER_ENV) as fed:
+        first = fed.run(app, timeout_s=300)
+        run_dir = the_run_dir(tmp_path)
+        out = first.stdout + first.stderr
+        assert first.returncode != 0 and "rolled back" in out, out[-3000:]
+        assert "only 1 eligible site(s) connected after 8 s (not counting quarantined: node-" in out, out[-3000:]
+        ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+        assert ckpt["round"] == 1
+        events = [json.loads(line) for line in (run_dir / "audit.jsonl").read_text().splitlines()]
+        (rollback,) = [e for e in events if e["event"] == "rollback"]
+        (held,) = [e for e in events if e["event"] == "quarantine"]
+        assert rollback["round"] == 2 and "target" in rollback["reason"] and held["round"] == 2
+        assert "moved farthest" in held["reason"]
+        fed.add_supernode({"site-config": str(yamls[1]), "gradients": str(grads)}, "site_b_late")
+        second = fed.run(app, {"resume-dir": str(run_dir)}, timeout_s=300)
+    assert second.returncode == 0 and "outputs under" in second.stdout, second.stdout[-3000:] + second.stderr[-3000:]
+    final = load_checkpoint(run_dir / "checkpoint.pt")
+    assert final["round"] == 2
+    g = load_gradients(grads)
+    before, after = (
+        flat_sets(ckpt["models"], ckpt["model_config"], g),
+        flat_sets(final["models"], final["model_config"], g),
+    )
+    assert float(after["target"].norm()) < 1.1 * float(before["target"].norm())  # no x 1e4 got in
+    resumed = [r for r in read_csv(run_dir / "site_metrics.csv") if r["round"] == "2" and r["status"] == "ok"]
+    assert sorted(r["site"] for r in resumed) == ["site_a", "site_b"]

@@ -17,6 +17,7 @@ from brainjepa.jepa import JEPAModels
 from brainjepa.masks import sample_masks
 from brainjepa.monitor import (
     CollapseMonitor,
+    Explosion,
     content_stats,
     effective_rank,
     feature_stats,
@@ -83,6 +84,39 @@ def test_healthy_encoder_passes_collapsed_one_warns(tmp_path: Path, caplog) -> N
     assert rows[0]["rank"] == pytest.approx(healthy.rank, rel=1e-5)
 
 
+def test_weights_scaled_up_raise_an_explosion_and_record_nothing(tmp_path: Path) -> None:
+    """What a hostile site's x 1e4 target does to the global target: the monitor raises instead of
+    recording it; a healthy step after it is still measured against the last recorded one."""
+    probe = synthetic_probe(8, CFG.n_rois, CFG.n_frames, seed=0)
+    enc = _encoder()
+    mon = CollapseMonitor(MonitorConfig(every=1), probe, CFG.embed_dim, tmp_path / "m.csv")
+    base = mon.measure(enc, 0)
+    assert base.weight_norm == pytest.approx(float(torch.cat([p.flatten() for p in enc.parameters()]).norm()), rel=1e-5)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.mul_(1e4)
+    with pytest.raises(Explosion, match=r"step 1: target weight norm went from .* monitor.explode 10 x"):
+        mon.measure(enc, 1)
+    assert [r["step"] for r in read_rows(tmp_path / "m.csv")] == [0]
+    with torch.no_grad():  # the coordinator rolls back: the previous weights measure as before
+        for p in enc.parameters():
+            p.mul_(1e-4)
+    assert mon.measure(enc, 1).weight_norm == pytest.approx(base.weight_norm, rel=1e-4)
+    with torch.no_grad():  # x 3: inside the factor, no explosion
+        for p in enc.parameters():
+            p.mul_(3.0)
+    assert mon.measure(enc, 2).weight_norm == pytest.approx(3 * base.weight_norm, rel=1e-4)
+    off = CollapseMonitor(MonitorConfig(every=1, explode=0.0), probe, CFG.embed_dim, tmp_path / "off.csv")
+    off.measure(enc, 0)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.mul_(1e4)
+    off.measure(enc, 1)  # off: recorded
+    assert len(read_rows(tmp_path / "off.csv")) == 2
+    with pytest.raises(ConfigError, match="monitor.explode"):
+        MonitorConfig(explode=0.5)
+
+
 def test_a_drop_below_the_baseline_warns_even_above_the_floors(tmp_path: Path, caplog) -> None:
     probe = synthetic_probe(8, CFG.n_rois, CFG.n_frames, seed=0)
     enc = _encoder()
@@ -122,7 +156,15 @@ def test_pretrain_writes_monitor_csv_and_plot(tmp_path: Path) -> None:
     assert all(np.isfinite(r["rank"]) and 1.0 <= r["rank"] <= CFG.embed_dim for r in rows)
     assert (tmp_path / "run" / "collapse.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(tmp_path / "run" / "monitor.csv", newline="") as f:
-        assert next(csv.reader(f)) == ["step", "rank", "spread", "scan_spread", "position_share", "context_gain"]
+        assert next(csv.reader(f)) == [
+            "step",
+            "rank",
+            "spread",
+            "scan_spread",
+            "position_share",
+            "context_gain",
+            "weight_norm",
+        ]
     assert all(0.0 <= r["position_share"] <= 1.0 and r["context_gain"] > 0 for r in rows), rows
 
 

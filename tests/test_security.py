@@ -42,6 +42,7 @@ from client.disk_state import load_state, save_state, state_path
 from client.pinned_app import UntrustedApp, check_fab
 from client.redact import scrub
 from server.aggregate import SiteUpdate, check_update
+from server.bounds import SetBound, distance_bound
 from server.config import FederationConfig, to_run_config
 from server.exchange import SiteResult, malformed, refuse_duplicate, reply_site
 from server.fleet_proxy import fleet_allowed
@@ -213,6 +214,9 @@ def test_outsider_refused_sites_known_by_key_resume_with_auth(tmp_path: Path, de
         assert ("site_a", "ok") in by_site and ("site_b", "ok") in by_site
         c_rows = [r for r in rows if r["fingerprint"] == registered["site_c"]]
         assert c_rows and all(r["status"] == "rejected" and "claims to be 'site_a'" in r["reason"] for r in c_rows)
+        held = json.loads((run_dir / "quarantine.json").read_text())["sites"]  # by its registered (key's) name
+        assert list(held) == ["site_c"] and "claims to be 'site_a'" in held["site_c"]["reason"]
+        assert len(c_rows) == 1  # quarantined after round 1: not asked in round 2
         assert all(r["fingerprint"] == registered[r["site"]] for r in rows if r["status"] == "ok")
         hashes = [e for e in events if e["event"] == "checkpoint"]
         assert [e["round"] for e in hashes] == [1, 2] and all(len(e["sha256"]) == 64 for e in hashes)
@@ -224,6 +228,10 @@ def test_outsider_refused_sites_known_by_key_resume_with_auth(tmp_path: Path, de
         assert srv.wait(timeout=240) == 0, srv.log_tail()
         assert f"resuming {run_dir} after round 1" in srv.log_tail(200_000)
         assert load_checkpoint(run_dir / "checkpoint.pt")["round"] == 2
+        events = [json.loads(line) for line in (run_dir / "audit.jsonl").read_text().splitlines()]
+        resumed = events[max(i for i, e in enumerate(events) if e["event"] == "start") :]
+        rows = [s for e in resumed if e["event"] == "round" for s in e["sites"]]
+        assert rows and registered["site_c"] not in {r["fingerprint"] for r in rows}  # still quarantined
     finally:
         for p in procs:
             p.stop()
@@ -231,15 +239,17 @@ def test_outsider_refused_sites_known_by_key_resume_with_auth(tmp_path: Path, de
 
 def test_update_bounds_and_sample_cap() -> None:
     g = torch.Generator().manual_seed(0)
-    current = {n: torch.randn(1000, generator=g) for n in ("encoder", "predictor", "target")}
+    current = {n: torch.randn(1000, generator=g) for n in ("encoder", "predictor")}
     expected = {k: v.numel() for k, v in current.items()}
+    bounds = {k: SetBound(distance_bound(v, 0.5)) for k, v in current.items()}
     honest = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in current.items()}
-    assert check_update(SiteUpdate("a", 50, honest), expected, current, 0.5, 100) is None
+    assert check_update(SiteUpdate("a", 50, honest), expected, current, bounds, 100) is None
     poisoned = SiteUpdate("b", 1_000_000, {k: v * 1e4 for k, v in honest.items()})
-    assert "exceeds the cap of 100" in check_update(poisoned, expected, current, 0.5, 100)
-    why = check_update(SiteUpdate("b", 50, poisoned.sets), expected, current, 0.5, 0)
-    assert why is not None and "'encoder' moved" in why and "max-update-ratio 0.5" in why
-    assert check_update(SiteUpdate("b", 50, poisoned.sets), expected, current, 0.0, 0) is None  # bound off
+    assert "exceeds the cap of 100" in check_update(poisoned, expected, current, bounds, 100)
+    why = check_update(SiteUpdate("b", 50, poisoned.sets), expected, current, bounds, 0)
+    assert why is not None and "'encoder' moved" in why and "max-update-ratio" in why
+    off = {k: SetBound(distance_bound(v, 0.0)) for k, v in current.items()}
+    assert check_update(SiteUpdate("b", 50, poisoned.sets), expected, current, off, 0) is None  # bound off
 
 
 def test_median_and_trimmed_mean_bound_a_poisoned_site() -> None:

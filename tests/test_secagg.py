@@ -10,13 +10,18 @@ loopback, `flwr run` of the project's own apps), two runs on the same federation
    the server adds noise to the unmasked sum: the released encoder minus (global + mean clipped delta,
    recomputed from the dumps) is Gaussian noise of std z C / 2; the target is the EMA of the noisy
    encoder; the reported epsilon equals Opacus' RDP analysis for (q = 1, z, 1 round).
+3. a third site joins and drops out mid-round (its machine dies after the key exchange, while it
+   trains): SecAgg+ reconstructs its masks from the others' shares (threshold 2 of 3) and the round
+   completes over site_a and site_b: their weighted mean, the dropped site reported as not in the sum.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +36,7 @@ from brainjepa.checkpoint import load_checkpoint
 from brainjepa.config import ModelConfig
 from brainjepa.demo import DemoFederation, prepare_federation
 from brainjepa.federation.launcher import LocalFederation, write_app_dir
+from brainjepa.federation.processes import ManagedProcess
 from brainjepa.federation.secure import secagg_tolerance
 from brainjepa.gradients import load_gradients
 from brainjepa.jepa import JEPAModels
@@ -42,6 +48,28 @@ pytestmark = pytest.mark.integration  # SuperLink / SuperNodes as real processes
 
 N_ROIS, N_FRAMES = 40, 64
 SETS = ("encoder", "predictor", "target")
+
+# The real ClientApp, except that a node with `fault-marker` touches it and hangs while it trains (inside
+# SecAgg+'s collect stage, after the key exchange), so that the test can kill its machine there.
+DROPPING_CLIENT = """
+import time
+from pathlib import Path
+from flwr.clientapp import ClientApp
+from client.client_app import handle
+from client.secagg import is_secure, secure_train
+
+app = ClientApp()
+
+def hanging(msg, context):
+    if "fault-marker" in context.node_config:
+        Path(str(context.node_config["fault-marker"])).touch()
+        time.sleep(600)
+    return handle(msg, context)
+
+@app.train()
+def train(msg, context):
+    return secure_train(msg, context, hanging) if is_secure(msg) else hanging(msg, context)
+"""
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +106,15 @@ def dumped(dumps: Path) -> list[dict[str, np.ndarray]]:
     return out
 
 
-# two flwr runs of 4 SecAgg+ stages each (each stage spawns a ClientApp per site)
+def kill_when_training(site: ManagedProcess, marker: Path, run: ManagedProcess) -> None:
+    deadline = time.monotonic() + 180
+    while not marker.exists():
+        assert time.monotonic() < deadline and run.alive(), run.log_tail()
+        time.sleep(0.3)
+    site.kill()
+
+
+# three flwr runs of 4 SecAgg+ stages each (each stage spawns a ClientApp per site)
 def test_secagg_round_equals_weighted_fedavg_then_central_dp_on_top(demo: DemoFederation, tmp_path: Path) -> None:
     grads = load_gradients(demo.gradients)
     cfg = FederationConfig(
@@ -118,6 +154,22 @@ def test_secagg_round_equals_weighted_fedavg_then_central_dp_on_top(demo: DemoFe
         )
         res2 = fed.run(write_app_dir(tmp_path / "app2", to_run_config(cfg2)), timeout_s=300)
         assert res2.returncode == 0 and "outputs under" in res2.stdout, res2.stdout[-4000:] + res2.stderr[-2000:]
+        sent2 = dumped(dumps)
+
+        # ---- 3: a third site drops out mid-round
+        marker = tmp_path / "site_c_is_training"
+        site_c = fed.add_supernode(
+            {"site-config": str(demo.site_yamls[0]), "gradients": str(demo.gradients), "fault-marker": str(marker)},
+            "site_c",
+        )
+        cfg3 = dataclasses.replace(cfg, out_dir=str(tmp_path / "runs3"), min_sites=3, round_timeout_s=20.0)
+        app3 = write_app_dir(tmp_path / "app3", to_run_config(cfg3), clientapp="dropping_client:app")
+        (app3 / "dropping_client.py").write_text(DROPPING_CLIENT)
+        run3 = fed.start_run(app3, name="flwr_run3")
+        kill_when_training(site_c, marker, run3)
+        assert run3.wait(timeout=240) == 0, run3.log_tail()
+        log3 = run3.log_tail(200_000)
+        sent3 = dumped(dumps)
 
     # ---- 1: sample-weighted FedAvg of what the sites trained, within the quantization bound
     n = [float(s["num_examples"]) for s in sent]
@@ -137,7 +189,6 @@ def test_secagg_round_equals_weighted_fedavg_then_central_dp_on_top(demo: DemoFe
 
     # ---- 2: the released encoder = global + mean of the sites' clipped deltas + N(0, (z C / 2)^2)
     (run2,) = list((tmp_path / "runs2").glob("*"))
-    sent2 = dumped(dumps)
     released = flat_sets(load_checkpoint(run2 / "checkpoint.pt"), grads)
     deltas = [{k: s[k] - start[k] for k in ("encoder", "predictor")} for s in sent2]
     clipped_mean = {k: np.zeros_like(start[k]) for k in ("encoder", "predictor")}
@@ -157,3 +208,17 @@ def test_secagg_round_equals_weighted_fedavg_then_central_dp_on_top(demo: DemoFe
         orders=orders, rdp=compute_rdp(q=1.0, noise_multiplier=z, steps=1, orders=orders), delta=cfg2.central_dp_delta
     )[0]
     assert central["epsilon"] == pytest.approx(want_eps, rel=1e-9) and central["per_round"][0]["sites_clipped"] is None
+
+    # ---- 3: the round completed over site_a and site_b; site_c is reported as not in the sum
+    (run3,) = list((tmp_path / "runs3").glob("*"))
+    assert "outputs under" in log3 and "2 of 3 site(s) in the sum" in log3, log3[-4000:]
+    rows = {r["site"]: r for r in csv.DictReader((run3 / "site_metrics.csv").read_text().splitlines())}
+    assert sorted(k for k, r in rows.items() if r["status"] == "ok") == ["site_a", "site_b"]
+    (dropped,) = [r for r in rows.values() if r["status"] != "ok"]
+    assert dropped["status"] == "failed" and dropped["detail"], dropped
+    final3 = flat_sets(load_checkpoint(run3 / "checkpoint.pt"), grads)
+    n3 = [float(s["num_examples"]) for s in sent3]
+    tol3 = secagg_tolerance(0.05, n3, 16.0) + 1e-6
+    for name in SETS:
+        want = sum(ni * s[name] for ni, s in zip(n3, sent3, strict=True)) / sum(n3)
+        np.testing.assert_allclose(final3[name], want, rtol=0, atol=tol3, err_msg=name)

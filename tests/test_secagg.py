@@ -162,7 +162,11 @@ def test_secagg_round_equals_weighted_fedavg_then_central_dp_on_top(demo: DemoFe
             {"site-config": str(demo.site_yamls[0]), "gradients": str(demo.gradients), "fault-marker": str(marker)},
             "site_c",
         )
-        cfg3 = dataclasses.replace(cfg, out_dir=str(tmp_path / "runs3"), min_sites=3, round_timeout_s=20.0)
+        deadline = time.monotonic() + 60
+        while "SuperNode ID:" not in site_c.log_tail():  # registered with the SuperLink: it will be sampled
+            assert time.monotonic() < deadline and site_c.alive(), site_c.log_tail()
+            time.sleep(0.3)
+        cfg3 = dataclasses.replace(cfg, out_dir=str(tmp_path / "runs3"), round_timeout_s=15.0)
         app3 = write_app_dir(tmp_path / "app3", to_run_config(cfg3), clientapp="dropping_client:app")
         (app3 / "dropping_client.py").write_text(DROPPING_CLIENT)
         run3 = fed.start_run(app3, name="flwr_run3")

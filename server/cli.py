@@ -234,6 +234,7 @@ def start(
                     str(ssl_keyfile.resolve()),
                     "--upstream-ca",
                     str(link_tls.ca_cert),
+                    *(["--sites-file", str(sites_file.resolve())] if sites_file else []),
                 ],  # type: ignore[union-attr]
                 logs / "fleet-proxy.log",
                 env,

@@ -37,7 +37,7 @@ MAX_VALUE = 2048  # bytes: a P-384 PEM key in base64 is ~300, a signature ~140, 
 
 
 class AuthRefused(Exception):
-    """A request without valid SuperNode authentication; `status` is the HTTP answer (401 / 403)."""
+    """A request without valid SuperNode authentication; `status` is the HTTP answer (401 / 412)."""
 
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
@@ -84,7 +84,9 @@ class NodeAuth:
         if not -SYSTEM_TIME_TOLERANCE < age < TIMESTAMP_TOLERANCE + SYSTEM_TIME_TOLERANCE:
             raise AuthRefused(401, f"SuperNode authentication timestamp {stamp} outside the allowed window")
         if self.keys is not None and key not in self.keys:
-            raise AuthRefused(403, "this SuperNode's public key is not registered with the coordinator")
+            # 412 with Flower's error JSON, as the SuperLink answers an unknown key's activation: the SuperNode
+            # prints the reason and exits (305); on a 403 it would retry forever.
+            raise AuthRefused(412, "this SuperNode's public key is not registered with the coordinator")
         if key != proven_key:
             try:
                 public = self._public(key)

@@ -7,7 +7,7 @@ proxy on the public address. For each request, before any body byte is read:
 
 1. only `POST /v1/fleet/<method>` passes (anything else: 403, never reaches the SuperLink);
 2. Flower's SuperNode authentication headers must be present, fresh and signed, by a key of the sites
-   file when there is one (`server.fleet_auth`; 401 / 403 and the connection is closed);
+   file when there is one (`server.fleet_auth`; 401 / 412 and the connection is closed);
 3. the body must declare a Content-Length of at most `max_body` (Flower's array chunk size plus headroom;
    413), no chunked uploads (411).
 
@@ -148,7 +148,7 @@ class _Link:
         """Answer `status` and close (Connection: close): the unread body, if any, is never read."""
         if self.conn.our_state not in (h11.SEND_RESPONSE, h11.IDLE):  # IDLE: the request head was malformed
             return
-        if flower_code and status == 403:  # Flower's error JSON: the SuperNode prints it and exits 305
+        if flower_code and status == 412:  # Flower's error JSON: the SuperNode prints it and exits 305
             body, kind = json.dumps({"code": flower_code, "detail": text}).encode(), b"application/json"
         else:
             body, kind = (text + "\n").encode(), b"text/plain; charset=utf-8"

@@ -3,7 +3,7 @@ behind a real `server.fleet_proxy` process with small limits, attacked over raw 
 
 - A request without Flower's SuperNode headers is refused (401) before its body is read, even one claiming
   200 MB: the connection is closed at once and the proxy's memory does not grow; an unregistered key
-  gets 403 (Flower's error JSON), a bad signature 401, a registered key claiming 200 MB 413, another path
+  gets 412 (Flower's error JSON, as the SuperLink answers an unknown key), a bad signature 401, a registered key claiming 200 MB 413, another path
   403; a correctly signed request reaches the SuperLink and its answer comes back.
 - Malformed Content-Length: 400 and one log line, no traceback.
 - Slowloris: a connection trickling headers, or a signed request trickling its body, is closed at its
@@ -153,7 +153,7 @@ def test_strangers_refused_before_the_body_sites_get_through(setup: Setup) -> No
     assert setup.rss_kb() - rss0 < 4096, (rss0, setup.rss_kb())
 
     for extra, length, want, text in (
-        (setup.headers(setup.stranger), 10, 403, b'"code": 2004'),  # a valid signature, unregistered key
+        (setup.headers(setup.stranger), 10, 412, b'"code": 2004'),  # a valid signature, unregistered key
         (setup.headers(setup.site, signer=setup.stranger), 10, 401, b"does not verify"),
         (setup.headers(setup.site), 200_000_000, 413, b"limit"),
         (setup.headers(setup.site).replace("+00:00", ""), 10, 401, b"malformed"),  # a naive timestamp

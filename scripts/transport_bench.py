@@ -33,8 +33,9 @@ import numpy as np
 import typer
 
 from brainjepa.federation.launcher import LocalFederation, TlsFiles, flower_env, superlink_command
-from brainjepa.federation.processes import free_port, start_process, wait_for_port
+from brainjepa.federation.processes import descendants, free_port, start_process, wait_for_port
 from brainjepa.federation.tls import make_ca, make_server_cert, make_supernode_key
+from server.fleet_front import proxy_command, write_nginx_config
 
 APP_DIR = Path(__file__).resolve().parent / "transport_bench_app"
 log = logging.getLogger("transport_bench")
@@ -204,15 +205,19 @@ def fp16_averaging_error(model: str, sites: int, update_scale: float, seed: int 
 
 
 def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of `pid` and its descendants (nginx's workers)."""
+    total = 0.0
+    for p in [pid, *descendants(pid)]:
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
-def proxy_overhead(requests: int, work: Path) -> dict:
+def proxy_overhead(requests: int, work: Path, kind: str = "fleet-proxy") -> dict:
     """Paired timings of one signed Fleet request, straight to a SuperLink and through the Fleet proxy."""
     import base64  # noqa: PLC0415
     import datetime  # noqa: PLC0415
-    import sys  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
 
     import httpx  # noqa: PLC0415
     from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
@@ -220,7 +225,7 @@ def proxy_overhead(requests: int, work: Path) -> dict:
     from flwr.proto.fleet_pb2 import ActivateNodeRequest  # noqa: PLC0415
 
     ca = make_ca(work / "pki")
-    cert = make_server_cert(ca, work / "pki", ["127.0.0.1"])
+    cert = make_server_cert(ca, work / "pki", ["127.0.0.1", "localhost"])
     key_path = work / "keys" / "site_a"
     make_supernode_key(key_path)
     (work / "sites.yaml").write_text("site_a:\n  public-key: keys/site_a.pub\n")
@@ -231,11 +236,18 @@ def proxy_overhead(requests: int, work: Path) -> dict:
     link_port, proxy_port = free_port(), free_port()
     tls = TlsFiles(ca.cert, cert.cert, cert.key)
     link = start_process("superlink", superlink_command("127.0.0.1", link_port, None, tls, True), work / "sl.log", env)
-    proxy_cmd = [sys.executable, "-m", "server.fleet_proxy", "--listen", f"127.0.0.1:{proxy_port}"]
-    proxy_cmd += ["--upstream", f"127.0.0.1:{link_port}", "--certfile", str(cert.cert), "--keyfile", str(cert.key)]
-    proxy_cmd += ["--upstream-ca", str(ca.cert), "--sites-file", str(work / "sites.yaml")]
+    if kind == "nginx":
+        upstream = f"127.0.0.1:{link_port}"
+        conf = write_nginx_config(
+            work / "nginx.conf", f"127.0.0.1:{proxy_port}", upstream, cert.cert, cert.key, ca.cert, work / "sites.yaml"
+        )
+        proxy_cmd = [str(shutil.which("nginx")), "-c", str(conf), "-g", "daemon off;"]
+    else:
+        proxy_cmd = proxy_command(
+            f"127.0.0.1:{proxy_port}", f"127.0.0.1:{link_port}", cert.cert, cert.key, ca.cert, work / "sites.yaml"
+        )
     env["PYTHONPATH"] = os.pathsep.join([str(APP_DIR.parent.parent), env.get("PYTHONPATH", "")])
-    proxy = start_process("fleet-proxy", proxy_cmd, work / "proxy.log", env)
+    proxy = start_process(kind, proxy_cmd, work / "proxy.log", env)
     try:
         wait_for_port(link, "127.0.0.1", link_port)
         wait_for_port(proxy, "127.0.0.1", proxy_port)
@@ -274,6 +286,7 @@ def proxy_overhead(requests: int, work: Path) -> dict:
     d, p = np.array(times["direct"]) * 1e3, np.array(times["proxy"]) * 1e3
     return {
         "mode": "proxy-overhead",
+        "proxy": kind,
         "requests": requests,
         "direct_median_ms": float(np.median(d)),
         "proxy_median_ms": float(np.median(p)),
@@ -298,12 +311,13 @@ def main(
     proxy_overhead_requests: Annotated[
         int, typer.Option("--proxy-overhead", help="only measure the Fleet proxy's cost per request, over N pairs")
     ] = 0,
+    proxy: Annotated[str, typer.Option(help="with --proxy-overhead: fleet-proxy (ours) or nginx")] = "fleet-proxy",
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     work_root = Path(tempfile.mkdtemp(prefix="transport-bench-"))
     if proxy_overhead_requests:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
-        row = proxy_overhead(proxy_overhead_requests, work_root)
+        row = proxy_overhead(proxy_overhead_requests, work_root, proxy)
         print(json.dumps(row))
         with out.open("a") as fh:
             fh.write(json.dumps(row) + "\n")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import shutil
 import socket
 import ssl
 import sys
@@ -34,6 +35,7 @@ from brainjepa.federation.launcher import TlsFiles, flower_env, superlink_comman
 from brainjepa.federation.processes import ManagedProcess, free_port, start_process, wait_for_port
 from brainjepa.federation.tls import make_ca, make_server_cert, make_supernode_key
 from server import fleet_auth
+from server.fleet_front import write_nginx_config
 
 HEADER_S, REQUEST_S, IDLE_S = 3.0, 4.0, 2.0
 LIMITS = ["--max-connections", "4", "--max-per-ip", "3", "--header-timeout-s", str(HEADER_S)]
@@ -53,15 +55,16 @@ def test_our_copy_of_flowers_auth_constants_matches_flower() -> None:
 class Setup:
     def __init__(self, root: Path) -> None:
         ca = make_ca(root / "pki")
-        cert = make_server_cert(ca, root / "pki", ["127.0.0.1"])
-        self.ca = ca.cert
+        cert = make_server_cert(ca, root / "pki", ["127.0.0.1", "localhost"])  # as `start`'s loopback one
+        self.ca, self.cert, self.root, self.link_port = ca.cert, cert, root, 0
         make_supernode_key(root / "keys" / "site_a")
         make_supernode_key(root / "keys" / "stranger")
         (root / "sites.yaml").write_text("site_a:\n  public-key: keys/site_a.pub\n")
         self.site = serialization.load_ssh_private_key((root / "keys" / "site_a").read_bytes(), None)
         self.stranger = serialization.load_ssh_private_key((root / "keys" / "stranger").read_bytes(), None)
         env = flower_env(root / "flwr_home", FLOWER_ENV)
-        link_port, self.port = free_port(), free_port()
+        self.link_port = link_port = free_port()
+        self.port = free_port()
         tls = TlsFiles(ca.cert, cert.cert, cert.key)
         self.link = start_process(
             "superlink", superlink_command("127.0.0.1", link_port, None, tls, True), root / "sl.log", env
@@ -235,3 +238,39 @@ def test_connection_cap_per_address_and_in_all(setup: Setup) -> None:
     for s in [*held, waiting]:
         s.close()
     assert "refused a connection from 127.0.0.1: 3 open from that address" in setup.proxy.log_tail(200_000)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
+def test_the_nginx_config_serves_the_fleet_api_only(setup: Setup) -> None:
+    port = free_port()
+    conf = write_nginx_config(
+        setup.root / "nginx-fleet.conf", f"127.0.0.1:{port}", f"127.0.0.1:{setup.link_port}",
+        setup.cert.cert, setup.cert.key, setup.ca, setup.root / "sites.yaml",
+    )  # fmt: skip
+    cmd = [str(shutil.which("nginx")), "-c", str(conf), "-g", "daemon off;"]
+    nginx = start_process("nginx", cmd, setup.root / "nginx.out", {})
+    try:
+        wait_for_port(nginx, "127.0.0.1", port)
+        setup.port, proxy_port = port, setup.port
+        pem = setup.site.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        body = ActivateNodeRequest(public_key=pem, heartbeat_interval=30).SerializeToString()
+        proto = "content-type: application/protobuf\r\n"
+        with setup.connect() as s:  # a site's request reaches the SuperLink, twice on one connection
+            for _ in range(2):
+                s.sendall(request("/v1/fleet/activate-node", setup.headers(setup.site) + proto, len(body)) + body)
+                assert one_response(s).startswith(b"HTTP/1.1 412"), "the SuperLink's answer"
+        for path, extra, length, want in (
+            ("/v1/fleet/push-object", "", 1000, 401),  # no key
+            ("/v1/fleet/push-object", setup.headers(setup.stranger), 1000, 401),  # an unregistered key
+            ("/v1/fleet/push-object", setup.headers(setup.site), 200_000_000, 413),  # before the body
+            ("/v1/control/start-run", setup.headers(setup.site), 10, 403),
+        ):
+            with setup.connect() as s:
+                s.sendall(request(path, extra, length))
+                assert one_response(s).split(b" ", 2)[1] == str(want).encode(), (path, want)
+    finally:
+        setup.port = proxy_port
+        nginx.stop()

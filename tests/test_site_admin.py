@@ -5,7 +5,7 @@
 - a federation of one round: the honest site exits 0 with a summary when the run is complete; a site whose
   rounds are refused (another gradient file) keeps waiting, names the last contact and the give-up time
   once the coordinator is gone, and leaves (exit 4) at that deadline;
-- `brainjepa-client status --site FILE`: the last round, the ledger's epsilon, whether the coordinator
+- `brainjepa-client status --site FILE` (in-process): the last round, the ledger's epsilon, whether the coordinator
   answers; Flower's own exception replies are scrubbed of paths and subject ids before they leave.
 """
 
@@ -24,6 +24,7 @@ import pytest
 from flwr.app import Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from harness import FLOWER_ENV
+from typer.testing import CliRunner
 
 from brainjepa.config import ModelConfig, PretrainConfig, TrainConfig, load_site
 from brainjepa.demo import prepare_federation
@@ -34,8 +35,9 @@ from brainjepa.federation.tls import make_ca, make_server_cert
 from brainjepa.gradients import load_gradients, save_gradients
 from brainjepa.privacy.budget import Ledger, Release
 from brainjepa.privacy.session import ledger_path
+from client.cli import app
 from client.pinned_app import scrub_error
-from client.probe import INSECURE_AGAINST_TLS, TLS_AGAINST_PLAIN
+from client.probe import INSECURE_AGAINST_TLS, TLS_AGAINST_PLAIN, probe_coordinator
 from client.site_status import final_round, record_round
 
 SMALL = ["--run-config", "n-rois=50", "--run-config", "n-frames=64", "--run-config", "batch-size=4"]
@@ -91,10 +93,9 @@ def test_tls_mismatch_is_named_in_one_line(tmp_path: Path, demo) -> None:
         assert [ln for ln in res.stderr.splitlines() if "TLS mismatch" in ln] == [
             f"error: {want}: start it with --root-certificates CA.crt"
         ], res.stderr
-        res = _client(yamls[0], grads, plain.getsockname()[1], "--root-certificates", str(ca.cert))
-        assert (
-            res.returncode == 3 and TLS_AGAINST_PLAIN.format(server=f"127.0.0.1:{plain.getsockname()[1]}") in res.stderr
-        )
+        plain_server = f"127.0.0.1:{plain.getsockname()[1]}"
+        why = probe_coordinator(plain_server, ca.cert)  # the reverse, in-process
+        assert why is not None and why.startswith(TLS_AGAINST_PLAIN.format(server=plain_server)), why
 
 
 @pytest.mark.integration  # `brainjepa-server start`, two `brainjepa-client`s
@@ -136,7 +137,6 @@ def test_client_exits_when_the_run_ends_and_gives_up_on_a_vanished_coordinator(t
             p.stop()
 
 
-@pytest.mark.integration  # `brainjepa-client status` as a process
 def test_status_shows_last_round_epsilon_and_coordinator(tmp_path: Path, demo) -> None:
     yamls, _ = demo
     site, runtime = load_site(yamls[0])
@@ -147,13 +147,12 @@ def test_status_shows_last_round_epsilon_and_coordinator(tmp_path: Path, demo) -
     ledger = Ledger.open(ledger_path(runtime.privacy, yamls[0], site.site), site.site)  # the default place
     ledger.record(Release("run-1", "pretrain", 0, 1.1, 0.1, 50, 1.0))
     port = free_port()
-    cmd = [flower_bin("brainjepa-client"), "status", "--site", str(yamls[0]), "--server", f"127.0.0.1:{port}"]
-    res = subprocess.run(cmd, env=flower_env(None, FLOWER_ENV), capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "last round: pretrain round 2 of 2 answered at" in res.stdout and "final round" in res.stdout
+    res = CliRunner().invoke(app, ["status", "--site", str(yamls[0]), "--server", f"127.0.0.1:{port}"])
+    assert res.exit_code == 0, res.output
+    assert "last round: pretrain round 2 of 2 answered at" in res.output and "final round" in res.output
     eps = ledger.epsilon(runtime.privacy.delta)
-    assert f"epsilon {eps:.3f} spent" in res.stdout and "1 DP round(s) in 1 run(s)" in res.stdout, res.stdout
-    assert f"coordinator 127.0.0.1:{port}: does not answer: cannot reach" in res.stdout
+    assert f"epsilon {eps:.3f} spent" in res.output and "1 DP round(s) in 1 run(s)" in res.output, res.output
+    assert f"coordinator 127.0.0.1:{port}: does not answer: cannot reach" in res.output
 
 
 def test_flowers_exception_replies_are_scrubbed(monkeypatch: pytest.MonkeyPatch) -> None:

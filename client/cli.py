@@ -22,6 +22,7 @@ from sites.config import SiteConfig
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False, invoke_without_command=True)
 EXIT_GAVE_UP = 4  # the coordinator did not answer for --give-up-after-s
+FINAL_GRACE_S = 60.0  # after the final reply: the longest wait for the coordinator to close the run
 
 
 def pinned_app_env(bin_dir: Path, trust_any_app: bool = False) -> dict[str, str]:
@@ -47,6 +48,7 @@ class Watch:
     root_cert: Path | None
     give_up_after_s: float
     probe_every_s: float
+    stay: bool = False
     started: float = field(default_factory=time.time)
     last_contact: float = field(default_factory=time.time)
     lost: bool = False
@@ -95,8 +97,10 @@ def _clock(t: float) -> str:
 def follow(proc: ManagedProcess, watch: Watch, poll_s: float = 0.5) -> tuple[int, bool]:
     """Echo the SuperNode's log (Flower's and this site's ClientApp lines) to the console until it exits, the
     federation's run ends at this site (0, with a summary) or the coordinator is gone for good (4). Returns
-    the exit code and whether it is the SuperNode's own."""
-    pos, next_probe = 0, time.monotonic() + watch.probe_every_s
+    the exit code and whether it is the SuperNode's own. After the final reply is sent the SuperNode stays
+    until the coordinator closes the run (its port stops answering) or FINAL_GRACE_S pass: leaving at once
+    would let the SuperLink turn a reply the ServerApp has not pulled yet into "Node Unavailable"."""
+    pos, next_probe, done, done_at = 0, time.monotonic() + watch.probe_every_s, None, 0.0
     while True:
         alive = proc.alive()
         try:
@@ -109,7 +113,20 @@ def follow(proc: ManagedProcess, watch: Watch, poll_s: float = 0.5) -> tuple[int
         for line in chunk.splitlines():
             err = "ERROR" in line or "site failed" in line or "site refused" in line
             typer.secho(f"  | {line}", fg=typer.colors.RED if err else None, err=err)
-            if "Sent successfully" in line and (done := watch.run_complete()):
+            if "Sent successfully" in line and done is None and (done := watch.run_complete()):
+                if watch.stay:
+                    typer.echo(f"the run is complete at this site ({describe(done)}); staying joined (--stay)")
+                    done = None
+                    continue
+                done_at, next_probe = time.monotonic(), time.monotonic() + 1.0
+                typer.echo("the run's final round is answered; leaving once the coordinator closes the run")
+        if not alive:
+            return proc.wait(), True
+        if done is not None and time.monotonic() >= next_probe:
+            next_probe = time.monotonic() + 1.0
+            if time.monotonic() - done_at > FINAL_GRACE_S or probe_coordinator(
+                watch.server, watch.root_cert, name_mismatch=False
+            ):
                 eps = f"; epsilon spent {done['epsilon_spent']:.3f}" if done.get("epsilon_spent") else ""
                 typer.echo(
                     f"the federation's run is complete at this site: {watch.sent} repl(y/ies) sent since "
@@ -117,9 +134,7 @@ def follow(proc: ManagedProcess, watch: Watch, poll_s: float = 0.5) -> tuple[int
                 )
                 proc.stop(grace_s=15.0)
                 return 0, False
-        if not alive:
-            return proc.wait(), True
-        if time.monotonic() >= next_probe:
+        elif time.monotonic() >= next_probe:
             next_probe = time.monotonic() + watch.probe_every_s
             if (code := watch.probe()) is not None:
                 proc.stop(grace_s=15.0)
@@ -157,6 +172,12 @@ def main_command(
         ),
     ] = 1800.0,
     probe_every_s: Annotated[float, typer.Option(help="How often the coordinator is checked while joined.")] = 15.0,
+    stay: Annotated[
+        bool,
+        typer.Option(
+            help="When the run is complete at this site, stay joined for the federation's next run (a resumed, fine-tuning or evaluation run) instead of exiting 0."
+        ),
+    ] = False,
 ) -> None:
     """Join the federation at --server as the site described by --site (`brainjepa-client status --site
     FILE`: the site's last round, privacy budget and whether the coordinator answers). Scans never leave
@@ -208,12 +229,12 @@ def main_command(
     )
     typer.echo(f"joining the federation at {server}; SuperNode log: {log_path} (Ctrl-C to leave)")
     typer.echo(
-        f"this site leaves when the federation's run is complete here, or when the coordinator has not answered "
+        f"this site leaves when the federation's run is complete here{' (not with --stay)' if stay else ''}, or "
+        f"when the coordinator has not answered "
         f"for {give_up_after_s:g} s (--give-up-after-s)"
     )
-    watch = Watch(
-        cfg, server, root_certificates.resolve() if root_certificates else None, give_up_after_s, probe_every_s
-    )
+    root = root_certificates.resolve() if root_certificates else None
+    watch = Watch(cfg, server, root, give_up_after_s, probe_every_s, stay)
     # The user's FLWR_HOME (None); a new session: Ctrl-C reaches only us, and we stop the SuperNode's tree.
     env = pinned_app_env(log_path.parent / ".pinned-app-bin", trust_any_app)
     proc = start_process("supernode", cmd, log_path, env)

@@ -13,10 +13,11 @@ proxy on the public address. For each request, before any body byte is read:
 
 Then the body is streamed to the SuperLink over a pooled keep-alive TLS connection and the answer streamed
 back; nothing is buffered whole. Strangers are bounded: at most `max_connections` connections (further
-ones wait in the kernel's backlog, un-accepted) and `max_per_ip` from one address; a TLS handshake and a
+ones wait in the kernel's backlog, un-accepted) and `max_per_ip` from one address (more get 503); a TLS handshake and a
 request's headers must arrive within `header_timeout_s`, its whole body within `request_timeout_s`
 (slowloris), an idle keep-alive connection is closed after `idle_timeout_s`. TCP_NODELAY on both sides.
-HTTP parsing is h11's (strict RFC 9112: a malformed request gets 400 and one log line).
+HTTP parsing is llhttp's (Node.js's parser, through httptools, as in uvicorn): a malformed request gets
+400 and one log line.
 
 Run as `python -m server.fleet_proxy --listen HOST:PORT --upstream 127.0.0.1:PORT --certfile ...
 --keyfile ... --upstream-ca ... [--sites-file sites.yaml]` (stopped with SIGINT / SIGTERM).
@@ -28,7 +29,6 @@ import argparse
 import asyncio
 import dataclasses
 import gc
-import json
 import logging
 import os
 import re
@@ -40,7 +40,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import h11
+import httptools
 
 try:
     import uvloop
@@ -49,14 +49,14 @@ except ImportError:  # optional: the standard event loop works, a little slower
 
 from brainjepa.federation.launcher import CHUNK_SIZE_ENV, DEFAULT_CHUNK_SIZE
 from server.fleet_auth import AuthRefused, NodeAuth, registered_keys
+from server.fleet_http import READ, Closed, Link, response_head
 
 log = logging.getLogger("server.fleet_proxy")
 
 FLEET_PATH = re.compile(r"^/v1/fleet/[a-z][a-z-]{0,63}$")  # e.g. /v1/fleet/pull-messages
-READ = 2**16  # bytes per socket read
 UPSTREAM_IDLE_S = 4.0  # a pooled SuperLink connection idle longer is closed (uvicorn closes them at 5 s)
 ACTIVATION_FAILED = 2004  # flwr.supercore.error.ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED
-# Hop-by-hop headers (RFC 9110 7.6.1) and the framing, which h11 writes itself; Host is the upstream's.
+# Hop-by-hop headers (RFC 9110 7.6.1) and the framing, which is written anew; Host is the upstream's.
 HOP = {
     b"connection",
     b"keep-alive",
@@ -96,79 +96,13 @@ def fleet_allowed(method: str, path: str) -> bool:
     return method == "POST" and FLEET_PATH.match(path) is not None
 
 
-class _Closed(Exception):
-    """The peer went away (or broke the protocol) mid-request: close quietly."""
-
-
-async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> object:
-    """The next h11 event, reading from `reader` as needed (the caller bounds the time)."""
-    while True:
-        event = conn.next_event()
-        if event is not h11.NEED_DATA:
-            return event
-        conn.receive_data(await reader.read(READ))  # b"": end of stream, h11 then says ConnectionClosed
-
-
-async def _pump(
-    src: h11.Connection, reader: asyncio.StreamReader, dst: h11.Connection, writer: asyncio.StreamWriter, head: bytes
-) -> None:
-    """Stream one message body from `src` to `dst` after `head`. Writes wait until body bytes are there and
-    more must be read: a small message goes out as one TLS record and packet, not head, body and end apart."""
-    out, body = bytearray(head), False
-    while True:
-        event = src.next_event()
-        if event is h11.NEED_DATA:
-            if body and out:
-                writer.write(out)
-                out = bytearray()
-                await writer.drain()
-            src.receive_data(await reader.read(READ))
-        elif isinstance(event, h11.Data):
-            out += dst.send(event)
-            body = True
-            if len(out) >= READ:
-                writer.write(out)
-                out = bytearray()
-                await writer.drain()
-        elif isinstance(event, h11.EndOfMessage):
-            writer.write(out + dst.send(h11.EndOfMessage()))
-            return await writer.drain()
-        else:
-            raise _Closed(f"message body ended early ({type(event).__name__})")
-
-
-class _Link:
-    """One HTTP/1.1 connection: its h11 state and streams (`proven`: the key it proved, for fleet_auth)."""
-
-    def __init__(self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.conn, self.reader, self.writer = conn, reader, writer
-        self.ip, self.proven, self.idle_since = "", None, 0.0
-
-    async def refuse(self, status: int, text: str, flower_code: int = 0) -> None:
-        """Answer `status` and close (Connection: close): the unread body, if any, is never read."""
-        if self.conn.our_state not in (h11.SEND_RESPONSE, h11.IDLE):  # IDLE: the request head was malformed
-            return
-        if flower_code and status == 412:  # Flower's error JSON: the SuperNode prints it and exits 305
-            body, kind = json.dumps({"code": flower_code, "detail": text}).encode(), b"application/json"
-        else:
-            body, kind = (text + "\n").encode(), b"text/plain; charset=utf-8"
-        head = [(b"content-type", kind), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
-        try:
-            out = self.conn.send(h11.Response(status_code=status, headers=head)) + self.conn.send(h11.Data(data=body))
-            self.writer.write(out + self.conn.send(h11.EndOfMessage()))
-            async with asyncio.timeout(5):
-                await self.writer.drain()
-        except (OSError, TimeoutError, h11.ProtocolError) as e:
-            log.debug("could not send %d: %s", status, e)
-
-
 class FleetProxy:
     def __init__(
         self, upstream: tuple[str, int], tls: ssl.SSLContext, up_tls: ssl.SSLContext, auth: NodeAuth, lim: ProxyLimits
     ) -> None:
         self.upstream, self.tls, self.up_tls, self.auth, self.limits = upstream, tls, up_tls, auth, lim
         self.max_body = max_body(lim)
-        self._pool: list[_Link] = []  # idle keep-alive connections to the SuperLink
+        self._pool: list[Link] = []  # idle keep-alive connections to the SuperLink
         self._per_ip: Counter[str] = Counter()
         self._tasks: set[asyncio.Task] = set()
 
@@ -182,13 +116,11 @@ class FleetProxy:
             while True:
                 await slots.acquire()  # at the cap, further connections wait un-accepted in the backlog
                 sock, (ip, *_) = await loop.sock_accept(listen)
-                if self._per_ip[ip] >= self.limits.max_per_ip:
+                over = self._per_ip[ip] >= self.limits.max_per_ip  # answered 503 (Flower's SuperNode retries)
+                if over:
                     log.warning("refused a connection from %s: %d open from that address", ip, self._per_ip[ip])
-                    sock.close()
-                    slots.release()
-                    continue
                 self._per_ip[ip] += 1
-                task = loop.create_task(self._connection(sock, ip))
+                task = loop.create_task(self._connection(sock, ip, over))
                 self._tasks.add(task)
                 task.add_done_callback(lambda t, ip=ip: self._done(t, ip, slots))
 
@@ -209,7 +141,7 @@ class FleetProxy:
             del self._per_ip[ip]
         slots.release()
 
-    async def _connection(self, sock: socket.socket, ip: str) -> None:
+    async def _connection(self, sock: socket.socket, ip: str, over: bool = False) -> None:
         loop = asyncio.get_running_loop()
         lim = self.limits
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -224,57 +156,56 @@ class FleetProxy:
             log.info("TLS handshake with %s failed: %r", ip, e)
             sock.close()
             return
-        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-        c = _Link(h11.Connection(h11.SERVER, max_incomplete_event_size=lim.max_header_bytes), reader, writer)
+        c = Link(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
         c.ip = ip
-        pending: object = None  # a pipelined request h11 had already parsed
+        if over:  # after the handshake: closing before it makes a SuperNode give up (an "ssl" error)
+            await c.refuse(503, f"too many connections from {ip} (limit {lim.max_per_ip}): retry later")
+            return c.writer.close()
         try:
             while True:
-                if start < 0:  # keep-alive: wait for the next request's first bytes
-                    pending = c.conn.next_event()
-                    if pending is h11.NEED_DATA:
-                        pending = None
-                        try:
-                            async with asyncio.timeout(lim.idle_timeout_s):
-                                c.conn.receive_data(await reader.read(READ))
-                        except TimeoutError:
-                            return
+                if start < 0 and not c.events:  # keep-alive: wait for the next request's first bytes
+                    try:
+                        async with asyncio.timeout(lim.idle_timeout_s):
+                            data = await reader.read(READ)
+                    except TimeoutError:
+                        return
+                    if not data:
+                        return
+                    c.fed = len(data)
+                    c.parser.feed_data(data)  # an HttpParserError here is answered below
+                if start < 0:
                     start = loop.time()
-                if not await self._exchange(c, start, pending):
+                if not await self._exchange(c, start):
                     return
-                c.conn.start_next_cycle()
                 start = -1.0
         except TimeoutError:  # before OSError, its base class
             log.info("closed a connection from %s: request not complete within its deadline", ip)
-        except (OSError, _Closed, h11.ProtocolError) as e:
+        except httptools.HttpParserError as e:
+            log.warning("bad request from %s: %s", ip, e)
+            status = 431 if "headers over" in str(e) else 400
+            await c.refuse(status, f"bad request: {e}")
+        except (OSError, Closed) as e:
             log.debug("connection from %s closed: %s", ip, e)
         finally:
             c.writer.close()
 
-    async def _exchange(self, c: _Link, start: float, pending: object) -> bool:
+    async def _exchange(self, c: Link, start: float) -> bool:
         """Serve one request; True if the connection may carry another."""
-        try:
-            async with asyncio.timeout_at(start + self.limits.header_timeout_s):
-                request = pending if pending is not None else await _next_event(c.conn, c.reader)
-        except h11.RemoteProtocolError as e:
-            log.warning("bad request from %s: %s", c.ip, e)
-            await c.refuse(e.error_status_hint, f"bad request: {e}")
-            return False
-        if isinstance(request, h11.ConnectionClosed):
-            return False
-        if not isinstance(request, h11.Request):
-            raise _Closed(f"unexpected {type(request).__name__}")
-        method, path = request.method.decode("ascii", "replace"), request.target.decode("ascii", "replace")
-        path = path.split("?", 1)[0]
+        lim = self.limits
+        c.answered = False
+        async with asyncio.timeout_at(start + lim.header_timeout_s):
+            kind, head = await c.next_event(lim.max_header_bytes)
+        if kind != "head":
+            raise Closed(f"unexpected {kind}")
+        url, headers = head  # type: ignore[misc]
+        method = c.parser.get_method().decode("ascii", "replace")
+        path = url.decode("ascii", "replace").split("?", 1)[0]
         if not fleet_allowed(method, path):
             log.warning("refused %s %s from %s (only the Fleet API is served here)", method, path[:200], c.ip)
             await c.refuse(403, "forbidden: this port serves the Flower Fleet API (sites) only")
             return False
-        headers = list(request.headers)
-        if sum(len(k) + len(v) + 4 for k, v in headers) > self.limits.max_header_bytes:
-            log.warning("bad request from %s: headers over %d bytes", c.ip, self.limits.max_header_bytes)
-            await c.refuse(431, f"request headers over {self.limits.max_header_bytes} bytes")
-            return False
+        if sum(len(k) + len(v) + 4 for k, v in headers) > lim.max_header_bytes:
+            raise httptools.HttpParserError(f"request headers over {lim.max_header_bytes} bytes")
         try:
             c.proven = self.auth.check(headers, c.proven)
         except AuthRefused as e:
@@ -284,17 +215,22 @@ class FleetProxy:
         if any(k == b"transfer-encoding" for k, _ in headers):
             await c.refuse(411, "a Content-Length is required (no chunked uploads)")
             return False
-        length = next((int(v) for k, v in headers if k == b"content-length"), 0)  # h11 checked its format
+        length = next((int(v) for k, v in headers if k == b"content-length"), 0)  # llhttp checked its format
         if length > self.max_body:
             log.warning("refused %s from %s: body of %d bytes (limit %d)", path, c.ip, length, self.max_body)
             await c.refuse(413, f"request body of {length} bytes refused (limit {self.max_body})")
             return False
         fwd = [(k, v) for k, v in headers if k not in HOP]
-        fwd += [(b"host", f"{self.upstream[0]}:{self.upstream[1]}".encode()), (b"content-length", str(length).encode())]
-        return await self._forward(c, start, h11.Request(method=b"POST", target=path.encode(), headers=fwd))
+        fwd += [
+            (b"host", b"%s:%d" % (self.upstream[0].encode(), self.upstream[1])),
+            (b"content-length", b"%d" % length),
+        ]
+        head_bytes = b"\r\n".join([b"POST %s HTTP/1.1" % path.encode(), *(k + b": " + v for k, v in fwd), b"", b""])
+        return await self._forward(c, start, head_bytes)
 
-    async def _forward(self, c: _Link, start: float, request: h11.Request) -> bool:
-        """Stream `request`'s body to the SuperLink and its answer back; True if `c` may carry another."""
+    async def _forward(self, c: Link, start: float, request_head: bytes) -> bool:
+        """Stream the request's body to the SuperLink after `request_head` and its answer back; True if `c`
+        may carry another."""
         try:
             up = await self._borrow()
         except (OSError, TimeoutError) as e:
@@ -303,34 +239,37 @@ class FleetProxy:
             return False
         try:
             async with asyncio.timeout_at(start + self.limits.request_timeout_s):  # the body, as it arrives
-                await _pump(c.conn, c.reader, up.conn, up.writer, up.conn.send(request))
+                await c.pump(up.writer, request_head, chunked=False)
         except BaseException:
             up.writer.close()
             raise
         try:
             async with asyncio.timeout(self.limits.upstream_timeout_s):
-                response = await _next_event(up.conn, up.reader)
-                if not isinstance(response, h11.Response):
-                    raise _Closed(f"SuperLink answered {type(response).__name__}")
-                out = [(k, v) for k, v in response.headers if k not in HOP or k == b"content-length"]
-                head = c.conn.send(h11.Response(status_code=response.status_code, headers=out, reason=response.reason))
-                await _pump(up.conn, up.reader, c.conn, c.writer, head)
-        except (OSError, TimeoutError, _Closed, h11.ProtocolError) as e:
+                kind, head = await up.next_event()
+                if kind != "head":
+                    raise Closed(f"SuperLink answered {kind}")
+                _, headers = head  # type: ignore[misc]
+                status = up.parser.get_status_code()
+                sized = status in (204, 304) or any(k == b"content-length" for k, _ in headers)
+                out = [(k, v) for k, v in headers if k not in HOP or k == b"content-length"]
+                out += [] if sized else [(b"transfer-encoding", b"chunked")]
+                c.answered = True
+                await up.pump(c.writer, response_head(status, out), chunked=not sized)
+        except (OSError, TimeoutError, Closed, httptools.HttpParserError) as e:
             up.writer.close()
-            if c.conn.our_state is not h11.SEND_RESPONSE:
+            if c.answered:
                 raise
             log.warning("upstream SuperLink failed for %s: %r", c.ip, e)
             await c.refuse(502, "the coordinator's SuperLink did not answer")
             return False
-        if up.conn.our_state is h11.DONE and up.conn.their_state is h11.DONE and len(self._pool) < 32:
-            up.conn.start_next_cycle()
+        if up.keep and not up.events and len(self._pool) < 32:
             up.idle_since = asyncio.get_running_loop().time()
             self._pool.append(up)
         else:
             up.writer.close()
-        return c.conn.our_state is h11.DONE and c.conn.their_state is h11.DONE
+        return c.keep
 
-    async def _borrow(self) -> _Link:
+    async def _borrow(self) -> Link:
         """A pooled SuperLink connection idle for less than UPSTREAM_IDLE_S, or a new one."""
         now = asyncio.get_running_loop().time()
         while self._pool:
@@ -341,7 +280,7 @@ class FleetProxy:
         async with asyncio.timeout(self.limits.header_timeout_s):
             reader, writer = await asyncio.open_connection(*self.upstream, ssl=self.up_tls, limit=READ)
         writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return _Link(h11.Connection(h11.CLIENT), reader, writer)
+        return Link(reader, writer, response=True)
 
 
 async def _main(args: argparse.Namespace, limits: ProxyLimits) -> None:

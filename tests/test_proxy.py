@@ -4,7 +4,8 @@ behind a real `server.fleet_proxy` process with small limits, attacked over raw 
 - A request without Flower's SuperNode headers is refused (401) before its body is read, even one claiming
   200 MB: the connection is closed at once and the proxy's memory does not grow; an unregistered key
   gets 412 (Flower's error JSON, as the SuperLink answers an unknown key), a bad signature 401, a registered key claiming 200 MB 413, another path
-  403; a correctly signed request reaches the SuperLink and its answer comes back.
+  403; a correctly signed request reaches the SuperLink and its answer comes back; a 16 MiB body is
+  streamed (the proxy's peak memory grows by < 8 MiB).
 - Malformed Content-Length: 400 and one log line, no traceback.
 - Slowloris: a connection trickling headers, or a signed request trickling its body, is closed at its
   deadline; an idle keep-alive connection at the idle timeout.
@@ -90,9 +91,10 @@ class Setup:
             f"flwr-signature: {base64.b64encode(sig).decode()}\r\n"
         )
 
-    def rss_kb(self) -> int:
+    def rss_kb(self, field: str = "VmRSS") -> int:
+        """The proxy's resident memory now (VmRSS) or at its peak (VmHWM), in KiB."""
         text = Path(f"/proc/{self.proxy.pid}/status").read_text()
-        return int(next(line.split()[1] for line in text.splitlines() if line.startswith("VmRSS")))
+        return int(next(line.split()[1] for line in text.splitlines() if line.startswith(field)))
 
 
 def request(path: str, extra: str = "", length: int = 0) -> bytes:
@@ -174,12 +176,20 @@ def test_strangers_refused_before_the_body_sites_get_through(setup: Setup) -> No
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     body = ActivateNodeRequest(public_key=pem, heartbeat_interval=30).SerializeToString()
+    proto = "content-type: application/protobuf\r\n"
     with setup.connect() as s:
         for _ in range(2):  # twice on one keep-alive connection
-            proto = "content-type: application/protobuf\r\n"
             s.sendall(request("/v1/fleet/activate-node", setup.headers(setup.site) + proto, len(body)) + body)
             data = one_response(s)
             assert data.startswith(b"HTTP/1.1 412") and b"Failed to activate SuperNode" in data, data
+    # A site's 16 MiB body is streamed, not held: the proxy's peak RSS grows by far less than the body.
+    hwm = setup.rss_kb("VmHWM")
+    with setup.connect() as s:
+        big = b"\0" * 2**24
+        s.sendall(request("/v1/fleet/push-object", setup.headers(setup.site) + proto, len(big)) + big)
+        data = one_response(s)
+        assert data.startswith(b"HTTP/1.1 400") and b"Invalid protobuf payload" in data, data  # the SuperLink's
+    assert setup.rss_kb("VmHWM") - hwm < 8192, (hwm, setup.rss_kb("VmHWM"))
     log = setup.proxy.log_tail(200_000)
     assert "refused /v1/fleet/push-object from 127.0.0.1: SuperNode authentication headers missing" in log
     assert "Traceback" not in log

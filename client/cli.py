@@ -15,7 +15,6 @@ from brainjepa.errors import InputError
 from brainjepa.federation.launcher import flower_env, supernode_command
 from brainjepa.federation.names import check_site_name
 from brainjepa.federation.processes import ManagedProcess, free_port, start_process
-from client.pinned_app import TRUST_ANY_APP_ENV
 from client.probe import probe_coordinator
 from client.site_status import describe, read_status, status_lines
 from sites.config import SiteConfig
@@ -28,6 +27,8 @@ FINAL_GRACE_S = 60.0  # after the final reply: the longest wait for the coordina
 def pinned_app_env(bin_dir: Path, trust_any_app: bool = False) -> dict[str, str]:
     """The SuperNode's environment with our `flwr-clientapp` (client.pinned_app: only the federation's app
     bundle runs, unless `trust_any_app`; error replies are scrubbed) first on its PATH."""
+    from client.pinned_app import TRUST_ANY_APP_ENV  # imports Flower: here, not when --help runs
+
     bin_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     script = bin_dir / "flwr-clientapp"
     script.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m client.pinned_app "$@"\n')

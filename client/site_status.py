@@ -15,15 +15,17 @@ import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from brainjepa.checkpoint import atomic_write_text
-from brainjepa.config import load_site
 from brainjepa.errors import DataError
-from brainjepa.federation.contract import Metric, RoundSpec
-from brainjepa.privacy.budget import Ledger
-from brainjepa.privacy.session import ledger_path
 from client.probe import probe_coordinator
 from sites.config import SiteConfig
+
+if TYPE_CHECKING:
+    from brainjepa.federation.contract import RoundSpec
+
+# torch-free at import (the CLIs' --help must not load torch): the brainjepa modules below import it, so
+# they are imported where used.
 
 log = logging.getLogger(__name__)
 STATUS_FILE = "federation-status.json"
@@ -36,6 +38,9 @@ def final_round(spec: RoundSpec) -> bool:
 
 def record_round(site: SiteConfig, spec: RoundSpec, metrics: Mapping[str, float]) -> None:
     """Write the status file; a site whose output folder is not writable only loses this (a warning)."""
+    from brainjepa.checkpoint import atomic_write_text
+    from brainjepa.federation.contract import Metric
+
     status = {
         "time": time.time(),
         "task": spec.task,
@@ -66,6 +71,10 @@ def describe(status: dict) -> str:
 
 def status_lines(site_yaml: Path, server: str | None, root_cert: Path | None) -> list[str]:
     """What `brainjepa-client status` prints: the site, its last round, its privacy ledger, the coordinator."""
+    from brainjepa.config import load_site
+    from brainjepa.privacy.budget import Ledger
+    from brainjepa.privacy.session import ledger_path
+
     site, runtime = load_site(site_yaml)
     status = read_status(site)
     lines = [f"site '{site.site}' ({site_yaml})"]

@@ -11,10 +11,10 @@ by the SuperLink only (nginx has no ECDSA without a scripting module).
 from __future__ import annotations
 
 import base64
+import os
 import sys
 from pathlib import Path
 
-from brainjepa.checkpoint import atomic_write_text
 from server.fleet_auth import registered_keys
 from server.fleet_proxy import ProxyLimits, max_body
 
@@ -113,7 +113,11 @@ def write_nginx_config(
     run = path.parent / "nginx"
     for sub in ("body", "proxy", "fcgi", "uwsgi", "scgi"):
         (run / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
-    return atomic_write_text(path, nginx_config(listen, upstream, certfile, keyfile, upstream_ca, sites_file, run))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # write-then-rename, owner-only (no torch here)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(nginx_config(listen, upstream, certfile, keyfile, upstream_ca, sites_file, run))
+    os.replace(tmp, path)
+    return path
 
 
 def proxy_command(

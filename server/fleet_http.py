@@ -15,6 +15,8 @@ import httptools
 
 log = logging.getLogger("server.fleet_proxy")
 READ = 2**16  # bytes per socket read
+# What llhttp raises on a request it will not parse (an Upgrade or CONNECT is not an HttpParserError).
+PARSE_ERRORS = (httptools.HttpParserError, httptools.HttpParserUpgrade)
 
 
 class Closed(Exception):

@@ -49,7 +49,7 @@ except ImportError:  # optional: the standard event loop works, a little slower
 
 from brainjepa.federation.launcher import CHUNK_SIZE_ENV, DEFAULT_CHUNK_SIZE
 from server.fleet_auth import AuthRefused, NodeAuth, registered_keys
-from server.fleet_http import READ, Closed, Link, response_head
+from server.fleet_http import PARSE_ERRORS, READ, Closed, Link, response_head
 
 log = logging.getLogger("server.fleet_proxy")
 
@@ -172,7 +172,7 @@ class FleetProxy:
                     if not data:
                         return
                     c.fed = len(data)
-                    c.parser.feed_data(data)  # an HttpParserError here is answered below
+                    c.parser.feed_data(data)  # a parse error here is answered below
                 if start < 0:
                     start = loop.time()
                 if not await self._exchange(c, start):
@@ -180,8 +180,8 @@ class FleetProxy:
                 start = -1.0
         except TimeoutError:  # before OSError, its base class
             log.info("closed a connection from %s: request not complete within its deadline", ip)
-        except httptools.HttpParserError as e:
-            log.warning("bad request from %s: %s", ip, e)
+        except PARSE_ERRORS as e:
+            log.warning("bad request from %s: %s", ip, e if isinstance(e, httptools.HttpParserError) else "upgrade")
             status = 431 if "headers over" in str(e) else 400
             await c.refuse(status, f"bad request: {e}")
         except (OSError, Closed) as e:
@@ -255,7 +255,7 @@ class FleetProxy:
                 out += [] if sized else [(b"transfer-encoding", b"chunked")]
                 c.answered = True
                 await up.pump(c.writer, response_head(status, out), chunked=not sized)
-        except (OSError, TimeoutError, Closed, httptools.HttpParserError) as e:
+        except (OSError, TimeoutError, Closed, *PARSE_ERRORS) as e:
             up.writer.close()
             if c.answered:
                 raise

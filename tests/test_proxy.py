@@ -204,8 +204,15 @@ def test_malformed_requests_get_400_and_one_log_line(setup: Setup) -> None:
     with setup.connect() as s:
         s.sendall(b"POST /v1/fleet/x HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 20000 + b"\r\n\r\n")
         assert answer(s)[0] == 431
+    for head in (
+        b"POST /v1/fleet/x HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n",
+        b"CONNECT x:1 HTTP/1.1\r\n",
+    ):
+        with setup.connect() as s:
+            s.sendall(head + b"Content-Length: 0\r\n\r\n")
+            assert answer(s)[0] == 400, head
     log = setup.proxy.log_tail(200_000)
-    assert log.count("bad request from 127.0.0.1") >= 5 and "Traceback" not in log
+    assert log.count("bad request from 127.0.0.1") >= 7 and "Traceback" not in log
 
 
 @pytest.mark.integration

@@ -72,8 +72,8 @@ class NodeAuth:
         self._parsed: dict[bytes, ec.EllipticCurvePublicKey] = {}
 
     def check(self, headers: Sequence[tuple[bytes, bytes]], proven_key: bytes | None) -> bytes:
-        """The request's key bytes if `headers` (lower-case names, as h11 gives them) authenticate it, else AuthRefused. `proven_key`: the key
-        this connection already proved with a verified signature (its signature is not verified again)."""
+        """The request's key bytes if `headers` (lower-case names) authenticate it, else AuthRefused.
+        `proven_key`: the key this connection already proved with a verified signature (not verified again)."""
         try:
             key = base64.b64decode(_one(headers, KEY), validate=True)
             signature = base64.b64decode(_one(headers, SIGNATURE), validate=True)

@@ -42,6 +42,7 @@ from brainjepa.privacy.budget import BudgetExhausted
 from client.disk_state import load_state, save_state
 from client.redact import scrub
 from client.secagg import is_secure, secure_train
+from client.site_status import record_round
 from client.state import load_optimizer, save_optimizer
 from client.training import RoundRefused, SiteTrainer, load_site_data, private_train, resolve_site, site_sketch
 from sites.config import SiteConfig
@@ -109,6 +110,7 @@ def run_round(msg: Message, context: Context) -> Message:
     )
     content = RecordDict({ARRAYS: arrays, METRICS: MetricRecord(metrics), SITE: ConfigRecord({"name": site.site})})
     _maybe_dump(context, site.site, spec, content)
+    record_round(site, spec, metrics)
     return Message(content, reply_to=msg)
 
 

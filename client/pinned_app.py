@@ -7,17 +7,28 @@ bundle (FAB) is installed, it must hold nothing but its `pyproject.toml` (and Fl
 and name exactly this package's apps as its components. Any other bundle (one carrying code, or naming
 another ClientApp) is refused: the site logs why and the coordinator gets an error reply; nothing of
 the bundle runs. The ClientApp that does run is the one installed at the site.
+
+It also scrubs every error reply before Flower pushes it (`scrub_error`, `client.redact.scrub`): ours are
+scrubbed already, but when a ClientApp raises, Flower itself replies "<class ...>:<'message'>" with the
+exception's text, which may name paths or subject ids. The site's console keeps the full traceback.
+With `brainjepa-client --trust-any-app` (TRUST_ANY_APP_ENV=1) only the bundle check is skipped.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
 import sys
 import zipfile
 
+from flwr.app import Error, Message
+
+from client.redact import scrub
+
 log = logging.getLogger(__name__)
 
+TRUST_ANY_APP_ENV = "BRAINJEPA_TRUST_ANY_APP"
 TRUSTED_COMPONENTS = {"serverapp": "server.server_app:app", "clientapp": "client.client_app:app"}
 
 
@@ -50,12 +61,20 @@ def check_fab(content: bytes) -> None:
         raise UntrustedApp(f"the app bundle names components {components}, this site runs only {TRUSTED_COMPONENTS}")
 
 
+def scrub_error(message: Message) -> Message:
+    """`message` with its error reason (if it carries one) scrubbed of paths and subject ids."""
+    if message.has_error():
+        message.error = Error(code=message.error.code, reason=scrub(message.error.reason or ""))
+    return message
+
+
 def main() -> None:
-    """`flwr-clientapp`, with `check_fab` before Flower installs the bundle."""
+    """`flwr-clientapp`, with `check_fab` before Flower installs the bundle and `scrub_error` before a
+    reply is pushed."""
     import flwr.supernode.runtime.run_clientapp as runtime
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
-    install = runtime.install_from_fab
+    install, push = runtime.install_from_fab, runtime.push_message
 
     def checked_install(content: bytes, *args: object, **kwargs: object) -> object:
         try:
@@ -65,7 +84,12 @@ def main() -> None:
             raise
         return install(content, *args, **kwargs)
 
-    runtime.install_from_fab = checked_install  # type: ignore[assignment]
+    def scrubbed_push(client: object, message: Message, context: object) -> None:
+        push(client, scrub_error(message), context)
+
+    if os.environ.get(TRUST_ANY_APP_ENV) != "1":
+        runtime.install_from_fab = checked_install  # type: ignore[assignment]
+    runtime.push_message = scrubbed_push  # type: ignore[assignment]
     sys.argv[0] = "flwr-clientapp"
     flwr_clientapp()
 

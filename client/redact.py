@@ -13,7 +13,7 @@ _PATH = re.compile(r"(?:[A-Za-z]:)?(?:~|\.{1,2})?(?:[/\\][^\s'\"/\\,;:)\]]+)+[/\
 _BIDS = re.compile(r"\b(sub|ses)-[A-Za-z0-9]+")
 _ID_LIST = re.compile(r"\b(subjects?(?: ids?)?|participants?(?:_id| ids?)?)\b(\s*[:=]?\s*)\[[^\]]*\]", re.IGNORECASE)
 _ID_ONE = re.compile(
-    r"\b(subject(?: id)?|participant(?:_id| id)?)\b(\s*[:=]\s*|\s+)('[^']*'|\"[^\"]*\"|[^\s,;:)<]+)", re.IGNORECASE
+    r"\b(subject(?: id)?|participant(?:_id| id)?)\b(\s*[:=]\s*|\s+)('[^']*'|\"[^\"]*\"|[^\s,;:)<>'\"]+)", re.IGNORECASE
 )
 
 

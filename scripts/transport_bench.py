@@ -9,6 +9,12 @@ of every Flower process from /proc while it runs.
 
 Each (model, wire dtype, chunk size, database) combination is one fresh federation. Results are appended
 to a JSON-lines file and printed as a Markdown table.
+
+`--proxy-overhead` measures instead what the coordinator's Fleet proxy (`server/fleet_proxy.py`) adds to
+one Fleet request: a real SuperLink (TLS, SuperNode authentication on) and the proxy in front of it, and
+one keep-alive HTTPS client (httpx, as a SuperNode) sending signed `activate-node` requests alternately
+straight to the SuperLink and through the proxy; it reports the medians, the median of the paired
+differences and the proxy's CPU time per request (from /proc).
 """
 
 from __future__ import annotations
@@ -26,7 +32,10 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from brainjepa.federation.launcher import LocalFederation
+from brainjepa.federation.launcher import LocalFederation, TlsFiles, flower_env, superlink_command
+from brainjepa.federation.processes import descendants, free_port, start_process, wait_for_port
+from brainjepa.federation.tls import make_ca, make_server_cert, make_supernode_key
+from server.fleet_front import proxy_command, write_nginx_config
 
 APP_DIR = Path(__file__).resolve().parent / "transport_bench_app"
 log = logging.getLogger("transport_bench")
@@ -195,6 +204,100 @@ def fp16_averaging_error(model: str, sites: int, update_scale: float, seed: int 
     }
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds of `pid` and its descendants (nginx's workers)."""
+    total = 0.0
+    for p in [pid, *descendants(pid)]:
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def proxy_overhead(requests: int, work: Path, kind: str = "fleet-proxy") -> dict:
+    """Paired timings of one signed Fleet request, straight to a SuperLink and through the Fleet proxy."""
+    import base64  # noqa: PLC0415
+    import datetime  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+
+    import httpx  # noqa: PLC0415
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+    from flwr.proto.fleet_pb2 import ActivateNodeRequest  # noqa: PLC0415
+
+    ca = make_ca(work / "pki")
+    cert = make_server_cert(ca, work / "pki", ["127.0.0.1", "localhost"])
+    key_path = work / "keys" / "site_a"
+    make_supernode_key(key_path)
+    (work / "sites.yaml").write_text("site_a:\n  public-key: keys/site_a.pub\n")
+    key = serialization.load_ssh_private_key(key_path.read_bytes(), None)
+    pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    body = ActivateNodeRequest(public_key=pem, heartbeat_interval=30).SerializeToString()
+    env = flower_env(work / "flwr_home")
+    link_port, proxy_port = free_port(), free_port()
+    tls = TlsFiles(ca.cert, cert.cert, cert.key)
+    link = start_process("superlink", superlink_command("127.0.0.1", link_port, None, tls, True), work / "sl.log", env)
+    if kind == "nginx":
+        upstream = f"127.0.0.1:{link_port}"
+        conf = write_nginx_config(
+            work / "nginx.conf", f"127.0.0.1:{proxy_port}", upstream, cert.cert, cert.key, ca.cert, work / "sites.yaml"
+        )
+        proxy_cmd = [str(shutil.which("nginx")), "-c", str(conf), "-g", "daemon off;"]
+    else:
+        proxy_cmd = proxy_command(
+            f"127.0.0.1:{proxy_port}", f"127.0.0.1:{link_port}", cert.cert, cert.key, ca.cert, work / "sites.yaml"
+        )
+    env["PYTHONPATH"] = os.pathsep.join([str(APP_DIR.parent.parent), env.get("PYTHONPATH", "")])
+    proxy = start_process(kind, proxy_cmd, work / "proxy.log", env)
+    try:
+        wait_for_port(link, "127.0.0.1", link_port)
+        wait_for_port(proxy, "127.0.0.1", proxy_port)
+        urls = {
+            p: f"https://127.0.0.1:{port}/v1/fleet/activate-node"
+            for p, port in (("direct", link_port), ("proxy", proxy_port))
+        }
+        times: dict[str, list[float]] = {"direct": [], "proxy": []}
+        with httpx.Client(verify=str(ca.cert)) as client:
+
+            def one(path: str) -> float:
+                stamp = datetime.datetime.now(tz=datetime.UTC).isoformat()
+                headers = {
+                    "flwr-public-key": base64.b64encode(pem).decode(),
+                    "flwr-timestamp": stamp,
+                    "flwr-signature": base64.b64encode(key.sign(stamp.encode(), ec.ECDSA(hashes.SHA256()))).decode(),
+                    "content-type": "application/protobuf",
+                }
+                t0 = time.perf_counter()
+                status = client.post(urls[path], content=body, headers=headers).status_code
+                dt = time.perf_counter() - t0
+                if status != 412:  # the SuperLink's answer to a key it has not registered: it came all the way
+                    raise RuntimeError(f"{path}: expected the SuperLink's 412, got {status}")
+                return dt
+
+            for _ in range(20):  # warm-up: connections, caches
+                one("direct"), one("proxy")
+            cpu0 = _cpu_s(proxy.pid)
+            for i in range(requests):
+                for path in ("direct", "proxy") if i % 2 == 0 else ("proxy", "direct"):
+                    times[path].append(one(path))
+            cpu = _cpu_s(proxy.pid) - cpu0
+    finally:
+        proxy.stop()
+        link.stop()
+    d, p = np.array(times["direct"]) * 1e3, np.array(times["proxy"]) * 1e3
+    return {
+        "mode": "proxy-overhead",
+        "proxy": kind,
+        "requests": requests,
+        "direct_median_ms": float(np.median(d)),
+        "proxy_median_ms": float(np.median(p)),
+        "direct_p90_ms": float(np.percentile(d, 90)),
+        "proxy_p90_ms": float(np.percentile(p, 90)),
+        "overhead_median_ms": float(np.median(p - d)),
+        "proxy_cpu_ms_per_request": 1e3 * cpu / requests,
+        "load_average": os.getloadavg(),
+    }
+
+
 def main(
     model: Annotated[list[str], typer.Option(help="vit-tiny, vit-s, vit-b, vit-l")] = ["vit-s", "vit-b"],  # noqa: B006
     wire_dtype: Annotated[list[str], typer.Option(help="dtype on the wire")] = ["float32", "float16"],  # noqa: B006
@@ -205,9 +308,20 @@ def main(
     rounds: Annotated[int, typer.Option(help="rounds per federation (the fastest is reported)")] = 1,
     out: Annotated[Path, typer.Option(help="JSON lines, appended")] = Path("transport_bench.jsonl"),
     numerics: Annotated[bool, typer.Option(help="also compute the fp16 averaging error")] = True,
+    proxy_overhead_requests: Annotated[
+        int, typer.Option("--proxy-overhead", help="only measure the Fleet proxy's cost per request, over N pairs")
+    ] = 0,
+    proxy: Annotated[str, typer.Option(help="with --proxy-overhead: fleet-proxy (ours) or nginx")] = "fleet-proxy",
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     work_root = Path(tempfile.mkdtemp(prefix="transport-bench-"))
+    if proxy_overhead_requests:
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
+        row = proxy_overhead(proxy_overhead_requests, work_root, proxy)
+        print(json.dumps(row))
+        with out.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        return
     rows = []
     for m, w, c, d, p in itertools.product(model, wire_dtype, chunk_mib, database, packing):
         log.info("=== %s %s chunk %.0f MiB, %s state, %s packing", m, w, c, d, p)

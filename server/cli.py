@@ -29,6 +29,7 @@ from brainjepa.federation.launcher import (
 from brainjepa.federation.processes import ManagedProcess, free_port, private_dir, start_process, wait_for_port
 from brainjepa.federation.tls import certificate_names, make_ca, make_server_cert
 from server.config import FederationConfig, from_run_config, to_run_config
+from server.fleet_front import proxy_command, write_nginx_config
 from server.options import check_address, check_files, parse_pairs
 from server.registry import load_sites_file, register_sites
 
@@ -103,6 +104,12 @@ def start(
         ),
     ] = None,
     keep_running: Annotated[bool, typer.Option(help="Keep the SuperLink up after the run (Ctrl-C to stop).")] = False,
+    nginx: Annotated[
+        bool,
+        typer.Option(
+            help="Start no Fleet proxy: write OUT_DIR/nginx-fleet.conf for nginx to serve --address (needs --sites-file; docs/federation.md)."
+        ),
+    ] = False,
     in_memory_state: Annotated[
         bool,
         typer.Option(
@@ -121,8 +128,10 @@ def start(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     os.umask(0o077)  # everything this command and its processes create: owner-only
     tls_files = [ssl_ca_certfile, ssl_certfile, ssl_keyfile]
-    if insecure and (any(tls_files) or sites_file):
-        raise typer.BadParameter("--insecure excludes TLS certificates and --sites-file")
+    if insecure and (any(tls_files) or sites_file or nginx):
+        raise typer.BadParameter("--insecure excludes TLS certificates, --sites-file and --nginx")
+    if nginx and sites_file is None:
+        raise typer.BadParameter("--nginx needs --sites-file (nginx lets only the registered sites' keys through)")
     if not insecure and not all(tls_files):
         raise typer.BadParameter(
             "give --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile, or --insecure (testing only)"
@@ -195,7 +204,7 @@ def start(
         # The SuperLink gets its own CA and 127.0.0.1 certificate (made here, 0600): only the proxy and our
         # own `flwr` commands talk to it; the hospital's certificate and key are read by the proxy only.
         ca = make_ca(work / "loopback-tls", "brainjepa loopback CA")
-        cert = make_server_cert(ca, work / "loopback-tls", ["127.0.0.1"], "superlink")
+        cert = make_server_cert(ca, work / "loopback-tls", ["127.0.0.1", "localhost"], "superlink")
         link_host, link_port, link_tls = "127.0.0.1", free_port(), TlsFiles(ca.cert, cert.cert, cert.key)
         names = certificate_names(ssl_certfile.resolve())  # type: ignore[union-attr]
         typer.echo(
@@ -217,28 +226,18 @@ def start(
     run_proc: subprocess.Popen | None = None
     try:
         wait_for_port(superlink, link_host, link_port)
-        if link_tls is not None:
-            proxy = start_process(
-                "fleet-proxy",
-                [
-                    sys.executable,
-                    "-m",
-                    "server.fleet_proxy",
-                    "--listen",
-                    address,
-                    "--upstream",
-                    f"127.0.0.1:{link_port}",
-                    "--certfile",
-                    str(ssl_certfile.resolve()),  # type: ignore[union-attr]
-                    "--keyfile",
-                    str(ssl_keyfile.resolve()),
-                    "--upstream-ca",
-                    str(link_tls.ca_cert),
-                ],  # type: ignore[union-attr]
-                logs / "fleet-proxy.log",
-                env,
-                cwd=work,
-            )
+        if link_tls is not None and nginx:
+            conf = write_nginx_config(
+                work / "nginx-fleet.conf", address, f"127.0.0.1:{link_port}", ssl_certfile.resolve(),  # type: ignore[union-attr]
+                ssl_keyfile.resolve(), link_tls.ca_cert, sites_file.resolve(),  # type: ignore[union-attr]
+            )  # fmt: skip
+            typer.echo(f"no Fleet proxy started: serve {address} with `nginx -c {conf}` (reload it after each start)")
+        elif link_tls is not None:
+            cmd = proxy_command(
+                address, f"127.0.0.1:{link_port}", ssl_certfile.resolve(), ssl_keyfile.resolve(),  # type: ignore[union-attr]
+                link_tls.ca_cert, sites_file.resolve() if sites_file else None,
+            )  # fmt: skip
+            proxy = start_process("fleet-proxy", cmd, logs / "fleet-proxy.log", env, cwd=work)
             wait_for_port(proxy, "127.0.0.1" if host in ("0.0.0.0", "::") else host, port)
             typer.echo(
                 f"sites connect to {address} (TLS, Fleet API only; log {logs / 'fleet-proxy.log'}); the "

@@ -98,6 +98,7 @@ def _client(tmp: Path, name: str, yaml: Path, grads: Path, port: int, ca: Path, 
         str(key),
         "--log-dir",
         str(tmp / name),
+        "--stay",  # joined across the run's end: the resumed run below finds them
     ]
     return start_process(name, cmd, tmp / "logs" / f"{name}.out", env, cwd=tmp)
 

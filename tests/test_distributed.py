@@ -1,0 +1,234 @@
+"""A site's local work over several processes (`brainjepa.distributed`): 2 gloo processes on this CPU
+against one process with the same global batches and draws.
+
+- equivalence: one launch of 2 ranks runs `brainjepa pretrain` (an uneven split: batch 5 = 2 + 3 rows),
+  a site's fine-tuning round (stochastic depth on) and a site's DP-SGD pretraining round (fixed seeds, so
+  that the noise and the Poisson draws can be compared); the weights equal one process's to float
+  tolerance, and the DP round's epsilon is the one-process round's.
+- faults: a rank that dies, one that hangs, one that refuses; each launch ends with a clear error, every
+  rank's process is gone, and the next launch works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import distributed_workers as workers
+import pytest
+import torch
+
+from brainjepa.checkpoint import load_checkpoint
+from brainjepa.config import (
+    DataConfig,
+    DistributedConfig,
+    ModelConfig,
+    MonitorConfig,
+    OptimConfig,
+    PretrainConfig,
+    TrainConfig,
+)
+from brainjepa.demo import prepare_federation
+from brainjepa.distributed import DistributedError, RankGroup, launch, rank_devices
+from brainjepa.downstream.config import DownstreamConfig, DownstreamTask, TaskSpec
+from brainjepa.downstream.fit import state_vector
+from brainjepa.downstream.model import Backbone, DownstreamModel
+from brainjepa.errors import ConfigError, DataError
+from brainjepa.federation.contract import MODEL_SET, Metric, RoundSpec
+from brainjepa.gradients import gradient_checksum, load_gradients
+from brainjepa.jepa import JEPAModels
+from brainjepa.pretrain import pretrain
+from brainjepa.vit import Encoder
+from brainjepa.weights import WEIGHT_SETS, flat_parameters, model_checksum
+from client.downstream import DownstreamSite
+from client.training import SiteRound, resolve_site
+
+MODEL = ModelConfig(size="tiny", n_rois=20, n_frames=32, patch_size=16, gradient_components=4)
+STEPS = 3
+SEEDS = (1234, 5678)  # DP sampling / noise seeds, the same in both runs (a site draws secret ones)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """What both runs compute: a pretraining run, a fine-tuning round, a DP pretraining round."""
+
+    pretrain: PretrainConfig
+    finetune: tuple[RoundSpec, Path, Path, torch.Tensor]  # spec, site YAML, gradient file, global weights
+    private: tuple[RoundSpec, Path, Path, dict[str, torch.Tensor]]  # spec, DP site YAML, gradients, sets
+
+
+def work(group: RankGroup | None, job: Job) -> dict:
+    """The three computations in this process (group None) or as one rank of a group."""
+    out = job.pretrain.train.out_dir + ("" if group is None else "-ranks")
+    cfg = dataclasses.replace(job.pretrain, train=dataclasses.replace(job.pretrain.train, out_dir=out))
+    result = pretrain(cfg, progress=False, group=group)
+    models = load_checkpoint(result.checkpoint)["models"] if group is None or group.rank == 0 else {}
+    spec, yaml, grads, vec = job.finetune
+    site, runtime = resolve_site(yaml)
+    ft_sets, ft_metrics = DownstreamSite(spec, site, runtime, grads, group).train({MODEL_SET: vec.clone()})
+    spec, yaml, grads, sets = job.private
+    site, runtime = resolve_site(yaml)
+    received = {k: v.clone() for k, v in sets.items()}
+    dp_sets, dp_metrics, _ = SiteRound(spec, site, runtime, grads, received, None, seeds=SEEDS).train(group)
+    return {"pretrain": models, "finetune": (ft_sets, ft_metrics), "private": (dp_sets, dp_metrics)}
+
+
+def rank_work(group: RankGroup, job: Job) -> dict:
+    return work(group, job)
+
+
+def _pretrain_spec(grads: Path) -> RoundSpec:
+    cfg = PretrainConfig(model=MODEL, optim=OptimConfig(lr=1e-3), train=TrainConfig(steps=4 * STEPS, batch_size=4))
+    g = load_gradients(grads, 20, 4)
+    models = JEPAModels(MODEL, torch.from_numpy(g))
+    return RoundSpec(
+        task="pretrain",
+        round=0,
+        num_rounds=4,
+        step_start=0,
+        local_steps=STEPS,
+        wire_dtype="float32",
+        model_checksum=model_checksum(MODEL, {n: getattr(models, n) for n in WEIGHT_SETS}),
+        gradient_checksum=gradient_checksum(g),
+        task_config=cfg,
+    )
+
+
+def _finetune_spec(grads: Path) -> tuple[RoundSpec, torch.Tensor]:
+    g = load_gradients(grads, 20, 4)
+    torch.manual_seed(0)
+    backbone = Backbone(MODEL, g, Encoder(MODEL, torch.from_numpy(g)).state_dict(), "test")
+    task = TaskSpec(name="age", column="age", kind="regression")
+    recipe = DownstreamConfig(method="finetune", steps=8, batch_size=4, eval_every=4, drop_path=0.3)
+    server = DownstreamModel(backbone, task, recipe)
+    spec = RoundSpec(
+        task="finetune",
+        round=0,
+        num_rounds=2,
+        step_start=0,
+        local_steps=STEPS,
+        wire_dtype="float32",  # type: ignore[arg-type]
+        model_checksum=model_checksum(MODEL, {MODEL_SET: server}),
+        gradient_checksum=gradient_checksum(g),
+        task_config=DownstreamTask(task=task, recipe=recipe, model_tr=2.205, scaling="values"),
+        model_config=MODEL,
+        target_center=30.0,
+        target_scale=10.0,
+    )
+    return spec, state_vector(server)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    """(one process, 2 gloo processes): the same job."""
+    root = tmp_path_factory.mktemp("distributed")
+    demo = prepare_federation(root / "sites", n_sites=1, subjects=10, n_rois=20, n_frames=32, n_components=4)
+    yaml, grads = demo.site_yamls[0], demo.gradients
+    pretrain_cfg = PretrainConfig(
+        model=MODEL,
+        data=DataConfig(site=str(yaml), gradients=str(grads)),
+        train=TrainConfig(steps=STEPS, batch_size=5, out_dir=str(root / "pretrain"), checkpoint_every=STEPS),
+        monitor=MonitorConfig(every=0),
+    )
+    ft_spec, vec = _finetune_spec(grads)
+    torch.manual_seed(0)
+    sets = {
+        n: flat_parameters(getattr(JEPAModels(MODEL, torch.from_numpy(load_gradients(grads))), n)) for n in WEIGHT_SETS
+    }
+    single, ranks = {}, {}
+    for name, where in (("single", single), ("ranks", ranks)):
+        dp_yaml = yaml.with_name(f"dp_{name}.yaml")  # its own ledger: both runs start from an empty one
+        dp_yaml.write_text(
+            yaml.read_text() + f"privacy: {{enabled: true, target_epsilon: 50.0, noise_multiplier: 1.0, "
+            f"max_grad_norm: 0.5, ledger: '{root / name}-ledger.json'}}\n"
+        )
+        job = Job(pretrain_cfg, (ft_spec, yaml, grads, vec), (_pretrain_spec(grads), dp_yaml, grads, sets))
+        if name == "single":
+            where.update(work(None, job))
+        else:
+            where.update(launch(rank_work, job, DistributedConfig(devices=2, timeout_s=120), "cpu"))
+    return single, ranks
+
+
+def _assert_close(a: torch.Tensor, b: torch.Tensor, what: str, moved_from: torch.Tensor | None = None) -> None:
+    worst = float((a.float() - b.float()).abs().max())
+    assert worst <= 2e-5, f"{what}: one process and 2 processes differ by up to {worst:.3g}"
+    if moved_from is not None:  # the run really trained
+        assert float((a.float() - moved_from.float()).abs().max()) > 1e-4, what
+
+
+@pytest.mark.integration  # 2 spawned processes (gloo)
+def test_pretraining_on_two_processes_equals_one(runs) -> None:
+    """`brainjepa pretrain` over 2 ranks (batch 5: 2 + 3 rows), 3 steps: the checkpoint's weights (EMA
+    target included) equal one process's."""
+    single, ranks = runs
+    assert single["pretrain"].keys() == ranks["pretrain"].keys()
+    for key, value in single["pretrain"].items():
+        _assert_close(ranks["pretrain"][key], value, f"pretrain {key}")
+    assert not torch.equal(
+        single["pretrain"]["target.blocks.0.mlp.fc1.weight"], single["pretrain"]["encoder.blocks.0.mlp.fc1.weight"]
+    )
+
+
+@pytest.mark.integration
+def test_fine_tuning_on_two_processes_equals_one(runs) -> None:
+    """A site's fine-tuning round (stochastic depth 0.3: every rank draws the whole batch's masks), 3 steps."""
+    single, ranks = runs
+    (s_sets, s_metrics), (r_sets, r_metrics) = single["finetune"], ranks["finetune"]
+    _assert_close(r_sets[MODEL_SET], s_sets[MODEL_SET], "fine-tuned weights")
+    assert abs(r_metrics[Metric.LOSS] - s_metrics[Metric.LOSS]) < 1e-5
+    assert (s_metrics[Metric.PROCESSES], r_metrics[Metric.PROCESSES]) == (1.0, 2.0)
+
+
+@pytest.mark.integration
+def test_dp_sgd_on_two_processes_equals_one_with_the_same_epsilon(runs) -> None:
+    """A site's DP-SGD pretraining round with the same seeds: the same Poisson draws split over the ranks,
+    clipped sums added before ONE noise draw: the same weights; one ledger entry, the same epsilon."""
+    single, ranks = runs
+    (s_sets, s_metrics), (r_sets, r_metrics) = single["private"], ranks["private"]
+    for name in WEIGHT_SETS:
+        _assert_close(r_sets[name], s_sets[name], f"DP {name}")
+    assert r_metrics[Metric.EPSILON_SPENT] == s_metrics[Metric.EPSILON_SPENT] > 0
+    assert r_metrics[Metric.DP_STEPS] == s_metrics[Metric.DP_STEPS] == STEPS
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.integration  # 4 launches of 2 spawned processes
+def test_a_rank_that_dies_hangs_or_refuses_ends_the_round_cleanly(tmp_path: Path) -> None:
+    """Each failure is an error naming the ranks and what happened to them; no rank's process is left
+    (not even a zombie: all are reaped); the next launch starts clean and works."""
+    cfg = DistributedConfig(devices=2, timeout_s=3.0)
+    cases = [
+        (workers.rank_one_dies, DistributedError, r"rank 1 \(cpu\): died \(exit code 3"),
+        (workers.rank_one_hangs, DistributedError, r"rank 0 \(cpu\): failed: .*Timed out.*rank 1 \(cpu\): stopped"),
+        (workers.rank_one_refuses, DataError, r"3 ROIs, expected 20"),
+    ]
+    for fn, error, message in cases:
+        folder = tmp_path / fn.__name__
+        folder.mkdir()
+        with pytest.raises(error, match=message):
+            launch(fn, str(folder), cfg, "cpu", passthrough=(DataError,))
+        pids = [int(p.read_text()) for p in folder.glob("pid-*")]
+        assert len(pids) == 2 and all(_gone(pid) for pid in pids), fn.__name__
+    (tmp_path / "after").mkdir()
+    assert launch(workers.total, str(tmp_path / "after"), cfg, "cpu") == 3.0
+
+
+def test_devices_parse_and_refuse_clearly() -> None:
+    assert rank_devices(DistributedConfig(devices=3), "cpu") == ["cpu"] * 3
+    with pytest.raises(ConfigError, match=r"distributed.devices: \[0, 1\] names CUDA devices"):
+        rank_devices(DistributedConfig(devices=(0, 1)), "cpu")
+    with pytest.raises(ConfigError, match="distributed.devices"):
+        DistributedConfig(devices=0)
+    with pytest.raises(ConfigError, match="distinct"):
+        DistributedConfig(devices=(1, 1))
+    group = RankGroup(1, 2, torch.device("cpu"))
+    assert group.rows(5) == slice(2, 5) and group.share(5) == 0.6

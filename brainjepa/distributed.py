@@ -93,6 +93,14 @@ class RankGroup:
         return [int(v) for v in t.tolist()]
 
 
+def parse_devices(text: str) -> int | tuple[int, ...]:
+    """A command line's devices: "4" (a count) or "0,1,2,3" (CUDA device ids)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise ConfigError(f"--devices: expected a count (4) or CUDA device ids (0,1,2,3; one id: 2,), got '{text}'")
+    return tuple(int(p) for p in parts) if "," in text else int(parts[0])
+
+
 def rank_devices(cfg: DistributedConfig, device: str) -> list[str]:
     """The device of each rank: `devices` CUDA ids -> cuda:i; a count N -> cuda:0..N-1 on a CUDA machine
     (`device` auto / cuda), else N CPU processes."""

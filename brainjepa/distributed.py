@@ -41,7 +41,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from brainjepa.checkpoint import atomic_save, from_safe
 from brainjepa.config import DistributedConfig
 from brainjepa.errors import ConfigError, InputError
 from brainjepa.federation.processes import free_port
@@ -183,7 +182,7 @@ def launch(
             stopped = _stop(procs)
         if failed:
             _raise_failure(procs, folder, devices, stopped, passthrough)
-        return from_safe(torch.load(folder / "result.pt", weights_only=False))  # our own file, from rank 0
+        return torch.load(folder / "result.pt", weights_only=False)  # our own file, written by rank 0
 
 
 def _wait(procs: list[multiprocessing.process.BaseProcess]) -> bool:
@@ -225,7 +224,7 @@ def _raise_failure(
     for rank in range(len(procs)):
         path = folder / f"error-{rank}.pt"
         if path.is_file():
-            err = from_safe(torch.load(path, weights_only=False))
+            err = torch.load(path, weights_only=False)
             if isinstance(err, passthrough):
                 raise err
     parts = []
@@ -245,6 +244,13 @@ def _raise_failure(
     raise DistributedError(
         f"the round's {len(procs)} processes did not finish: " + "; ".join(parts) + " (every rank was stopped)"
     )
+
+
+def _save(obj: Any, path: Path) -> None:
+    """torch.save, write-then-rename: the launcher never reads a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def _watch_parent(parent: int) -> None:
@@ -284,9 +290,9 @@ def _rank_main(
         )
         result = fn(RankGroup(rank, world, dev), torch.load(out / "payload.pt", weights_only=False))
         if rank == 0:
-            atomic_save(result, out / "result.pt")
+            _save(result, out / "result.pt")
     except Exception as e:  # recorded for the launcher's message (and re-raised: this rank fails)
-        atomic_save(e, out / f"error-{rank}.pt")
+        _save(e, out / f"error-{rank}.pt")
         (out / f"error-{rank}.txt").write_text(f"{type(e).__name__}: {e}"[:2000])
         traceback.print_exc()
         raise

@@ -70,8 +70,8 @@ def work(group: RankGroup | None, job: Job) -> dict:
     spec, yaml, grads, sets = job.private
     site, runtime = resolve_site(yaml)
     received = {k: v.clone() for k, v in sets.items()}
-    dp_sets, dp_metrics, _ = SiteRound(spec, site, runtime, grads, received, None, seeds=SEEDS).train(group)
-    return {"pretrain": models, "finetune": (ft_sets, ft_metrics), "private": (dp_sets, dp_metrics)}
+    dp_sets, dp_metrics, moments = SiteRound(spec, site, runtime, grads, received, None, seeds=SEEDS).train(group)
+    return {"pretrain": models, "finetune": (ft_sets, ft_metrics), "private": (dp_sets, dp_metrics, moments)}
 
 
 def rank_work(group: RankGroup, job: Job) -> dict:
@@ -186,9 +186,12 @@ def test_dp_sgd_on_two_processes_equals_one_with_the_same_epsilon(runs) -> None:
     """A site's DP-SGD pretraining round with the same seeds: the same Poisson draws split over the ranks,
     clipped sums added before ONE noise draw: the same weights; one ledger entry, the same epsilon."""
     single, ranks = runs
-    (s_sets, s_metrics), (r_sets, r_metrics) = single["private"], ranks["private"]
+    (s_sets, s_metrics, s_moments), (r_sets, r_metrics, r_moments) = single["private"], ranks["private"]
     for name in WEIGHT_SETS:
         _assert_close(r_sets[name], s_sets[name], f"DP {name}")
+    for name, moment in s_moments["moments"].items():  # what the site keeps for its next round
+        assert type(r_moments["moments"][name]) is type(moment)
+        _assert_close(torch.from_numpy(r_moments["moments"][name]), torch.from_numpy(moment), f"AdamW {name}")
     assert r_metrics[Metric.EPSILON_SPENT] == s_metrics[Metric.EPSILON_SPENT] > 0
     assert r_metrics[Metric.DP_STEPS] == s_metrics[Metric.DP_STEPS] == STEPS
 

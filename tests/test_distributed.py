@@ -27,10 +27,11 @@ from brainjepa.config import (
     MonitorConfig,
     OptimConfig,
     PretrainConfig,
+    SiteRuntime,
     TrainConfig,
 )
 from brainjepa.demo import prepare_federation
-from brainjepa.distributed import DistributedError, RankGroup, launch, rank_devices
+from brainjepa.distributed import DistributedError, RankGroup, launch, parse_devices, rank_devices
 from brainjepa.downstream.config import DownstreamConfig, DownstreamTask, TaskSpec
 from brainjepa.downstream.fit import state_vector
 from brainjepa.downstream.model import Backbone, DownstreamModel
@@ -39,6 +40,7 @@ from brainjepa.federation.contract import MODEL_SET, Metric, RoundSpec
 from brainjepa.gradients import gradient_checksum, load_gradients
 from brainjepa.jepa import JEPAModels
 from brainjepa.pretrain import pretrain
+from brainjepa.schema import from_mapping
 from brainjepa.vit import Encoder
 from brainjepa.weights import WEIGHT_SETS, flat_parameters, model_checksum
 from client.downstream import DownstreamSite
@@ -226,6 +228,16 @@ def test_a_rank_that_dies_hangs_or_refuses_ends_the_round_cleanly(tmp_path: Path
 
 
 def test_devices_parse_and_refuse_clearly() -> None:
+    """Site YAML `distributed.devices`: a count or CUDA ids; anything else is an error naming the key."""
+    parse = lambda d: from_mapping(SiteRuntime, {"distributed": d}, "site.yaml").distributed  # noqa: E731
+    assert parse({"devices": 2}).world == 2 and parse({"devices": [0, 3]}).devices == (0, 3)
+    with pytest.raises(ConfigError, match=r"site.yaml', field 'distributed.devices': expected an integer or a list"):
+        parse({"devices": "two"})
+    with pytest.raises(ConfigError, match="distributed.timeout_s"):
+        parse({"timeout_s": 0})
+    assert parse_devices("4") == 4 and parse_devices("0,2") == (0, 2) and parse_devices("3,") == (3,)
+    with pytest.raises(ConfigError, match="--devices"):
+        parse_devices("gpu0")
     assert rank_devices(DistributedConfig(devices=3), "cpu") == ["cpu"] * 3
     with pytest.raises(ConfigError, match=r"distributed.devices: \[0, 1\] names CUDA devices"):
         rank_devices(DistributedConfig(devices=(0, 1)), "cpu")

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import distributed_workers as workers
@@ -228,6 +231,41 @@ def test_a_rank_that_dies_hangs_or_refuses_ends_the_round_cleanly(tmp_path: Path
         assert len(pids) == 2 and all(_gone(pid) for pid in pids), fn.__name__
     (tmp_path / "after").mkdir()
     assert launch(workers.total, str(tmp_path / "after"), cfg, "cpu") == 3.0
+
+
+LAUNCHER = """
+import sys
+sys.path.insert(0, sys.argv[2])
+import distributed_workers
+from brainjepa.config import DistributedConfig
+from brainjepa.distributed import launch
+if __name__ == "__main__":
+    launch(distributed_workers.rank_one_hangs, sys.argv[1], DistributedConfig(devices=2, timeout_s=300), "cpu")
+"""
+
+
+@pytest.mark.integration  # a launcher process and its 2 ranks
+def test_ranks_exit_when_their_launcher_is_killed(tmp_path: Path) -> None:
+    """The process that launched the ranks (a site's ClientApp process) is killed mid-round: its ranks,
+    one of them stuck, end by themselves (they watch their parent) instead of living on as orphans."""
+    script = tmp_path / "launcher.py"
+    script.write_text(LAUNCHER)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(script), str(tmp_path), str(Path(__file__).parent)]
+    launcher = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("pid-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        pids = [int(p.read_text()) for p in tmp_path.glob("pid-*")]
+        assert len(pids) == 2 and not any(_gone(pid) for pid in pids)
+    finally:
+        launcher.kill()
+        launcher.wait()
+    deadline = time.monotonic() + 10
+    while not all(_gone(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert all(_gone(pid) for pid in pids), "a rank outlived its launcher"
 
 
 def test_devices_parse_and_refuse_clearly() -> None:

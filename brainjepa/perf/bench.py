@@ -52,7 +52,7 @@ class BenchResult:
     tflops_per_s: float
     tflop_per_sample: float
     peak_memory_gib: float
-    memory_kind: str  # "cuda max allocated" or "process peak RSS"
+    memory_kind: str  # "cuda max allocated", "process peak RSS" or "rank 0 peak RSS"
     encoder_params: int
     predictor_params: int
     context_tokens: float
@@ -222,6 +222,8 @@ def run_bench(
         peak, kind = torch.cuda.max_memory_allocated(dev) / 2**30, "cuda max allocated"
     else:
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process peak RSS"
+        if group is not None:  # a spawned rank inherits its launcher's ru_maxrss; its own memory's peak:
+            peak, kind = _own_peak_rss_kib() / 2**20, "rank 0 peak RSS"
     if profile_dir is not None:
         n = 1 + warmup + steps
         profile_steps(step_fn, make, range(n, n + 3), dev, profile_dir)
@@ -244,6 +246,14 @@ def run_bench(
         first_step_s=first_step_s,
         processes=1 if group is None else group.world,
     )
+
+
+def _own_peak_rss_kib() -> float:
+    """This process's own peak resident memory (Linux VmHWM, KiB; not inherited across fork + exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return float(line.split()[1])
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def _bench_rank(group: RankGroup, job: dict) -> BenchResult:

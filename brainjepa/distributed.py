@@ -85,6 +85,12 @@ class RankGroup:
         """Sum the gradients of `params` (those that have one: the same on every rank) and `extra` tensors."""
         self.sum_([p.grad for p in params if p.grad is not None] + list(extra))
 
+    def broadcast_floats(self, values: Sequence[float]) -> list[float]:
+        """Rank 0's numbers (float64) on every rank (e.g. the noise multiplier its ledger granted)."""
+        t = torch.tensor(list(values), dtype=torch.float64)
+        dist.broadcast(t, src=0)
+        return [float(v) for v in t.tolist()]
+
     def broadcast_ints(self, values: Sequence[int]) -> list[int]:
         """Rank 0's integers on every rank (e.g. secret seeds drawn once at the site)."""
         t = torch.tensor(list(values), dtype=torch.int64)

@@ -49,6 +49,7 @@ from client.training import (
     check_model,
     check_rois,
     checked_gradients,
+    granted_round,
     scan_units,
     shared_seeds,
     site_device,
@@ -137,21 +138,24 @@ class DownstreamSite:
         units = scan_units(self.site, train.ids)
         expected = min(self.recipe.batch_size, int(units.max()) + 1)
         sampler = PoissonSubjects(train.packed(), units, expected, spec.model.n_frames)
-        dp = PrivateRound.open(
-            privacy,
-            ledger_path(privacy, self.site.source, self.name),
-            self.name,
-            run_key(spec.task, spec.model_checksum, spec.gradient_checksum, spec.total_steps, self.recipe.seed),
-            spec.task,
-            spec.round,
-            sampler.sample_rate,
-            spec.local_steps,
-            spec.total_steps - spec.step_start,
+        dp, sigma = granted_round(
+            self.group,
+            lambda: PrivateRound.open(
+                privacy,
+                ledger_path(privacy, self.site.source, self.name),
+                self.name,
+                run_key(spec.task, spec.model_checksum, spec.gradient_checksum, spec.total_steps, self.recipe.seed),
+                spec.task,
+                spec.round,
+                sampler.sample_rate,
+                spec.local_steps,
+                spec.total_steps - spec.step_start,
+            ),
         )
         rng, noise = generators(shared_seeds(self.seeds, self.group))
         step = DPDownstreamStep(
             DownstreamStep(model, self.task, spec.total_steps, self.target, self.device, train.y, self.group),
-            dp.noise_multiplier,
+            sigma,
             privacy.max_grad_norm,
             expected,
             noise,
@@ -164,7 +168,7 @@ class DownstreamSite:
             losses.append(step(x, y, s))
         values = [v for v in torch.stack(losses).tolist() if v == v]  # an empty draw has no loss (NaN)
         mean = sum(values) / len(values) if values else float("nan")
-        return mean, (dp.commit() if self.group is None or self.group.rank == 0 else {})  # rank 0 records
+        return mean, (dp.commit() if dp is not None else {})  # rank 0 (or the only process) records the round
 
     def evaluate(self, received: dict[str, torch.Tensor]) -> dict[str, float]:
         """The split's metrics and scan count: all that leaves the site at evaluation."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,27 +239,28 @@ def private_train(
         )
     except ValueError as e:
         raise RoundRefused(f"site '{site.source}': {e}") from e
-    dp = PrivateRound.open(
-        privacy,
-        ledger_path(privacy, site.source, site.site),
-        site.site,
-        run_key(spec.task, spec.model_checksum, spec.gradient_checksum, spec.total_steps, cfg.train.seed),
-        spec.task,
-        spec.round,
-        sampler.sample_rate,
-        spec.local_steps,
-        spec.total_steps - spec.step_start,
+    dp, sigma = granted_round(
+        trainer.group,
+        lambda: PrivateRound.open(
+            privacy,
+            ledger_path(privacy, site.source, site.site),
+            site.site,
+            run_key(spec.task, spec.model_checksum, spec.gradient_checksum, spec.total_steps, cfg.train.seed),
+            spec.task,
+            spec.round,
+            sampler.sample_rate,
+            spec.local_steps,
+            spec.total_steps - spec.step_start,
+        ),
     )
     from brainjepa.privacy.dpsgd import DPPretrainStep  # here: opacus costs ~1.4 s in every round's process
 
     rng, noise = generators(shared_seeds(seeds, trainer.group))
-    step = DPPretrainStep(
-        trainer.step_fn, dp.noise_multiplier, privacy.max_grad_norm, expected, noise, privacy.clip_chunk
-    )
+    step = DPPretrainStep(trainer.step_fn, sigma, privacy.max_grad_norm, expected, noise, privacy.clip_chunk)
     t0 = time.perf_counter()
     losses = [step(*sampler.draw(rng), s) for s in range(spec.step_start, spec.step_start + spec.local_steps)]
     values = [v for v in torch.stack(losses).tolist() if v == v]  # an empty draw has no loss (NaN)
-    if trainer.group is not None and trainer.group.rank != 0:  # rank 0 alone records the round
+    if dp is None:  # a rank other than 0: rank 0 alone records the round
         return {}
     metrics = dp.commit()
     log.info(
@@ -282,6 +284,15 @@ def private_train(
         }
     )
     return metrics
+
+
+def granted_round(group: RankGroup | None, open_round: Callable[[], PrivateRound]) -> tuple[PrivateRound | None, float]:
+    """(the round granted against the site's ledger, its noise multiplier): the only process, or rank 0,
+    opens the ledger (it may write the run's calibrated noise to it); the other ranks get the noise
+    multiplier from rank 0 and no round (None). A refusal (BudgetExhausted) ends rank 0, and the round."""
+    dp = open_round() if group is None or group.rank == 0 else None
+    sigma = dp.noise_multiplier if dp is not None else 0.0
+    return dp, sigma if group is None else group.broadcast_floats([sigma])[0]
 
 
 def shared_seeds(seeds: tuple[int, int] | None, group: RankGroup | None) -> tuple[int, int]:

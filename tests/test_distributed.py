@@ -2,11 +2,12 @@
 against one process with the same global batches and draws.
 
 - equivalence: one launch of 2 ranks runs `brainjepa pretrain` (an uneven split: batch 5 = 2 + 3 rows),
-  a site's fine-tuning round (stochastic depth on) and a site's DP-SGD pretraining round (fixed seeds, so
-  that the noise and the Poisson draws can be compared); the weights equal one process's to float
-  tolerance, and the DP round's epsilon is the one-process round's.
+  a site's fine-tuning round (stochastic depth on), then a site's DP-SGD pretraining round and DP-SGD
+  fine-tuning round (fixed seeds, so that the noise and the Poisson draws can be compared; the noise
+  calibrated to the budget); the weights equal one process's to float tolerance, and the DP rounds'
+  epsilon is the one-process rounds'.
 - faults: a rank that dies, one that hangs, one that refuses; each launch ends with a clear error, every
-  rank's process is gone, and the next launch works.
+  rank's process is gone, and the next launch works; ranks whose launcher is killed exit by themselves.
 """
 
 from __future__ import annotations
@@ -76,7 +77,14 @@ def work(group: RankGroup | None, job: Job) -> dict:
     site, runtime = resolve_site(yaml)
     received = {k: v.clone() for k, v in sets.items()}
     dp_sets, dp_metrics, moments = SiteRound(spec, site, runtime, grads, received, None, seeds=SEEDS).train(group)
-    return {"pretrain": models, "finetune": (ft_sets, ft_metrics, vec), "private": (dp_sets, dp_metrics, moments, sets)}
+    ft_spec, _, _, vec = job.finetune
+    dp_ft = DownstreamSite(ft_spec, site, runtime, grads, group, seeds=SEEDS).train({MODEL_SET: vec.clone()})
+    return {
+        "private_finetune": (*dp_ft, vec),
+        "pretrain": models,
+        "finetune": (ft_sets, ft_metrics, vec),
+        "private": (dp_sets, dp_metrics, moments, sets),
+    }
 
 
 def rank_work(group: RankGroup, job: Job) -> dict:
@@ -145,8 +153,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
     for name, where in (("single", single), ("ranks", ranks)):
         dp_yaml = yaml.with_name(f"dp_{name}.yaml")  # its own ledger: both runs start from an empty one
         dp_yaml.write_text(
-            yaml.read_text() + f"privacy: {{enabled: true, target_epsilon: 50.0, noise_multiplier: 1.0, "
-            f"max_grad_norm: 0.5, ledger: '{root / name}-ledger.json'}}\n"
+            yaml.read_text() + f"privacy: {{enabled: true, target_epsilon: 20.0, max_grad_norm: 0.5, "
+            f"ledger: '{root / name}-ledger.json'}}\n"  # noise calibrated to the budget, kept in the ledger
         )
         job = Job(pretrain_cfg, (ft_spec, yaml, grads, vec), (_pretrain_spec(grads), dp_yaml, grads, sets))
         if name == "single":
@@ -191,8 +199,9 @@ def test_fine_tuning_on_two_processes_equals_one(runs) -> None:
 
 @pytest.mark.integration
 def test_dp_sgd_on_two_processes_equals_one_with_the_same_epsilon(runs) -> None:
-    """A site's DP-SGD pretraining round with the same seeds: the same Poisson draws split over the ranks,
-    clipped sums added before ONE noise draw: the same weights; one ledger entry, the same epsilon."""
+    """A site's DP-SGD pretraining round, then a DP fine-tuning round, with the same seeds: the same Poisson
+    draws split over the ranks, clipped sums added before ONE noise draw: the same weights; one ledger
+    (written by rank 0: the calibrated noise, then each round), the same epsilon."""
     single, ranks = runs
     (s_sets, s_metrics, s_moments, init), (r_sets, r_metrics, r_moments, _) = single["private"], ranks["private"]
     worst = max(_assert_close(r_sets[n], s_sets[n], f"DP {n}", moved_from=init[n]) for n in WEIGHT_SETS)
@@ -201,7 +210,14 @@ def test_dp_sgd_on_two_processes_equals_one_with_the_same_epsilon(runs) -> None:
         assert type(r_moments["moments"][name]) is type(moment)
         _assert_close(torch.from_numpy(r_moments["moments"][name]), torch.from_numpy(moment), f"AdamW {name}")
     assert r_metrics[Metric.EPSILON_SPENT] == s_metrics[Metric.EPSILON_SPENT] > 0
+    assert r_metrics[Metric.DP_NOISE_MULTIPLIER] == s_metrics[Metric.DP_NOISE_MULTIPLIER] > 0  # calibrated once
     assert r_metrics[Metric.DP_STEPS] == s_metrics[Metric.DP_STEPS] == STEPS
+    # then a DP fine-tuning round from the same ledger: the same weights and epsilon again
+    (s_sets, s_metrics, init), (r_sets, r_metrics, _) = single["private_finetune"], ranks["private_finetune"]
+    worst = _assert_close(r_sets[MODEL_SET], s_sets[MODEL_SET], "DP fine-tuning", moved_from=init)
+    print(f"DP-SGD fine-tuning: max |1 process - 2 processes| = {worst:.3g}")
+    assert r_metrics[Metric.EPSILON_SPENT] == s_metrics[Metric.EPSILON_SPENT] > 0
+    assert r_metrics[Metric.DP_STEPS] == s_metrics[Metric.DP_STEPS] == 2 * STEPS
 
 
 def _gone(pid: int) -> bool:

@@ -1,8 +1,8 @@
 """A site's local work over several processes (`brainjepa.distributed`): 2 gloo processes on this CPU
 against one process with the same global batches and draws.
 
-- equivalence: one launch of 2 ranks runs `brainjepa pretrain` (an uneven split: batch 5 = 2 + 3 rows),
-  a site's fine-tuning round (stochastic depth on), then a site's DP-SGD pretraining round and DP-SGD
+- equivalence: `brainjepa pretrain --devices 2` (an uneven split: batch 5 = 2 + 3 rows); one launch of 2
+  ranks runs a site's fine-tuning round (stochastic depth on), then a site's DP-SGD pretraining round and DP-SGD
   fine-tuning round (fixed seeds, so that the noise and the Poisson draws can be compared; the noise
   calibrated to the budget); the weights equal one process's to float tolerance, and the DP rounds'
   epsilon is the one-process rounds'.
@@ -22,8 +22,11 @@ from pathlib import Path
 import distributed_workers as workers
 import pytest
 import torch
+import yaml as yaml_text
+from typer.testing import CliRunner
 
 from brainjepa.checkpoint import load_checkpoint
+from brainjepa.cli import app
 from brainjepa.config import (
     DataConfig,
     DistributedConfig,
@@ -33,6 +36,7 @@ from brainjepa.config import (
     PretrainConfig,
     SiteRuntime,
     TrainConfig,
+    to_dict,
 )
 from brainjepa.demo import prepare_federation
 from brainjepa.distributed import DistributedError, RankGroup, launch, parse_devices, rank_devices
@@ -65,11 +69,11 @@ class Job:
 
 
 def work(group: RankGroup | None, job: Job) -> dict:
-    """The three computations in this process (group None) or as one rank of a group."""
-    out = job.pretrain.train.out_dir + ("" if group is None else "-ranks")
-    cfg = dataclasses.replace(job.pretrain, train=dataclasses.replace(job.pretrain.train, out_dir=out))
-    result = pretrain(cfg, progress=False, group=group)
-    models = load_checkpoint(result.checkpoint)["models"] if group is None or group.rank == 0 else {}
+    """The round computations in this process (group None) or as one rank of a group; in this process
+    also the pretraining run (on 2 processes it runs through the command line: the test fixture)."""
+    models = {}
+    if group is None:
+        models = load_checkpoint(pretrain(job.pretrain, progress=False).checkpoint)["models"]
     spec, yaml, grads, vec = job.finetune
     site, runtime = resolve_site(yaml)
     ft_sets, ft_metrics = DownstreamSite(spec, site, runtime, grads, group).train({MODEL_SET: vec.clone()})
@@ -161,6 +165,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
             where.update(work(None, job))
         else:
             where.update(launch(rank_work, job, DistributedConfig(devices=2, timeout_s=120), "cpu"))
+    # `brainjepa pretrain --devices 2` on the same config: 2 gloo processes, rank 0 writes the run folder
+    config = root / "pretrain.yaml"
+    config.write_text(yaml_text.safe_dump(to_dict(pretrain_cfg)))
+    out = root / "pretrain-ranks"
+    result = CliRunner().invoke(app, ["pretrain", "-c", str(config), "--out-dir", str(out), "--devices", "2"])
+    assert result.exit_code == 0, result.output
+    ranks["pretrain"] = load_checkpoint(out / "checkpoint.pt")["models"]
     return single, ranks
 
 
@@ -175,7 +186,7 @@ def _assert_close(a: torch.Tensor, b: torch.Tensor, what: str, moved_from: torch
 
 @pytest.mark.integration  # 2 spawned processes (gloo)
 def test_pretraining_on_two_processes_equals_one(runs) -> None:
-    """`brainjepa pretrain` over 2 ranks (batch 5: 2 + 3 rows), 3 steps: the checkpoint's weights (EMA
+    """`brainjepa pretrain --devices 2` (batch 5: 2 + 3 rows), 3 steps: the checkpoint's weights (EMA
     target included) equal one process's."""
     single, ranks = runs
     assert single["pretrain"].keys() == ranks["pretrain"].keys()

@@ -183,7 +183,7 @@ def launch(
         try:
             for p in procs:
                 p.start()
-            failed = _wait(procs)
+            failed = _wait(procs, cfg.timeout_s)
         finally:
             stopped = _stop(procs)
         if failed:
@@ -191,17 +191,23 @@ def launch(
         return torch.load(folder / "result.pt", weights_only=False)  # our own file, written by rank 0
 
 
-def _wait(procs: list[multiprocessing.process.BaseProcess]) -> bool:
-    """Until every rank ended (False) or one failed and the others had STOP_GRACE_S to end too (True)."""
-    deadline = None
+def _wait(procs: list[multiprocessing.process.BaseProcess], timeout_s: float) -> bool:
+    """Until every rank ended (False), or one failed and the others had STOP_GRACE_S to end too (True).
+    Once rank 0 has finished (its result written), the others get `timeout_s` to end before being stopped."""
+    failed_by = done_by = None
     while True:
         alive = [p for p in procs if p.exitcode is None]
-        if any(p.exitcode not in (None, 0) for p in procs) and deadline is None:
-            deadline = time.monotonic() + STOP_GRACE_S
+        if any(p.exitcode not in (None, 0) for p in procs) and failed_by is None:
+            failed_by = time.monotonic() + STOP_GRACE_S
+        if procs[0].exitcode == 0 and done_by is None:
+            done_by = time.monotonic() + timeout_s
         if not alive:
-            return deadline is not None
-        if deadline is not None and time.monotonic() >= deadline:
+            return failed_by is not None
+        if failed_by is not None and time.monotonic() >= failed_by:
             return True
+        if done_by is not None and time.monotonic() >= done_by:
+            log.warning("rank 0 finished, %d rank(s) did not end within %.0f s: stopped", len(alive), timeout_s)
+            return False
         multiprocessing.connection.wait([p.sentinel for p in alive], timeout=0.5)
 
 

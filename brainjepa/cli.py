@@ -45,13 +45,27 @@ def pretrain(
     steps: Annotated[int | None, typer.Option(help="Override train.steps (the planned optimizer steps).")] = None,
     out_dir: Annotated[Path | None, typer.Option(help="Override train.out_dir.")] = None,
     device: Annotated[str | None, typer.Option(help="Override train.device (auto, cpu, cuda, cuda:N).")] = None,
+    devices: Annotated[
+        str,
+        typer.Option(
+            help="Train on several devices of this machine, one process each: a count (CUDA: cuda:0..N-1, "
+            "else N CPU processes) or CUDA ids such as 0,1,2,3. The global batch (train.batch_size) is split "
+            "over them; the run equals one process's. Under torchrun, leave it at 1."
+        ),
+    ] = "1",
+    timeout_s: Annotated[
+        float, typer.Option(help="With --devices: a process waiting this long for a dead or hung one ends the run.")
+    ] = 600.0,
     verbose: bool = False,
 ) -> None:
     """Pretrain Brain-JEPA on one machine. Writes metrics.csv, gradients.npy, checkpoint.pt, loss.png and the
     collapse monitor's monitor.csv / collapse.png to the run folder; Ctrl-C leaves the last checkpoint intact
-    and `--resume` continues bit-for-bit."""
-    from brainjepa.config import load_pretrain_config
+    and `--resume` continues bit-for-bit. Several GPUs: `--devices 4`, or
+    `torchrun --nproc-per-node 4 $(which brainjepa) pretrain -c CONFIG`."""
+    from brainjepa.config import DistributedConfig, load_pretrain_config
+    from brainjepa.distributed import DistributedError, joined_group, launch, parse_devices
     from brainjepa.pretrain import pretrain as run
+    from brainjepa.pretrain import pretrain_rank
 
     _setup_logging(verbose)
     overrides = {
@@ -68,8 +82,15 @@ def pretrain(
         overrides["data.roi_dir"] = ""
     try:
         cfg = load_pretrain_config(config, overrides)
-        result = run(cfg, resume=resume)
-    except InputError as e:
+        ranks = DistributedConfig(devices=parse_devices(devices), timeout_s=timeout_s)
+        if ranks.world > 1:
+            result = launch(pretrain_rank, (cfg, resume), ranks, cfg.train.device)
+        else:
+            group = joined_group(cfg.train.device)  # under torchrun: its group; else None (one process)
+            result = run(cfg, resume=resume, progress=group is None or group.rank == 0, group=group)
+            if group is not None and group.rank != 0:
+                return
+    except (InputError, DistributedError) as e:
         raise _fail(e) from e
     except KeyboardInterrupt:
         typer.secho("interrupted: the last checkpoint is intact; continue with --resume", err=True)

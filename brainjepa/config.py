@@ -285,14 +285,41 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """A site's local work over several processes (`brainjepa.distributed`; the `distributed` section of a
+    site YAML, `brainjepa pretrain --devices`): one process per GPU, or gloo processes on a CPU."""
+
+    devices: int | tuple[int, ...] = 1  # a count (CUDA: cuda:0..N-1; CPU: N processes) or CUDA device ids
+    timeout_s: float = 600.0  # a rank waiting this long for the others (dead or hung) ends the round
+    port: int = 0  # the ranks' loopback rendezvous port; 0 = a free one, chosen each round
+
+    def __post_init__(self) -> None:
+        d = self.devices
+        if isinstance(d, int) and d < 1:
+            raise ConfigError(f"distributed.devices: expected a count >= 1 or a list of CUDA device ids, got {d}")
+        if isinstance(d, tuple) and (not d or min(d) < 0 or len(set(d)) != len(d)):
+            raise ConfigError(f"distributed.devices: expected distinct CUDA device ids >= 0, got {list(d)}")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"distributed.timeout_s: expected a positive number of seconds, got {self.timeout_s}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"distributed.port: expected 0 (a free port) or a TCP port up to 65535, got {self.port}")
+
+    @property
+    def world(self) -> int:
+        """The number of processes (ranks)."""
+        return self.devices if isinstance(self.devices, int) else len(self.devices)
+
+
+@dataclass(frozen=True)
 class SiteRuntime:
     """How a site trains, from the top-level keys of its YAML that are not about its data
-    (`sites.config.RUNTIME_KEYS`): the machine's device and speed switches, and its privacy budget.
+    (`sites.config.RUNTIME_KEYS`): the machine's device(s) and speed switches, and its privacy budget.
     The batch size is the federation's (the run config's `batch-size`), not the site's."""
 
     device: str = TrainConfig.device  # auto | cpu | cuda | cuda:N
     perf: PerfConfig = field(default_factory=PerfConfig)  # this machine's speed switches (brainjepa.fastpath)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # several GPUs / CPU processes
 
 
 def load_site(path: str | Path) -> tuple[SiteConfig, SiteRuntime]:

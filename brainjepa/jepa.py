@@ -20,6 +20,7 @@ from torch import nn
 from torch.autograd.profiler import record_function
 
 from brainjepa.config import ModelConfig, OptimConfig, PerfConfig, Precision
+from brainjepa.distributed import RankGroup
 from brainjepa.errors import ConfigError
 from brainjepa.fastpath import accelerate, attention_backends, attention_context
 from brainjepa.masks import Masks
@@ -113,7 +114,9 @@ class PretrainStep:
     """One optimizer step of JEPA pretraining at an explicit position of the run's schedule.
 
     `perf` picks the fast path (`brainjepa.fastpath`): SDPA backend order, compiled blocks, a
-    CUDA-graph target forward. The default is plain eager PyTorch.
+    CUDA-graph target forward. The default is plain eager PyTorch. With a `group` (`brainjepa.distributed`)
+    every rank is given the global micro-batches, trains on its rows and sums the gradients over the ranks:
+    the step of one process on the whole batch, to float rounding.
     """
 
     def __init__(
@@ -126,8 +129,9 @@ class PretrainStep:
         activation_checkpointing: bool = False,
         perf: PerfConfig | None = None,
         precision: str = "auto",
+        group: RankGroup | None = None,
     ) -> None:
-        self.models, self.cfg, self.total_steps = models, cfg, total_steps
+        self.models, self.cfg, self.total_steps, self.group = models, cfg, total_steps, group
         self.device = torch.device(device)
         self.perf = perf or PerfConfig()
         if any(p.device != self.device for p in models.parameters()):
@@ -140,6 +144,7 @@ class PretrainStep:
             net.recompute_blocks = recompute_count(share, len(net.blocks))
             for i, blk in enumerate(net.blocks):  # the blocks recomputed whole need no selective policy
                 blk.selective_checkpointing = self.perf.selective_checkpointing and i >= net.recompute_blocks
+        self._trained = [p for g in self.optimizer.param_groups for p in g["params"]]
         self._online = list(models.encoder.parameters())
         self._target = list(models.target.parameters())
         self.backends = attention_backends(self.perf.attention, self.device)
@@ -166,6 +171,12 @@ class PretrainStep:
         self.models.predictor.train()
         total = torch.zeros((), device=self.device)
         for x, masks in micro_batches:
+            share = 1.0
+            if self.group is not None:  # this rank's rows; its mean loss weighted by their share of the batch
+                rows, share = self.group.rows(len(x)), self.group.share(len(x))
+                if not share:
+                    raise ConfigError(f"a batch of {len(x)} cannot be split over {self.group.world} processes")
+                x, masks = x[rows], masks.rows(rows)  # (B_rank, R, T)
             with record_function("jepa/to_device"):
                 x = x.to(self.device, non_blocking=True)  # (B, R, T)
                 masks = masks.to(self.device)
@@ -174,9 +185,14 @@ class PretrainStep:
             with attention_context(self.backends):
                 with self.autocast():
                     loss = jepa_loss(self.models, x, masks, self.cfg.loss, self.target_forward) / len(micro_batches)
+                    if share != 1.0:
+                        loss = loss * share
                 with record_function("jepa/backward"):
                     loss.backward()
             total += loss.detach()
+        if self.group is not None:
+            with record_function("jepa/all_reduce"):
+                self.group.sum_grads(self._trained, extra=[total])  # the global batch's gradient and loss
         with record_function("jepa/optimizer"):
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

@@ -42,6 +42,10 @@ class Masks:
     def pin_memory(self) -> Masks:
         return Masks(self.context.pin_memory(), self.target.pin_memory(), self.region_sizes)
 
+    def rows(self, rows: slice) -> Masks:
+        """The masks of some samples of the batch (a rank's rows: `brainjepa.distributed.RankGroup.rows`)."""
+        return Masks(self.context[rows], self.target[rows], self.region_sizes)
+
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Masks:
         return Masks(
             self.context.to(device, non_blocking=non_blocking),

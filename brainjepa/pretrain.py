@@ -1,4 +1,8 @@
-"""Single-machine pretraining: the run loop around `PretrainStep`, with metrics and checkpoints."""
+"""Single-machine pretraining: the run loop around `PretrainStep`, with metrics and checkpoints.
+
+On several devices of the machine (`brainjepa pretrain --devices`, or under torchrun) every rank runs this
+loop over the same batches, trains on its rows and sums the gradients (`brainjepa.distributed`); rank 0
+alone writes the run folder."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from tqdm.auto import tqdm
 from brainjepa.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from brainjepa.config import PretrainConfig, to_dict
 from brainjepa.data import load_pretraining_cohort, pretraining_stream
+from brainjepa.distributed import RankGroup
 from brainjepa.errors import ConfigError, DataError
 from brainjepa.gradients import gradient_checksum, gradients_for, save_gradients
 from brainjepa.jepa import JEPAModels, PretrainStep, resolve_device
@@ -64,13 +69,23 @@ def keep_copy(ckpt_path: Path, step: int) -> Path:
     return kept
 
 
-def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> PretrainResult:
-    """Pretrain for cfg.train.steps optimizer steps; resumable from out_dir/checkpoint.pt."""
+def pretrain_rank(group: RankGroup, job: tuple[PretrainConfig, bool]) -> PretrainResult:
+    """One rank of `brainjepa pretrain --devices` (`brainjepa.distributed.launch`)."""
+    cfg, resume = job
+    return pretrain(cfg, resume=resume, progress=False, group=group)
+
+
+def pretrain(
+    cfg: PretrainConfig, resume: bool = False, progress: bool = True, group: RankGroup | None = None
+) -> PretrainResult:
+    """Pretrain for cfg.train.steps optimizer steps; resumable from out_dir/checkpoint.pt. With a `group`,
+    this process is one rank of the run (its device is the group's; rank 0 writes the outputs)."""
     t = cfg.train
     out = Path(t.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.csv"
-    device = resolve_device(t.device)
+    device = resolve_device(t.device) if group is None else group.device
+    writer_rank = group is None or group.rank == 0
     torch.manual_seed(t.seed)
 
     cohort = load_pretraining_cohort(cfg)
@@ -82,8 +97,9 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
         )
     grads, grad_source = gradients_for(cfg.data.gradients, cohort.series, cfg.model.gradient_components, cohort.source)
     checksum = gradient_checksum(grads)
-    save_gradients(out / "gradients.npy", grads)
-    if cohort.scaling is not None:
+    if writer_rank:
+        save_gradients(out / "gradients.npy", grads)
+    if cohort.scaling is not None and writer_rank:
         atomic_write_text(out / "scaling.json", json.dumps(cohort.scaling.to_dict()))
 
     models = JEPAModels(cfg.model, torch.from_numpy(grads))
@@ -95,6 +111,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
         activation_checkpointing=t.activation_checkpointing,
         perf=cfg.perf,
         precision=t.precision,
+        group=group,
     )
     start = 0
     if resume:
@@ -125,18 +142,20 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
             scaling=cohort.scaling.to_dict() if cohort.scaling else None,
         )
 
-    f, writer = _open_metrics(metrics_path, start)
-    probe = torch.nan_to_num(probe_batch(stream.packed, cfg.model.n_frames, cfg.monitor.probe_scans))  # (B, R, T)
-    monitor = CollapseMonitor(
-        cfg.monitor,
-        probe,
-        cfg.model.embed_dim,
-        out / "monitor.csv",
-        start,
-        mask_cfg=cfg.mask,
-        patch_size=cfg.model.patch_size,
-        loss=cfg.optim.loss,
-    )
+    f, writer = _open_metrics(metrics_path if writer_rank else Path(os.devnull), start)
+    monitor = None
+    if writer_rank:
+        probe = torch.nan_to_num(probe_batch(stream.packed, cfg.model.n_frames, cfg.monitor.probe_scans))  # (B, R, T)
+        monitor = CollapseMonitor(
+            cfg.monitor,
+            probe,
+            cfg.model.embed_dim,
+            out / "monitor.csv",
+            start,
+            mask_cfg=cfg.mask,
+            patch_size=cfg.model.patch_size,
+            loss=cfg.optim.loss,
+        )
     pending: list[tuple[int, torch.Tensor, float]] = []
     first_loss = last_loss = float("nan")
     batches = Prefetcher(
@@ -172,16 +191,18 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
                 last_loss = losses[-1]
                 bar.set_postfix(loss=f"{last_loss:.4f}")
                 pending.clear()
-            if monitor.due(step, last=step == t.steps - 1):
+            if monitor is not None and monitor.due(step, last=step == t.steps - 1):
                 monitor.measure(models.target, step, models)
-            keep = t.keep_every > 0 and (step + 1) % t.keep_every == 0
-            if (step + 1) % t.checkpoint_every == 0 or keep or step == t.steps - 1:
+            keep = t.keep_every > 0 and (step + 1) % t.keep_every == 0 and writer_rank
+            if ((step + 1) % t.checkpoint_every == 0 or keep or step == t.steps - 1) and writer_rank:
                 checkpoint(step + 1)
             if keep:
                 keep_copy(ckpt_path, step + 1)
     finally:
         f.close()
         bar.close()
+    if monitor is None:  # a rank other than 0: nothing to write
+        return PretrainResult(out, ckpt_path, metrics_path, last_loss, first_loss)
     plot_loss_curve(metrics_path, out / "loss.png")
     if cfg.monitor.every > 0:
         with open(metrics_path, newline="") as mf:

@@ -3,7 +3,8 @@
 A small, strict converter: an unknown key, a missing required key or a value of the wrong type is a
 `ConfigError` that names the file, the dotted key, what was expected and what came. Supported field
 types: bool, int, float (ints accepted), str, Path, `X | None`, `Literal[...]`, `tuple[X, ...]`, and
-fixed-length `tuple[X, Y]`, nested dataclasses (also as `tuple[Dataclass, ...]` from a YAML list).
+fixed-length `tuple[X, Y]`, nested dataclasses (also as `tuple[Dataclass, ...]` from a YAML list), and
+unions such as `int | tuple[int, ...]` (the first member that takes the value).
 A dataclass may list keys it used to have in a `RETIRED_KEYS` class variable (key -> what to do instead):
 such a key is an error that says so, rather than a plain unknown key.
 """
@@ -31,6 +32,8 @@ def _type_name(tp: Any) -> str:
     if _is_optional(tp):
         inner = [a for a in get_args(tp) if a is not type(None)]
         return f"{_type_name(inner[0])} or null"
+    if _is_union(tp):
+        return " or ".join(_type_name(a) for a in get_args(tp))
     if get_origin(tp) is tuple:
         args = get_args(tp)
         if Ellipsis not in args:
@@ -47,6 +50,10 @@ def _is_optional(tp: Any) -> bool:
     return get_origin(tp) in (typing.Union, types.UnionType) and type(None) in get_args(tp)
 
 
+def _is_union(tp: Any) -> bool:
+    return get_origin(tp) in (typing.Union, types.UnionType)
+
+
 def _convert(value: Any, tp: Any, file: Path | str | None, key: str) -> Any:
     def bad() -> ConfigError:
         return ConfigError(f"{where(file, key)}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
@@ -56,6 +63,13 @@ def _convert(value: Any, tp: Any, file: Path | str | None, key: str) -> Any:
             return None
         inner = [a for a in get_args(tp) if a is not type(None)]
         return _convert(value, inner[0], file, key)
+    if _is_union(tp):  # e.g. int | tuple[int, ...]: the first member that takes the value
+        for member in get_args(tp):
+            try:
+                return _convert(value, member, file, key)
+            except ConfigError:
+                continue
+        raise bad()
     if get_origin(tp) is Literal:
         if value not in get_args(tp):
             raise bad()

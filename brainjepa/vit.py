@@ -65,6 +65,7 @@ class Block(nn.Module):
         self.mlp = MLP(dim, int(dim * mlp_ratio))
         self.selective_checkpointing = False
         self.drop_path = 0.0  # stochastic depth (fine-tuning): chance of skipping each residual branch
+        self.batch_rows: tuple[int, int, int] | None = None  # (start, stop, B): a rank's rows of a batch of B
 
     def _branch(self, y: torch.Tensor) -> torch.Tensor:
         """Stochastic depth: in training, zero a residual branch for a random share `drop_path` of the
@@ -72,7 +73,10 @@ class Block(nn.Module):
         if self.drop_path == 0.0 or not self.training:
             return y
         keep = 1.0 - self.drop_path
-        mask = torch.empty(y.shape[0], *(1,) * (y.ndim - 1), device=y.device, dtype=y.dtype).bernoulli_(keep)
+        n = y.shape[0] if self.batch_rows is None else self.batch_rows[2]  # a rank draws the whole batch's masks
+        mask = torch.empty(n, *(1,) * (y.ndim - 1), device=y.device, dtype=y.dtype).bernoulli_(keep)
+        if self.batch_rows is not None:
+            mask = mask[self.batch_rows[0] : self.batch_rows[1]]  # (b_rank, 1, 1): its rows
         return y * mask / keep  # (B, N, D)
 
     def _residual(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,6 +139,14 @@ class PatchEmbed(nn.Module):
         B, R, T = x.shape
         patches = x.reshape(B, R * (T // self.patch_size), self.patch_size)  # (B, R*W, p), ROI-major
         return self.proj(patches)  # (B, N, D)
+
+
+def set_batch_rows(module: nn.Module, rows: tuple[int, int, int] | None) -> None:
+    """Tell every block of `module` which rows (start, stop, B) of a global batch of B it is given (a rank of
+    `brainjepa.distributed`), so that stochastic depth draws the whole batch's masks; None: the whole batch."""
+    for sub in module.modules():
+        if isinstance(sub, Block):
+            sub.batch_rows = rows
 
 
 def set_drop_path(blocks: nn.ModuleList, rate: float) -> None:

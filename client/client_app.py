@@ -23,6 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from brainjepa.config import SiteRuntime
+from brainjepa.distributed import DistributedError
 from brainjepa.errors import InputError
 from brainjepa.federation.contract import (
     ARRAYS,
@@ -39,12 +40,11 @@ from brainjepa.federation.contract import (
     scaling_from_arrays,
 )
 from brainjepa.privacy.budget import BudgetExhausted
-from client.disk_state import load_state, save_state
 from client.redact import scrub
 from client.secagg import is_secure, secure_train
 from client.site_status import record_round
-from client.state import load_optimizer, save_optimizer
-from client.training import RoundRefused, SiteTrainer, load_site_data, private_train, resolve_site, site_sketch
+from client.state import snapshot, store
+from client.training import RoundRefused, SiteRound, resolve_site, site_sketch
 from sites.config import SiteConfig
 from sites.scaling import RobustScaling
 
@@ -97,9 +97,9 @@ def run_round(msg: Message, context: Context) -> Message:
             scaling = federation_scaling(spec, msg.content)
             sets, metrics = pretrain_round(spec, site, runtime, grad_file, received, context.state, scaling)
         else:
-            from client.downstream import DownstreamSite  # here: a pretraining round's process never imports sklearn
+            from client.downstream import DownstreamRound, site_work  # here: pretraining never imports sklearn
 
-            sets, metrics = DownstreamSite(spec, site, runtime, grad_file).run(received)
+            sets, metrics = site_work(DownstreamRound(spec, site, runtime, grad_file, received))
         arrays = ArrayRecord(encode_update(sets, received, spec.wire_dtype))
     metrics.update(
         {
@@ -134,17 +134,11 @@ def pretrain_round(
     scaling: RobustScaling | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """K JEPA steps from the received sets, AdamW moments carried in the run's `context.state`; the data
-    scaled with the federation's `scaling`, or the site's own statistics (None)."""
-    trainer = SiteTrainer(spec, grad_file, runtime)
-    trainer.load_sets(received)
-    rounds_done = load_optimizer(state, trainer.step_fn.optimizer, spec.model_checksum)
-    rounds_done = rounds_done or load_state(site, spec, trainer.step_fn.optimizer)  # a resumed coordinator's new run
-    data = load_site_data(site, spec.task_config, scaling)
-    metrics = private_train(trainer, data, site) if runtime.privacy.enabled else trainer.train(data)
-    save_optimizer(state, trainer.step_fn.optimizer, spec.model_checksum, rounds_done + 1)
-    save_state(site, spec, trainer.step_fn.optimizer, rounds_done + 1)
-    metrics.update({Metric.NUM_EXAMPLES: float(data.n_subjects), Metric.ROUNDS_DONE: float(rounds_done + 1)})
-    return trainer.sets(), metrics
+    scaled with the federation's `scaling`, or the site's own statistics (None). Over the site's
+    `distributed.devices` processes when it has several (`client.training.SiteRound`)."""
+    sets, metrics, optimizer = SiteRound(spec, site, runtime, grad_file, received, snapshot(state), scaling).run()
+    store(state, optimizer)
+    return sets, metrics
 
 
 def _maybe_dump(context: Context, site: str, spec: RoundSpec, content: RecordDict) -> None:
@@ -186,7 +180,7 @@ def handle(msg: Message, context: Context) -> Message:
         return Message(Error(code=ErrorCode.BUDGET_EXHAUSTED, reason=f"site declined the round: {e}"), reply_to=msg)
     except (RoundRefused, ContractError) as e:
         return Message(Error(code=ErrorCode.REFUSED, reason=site_error("site refused the round", e)), reply_to=msg)
-    except InputError as e:
+    except (InputError, DistributedError) as e:  # bad data; a process of a multi-device round died or hung
         return Message(Error(code=ErrorCode.FAILED, reason=site_error("site failed", e)), reply_to=msg)
 
 

@@ -15,28 +15,45 @@ loads its own labelled scans (`load_labelled_site`: its own robust scaling, neve
 
 With `privacy.enabled` in the site YAML, `finetune` / `probe` rounds run DP-SGD (`private_round`:
 `brainjepa.privacy`, the same ledger and budget as pretraining; docs/privacy.md).
+
+A site with `distributed.devices` runs its `finetune` rounds over that many processes (`site_work`,
+`brainjepa.distributed`: rank 0's weights are sent). Probe rounds (a frozen backbone and a BatchNorm head
+that needs the whole batch), evaluation and label statistics stay in one process.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from brainjepa.config import SiteRuntime
+from brainjepa.distributed import RankGroup, launch, rank_devices
 from brainjepa.downstream.data import LabelledSite, load_labelled_site
 from brainjepa.downstream.fit import load_state_vector, site_round, state_vector
 from brainjepa.downstream.model import Backbone, DownstreamModel
 from brainjepa.downstream.train import DownstreamStep, TargetScale, split_metrics
+from brainjepa.errors import InputError
 from brainjepa.federation.contract import MODEL_SET, Metric, RoundSpec, eval_metric_key
 from brainjepa.privacy.dpsgd import DPDownstreamStep
-from brainjepa.privacy.sampling import PoissonSubjects, secret_generators
+from brainjepa.privacy.sampling import PoissonSubjects, generators
 from brainjepa.privacy.session import PrivateRound, ledger_path, run_key
 from brainjepa.weights import model_checksum
-from client.training import RoundRefused, check_model, check_rois, checked_gradients, scan_units, site_device
+from client.training import (
+    ROUND_ERRORS,
+    RoundRefused,
+    check_model,
+    check_rois,
+    checked_gradients,
+    granted_round,
+    scan_units,
+    shared_seeds,
+    site_device,
+)
 from sites.config import SiteConfig
 
 # The architecture of each method without loading pretrained weights (they arrive in the round's vector).
@@ -46,11 +63,22 @@ UNLOADED = {"finetune": "scratch", "probe": "random_probe", "scratch": "scratch"
 class DownstreamSite:
     """A site's labelled data and the round's model, checked against the record (a fresh process per round)."""
 
-    def __init__(self, spec: RoundSpec, site: SiteConfig, runtime: SiteRuntime, gradient_file: Path) -> None:
+    def __init__(
+        self,
+        spec: RoundSpec,
+        site: SiteConfig,
+        runtime: SiteRuntime,
+        gradient_file: Path,
+        group: RankGroup | None = None,
+        seeds: tuple[int, int] | None = None,
+    ) -> None:
+        """`group`: this process is one rank of the round; `seeds`: the DP (sampling, noise) seeds (None:
+        secret ones; tests set them to compare two runs)."""
         m = spec.model
         check_rois(site, m)
         self.grads = checked_gradients(gradient_file, m, spec.gradient_checksum)
-        self.spec, self.name, self.device = spec, site.site, site_device(runtime)
+        self.spec, self.name, self.device = spec, site.site, site_device(runtime, group)
+        self.group, self.seeds = group, seeds
         self.site, self.privacy = site, runtime.privacy
         dt = spec.task_config
         self.task, self.recipe = dt.task, dt.recipe
@@ -89,6 +117,7 @@ class DownstreamSite:
                 spec.total_steps,
                 spec.model.n_frames,
                 self.device,
+                self.group,
             )
         n = len(self.data.train)
         metrics = {
@@ -98,6 +127,7 @@ class DownstreamSite:
             Metric.NUM_EXAMPLES: float(n),
             Metric.WALL_S: time.perf_counter() - t0,
             Metric.SAMPLES_SEEN: float(spec.local_steps * min(self.recipe.batch_size, n)),
+            Metric.PROCESSES: float(self.group.world if self.group else 1),
         }
         return {MODEL_SET: state_vector(model).cpu()}, metrics
 
@@ -108,21 +138,24 @@ class DownstreamSite:
         units = scan_units(self.site, train.ids)
         expected = min(self.recipe.batch_size, int(units.max()) + 1)
         sampler = PoissonSubjects(train.packed(), units, expected, spec.model.n_frames)
-        dp = PrivateRound.open(
-            privacy,
-            ledger_path(privacy, self.site.source, self.name),
-            self.name,
-            run_key(spec.task, spec.model_checksum, spec.gradient_checksum, spec.total_steps, self.recipe.seed),
-            spec.task,
-            spec.round,
-            sampler.sample_rate,
-            spec.local_steps,
-            spec.total_steps - spec.step_start,
+        dp, sigma = granted_round(
+            self.group,
+            lambda: PrivateRound.open(
+                privacy,
+                ledger_path(privacy, self.site.source, self.name),
+                self.name,
+                run_key(spec.task, spec.model_checksum, spec.gradient_checksum, spec.total_steps, self.recipe.seed),
+                spec.task,
+                spec.round,
+                sampler.sample_rate,
+                spec.local_steps,
+                spec.total_steps - spec.step_start,
+            ),
         )
-        rng, noise = secret_generators()
+        rng, noise = generators(shared_seeds(self.seeds, self.group))
         step = DPDownstreamStep(
-            DownstreamStep(model, self.task, spec.total_steps, self.target, self.device, labels=train.y),
-            dp.noise_multiplier,
+            DownstreamStep(model, self.task, spec.total_steps, self.target, self.device, train.y, self.group),
+            sigma,
             privacy.max_grad_norm,
             expected,
             noise,
@@ -134,7 +167,8 @@ class DownstreamSite:
             x, y = (sampler.windows(scans, rng), torch.from_numpy(train.y[scans])) if scans.size else (None, None)
             losses.append(step(x, y, s))
         values = [v for v in torch.stack(losses).tolist() if v == v]  # an empty draw has no loss (NaN)
-        return (sum(values) / len(values) if values else float("nan")), dp.commit()
+        mean = sum(values) / len(values) if values else float("nan")
+        return mean, (dp.commit() if dp is not None else {})  # rank 0 (or the only process) records the round
 
     def evaluate(self, received: dict[str, torch.Tensor]) -> dict[str, float]:
         """The split's metrics and scan count: all that leaves the site at evaluation."""
@@ -166,3 +200,33 @@ class DownstreamSite:
         if self.spec.task == "evaluate":
             return {}, self.evaluate(received)
         return {}, self.label_stats()
+
+
+@dataclass(frozen=True)
+class DownstreamRound:
+    """A downstream round's inputs at the site, picklable: what every rank of a group starts from."""
+
+    spec: RoundSpec
+    site: SiteConfig
+    runtime: SiteRuntime
+    grad_file: Path
+    received: dict[str, torch.Tensor]
+    seeds: tuple[int, int] | None = None
+
+
+def site_work(job: DownstreamRound) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The round's work (`DownstreamSite.run`): a `finetune` round over the site's `distributed.devices`
+    processes when it has several, everything else in this process."""
+    cfg = job.runtime.distributed
+    if job.spec.task != "finetune" or cfg.world == 1:
+        return DownstreamSite(job.spec, job.site, job.runtime, job.grad_file, seeds=job.seeds).run(job.received)
+    try:
+        rank_devices(cfg, job.runtime.device)
+    except InputError as e:
+        raise RoundRefused(f"site config '{job.site.source}': {e}") from e
+    return launch(downstream_rank, job, cfg, job.runtime.device, ROUND_ERRORS)
+
+
+def downstream_rank(group: RankGroup, job: DownstreamRound) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """One rank of a site's fine-tuning round (`brainjepa.distributed.launch`)."""
+    return DownstreamSite(job.spec, job.site, job.runtime, job.grad_file, group, job.seeds).train(job.received)

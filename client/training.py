@@ -1,6 +1,9 @@
 """One site's local work in a round, without Flower: data, models, K JEPA steps, checksums.
 
 The Flower ClientApp (`client.client_app`) only converts between messages and the tensors used here.
+A site YAML's `distributed.devices` runs the round over several processes (`SiteRound.run`, one per GPU
+or gloo processes on a CPU, `brainjepa.distributed`): the same K steps on the same global batches, rank 0's
+weights sent.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,14 +21,18 @@ from torch import nn
 
 from brainjepa.config import ModelConfig, PretrainConfig, SiteRuntime, load_site
 from brainjepa.data import BatchStream, pretraining_stream
+from brainjepa.distributed import RankGroup, launch, rank_devices
 from brainjepa.errors import DataError, InputError
 from brainjepa.federation.contract import SKETCH_LEVELS, SKETCH_QUANTILES, Metric, RoundSpec
 from brainjepa.gradients import gradient_checksum, load_gradients
 from brainjepa.jepa import JEPAModels, PretrainStep, resolve_device
 from brainjepa.prefetch import Prefetcher
-from brainjepa.privacy.sampling import PoissonSubjects, secret_generators, unit_index
+from brainjepa.privacy.budget import BudgetExhausted
+from brainjepa.privacy.sampling import PoissonSubjects, generators, secret_seeds, unit_index
 from brainjepa.privacy.session import PrivateRound, ledger_path, run_key
 from brainjepa.weights import WEIGHT_SETS, flat_parameters, load_flat_parameters, model_checksum
+from client.disk_state import load_state, save_state
+from client.state import pack, restore
 from sites.cohort import check_spread, load_cohort
 from sites.config import SiteConfig
 from sites.layout import read_site_participants, subject_column
@@ -131,7 +139,10 @@ def check_model(mine: str, spec: RoundSpec) -> None:
         )
 
 
-def site_device(runtime: SiteRuntime) -> torch.device:
+def site_device(runtime: SiteRuntime, group: RankGroup | None = None) -> torch.device:
+    """The device this process trains on: the site's (`device`), or its rank's in a group."""
+    if group is not None:
+        return group.device
     try:
         return resolve_device(runtime.device)
     except InputError as e:
@@ -139,17 +150,21 @@ def site_device(runtime: SiteRuntime) -> torch.device:
 
 
 class SiteTrainer:
-    """Models + AdamW of one site for one round (a fresh process per round: state comes from outside)."""
+    """Models + AdamW of one site for one round (a fresh process per round: state comes from outside); with
+    a `group`, one rank of the round (its device, its rows of every batch)."""
 
-    def __init__(self, spec: RoundSpec, gradient_file: Path, runtime: SiteRuntime | None = None) -> None:
+    def __init__(
+        self, spec: RoundSpec, gradient_file: Path, runtime: SiteRuntime | None = None, group: RankGroup | None = None
+    ) -> None:
         runtime = runtime or SiteRuntime()
+        self.group = group
         cfg = spec.task_config
         m = cfg.model
         grads = checked_gradients(gradient_file, m, spec.gradient_checksum)
         self.spec = spec
         self.models = JEPAModels(m, torch.from_numpy(grads))
         check_model(model_checksum(m, self.modules), spec)
-        dev = site_device(runtime)
+        dev = site_device(runtime, group)
         self.perf, self.privacy = runtime.perf, runtime.privacy
         private = self.privacy.enabled  # the DP path is the plain eager fp32 step
         perf = dataclasses.replace(self.perf, compile=False, cuda_graphs=False) if private else self.perf
@@ -161,6 +176,7 @@ class SiteTrainer:
             activation_checkpointing=cfg.train.activation_checkpointing and not private,
             perf=perf,
             precision="fp32" if private else cfg.train.precision,
+            group=group,
         )
 
     @property
@@ -207,9 +223,13 @@ class SiteTrainer:
         }
 
 
-def private_train(trainer: SiteTrainer, data: SiteData, site: SiteConfig) -> dict[str, float]:
+def private_train(
+    trainer: SiteTrainer, data: SiteData, site: SiteConfig, seeds: tuple[int, int] | None = None
+) -> dict[str, float]:
     """The round under DP-SGD (site YAML `privacy.enabled`): granted against the site's ledger (or
-    `BudgetExhausted`), K steps on Poisson-drawn subjects, then recorded on the site's disk and reported."""
+    `BudgetExhausted`), K steps on Poisson-drawn subjects, then recorded on the site's disk and reported.
+    `seeds` (sampling, noise): secret ones drawn here when None (tests give them to compare two runs); over
+    several processes rank 0's are every rank's, and rank 0 alone records the round."""
     spec, cfg, privacy = trainer.spec, trainer.spec.task_config, trainer.privacy
     expected = cfg.train.batch_size * cfg.optim.accumulation_steps
     assert data.units is not None
@@ -219,26 +239,29 @@ def private_train(trainer: SiteTrainer, data: SiteData, site: SiteConfig) -> dic
         )
     except ValueError as e:
         raise RoundRefused(f"site '{site.source}': {e}") from e
-    dp = PrivateRound.open(
-        privacy,
-        ledger_path(privacy, site.source, site.site),
-        site.site,
-        run_key(spec.task, spec.model_checksum, spec.gradient_checksum, spec.total_steps, cfg.train.seed),
-        spec.task,
-        spec.round,
-        sampler.sample_rate,
-        spec.local_steps,
-        spec.total_steps - spec.step_start,
+    dp, sigma = granted_round(
+        trainer.group,
+        lambda: PrivateRound.open(
+            privacy,
+            ledger_path(privacy, site.source, site.site),
+            site.site,
+            run_key(spec.task, spec.model_checksum, spec.gradient_checksum, spec.total_steps, cfg.train.seed),
+            spec.task,
+            spec.round,
+            sampler.sample_rate,
+            spec.local_steps,
+            spec.total_steps - spec.step_start,
+        ),
     )
     from brainjepa.privacy.dpsgd import DPPretrainStep  # here: opacus costs ~1.4 s in every round's process
 
-    rng, noise = secret_generators()
-    step = DPPretrainStep(
-        trainer.step_fn, dp.noise_multiplier, privacy.max_grad_norm, expected, noise, privacy.clip_chunk
-    )
+    rng, noise = generators(shared_seeds(seeds, trainer.group))
+    step = DPPretrainStep(trainer.step_fn, sigma, privacy.max_grad_norm, expected, noise, privacy.clip_chunk)
     t0 = time.perf_counter()
     losses = [step(*sampler.draw(rng), s) for s in range(spec.step_start, spec.step_start + spec.local_steps)]
     values = [v for v in torch.stack(losses).tolist() if v == v]  # an empty draw has no loss (NaN)
+    if dp is None:  # a rank other than 0: rank 0 alone records the round
+        return {}
     metrics = dp.commit()
     log.info(
         "site %s: DP round %d, epsilon %.3f of %s (noise multiplier %.3g, sampling rate %.3g)",
@@ -261,6 +284,79 @@ def private_train(trainer: SiteTrainer, data: SiteData, site: SiteConfig) -> dic
         }
     )
     return metrics
+
+
+def granted_round(group: RankGroup | None, open_round: Callable[[], PrivateRound]) -> tuple[PrivateRound | None, float]:
+    """(the round granted against the site's ledger, its noise multiplier): the only process, or rank 0,
+    opens the ledger (it may write the run's calibrated noise to it); the other ranks get the noise
+    multiplier from rank 0 and no round (None). A refusal (BudgetExhausted) ends rank 0, and the round."""
+    dp = open_round() if group is None or group.rank == 0 else None
+    sigma = dp.noise_multiplier if dp is not None else 0.0
+    return dp, sigma if group is None else group.broadcast_floats([sigma])[0]
+
+
+def shared_seeds(seeds: tuple[int, int] | None, group: RankGroup | None) -> tuple[int, int]:
+    """The DP round's (sampling, noise) seeds: given, or secret; in a group, rank 0's on every rank."""
+    seeds = seeds or secret_seeds()
+    return seeds if group is None else tuple(group.broadcast_ints(seeds))  # type: ignore[return-value]
+
+
+# Errors a rank raises that end the round as themselves (a refusal, a declined budget), not as a failure
+ROUND_ERRORS = (InputError, BudgetExhausted)
+
+
+@dataclass
+class SiteRound:
+    """A pretraining round's inputs at the site, picklable: what every rank of a group starts from."""
+
+    spec: RoundSpec
+    site: SiteConfig
+    runtime: SiteRuntime
+    grad_file: Path
+    received: dict[str, torch.Tensor]
+    optimizer: dict | None  # `client.state.pack` of the run's context (None: a fresh run)
+    scaling: RobustScaling | None = None
+    seeds: tuple[int, int] | None = None  # DP (sampling, noise) seeds; None: secret (tests set them)
+
+    def run(self) -> tuple[dict[str, torch.Tensor], dict[str, float], dict]:
+        """(weight sets, metrics, the optimizer's `pack` after the round), in this process or over the
+        site's `distributed.devices` processes."""
+        if self.runtime.distributed.world == 1:
+            return self.train()
+        try:
+            rank_devices(self.runtime.distributed, self.runtime.device)
+        except InputError as e:
+            raise RoundRefused(f"site config '{self.site.source}': {e}") from e
+        return launch(site_rank, self, self.runtime.distributed, self.runtime.device, ROUND_ERRORS)
+
+    def train(self, group: RankGroup | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float], dict]:
+        """K JEPA steps from the received sets, AdamW moments from the context (or the site's disk: a resumed
+        coordinator's new run); the data scaled with the federation's `scaling`, or the site's own."""
+        spec, site = self.spec, self.site
+        trainer = SiteTrainer(spec, self.grad_file, self.runtime, group)
+        trainer.load_sets(self.received)
+        optimizer = trainer.step_fn.optimizer
+        rounds_done = restore(self.optimizer, optimizer, spec.model_checksum) or load_state(site, spec, optimizer)
+        data = load_site_data(site, spec.task_config, self.scaling)
+        if self.runtime.privacy.enabled:
+            metrics = private_train(trainer, data, site, self.seeds)
+        else:
+            metrics = trainer.train(data)
+        if group is None or group.rank == 0:
+            save_state(site, spec, optimizer, rounds_done + 1)
+        metrics.update(
+            {
+                Metric.NUM_EXAMPLES: float(data.n_subjects),
+                Metric.ROUNDS_DONE: float(rounds_done + 1),
+                Metric.PROCESSES: float(group.world if group else 1),
+            }
+        )
+        return trainer.sets(), metrics, pack(optimizer, spec.model_checksum, rounds_done + 1)
+
+
+def site_rank(group: RankGroup, job: SiteRound) -> tuple[dict[str, torch.Tensor], dict[str, float], dict]:
+    """One rank of a site's pretraining round (`brainjepa.distributed.launch`)."""
+    return job.train(group)
 
 
 def resolve_site(path: str | Path) -> tuple[SiteConfig, SiteRuntime]:

@@ -101,8 +101,8 @@ class SplitConfig:
 
 
 # Top-level keys of a site YAML about how the site trains, not about its data (device, speed switches,
-# privacy budget): `sites` passes them on unparsed and the training side checks them.
-RUNTIME_KEYS = ("device", "perf", "privacy")
+# privacy budget, several devices): `sites` passes them on unparsed and the training side checks them.
+RUNTIME_KEYS = ("device", "perf", "privacy", "distributed")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from brainjepa.cli import app
 from brainjepa.config import MaskConfig, ModelConfig, OptimConfig, PerfConfig
 from brainjepa.jepa import JEPAModels, PretrainStep
 from brainjepa.masks import sample_masks
-from brainjepa.perf.bench import count_step_flops, run_bench, synthetic_batches
+from brainjepa.perf.bench import BenchResult, count_step_flops, format_table, run_bench, synthetic_batches
 from brainjepa.perf.profiling import PHASES
 
 
@@ -66,6 +66,23 @@ def test_bench_profile_writes_phase_table_and_trace(tmp_path) -> None:  # noqa: 
     assert ms["jepa/target"] > 0 and ms["jepa/backward"] > 0
     with gzip.open(run / "trace.json.gz") as f:
         assert json.load(f)["traceEvents"], "empty Chrome trace"
+
+
+@pytest.mark.integration  # 2 spawned processes (gloo)
+def test_bench_on_two_processes_reports_samples_per_s_and_scaling() -> None:
+    """`--processes 1 --processes 2`: the batch split over 2 gloo processes, the whole batch's samples/s and
+    the scaling efficiency against the one-process row (not asserted: speed is measured, never tested)."""
+    cmd = [*TINY_BENCH, "--mode", "eager", "--processes", "1", "--processes", "2", "--json"]
+    result = CliRunner().invoke(app, cmd)
+    assert result.exit_code == 0, result.output
+    rows = [BenchResult(**json.loads(line)) for line in result.output.splitlines() if line.startswith("{")]
+    assert [r.processes for r in rows] == [1, 2] and rows[1].samples_per_s > 0
+    # the whole batch's FLOPs, each rank counting its rows, summed: the one-process count, plus what does
+    # not depend on the batch (the positional projection of the gradients) done once per rank (0.25 % here)
+    assert rows[0].tflop_per_sample > 0
+    assert rows[0].tflop_per_sample < rows[1].tflop_per_sample < 1.01 * rows[0].tflop_per_sample
+    two = [line for line in format_table(rows).splitlines() if line.startswith("| tiny |")][1].split("|")
+    assert two[5].strip() == "2" and two[8].strip() == f"{rows[1].samples_per_s / (2 * rows[0].samples_per_s):.0%}"
 
 
 def test_reference_masks_cost_fewer_flops_than_ours() -> None:

@@ -18,12 +18,15 @@ from harness import FLOWER_ENV, crash_superlink
 from torch.nn.utils import parameters_to_vector
 
 from brainjepa.checkpoint import load_checkpoint
-from brainjepa.config import ModelConfig
+from brainjepa.config import ModelConfig, PretrainConfig
 from brainjepa.demo import prepare_federation
+from brainjepa.federation.contract import Metric, RoundSpec
 from brainjepa.federation.launcher import LocalFederation, write_app_dir
-from brainjepa.gradients import load_gradients, save_gradients
+from brainjepa.gradients import gradient_checksum, load_gradients, save_gradients
 from brainjepa.jepa import JEPAModels
 from brainjepa.schema import from_mapping
+from brainjepa.weights import WEIGHT_SETS, flat_parameters, model_checksum
+from client.training import SiteRound, resolve_site
 from server.config import FederationConfig, to_run_config
 
 pytestmark = pytest.mark.integration  # SuperLink / SuperNodes as real processes
@@ -107,19 +110,22 @@ def flat_sets(state: dict, model_cfg: dict, grads: np.ndarray) -> dict[str, torc
 
 
 def test_two_rounds_weighted_mean_nan_rejected_wrong_gradients_refused(tmp_path: Path, demo) -> None:
-    """Six sites over real transport, two rounds: site_a and site_b train normally, site_c sends NaN
-    (rejected), a fourth site uses another gradient file (refused), a fifth sends its EMA target x 1e4
-    claiming 500 samples (rejected by the target's bound), a sixth its predictor x 1.45 (inside
-    max-update-ratio 0.5; rejected by max-norm-growth). The rejected sites are quarantined: round 2 does
-    not ask them. The global weights must equal the sample-weighted mean of what site_a and site_b sent
-    (dumped by the sites, recomputed here)."""
+    """Six sites over real transport, two rounds: site_a (on 2 processes: `distributed.devices: 2`) and
+    site_b (1 process) train normally, site_c sends NaN (rejected), a fourth site uses another gradient file
+    (refused), a fifth sends its EMA target x 1e4 claiming 500 samples (rejected by the target's bound), a
+    sixth its predictor x 1.45 (inside max-update-ratio 0.5; rejected by max-norm-growth). The rejected
+    sites are quarantined: round 2 does not ask them. The global weights must equal the sample-weighted
+    mean of what site_a and site_b sent (dumped by the sites, recomputed here), and what site_a sent in
+    round 1 equals its round in one process."""
     yamls, grads = demo
     other = tmp_path / "other_gradients.npy"
     g = load_gradients(grads)
     save_gradients(other, g[:, ::-1].copy())  # same shape, other content
     dumps = tmp_path / "dumps"
+    two = yamls[0].with_name(f"site_a_two_processes_{tmp_path.name}.yaml")  # site_a's data, 2 gloo processes
+    two.write_text(yamls[0].read_text() + "distributed: {devices: 2, timeout_s: 120}\n")
     nodes = [
-        {"site-config": str(yamls[0]), "gradients": str(grads), "dump-updates-dir": str(dumps)},
+        {"site-config": str(two), "gradients": str(grads), "dump-updates-dir": str(dumps)},
         {"site-config": str(yamls[1]), "gradients": str(grads), "dump-updates-dir": str(dumps)},
         {"site-config": str(yamls[2]), "gradients": str(grads), "inject-nan": True},
         {"site-config": str(yamls[0]), "gradients": str(other)},
@@ -175,6 +181,32 @@ def test_two_rounds_weighted_mean_nan_rejected_wrong_gradients_refused(tmp_path:
     ]
     assert float(rounds[1]["loss"]) < float(rounds[0]["loss"])
     assert (run_dir / "loss_per_round.png").stat().st_size > 1000
+
+    # site_a trained on 2 processes, site_b on 1; site_a's round-1 update is its round in one process.
+    sent_metrics = {
+        s: json.loads((dumps / "round-001" / f"{s}.json").read_text())["metrics"] for s in ("site_a", "site_b")
+    }
+    assert (sent_metrics["site_a"][Metric.PROCESSES], sent_metrics["site_b"][Metric.PROCESSES]) == (2.0, 1.0)
+    pcfg = from_mapping(PretrainConfig, ckpt["config"], "checkpoint")
+    torch.manual_seed(pcfg.train.seed)  # the server's initial weights
+    init = JEPAModels(pcfg.model, torch.from_numpy(g))
+    sets = {n: flat_parameters(getattr(init, n)) for n in WEIGHT_SETS}
+    spec = RoundSpec(
+        task="pretrain",
+        round=0,
+        num_rounds=2,
+        step_start=0,
+        local_steps=BASE["local_steps"],
+        wire_dtype="float32",
+        model_checksum=model_checksum(pcfg.model, {n: getattr(init, n) for n in WEIGHT_SETS}),
+        gradient_checksum=gradient_checksum(g),
+        task_config=pcfg,
+    )
+    site, runtime = resolve_site(yamls[0])  # one process
+    alone, _, _ = SiteRound(spec, site, runtime, grads, sets, None).run()
+    first = np.load(dumps / "round-001" / "site_a.npz")
+    for name in WEIGHT_SETS:
+        np.testing.assert_allclose(first[name], alone[name].numpy(), rtol=0, atol=2e-5)
 
 
 def test_site_killed_mid_round_then_server_killed_and_resumed(tmp_path: Path, demo) -> None:

@@ -155,7 +155,7 @@ def test_runtime_sections_are_the_training_sides(tmp_path):
     assert load_site_config(p).site == "site_x"  # data commands (prepare, synth) do not need them
     with pytest.raises(ConfigError, match="perf.compile"):
         load_site(p)
-    assert set(RUNTIME_KEYS) == {"device", "perf", "privacy"}
+    assert set(RUNTIME_KEYS) == {"device", "perf", "privacy", "distributed"}
 
 
 @pytest.mark.parametrize("reader", [load_site, load_site_config], ids=["load_site", "load_site_config"])

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from brainjepa.distributed import RankGroup
 from brainjepa.downstream.config import DownstreamConfig, TaskSpec
 from brainjepa.downstream.data import LabelledSite, Split, TrainBatches
 from brainjepa.downstream.metrics import PRIMARY, is_better
@@ -99,14 +100,16 @@ def site_round(
     total: int,
     n_frames: int,
     device: torch.device | str = "cpu",
+    group: RankGroup | None = None,
 ) -> float:
     """`n_steps` optimizer steps of `model` on the site's training scans from global step `start`;
     returns the mean loss (one host sync). Drop-path draws from torch's RNG, seeded by (recipe seed,
-    round position, site name): the same draws in this process and at a Flower site."""
+    round position, site name): the same draws in this process, at a Flower site and on every rank of
+    a `group` (`brainjepa.distributed`: each trains on its rows of the same batches)."""
     r = model.recipe
     seed = np.random.SeedSequence([r.seed, start, zlib.crc32(site.site.encode())])
     torch.manual_seed(int(seed.generate_state(1)[0]))
-    step_fn = DownstreamStep(model, site.task, total, target, device, labels=site.train.y)
+    step_fn = DownstreamStep(model, site.task, total, target, device, labels=site.train.y, group=group)
     batches = TrainBatches(site.train, n_frames, r.batch_size, r.seed)
     losses = [step_fn(*batches[s], s) for s in range(start, start + n_steps)]
     return float(torch.stack(losses).mean())

@@ -18,10 +18,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from brainjepa.distributed import RankGroup
 from brainjepa.downstream.config import DownstreamConfig, TaskSpec
 from brainjepa.downstream.data import Split, eval_windows
 from brainjepa.downstream.metrics import METRICS, classification_metrics, regression_metrics
 from brainjepa.downstream.model import DownstreamModel, param_groups
+from brainjepa.errors import ConfigError
+from brainjepa.vit import set_batch_rows
 
 
 @dataclass(frozen=True)
@@ -69,12 +72,19 @@ class DownstreamStep:
         target: TargetScale,
         device: torch.device | str,
         labels: np.ndarray,
+        group: RankGroup | None = None,
     ) -> None:
-        """`labels`: (N,) the training labels this optimizer sees, for the class weights (`class_weights`)."""
-        self.model, self.task, self.total_steps, self.target = model, task, total_steps, target
+        """`labels`: (N,) the training labels this optimizer sees, for the class weights (`class_weights`).
+        With a `group` (`brainjepa.distributed`), each rank trains on its rows of the global batch and the
+        gradients are summed over the ranks: one process's step on the whole batch, to float rounding."""
+        self.model, self.task, self.total_steps, self.target, self.group = model, task, total_steps, target, group
         self.device = torch.device(device)
         model.to(self.device)
         self.optimizer = torch.optim.AdamW(param_groups(model), lr=0.0)
+        if group is not None and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            raise ConfigError(
+                "a probe's BatchNorm head normalises with its batch's statistics: probe rounds train in one process"
+            )
         w = class_weights(task, model.recipe, labels)
         self.weight = None if w is None else w.to(self.device)
 
@@ -92,8 +102,19 @@ class DownstreamStep:
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g["lr_scale"]
         self.model.train()
-        loss = self.loss(self.model(x.to(self.device)), y.to(self.device))
-        loss.backward()
+        if self.group is None:
+            loss = self.loss(self.model(x.to(self.device)), y.to(self.device))
+            loss.backward()
+        else:  # this rank's rows; stochastic depth draws the whole batch's masks and keeps its rows
+            rows, share = self.group.rows(len(x)), self.group.share(len(x))
+            if not share:
+                raise ConfigError(f"a batch of {len(x)} cannot be split over {self.group.world} processes")
+            set_batch_rows(self.model, (rows.start, rows.stop, len(x)))
+            loss = self.loss(self.model(x[rows].to(self.device)), y[rows].to(self.device)) * share  # x (b, R, T)
+            loss.backward()
+            set_batch_rows(self.model, None)
+            loss = loss.detach()
+            self.group.sum_grads([p for g in self.optimizer.param_groups for p in g["params"]], extra=[loss])
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()

@@ -105,6 +105,7 @@ class Metric:
     BYTES_RECEIVED = "bytes-received"
     BYTES_SENT = "bytes-sent"
     ROUNDS_DONE = "rounds-done"  # rounds this site has trained in this run (its own count)
+    PROCESSES = "processes"  # processes (devices) the site trained the round on (its `distributed.devices`)
     # Site-side differential privacy: the site's accountant, over the whole federation so far.
     EPSILON_SPENT = "epsilon-spent"
     EPSILON_BUDGET = "epsilon-budget"

@@ -4,6 +4,9 @@ One optimizer step per batch with the default masking, random inputs of R x T, e
 reference's figures in the reference GPU figures in docs/performance.md were taken; eager or the fast path
 (`brainjepa.fastpath`), our masks or the reference's (for a like-for-like FLOP budget). FLOPs are counted once with
 torch's FlopCounterMode over a whole step (forward, backward; the optimizer adds no matmul FLOPs).
+With `processes` > 1 the step runs over that many ranks of this machine (`brainjepa.distributed`: GPUs,
+or gloo processes on a CPU), the batch split over them: samples/s is the whole batch's, and the scaling
+efficiency is samples/s over `processes` x the one-process figure.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from brainjepa.config import MaskConfig, ModelConfig, OptimConfig, PerfConfig
+from brainjepa.config import DistributedConfig, MaskConfig, ModelConfig, OptimConfig, PerfConfig
+from brainjepa.distributed import RankGroup, launch
 from brainjepa.fastpath import attention_backends
 from brainjepa.jepa import JEPAModels, PretrainStep
 from brainjepa.masks import sample_masks
@@ -48,13 +52,14 @@ class BenchResult:
     tflops_per_s: float
     tflop_per_sample: float
     peak_memory_gib: float
-    memory_kind: str  # "cuda max allocated" or "process peak RSS"
+    memory_kind: str  # "cuda max allocated", "process peak RSS" or "rank 0 peak RSS"
     encoder_params: int
     predictor_params: int
     context_tokens: float
     target_tokens: float
     step_ms: float
     first_step_s: float  # wall time of the first step: compilation, cuDNN plans, allocator warm-up
+    processes: int = 1  # ranks the batch was split over (memory: rank 0's)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -118,11 +123,17 @@ def fast_perf(
     )
 
 
-def _eager_step_flops(models: JEPAModels, batches: list[MicroBatches], device: torch.device) -> int:
-    """FLOPs of plain eager steps on `batches` (the anchor's counter), summed, with an optimizer that is
-    then freed. Our token counts change per batch, so the timed batches themselves are counted."""
-    step_fn = PretrainStep(models, OptimConfig(), total_steps=1000, device=device)
+def _eager_step_flops(
+    models: JEPAModels, batches: list[MicroBatches], device: torch.device, group: RankGroup | None = None
+) -> int:
+    """FLOPs of plain eager steps on `batches` (the anchor's counter), summed (over the ranks too), with an
+    optimizer that is then freed. Our token counts change per batch, so the timed batches are counted."""
+    step_fn = PretrainStep(models, OptimConfig(), total_steps=1000, device=device, group=group)
     flops = sum(count_step_flops(lambda mb=mb: step_fn(mb, 0)) for mb in batches)
+    if group is not None:  # each rank counted its rows
+        total = torch.tensor([float(flops)])
+        group.sum_([total])
+        flops = int(total.item())
     step_fn.optimizer.state.clear()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -157,11 +168,19 @@ def run_bench(
     perf: PerfConfig | None = None,
     reference_masks: bool = False,
     profile_dir: Path | None = None,
+    processes: int = 1,
+    group: RankGroup | None = None,
 ) -> BenchResult:
     """Time `steps` optimizer steps after `warmup` untimed ones; batches are built by the same
     background prefetcher as in training, so mask sampling is timed only where it is not hidden.
-    With `profile_dir`, three more steps run under torch.profiler (`brainjepa.perf.profiling`)."""
-    dev = torch.device(device)
+    With `profile_dir`, three more steps run under torch.profiler (`brainjepa.perf.profiling`).
+    With `processes` > 1, over that many ranks (one process per device): rank 0's figures."""
+    if processes > 1 and group is None:
+        if profile_dir is not None:
+            raise ValueError("bench: profiling runs in one process (processes 1)")
+        job = {k: v for k, v in locals().items() if k not in ("processes", "group")}
+        return launch(_bench_rank, job, DistributedConfig(devices=processes), device)
+    dev = torch.device(device) if group is None else group.device
     perf = perf or PerfConfig(attention="default")
     cfg = ModelConfig(size=size, n_rois=n_rois, n_frames=n_frames)
     g = torch.Generator().manual_seed(seed)
@@ -171,7 +190,7 @@ def run_bench(
     warmup = max(1, warmup)
 
     timed = range(1 + warmup, 1 + warmup + steps)
-    flops = _eager_step_flops(models, [make(s) for s in timed], dev) / steps  # per timed step, on average
+    flops = _eager_step_flops(models, [make(s) for s in timed], dev, group) / steps  # per timed step, on average
     step_fn = PretrainStep(
         models,
         OptimConfig(),
@@ -179,6 +198,7 @@ def run_bench(
         device=dev,
         activation_checkpointing=activation_checkpointing,
         perf=perf,
+        group=group,
     )
     batches = iter(Prefetcher(make, range(1, 1 + warmup + steps), perf.prefetch, pin=dev.type == "cuda"))
     tokens = []
@@ -202,6 +222,8 @@ def run_bench(
         peak, kind = torch.cuda.max_memory_allocated(dev) / 2**30, "cuda max allocated"
     else:
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process peak RSS"
+        if group is not None:  # a spawned rank inherits its launcher's ru_maxrss; its own memory's peak:
+            peak, kind = _own_peak_rss_kib() / 2**20, "rank 0 peak RSS"
     if profile_dir is not None:
         n = 1 + warmup + steps
         profile_steps(step_fn, make, range(n, n + 3), dev, profile_dir)
@@ -222,22 +244,41 @@ def run_bench(
         target_tokens=sum(t for _, t in tokens) / len(tokens),
         step_ms=per_step * 1e3,
         first_step_s=first_step_s,
+        processes=1 if group is None else group.world,
     )
+
+
+def _own_peak_rss_kib() -> float:
+    """This process's own peak resident memory (Linux VmHWM, KiB; not inherited across fork + exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return float(line.split()[1])
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def _bench_rank(group: RankGroup, job: dict) -> BenchResult:
+    """One rank of a multi-process bench (`brainjepa.distributed.launch`)."""
+    return run_bench(**job, group=group)
 
 
 def format_table(results: list[BenchResult]) -> str:
-    """Markdown table; `x eager` is samples/s over the eager row of the same size, batch and masks."""
-    eager = {(r.size, r.batch, r.masks): r.samples_per_s for r in results if r.mode == "eager"}
+    """Markdown table; `x eager` is samples/s over the eager row of the same size, batch, masks and processes;
+    `scaling` is samples/s over processes x the one-process row of the same size, batch, masks and mode."""
+    eager = {(r.size, r.batch, r.masks, r.processes): r.samples_per_s for r in results if r.mode == "eager"}
+    alone = {(r.size, r.batch, r.masks, r.mode): r.samples_per_s for r in results if r.processes == 1}
     head = (
-        "| model | batch | masks | mode | samples/s | x eager | achieved TFLOP/s | TFLOP/sample | peak memory "
-        "| first step | encoder / predictor params |"
+        "| model | batch | masks | mode | processes | samples/s | x eager | scaling | achieved TFLOP/s | TFLOP/sample "
+        "| peak memory | first step | encoder / predictor params |"
     )
-    rows = [head, "|" + "---|" * 11]
+    rows = [head, "|" + "---|" * 13]
     for r in results:
-        base = eager.get((r.size, r.batch, r.masks))
+        base = eager.get((r.size, r.batch, r.masks, r.processes))
         ratio = f"{r.samples_per_s / base:.2f}" if base else "-"
+        one = alone.get((r.size, r.batch, r.masks, r.mode))
+        scaling = f"{r.samples_per_s / (r.processes * one):.0%}" if one and r.processes > 1 else "-"
         rows.append(
-            f"| {r.size} | {r.batch} | {r.masks} | {r.mode} | {r.samples_per_s:.2f} | {ratio} | {r.tflops_per_s:.3f} | "
+            f"| {r.size} | {r.batch} | {r.masks} | {r.mode} | {r.processes} | {r.samples_per_s:.2f} | {ratio} | "
+            f"{scaling} | {r.tflops_per_s:.3f} | "
             f"{r.tflop_per_sample:.3f} | {r.peak_memory_gib:.2f} GiB ({r.memory_kind}) | {r.first_step_s:.1f} s | "
             f"{r.encoder_params / 1e6:.1f} M / {r.predictor_params / 1e6:.1f} M |"
         )

@@ -81,6 +81,15 @@ def bench(
             "profile.md (time per phase and op) in a subfolder here."
         ),
     ] = None,
+    processes: Annotated[
+        list[int],
+        typer.Option(
+            "--processes",
+            help="Ranks the batch is split over (brainjepa.distributed): GPUs of this machine with "
+            "--device cuda, gloo processes on a CPU. Repeat (--processes 1 --processes 2) for the scaling "
+            "efficiency: samples/s over N x the one-process figure.",
+        ),
+    ] = [1],  # noqa: B006
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per line instead of a table.")] = False,
 ) -> None:
     """Time the pretraining step (one optimizer step per batch, default masking, random inputs):
@@ -99,29 +108,36 @@ def bench(
         }
     except InputError as e:
         raise _fail(e) from e
+    if profile and max(processes) > 1:
+        raise _fail(ValueError("--profile: profiling runs in one process; leave --processes at 1"))
     results = []
     for s in size:
         for b in batch:
             for m in modes[mode]:
-                where = profile / f"{s}-b{b}-{m}" if profile else None
-                r = run_bench(
-                    size=s,
-                    batch=b,
-                    device=device,
-                    steps=steps,
-                    warmup=warmup,
-                    n_rois=rois,
-                    n_frames=frames,
-                    activation_checkpointing=checkpointing,
-                    perf=perfs[m],
-                    reference_masks=reference_masks,
-                    profile_dir=where,
-                )
-                results.append(r)
-                if as_json:
-                    typer.echo(json.dumps(r.as_dict()))
-                if where:
-                    typer.echo(f"profile of {s} batch {b} {m}: {where / 'profile.md'}", err=True)
+                for n in processes:
+                    where = profile / f"{s}-b{b}-{m}" if profile else None
+                    try:
+                        r = run_bench(
+                            size=s,
+                            batch=b,
+                            device=device,
+                            steps=steps,
+                            warmup=warmup,
+                            n_rois=rois,
+                            n_frames=frames,
+                            activation_checkpointing=checkpointing,
+                            perf=perfs[m],
+                            reference_masks=reference_masks,
+                            profile_dir=where,
+                            processes=n,
+                        )
+                    except InputError as e:  # e.g. more processes than the batch has rows, or devices
+                        raise _fail(e) from e
+                    results.append(r)
+                    if as_json:
+                        typer.echo(json.dumps(r.as_dict()))
+                    if where:
+                        typer.echo(f"profile of {s} batch {b} {m}: {where / 'profile.md'}", err=True)
     if not as_json:
         typer.echo(format_table(results))
 

@@ -15,6 +15,11 @@ gradients, ghost clipping's class of memory).
 The DP path is the plain eager step: no compiled blocks, no activation recomputation, and attention as
 explicit matmul-softmax (`Attention.use_sdpa = False`; SDPA has no vmap batching rule and would fall
 back to a per-sample loop): the same maths to float rounding.
+
+Over several processes (`brainjepa.distributed`) every rank is given the step's whole Poisson draw, computes
+and clips the per-sample gradients of its rows, and the clipped sums are added over the ranks BEFORE the
+noise; every rank then adds the same noise (one generator, seeded alike on every rank): one noise draw
+per step over the whole batch, exactly the single-process release.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from brainjepa.attention import Attention
+from brainjepa.distributed import RankGroup
 from brainjepa.downstream.model import DownstreamModel
 from brainjepa.downstream.train import DownstreamStep, lr_at
 from brainjepa.jepa import PretrainStep
@@ -105,14 +111,31 @@ class DPGradients:
         for p in self.dp.params:
             p.grad_sample = None
 
-    def release(self, expected_batch: float) -> None:
+    def release(self, expected_batch: float, group: RankGroup | None = None, extra: list[torch.Tensor] = ()) -> None:
+        """With a `group`: the clipped sums (and the `extra` tensors) are first summed over the ranks."""
         for p in self.dp.params:  # an empty Poisson draw: nothing summed, noise only
             if p.summed_grad is None:
                 p.summed_grad = torch.zeros_like(p)
+        if group is not None:
+            group.sum_([p.summed_grad for p in self.dp.params] + list(extra))
         self.dp.add_noise()
         for p in self.dp.params:
             p.grad /= expected_batch
             p.summed_grad = None
+
+
+def release(
+    grads: DPGradients, expected: float, group: RankGroup | None, losses: list[torch.Tensor], device: torch.device
+) -> torch.Tensor:
+    """Noise the clipped sum (summed over the ranks first, with the per-sample losses' sum and count);
+    the mean per-sample loss of the whole draw, NaN when nobody was drawn."""
+    if group is None:
+        grads.release(expected)
+        return torch.cat(losses).mean() if losses else torch.full((), float("nan"))
+    per_sample = torch.cat(losses) if losses else torch.zeros(0, device=device)
+    tally = torch.stack([per_sample.sum(), torch.tensor(float(len(per_sample)), device=device)])  # (2,)
+    grads.release(expected, group, [tally])
+    return tally[0] / tally[1] if tally[1] > 0 else torch.full((), float("nan"))
 
 
 class OnlineJEPA(nn.Module):
@@ -170,6 +193,9 @@ class DPPretrainStep:
         s.set_schedule(point)
         self.online.train()
         losses = []
+        if x is not None and masks is not None and s.group is not None:  # this rank's rows of the draw
+            rows = s.group.rows(len(x))
+            x, masks = x[rows], masks.rows(rows)  # (b_rank, R, T)
         if x is not None and masks is not None and len(x):
             x, masks = x.to(s.device), masks.to(s.device)
             with torch.no_grad():
@@ -183,11 +209,11 @@ class DPPretrainStep:
                 )
                 self.grads.accumulate(g)
                 losses.append(loss)
-        self.grads.release(self.expected_batch)
+        loss = release(self.grads, self.expected_batch, s.group, losses, s.device)
         s.optimizer.step()
         s.optimizer.zero_grad(set_to_none=True)
         s.ema_update(point.momentum)
-        return torch.cat(losses).mean() if losses else torch.full((), float("nan"))
+        return loss
 
 
 class DownstreamForward(nn.Module):
@@ -249,6 +275,9 @@ class DPDownstreamStep:
             g["lr"] = lr * g["lr_scale"]
         self._train_mode()
         losses = []
+        if x is not None and y is not None and s.group is not None:  # this rank's rows of the draw
+            rows = s.group.rows(len(x))
+            x, y = x[rows], y[rows]  # (b_rank, R, T), (b_rank,)
         if x is not None and y is not None and len(x):
             x, y = x.to(s.device), y.to(s.device)
             c = self.chunk or len(x)
@@ -258,7 +287,7 @@ class DPDownstreamStep:
                 )
                 self.grads.accumulate(g)
                 losses.append(loss)
-        self.grads.release(self.expected_batch)
+        loss = release(self.grads, self.expected_batch, s.group, losses, s.device)
         s.optimizer.step()
         s.optimizer.zero_grad(set_to_none=True)
-        return torch.cat(losses).mean() if losses else torch.full((), float("nan"))
+        return loss

@@ -24,9 +24,20 @@ from brainjepa.masks import Masks, sample_masks
 from sites.windows import PackedSeries, random_windows
 
 
+def secret_seeds() -> tuple[int, int]:
+    """(sampling seed, noise seed) from the OS's entropy (63 bits each: they travel between a site's
+    processes as int64, `brainjepa.distributed.RankGroup.broadcast_ints`)."""
+    return secrets.randbits(63), secrets.randbits(63)
+
+
+def generators(seeds: tuple[int, int]) -> tuple[np.random.Generator, torch.Generator]:
+    """(numpy generator for sampling, torch generator for noise) from (sampling seed, noise seed)."""
+    return np.random.default_rng(seeds[0]), torch.Generator().manual_seed(seeds[1])
+
+
 def secret_generators() -> tuple[np.random.Generator, torch.Generator]:
     """(numpy generator for sampling, torch generator for noise), seeded from the OS's entropy."""
-    return np.random.default_rng(secrets.randbits(128)), torch.Generator().manual_seed(secrets.randbits(63))
+    return generators(secret_seeds())
 
 
 def unit_index(units: Sequence[str]) -> np.ndarray:

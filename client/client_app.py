@@ -34,8 +34,6 @@ from brainjepa.federation.contract import (
     ErrorCode,
     Metric,
     RoundSpec,
-    decode_global,
-    encode_update,
     scaling_from_arrays,
 )
 from brainjepa.privacy.budget import BudgetExhausted
@@ -44,6 +42,7 @@ from client.redact import scrub
 from client.secagg import is_secure, secure_train
 from client.state import load_optimizer, save_optimizer
 from client.training import RoundRefused, SiteTrainer, load_site_data, private_train, resolve_site, site_sketch
+from client.wire import receive, send
 from sites.config import SiteConfig
 from sites.scaling import RobustScaling
 
@@ -87,7 +86,7 @@ def run_round(msg: Message, context: Context) -> Message:
     spec = RoundSpec.from_record(msg.content[CONFIG])
     site_yaml, grad_file = site_paths(context)
     site, runtime = resolve_site(site_yaml)
-    received = decode_global(msg.content[ARRAYS].to_torch_state_dict())
+    received = receive(spec, msg.content[ARRAYS].to_torch_state_dict(), context.state)  # int8: vs its reference
     if spec.task == "scaling-stats":  # statistics, not weights: float64 as computed, no wire encoding
         sets, metrics = site_sketch(site, spec.task_config)
         arrays = ArrayRecord(sets)
@@ -99,7 +98,7 @@ def run_round(msg: Message, context: Context) -> Message:
             from client.downstream import DownstreamSite  # here: a pretraining round's process never imports sklearn
 
             sets, metrics = DownstreamSite(spec, site, runtime, grad_file).run(received)
-        arrays = ArrayRecord(encode_update(sets, received, spec.wire_dtype))
+        arrays = ArrayRecord(send(spec, sets, received, context.state))  # int8: with error feedback
     metrics.update(
         {
             Metric.ROUND_WALL_S: time.perf_counter() - t0,

@@ -9,6 +9,7 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 
 from brainjepa.config import ModelConfig, OptimConfig, PretrainConfig, TrainConfig
+from brainjepa.demo import prepare_federation
 from brainjepa.errors import ConfigError
 from brainjepa.federation.compression import (
     QUANT_BLOCK,
@@ -20,6 +21,10 @@ from brainjepa.federation.compression import (
     quantize,
 )
 from brainjepa.federation.contract import ContractError, RoundSpec, decode_update, encode_global, encode_update
+from brainjepa.gradients import gradient_checksum, load_gradients
+from brainjepa.jepa import JEPAModels
+from brainjepa.weights import WEIGHT_SETS, flat_parameters, model_checksum
+from client.training import SiteTrainer, load_site_data, resolve_site
 from client.wire import receive, send
 from server.config import FederationConfig
 from server.downlink import Downlink
@@ -185,3 +190,33 @@ def test_int8_is_refused_with_secure_aggregation_and_downstream_runs() -> None:
     FederationConfig(wire_dtype="int8", central_dp=True, strategy="fedavg")  # composes: decoded before the clip
     FederationConfig(wire_dtype="int8", strategy="median")
     assert encode_global(_sets(np.random.default_rng(6)), "int8")["encoder"].dtype == torch.float32  # the resync form
+
+
+@pytest.mark.slow  # a generated site and one training step in-process
+def test_training_leaves_the_received_weights_untouched(tmp_path) -> None:
+    """The site's deltas (fp16, int8) are trained - received: training must not write into `received`
+    (the parameters are views of what they were loaded from)."""
+    demo = prepare_federation(tmp_path, n_sites=1, subjects=4, n_rois=20, n_frames=32, n_components=4, seed=1)
+    (site_yaml,) = sorted(tmp_path.glob("*/*.yaml"))
+    model = ModelConfig(n_rois=20, n_frames=32, gradient_components=4)
+    cfg = PretrainConfig(model=model, optim=OptimConfig(lr=1e-3), train=TrainConfig(steps=2, batch_size=2))
+    g = load_gradients(demo.gradients, 20, 4)
+    models = JEPAModels(model, torch.from_numpy(g))
+    checksum = model_checksum(model, {n: getattr(models, n) for n in WEIGHT_SETS})
+    spec = _spec(
+        wire_dtype="float16",
+        task_config=cfg,
+        num_rounds=2,
+        local_steps=1,
+        model_checksum=checksum,
+        gradient_checksum=gradient_checksum(g),
+    )
+    received = {n: flat_parameters(getattr(models, n)) for n in WEIGHT_SETS}
+    kept = {k: v.clone() for k, v in received.items()}
+    site, runtime = resolve_site(site_yaml)
+    trainer = SiteTrainer(spec, demo.gradients, runtime)
+    trainer.load_sets(received)
+    trainer.train(load_site_data(site, cfg))
+    assert all(torch.equal(received[k], kept[k]) for k in WEIGHT_SETS)
+    delta = encode_update(trainer.sets(), received, "float16")
+    assert float(delta["encoder"].abs().max()) > 0 and float(delta["target"].abs().max()) > 0

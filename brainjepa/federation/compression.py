@@ -30,6 +30,7 @@ import torch
 
 QUANT_BLOCK = 2048  # values per fp32 scale
 QUANT_LEVELS = 127  # codes in [-127, 127] (symmetric: -128 unused)
+CHUNK_BLOCKS = 256  # blocks quantised at a time (2 MiB of fp32)
 SCALE_SUFFIX = ".scale"
 
 
@@ -38,21 +39,36 @@ def n_blocks(n: int) -> int:
 
 
 def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(P,) float -> (codes (P,) int8, scales (ceil(P / QUANT_BLOCK),) fp32), round to nearest."""
+    """(P,) float -> (codes (P,) int8, scales (ceil(P / QUANT_BLOCK),) fp32), round to nearest. Works through
+    the vector CHUNK_BLOCKS blocks at a time (a cache-sized working set, no full-size temporaries)."""
     x = x.detach().float().reshape(-1)
     n, nb = x.numel(), n_blocks(x.numel())
-    padded = torch.nn.functional.pad(x, (0, nb * QUANT_BLOCK - n)).view(nb, QUANT_BLOCK)  # (nb, B)
-    if not bool(torch.isfinite(padded).all()):
+    codes = torch.empty(n, dtype=torch.int8)
+    scales = torch.empty(nb, dtype=torch.float32)
+    for b0 in range(0, nb, CHUNK_BLOCKS):
+        b1 = min(nb, b0 + CHUNK_BLOCKS)
+        lo, hi = b0 * QUANT_BLOCK, min(n, b1 * QUANT_BLOCK)
+        rows = _rows(x[lo:hi])  # (b1 - b0, QUANT_BLOCK)
+        amax = rows.abs().amax(dim=1)  # NaN / Inf propagate: checked once below
+        scales[b0:b1] = amax / QUANT_LEVELS
+        inv = torch.where(amax > 0, QUANT_LEVELS / amax, torch.zeros_like(amax))
+        q = (rows * inv[:, None]).round_().clamp_(-QUANT_LEVELS, QUANT_LEVELS)  # (b1 - b0, QUANT_BLOCK)
+        codes[lo:hi] = q.view(-1)[: hi - lo]
+    if not bool(torch.isfinite(scales).all()):
         raise ValueError("delta has non-finite values: it cannot be quantised")
-    scales = padded.abs().amax(dim=1) / QUANT_LEVELS  # (nb,)
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    codes = torch.round(padded / safe[:, None]).clamp_(-QUANT_LEVELS, QUANT_LEVELS).to(torch.int8)
-    return codes.view(-1)[:n].clone(), scales
+    return codes, scales
+
+
+def _rows(chunk: torch.Tensor) -> torch.Tensor:
+    """(m,) -> (ceil(m / QUANT_BLOCK), QUANT_BLOCK), zero-padded at the end."""
+    pad = (-chunk.numel()) % QUANT_BLOCK
+    return (torch.nn.functional.pad(chunk, (0, pad)) if pad else chunk).view(-1, QUANT_BLOCK)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, n: int, name: str = "delta") -> torch.Tensor:
-    """Codes and scales -> (n,) fp32; a malformed pair (dtype, length, code range, scale not finite or
-    negative) is a ValueError naming `name` and what is wrong."""
+    """Codes and scales -> (n,) fp32 (each value one IEEE multiply: both ends decode bit for bit alike);
+    a malformed pair (dtype, length, code range, scale not finite or negative) is a ValueError naming
+    `name` and what is wrong."""
     if codes.dtype != torch.int8 or scales.dtype != torch.float32:
         raise ValueError(f"'{name}': codes {codes.dtype} / scales {scales.dtype}, expected int8 / float32")
     if codes.dim() != 1 or codes.numel() != n:
@@ -64,10 +80,16 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, n: int, name: str = "d
         )
     if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
         raise ValueError(f"'{name}{SCALE_SUFFIX}': scales must be finite and >= 0 (got NaN, Inf or negative)")
-    if bool((codes == -128).any()):
+    if n and int(codes.min()) == -128:
         raise ValueError(f"'{name}': code -128 outside the symmetric range [-{QUANT_LEVELS}, {QUANT_LEVELS}]")
-    padded = torch.nn.functional.pad(codes.float(), (0, nb * QUANT_BLOCK - n)).view(nb, QUANT_BLOCK)  # (nb, B)
-    return (padded * scales[:, None]).view(-1)[:n].clone()
+    out = torch.empty(n, dtype=torch.float32)
+    full = n // QUANT_BLOCK
+    if full:
+        out[: full * QUANT_BLOCK].view(full, QUANT_BLOCK).copy_(codes[: full * QUANT_BLOCK].view(full, QUANT_BLOCK))
+        out[: full * QUANT_BLOCK].view(full, QUANT_BLOCK).mul_(scales[:full, None])
+    if n > full * QUANT_BLOCK:  # the last, partial block
+        out[full * QUANT_BLOCK :] = codes[full * QUANT_BLOCK :].float() * scales[full]
+    return out
 
 
 def encode_deltas(deltas: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -103,9 +125,11 @@ def feedback_step(
         owed = d.float()
         if residual is not None and name in residual and residual[name].numel() == owed.numel():
             owed = owed + residual[name]
+        else:
+            owed = owed.clone()  # becomes the residual, in place
         codes, scales = quantize(owed)
         payload[name], payload[name + SCALE_SUFFIX] = codes, scales
-        new_residual[name] = owed - dequantize(codes, scales, owed.numel(), name)
+        new_residual[name] = owed.sub_(dequantize(codes, scales, owed.numel(), name))
     return payload, new_residual
 
 

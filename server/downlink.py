@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from brainjepa.federation.compression import decode_deltas, encode_deltas, weights_checksum
+from brainjepa.federation.compression import SCALE_SUFFIX, dequantize, quantize, weights_checksum
 from brainjepa.federation.contract import RoundSpec
 
 log = logging.getLogger(__name__)
@@ -55,12 +55,18 @@ class Downlink:
 
     def prepare(self, sets: Mapping[str, torch.Tensor], spec: RoundSpec) -> tuple[RoundSpec, DownlinkRound]:
         """The round's payloads for the global `sets`, and `spec` with their checksums."""
-        if self.reference is None or set(self.reference) != set(sets):
+        ref = self.reference
+        if ref is None or set(ref) != set(sets):
             full, delta, base = {k: v.detach().float().clone() for k, v in sets.items()}, None, ""
-        else:
-            delta = encode_deltas({k: sets[k] - self.reference[k] for k in sets})
-            decoded = decode_deltas(delta, {k: v.numel() for k, v in sets.items()})
-            full, base = {k: self.reference[k] + decoded[k] for k in sets}, self.checksum
+        else:  # one set at a time: temporaries of one set, not three
+            full, delta, base = {}, {}, self.checksum
+            for k in sets:
+                codes, scales = quantize(sets[k] - ref[k])
+                delta[k], delta[k + SCALE_SUFFIX] = codes, scales
+                full[k] = dequantize(codes, scales, codes.numel(), k).add_(ref[k])
+        # the old reference is not needed again: the next round's base is this one (after `commit`), and a
+        # round that fails before it sends resyncs every site
+        self.reference, ref = None, None
         down = DownlinkRound(full, delta, weights_checksum(full), self.holders)
         return dataclasses.replace(spec, weights_checksum=down.checksum, wire_base=base), down
 

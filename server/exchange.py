@@ -107,9 +107,12 @@ def exchange(
     share = cfg.fraction_sites if fraction is None else fraction
     sampled = sample_nodes(nodes, share, cfg.min_sites, np.random.default_rng([cfg.seed, spec.round]))
     conf = ConfigRecord(spec.to_record())
-    full = ArrayRecord(encode_global(sets if downlink is None else downlink.full, spec.wire_dtype))
     delta = ArrayRecord(downlink.delta) if downlink is not None and downlink.delta is not None else None
-    arrays = {node: delta if delta is not None and node in downlink.holders else full for node in sampled}  # type: ignore[union-attr]
+    in_sync = {node for node in sampled if delta is not None and node in downlink.holders}  # type: ignore[union-attr]
+    full = None  # the fp32 (fp16) record: built only when a sampled site needs it
+    if len(in_sync) < len(sampled):
+        full = ArrayRecord(encode_global(sets if downlink is None else downlink.full, spec.wire_dtype))
+    arrays = {node: delta if node in in_sync else full for node in sampled}
     extra = {name: ArrayRecord(dict(tensors)) for name, tensors in (records or {}).items()}
     sent = {node: a.count_bytes() + sum(r.count_bytes() for r in extra.values()) for node, a in arrays.items()}
     log.info(

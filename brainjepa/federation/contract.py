@@ -382,7 +382,7 @@ def decode_update(
     if wire_dtype == "int8" and master:  # every set of `master`, as int8 codes + scales
         sets = {k: v for k, v in payload.items() if k not in STAT_ARRAYS}
         deltas = decode_deltas(sets, {k: v.numel() for k, v in master.items()})
-        out = {name: master[name] + d for name, d in deltas.items()}
+        out = {name: d.add_(master[name]) for name, d in deltas.items()}  # in place: no second copy
         payload = {k: v for k, v in payload.items() if k in STAT_ARRAYS}
     for name, vec in payload.items():
         if name in STAT_ARRAYS:  # a scaling sketch: statistics, kept in float64

@@ -147,7 +147,13 @@ def run_one(
 ) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"bench-{model}-{wire_dtype}-{chunk_mib}-", dir=work_root))
     result_path = work / "result.json"
-    env = {"FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE": str(int(chunk_mib * 2**20)), "PYTHONPATH": str(REPO)}
+    # one torch thread per process: two ClientApps on these 2 cores, each with 2 OpenMP threads, thrash
+    # (their codec ran 13x slower when overlapping); on separate machines each site has its own cores
+    env = {
+        "FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE": str(int(chunk_mib * 2**20)),
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+    }
     db = str(work / "state.db") if database == "sqlite" else None
     nodes = [{"site-id": i} for i in range(sites)]
     relay = None

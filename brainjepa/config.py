@@ -23,7 +23,9 @@ PosEmbed = Literal["gradient", "learned_roi", "sincos_roi"]  # gradient: Brain-J
 PatchInit = Literal["reference", "unit"]
 Loss = Literal["smooth_l1", "l2"]
 Precision = Literal["auto", "bf16", "fp32"]  # auto: bf16 autocast on CUDA, fp32 on CPU
-WireDtype = Literal["float32", "float16"]  # how weights travel in a federated round (float16: deltas uplink)
+# how weights travel in a federated round (float16: deltas uplink; int8: blockwise int8 deltas both ways with
+# error feedback at the site, brainjepa.federation.compression)
+WireDtype = Literal["float32", "float16", "int8"]
 AttentionBackend = Literal["auto", "cudnn", "flash", "efficient", "math", "default"]
 MaskMode = Literal["spatiotemporal", "random"]  # spatiotemporal: Brain-JEPA; random: the ablation
 

@@ -25,7 +25,9 @@ def flat_parameters(module: nn.Module) -> torch.Tensor:
 
 
 def load_flat_parameters(module: nn.Module, vec: torch.Tensor) -> None:
-    """Write a flat (P,) vector back into the module's parameters (same order)."""
+    """Point the module's parameters at a flat (P,) vector (same order). No copy when `vec` has their
+    dtype: the parameters become views of `vec` (torch's vector_to_parameters), so training then writes
+    into `vec` and the parameters take `vec`'s device; pass a copy that nothing else reads."""
     with torch.no_grad():
         vector_to_parameters(vec.to(next(module.parameters()).dtype), list(module.parameters()))
 

@@ -35,8 +35,6 @@ from brainjepa.federation.contract import (
     ErrorCode,
     Metric,
     RoundSpec,
-    decode_global,
-    encode_update,
     scaling_from_arrays,
 )
 from brainjepa.privacy.budget import BudgetExhausted
@@ -45,6 +43,7 @@ from client.secagg import is_secure, secure_train
 from client.site_status import record_round
 from client.state import snapshot, store
 from client.training import RoundRefused, SiteRound, resolve_site, site_sketch
+from client.wire import receive, send
 from sites.config import SiteConfig
 from sites.scaling import RobustScaling
 
@@ -88,7 +87,7 @@ def run_round(msg: Message, context: Context) -> Message:
     spec = RoundSpec.from_record(msg.content[CONFIG])
     site_yaml, grad_file = site_paths(context)
     site, runtime = resolve_site(site_yaml)
-    received = decode_global(msg.content[ARRAYS].to_torch_state_dict())
+    received = receive(spec, msg.content[ARRAYS].to_torch_state_dict(), context.state)  # int8: vs its reference
     if spec.task == "scaling-stats":  # statistics, not weights: float64 as computed, no wire encoding
         sets, metrics = site_sketch(site, spec.task_config)
         arrays = ArrayRecord(sets)
@@ -100,7 +99,7 @@ def run_round(msg: Message, context: Context) -> Message:
             from client.downstream import DownstreamRound, site_work  # here: pretraining never imports sklearn
 
             sets, metrics = site_work(DownstreamRound(spec, site, runtime, grad_file, received))
-        arrays = ArrayRecord(encode_update(sets, received, spec.wire_dtype))
+        arrays = ArrayRecord(send(spec, sets, received, context.state))  # int8: with error feedback
     metrics.update(
         {
             Metric.ROUND_WALL_S: time.perf_counter() - t0,

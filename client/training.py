@@ -192,7 +192,9 @@ class SiteTrainer:
             if name not in sets or sets[name].numel() != n:
                 got = tuple(sets[name].shape) if name in sets else "nothing"
                 raise RoundRefused(f"weight set '{name}': expected {n} values, got {got}")
-            load_flat_parameters(self.modules[name], sets[name].float())
+            # a private copy on the step's device: the parameters become views of it (load_flat_parameters),
+            # so training must not write into `sets`, the base the site's uplink deltas are taken against
+            load_flat_parameters(self.modules[name], sets[name].to(self.step_fn.device, torch.float32, copy=True))
 
     def sets(self) -> dict[str, torch.Tensor]:
         return {n: flat_parameters(mod) for n, mod in self.modules.items()}

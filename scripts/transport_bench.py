@@ -7,8 +7,15 @@ of every Flower process from /proc while it runs.
 
     python scripts/transport_bench.py --model vit-b --chunk-mib 5 --chunk-mib 64 --wire-dtype float16
 
-Each (model, wire dtype, chunk size, database) combination is one fresh federation. Results are appended
-to a JSON-lines file and printed as a Markdown table.
+Each (model, wire dtype, chunk size, database, bandwidth) combination is one fresh federation. Results
+are appended to a JSON-lines file and printed as a Markdown table.
+
+A modelled WAN (`scripts/wan.py`): `--bandwidth-mbit 100` gives each site its own 100 Mbit/s link each
+way (kernel HTB shaping inside a private network namespace the bench re-executes itself in), `--rtt-ms
+40` adds 40 ms of round-trip time (a delaying relay per site); only SuperNode <-> SuperLink traffic is
+shaped and delayed, and the relay counts that hop's HTTP requests per round.
+
+    python scripts/transport_bench.py --model vit-b --wire-dtype int8 --bandwidth-mbit 100 --rtt-ms 40
 
 `--proxy-overhead` measures instead what the coordinator's Fleet proxy (`server/fleet_proxy.py`) adds to
 one Fleet request: a real SuperLink (TLS, SuperNode authentication on) and the proxy in front of it, and
@@ -26,18 +33,22 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 import typer
+from wan import Relay, reexec_in_netns, shape_links
 
-from brainjepa.federation.launcher import LocalFederation, TlsFiles, flower_env, superlink_command
-from brainjepa.federation.processes import descendants, free_port, start_process, wait_for_port
+from brainjepa.federation.launcher import LocalFederation, TlsFiles, flower_env, superlink_command, supernode_command
+from brainjepa.federation.processes import ManagedProcess, descendants, free_port, start_process, wait_for_port
 from brainjepa.federation.tls import make_ca, make_server_cert, make_supernode_key
 from server.fleet_front import proxy_command, write_nginx_config
 
 APP_DIR = Path(__file__).resolve().parent / "transport_bench_app"
+REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("transport_bench")
 
 
@@ -113,14 +124,55 @@ class RssSampler(threading.Thread):
         return out
 
 
+@dataclass
+class RelayedFederation(LocalFederation):
+    """LocalFederation whose i-th SuperNode reaches the SuperLink through relay port `relay_ports[i]`."""
+
+    relay_ports: list[int] = field(default_factory=list)
+
+    def add_supernode(self, node_config: Mapping[str, object], name: str) -> ManagedProcess:
+        port = free_port(self.host)
+        via = f"{self.host}:{self.relay_ports[len(self.supernodes)]}"
+        proc = start_process(
+            name, supernode_command(via, port, node_config), self.work_dir / "logs" / f"{name}.log", self.env()
+        )
+        wait_for_port(proc, self.host, port)
+        self.supernodes.append(proc)
+        return proc
+
+
 def run_one(
-    model: str, wire_dtype: str, chunk_mib: float, database: str, packing: str, sites: int, rounds: int, work_root: Path
+    model: str,
+    wire_dtype: str,
+    chunk_mib: float,
+    database: str,
+    packing: str,
+    sites: int,
+    rounds: int,
+    work_root: Path,
+    bandwidth_mbit: float = 0.0,
+    rtt_ms: float = 0.0,
 ) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"bench-{model}-{wire_dtype}-{chunk_mib}-", dir=work_root))
     result_path = work / "result.json"
-    env = {"FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE": str(int(chunk_mib * 2**20))}
+    # one torch thread per process: two ClientApps on these 2 cores, each with 2 OpenMP threads, thrash
+    # (their codec ran 13x slower when overlapping); on separate machines each site has its own cores
+    env = {
+        "FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE": str(int(chunk_mib * 2**20)),
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+    }
     db = str(work / "state.db") if database == "sqlite" else None
-    with LocalFederation(work, [{"site-id": i} for i in range(sites)], env_extra=env, database=db) as fed:
+    nodes = [{"site-id": i} for i in range(sites)]
+    relay = None
+    if bandwidth_mbit > 0 or rtt_ms > 0:  # SuperNodes reach the SuperLink through shaped, delaying relays
+        ports = [free_port() for _ in range(sites)]
+        shape_links(ports, bandwidth_mbit)
+        fed: LocalFederation = RelayedFederation(work, nodes, env_extra=env, database=db, relay_ports=ports)
+        relay = Relay(ports, lambda: fed.port, rtt_ms).start()
+    else:
+        fed = LocalFederation(work, nodes, env_extra=env, database=db)
+    with fed:
         roots = [p.pid for p in [fed.superlink, *fed.supernodes] if p is not None]
         sampler = RssSampler(roots)
         sampler.start()
@@ -139,6 +191,8 @@ def run_one(
         )
         wall = time.perf_counter() - t0
         sampler.stop()
+    if relay is not None:
+        relay.stop()
     if res.returncode != 0 or not result_path.exists():
         raise RuntimeError(
             f"flwr run failed ({res.returncode}); logs in {work / 'logs'}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
@@ -165,6 +219,10 @@ def run_one(
         "server_serialize_s": best["serialize_s"],
         "server_deserialize_s": best["deserialize_s"],
         "client": best["client"],
+        "bandwidth_mbit": bandwidth_mbit,
+        "rtt_ms": rtt_ms,
+        # HTTP requests SuperNodes -> SuperLink while each round ran (through the relay; none without it)
+        "requests_per_round": [relay.requests_between(r["t0_epoch"], r["t1_epoch"]) if relay else 0 for r in per_round],
     }
 
 
@@ -312,8 +370,14 @@ def main(
         int, typer.Option("--proxy-overhead", help="only measure the Fleet proxy's cost per request, over N pairs")
     ] = 0,
     proxy: Annotated[str, typer.Option(help="with --proxy-overhead: fleet-proxy (ours) or nginx")] = "fleet-proxy",
+    bandwidth_mbit: Annotated[
+        list[float], typer.Option(help="each site's link, Mbit/s each way (0: loopback, unshaped)")
+    ] = [0.0],  # noqa: B006
+    rtt_ms: Annotated[float, typer.Option(help="round-trip time SuperNode <-> SuperLink, ms (a delaying relay)")] = 0.0,
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if max(bandwidth_mbit) > 0 or rtt_ms > 0:
+        reexec_in_netns()  # shaping needs a network namespace of our own (no-op once inside)
     work_root = Path(tempfile.mkdtemp(prefix="transport-bench-"))
     if proxy_overhead_requests:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
@@ -323,22 +387,23 @@ def main(
             fh.write(json.dumps(row) + "\n")
         return
     rows = []
-    for m, w, c, d, p in itertools.product(model, wire_dtype, chunk_mib, database, packing):
-        log.info("=== %s %s chunk %.0f MiB, %s state, %s packing", m, w, c, d, p)
-        row = run_one(m, w, c, d, p, sites, rounds, work_root)
+    for m, w, c, d, p, bw in itertools.product(model, wire_dtype, chunk_mib, database, packing, bandwidth_mbit):
+        log.info("=== %s %s chunk %.0f MiB, %s state, %s packing, %g Mbit/s, RTT %g ms", m, w, c, d, p, bw, rtt_ms)
+        row = run_one(m, w, c, d, p, sites, rounds, work_root, bw, rtt_ms)
         log.info("%s", json.dumps(row))
         with out.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         rows.append(row)
     print(
-        "| model | packing | wire | chunk MiB | state | MB/direction | round s | eff. MB/s | "
+        "| model | packing | wire | chunk MiB | state | Mbit/s | RTT ms | MB/direction | round s | eff. MB/s | "
         "peak RSS SuperLink MB | peak RSS ServerApp MB | peak RSS all MB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         p = r["peak_rss_mb"]
         print(
             f"| {r['model']} | {r['packing']} | {r['wire_dtype']} | {r['chunk_mib']:g} | {r['database']} | "
+            f"{r['bandwidth_mbit']:g} | {r['rtt_ms']:g} | "
             f"{r['mb_per_direction']:.0f} | {min(r['roundtrip_s']):.1f} | {r['effective_mb_s']:.0f} | "
             f"{p.get('flower-superlink', 0):.0f} | {p.get('flwr-serverapp', 0):.0f} | {p.get('all', 0):.0f} |"
         )

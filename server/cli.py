@@ -72,7 +72,9 @@ def start(
         float, typer.Option(help="Share of connected sites sampled per round.")
     ] = D.fraction_sites,
     strategy: Annotated[str, typer.Option(help="fedavg, fedavgm, fedadam, median or trimmed-mean.")] = D.strategy,
-    wire_dtype: Annotated[str, typer.Option(help="float32, or float16 (half-precision transfer).")] = D.wire_dtype,
+    wire_dtype: Annotated[
+        str, typer.Option(help="float32, float16 (half-precision transfer) or int8 (int8 deltas, error feedback).")
+    ] = D.wire_dtype,
     model_size: Annotated[str, typer.Option(help="tiny, small, base or large.")] = D.model_size,
     pretrain_config: Annotated[
         Path | None, typer.Option(help="Pretraining YAML (model/mask/optim) instead of --model-size.")

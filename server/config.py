@@ -72,7 +72,9 @@ class FederationConfig:
     strategy: Strategy = "fedavg"
     server_lr: float = ServerOptConfig.lr
     server_momentum: float = ServerOptConfig.momentum
-    wire_dtype: WireDtype = "float32"  # float16: half-precision transfer, uplink as deltas
+    # float16: half-precision transfer, uplink as deltas; int8: blockwise int8 deltas both ways, error
+    # feedback at the site (pretraining only; not with secure-aggregation, which quantises on its own)
+    wire_dtype: WireDtype = "float32"
     seed: int = TrainConfig.seed
     # Optional pretraining YAML (model / mask / optim / data sections). It decides the model and the LR:
     # model-size, n-rois, n-frames and lr must then stay at their defaults (`PRETRAIN_CONFIG_DECIDES`).
@@ -144,6 +146,7 @@ class FederationConfig:
         if self.resume_round and not self.resume_dir:
             raise ConfigError("run config 'resume-round' needs 'resume-dir' (the run folder to continue)")
         self._check_privacy()
+        self._check_wire()
         if self.scaling_scope == "federation" and self.task != "pretrain":
             raise ConfigError(
                 f"run config 'scaling-scope': 'federation' applies to pretraining, not task "
@@ -197,6 +200,22 @@ class FederationConfig:
                 f"run config: 'secure-aggregation-clip-range' must be > 0 and "
                 f"'secure-aggregation-max-weight' >= 1, got {self.secure_aggregation_clip_range}, "
                 f"{self.secure_aggregation_max_weight}"
+            )
+
+    def _check_wire(self) -> None:
+        """int8 transfer: pretraining runs, never through SecAgg+ (which quantises updates on its own)."""
+        if self.wire_dtype != "int8":
+            return
+        if self.secure_aggregation:
+            raise ConfigError(
+                "run config: 'wire-dtype' = 'int8' with 'secure-aggregation' = true: SecAgg+ quantises the "
+                "updates on its own (its masked vectors are not int8 deltas); use wire-dtype float32 or "
+                "float16 with secure-aggregation"
+            )
+        if self.task != "pretrain":
+            raise ConfigError(
+                f"run config 'wire-dtype': 'int8' applies to pretraining runs, not task '{self.task}' "
+                "(downstream runs use float32 or float16)"
             )
 
     @property

@@ -35,6 +35,7 @@ from brainjepa.federation.contract import (
 from brainjepa.federation.names import check_site_name
 from server.aggregate import SiteUpdate
 from server.config import FederationConfig
+from server.downlink import DownlinkRound
 from server.registry import RegisteredSite, read_registry
 
 log = logging.getLogger(__name__)
@@ -95,29 +96,37 @@ def exchange(
     records: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     exclude: frozenset[int] = frozenset(),
     why: str = "",
+    downlink: DownlinkRound | None = None,
 ) -> list[SiteResult]:
     """Send round `spec` with the global `sets` (and further ArrayRecords `records`, sent as they are,
     e.g. the federation's scaling statistics) to the sampled sites (a share `fraction`, default the
     run's `fraction-sites`, seeded by the round; never the `exclude`d nodes, which `why` names) and
-    collect their replies, sorted by node."""
+    collect their replies, sorted by node. With an int8 `downlink` each site gets its payload (the delta
+    or the fp32 resync) instead of `sets`."""
     nodes = wait_for_nodes(grid, cfg.min_sites, cfg.wait_for_sites_s, exclude, why)
     share = cfg.fraction_sites if fraction is None else fraction
     sampled = sample_nodes(nodes, share, cfg.min_sites, np.random.default_rng([cfg.seed, spec.round]))
     conf = ConfigRecord(spec.to_record())
-    arrays = ArrayRecord(encode_global(sets, spec.wire_dtype))
+    delta = ArrayRecord(downlink.delta) if downlink is not None and downlink.delta is not None else None
+    in_sync = {node for node in sampled if delta is not None and node in downlink.holders}  # type: ignore[union-attr]
+    full = None  # the fp32 (fp16) record: built only when a sampled site needs it
+    if len(in_sync) < len(sampled):
+        full = ArrayRecord(encode_global(sets if downlink is None else downlink.full, spec.wire_dtype))
+    arrays = {node: delta if node in in_sync else full for node in sampled}
     extra = {name: ArrayRecord(dict(tensors)) for name, tensors in (records or {}).items()}
-    sent = arrays.count_bytes() + sum(r.count_bytes() for r in extra.values())
+    sent = {node: a.count_bytes() + sum(r.count_bytes() for r in extra.values()) for node, a in arrays.items()}
     log.info(
-        "%s round %d/%d: sending %.1f MB to each of %d site(s)",
+        "%s round %d/%d: sending %.1f MB to each of %d site(s)%s",
         spec.task,
         spec.round + 1,
         spec.num_rounds,
-        sent / 1e6,
+        max(sent.values(), default=0) / 1e6,
         len(sampled),
+        f" ({sum(a is delta for a in arrays.values())} as int8 deltas)" if delta is not None else "",
     )
     msgs = [
         Message(
-            RecordDict({ARRAYS: arrays, CONFIG: conf, **extra}),
+            RecordDict({ARRAYS: arrays[node], CONFIG: conf, **extra}),
             dst_node_id=node,
             message_type=message_type,
             group_id=f"{spec.task}-{spec.round}",
@@ -129,9 +138,8 @@ def exchange(
         grid,
         msgs,
         cfg.round_timeout_s,
-        lambda reply, node: decode(reply, node, sent, spec.wire_dtype, sets, registry),
+        lambda reply, node: decode(reply, node, sent[node], spec.wire_dtype, sets, registry),
         on_result,
-        sent,
     )
 
 
@@ -141,12 +149,13 @@ def collect(
     timeout_s: float,
     read: Callable[[Message, int], SiteResult],
     on_result: Callable[[SiteResult], None],
-    sent_bytes: int = 0,
 ) -> list[SiteResult]:
     """Push the round's messages and pull replies (one at a time, each read, handed to `on_result` and
     released) until all came, a site left, or the timeout."""
+    sent = [sum(r.count_bytes() for r in m.content.array_records.values()) for m in msgs]
     ids = list(grid.push_messages(msgs))
     node_of = {mid: m.metadata.dst_node_id for mid, m in zip(ids, msgs, strict=True)}
+    sent_of = dict(zip(ids, sent, strict=True))
     pending = set(ids)
     results: list[SiteResult] = []
     deadline = time.monotonic() + timeout_s
@@ -171,13 +180,13 @@ def collect(
             elif now - gone_since.setdefault(mid, now) > 5.0:  # left the federation mid-round
                 pending.discard(mid)
                 results.append(
-                    SiteResult(node_of[mid], "failed", detail="site disconnected mid-round", bytes_sent=sent_bytes)
+                    SiteResult(node_of[mid], "failed", detail="site disconnected mid-round", bytes_sent=sent_of[mid])
                 )
                 log.warning("site node %d disconnected mid-round: dropped from this round", node_of[mid])
         time.sleep(0.5)
     for mid in pending:
         results.append(
-            SiteResult(node_of[mid], "timeout", detail=f"no reply within {timeout_s:.0f} s", bytes_sent=sent_bytes)
+            SiteResult(node_of[mid], "timeout", detail=f"no reply within {timeout_s:.0f} s", bytes_sent=sent_of[mid])
         )
         log.warning("site node %d: no reply within %.0f s, dropped from this round", node_of[mid], timeout_s)
     return sorted(results, key=lambda r: r.node_id)
@@ -225,7 +234,7 @@ def decode(
     registry: Mapping[int, RegisteredSite] | None = None,
 ) -> SiteResult:
     """A reply -> SiteResult: `failed` (error reply), `rejected` (malformed reply, wrong identity,
-    undecodable weights) or `ok` with the site's fp32 weight sets (fp16 deltas added to `master`), sample
+    undecodable weights) or `ok` with the site's fp32 weight sets (fp16 / int8 deltas added to `master`), sample
     count and metrics."""
     if reply.has_error():
         reason = (reply.error.reason or "").strip()

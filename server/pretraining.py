@@ -28,6 +28,7 @@ from brainjepa.weights import WEIGHT_SETS, flat_parameters, load_flat_parameters
 from server.aggregate import RunningMean, ServerOptimizer
 from server.audit import AuditLog
 from server.config import ROBUST_METHODS, FederationConfig, to_run_config
+from server.downlink import Downlink
 from server.exchange import RoundFailed, SiteResult, count, exchange, ok_updates, save_update, site_row
 from server.guard import UpdateGuard, norm_explosion
 from server.registry import RegisteredSite, read_registry
@@ -88,6 +89,7 @@ class FederatedRun:
     privacy: RoundPrivacy | None = None  # central DP, secure aggregation, privacy.json / privacy.md
     guard: UpdateGuard | None = None  # bounds, sample claims, quarantine, rollback blame
     guard_state: dict | None = None  # the resumed checkpoint's guard state
+    downlink: Downlink | None = None  # wire-dtype int8: what in-sync sites hold (server.downlink)
 
     @classmethod
     def create(cls, cfg: FederationConfig, run_id: int = 0) -> FederatedRun:
@@ -127,6 +129,7 @@ class FederatedRun:
         run.sets = {name: flat_parameters(getattr(models, name)) for name in WEIGHT_SETS}
         run.guard = UpdateGuard(cfg, run_dir, run.registry, run.audit, run.guard_state)
         run.guard.norms.record(run.start_round, run.sets)
+        run.downlink = Downlink() if cfg.wire_dtype == "int8" else None
         return run
 
     # ---------------------------------------------------------------- checkpoints
@@ -278,7 +281,9 @@ class FederatedRun:
         assert self.guard is not None
         t0 = time.perf_counter()
         cfg = self.cfg
-        spec = self.round_spec(rnd)
+        spec, down = self.round_spec(rnd), None
+        if self.downlink is not None:  # int8: the round's payloads; their checksums go in the record
+            spec, down = self.downlink.prepare(self.sets, spec)
         sched = spec.schedule()
         log.info("round %d/%d: lr %.2e, ema %.5f", rnd + 1, cfg.num_rounds, sched.lr, sched.momentum)
         mean: RunningMean | RobustAggregate = (
@@ -293,19 +298,14 @@ class FederatedRun:
             self._accept(rnd, res, mean, bounds)
 
         if self.privacy is None:
-            results = exchange(grid, cfg, spec, self.sets, accept, records=records, exclude=exclude, why=why)
+            results = exchange(
+                grid, cfg, spec, self.sets, accept, records=records, exclude=exclude, why=why, downlink=down
+            )
         else:  # central DP (clipped sum) and / or secure aggregation (SecAgg+)
             mean = self.privacy.accumulator(mean, self.sets)  # type: ignore[arg-type]
-            results = self.privacy.exchange(
-                grid,
-                spec,
-                self.sets,
-                records,
-                mean,  # type: ignore[arg-type]
-                accept,
-                exclude,
-                why,
-            )
+            results = self.privacy.exchange(grid, spec, self.sets, records, mean, accept, exclude, why, down)  # type: ignore[arg-type]
+        if self.downlink is not None and down is not None:  # what the sites that replied now hold
+            self.downlink.commit(down, [r.node_id for r in results if r.update is not None])
         self.guard.after_exchange(rnd, results)
         report.site_rows([site_row(rnd, r) for r in results])
         if self.audit is not None:

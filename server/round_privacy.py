@@ -20,6 +20,7 @@ from brainjepa.federation.contract import RoundSpec
 from server.aggregate import RunningMean
 from server.central_dp import CentralDP, CentralDPParams, ClippedSum
 from server.config import FederationConfig
+from server.downlink import DownlinkRound
 from server.exchange import SiteResult, exchange
 from server.privacy_report import PrivacyReport
 from server.secagg import add_secure_sum, secure_exchange
@@ -54,8 +55,10 @@ class RoundPrivacy:
         on_result: Callable[[SiteResult], None],
         exclude: frozenset[int] = frozenset(),
         why: str = "",
+        downlink: DownlinkRound | None = None,
     ) -> list[SiteResult]:
-        """The round's exchange (never with the `exclude`d nodes, which `why` names); under secure
+        """The round's exchange (never with the `exclude`d nodes, which `why` names; an int8 `downlink`
+        under central DP: FederationConfig refuses it with secure aggregation); under secure
         aggregation the unmasked sum goes into `acc` here, otherwise `on_result` adds each reply."""
         if self.cfg.secure_aggregation:
             clip = self.central.params.clip_norm if self.central is not None else 0.0
@@ -64,7 +67,9 @@ class RoundPrivacy:
             self.sampled, self.population = sec.sampled, sec.population
             return sec.results
         connected = len(grid.get_node_ids())
-        results = exchange(grid, self.cfg, spec, sets, on_result, records=records, exclude=exclude, why=why)
+        results = exchange(
+            grid, self.cfg, spec, sets, on_result, records=records, exclude=exclude, why=why, downlink=downlink
+        )
         # every sampled site has a result (ok, failed, rejected, timeout); the population is the connected
         # sites when sampling (at least the sampled ones: the sampling rate is never understated above 1)
         self.sampled, self.population = len(results), max(connected, len(results))

@@ -77,6 +77,8 @@ def test_round_record_round_trips_through_a_flower_config_record() -> None:
     spec = _spec()
     back = RoundSpec.from_record(ConfigRecord(spec.to_record()))
     assert back == spec
+    int8 = _spec(wire_dtype="int8", weights_checksum="w" * 64, wire_base="b" * 64)
+    assert RoundSpec.from_record(ConfigRecord(int8.to_record())) == int8
     assert back.total_steps == 40 and back.task_config.train.seed == 7
 
 
@@ -94,7 +96,7 @@ def test_choices_are_checked_for_specs_built_in_code() -> None:
     with pytest.raises(Exception, match="round record.task"):
         _spec(task="distill")
     with pytest.raises(Exception, match="wire_dtype"):
-        _spec(wire_dtype="int8")
+        _spec(wire_dtype="int4")
     assert TASKS == ("pretrain", "finetune", "probe", "evaluate", "label-stats", "scaling-stats")
     with pytest.raises(ContractError, match="split '' with task 'evaluate'"):
         _downstream("evaluate")

@@ -31,9 +31,10 @@ instead of fitting its own.
 A weight set (encoder, predictor, target) travels as ONE flat 1-D vector of the module's parameters in
 `named_parameters()` order (`brainjepa.weights`): three objects per message instead of ~400. Downlink in
 fp32 or fp16; uplink fp32 weights, or with fp16 the *deltas* to what the site received, added to the
-server's fp32 master copy (the master is never rounded to fp16). The wire payloads here are plain
-`{name: tensor}` dicts; the apps wrap them in Flower's `ArrayRecord` (and read them back with
-`to_torch_state_dict()`).
+server's fp32 master copy (never rounded). int8 (`brainjepa.federation.compression`): blockwise int8 deltas
+both ways, the record carrying `weights-checksum` (what the site must train from) and `wire-base` (the
+reference a downlink delta applies to). Payloads here are plain `{name: tensor}` dicts (the apps wrap them
+in Flower's `ArrayRecord`).
 
 The schedule (learning rate, weight decay, EMA momentum) has one source of truth: it is a pure function
 of the task config, the step and the run's planned steps (`brainjepa.schedules`), so the record carries
@@ -56,6 +57,7 @@ import torch
 from brainjepa.config import ModelConfig, PretrainConfig, WireDtype, to_dict
 from brainjepa.downstream.config import DownstreamTask
 from brainjepa.errors import ConfigError, InputError, Origin
+from brainjepa.federation.compression import decode_deltas, feedback_step
 from brainjepa.schedules import SchedulePoint, schedule_at
 from brainjepa.schema import check_choices, from_mapping
 from brainjepa.weights import WEIGHT_SETS
@@ -167,6 +169,8 @@ class RoundSpec:
     target_scale: float = 1.0
     split: EvalSplit = ""  # evaluate: the split each site scores
     scaling_checksum: str = ""  # pretrain: federation-wide scaling in the SCALING record ("" = site's own)
+    weights_checksum: str = ""  # int8: compression.weights_checksum of the sets the site trains from
+    wire_base: str = ""  # int8: weights-checksum of the reference an int8 downlink delta applies to
 
     def __post_init__(self) -> None:
         check_choices(self, "round record")
@@ -250,8 +254,8 @@ class RoundSpec:
             )
         if self.split:
             record["split"] = self.split
-        if self.scaling_checksum:
-            record["scaling-checksum"] = self.scaling_checksum
+        optional = {"scaling-checksum": self.scaling_checksum, "weights-checksum": self.weights_checksum}
+        record.update({k: v for k, v in {**optional, "wire-base": self.wire_base}.items() if v})
         return record
 
     @classmethod
@@ -337,7 +341,8 @@ def scaling_from_arrays(arrays: Mapping[str, torch.Tensor], checksum: str) -> Ro
 
 # ---------------------------------------------------------------------------------------- weight sets
 def encode_global(sets: Mapping[str, torch.Tensor], wire_dtype: str) -> dict[str, torch.Tensor]:
-    """Server -> site: the global flat fp32 vectors as they travel (fp32, or fp16 after a range check)."""
+    """Server -> site: the global flat fp32 vectors as they travel (fp32, or fp16 after a range check;
+    int8's full-precision form, its resync, is fp32: its deltas come from `server.downlink`)."""
     out = {}
     for name, vec in sets.items():
         vec = vec.detach()
@@ -361,7 +366,10 @@ def decode_global(payload: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 def encode_update(
     trained: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor], wire_dtype: str
 ) -> dict[str, torch.Tensor]:
-    """Site -> server: fp32 weights, or fp16 deltas to what the site received (every set in `trained`)."""
+    """Site -> server: fp32 weights, or fp16 / int8 deltas to what the site received (every set in
+    `trained`; int8 here without error feedback, which `client.wire` adds)."""
+    if wire_dtype == "int8":
+        return feedback_step({k: trained[k] - received[k] for k in trained}, None)[0]
     if wire_dtype == "float16":
         return {k: (trained[k] - received[k]).to(torch.float16) for k in trained}
     return {k: trained[k].float() for k in trained}
@@ -370,8 +378,13 @@ def encode_update(
 def decode_update(
     payload: Mapping[str, torch.Tensor], wire_dtype: str, master: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """A site's reply -> full fp32 vectors (fp16 deltas are added to the server's fp32 master copy)."""
+    """A site's reply -> full fp32 vectors (fp16 / int8 deltas are added to the server's fp32 master copy)."""
     out = {}
+    if wire_dtype == "int8" and master:  # every set of `master`, as int8 codes + scales
+        sets = {k: v for k, v in payload.items() if k not in STAT_ARRAYS}
+        deltas = decode_deltas(sets, {k: v.numel() for k, v in master.items()})
+        out = {name: d.add_(master[name]) for name, d in deltas.items()}  # in place: no second copy
+        payload = {k: v for k, v in payload.items() if k in STAT_ARRAYS}
     for name, vec in payload.items():
         if name in STAT_ARRAYS:  # a scaling sketch: statistics, kept in float64
             out[name] = vec.double().clone()

@@ -1,0 +1,77 @@
+"""The int8 downlink (run config `wire-dtype = "int8"`): the global sets as an int8 delta against the
+reference that in-sync sites already hold.
+
+The coordinator keeps `reference`: exactly what a site that decoded the last round's message holds (both
+ends decode bit for bit alike: round-to-nearest codes times fp32 scales, added in fp32). Each round,
+delta = global - reference is quantised (`brainjepa.federation.compression`) and the new reference =
+reference + decoded delta is what every site of the round trains from; its checksum travels in the round
+record (`weights-checksum`), with the old one (`wire-base`). A site that replied with weights last round
+gets the delta (~1/4 of fp32); any other (the first round, a new or restarted site, one not sampled last
+round, every site after a coordinator resume) gets the new reference in fp32: the resync. A site whose
+copy does not match `wire-base` refuses the round and gets the fp32 form the next round.
+
+The downlink needs no error feedback of its own: each delta is taken against the reference, so what one
+round's rounding left out is in the next round's delta; the global master stays fp32 and the sites'
+deltas are added to it (`contract.decode_update`), never to the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from brainjepa.federation.compression import SCALE_SUFFIX, dequantize, quantize, weights_checksum
+from brainjepa.federation.contract import RoundSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DownlinkRound:
+    """What one round sends: the new reference in fp32 (the resync form), the int8 delta (None without a
+    reference), and which nodes get the delta."""
+
+    full: dict[str, torch.Tensor]  # {set: (P,) fp32}
+    delta: dict[str, torch.Tensor] | None  # {set: (P,) int8, set.scale: (ceil(P / block),) fp32}
+    checksum: str
+    holders: frozenset[int]
+
+    def payload(self, node_id: int) -> dict[str, torch.Tensor]:
+        return self.delta if self.delta is not None and node_id in self.holders else self.full
+
+
+class Downlink:
+    """The coordinator's copy of what in-sync sites hold, and which nodes hold it (not checkpointed: a
+    resumed coordinator resyncs every site in its first round)."""
+
+    def __init__(self) -> None:
+        self.reference: dict[str, torch.Tensor] | None = None
+        self.checksum = ""
+        self.holders: frozenset[int] = frozenset()
+
+    def prepare(self, sets: Mapping[str, torch.Tensor], spec: RoundSpec) -> tuple[RoundSpec, DownlinkRound]:
+        """The round's payloads for the global `sets`, and `spec` with their checksums."""
+        ref = self.reference
+        if ref is None or set(ref) != set(sets):
+            full, delta, base = {k: v.detach().float().clone() for k, v in sets.items()}, None, ""
+        else:  # one set at a time: temporaries of one set, not three
+            full, delta, base = {}, {}, self.checksum
+            for k in sets:
+                codes, scales = quantize(sets[k] - ref[k])
+                delta[k], delta[k + SCALE_SUFFIX] = codes, scales
+                full[k] = dequantize(codes, scales, codes.numel(), k).add_(ref[k])
+        # the old reference is not needed again: the next round's base is this one (after `commit`), and a
+        # round that fails before it sends resyncs every site
+        self.reference, ref = None, None
+        down = DownlinkRound(full, delta, weights_checksum(full), self.holders)
+        return dataclasses.replace(spec, weights_checksum=down.checksum, wire_base=base), down
+
+    def commit(self, down: DownlinkRound, replied: Iterable[int]) -> None:
+        """After the round's exchange: its reference is what the `replied` nodes (a decoded reply with
+        weights) now hold."""
+        self.reference, self.checksum, self.holders = down.full, down.checksum, frozenset(replied)
+        log.info("int8 downlink: %d site(s) in sync for the next round's delta", len(self.holders))

@@ -34,7 +34,7 @@ from brainjepa.downstream.config import DownstreamConfig, DownstreamTask, TaskSp
 from brainjepa.downstream.data import load_labelled_site
 from brainjepa.downstream.fit import fit
 from brainjepa.downstream.metrics import METRICS
-from brainjepa.downstream.model import load_backbone
+from brainjepa.downstream.model import DownstreamModel, load_backbone
 from brainjepa.federation.contract import ARRAYS, SITE, Metric, eval_metric_key
 from brainjepa.federation.contract import METRICS as METRICS_RECORD
 from brainjepa.federation.launcher import LocalFederation, write_app_dir
@@ -180,3 +180,71 @@ def test_federated_probing_of_a_regression_over_flower_equals_in_process_fit(fed
         assert set(sent["metrics"]) == {Metric.LABEL_SUM, Metric.LABEL_M2} | EVAL_BOOKKEEPING, path
     assert len(stats) == 2
     assert torch.is_tensor(out["flower"]["model"]["head.0.running_mean"])  # BatchNorm statistics travel too
+
+
+# The real ClientApp, except that its fine-tuning replies scale the head's weights (the last `head-size`
+# values of the model vector: the head's LayerNorm and Linear come last in the state) by 2.
+HOSTILE_HEAD = """
+from flwr.app import Array, ArrayRecord
+from flwr.clientapp import ClientApp
+from client.client_app import handle
+
+app = ClientApp()
+
+@app.train()
+def train(msg, context):
+    reply = handle(msg, context)
+    n = int(context.node_config.get("head-size", 0))
+    if n and not reply.has_error():
+        vec = reply.content["arrays"]["model"].numpy().copy()
+        vec[-n:] *= 2.0
+        reply.content["arrays"] = ArrayRecord({"model": Array(vec)})
+    return reply
+
+@app.evaluate()
+def evaluate(msg, context):
+    return handle(msg, context)
+"""
+
+
+def test_a_site_scaling_its_head_is_rejected_by_the_heads_own_bound(federation: dict) -> None:
+    """A third site joins and sends its fine-tuned model with the head x 2: inside the whole model's
+    max-update-ratio, outside the head's own bound; it is rejected every round, the run completes."""
+    tmp, demo = federation["tmp"] / "hostile_head", federation["demo"]
+    task = TaskSpec(name="sex", column="sex", kind="classification", classes=("0", "1"))
+    recipe = DownstreamConfig(method="finetune", steps=2, batch_size=4, lr=1e-3, eval_every=2, eval_windows=1, seed=1)
+    torch.manual_seed(0)
+    model = DownstreamModel(load_backbone(federation["checkpoint"]), task, recipe)
+    n_head = sum(p.numel() for p in model.head.parameters())
+    config = tmp / "downstream.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text(
+        yaml.safe_dump(
+            {"task": dataclasses.asdict(task) | {"classes": list(task.classes)}, "recipe": dataclasses.asdict(recipe)}
+        )
+    )
+    site_h = demo.site_yamls[0].with_name("site_h.yaml")  # site_a's data under its own name (data root relative)
+    site_h.write_text(demo.site_yamls[0].read_text().replace("site: site_a", "site: site_h"))
+    hostile = federation["fed"].add_supernode(
+        {"site-config": str(site_h), "gradients": str(demo.gradients), "head-size": n_head}, "hostile"
+    )
+    try:
+        cfg = FederationConfig(
+            task="finetune",
+            local_steps=2,
+            checkpoint=str(federation["checkpoint"]),
+            downstream_config=str(config),
+            out_dir=str(tmp / "runs"),
+            gradients=str(demo.gradients),
+        )
+        app = write_app_dir(tmp / "app", to_run_config(cfg), clientapp="hostile_head:app")
+        (app / "hostile_head.py").write_text(HOSTILE_HEAD)
+        res = federation["fed"].run(app, timeout_s=300)
+    finally:
+        hostile.stop()
+    assert res.returncode == 0 and "outputs under" in res.stdout, res.stdout[-4000:] + res.stderr[-2000:]
+    (run_dir,) = list((tmp / "runs").iterdir())
+    with open(run_dir / "site_metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["status"] != "ok"]
+    assert rows and all(r["site"] == "site_h" and r["status"] == "rejected" for r in rows), rows
+    assert all(r["detail"].startswith("weight set 'head' moved") for r in rows), rows  # the model's bound held

@@ -1,18 +1,18 @@
-"""Secure aggregation through Flower's SecAgg+ over real processes (SuperLink + 2 SuperNodes on
-loopback, `flwr run` of the project's own apps), two runs on the same federation:
+"""Secure aggregation through Flower's SecAgg+ over real processes (SuperLink + SuperNodes on loopback,
+`flwr run` of the project's own apps), two runs on the same federation:
 
-1. `secure-aggregation = true`, sites with different training-subject counts, 1 round x 2 steps: the
-   global weights after the round equal the SAMPLE-WEIGHTED FedAvg of what each site trained (its own
-   dump, recomputed here in float64) within SecAgg+'s quantization bound (`secagg_tolerance`), and not
-   the unweighted mean; the server never held a site's weights (no `updates/` with save-updates on);
-   privacy.json / privacy.md say secure aggregation is on.
-2. the same with central DP on top: the sites clip their deltas (encoder + predictor) to C and weigh 1,
-   the server adds noise to the unmasked sum: the released encoder minus (global + mean clipped delta,
-   recomputed from the dumps) is Gaussian noise of std z C / 2; the target is the EMA of the noisy
-   encoder; the reported epsilon equals Opacus' RDP analysis for (q = 1, z, 1 round).
-3. a third site joins and drops out mid-round (its machine dies after the key exchange, while it
-   trains): SecAgg+ reconstructs its masks from the others' shares (threshold 2 of 3) and the round
-   completes over site_a and site_b: their weighted mean, the dropped site reported as not in the sum.
+1. central DP on top of `secure-aggregation = true`, 2 sites, 1 round x 2 steps: the sites clip their
+   deltas (encoder + predictor) to C and weigh 1, the server adds noise to the unmasked sum: the released
+   encoder minus (global + mean clipped delta, recomputed from the sites' own dumps) is Gaussian noise of
+   std z C / 2; the target is the EMA of the noisy encoder; the reported epsilon equals Opacus' RDP analysis
+   for (q = 1, z, 1 round).
+2. `secure-aggregation = true` without DP, and a third site that joins and drops out mid-round (its
+   machine dies after the key exchange, while it trains): SecAgg+ reconstructs its masks from the others'
+   shares (threshold 2 of 3) and the round completes over site_a and site_b (different training-subject
+   counts). The global weights equal the SAMPLE-WEIGHTED FedAvg of what those two trained (their dumps,
+   recomputed here in float64) within SecAgg+'s quantization bound (`secagg_tolerance`), and not the
+   unweighted mean; the dropped site is reported as not in the sum; the server never held a site's
+   weights (no `updates/` with save-updates on); privacy.json / privacy.md say secure aggregation is on.
 """
 
 from __future__ import annotations
@@ -114,8 +114,8 @@ def kill_when_training(site: ManagedProcess, marker: Path, run: ManagedProcess) 
     site.kill()
 
 
-# three flwr runs of 4 SecAgg+ stages each (each stage spawns a ClientApp per site)
-def test_secagg_round_equals_weighted_fedavg_then_central_dp_on_top(demo: DemoFederation, tmp_path: Path) -> None:
+# two flwr runs of 4 SecAgg+ stages each (each stage spawns a ClientApp per site)
+def test_secagg_central_dp_then_a_weighted_fedavg_that_survives_a_dropout(demo: DemoFederation, tmp_path: Path) -> None:
     grads = load_gradients(demo.gradients)
     cfg = FederationConfig(
         n_rois=N_ROIS,
@@ -136,27 +136,21 @@ def test_secagg_round_equals_weighted_fedavg_then_central_dp_on_top(demo: DemoFe
         for y in demo.site_yamls
     ]
     start = initial_sets(cfg, grads)
+    z, clip = 0.8, 0.05
     with LocalFederation(tmp_path / "flower", nodes, env_extra=FLOWER_ENV) as fed:
-        res = fed.run(write_app_dir(tmp_path / "app1", to_run_config(cfg)), timeout_s=300)
-        assert res.returncode == 0 and "outputs under" in res.stdout, res.stdout[-4000:] + res.stderr[-2000:]
-        (run1,) = list((tmp_path / "runs1").glob("*"))
-        sent = dumped(dumps)
-        final = flat_sets(load_checkpoint(run1 / "checkpoint.pt"), grads)
-
-        # ---- 2: central DP + secure aggregation on the same federation
-        z, clip = 0.8, 0.05
-        cfg2 = dataclasses.replace(
+        # ---- 1: central DP + secure aggregation
+        cfg1 = dataclasses.replace(
             cfg,
-            out_dir=str(tmp_path / "runs2"),
+            out_dir=str(tmp_path / "runs1"),
             central_dp=True,
             central_dp_noise_multiplier=z,
             central_dp_clip_norm=clip,
         )
-        res2 = fed.run(write_app_dir(tmp_path / "app2", to_run_config(cfg2)), timeout_s=300)
-        assert res2.returncode == 0 and "outputs under" in res2.stdout, res2.stdout[-4000:] + res2.stderr[-2000:]
-        sent2 = dumped(dumps)
+        res1 = fed.run(write_app_dir(tmp_path / "app1", to_run_config(cfg1)), timeout_s=300)
+        assert res1.returncode == 0 and "outputs under" in res1.stdout, res1.stdout[-4000:] + res1.stderr[-2000:]
+        sent1 = dumped(dumps)
 
-        # ---- 3: a third site drops out mid-round
+        # ---- 2: plain secure aggregation; a third site drops out mid-round
         marker = tmp_path / "site_c_is_training"
         site_c = fed.add_supernode(
             {"site-config": str(demo.site_yamls[0]), "gradients": str(demo.gradients), "fault-marker": str(marker)},
@@ -168,35 +162,19 @@ def test_secagg_round_equals_weighted_fedavg_then_central_dp_on_top(demo: DemoFe
             time.sleep(0.3)
         # every SecAgg+ stage waits up to round-timeout-s: long enough for the live sites' ClientApps to start
         # and train on a loaded test machine; the dead site costs one such wait
-        cfg3 = dataclasses.replace(cfg, out_dir=str(tmp_path / "runs3"), round_timeout_s=40.0)
-        app3 = write_app_dir(tmp_path / "app3", to_run_config(cfg3), clientapp="dropping_client:app")
-        (app3 / "dropping_client.py").write_text(DROPPING_CLIENT)
-        run3 = fed.start_run(app3, name="flwr_run3")
-        kill_when_training(site_c, marker, run3)
-        assert run3.wait(timeout=240) == 0, run3.log_tail()
-        log3 = run3.log_tail(200_000)
-        sent3 = dumped(dumps)
+        cfg2 = dataclasses.replace(cfg, out_dir=str(tmp_path / "runs2"), round_timeout_s=40.0)
+        app2 = write_app_dir(tmp_path / "app2", to_run_config(cfg2), clientapp="dropping_client:app")
+        (app2 / "dropping_client.py").write_text(DROPPING_CLIENT)
+        run2 = fed.start_run(app2, name="flwr_run2")
+        kill_when_training(site_c, marker, run2)
+        assert run2.wait(timeout=240) == 0, run2.log_tail()
+        log2 = run2.log_tail(200_000)
+        sent2 = dumped(dumps)
 
-    # ---- 1: sample-weighted FedAvg of what the sites trained, within the quantization bound
-    n = [float(s["num_examples"]) for s in sent]
-    assert n[0] != n[1], n
-    tol = secagg_tolerance(0.05, n, 16.0) + 1e-6  # + fp32 rounding of the weights themselves
-    for name in SETS:
-        want = sum(ni * s[name] for ni, s in zip(n, sent, strict=True)) / sum(n)
-        np.testing.assert_allclose(final[name], want, rtol=0, atol=tol, err_msg=name)
-        if name != "target":  # (the EMA target moves ~1e-7 in 2 steps: too little to tell the weightings apart)
-            unweighted = (sent[0][name] + sent[1][name]) / 2
-            assert np.abs(final[name] - unweighted).max() > 20 * tol, name  # the weights are inside the sum
-            assert np.abs(final[name] - start[name]).max() > 100 * tol, name  # the round moved the weights
-    assert not (run1 / "updates").exists()  # save-updates: the server had no single update to save
-    report = json.loads((run1 / "privacy.json").read_text())
-    assert report["secure_aggregation"] is True and report["central_dp"] == {"enabled": False}
-    assert set(report["sites"]) == {"site_a", "site_b"} and "Flower SecAgg+" in (run1 / "privacy.md").read_text()
-
-    # ---- 2: the released encoder = global + mean of the sites' clipped deltas + N(0, (z C / 2)^2)
-    (run2,) = list((tmp_path / "runs2").glob("*"))
-    released = flat_sets(load_checkpoint(run2 / "checkpoint.pt"), grads)
-    deltas = [{k: s[k] - start[k] for k in ("encoder", "predictor")} for s in sent2]
+    # ---- 1: the released encoder = global + mean of the sites' clipped deltas + N(0, (z C / 2)^2)
+    (run1,) = list((tmp_path / "runs1").glob("*"))
+    released = flat_sets(load_checkpoint(run1 / "checkpoint.pt"), grads)
+    deltas = [{k: s[k] - start[k] for k in ("encoder", "predictor")} for s in sent1]
     clipped_mean = {k: np.zeros_like(start[k]) for k in ("encoder", "predictor")}
     for d in deltas:
         norm = math.sqrt(sum(float(np.square(v).sum()) for v in d.values()))
@@ -205,26 +183,36 @@ def test_secagg_round_equals_weighted_fedavg_then_central_dp_on_top(demo: DemoFe
             clipped_mean[k] += d[k] * min(1.0, clip / norm) / 2
     noise = np.concatenate([released[k] - start[k] - clipped_mean[k] for k in ("encoder", "predictor")])
     assert abs(noise.std() / (z * clip / 2) - 1) < 0.02 and abs(noise.mean()) < 1e-3, noise.std()
-    optim = cfg2.pretrain().optim  # the round's EMA momenta, from the schedule
-    mu = math.prod(schedule_at(optim, s, cfg2.total_steps).momentum for s in range(cfg2.local_steps))
+    optim = cfg1.pretrain().optim  # the round's EMA momenta, from the schedule
+    mu = math.prod(schedule_at(optim, s, cfg1.total_steps).momentum for s in range(cfg1.local_steps))
     np.testing.assert_allclose(released["target"], mu * start["target"] + (1 - mu) * released["encoder"], atol=1e-6)
-    central = json.loads((run2 / "privacy.json").read_text())["central_dp"]
+    central = json.loads((run1 / "privacy.json").read_text())["central_dp"]
     orders = RDPAccountant.DEFAULT_ALPHAS
     want_eps = get_privacy_spent(
-        orders=orders, rdp=compute_rdp(q=1.0, noise_multiplier=z, steps=1, orders=orders), delta=cfg2.central_dp_delta
+        orders=orders, rdp=compute_rdp(q=1.0, noise_multiplier=z, steps=1, orders=orders), delta=cfg1.central_dp_delta
     )[0]
     assert central["epsilon"] == pytest.approx(want_eps, rel=1e-9) and central["per_round"][0]["sites_clipped"] is None
 
-    # ---- 3: the round completed over site_a and site_b; site_c is reported as not in the sum
-    (run3,) = list((tmp_path / "runs3").glob("*"))
-    assert "outputs under" in log3 and "2 of 3 site(s) in the sum" in log3, log3[-4000:]
-    rows = {r["site"]: r for r in csv.DictReader((run3 / "site_metrics.csv").read_text().splitlines())}
+    # ---- 2: the round completed over site_a and site_b; site_c is reported as not in the sum
+    (run2,) = list((tmp_path / "runs2").glob("*"))
+    assert "outputs under" in log2 and "2 of 3 site(s) in the sum" in log2, log2[-4000:]
+    rows = {r["site"]: r for r in csv.DictReader((run2 / "site_metrics.csv").read_text().splitlines())}
     assert sorted(k for k, r in rows.items() if r["status"] == "ok") == ["site_a", "site_b"]
     (dropped,) = [r for r in rows.values() if r["status"] != "ok"]
     assert dropped["status"] == "failed" and dropped["detail"], dropped
-    final3 = flat_sets(load_checkpoint(run3 / "checkpoint.pt"), grads)
-    n3 = [float(s["num_examples"]) for s in sent3]
-    tol3 = secagg_tolerance(0.05, n3, 16.0) + 1e-6
+    # sample-weighted FedAvg of what site_a and site_b trained, within the quantization bound
+    final = flat_sets(load_checkpoint(run2 / "checkpoint.pt"), grads)
+    n = [float(s["num_examples"]) for s in sent2]
+    assert n[0] != n[1], n
+    tol = secagg_tolerance(0.05, n, 16.0) + 1e-6  # + fp32 rounding of the weights themselves
     for name in SETS:
-        want = sum(ni * s[name] for ni, s in zip(n3, sent3, strict=True)) / sum(n3)
-        np.testing.assert_allclose(final3[name], want, rtol=0, atol=tol3, err_msg=name)
+        want = sum(ni * s[name] for ni, s in zip(n, sent2, strict=True)) / sum(n)
+        np.testing.assert_allclose(final[name], want, rtol=0, atol=tol, err_msg=name)
+        if name != "target":  # (the EMA target moves ~1e-7 in 2 steps: too little to tell the weightings apart)
+            unweighted = (sent2[0][name] + sent2[1][name]) / 2
+            assert np.abs(final[name] - unweighted).max() > 20 * tol, name  # the weights are inside the sum
+            assert np.abs(final[name] - start[name]).max() > 100 * tol, name  # the round moved the weights
+    assert not (run2 / "updates").exists()  # save-updates: the server had no single update to save
+    report = json.loads((run2 / "privacy.json").read_text())
+    assert report["secure_aggregation"] is True and report["central_dp"] == {"enabled": False}
+    assert set(report["sites"]) >= {"site_a", "site_b"} and "Flower SecAgg+" in (run2 / "privacy.md").read_text()

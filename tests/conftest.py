@@ -66,12 +66,24 @@ def gc_frozen() -> None:
     freeze_heap()
 
 
+def shares_a_module_fixture(item: pytest.Item) -> bool:
+    """Whether `item` uses a fixture built once per module (or session): a federation, a pretrained
+    backbone, generated sites."""
+    defs = item._fixtureinfo.name2fixturedefs  # pytest's own record of the item's fixtures
+    return any(d[-1].scope in ("module", "session") for d in defs.values() if d)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the `xdist_group` marks it is given here
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The longest tests first, so that the two pytest workers of `make test` (which take the first tests
-    in turn) start on the longest work and end together on the short unit tests, instead of one worker
-    running a two-minute federation at the end while the other idles. `tests/durations.json`: the tests
-    that took >= 10 s (seconds, from `pytest --durations=40` on 2 cores); the others follow, integration,
-    then slow, then the rest, each in file order."""
+    """The longest tests first, so that the two pytest workers of `make test` start on the longest work and
+    end together on the short unit tests, instead of one worker running a two-minute federation at the end
+    while the other idles. `tests/durations.json`: the tests that took >= 10 s (seconds, from
+    `pytest --durations` on 2 cores); the others follow, integration, then slow, then the rest, each in
+    file order.
+
+    The tests of a module that share a module-scoped fixture are one `xdist_group`: under
+    `--dist loadgroup` (`make test`) one worker runs them all, so the fixture is built once, not once per
+    worker. `--no-loadscope-reorder` keeps the order above (a group goes where its longest test is)."""
     seconds = json.loads((Path(__file__).parent / "durations.json").read_text())
 
     def rank(item: pytest.Item) -> tuple[float, int]:
@@ -79,3 +91,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return (-seconds.get(item.nodeid, 0.0), group)
 
     items.sort(key=rank)  # stable: file order within equal keys
+    for item in items:
+        if shares_a_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))

@@ -41,7 +41,6 @@ from brainjepa.errors import InputError
 from brainjepa.federation.contract import MODEL_SET, Metric, RoundSpec, eval_metric_key
 from brainjepa.privacy.dpsgd import DPDownstreamStep
 from brainjepa.privacy.sampling import PoissonSubjects, generators
-from brainjepa.privacy.session import PrivateRound, ledger_path, run_key
 from brainjepa.weights import model_checksum
 from client.training import (
     ROUND_ERRORS,
@@ -139,18 +138,7 @@ class DownstreamSite:
         expected = min(self.recipe.batch_size, int(units.max()) + 1)
         sampler = PoissonSubjects(train.packed(), units, expected, spec.model.n_frames)
         dp, sigma = granted_round(
-            self.group,
-            lambda: PrivateRound.open(
-                privacy,
-                ledger_path(privacy, self.site.source, self.name),
-                self.name,
-                run_key(spec.task, spec.model_checksum, spec.gradient_checksum, spec.total_steps, self.recipe.seed),
-                spec.task,
-                spec.round,
-                sampler.sample_rate,
-                spec.local_steps,
-                spec.total_steps - spec.step_start,
-            ),
+            self.group, privacy, self.site.source, self.name, spec, self.recipe.seed, sampler.sample_rate
         )
         rng, noise = generators(shared_seeds(self.seeds, self.group))
         step = DPDownstreamStep(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from brainjepa.config import ModelConfig, PretrainConfig, SiteRuntime, load_site
+from brainjepa.config import ModelConfig, PretrainConfig, PrivacyConfig, SiteRuntime, load_site
 from brainjepa.data import BatchStream, pretraining_stream
 from brainjepa.distributed import RankGroup, launch, rank_devices
 from brainjepa.errors import DataError, InputError
@@ -241,20 +240,7 @@ def private_train(
         )
     except ValueError as e:
         raise RoundRefused(f"site '{site.source}': {e}") from e
-    dp, sigma = granted_round(
-        trainer.group,
-        lambda: PrivateRound.open(
-            privacy,
-            ledger_path(privacy, site.source, site.site),
-            site.site,
-            run_key(spec.task, spec.model_checksum, spec.gradient_checksum, spec.total_steps, cfg.train.seed),
-            spec.task,
-            spec.round,
-            sampler.sample_rate,
-            spec.local_steps,
-            spec.total_steps - spec.step_start,
-        ),
-    )
+    dp, sigma = granted_round(trainer.group, privacy, site.source, site.site, spec, cfg.train.seed, sampler.sample_rate)
     from brainjepa.privacy.dpsgd import DPPretrainStep  # here: opacus costs ~1.4 s in every round's process
 
     rng, noise = generators(shared_seeds(seeds, trainer.group))
@@ -288,11 +274,32 @@ def private_train(
     return metrics
 
 
-def granted_round(group: RankGroup | None, open_round: Callable[[], PrivateRound]) -> tuple[PrivateRound | None, float]:
-    """(the round granted against the site's ledger, its noise multiplier): the only process, or rank 0,
+def granted_round(
+    group: RankGroup | None,
+    privacy: PrivacyConfig,
+    site_yaml: Path,
+    name: str,
+    spec: RoundSpec,
+    seed: int,
+    sample_rate: float,
+) -> tuple[PrivateRound | None, float]:
+    """(the round granted against site `name`'s ledger, its noise multiplier): the only process, or rank 0,
     opens the ledger (it may write the run's calibrated noise to it); the other ranks get the noise
-    multiplier from rank 0 and no round (None). A refusal (BudgetExhausted) ends rank 0, and the round."""
-    dp = open_round() if group is None or group.rank == 0 else None
+    multiplier from rank 0 and no round (None). A refusal (BudgetExhausted) ends rank 0, and the round.
+    The run is known in the ledger by its task, model, gradients, length and `seed`."""
+    dp = None
+    if group is None or group.rank == 0:
+        dp = PrivateRound.open(
+            privacy,
+            ledger_path(privacy, site_yaml, name),
+            name,
+            run_key(spec.task, spec.model_checksum, spec.gradient_checksum, spec.total_steps, seed),
+            spec.task,
+            spec.round,
+            sample_rate,
+            spec.local_steps,
+            spec.total_steps - spec.step_start,
+        )
     sigma = dp.noise_multiplier if dp is not None else 0.0
     return dp, sigma if group is None else group.broadcast_floats([sigma])[0]
 

@@ -30,10 +30,10 @@ from brainjepa.federation.contract import RoundSpec
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass
 class DownlinkRound:
     """What one round sends: the new reference in fp32 (the resync form), the int8 delta (None without a
-    reference), and which nodes get the delta."""
+    reference; dropped by `sent` once Flower's record holds its bytes), and which nodes get the delta."""
 
     full: dict[str, torch.Tensor]  # {set: (P,) fp32}
     delta: dict[str, torch.Tensor] | None  # {set: (P,) int8, set.scale: (ceil(P / block),) fp32}
@@ -42,6 +42,10 @@ class DownlinkRound:
 
     def payload(self, node_id: int) -> dict[str, torch.Tensor]:
         return self.delta if self.delta is not None and node_id in self.holders else self.full
+
+    def sent(self) -> None:
+        """The int8 codes are in the round's message record: this copy is not needed again."""
+        self.delta = None
 
 
 class Downlink:
@@ -57,7 +61,9 @@ class Downlink:
         """The round's payloads for the global `sets`, and `spec` with their checksums."""
         ref = self.reference
         if ref is None or set(ref) != set(sets):
-            full, delta, base = {k: v.detach().float().clone() for k, v in sets.items()}, None, ""
+            # the global sets themselves, no copy: the coordinator never changes them in place (each round's
+            # step makes new tensors, `server.pretraining`)
+            full, delta, base = {k: v.detach().float() for k, v in sets.items()}, None, ""
         else:  # one set at a time: temporaries of one set, not three
             full, delta, base = {}, {}, self.checksum
             for k in sets:

@@ -127,6 +127,8 @@ class FederatedRun:
         run.audit = AuditLog(run_dir, run.registry)
         run.audit.start(to_run_config(cfg), run.start_round)
         run.sets = {name: flat_parameters(getattr(models, name)) for name in WEIGHT_SETS}
+        for name in WEIGHT_SETS:  # the modules' parameters become views of the sets: one copy of the model
+            load_flat_parameters(getattr(models, name), run.sets[name])
         run.guard = UpdateGuard(cfg, run_dir, run.registry, run.audit, run.guard_state)
         run.guard.norms.record(run.start_round, run.sets)
         run.downlink = Downlink() if cfg.wire_dtype == "int8" else None

@@ -24,8 +24,16 @@ from dataclasses import dataclass
 
 import torch
 
-from brainjepa.federation.compression import SCALE_SUFFIX, dequantize, quantize, weights_checksum
+from brainjepa.federation.compression import (
+    QUANT_BLOCK,
+    SCALE_SUFFIX,
+    dequantize_chunk,
+    n_blocks,
+    quantize,
+    weights_checksum,
+)
 from brainjepa.federation.contract import RoundSpec
+from brainjepa.federation.reply_sets import CHUNK
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +56,23 @@ class DownlinkRound:
         self.delta = None
 
 
+def step_set(target: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The int8 delta target - ref (codes (P,), scales (ceil(P / QUANT_BLOCK),)) and the new reference
+    ref + decoded delta (P,) fp32, CHUNK values at a time (whole blocks: the same bits as quantising and
+    decoding the whole vector, without temporaries of its size)."""
+    n = ref.numel()
+    codes = torch.empty(n, dtype=torch.int8)
+    scales = torch.empty(n_blocks(n), dtype=torch.float32)
+    new = torch.empty(n, dtype=torch.float32)
+    for lo in range(0, n, CHUNK):
+        hi = min(n, lo + CHUNK)
+        c, sc = quantize(target[lo:hi] - ref[lo:hi])  # (m,) int8, (ceil(m / QUANT_BLOCK),) fp32
+        codes[lo:hi] = c
+        scales[lo // QUANT_BLOCK : lo // QUANT_BLOCK + sc.numel()] = sc
+        new[lo:hi] = dequantize_chunk(c, sc, 0, hi - lo).add_(ref[lo:hi])
+    return codes, scales, new
+
+
 class Downlink:
     """The coordinator's copy of what in-sync sites hold, and which nodes hold it (not checkpointed: a
     resumed coordinator resyncs every site in its first round)."""
@@ -59,20 +84,20 @@ class Downlink:
 
     def prepare(self, sets: Mapping[str, torch.Tensor], spec: RoundSpec) -> tuple[RoundSpec, DownlinkRound]:
         """The round's payloads for the global `sets`, and `spec` with their checksums."""
-        ref = self.reference
+        ref, self.reference = self.reference, None
+        # the old reference is not needed again: the next round's base is this one (after `commit`), and a
+        # round that fails before it sends resyncs every site
         if ref is None or set(ref) != set(sets):
             # the global sets themselves, no copy: the coordinator never changes them in place (each round's
             # step makes new tensors, `server.pretraining`)
             full, delta, base = {k: v.detach().float() for k, v in sets.items()}, None, ""
-        else:  # one set at a time: temporaries of one set, not three
+        else:  # one set at a time, each old set dropped once its successor is made: one set's worth extra
             full, delta, base = {}, {}, self.checksum
             for k in sets:
-                codes, scales = quantize(sets[k] - ref[k])
+                old = ref.pop(k)
+                codes, scales, full[k] = step_set(sets[k].detach().float(), old)
                 delta[k], delta[k + SCALE_SUFFIX] = codes, scales
-                full[k] = dequantize(codes, scales, codes.numel(), k).add_(ref[k])
-        # the old reference is not needed again: the next round's base is this one (after `commit`), and a
-        # round that fails before it sends resyncs every site
-        self.reference, ref = None, None
+                del old
         down = DownlinkRound(full, delta, weights_checksum(full), self.holders)
         return dataclasses.replace(spec, weights_checksum=down.checksum, wire_base=base), down
 

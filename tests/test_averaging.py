@@ -21,6 +21,8 @@ from brainjepa.federation.averaging import RunningMean, error_bound
 from brainjepa.federation.compression import feedback_step
 from brainjepa.federation.contract import decode_update, encode_update
 from brainjepa.federation.reply_sets import CHUNK, ReplySets, reply_stats
+from server.aggregate import SiteUpdate, check_update
+from server.bounds import SetBound, distance_bound
 
 SIZES = {"encoder": 2 * CHUNK + 1234, "predictor": 999, "target": 2 * CHUNK + 1234}  # several chunks, a partial one
 
@@ -154,9 +156,11 @@ def test_adding_an_int8_reply_does_not_hold_a_decoded_copy_of_it() -> None:
     mean.add(ReplySets(replies[0], "int8", master), 3)  # allocates the mean: 64 MB, expected
 
     def lazy() -> None:
-        sets = ReplySets(replies[1], "int8", master)
-        reply_stats(sets, master)  # the checks' pass
-        mean.add(sets, 4)
+        update = SiteUpdate("b", 4, ReplySets(replies[1], "int8", master))
+        bounds = {"encoder": SetBound(distance_bound(master["encoder"], 0.5), 1e9)}
+        stats = reply_stats(update.sets, master)  # the checks' one pass
+        assert check_update(update, {"encoder": n}, master, bounds, 0, stats) is None
+        mean.add(update.sets, update.num_examples)
 
     def whole() -> None:
         decoded = decode_update(replies[1], "int8", master)

@@ -61,6 +61,9 @@ class ReplySets(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self.names)
 
+    def __contains__(self, name: object) -> bool:  # Mapping's default would decode the set to find out
+        return name in self.names
+
     def __getitem__(self, name: str) -> torch.Tensor:
         """The whole set, decoded (a fresh tensor; statistics arrays in float64)."""
         if name not in self.names:

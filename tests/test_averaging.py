@@ -11,6 +11,10 @@
 from __future__ import annotations
 
 import gc
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,7 @@ from brainjepa.federation.reply_sets import CHUNK, ReplySets, reply_stats
 from server.aggregate import SiteUpdate, check_update
 from server.bounds import SetBound, distance_bound
 
+ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"encoder": 2 * CHUNK + 1234, "predictor": 999, "target": 2 * CHUNK + 1234}  # several chunks, a partial one
 
 
@@ -143,12 +148,10 @@ def _peak_above_start_mb(work) -> float:
     return _rss_mb("VmHWM") - start
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
-def test_adding_an_int8_reply_does_not_hold_a_decoded_copy_of_it() -> None:
-    """64 MB of fp32 sets; a decoded reply would be 64 MB. Checking and adding the second int8 reply stays
-    under a quarter of that (chunk temporaries only); decoding it whole (the old way) is measured to take
-    at least a copy, so the measurement can tell the two apart."""
-    n = 16 * CHUNK  # 16 M values: 64 MB fp32, 16 MB int8
+def measure_reply_memory() -> dict[str, float]:
+    """In a fresh process (`__main__` below): MB above the start while an int8 reply of 64 MB of fp32 sets
+    is checked and added to the mean (`lazy`), and while it is decoded whole, the old way (`whole`)."""
+    n = 1 << 24  # 16 M values: 64 MB fp32 (above glibc's largest mmap threshold: a fresh mapping), 16 MB int8
     g = torch.Generator().manual_seed(0)
     master = {"encoder": torch.randn(n, generator=g)}
     replies = [feedback_step({"encoder": torch.randn(n, generator=g) * 1e-3}, None)[0] for _ in range(2)]
@@ -166,7 +169,18 @@ def test_adding_an_int8_reply_does_not_hold_a_decoded_copy_of_it() -> None:
         decoded = decode_update(replies[1], "int8", master)
         del decoded
 
-    mb = n * 4 / 2**20
-    lazy_mb, whole_mb = _peak_above_start_mb(lazy), _peak_above_start_mb(whole)
+    return {"mb": n * 4 / 2**20, "lazy": _peak_above_start_mb(lazy), "whole": _peak_above_start_mb(whole)}
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
+def test_adding_an_int8_reply_does_not_hold_a_decoded_copy_of_it() -> None:
+    """Checking and adding the second int8 reply stays under a quarter of one decoded copy (chunk
+    temporaries only); decoding it whole is measured to take at least a copy, so the measurement can tell
+    the two apart. A fresh process: nothing else of the test session's allocates meanwhile."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    code = "import json, test_averaging as t; print(json.dumps(t.measure_reply_memory()))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    mb, lazy_mb, whole_mb = got["mb"], got["lazy"], got["whole"]
     assert whole_mb >= 0.9 * mb, f"the measurement missed a whole decoded reply ({whole_mb:.0f} MB of {mb:.0f})"
     assert lazy_mb < 0.25 * mb, f"checking and adding one reply took {lazy_mb:.0f} MB (a decoded copy is {mb:.0f} MB)"

@@ -120,16 +120,14 @@ def round_messages(
 ) -> tuple[list[Message], dict[int, int]]:
     """The round's message to each `sampled` node (the records shared between them) and its bytes."""
     conf = ConfigRecord(spec.to_record())
-    delta = ArrayRecord(downlink.delta) if downlink is not None and downlink.delta is not None else None
-    in_sync = {node for node in sampled if delta is not None and node in downlink.holders}  # type: ignore[union-attr]
-    if downlink is not None:
-        downlink.sent()  # the record holds the codes' bytes now
-    full = None  # the fp32 (fp16) record: built only when a sampled site needs it
-    if len(in_sync) < len(sampled):
-        full = ArrayRecord(encode_global(sets if downlink is None else downlink.full, spec.wire_dtype))
-    arrays = {node: delta if node in in_sync else full for node in sampled}
+    in_sync = {node for node in sampled if downlink is not None and downlink.in_sync(node)}
+    if downlink is not None:  # int8: the delta's record to nodes in sync, the fp32 reference's to the others
+        arrays = downlink.records(sampled)
+    else:
+        full = ArrayRecord(encode_global(sets, spec.wire_dtype))
+        arrays = dict.fromkeys(sampled, full)
     extra = {name: ArrayRecord(dict(tensors)) for name, tensors in (records or {}).items()}
-    sent = {node: a.count_bytes() + sum(r.count_bytes() for r in extra.values()) for node, a in arrays.items()}  # type: ignore[union-attr]
+    sent = {node: a.count_bytes() + sum(r.count_bytes() for r in extra.values()) for node, a in arrays.items()}
     log.info(
         "%s round %d/%d: sending %.1f MB to each of %d site(s)%s",
         spec.task,
@@ -137,11 +135,11 @@ def round_messages(
         spec.num_rounds,
         max(sent.values(), default=0) / 1e6,
         len(sampled),
-        f" ({sum(a is delta for a in arrays.values())} as int8 deltas)" if delta is not None else "",
+        f" ({len(in_sync)} as int8 deltas)" if downlink is not None else "",
     )
     msgs = [
         Message(
-            RecordDict({ARRAYS: arrays[node], CONFIG: conf, **extra}),  # type: ignore[dict-item]
+            RecordDict({ARRAYS: arrays[node], CONFIG: conf, **extra}),
             dst_node_id=node,
             message_type=message_type,
             group_id=f"{spec.task}-{spec.round}",

@@ -2,8 +2,9 @@
 
 Runs, in this process and with the server's own code, what `server.pretraining` does with the weights in
 a round: the global sets, the downlink payload (`encode_global`, or under int8 `server.downlink`) built
-as Flower's record and dropped once sent (as `server.exchange` does after the push; under int8 the new
-reference stays for the next round), each site's reply as Flower carries it (an `ArrayRecord`, its arrays
+as Flower's record and dropped once sent (as `server.exchange` does after the push; under int8 the old
+reference read from the run folder, a temporary folder here, and the new one written there, chunk by
+chunk; `--resync N`: N sites get the fp32 form, read from that file), each site's reply as Flower carries it (an `ArrayRecord`, its arrays
 taken out as read-only views by `server.exchange.take_tensors`) read as `ReplySets`, checked in one chunked pass
 (`reply_stats`, `check_update` against per-set bounds as `server.guard` derives them) and added to the
 fp32 running mean one chunk at a time, then the mean. The sets are random, of the sizes of
@@ -22,6 +23,8 @@ import gc
 import json
 import resource
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -64,6 +67,9 @@ def main(
     model: Annotated[str, typer.Option(help="vit-s or vit-b")] = "vit-b",
     wire_dtype: Annotated[str, typer.Option(help="float32, float16 or int8")] = "int8",
     sites: Annotated[int, typer.Option(help="replies in the round")] = 2,
+    resync: Annotated[
+        int, typer.Option(help="int8: sites not in sync, sent the fp32 reference read from the run folder")
+    ] = 0,
 ) -> None:
     start = peak_mb()  # python, torch, flwr
     sizes: dict[str, int] = {}
@@ -73,20 +79,28 @@ def main(
     g = torch.Generator().manual_seed(0)
     sets = {k: torch.randn(n, generator=g).mul_(0.02) for k, n in sizes.items()}  # the global master (fp32)
     stages = {"python, torch, flwr": start, "global sets": peak_mb()}  # from here: peaks of each stage alone
+    seconds = {}
     if wire_dtype == "int8":
         from server.downlink import Downlink  # noqa: PLC0415
+        from server.reference_file import write_reference  # noqa: PLC0415
 
-        down = Downlink()
-        down.reference = {k: v + 1e-3 for k, v in sets.items()}  # what in-sync sites hold
+        folder = tempfile.TemporaryDirectory(prefix="coordinator-memory-")  # the run folder
+        down = Downlink(Path(folder.name))
+        # what in-sync sites hold: last round's reference, committed to the run folder
+        down.checksum = write_reference(down.path, {k: v + 1e-3 for k, v in sets.items()})
+        down.holders = frozenset(range(resync, sites))
+        gc.collect()
+        trim()
         reset_peak()
+        t0 = time.perf_counter()
         _, rnd = down.prepare(sets, _spec())
-        payload = ArrayRecord(rnd.delta)  # type: ignore[arg-type]  (every site in sync: no fp32 record)
-        rnd.sent()
-        full = rnd.full  # the new reference: held until the round's end
+        seconds["prepare"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        payload = rnd.records(range(sites))  # the delta's record, and the fp32 resync's read from the file
+        seconds["records"] = time.perf_counter() - t0
     else:
         reset_peak()
         payload = ArrayRecord(encode_global(sets, wire_dtype))
-        full = None
     del payload  # pushed: the SuperLink holds it now
     stages["downlink payload"] = peak_mb()
     bounds = {
@@ -112,9 +126,14 @@ def main(
         stages[f"reply {i + 1} checked and added"] = peak_mb()
     new = mean.result()
     stages["mean"] = peak_mb()
-    del new, full
+    del new
     params = sum(sizes.values())
-    print(json.dumps({"model": model, "wire": wire_dtype, "params": params, "peak_rss_mb": stages}))
+    out = {"model": model, "wire": wire_dtype, "params": params, "peak_rss_mb": stages}
+    if wire_dtype == "int8":
+        down.commit(rnd, range(sites))
+        down.close()
+        out |= {"resync_sites": resync, "downlink_s": {k: round(v, 2) for k, v in seconds.items()}}
+    print(json.dumps(out))
 
 
 def site_reply(sets: dict[str, torch.Tensor], wire_dtype: str, step: float) -> dict[str, torch.Tensor]:

@@ -126,8 +126,8 @@ class FederatedRun:
             save_gradients(run_dir / "gradients.npy", grads)
         run.audit = AuditLog(run_dir, run.registry)
         run.audit.start(to_run_config(cfg), run.start_round)
-        run.sets = {name: flat_parameters(getattr(models, name)) for name in WEIGHT_SETS}
-        for name in WEIGHT_SETS:  # the modules' parameters become views of the sets: one copy of the model
+        for name in WEIGHT_SETS:  # the modules' parameters become views of the sets, set by set: one copy
+            run.sets[name] = flat_parameters(getattr(models, name))
             load_flat_parameters(getattr(models, name), run.sets[name])
         run.guard = UpdateGuard(cfg, run_dir, run.registry, run.audit, run.guard_state)
         run.guard.norms.record(run.start_round, run.sets)

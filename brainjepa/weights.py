@@ -20,8 +20,9 @@ WEIGHT_SETS = ("encoder", "predictor", "target")
 
 
 def flat_parameters(module: nn.Module) -> torch.Tensor:
-    """(P,) fp32 copy of a module's parameters in named_parameters() order (the wire layout)."""
-    return parameters_to_vector([p.detach() for p in module.parameters()]).float().clone()
+    """(P,) fp32 copy of a module's parameters in named_parameters() order (the wire layout): the
+    concatenation is the copy (no second one)."""
+    return parameters_to_vector([p.detach() for p in module.parameters()]).float()
 
 
 def load_flat_parameters(module: nn.Module, vec: torch.Tensor) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from brainjepa.federation.averaging import RunningMean  # noqa: F401 (the server's averaging)
+from brainjepa.federation.reply_sets import SetStats, reply_stats, shape_of
 from server.bounds import SetBound, check_bounds
 from server.config import ServerOptConfig
 
@@ -27,7 +28,7 @@ class SiteUpdate:
 
     site: str
     num_examples: int
-    sets: dict[str, torch.Tensor]  # name -> (P_name,) float32
+    sets: Mapping[str, torch.Tensor]  # name -> (P_name,) float32 (a reply: `ReplySets`, decoded when read)
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -37,28 +38,31 @@ def check_update(
     current: Mapping[str, torch.Tensor] | None = None,
     bounds: Mapping[str, SetBound] | None = None,
     max_samples: int = 0,
+    stats: Mapping[str, SetStats] | None = None,
 ) -> str | None:
     """Why `update` must not be averaged (missing / wrong-length set, NaN/Inf, no samples, more samples
     than `max_samples` (0: no cap), a set outside its bound against the `current` global set
-    (`server.bounds`)), or None."""
+    (`server.bounds`)), or None. `stats`: the update's `reply_stats` against `current` if already
+    taken (each set is read once, one chunk at a time, for all checks)."""
     if not (isinstance(update.num_examples, int) and update.num_examples > 0):
         return f"num-examples must be a positive integer, got {update.num_examples!r}"
     if max_samples and update.num_examples > max_samples:
         return f"num-examples {update.num_examples} exceeds the cap of {max_samples} for this site"
     for name, n in expected.items():
-        vec = update.sets.get(name)
-        if vec is None:
+        if name not in update.sets:
             return f"weight set '{name}' missing (got {sorted(update.sets)})"
-        if vec.ndim != 1 or vec.numel() != n:
-            return f"weight set '{name}' has shape {tuple(vec.shape)}, expected ({n},)"
-        if not bool(torch.isfinite(vec).all()):
-            bad = int((~torch.isfinite(vec)).sum())
-            return f"weight set '{name}' contains {bad} NaN/Inf value(s)"
+        shape = shape_of(update.sets, name)
+        if len(shape) != 1 or shape[0] != n:
+            return f"weight set '{name}' has shape {shape}, expected ({n},)"
     extra = set(update.sets) - set(expected)
     if extra:
         return f"unexpected weight set(s) {sorted(extra)}"
+    stats = stats if stats is not None else reply_stats(update.sets, current)
+    for name in expected:
+        if stats[name].nonfinite:
+            return f"weight set '{name}' contains {stats[name].nonfinite} NaN/Inf value(s)"
     if bounds and current is not None:
-        return check_bounds(update.sets, current, bounds)
+        return check_bounds(update.sets, current, bounds, stats)
     return None
 
 

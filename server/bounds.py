@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from brainjepa.federation.contract import RoundSpec
+from brainjepa.federation.reply_sets import SetStats, chunks, reply_stats, set_stats
 
 TARGET_SLACK = 2.0
 ADAM_SLACK = 4.0
@@ -64,15 +65,24 @@ def target_bound(encoder: torch.Tensor, target: torch.Tensor, max_ratio: float, 
     (module docstring); 0 ratio: no bound."""
     if max_ratio <= 0:
         return math.inf
-    reach = float((encoder - target).norm()) + max_ratio * float(encoder.norm())
+    reach = _distance(encoder, target) + max_ratio * float(encoder.norm())
     return TARGET_SLACK * share * reach + _TOLERANCE * float(target.norm())
 
 
-def site_target_bound(site_encoder: torch.Tensor, encoder: torch.Tensor, target: torch.Tensor, share: float) -> float:
-    """The target's bound from the encoder this site sent: its local encoders ran from the global `encoder`
-    to `site_encoder`, so the target moved at most ~share x the farther of the two from `target`."""
-    reach = max(float((site_encoder - target).norm()), float((encoder - target).norm()))
+def site_target_bound(site_to_target: float, encoder: torch.Tensor, target: torch.Tensor, share: float) -> float:
+    """The target's bound from the encoder this site sent (`site_to_target` = ||site encoder - global
+    target||): its local encoders ran from the global `encoder` to the site's, so the target moved at most
+    ~share x the farther of the two from `target`."""
+    reach = max(site_to_target, _distance(encoder, target))
     return TARGET_SLACK * share * reach + _TOLERANCE * float(target.norm())
+
+
+def _distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| one chunk at a time (no temporary of the sets' size)."""
+    sq = 0.0
+    for lo, chunk in chunks({"a": a}, "a"):
+        sq += float(torch.linalg.vector_norm(chunk - b.reshape(-1)[lo : lo + chunk.numel()], dtype=torch.float64)) ** 2
+    return math.sqrt(sq)
 
 
 def adam_reach(n: int, lr: float, steps: int) -> float:
@@ -84,24 +94,30 @@ def adam_reach(n: int, lr: float, steps: int) -> float:
 
 
 def check_bounds(
-    sets: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor], bounds: Mapping[str, SetBound]
+    sets: Mapping[str, torch.Tensor],
+    current: Mapping[str, torch.Tensor],
+    bounds: Mapping[str, SetBound],
+    stats: Mapping[str, SetStats] | None = None,
 ) -> str | None:
-    """Why `sets` break a bound (the first one found), or None."""
+    """Why `sets` break a bound (the first one found), or None. `stats`: their `reply_stats` against
+    `current`, if already taken."""
+    stats = stats if stats is not None else reply_stats(sets, current)
     for name, bound in bounds.items():
-        vec, ref = sets.get(name), current.get(name)
-        if vec is None or ref is None:
+        ref = current.get(name)
+        if name not in sets or ref is None:
             continue
         limit, how = bound.max_distance, "max-update-ratio"
         if bound.ema_share > 0 and "encoder" in sets and "encoder" in current:
-            limit = min(limit, site_target_bound(sets["encoder"], current["encoder"], ref, bound.ema_share))
+            to_target = set_stats(sets, "encoder", ref).distance  # ||site encoder - global target||
+            limit = min(limit, site_target_bound(to_target, current["encoder"], ref, bound.ema_share))
             how = "derived from the EMA schedule and the encoder sent"
-        dist = float((vec - ref).norm())
-        if dist > limit:
+        dist = stats[name].distance
+        if not dist <= limit:
             return (
                 f"weight set '{name}' moved {dist:.4g} from the global weights (norm {float(ref.norm()):.4g}); "
                 f"its bound this round is {limit:.4g} ({how})"
             )
-        norm = float(vec.norm())
+        norm = stats[name].norm
         if norm > bound.max_norm:
             return (
                 f"weight set '{name}' has norm {norm:.4g}, above its bound {bound.max_norm:.4g} "

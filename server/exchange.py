@@ -8,9 +8,11 @@ called as each reply is decoded, so that one site's weights at a time are held.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,18 +23,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from brainjepa.errors import ConfigError
-from brainjepa.federation.contract import (
-    ARRAYS,
-    CONFIG,
-    METRICS,
-    SITE,
-    ErrorCode,
-    Metric,
-    RoundSpec,
-    decode_update,
-    encode_global,
-)
+from brainjepa.federation.contract import ARRAYS, CONFIG, METRICS, SITE, ErrorCode, Metric, RoundSpec, encode_global
 from brainjepa.federation.names import check_site_name
+from brainjepa.federation.reply_sets import ReplySets
 from server.aggregate import SiteUpdate
 from server.config import FederationConfig
 from server.downlink import DownlinkRound
@@ -106,13 +99,33 @@ def exchange(
     nodes = wait_for_nodes(grid, cfg.min_sites, cfg.wait_for_sites_s, exclude, why)
     share = cfg.fraction_sites if fraction is None else fraction
     sampled = sample_nodes(nodes, share, cfg.min_sites, np.random.default_rng([cfg.seed, spec.round]))
+    msgs, sent = round_messages(sampled, spec, sets, message_type, records, downlink)
+    registry = read_registry(cfg.site_registry) if cfg.site_registry else None
+    return collect(
+        grid,
+        msgs,  # emptied once pushed: the records' bytes are the SuperLink's to keep, not ours
+        cfg.round_timeout_s,
+        lambda reply, node: decode(reply, node, sent[node], spec.wire_dtype, sets, registry),
+        on_result,
+    )
+
+
+def round_messages(
+    sampled: list[int],
+    spec: RoundSpec,
+    sets: Mapping[str, torch.Tensor],
+    message_type: str,
+    records: Mapping[str, Mapping[str, torch.Tensor]] | None,
+    downlink: DownlinkRound | None,
+) -> tuple[list[Message], dict[int, int]]:
+    """The round's message to each `sampled` node (the records shared between them) and its bytes."""
     conf = ConfigRecord(spec.to_record())
-    delta = ArrayRecord(downlink.delta) if downlink is not None and downlink.delta is not None else None
-    in_sync = {node for node in sampled if delta is not None and node in downlink.holders}  # type: ignore[union-attr]
-    full = None  # the fp32 (fp16) record: built only when a sampled site needs it
-    if len(in_sync) < len(sampled):
-        full = ArrayRecord(encode_global(sets if downlink is None else downlink.full, spec.wire_dtype))
-    arrays = {node: delta if node in in_sync else full for node in sampled}
+    in_sync = {node for node in sampled if downlink is not None and downlink.in_sync(node)}
+    if downlink is not None:  # int8: the delta's record to nodes in sync, the fp32 reference's to the others
+        arrays = downlink.records(sampled)
+    else:
+        full = ArrayRecord(encode_global(sets, spec.wire_dtype))
+        arrays = dict.fromkeys(sampled, full)
     extra = {name: ArrayRecord(dict(tensors)) for name, tensors in (records or {}).items()}
     sent = {node: a.count_bytes() + sum(r.count_bytes() for r in extra.values()) for node, a in arrays.items()}
     log.info(
@@ -122,7 +135,7 @@ def exchange(
         spec.num_rounds,
         max(sent.values(), default=0) / 1e6,
         len(sampled),
-        f" ({sum(a is delta for a in arrays.values())} as int8 deltas)" if delta is not None else "",
+        f" ({len(in_sync)} as int8 deltas)" if downlink is not None else "",
     )
     msgs = [
         Message(
@@ -133,14 +146,7 @@ def exchange(
         )
         for node in sampled
     ]
-    registry = read_registry(cfg.site_registry) if cfg.site_registry else None
-    return collect(
-        grid,
-        msgs,
-        cfg.round_timeout_s,
-        lambda reply, node: decode(reply, node, sent[node], spec.wire_dtype, sets, registry),
-        on_result,
-    )
+    return msgs, sent
 
 
 def collect(
@@ -150,12 +156,14 @@ def collect(
     read: Callable[[Message, int], SiteResult],
     on_result: Callable[[SiteResult], None],
 ) -> list[SiteResult]:
-    """Push the round's messages and pull replies (one at a time, each read, handed to `on_result` and
-    released) until all came, a site left, or the timeout."""
+    """Push the round's messages (then empty `msgs`: what was sent is not held here during the round) and
+    pull replies (one at a time, each read, handed to `on_result` and released) until all came, a site
+    left, or the timeout."""
     sent = [sum(r.count_bytes() for r in m.content.array_records.values()) for m in msgs]
     ids = list(grid.push_messages(msgs))
     node_of = {mid: m.metadata.dst_node_id for mid, m in zip(ids, msgs, strict=True)}
     sent_of = dict(zip(ids, sent, strict=True))
+    msgs.clear()
     pending = set(ids)
     results: list[SiteResult] = []
     deadline = time.monotonic() + timeout_s
@@ -234,8 +242,8 @@ def decode(
     registry: Mapping[int, RegisteredSite] | None = None,
 ) -> SiteResult:
     """A reply -> SiteResult: `failed` (error reply), `rejected` (malformed reply, wrong identity,
-    undecodable weights) or `ok` with the site's fp32 weight sets (fp16 / int8 deltas added to `master`), sample
-    count and metrics."""
+    undecodable weights) or `ok` with the site's weight sets (`ReplySets`: fp32 on reading, fp16 / int8 deltas
+    added to `master`, which must stay unchanged until the reply is used), sample count and metrics."""
     if reply.has_error():
         reason = (reply.error.reason or "").strip()
         log.warning("site node %d failed: %s", node_id, reason.splitlines()[-1] if reason else reply.error.code)
@@ -254,20 +262,36 @@ def decode(
         return SiteResult(node_id, "rejected", site, detail, bytes_sent=sent_bytes)
     metrics = {k: float(v) for k, v in content[METRICS].items()}
     arrays = content[ARRAYS]
-    try:
-        sets = decode_update(arrays.to_torch_state_dict(), wire_dtype, master)
+    received = arrays.count_bytes()
+    try:  # each array leaves the message as it is read (no second copy of the reply), decoded only when used
+        sets = ReplySets(take_tensors(arrays), wire_dtype, master)
     except (ValueError, TypeError) as e:
         return SiteResult(
-            node_id,
-            "rejected",
-            site,
-            f"undecodable weights: {e}",
-            bytes_sent=sent_bytes,
-            bytes_received=arrays.count_bytes(),
+            node_id, "rejected", site, f"undecodable weights: {e}", bytes_sent=sent_bytes, bytes_received=received
         )
     n = metrics.get(Metric.NUM_EXAMPLES, 0.0)
     update = SiteUpdate(site, int(n) if float(n).is_integer() else -1, sets, metrics)
-    return SiteResult(node_id, "ok", site, update=update, bytes_sent=sent_bytes, bytes_received=arrays.count_bytes())
+    return SiteResult(node_id, "ok", site, update=update, bytes_sent=sent_bytes, bytes_received=received)
+
+
+def take_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """The record's arrays as tensors over the bytes that came (read-only views: no copy), each array taken
+    out of the record; Flower's own `to_torch_state_dict` would copy each array twice on the way."""
+    out = {}
+    for key in list(record.keys()):
+        arr = record.pop(key)
+        head = io.BytesIO(arr.data[:4096])  # the .npy header (magic, version, dict)
+        version = np.lib.format.read_magic(head)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(head)
+        if fortran or dtype.hasobject:  # not what our codecs send: Flower's own (checked, copying) reader
+            out[key] = torch.from_numpy(arr.numpy())
+            continue
+        view = np.frombuffer(arr.data, dtype=dtype, count=math.prod(shape), offset=head.tell()).reshape(shape)
+        with warnings.catch_warnings():  # read-only by design: replies are read, never written
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            out[key] = torch.from_numpy(view)
+    return out
 
 
 def ok_updates(results: list[SiteResult], min_sites: int, what: str, hint: str = "") -> list[SiteUpdate]:
@@ -316,7 +340,7 @@ def save_update(run_dir: Path, label: str, r: SiteResult) -> None:
             "site": r.site,
             "status": r.status,
             "num_examples": r.update.num_examples,
-            "sets": r.update.sets,
+            "sets": {k: r.update.sets[k] for k in r.update.sets},  # decoded (fp32)
             "metrics": r.update.metrics,
         },
         out / f"{r.site}.pt",

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from brainjepa.federation.contract import RoundSpec
+from brainjepa.federation.reply_sets import reply_stats, shape_of
 from server.aggregate import check_update
 from server.audit import AuditLog
 from server.bounds import ClaimBook, NormHistory, SetBound, distance_bound, ema_share, target_bound
@@ -93,11 +94,14 @@ class UpdateGuard:
         caps = [c for c in (self.cfg.max_site_samples, reg.max_samples if reg else 0) if c > 0]
         expected = {k: v.numel() for k, v in current.items()}
         u = res.update
-        reason = check_update(u, expected, current, bounds, min(caps) if caps else 0)
+        fits = all(k in u.sets and shape_of(u.sets, k) == (n,) for k, n in expected.items())
+        stats = reply_stats(u.sets, current) if fits else None  # one chunked pass over the reply for every check
+        reason = check_update(u, expected, current, bounds, min(caps) if caps else 0, stats)
         reason = reason or self.claims.check(self.label(res), u.num_examples)
         if reason is None:
+            assert stats is not None
             self.claims.accept(self.label(res), u.num_examples)
-            moves = [float((u.sets[k] - v).norm() / v.norm().clamp_min(1e-12)) for k, v in current.items()]
+            moves = [stats[k].distance / max(float(v.norm()), 1e-12) for k, v in current.items()]
             self.moved[res.node_id] = (res.site, max(moves, default=0.0))
         return reason
 

@@ -126,10 +126,12 @@ class FederatedRun:
             save_gradients(run_dir / "gradients.npy", grads)
         run.audit = AuditLog(run_dir, run.registry)
         run.audit.start(to_run_config(cfg), run.start_round)
-        run.sets = {name: flat_parameters(getattr(models, name)) for name in WEIGHT_SETS}
+        for name in WEIGHT_SETS:  # the modules' parameters become views of the sets, set by set: one copy
+            run.sets[name] = flat_parameters(getattr(models, name))
+            load_flat_parameters(getattr(models, name), run.sets[name])
         run.guard = UpdateGuard(cfg, run_dir, run.registry, run.audit, run.guard_state)
         run.guard.norms.record(run.start_round, run.sets)
-        run.downlink = Downlink() if cfg.wire_dtype == "int8" else None
+        run.downlink = Downlink(run_dir) if cfg.wire_dtype == "int8" else None
         return run
 
     # ---------------------------------------------------------------- checkpoints
@@ -250,6 +252,8 @@ class FederatedRun:
             )
         for rnd in range(self.start_round, self.cfg.num_rounds):
             self.run_round(grid, rnd, report)
+        if self.downlink is not None:
+            self.downlink.close()
         png = report.finish()
         log.info(
             "done: %d rounds; checkpoint %s; metrics %s; plot %s",

@@ -7,10 +7,13 @@ at once: sites x parameters x 4 bytes (fp32) plus one stacked copy while computi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_avg
 
+from brainjepa.federation.reply_sets import ReplySets
 from server.config import ROBUST_METHODS
 
 
@@ -28,8 +31,9 @@ class RobustAggregate:
     def count(self) -> int:
         return len(self.replies)
 
-    def add(self, sets: dict[str, torch.Tensor], weight: float = 1.0) -> None:
-        self.replies.append({k: v.detach().to(torch.float32).clone() for k, v in sets.items()})
+    def add(self, sets: Mapping[str, torch.Tensor], weight: float = 1.0) -> None:
+        fresh = isinstance(sets, ReplySets)  # decoded on reading: already a copy of its own
+        self.replies.append({k: v if fresh else v.detach().to(torch.float32).clone() for k, v in sets.items()})
 
     def result(self) -> dict[str, torch.Tensor]:
         if not self.replies:

@@ -28,6 +28,7 @@ from client.training import SiteTrainer, load_site_data, resolve_site
 from client.wire import receive, send
 from server.config import FederationConfig
 from server.downlink import Downlink
+from server.reference_file import read_reference
 
 SIZES = {"encoder": 3 * QUANT_BLOCK + 17, "predictor": 1000, "target": 3 * QUANT_BLOCK + 17}
 
@@ -129,17 +130,19 @@ def test_malformed_int8_payloads_are_refused_with_a_reason() -> None:
         assert what  # (named for the failure message)
 
 
-def test_downlink_reference_stays_in_step_and_resyncs() -> None:
+def test_downlink_reference_stays_in_step_and_resyncs(tmp_path) -> None:
     """Coordinator and site hold the same reference bit for bit: deltas go to sites in sync, the fp32 form
     to any other; a delta for a reference the site lacks, or a corrupted one, is refused."""
     rng = np.random.default_rng(4)
-    down = Downlink()
+    down = Downlink(tmp_path)
     a, b = RecordDict(), RecordDict()  # two sites' context.state
     glob = _sets(rng)
     spec, r0 = down.prepare(glob, _spec())
     assert r0.delta is None and not spec.wire_base
+    wire = r0.records([1, 2])
+    assert wire[1] is wire[2] and wire[1].count_bytes() == ArrayRecord(encode_global(glob, "int8")).count_bytes()
     for state in (a, b):
-        got = receive(spec, ArrayRecord(r0.payload(1)).to_torch_state_dict(), state)
+        got = receive(spec, wire[1].to_torch_state_dict(), state)
         assert all(torch.equal(got[k], glob[k]) for k in SIZES)  # the first round: exact fp32
     down.commit(r0, [1])  # only site 1 (state a) replied
     for rnd in range(1, 4):
@@ -147,26 +150,32 @@ def test_downlink_reference_stays_in_step_and_resyncs() -> None:
             k: v + 1e-3 * torch.from_numpy(rng.standard_normal(v.numel()).astype(np.float32)) for k, v in glob.items()
         }
         spec, r = down.prepare(glob, _spec(round=rnd))
-        wire_a, wire_b = ArrayRecord(r.payload(1)), ArrayRecord(r.payload(2))
+        assert not down.path.exists()  # the old reference is gone once the new one is made
+        reference = read_reference(r.path, spec.weights_checksum)  # what the coordinator keeps (on disk)
+        wire = r.records([1, 2])
+        wire_a, wire_b = wire[1], wire[2]
         if rnd == 1:  # site 1 in sync: a delta; site 2 (no reply in round 0): fp32 (small sets: headers count)
             assert wire_a.count_bytes() < 0.3 * wire_b.count_bytes()
         else:  # both in sync
-            assert wire_a.count_bytes() == wire_b.count_bytes()
+            assert wire_a is wire_b
         before = RecordDict(dict(a))  # site 1 as it held the round's base
-        got = receive(spec, wire_a.to_torch_state_dict(), a)
-        assert all(torch.equal(got[k], r.full[k]) for k in SIZES)
+        delta = wire_a.to_torch_state_dict()
+        got = receive(spec, delta, a)
+        assert all(torch.equal(got[k], reference[k]) for k in SIZES)
         assert max(float((got[k] - glob[k]).abs().max()) for k in SIZES) < 1e-3 * 5 / 254
         receive(spec, wire_b.to_torch_state_dict(), b)
         down.commit(r, [1, 2])
     stale = RecordDict()
     with pytest.raises(ContractError, match="needs the full-precision form"):
-        receive(spec, ArrayRecord(r.payload(1)).to_torch_state_dict(), stale)
-    tampered = dict(r.payload(1))
+        receive(spec, delta, stale)
+    tampered = dict(delta)
     tampered["encoder"] = tampered["encoder"].clone()
     tampered["encoder"][0] = 6 if int(tampered["encoder"][0]) == 5 else 5  # one code changed in transit
     with pytest.raises(ContractError, match="checksum"):
         receive(spec, tampered, before)
-    assert torch.equal(receive(spec, r.payload(1), before)["encoder"], r.full["encoder"])  # the untampered one
+    assert torch.equal(receive(spec, delta, before)["encoder"], reference["encoder"])  # the untampered one
+    down.close()
+    assert not list(tmp_path.iterdir())
 
 
 def test_site_keeps_its_residual_between_rounds() -> None:

@@ -69,6 +69,12 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, n: int, name: str = "d
     """Codes and scales -> (n,) fp32 (each value one IEEE multiply: both ends decode bit for bit alike);
     a malformed pair (dtype, length, code range, scale not finite or negative) is a ValueError naming
     `name` and what is wrong."""
+    check_codes(codes, scales, n, name)
+    return dequantize_chunk(codes, scales, 0, n)
+
+
+def check_codes(codes: torch.Tensor, scales: torch.Tensor, n: int, name: str = "delta") -> None:
+    """ValueError naming `name` unless `codes` / `scales` are a well-formed int8 payload of n values."""
     if codes.dtype != torch.int8 or scales.dtype != torch.float32:
         raise ValueError(f"'{name}': codes {codes.dtype} / scales {scales.dtype}, expected int8 / float32")
     if codes.dim() != 1 or codes.numel() != n:
@@ -82,13 +88,19 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, n: int, name: str = "d
         raise ValueError(f"'{name}{SCALE_SUFFIX}': scales must be finite and >= 0 (got NaN, Inf or negative)")
     if n and int(codes.min()) == -128:
         raise ValueError(f"'{name}': code -128 outside the symmetric range [-{QUANT_LEVELS}, {QUANT_LEVELS}]")
-    out = torch.empty(n, dtype=torch.float32)
-    full = n // QUANT_BLOCK
+
+
+def dequantize_chunk(codes: torch.Tensor, scales: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Values [lo, hi) of a checked payload as (hi - lo,) fp32, the same bits as `dequantize`'s; `lo` a
+    multiple of QUANT_BLOCK (a chunk of a reply decoded on its own, `brainjepa.federation.reply_sets`)."""
+    if lo % QUANT_BLOCK:
+        raise ValueError(f"chunk start {lo} is not a multiple of the block size {QUANT_BLOCK}")
+    out = codes[lo:hi].to(torch.float32)  # (m,)
+    b0, full = lo // QUANT_BLOCK, (hi - lo) // QUANT_BLOCK
     if full:
-        out[: full * QUANT_BLOCK].view(full, QUANT_BLOCK).copy_(codes[: full * QUANT_BLOCK].view(full, QUANT_BLOCK))
-        out[: full * QUANT_BLOCK].view(full, QUANT_BLOCK).mul_(scales[:full, None])
-    if n > full * QUANT_BLOCK:  # the last, partial block
-        out[full * QUANT_BLOCK :] = codes[full * QUANT_BLOCK :].float() * scales[full]
+        out[: full * QUANT_BLOCK].view(full, QUANT_BLOCK).mul_(scales[b0 : b0 + full, None])
+    if hi - lo > full * QUANT_BLOCK:  # the last, partial block
+        out[full * QUANT_BLOCK :].mul_(scales[b0 + full])
     return out
 
 

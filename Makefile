@@ -36,13 +36,13 @@ demo-local: setup
 
 # Two pytest workers (pytest-xdist): the Flower tests mostly wait on their processes, so two run side by side.
 # One torch / OpenMP thread per process (OMP_NUM_THREADS=1): two workers with two threads each on 2 cores spin
-# against each other (the unit tests took 1.7x the CPU time). `--dist loadgroup`: the tests sharing a
+# against each other (the unit tests took 1.7x the CPU time). `--dist loadscope`: the tests sharing a
 # module-scoped fixture run on one worker (tests/conftest.py), so it is built once.
 test: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder
 
 test-fast: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder -m "not slow and not integration"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder -m "not slow and not integration"
 
 lint: setup
 	$(BIN)/ruff check .

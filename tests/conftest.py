@@ -66,31 +66,30 @@ def gc_frozen() -> None:
     freeze_heap()
 
 
-def shares_a_module_fixture(item: pytest.Item) -> bool:
-    """Whether `item` uses a fixture built once per module (or session): a federation, a pretrained
-    backbone, generated sites."""
-    defs = item._fixtureinfo.name2fixturedefs  # pytest's own record of the item's fixtures
-    return any(d[-1].scope in ("module", "session") for d in defs.values() if d)
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the `xdist_group` marks it is given here
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The longest tests first, so that the two pytest workers of `make test` start on the longest work and
-    end together on the short unit tests, instead of one worker running a two-minute federation at the end
-    while the other idles. `tests/durations.json`: the tests that took >= 10 s (seconds, from
-    `pytest --durations` on 2 cores); the others follow, integration, then slow, then the rest, each in
-    file order.
+    """The longest modules first, each module's tests together (its longest first), so that the workers
+    of `make test` start on the longest work and end together on the short unit tests, instead of one
+    worker running a two-minute federation at the end while the other idles; and so that a module-scoped
+    fixture (a federation, a pretrained backbone) is built once: pytest tears it down as soon as the next
+    test comes from another module. A module's length is its longest test's; `tests/durations.json` holds
+    the tests that took >= 10 s (seconds, from `pytest --durations` on 2 cores); within equal lengths,
+    integration modules, then slow, then the rest, each in file order.
 
-    The tests of a module that share a module-scoped fixture are one `xdist_group`: under
-    `--dist loadgroup` (`make test`) one worker runs them all, so the fixture is built once, not once per
-    worker. `--no-loadscope-reorder` keeps the order above (a group goes where its longest test is)."""
+    `make test` runs with `--dist loadscope --no-loadscope-reorder`: one worker takes a whole module, and
+    the modules are handed out in this order."""
     seconds = json.loads((Path(__file__).parent / "durations.json").read_text())
 
-    def rank(item: pytest.Item) -> tuple[float, int]:
-        group = 0 if item.get_closest_marker("integration") else 1 if item.get_closest_marker("slow") else 2
-        return (-seconds.get(item.nodeid, 0.0), group)
+    def lane(item: pytest.Item) -> int:
+        return 0 if item.get_closest_marker("integration") else 1 if item.get_closest_marker("slow") else 2
 
-    items.sort(key=rank)  # stable: file order within equal keys
+    module_rank: dict[str, tuple[float, int]] = {}
     for item in items:
-        if shares_a_module_fixture(item):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+        module = item.nodeid.split("::")[0]
+        length, best = module_rank.get(module, (0.0, 2))
+        module_rank[module] = (min(length, -seconds.get(item.nodeid, 0.0)), min(best, lane(item)))
+
+    def rank(item: pytest.Item) -> tuple[tuple[float, int], str, float]:
+        module = item.nodeid.split("::")[0]
+        return (module_rank[module], module, -seconds.get(item.nodeid, 0.0))
+
+    items.sort(key=rank)  # stable: file order within a module's equal keys

@@ -1,5 +1,5 @@
 # One command each: `make demo` (set up + run the demo), `make test` (set up + run the tests).
-# `make test-fast`: the unit tests only (no Flower processes, no long runs; about a minute), for the edit loop.
+# `make test-fast`: the unit tests only (no Flower processes, no long runs; under a minute), for the edit loop.
 # The virtual environment is created on first use. torch is installed FIRST and pinned, so that no
 # dependency pulls a multi-GB CUDA build on a CPU machine; GPU users: see README "GPU".
 PYTHON ?= python3

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_args
 
+import click
 import typer
 
+from brainjepa.downstream.config import ScoreOn
 from brainjepa.errors import InputError
 
 
@@ -50,6 +52,13 @@ def evaluate(
             help="The scoring ledger (default $BRAINJEPA_LEDGER, else ~/.local/state/brainjepa/scored.jsonl)."
         ),
     ] = None,
+    score_on: Annotated[
+        str,
+        typer.Option(
+            click_type=click.Choice(get_args(ScoreOn)),
+            help="test: score the test splits (once; the scoring ledger refuses a second look). validation: score each fine-tuning site's validation split instead, for choosing designs: the test splits and the sites that only test are never read, nothing goes to the ledger, the reports go to OUT_DIR/validation/ (cohorts and pretraining runs cached in OUT_DIR are reused). Methods that select on validation (finetune, scratch, SGD probes, select: validation) are refused there.",
+        ),
+    ] = "test",
     verbose: bool = False,
 ) -> None:
     """Fine-tune, probe and score a pretrained Brain-JEPA across sites as the protocol says, beside the
@@ -79,7 +88,7 @@ def evaluate(
             )
             p = dataclasses.replace(p, experiments=experiments, ablations=())
         if report_only:
-            result = rerender(p, out_dir.resolve(), Ledger(ledger or default_ledger()))
+            result = rerender(p, out_dir.resolve(), Ledger(ledger or default_ledger()), score_on)
         else:
             result = run_protocol(
                 p,
@@ -88,6 +97,7 @@ def evaluate(
                 device=device,
                 ledger=Ledger(ledger or default_ledger()),
                 rescore=rescore,
+                score_on=score_on,
             )
     except (InputError, FileNotFoundError, AlreadyScored) as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,7 @@ PRETRAIN = {
     "data": {"scaling": "centered"},
     "train": {"batch_size": 4, "device": "cpu"},
 }
+ROOT = Path(__file__).resolve().parent.parent
 SEX = TaskSpec("sex", "sex", "classification", ("0", "1"))
 
 
@@ -118,6 +122,12 @@ def test_validation_scoring_reads_no_test_split_records_no_ledger_entry_and_scor
     # the spoiled files are what a test scoring reads: it fails on them (so the check above could fail)
     res = CliRunner().invoke(app, run)
     assert res.exit_code == 2 and "not a readable .npy" in res.output, res.output
+    # scripts/validation_table.py: a run against itself differs by exactly nothing
+    table = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "validation_table.py"), f"a={out / 'validation'}", f"b={out / 'validation'}"],
+        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    ).stdout  # fmt: skip
+    assert "| b (roi_std) |" in table and "+0.0 [0.0, 0.0]" in table
     # the validation reports again from their saved predictions
     before = (out / "validation" / "intervals.csv").read_text()
     res = CliRunner().invoke(app, [*run, "--score-on", "validation", "--report-only"])

@@ -22,7 +22,7 @@ from brainjepa.downstream.data import load_labelled_site
 from brainjepa.downstream.generated_cohorts import protocol_cohorts
 from brainjepa.downstream.protocol import load_protocol, pretrain_key
 from brainjepa.downstream.validation_scoring import validation_protocol
-from brainjepa.errors import ConfigError
+from brainjepa.errors import ConfigError, DataError
 from sites.cohort import load_site_series
 from sites.synth import GENERATOR_VERSION
 
@@ -169,3 +169,5 @@ def test_a_site_loaded_for_validation_has_no_test_scans(tmp_path: Path) -> None:
     assert len(every.test) > 0 and len(some.test) == 0
     assert some.val.ids == every.val.ids and some.train.ids == every.train.ids
     assert all(np.array_equal(a, b) for a, b in zip(some.train.series, every.train.series, strict=True))
+    with pytest.raises(DataError, match="unknown split"):
+        load_site_series(cfg, split=("train", "validation"))

@@ -33,6 +33,12 @@ def evaluate(
         ),
     ] = None,
     seeds: Annotated[int | None, typer.Option(help="Use only the protocol's first N seeds (a quick look).")] = None,
+    cohorts: Annotated[
+        int | None,
+        typer.Option(
+            help="Use only the protocol's first N generated cohorts (a quick look, e.g. a design pilot on validation; claims rest on all of them)."
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     rescore: Annotated[
         bool,
@@ -82,6 +88,12 @@ def evaluate(
         p = load_protocol(protocol)
         if seeds is not None:
             p = dataclasses.replace(p, seeds=p.seeds[:seeds])
+        if cohorts is not None:
+            if p.generate is None:
+                raise InputError(
+                    f"--cohorts: protocol '{protocol}' generates no cohorts (it has no 'generate' section)"
+                )
+            p = dataclasses.replace(p, generator_seeds=p.generator_seeds[:cohorts])
         if checkpoint is not None:
             experiments = tuple(
                 dataclasses.replace(e, pretrain=(), checkpoint=str(checkpoint.resolve())) for e in p.experiments

@@ -22,6 +22,10 @@ PosEmbed = Literal["gradient", "learned_roi", "sincos_roi"]  # gradient: Brain-J
 # the positional term); unit: std 1/sqrt(patch_size), a unit-variance patch gives a unit-variance embedding.
 PatchInit = Literal["reference", "unit"]
 Loss = Literal["smooth_l1", "l2"]
+# The regression targets: layer_norm, the EMA target's tokens LayerNorm-ed (no affine; the reference);
+# centered: then less each token position's mean over the (micro-)batch, as DINO centres its teacher (what
+# every scan has at a position, which the token positions alone predict, is removed; what scans differ in stays).
+TargetNorm = Literal["layer_norm", "centered"]
 Precision = Literal["auto", "bf16", "fp32"]  # auto: bf16 autocast on CUDA, fp32 on CPU
 # how weights travel in a federated round (float16: deltas uplink; int8: blockwise int8 deltas both ways with
 # error feedback at the site, brainjepa.federation.compression)
@@ -130,6 +134,7 @@ class OptimConfig:
     ema: tuple[float, float] = (0.996, 1.0)
     betas: tuple[float, float] = (0.9, 0.999)
     loss: Loss = "smooth_l1"
+    target_norm: TargetNorm = "layer_norm"  # centered: targets less their per-position batch mean (docs/model.md)
     accumulation_steps: int = 1
 
     def __post_init__(self) -> None:

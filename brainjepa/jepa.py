@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.profiler import record_function
 
-from brainjepa.config import ModelConfig, OptimConfig, PerfConfig, Precision
+from brainjepa.config import ModelConfig, OptimConfig, PerfConfig, Precision, TargetNorm
 from brainjepa.distributed import RankGroup
 from brainjepa.errors import ConfigError
 from brainjepa.fastpath import accelerate, attention_backends, attention_context
@@ -46,6 +46,37 @@ class JEPAModels(nn.Module):
         self.target.requires_grad_(False)
 
 
+@torch.no_grad()
+def jepa_targets(
+    models: JEPAModels,
+    x: torch.Tensor,
+    masks: Masks,
+    target_norm: str = "layer_norm",
+    target_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """x (B, R, T) -> (B, Nt, D): the EMA target's tokens at `masks.target`, LayerNorm-ed (no affine).
+
+    `target_norm="centered"`: then less each token position's mean over the B scans of the batch (as DINO
+    centres its teacher's outputs), taken over every token of the grid before the targets are picked: the
+    part of a target that its position alone predicts is removed. Needs B >= 2 (one scan is its own mean).
+    `target_forward` replaces the target encoder's call (a CUDA-graph replay, `brainjepa.fastpath`).
+    """
+    if target_norm == "layer_norm":
+        if target_forward is None:
+            h = models.target(x, select=masks.target)  # (B, Nt, D): all tokens in, targets out
+        else:
+            h = gather_tokens(target_forward(x), masks.target)  # (B, N, D) -> (B, Nt, D)
+        return F.layer_norm(h, (h.shape[-1],))
+    if target_norm != "centered":
+        raise ValueError(f"target_norm: expected one of {get_args(TargetNorm)}, got '{target_norm}'")
+    if x.shape[0] < 2:
+        raise ValueError(f"target_norm 'centered' needs at least 2 scans per batch, got {x.shape[0]}")
+    h = models.target(x) if target_forward is None else target_forward(x)  # (B, N, D)
+    t = F.layer_norm(h, (h.shape[-1],))
+    t = t - t.mean(0, keepdim=True)  # (B, N, D) - (1, N, D): each position's batch mean
+    return gather_tokens(t, masks.target)  # (B, Nt, D)
+
+
 def jepa_loss(
     models: JEPAModels,
     x: torch.Tensor,
@@ -53,19 +84,16 @@ def jepa_loss(
     loss: str = "smooth_l1",
     target_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
     context_input: torch.Tensor | None = None,
+    target_norm: str = "layer_norm",
 ) -> torch.Tensor:
-    """x (B, R, T) -> scalar loss between predictions and LayerNorm-ed target tokens.
+    """x (B, R, T) -> scalar loss between predictions and the targets (`jepa_targets`).
 
     `target_forward` replaces the target encoder's call (a CUDA-graph replay, `brainjepa.fastpath`).
     `context_input` (B, R, T): what the context encoder reads instead of x (the collapse monitor's test of
     whether the predictor uses the context's content); the targets always come from x.
     """
     with torch.no_grad(), record_function("jepa/target"):
-        if target_forward is None:
-            h = models.target(x, select=masks.target)  # (B, Nt, D): all tokens in, targets out
-        else:
-            h = gather_tokens(target_forward(x), masks.target)  # (B, N, D) -> (B, Nt, D)
-        target = F.layer_norm(h, (h.shape[-1],))  # no affine
+        target = jepa_targets(models, x, masks, target_norm, target_forward)  # (B, Nt, D)
     with record_function("jepa/context_encoder"):
         z = models.encoder(x if context_input is None else context_input, masks.context)  # (B, Nc, D)
     with record_function("jepa/predictor"):
@@ -132,6 +160,11 @@ class PretrainStep:
         group: RankGroup | None = None,
     ) -> None:
         self.models, self.cfg, self.total_steps, self.group = models, cfg, total_steps, group
+        if group is not None and cfg.target_norm == "centered":
+            raise ConfigError(
+                "optim.target_norm: 'centered' takes its mean over the whole batch, which one process of a "
+                "site's `distributed` group does not hold; use layer_norm there, or one process"
+            )
         self.device = torch.device(device)
         self.perf = perf or PerfConfig()
         if any(p.device != self.device for p in models.parameters()):
@@ -184,7 +217,9 @@ class PretrainStep:
                 torch.compiler.cudagraph_mark_step_begin()
             with attention_context(self.backends):
                 with self.autocast():
-                    loss = jepa_loss(self.models, x, masks, self.cfg.loss, self.target_forward) / len(micro_batches)
+                    loss = jepa_loss(
+                        self.models, x, masks, self.cfg.loss, self.target_forward, target_norm=self.cfg.target_norm
+                    ) / len(micro_batches)
                     if share != 1.0:
                         loss = loss * share
                 with record_function("jepa/backward"):

@@ -130,9 +130,12 @@ def position_share(tokens: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def content_stats(models: nn.Module, probe: torch.Tensor, masks: Masks, loss: str = "smooth_l1") -> tuple[float, float]:
-    """(position_share of the normalised target features, context_gain) of `models` (a JEPAModels: encoder,
-    predictor, target) on the probe batch (B, R, T) with fixed masks."""
+def content_stats(
+    models: nn.Module, probe: torch.Tensor, masks: Masks, loss: str = "smooth_l1", target_norm: str = "layer_norm"
+) -> tuple[float, float]:
+    """(position_share of the LayerNorm-ed target features, context_gain) of `models` (a JEPAModels: encoder,
+    predictor, target) on the probe batch (B, R, T) with fixed masks; the gain is of the loss trained
+    (`optim.loss`, `optim.target_norm`), the share of the target features before any centring."""
     nets = (models.encoder, models.predictor, models.target)
     was = [n.training for n in nets]
     for n in nets:
@@ -142,8 +145,8 @@ def content_stats(models: nn.Module, probe: torch.Tensor, masks: Masks, loss: st
     try:
         h = models.target(x).float()  # (B, N, D)
         share = position_share(F.layer_norm(h, (h.shape[-1],)))
-        own = jepa_loss(models, x, m, loss)
-        other = jepa_loss(models, x, m, loss, context_input=x.roll(1, dims=0))  # another scan's context
+        own = jepa_loss(models, x, m, loss, target_norm=target_norm)
+        other = jepa_loss(models, x, m, loss, context_input=x.roll(1, dims=0), target_norm=target_norm)
     finally:
         for n, w in zip(nets, was, strict=True):
             n.train(w)
@@ -186,10 +189,12 @@ class CollapseMonitor:
         mask_cfg: MaskConfig | None = None,
         patch_size: int = 16,
         loss: str = "smooth_l1",
+        target_norm: str = "layer_norm",
     ) -> None:
         """`keep_below`: on resume, the CSV's rows with `label` below it are kept (the others rewritten).
         `mask_cfg`: measure `position_share` and `context_gain` too, on masks drawn once from a fixed seed."""
         self.cfg, self.probe, self.embed_dim, self.label, self.loss = cfg, probe, embed_dim, label, loss
+        self.target_norm = target_norm
         self.masks = None
         if mask_cfg is not None:
             B, R, T = probe.shape
@@ -217,7 +222,7 @@ class CollapseMonitor:
         stats = feature_stats(encoder, self.probe)
         share, gain = NAN, NAN
         if models is not None and self.masks is not None:
-            share, gain = content_stats(models, self.probe, self.masks, self.loss)
+            share, gain = content_stats(models, self.probe, self.masks, self.loss, self.target_norm)
         norm = float(torch.linalg.vector_norm(torch.stack([p.detach().float().norm() for p in encoder.parameters()])))
         return replace(stats, position_share=share, context_gain=gain, weight_norm=norm)
 

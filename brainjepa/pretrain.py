@@ -155,6 +155,7 @@ def pretrain(
             mask_cfg=cfg.mask,
             patch_size=cfg.model.patch_size,
             loss=cfg.optim.loss,
+            target_norm=cfg.optim.target_norm,
         )
     pending: list[tuple[int, torch.Tensor, float]] = []
     first_loss = last_loss = float("nan")

@@ -22,6 +22,8 @@ def entry(root: Path, folder: Path) -> str:
     dirty = ", uncommitted changes" if git.get("dirty") else ""
     scoring = prov.get("scoring") or {}
     before = scoring.get("times_scored_before_by_this_protocol", "?")
+    if prov.get("scored_on") == "validation":
+        before = "validation splits (no test split read)"
     rel = folder.relative_to(root).as_posix()
     return (
         f"| [{rel}]({rel}/report.md) | {question} | `{prov['protocol_sha256'][:10]}` | "

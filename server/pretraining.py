@@ -249,6 +249,7 @@ class FederatedRun:
                 mask_cfg=self.pcfg.mask,
                 patch_size=m.patch_size,
                 loss=self.pcfg.optim.loss,
+                target_norm=self.pcfg.optim.target_norm,
             )
         for rnd in range(self.start_round, self.cfg.num_rounds):
             self.run_round(grid, rnd, report)

@@ -188,22 +188,24 @@ def _subject_sources(
 def load_site_series(
     cfg: SiteConfig,
     model_tr: float = DEFAULT_MODEL_TR,
-    split: str | None = None,
+    split: str | tuple[str, ...] | None = None,
     min_frames: int | None = None,
     method: str = "polyphase",
     progress: bool = False,
 ) -> SiteSeries:
-    """Load a site's subjects as float32 (R, L_i) series at `model_tr` (see module doc)."""
+    """Load a site's subjects as float32 (R, L_i) series at `model_tr` (see module doc). `split`: only
+    that split's (or those splits') subjects; the other subjects' files are never opened."""
     parts = read_site_participants(cfg)  # participants.runs: one row per run file
     censored: dict[str, dict[str, int]] = {}  # prepared NIfTI: censored by `prepare` (nilearn sample_mask)
     files, trs, skipped = _subject_sources(cfg, parts, censored)
     done_by_prepare = set(censored)
     ids = [sid for sid in parts.ids if sid in files]
-    if split is not None and split not in SPLITS:
-        raise DataError(f"unknown split '{split}', expected one of {SPLITS}")
+    wanted = (split,) if isinstance(split, str) else split
+    if wanted is not None and (not wanted or set(wanted) - set(SPLITS)):
+        raise DataError(f"unknown split {split!r}, expected one or more of {SPLITS}")
     splits = assign_splits(ids, cfg, parts)
-    if split is not None:
-        ids = [sid for sid, s in zip(ids, splits, strict=True) if s == split]
+    if wanted is not None:
+        ids = [sid for sid, s in zip(ids, splits, strict=True) if s in wanted]
     series: list[np.ndarray] = []
     kept: list[str] = []
     short: list[str] = []

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from brainjepa.config import MaskConfig, ModelConfig, OptimConfig
-from brainjepa.jepa import JEPAModels, PretrainStep, jepa_loss, recompute_count
+from brainjepa.jepa import JEPAModels, PretrainStep, jepa_loss, jepa_targets, recompute_count
 from brainjepa.masks import Masks, sample_masks
 from brainjepa.perf.bench import CPU_SDPA_FLOPS
 from brainjepa.schedules import ema_momentum, learning_rate, weight_decay
@@ -152,3 +153,56 @@ def test_selective_checkpointing_gives_the_same_gradients() -> None:
     # kept outputs come from the cache; the MLP's down-projection, read by no backward, is neither
     # kept nor recomputed
     assert selective_flops == plain_flops
+
+
+def test_the_default_targets_are_the_layer_normed_target_tokens_bit_for_bit() -> None:
+    import torch.nn.functional as F
+
+    models, x, masks = _setup()
+    torch.manual_seed(1)
+    with torch.no_grad():  # the formula before `optim.target_norm` existed
+        h = models.target(x, select=masks.target)  # (B, Nt, D)
+        target = F.layer_norm(h, (h.shape[-1],))
+        pred = models.predictor(models.encoder(x, masks.context), masks.context, masks.target)
+        before = F.smooth_l1_loss(pred.float(), target.float(), beta=1.0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        now = jepa_loss(models, x, masks)
+    assert torch.equal(jepa_targets(models, x, masks), target)
+    assert torch.equal(jepa_targets(models, x, masks, "layer_norm"), target)
+    assert torch.equal(now, before)
+
+
+def test_centered_targets_are_the_targets_less_each_positions_batch_mean() -> None:
+    import torch.nn.functional as F
+
+    models, x, masks = _setup(batch=6)
+    with torch.no_grad():
+        full = F.layer_norm(models.target(x), (CFG.embed_dim,))  # (B, N, D): every token
+        centre = full.mean(0)  # (N, D): each token position's mean over the 6 scans
+        expect = torch.stack([full[b, masks.target[b]] - centre[masks.target[b]] for b in range(6)])
+        got = jepa_targets(models, x, masks, "centered")
+        plain = jepa_targets(models, x, masks)
+    assert got.shape == plain.shape and torch.allclose(got, expect, atol=1e-6)
+    assert (got - plain).abs().max() > 1e-3  # something was removed: what the position carries
+    assert not torch.equal(jepa_loss(models, x, masks, target_norm="centered"), jepa_loss(models, x, masks))
+    with pytest.raises(ValueError, match="at least 2 scans"):
+        jepa_targets(models, x[:1], masks.rows(slice(0, 1)), "centered")
+
+
+def test_centered_targets_are_refused_with_site_side_dp_and_by_the_config_loader(tmp_path) -> None:
+    from brainjepa.config import load_pretrain_config
+    from brainjepa.errors import ConfigError
+    from brainjepa.privacy.dpsgd import DPPretrainStep
+
+    models, _, _ = _setup()
+    step = PretrainStep(models, OptimConfig(target_norm="centered"), total_steps=10, precision="fp32")
+    with pytest.raises(ConfigError, match="per-sample clipping"):
+        DPPretrainStep(step, 1.0, 1.0, 4.0, torch.Generator().manual_seed(0))
+    path = tmp_path / "pre.yaml"
+    path.write_text("optim: {target_norm: centred}\n")
+    with pytest.raises(ConfigError, match="target_norm"):
+        load_pretrain_config(path)
+    path.write_text("optim: {target_norm: centered}\n")
+    assert load_pretrain_config(path).optim.target_norm == "centered"
+    assert OptimConfig().target_norm == "layer_norm"

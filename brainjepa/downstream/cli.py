@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_args
 
+import click
 import typer
 
+from brainjepa.downstream.config import ScoreOn
 from brainjepa.errors import InputError
 
 
@@ -31,6 +33,12 @@ def evaluate(
         ),
     ] = None,
     seeds: Annotated[int | None, typer.Option(help="Use only the protocol's first N seeds (a quick look).")] = None,
+    cohorts: Annotated[
+        int | None,
+        typer.Option(
+            help="Use only the protocol's first N generated cohorts (a quick look, e.g. a design pilot on validation; claims rest on all of them)."
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     rescore: Annotated[
         bool,
@@ -50,6 +58,13 @@ def evaluate(
             help="The scoring ledger (default $BRAINJEPA_LEDGER, else ~/.local/state/brainjepa/scored.jsonl)."
         ),
     ] = None,
+    score_on: Annotated[
+        str,
+        typer.Option(
+            click_type=click.Choice(get_args(ScoreOn)),
+            help="test: score the test splits (once; the scoring ledger refuses a second look). validation: score each fine-tuning site's validation split instead, for choosing designs: the test splits and the sites that only test are never read, nothing goes to the ledger, the reports go to OUT_DIR/validation/ (cohorts and pretraining runs cached in OUT_DIR are reused). Methods that select on validation (finetune, scratch, SGD probes, select: validation) are refused there.",
+        ),
+    ] = "test",
     verbose: bool = False,
 ) -> None:
     """Fine-tune, probe and score a pretrained Brain-JEPA across sites as the protocol says, beside the
@@ -73,13 +88,19 @@ def evaluate(
         p = load_protocol(protocol)
         if seeds is not None:
             p = dataclasses.replace(p, seeds=p.seeds[:seeds])
+        if cohorts is not None:
+            if p.generate is None:
+                raise InputError(
+                    f"--cohorts: protocol '{protocol}' generates no cohorts (it has no 'generate' section)"
+                )
+            p = dataclasses.replace(p, generator_seeds=p.generator_seeds[:cohorts])
         if checkpoint is not None:
             experiments = tuple(
                 dataclasses.replace(e, pretrain=(), checkpoint=str(checkpoint.resolve())) for e in p.experiments
             )
             p = dataclasses.replace(p, experiments=experiments, ablations=())
         if report_only:
-            result = rerender(p, out_dir.resolve(), Ledger(ledger or default_ledger()))
+            result = rerender(p, out_dir.resolve(), Ledger(ledger or default_ledger()), score_on)
         else:
             result = run_protocol(
                 p,
@@ -88,6 +109,7 @@ def evaluate(
                 device=device,
                 ledger=Ledger(ledger or default_ledger()),
                 rescore=rescore,
+                score_on=score_on,
             )
     except (InputError, FileNotFoundError, AlreadyScored) as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)

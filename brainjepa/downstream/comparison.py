@@ -236,10 +236,14 @@ def markdown(cmp: Comparison, experiment: str, tasks: Sequence[str], kinds: Mapp
 def provenance_markdown(record: Mapping) -> str:
     git = record.get("git", {})
     dirty = " (uncommitted changes)" if git.get("dirty") else ""
+    on = record.get("scored_on", "test")
     lines = [
         f"- protocol sha256 `{record['protocol_sha256'][:16]}`; code `{str(git.get('commit'))[:12]}`{dirty}",
-        f"- test data sha256 `{record['test_data_sha256'][:16]}` ({len(record.get('data', {}))} site(s) fingerprinted)",
+        f"- {on} data sha256 `{record[f'{on}_data_sha256'][:16]}` ({len(record.get('data', {}))} site(s) "
+        "fingerprinted)",
     ]
+    if on == "validation":
+        lines.append("- scored on the fine-tuning sites' validation splits: no test split was read, no ledger entry")
     versions = sorted(
         {str(d["generator"].get("generator_version")) for d in record.get("data", {}).values() if d.get("generator")}
     )

@@ -41,6 +41,10 @@ ProbeSolver = Literal["lbfgs", "sgd"]
 # How a solved probe and the FC baseline choose their regularisation strength: cv, 5-fold cross-validation
 # over the training scans (brainjepa.downstream.selection); validation: on the validation split alone.
 Select = Literal["cv", "validation"]
+# What `brainjepa evaluate` scores: the test splits (once, recorded in the scoring ledger), or the fine-tuning
+# sites' validation splits (`brainjepa.downstream.validation_scoring`: no test split read; what designs are
+# chosen with).
+ScoreOn = Literal["test", "validation"]
 # balanced: fine-tuning's cross-entropy weights each class by n / (K x its count) in the training labels it
 # sees (scikit-learn's "balanced", as the solved probe and FC use); none: the reference's plain cross-entropy.
 ClassWeight = Literal["balanced", "none"]

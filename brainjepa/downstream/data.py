@@ -104,13 +104,15 @@ def load_labelled_site(
     scaling: str = "robust",
     training: bool = True,
     scaling_stats: RobustScaling | PerScanScaling | CenteredScaling | None | str = "own",
+    splits: tuple[str, ...] = SPLITS,
 ) -> LabelledSite:
     """`training`: whether the site trains (fine-tuning, probes, FC). `scaling_stats`: "own" fits the
     scaling on the site's training split (a site with none: on all of its scans, label-free); a fitted
-    scaling (or None: unscaled) is applied as given, only to a site that does not train."""
+    scaling (or None: unscaled) is applied as given, only to a site that does not train. `splits`: the
+    splits read (the others' files are never opened; their `Split`s are empty)."""
     if training and not isinstance(scaling_stats, str):
         raise ValueError(f"site {site.site}: a training site is scaled by its own training scans, not given statistics")
-    series = load_site_series(site, model_tr, min_frames=n_frames)
+    series = load_site_series(site, model_tr, split=None if set(splits) == set(SPLITS) else splits, min_frames=n_frames)
     parts = read_site_participants(site, (task.column,))  # participants.runs: one row per run
     by_id = dict(zip(parts.ids, parts.column(task.column), strict=True))
     y_all = encode_labels(np.array([by_id[s] for s in series.subject_ids], dtype=object), task)
@@ -133,13 +135,13 @@ def load_labelled_site(
         fitted = fit_method([series.series[i] for i in train_idx], scaling, str(site.source))
     else:
         fitted = scaling_stats
-    splits = {}
+    parts_of: dict[str, Split] = {}
     for name in SPLITS:
         idx = np.flatnonzero((series.splits == name) & usable)
         xs = [series.series[i] for i in idx]
         xs = fitted.apply_all(xs) if fitted is not None else xs
         y = y_all[idx].astype(np.int64 if task.kind == "classification" else np.float32)
-        splits[name] = Split(xs, y, [series.subject_ids[i] for i in idx])
+        parts_of[name] = Split(xs, y, [series.subject_ids[i] for i in idx])
     dropped = int((~usable).sum())
     if dropped:
         log.info(
@@ -149,14 +151,14 @@ def load_labelled_site(
             dropped,
             task.column,
         )
-    if not test_only and len(splits["train"]) == 0:
+    if not test_only and len(parts_of["train"]) == 0:
         raise DataError(
             f"{where(site.source)}: no training scan has a usable '{task.column}' value for task "
             f"'{task.name}' (classes {list(task.classes)})"
         )
-    seen = splits["test" if test_only else "train"].series
+    seen = parts_of["test" if test_only else "train"].series
     check_spread(seen, str(site.source), scaling)  # what the model sees: logged, far from 1 warned
-    return LabelledSite(site.site, task, splits, fitted, dropped)
+    return LabelledSite(site.site, task, parts_of, fitted, dropped)
 
 
 class TrainBatches:

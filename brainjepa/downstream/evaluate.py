@@ -23,8 +23,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from brainjepa.config import load_pretrain_config
-from brainjepa.downstream import baselines, comparison, provenance, report
-from brainjepa.downstream.config import BASELINES, NEURAL_METHODS, TaskSpec
+from brainjepa.downstream import baselines, comparison, provenance, report, validation_scoring
+from brainjepa.downstream.config import BASELINES, NEURAL_METHODS, ScoreOn, TaskSpec
 from brainjepa.downstream.data import LabelledSite, load_labelled_site, training_scaling
 from brainjepa.downstream.fit import fit, pooled
 from brainjepa.downstream.generated_cohorts import protocol_cohorts
@@ -34,7 +34,6 @@ from brainjepa.downstream.protocol import Ablation, Experiment, Protocol, pretra
 from brainjepa.downstream.provenance import Ledger
 from brainjepa.downstream.train import predict, weighted_metrics
 from brainjepa.errors import DataError
-from sites.cohort import load_site_series
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +139,19 @@ def _with_all(rows: list[tuple[str, dict]], tests: list[LabelledSite], kind: str
 
 
 def _labelled_sites(
-    p: Protocol, exp: Experiment, task: TaskSpec, model_tr: float, n_frames: int, scaling: str
+    p: Protocol, exp: Experiment, task: TaskSpec, model_tr: float, n_frames: int, scaling: str, score_on: ScoreOn
 ) -> dict[str, LabelledSite]:
-    """The experiment's sites for one task; a site that only tests is scaled as `test_site_scaling` says."""
+    """The experiment's sites for one task; a site that only tests is scaled as `test_site_scaling` says.
+    On validation: the fine-tuning sites' training and validation subjects only, the validation split scored."""
+    if score_on == "validation":
+        return {
+            s: validation_scoring.as_validation(
+                load_labelled_site(
+                    p.site_config(s), task, model_tr, n_frames, scaling, splits=validation_scoring.READ_SPLITS
+                )
+            )
+            for s in exp.finetune
+        }
     shared = "own"
     if p.test_site_scaling == "training_sites" and set(exp.test) - set(exp.finetune):
         shared = training_scaling([p.site_config(s) for s in exp.finetune], model_tr, n_frames, scaling)
@@ -160,9 +169,11 @@ def _labelled_sites(
     }
 
 
-def run_cohort(p: Protocol, out_dir: Path, progress: bool, device: str) -> tuple[list[dict], list[dict]]:
+def run_cohort(
+    p: Protocol, out_dir: Path, progress: bool, device: str, score_on: ScoreOn = "test"
+) -> tuple[list[dict], list[dict]]:
     """Every experiment of one cohort (the protocol's sites, or one generated cohort): result rows and
-    per-subject prediction rows."""
+    per-subject prediction rows. `out_dir`: where pretraining runs are cached."""
     rows: list[dict] = []
     preds: list[dict] = []
     variants: list[Ablation | None] = [None, *p.ablations]
@@ -173,7 +184,7 @@ def run_cohort(p: Protocol, out_dir: Path, progress: bool, device: str) -> tuple
         shape = backbones[None] if backbones else _shape_only(p, exp, out_dir, progress)
         n_frames, (model_tr, scaling) = shape.model.n_frames, _pretrain_data(p)
         for task in p.tasks:
-            data = _labelled_sites(p, exp, task, model_tr, n_frames, scaling)
+            data = _labelled_sites(p, exp, task, model_tr, n_frames, scaling, score_on)
             fts, tests = [data[s] for s in exp.finetune], [data[s] for s in exp.test]
             modes = list(p.training) if len(fts) > 1 else ["centralized"]
             runs = [
@@ -223,42 +234,41 @@ def run_protocol(
     *,
     ledger: Ledger | None = None,
     rescore: bool = False,
+    score_on: ScoreOn = "test",
 ) -> EvaluationResult:
     """Run the protocol on every cohort and write its reports. Before anything is trained or scored, the
     data is fingerprinted and, with a `ledger`, a second scoring of the same test data by the same protocol
-    is refused unless `rescore` (`provenance.AlreadyScored`)."""
+    is refused unless `rescore` (`provenance.AlreadyScored`). `score_on="validation"`: the fine-tuning
+    sites' validation splits instead, no test split read, nothing in the ledger, the reports in
+    OUT/validation/ (`brainjepa.downstream.validation_scoring`)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    resolved_cohorts = protocol_cohorts(p, out_dir, progress)
+    on_val = score_on == "validation"
+    scored = validation_scoring.validation_protocol(p) if on_val else p  # refuses methods selecting on val
+    reports = validation_scoring.report_dir(out_dir) if on_val else out_dir
+    reports.mkdir(parents=True, exist_ok=True)
+    resolved_cohorts = protocol_cohorts(scored, out_dir, progress)
     model_tr, _ = _pretrain_data(p)
     phash = protocol_hash(p)
+    ledger = None if on_val else ledger
     record = provenance.base_record(
         phash, resolved(p), Path(__file__).resolve().parent, ledger.path if ledger is not None else None
     )
-    data, test_prints = {}, []
-    tested = {s for e in p.experiments for s in e.test}
-    for cp in resolved_cohorts:
-        for name in dict.fromkeys(s for e in p.experiments for s in (*e.pretrain, *e.finetune, *e.test)):
-            site = provenance.site_record(load_site_series(cp.site_config(name), model_tr))
-            data[f"{cp.cohort or '-'}/{name}"] = site
-            if name in tested:
-                test_prints.append(site["test_sha256"])
-    record["data"] = data
+    record["scored_on"] = score_on
+    record["data"], record[f"{score_on}_data_sha256"] = provenance.data_record(resolved_cohorts, model_tr, score_on)
     record["checkpoints"] = {
         e.name: provenance.file_sha256(p.source.parent / e.checkpoint) for e in p.experiments if e.checkpoint
     }
-    record["test_data_sha256"] = provenance.combined(test_prints)
     if ledger is not None:
         record["scoring"] = provenance.check_and_record(ledger, phash, record["test_data_sha256"], out_dir, rescore)
     for stale in ("results.csv", "predictions.csv"):  # an earlier run's: never rendered with this one's provenance
-        (out_dir / stale).unlink(missing_ok=True)
-    provenance.write_provenance(out_dir / "provenance.json", record)  # now: a run whose report fails can be rerendered
+        (reports / stale).unlink(missing_ok=True)
+    provenance.write_provenance(reports / "provenance.json", record)  # now: a failed report can be rerendered
     rows: list[dict] = []
     preds: list[dict] = []
     for cp in resolved_cohorts:
-        r, pr = run_cohort(cp, out_dir, progress, device)
+        r, pr = run_cohort(cp, out_dir, progress, device, score_on)
         rows, preds = rows + r, preds + pr
-    result = write_reports(p, rows, preds, out_dir, record)
+    result = write_reports(scored, rows, preds, reports, record)
     if ledger is not None:
         provenance.mark_completed(ledger, phash, record["test_data_sha256"], out_dir)
     return result
@@ -286,12 +296,12 @@ def _shape_only(p: Protocol, exp: Experiment, out: Path, progress: bool) -> Back
     return Backbone(cfg.model, grads, {}, "random init", None)
 
 
-def rerender(p: Protocol, out_dir: Path, ledger: Ledger | None = None) -> EvaluationResult:
+def rerender(p: Protocol, out_dir: Path, ledger: Ledger | None = None, score_on: ScoreOn = "test") -> EvaluationResult:
     """The reports again from a run's results.csv, predictions.csv and provenance.json: no model is fitted
     and nothing new is predicted (after the report's format changed, or when the run's last step, the
     report, failed). With a `ledger`, a scoring not yet marked completed there is marked now: its test
-    numbers are shown."""
-    out_dir = Path(out_dir)
+    numbers are shown. `score_on="validation"`: the validation scoring's reports (OUT/validation/)."""
+    out_dir = validation_scoring.report_dir(out_dir) if score_on == "validation" else Path(out_dir)
     for name in ("results.csv", "predictions.csv", "provenance.json"):
         if not (out_dir / name).is_file():
             raise DataError(
@@ -311,6 +321,10 @@ def rerender(p: Protocol, out_dir: Path, ledger: Ledger | None = None) -> Evalua
     }
     tidy = [{k: _tidy(v) for k, v in r.items()} for r in report.read_csv(out_dir / "results.csv")]
     preds = [{k: _tidy(v) for k, v in r.items()} for r in report.read_csv(out_dir / "predictions.csv")]
+    if record.get("scored_on", "test") != score_on:
+        raise DataError(f"{out_dir}: its provenance.json is of a scoring on {record.get('scored_on')}, not {score_on}")
+    if score_on == "validation":
+        p, ledger = validation_scoring.validation_protocol(p), None
     result = write_reports(p, tidy, preds, out_dir, record)
     if ledger is not None and not provenance.completed(
         ledger, record["protocol_sha256"], record["test_data_sha256"], out_dir
@@ -360,10 +374,11 @@ def write_reports(
         provenance.write_provenance(out_dir / "provenance.json", record)
     n_cohorts = len({r["cohort"] for r in rows})
     cohorts_text = f", {n_cohorts} generated cohorts" if p.generate is not None else ""
+    on = (record or {}).get("scored_on", "test")
     title = (
         f"{p.name}: {len(p.seeds)} seed(s){cohorts_text}; 95 % intervals from {p.n_bootstrap} resamples of "
-        f"test subjects" + (f"\n\n{p.description}" if p.description else "")
-    )
+        f"{on} subjects" + (f"\n\n{validation_scoring.NOTE}" if on == "validation" else "")
+    ) + (f"\n\n{p.description}" if p.description else "")
     md = "\n\n".join(f"### {h}\n\n{t}" for h, t in sections)
     report_md = report.write_markdown(out_dir / "report.md", sections, title=title)
     return EvaluationResult(out_dir, rows_csv, summary_csv, report_md, md, plots)

@@ -27,7 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from sites.cohort import SiteSeries
+from brainjepa.downstream.config import ScoreOn
+from brainjepa.downstream.protocol import Protocol
+from brainjepa.downstream.validation_scoring import READ_SPLITS
+from sites.cohort import SiteSeries, load_site_series
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +85,9 @@ def series_fingerprint(series: SiteSeries, split: str | None = None) -> str:
     return h.hexdigest()
 
 
-def site_record(series: SiteSeries) -> dict[str, object]:
-    """A site's data fingerprint for provenance.json: scan counts per split, all data, the test split, and
+def site_record(series: SiteSeries, scored: str = "test") -> dict[str, object]:
+    """A site's data fingerprint for provenance.json: scan counts per split, all data (as loaded), the
+    scored split (`<scored>_sha256`: the test split, or the validation split of a validation scoring), and
     the generator's record (synth.json) for a generated site."""
     from sites.synth import read_generator_record
 
@@ -93,9 +97,27 @@ def site_record(series: SiteSeries) -> dict[str, object]:
         "config": str(series.source),
         "scans": counts,
         "sha256": series_fingerprint(series),
-        "test_sha256": series_fingerprint(series, "test"),
+        f"{scored}_sha256": series_fingerprint(series, scored),
         "generator": read_generator_record(Path(series.source).parent),
     }
+
+
+def data_record(cohorts: list[Protocol], model_tr: float, score_on: ScoreOn = "test") -> tuple[dict, str]:
+    """Every read site's fingerprint (`site_record`) and the scored splits' combined fingerprint. On the test
+    split: every site of every experiment, all splits; on validation: the pretraining and fine-tuning
+    sites' training and validation subjects only (sites that only test are not read)."""
+    on_test = score_on == "test"
+    split, key = (None, "test") if on_test else (READ_SPLITS, "val")
+    data, prints = {}, []
+    for cp in cohorts:
+        scored = {s for e in cp.experiments for s in (e.test if on_test else e.finetune)}
+        read = [s for e in cp.experiments for s in (*e.pretrain, *e.finetune, *(e.test if on_test else ()))]
+        for name in dict.fromkeys(read):
+            site = site_record(load_site_series(cp.site_config(name), model_tr, split=split), key)
+            data[f"{cp.cohort or '-'}/{name}"] = site
+            if name in scored:
+                prints.append(site[f"{key}_sha256"])
+    return data, combined(prints)
 
 
 def combined(fingerprints: list[str]) -> str:

@@ -36,7 +36,8 @@ from brainjepa.attention import Attention
 from brainjepa.distributed import RankGroup
 from brainjepa.downstream.model import DownstreamModel
 from brainjepa.downstream.train import DownstreamStep, lr_at
-from brainjepa.jepa import PretrainStep
+from brainjepa.errors import ConfigError
+from brainjepa.jepa import PretrainStep, jepa_targets
 from brainjepa.masks import Masks, split_missing
 from brainjepa.schedules import schedule_at
 
@@ -180,6 +181,12 @@ class DPPretrainStep:
     ) -> None:
         if step.precision != "fp32" or step.target_forward is not None:
             raise ValueError("the DP step runs the plain eager fp32 path: set train.precision fp32, perf.compile off")
+        if step.cfg.target_norm != "layer_norm":  # a centred target mixes the batch's scans: no per-sample bound
+            raise ConfigError(
+                f"optim.target_norm: '{step.cfg.target_norm}' centres each target on the batch's other scans, so "
+                "one scan's gradient depends on the others' and DP-SGD's per-sample clipping bounds nothing; "
+                "use layer_norm with site-side DP"
+            )
         self.step, self.expected_batch, self.chunk = step, expected_batch, chunk
         self.online = OnlineJEPA(step.models.encoder, step.models.predictor)
         plain_eager(self.online)
@@ -199,8 +206,7 @@ class DPPretrainStep:
         if x is not None and masks is not None and len(x):
             x, masks = x.to(s.device), masks.to(s.device)
             with torch.no_grad():
-                h = s.models.target(x, select=masks.target)  # (b, Nt, D)
-                y = F.layer_norm(h, (h.shape[-1],))
+                y = jepa_targets(s.models, x, masks)  # (b, Nt, D)
             c = self.chunk or len(x)
             for i in range(0, len(x), c):
                 part = slice(i, i + c)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 
 def structured_cohort(n_subjects: int, n_rois: int, n_frames: int, seed: int = 0, n_sources: int = 4) -> np.ndarray:
@@ -33,6 +34,48 @@ def write_roi_dir(data: np.ndarray, folder: Path) -> Path:
     for i, x in enumerate(data):
         np.save(folder / f"sub-{i:03d}.npy", x)
     return folder
+
+
+TINY_PRETRAIN = {
+    "model": {"size": "tiny", "n_rois": 20, "n_frames": 32, "gradient_components": 8},
+    "data": {"scaling": "centered"},
+    "train": {"batch_size": 4, "device": "cpu"},
+}
+
+
+def tiny_generated_protocol(root: Path, generate_update: dict | None = None, **edit: object) -> Path:
+    """`root/protocol.yaml`: a generated-cohort protocol at the smallest useful size (3 sites x 24 subjects
+    x 20 ROIs, two cohorts, a 2-step pretraining from `root/pre.yaml`); `generate_update` updates
+    the generator's section, `edit` replaces top-level keys."""
+    from sites.synth import GENERATOR_VERSION  # noqa: PLC0415  (conftest imports stay light)
+
+    (root / "pre.yaml").write_text(yaml.safe_dump(TINY_PRETRAIN))
+    p = {
+        "name": "frozen",
+        "pretrain": {"config": "pre.yaml", "steps": 2},
+        "seeds": [0],
+        "generate": {
+            "version": GENERATOR_VERSION,
+            "sites": 3,
+            "subjects": 24,
+            "rois": 20,
+            "duration": 200,
+            "split": [0.6, 0.2, 0.2],
+            "mechanism": "coupling",
+            **(generate_update or {}),
+        },
+        "generator_seeds": [0, 1],
+        "sites": [{"name": "site_a"}, {"name": "site_b"}, {"name": "site_c"}],
+        "tasks": [{"name": "sex", "column": "sex", "kind": "classification", "classes": ["0", "1"]}],
+        "methods": ["random_probe", "roi_spectrum", "fc", "fc_tangent"],
+        "recipe": {"eval_windows": 2},
+        "n_bootstrap": 200,
+        "experiments": [{"name": "held out", "finetune": ["site_a", "site_b"], "test": ["site_c"]}],
+    }
+    p.update(edit)
+    path = root / "protocol.yaml"
+    path.write_text(yaml.safe_dump(p))
+    return path
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import TINY_PRETRAIN, tiny_generated_protocol
 from typer.testing import CliRunner
 
 from brainjepa.cli import app
@@ -25,45 +26,11 @@ from sites.scaling import fit_method
 from sites.synth import GENERATOR_VERSION, generate_cohorts
 
 SEX = TaskSpec("sex", "sex", "classification", ("0", "1"))
-PRETRAIN = {
-    "model": {"size": "tiny", "n_rois": 20, "n_frames": 32, "gradient_components": 8},
-    "data": {"scaling": "centered"},
-    "train": {"batch_size": 4, "device": "cpu"},
-}
-
-
-def _generated_protocol(root: Path, **edit) -> Path:
-    (root / "pre.yaml").write_text(yaml.safe_dump(PRETRAIN))
-    p = {
-        "name": "frozen",
-        "pretrain": {"config": "pre.yaml", "steps": 2},
-        "seeds": [0],
-        "generate": {
-            "version": GENERATOR_VERSION,
-            "sites": 3,
-            "subjects": 24,
-            "rois": 20,
-            "duration": 200,
-            "split": [0.6, 0.2, 0.2],
-            "mechanism": "coupling",
-        },
-        "generator_seeds": [0, 1],
-        "sites": [{"name": "site_a"}, {"name": "site_b"}, {"name": "site_c"}],
-        "tasks": [{"name": "sex", "column": "sex", "kind": "classification", "classes": ["0", "1"]}],
-        "methods": ["random_probe", "roi_spectrum", "fc", "fc_tangent"],
-        "recipe": {"eval_windows": 2},
-        "n_bootstrap": 200,
-        "experiments": [{"name": "held out", "finetune": ["site_a", "site_b"], "test": ["site_c"]}],
-    }
-    p.update(edit)
-    path = root / "protocol.yaml"
-    path.write_text(yaml.safe_dump(p))
-    return path
 
 
 @pytest.mark.slow  # `brainjepa evaluate` end to end: two generated cohorts, pretraining, four methods
 def test_a_generated_protocol_runs_once_per_cohort_with_provenance_intervals_and_a_ledger(tmp_path: Path) -> None:
-    path = _generated_protocol(tmp_path)
+    path = tiny_generated_protocol(tmp_path)
     out = tmp_path / "out"
     run = ["evaluate", "--protocol", str(path), "--out-dir", str(out)]
     res = CliRunner().invoke(app, run)
@@ -110,7 +77,7 @@ def test_a_run_whose_report_step_failed_is_finished_by_report_only_and_then_coun
 ) -> None:
     from brainjepa.downstream import comparison
 
-    path = _generated_protocol(tmp_path, generator_seeds=[0], methods=["fc"])
+    path = tiny_generated_protocol(tmp_path, generator_seeds=[0], methods=["fc"])
     out, ledger = tmp_path / "out", tmp_path / "ledger.jsonl"
     run = ["evaluate", "--protocol", str(path), "--out-dir", str(out), "--ledger", str(ledger)]
     real = comparison.compare
@@ -163,12 +130,12 @@ def test_the_ledger_counts_only_completed_scorings_and_other_protocols_separatel
 
 
 def test_protocol_hash_changes_with_anything_a_result_depends_on(tmp_path: Path) -> None:
-    p = load_protocol(_generated_protocol(tmp_path))
+    p = load_protocol(tiny_generated_protocol(tmp_path))
     h = protocol_hash(p)
     assert h == protocol_hash(load_protocol(tmp_path / "protocol.yaml"))
     assert protocol_hash(dataclasses.replace(p, test_site_scaling="own_scans")) != h
     assert protocol_hash(dataclasses.replace(p, recipe=dataclasses.replace(p.recipe, eval_windows=4))) != h
-    (tmp_path / "pre.yaml").write_text(yaml.safe_dump({**PRETRAIN, "optim": {"lr": 1e-4}}))
+    (tmp_path / "pre.yaml").write_text(yaml.safe_dump({**TINY_PRETRAIN, "optim": {"lr": 1e-4}}))
     assert protocol_hash(p) != h  # the pretraining recipe's text is part of it
 
 
@@ -189,7 +156,7 @@ def test_protocol_hash_changes_with_anything_a_result_depends_on(tmp_path: Path)
 )
 def test_a_malformed_generated_protocol_is_refused_naming_the_key(tmp_path: Path, edit: dict, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle) as e:
-        load_protocol(_generated_protocol(tmp_path, **edit))
+        load_protocol(tiny_generated_protocol(tmp_path, **edit))
     assert "protocol.yaml" in str(e.value)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
+from conftest import tiny_generated_protocol
 from typer.testing import CliRunner
 
 from brainjepa.cli import app
@@ -24,47 +24,30 @@ from brainjepa.downstream.protocol import load_protocol, pretrain_key
 from brainjepa.downstream.validation_scoring import validation_protocol
 from brainjepa.errors import ConfigError, DataError
 from sites.cohort import load_site_series
-from sites.synth import GENERATOR_VERSION
 
-PRETRAIN = {
-    "model": {"size": "tiny", "n_rois": 20, "n_frames": 32, "gradient_components": 8},
-    "data": {"scaling": "centered"},
-    "train": {"batch_size": 4, "device": "cpu"},
-}
 ROOT = Path(__file__).resolve().parent.parent
 SEX = TaskSpec("sex", "sex", "classification", ("0", "1"))
 
 
-def _protocol(root: Path, **edit) -> Path:
-    (root / "pre.yaml").write_text(yaml.safe_dump(PRETRAIN))
-    p = {
-        "name": "val",
-        "pretrain": {"config": "pre.yaml", "steps": 2},
-        "seeds": [0],
-        "generate": {
-            "version": GENERATOR_VERSION,
-            "sites": 3,
-            "subjects": 24,
-            "rois": 20,
-            "duration": 200,
-            "split": [0.5, 0.25, 0.25],
-            "mechanism": "coupling",
-            "held_out": ["site_c"],
+def _protocol(root: Path, **edit: object) -> Path:
+    return tiny_generated_protocol(
+        root,
+        generate_update={"split": [0.5, 0.25, 0.25], "held_out": ["site_c"]},
+        **{
+            "name": "val",
+            "generator_seeds": [0],
+            "methods": ["probe", "random_probe", "roi_spectrum", "fc"],
+            "experiments": [
+                {
+                    "name": "held out",
+                    "pretrain": ["site_a", "site_b"],
+                    "finetune": ["site_a", "site_b"],
+                    "test": ["site_c"],
+                }
+            ],
+            **edit,
         },
-        "generator_seeds": [0],
-        "sites": [{"name": "site_a"}, {"name": "site_b"}, {"name": "site_c"}],
-        "tasks": [{"name": "sex", "column": "sex", "kind": "classification", "classes": ["0", "1"]}],
-        "methods": ["probe", "random_probe", "roi_spectrum", "fc"],
-        "recipe": {"eval_windows": 2},
-        "n_bootstrap": 200,
-        "experiments": [
-            {"name": "held out", "pretrain": ["site_a", "site_b"], "finetune": ["site_a", "site_b"], "test": ["site_c"]}
-        ],
-    }
-    p.update(edit)
-    path = root / "protocol.yaml"
-    path.write_text(yaml.safe_dump(p))
-    return path
+    )
 
 
 def _spoil_test_files(cohort_root: Path) -> list[Path]:

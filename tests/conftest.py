@@ -1,4 +1,5 @@
-"""Shared fixtures: a small cohort with real structure (network sources + subject traits)."""
+"""Shared test set-up: a small cohort with real structure (network sources + subject traits), a tiny
+generated-cohort protocol, and the order the tests run in (longest modules first, a module together)."""
 
 from __future__ import annotations
 

@@ -13,6 +13,10 @@ Outputs in the run folder: `site_metrics.csv` (training rounds, per site), `down
 (each validation: round, step, loss, scan-weighted metrics, whether selected), `test_metrics.json`
 (per site and weighted) and `downstream.pt` (the selected model, kind="downstream", rewritten
 atomically whenever the selection changes and at the end).
+
+A site whose reply is rejected (an update outside its bounds, a malformed evaluation) is quarantined as
+in pretraining (`server.guard`, `quarantine.json`): not asked again for training, validation or test, so
+it cannot steer which weights are selected.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +48,7 @@ from server.audit import AuditLog
 from server.bounds import SetBound, adam_reach, check_bounds, distance_bound
 from server.config import FederationConfig, load_downstream_task, to_run_config
 from server.exchange import SiteResult, exchange, ok_updates, save_update, site_row
+from server.guard import UpdateGuard
 from server.privacy_report import PrivacyReport
 from server.registry import RegisteredSite, read_registry
 from server.report import SITE_FIELDS, append_rows, new_run_dir
@@ -100,6 +106,7 @@ class DownstreamRun:
     best: tuple[torch.Tensor, dict[str, float], int] | None = None  # (vector, val metrics, step)
     registry: dict[int, RegisteredSite] = field(default_factory=dict)  # node id -> registered site (caps)
     audit: AuditLog | None = None  # the run's audit.jsonl (joins, each round's verdicts, checkpoint hashes)
+    guard: UpdateGuard | None = None  # the quarantine of sites whose replies were rejected
 
     @classmethod
     def create(cls, cfg: FederationConfig, run_id: int = 0) -> DownstreamRun:
@@ -123,7 +130,8 @@ class DownstreamRun:
         run_dir = new_run_dir(cfg.out_dir, run_id)
         audit = AuditLog(run_dir, registry)
         audit.start(to_run_config(cfg), 0)
-        return cls(cfg, dtask, backbone, model, run_dir, registry=registry, audit=audit)
+        guard = UpdateGuard(cfg, run_dir, registry, audit)
+        return cls(cfg, dtask, backbone, model, run_dir, registry=registry, audit=audit, guard=guard)
 
     @property
     def kind(self) -> str:
@@ -202,6 +210,31 @@ class DownstreamRun:
         log.info("outputs under %s", self.run_dir)
         return self.run_dir
 
+    def exchange(
+        self,
+        grid: Grid,
+        spec: RoundSpec,
+        sets: dict[str, torch.Tensor],
+        accept: Callable[[SiteResult], None],
+        message_type: str = "train",
+    ) -> list[SiteResult]:
+        """`server.exchange.exchange` without the quarantined sites: a reply under a quarantined name is
+        refused, and the sites rejected here are quarantined. Evaluations ask every other site."""
+        assert self.guard is not None
+        guard, rnd = self.guard, spec.round
+        exclude, why = guard.exclusion(rnd)
+
+        def checked(res: SiteResult) -> None:
+            held = guard.quarantine.holds(guard.label(res), rnd + 1) if res.status == "ok" else None
+            if held:
+                res.status, res.detail, res.update = "rejected", held, None
+            accept(res)
+
+        fraction = None if message_type == "train" else 1.0
+        results = exchange(grid, self.cfg, spec, sets, checked, fraction, message_type, exclude=exclude, why=why)
+        guard.after_exchange(rnd, results)
+        return results
+
     def label_stats(self, grid: Grid) -> TargetScale:
         stats: list[tuple[int, float, float]] = []
 
@@ -213,7 +246,7 @@ class DownstreamRun:
                 else:
                     stats.append((u.num_examples, u.metrics[Metric.LABEL_SUM], u.metrics[Metric.LABEL_M2]))
 
-        results = exchange(grid, self.cfg, self.spec("label-stats", 0), {}, accept, 1.0, "evaluate")
+        results = self.exchange(grid, self.spec("label-stats", 0), {}, accept, "evaluate")
         ok_updates(results, self.cfg.min_sites, "label-stats round")
         target = pooled_target(stats)
         log.info(
@@ -262,7 +295,7 @@ class DownstreamRun:
                 save_update(self.run_dir, label, res)
             res.update.sets = {}  # memory: one site's weights at a time
 
-        results = exchange(grid, self.cfg, spec, {MODEL_SET: vec}, accept)
+        results = self.exchange(grid, spec, {MODEL_SET: vec}, accept)
         append_rows(self.run_dir / "site_metrics.csv", SITE_FIELDS, [site_row(spec.round, r) for r in results])
         if self.audit is not None:
             self.audit.round(spec.round + 1, spec.task, results)
@@ -291,9 +324,7 @@ class DownstreamRun:
                 res.status, res.detail = "rejected", reason
                 log.warning("evaluate %s: reply of site %s rejected: %s", split, res.site, reason)
 
-        results = exchange(
-            grid, self.cfg, self.spec("evaluate", rnd, split=split), {MODEL_SET: vec}, accept, 1.0, "evaluate"
-        )
+        results = self.exchange(grid, self.spec("evaluate", rnd, split=split), {MODEL_SET: vec}, accept, "evaluate")
         if self.audit is not None:
             self.audit.round(rnd + 1, f"evaluate-{split}", results)
         ok = ok_updates(results, self.cfg.min_sites, f"evaluate {split} after round {rnd + 1}")

@@ -86,6 +86,9 @@ def content_bytes(content: RecordDict) -> int:
     return total
 
 
+POLL_S = 0.5  # seconds between pulls while a stage's replies are due
+
+
 class RecordingGrid:
     """The run's Grid as the workflow sees it: every `send_and_receive` passes through, and the bytes sent
     to / received from each node and each node's error reply are kept."""
@@ -106,7 +109,7 @@ class RecordingGrid:
             n = content_bytes(m.content)
             self.bytes_sent[node] = self.bytes_sent.get(node, 0) + n
             sent += n
-        replies = list(self.grid.send_and_receive(out, timeout=timeout))
+        replies = self._exchange(out, timeout)
         for r in replies:
             node = r.metadata.src_node_id
             if r.has_error():
@@ -117,6 +120,21 @@ class RecordingGrid:
                 self.bytes_received[node] = self.bytes_received.get(node, 0) + n
                 got += n
         self.stages.append({"wall_s": time.perf_counter() - t0, "bytes_sent": sent, "bytes_received": got})
+        return replies
+
+    def _exchange(self, out: list[Message], timeout: float | None) -> list[Message]:
+        """Push `out`, then pull replies every POLL_S until all came or `timeout` (Flower's own
+        `send_and_receive` pulls every 3 s: up to 3 s lost in each of a SecAgg+ round's four stages)."""
+        pending = set(self.grid.push_messages(out))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            got = list(self.grid.pull_messages(pending))
+            replies += got
+            pending -= {r.metadata.reply_to_message_id for r in got}
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(POLL_S)
         return replies
 
     def __getattr__(self, name: str) -> object:

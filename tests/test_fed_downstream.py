@@ -2,12 +2,13 @@
 
 Two generated sites, a tiny backbone pretrained for 4 steps, then through the same ServerApp / ClientApp
 as pretraining (SuperLink + 2 SuperNodes on loopback, `flwr run`):
-- fine-tuning of a classification task (sex), 2 rounds x 3 local steps, validation after each round;
-- linear probing of a regression task (age), 2 rounds x 2 local steps: a `label-stats` round first
-  (the target standardisation from the sites' label sums), validation at the end.
+- linear probing of a regression task (age), 1 round x 3 local steps: a `label-stats` round first
+  (the target standardisation from the sites' label sums), validation at the end;
+- fine-tuning of a classification task (sex), 2 rounds x 3 local steps, validation after each round,
+  with a third, hostile site that scales its head: rejected by the head's own bound in round 1, then
+  quarantined (not asked for training, validation or test).
 Each run's selected weights and validation metrics equal `fit(..., "federated", local_steps=K)` on the
-same sites (drop-path 0: the in-process run draws it from one RNG stream across sites, a site process
-from its own). Every evaluation reply holds only metrics and a scan count (the sites' own dumps of
+two honest sites. Every evaluation reply holds only metrics and a scan count (the sites' own dumps of
 what they sent).
 """
 
@@ -74,16 +75,28 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     torch.set_num_threads(threads)
 
 
-def _run(federation: dict, name: str, task: TaskSpec, recipe: DownstreamConfig, local_steps: int) -> tuple[dict, Path]:
-    """The run over Flower (its checkpoint and folder) and the in-process reference, compared."""
-    tmp, demo = federation["tmp"] / name, federation["demo"]
-    config = tmp / "downstream.yaml"
-    config.parent.mkdir(parents=True)
-    config.write_text(
+def _write_config(path: Path, task: TaskSpec, recipe: DownstreamConfig) -> Path:
+    path.parent.mkdir(parents=True)
+    path.write_text(
         yaml.safe_dump(
             {"task": dataclasses.asdict(task) | {"classes": list(task.classes)}, "recipe": dataclasses.asdict(recipe)}
         )
     )
+    return path
+
+
+def _run(
+    federation: dict,
+    name: str,
+    task: TaskSpec,
+    recipe: DownstreamConfig,
+    local_steps: int,
+    clientapp: tuple[str, str] | None = None,
+) -> tuple[dict, Path]:
+    """The run over Flower (its checkpoint and folder) and the in-process reference, compared.
+    `clientapp`: (module name, source) of a ClientApp to run instead of the real one."""
+    tmp, demo = federation["tmp"] / name, federation["demo"]
+    config = _write_config(tmp / "downstream.yaml", task, recipe)
     cfg = FederationConfig(
         task="probe" if recipe.frozen_backbone else "finetune",
         local_steps=local_steps,
@@ -94,7 +107,12 @@ def _run(federation: dict, name: str, task: TaskSpec, recipe: DownstreamConfig, 
     )
     dumps = federation["dumps"]
     shutil.rmtree(dumps, ignore_errors=True)  # this run's replies only
-    res = federation["fed"].run(write_app_dir(tmp / "app", to_run_config(cfg)), timeout_s=300)
+    if clientapp is None:
+        app = write_app_dir(tmp / "app", to_run_config(cfg))
+    else:
+        app = write_app_dir(tmp / "app", to_run_config(cfg), clientapp=f"{clientapp[0]}:app")
+        (app / f"{clientapp[0]}.py").write_text(clientapp[1])
+    res = federation["fed"].run(app, timeout_s=300)
     assert res.returncode == 0 and "outputs under" in res.stdout, res.stdout[-4000:] + res.stderr[-2000:]
     (run_dir,) = list((tmp / "runs").iterdir())
     flower = load_checkpoint(run_dir / "downstream.pt")
@@ -140,32 +158,6 @@ def _check_evaluation_replies(dumps: Path, kind: str, n_sites: int) -> None:
     assert len({p.name for p in replies}) == n_sites
 
 
-def test_federated_finetuning_over_flower_equals_in_process_fit(federation: dict) -> None:
-    """Drop-path on: its draws are seeded per (seed, round, site), the same at a Flower site and in `fit`."""
-    task = TaskSpec(name="sex", column="sex", kind="classification", classes=("0", "1"))
-    recipe = DownstreamConfig(
-        method="finetune", steps=6, batch_size=4, lr=1e-3, drop_path=0.2, eval_every=3, eval_windows=2, seed=1
-    )
-    out, run_dir = _run(federation, "finetune", task, recipe, local_steps=3)
-    assert out["moved"] > 1e-5  # fine-tuning trained the backbone
-    with open(run_dir / "downstream_metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert [int(r["step"]) for r in rows] == [3, 6] and sum(int(r["selected"]) for r in rows) >= 1
-    test = json.loads((run_dir / "test_metrics.json").read_text())
-    assert set(test["sites"]) == {"site_a", "site_b"} and test["weighted"]["n"] == sum(
-        s["n"] for s in test["sites"].values()
-    )
-    assert json.dumps(out["flower"]["test"]) == json.dumps(test) and out["flower"]["kind"] == "downstream"
-    # the audit log: the start, each training round's and evaluation's verdicts, the checkpoint's hash
-    events = [json.loads(line) for line in (run_dir / "audit.jsonl").read_text().splitlines()]
-    assert events[0]["event"] == "start" and (run_dir / "audit.jsonl").stat().st_mode & 0o077 == 0
-    rounds = [e for e in events if e["event"] == "round" and e["task"] == "finetune"]
-    assert len(rounds) == 2 and all({s["site"] for s in e["sites"]} == {"site_a", "site_b"} for e in rounds)
-    assert all(s["status"] == "ok" for e in rounds for s in e["sites"])
-    ckpts = [e for e in events if e["event"] == "checkpoint"]
-    assert ckpts and ckpts[-1]["sha256"] == hashlib.sha256((run_dir / "downstream.pt").read_bytes()).hexdigest()
-
-
 def test_federated_probing_of_a_regression_over_flower_equals_in_process_fit(federation: dict) -> None:
     task = TaskSpec(name="age", column="age", kind="regression")
     recipe = DownstreamConfig(
@@ -207,21 +199,21 @@ def evaluate(msg, context):
 """
 
 
-def test_a_site_scaling_its_head_is_rejected_by_the_heads_own_bound(federation: dict) -> None:
-    """A third site joins and sends its fine-tuned model with the head x 2: inside the whole model's
-    max-update-ratio, outside the head's own bound; it is rejected every round, the run completes."""
-    tmp, demo = federation["tmp"] / "hostile_head", federation["demo"]
+def test_federated_finetuning_over_flower_equals_in_process_fit_with_a_hostile_head_quarantined(
+    federation: dict,
+) -> None:
+    """Drop-path on: its draws are seeded per (seed, round, site), the same at a Flower site and in `fit`.
+    A third site joins and sends its fine-tuned model with the head x 2: inside the whole model's
+    max-update-ratio, outside the head's own bound. It is rejected in round 1 and quarantined: the
+    result is the two honest sites' `fit`, its validation and test metrics included."""
+    demo = federation["demo"]
     task = TaskSpec(name="sex", column="sex", kind="classification", classes=("0", "1"))
-    recipe = DownstreamConfig(method="finetune", steps=2, batch_size=4, lr=1e-3, eval_every=2, eval_windows=1, seed=1)
+    recipe = DownstreamConfig(
+        method="finetune", steps=6, batch_size=4, lr=1e-3, drop_path=0.2, eval_every=3, eval_windows=2, seed=1
+    )
     torch.manual_seed(0)
-    model = DownstreamModel(load_backbone(federation["checkpoint"]), task, recipe)
-    n_head = sum(p.numel() for p in model.head.parameters())
-    config = tmp / "downstream.yaml"
-    config.parent.mkdir(parents=True)
-    config.write_text(
-        yaml.safe_dump(
-            {"task": dataclasses.asdict(task) | {"classes": list(task.classes)}, "recipe": dataclasses.asdict(recipe)}
-        )
+    n_head = sum(
+        p.numel() for p in DownstreamModel(load_backbone(federation["checkpoint"]), task, recipe).head.parameters()
     )
     site_h = demo.site_yamls[0].with_name("site_h.yaml")  # site_a's data under its own name (data root relative)
     site_h.write_text(demo.site_yamls[0].read_text().replace("site: site_a", "site: site_h"))
@@ -229,22 +221,39 @@ def test_a_site_scaling_its_head_is_rejected_by_the_heads_own_bound(federation: 
         {"site-config": str(site_h), "gradients": str(demo.gradients), "head-size": n_head}, "hostile"
     )
     try:
-        cfg = FederationConfig(
-            task="finetune",
-            local_steps=2,
-            checkpoint=str(federation["checkpoint"]),
-            downstream_config=str(config),
-            out_dir=str(tmp / "runs"),
-            gradients=str(demo.gradients),
+        out, run_dir = _run(
+            federation, "finetune", task, recipe, local_steps=3, clientapp=("hostile_head", HOSTILE_HEAD)
         )
-        app = write_app_dir(tmp / "app", to_run_config(cfg), clientapp="hostile_head:app")
-        (app / "hostile_head.py").write_text(HOSTILE_HEAD)
-        res = federation["fed"].run(app, timeout_s=300)
     finally:
         hostile.stop()
-    assert res.returncode == 0 and "outputs under" in res.stdout, res.stdout[-4000:] + res.stderr[-2000:]
-    (run_dir,) = list((tmp / "runs").iterdir())
+    assert out["moved"] > 1e-5  # fine-tuning trained the backbone
+    with open(run_dir / "downstream_metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [3, 6] and sum(int(r["selected"]) for r in rows) >= 1
+    assert all(r["sites"] == "2" for r in rows)  # site_h was not asked to validate
+    test = json.loads((run_dir / "test_metrics.json").read_text())
+    assert set(test["sites"]) == {"site_a", "site_b"} and test["weighted"]["n"] == sum(
+        s["n"] for s in test["sites"].values()
+    )
+    assert json.dumps(out["flower"]["test"]) == json.dumps(test) and out["flower"]["kind"] == "downstream"
+    # site_h: rejected by the head's bound in round 1 (the whole model's bound held), then not asked
     with open(run_dir / "site_metrics.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["status"] != "ok"]
-    assert rows and all(r["site"] == "site_h" and r["status"] == "rejected" for r in rows), rows
-    assert all(r["detail"].startswith("weight set 'head' moved") for r in rows), rows  # the model's bound held
+        bad = [r for r in csv.DictReader(f) if r["status"] != "ok"]
+    assert [(r["round"], r["site"], r["status"]) for r in bad] == [("1", "site_h", "rejected")], bad
+    assert bad[0]["detail"].startswith("weight set 'head' moved"), bad
+    (held,) = json.loads((run_dir / "quarantine.json").read_text())["sites"].values()
+    assert held["round"] == 1 and held["reason"].startswith("weight set 'head' moved"), held
+    # the audit log: the start, each round's and evaluation's verdicts, the quarantine, the checkpoint's hash
+    events = [json.loads(line) for line in (run_dir / "audit.jsonl").read_text().splitlines()]
+    assert events[0]["event"] == "start" and (run_dir / "audit.jsonl").stat().st_mode & 0o077 == 0
+    rounds = [e for e in events if e["event"] == "round" and e["task"] == "finetune"]
+    assert [sorted(s["site"] for s in e["sites"]) for e in rounds] == [
+        ["site_a", "site_b", "site_h"],
+        ["site_a", "site_b"],
+    ]
+    assert all(s["status"] == "ok" for e in rounds for s in e["sites"] if s["site"] != "site_h")
+    evals = [e for e in events if e["event"] == "round" and e["task"].startswith("evaluate")]
+    assert len(evals) == 3 and all(sorted(s["site"] for s in e["sites"]) == ["site_a", "site_b"] for e in evals)
+    assert sum(e["event"] == "quarantine" for e in events) == 1
+    ckpts = [e for e in events if e["event"] == "checkpoint"]
+    assert ckpts and ckpts[-1]["sha256"] == hashlib.sha256((run_dir / "downstream.pt").read_bytes()).hexdigest()

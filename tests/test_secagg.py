@@ -162,7 +162,7 @@ def test_secagg_central_dp_then_a_weighted_fedavg_that_survives_a_dropout(demo: 
             time.sleep(0.3)
         # every SecAgg+ stage waits up to round-timeout-s: long enough for the live sites' ClientApps to start
         # and train on a loaded test machine; the dead site costs one such wait
-        cfg2 = dataclasses.replace(cfg, out_dir=str(tmp_path / "runs2"), round_timeout_s=40.0)
+        cfg2 = dataclasses.replace(cfg, out_dir=str(tmp_path / "runs2"), round_timeout_s=30.0)
         app2 = write_app_dir(tmp_path / "app2", to_run_config(cfg2), clientapp="dropping_client:app")
         (app2 / "dropping_client.py").write_text(DROPPING_CLIENT)
         run2 = fed.start_run(app2, name="flwr_run2")

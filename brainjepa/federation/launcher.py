@@ -46,12 +46,6 @@ FLOWER_QUIET_ENV = {
 CHUNK_SIZE_ENV = "FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE"
 DEFAULT_CHUNK_SIZE = 16 * 2**20
 
-# How often a SuperLink's / SuperNode's executor looks for a ServerApp / ClientApp to start (Flower's default:
-# every 1 s). Each round starts a ClientApp per site, so the default adds ~0.5 s per site-round on average;
-# 0.2 s costs a few local calls per second. A value already set wins.
-POLL_INTERVAL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
-DEFAULT_POLL_INTERVAL_S = 0.2
-
 
 def flower_bin(name: str) -> str:
     """Path of a Flower console script installed next to this Python (falls back to PATH)."""
@@ -64,7 +58,6 @@ def flower_env(flwr_home: Path | None, extra: Mapping[str, str] | None = None) -
     env = dict(os.environ)
     env.update(FLOWER_QUIET_ENV)
     env.setdefault(CHUNK_SIZE_ENV, str(DEFAULT_CHUNK_SIZE))
-    env.setdefault(POLL_INTERVAL_ENV, str(DEFAULT_POLL_INTERVAL_S))
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     # Flower starts further console scripts (flower-superexec, flwr-serverapp, flwr-clientapp) by name.

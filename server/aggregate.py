@@ -1,4 +1,4 @@
-"""Aggregation of the sites' weight sets: checks, sample-weighted mean, FedAvgM / FedAdam server steps.
+"""Aggregation of the sites' weight sets: checks, sample-weighted mean, FedAvgM / FedAdam / FedYogi server steps.
 
 Pure PyTorch, no Flower: each weight set (encoder, predictor, target) travels as ONE flat 1-D vector
 (the module's parameters in `named_parameters()` order, `torch.nn.utils.parameters_to_vector`), so a
@@ -17,7 +17,7 @@ from brainjepa.federation.reply_sets import SetStats, reply_stats, shape_of
 from server.bounds import SetBound, check_bounds
 from server.config import ServerOptConfig
 
-# Weight sets the server optimiser (FedAvgM / FedAdam) steps; the EMA target is always plainly
+# Weight sets the server optimiser (FedAvgM / FedAdam / FedYogi) steps; the EMA target is always plainly
 # averaged (it is a moving average of the encoders, not a trained quantity).
 TRAINED_SETS = ("encoder", "predictor")
 
@@ -85,11 +85,15 @@ class ServerOptimizer:
                 m = delta.clone() if m is None else m.mul_(c.momentum).add_(delta)
                 self.state[f"m.{name}"] = m
                 out[name] = current[name] + c.lr * m
-            else:  # fedadam
+            else:  # fedadam, fedyogi: Adam / Yogi on the pseudo-gradient (Reddi et al. 2021, Algorithm 2)
                 m = self.state.get(f"m.{name}", torch.zeros_like(delta))
                 v = self.state.get(f"v.{name}", torch.zeros_like(delta))
                 m.mul_(c.beta1).add_(delta, alpha=1 - c.beta1)
-                v.mul_(c.beta2).addcmul_(delta, delta, value=1 - c.beta2)
+                sq = delta * delta
+                if c.method == "fedyogi":  # v - (1 - beta2) sq sign(v - sq): v grows no faster than additively
+                    v.sub_(sq.mul_(torch.sign(v - sq)), alpha=1 - c.beta2)
+                else:
+                    v.mul_(c.beta2).add_(sq, alpha=1 - c.beta2)
                 self.state[f"m.{name}"], self.state[f"v.{name}"] = m, v
                 out[name] = current[name] + c.lr * m / (v.sqrt() + c.tau)
         return out

@@ -71,7 +71,9 @@ def start(
     fraction_sites: Annotated[
         float, typer.Option(help="Share of connected sites sampled per round.")
     ] = D.fraction_sites,
-    strategy: Annotated[str, typer.Option(help="fedavg, fedavgm, fedadam, median or trimmed-mean.")] = D.strategy,
+    strategy: Annotated[
+        str, typer.Option(help="fedavg, fedavgm, fedadam, fedyogi, median or trimmed-mean.")
+    ] = D.strategy,
     wire_dtype: Annotated[
         str, typer.Option(help="float32, float16 (half-precision transfer) or int8 (int8 deltas, error feedback).")
     ] = D.wire_dtype,

@@ -31,8 +31,8 @@ from brainjepa.errors import ConfigError, Origin
 from brainjepa.schema import check_choices, from_mapping, read_yaml_mapping
 
 RUN_CONFIG = Origin("run config")
-# fedavg (x <- mean), fedavgm (server momentum) or fedadam (Reddi et al. 2021, FedOpt): a server step
-ServerMethod = Literal["fedavg", "fedavgm", "fedadam"]
+# fedavg (x <- mean), fedavgm (server momentum), fedadam or fedyogi (Reddi et al. 2021, FedOpt): a server step
+ServerMethod = Literal["fedavg", "fedavgm", "fedadam", "fedyogi"]
 # median / trimmed-mean: coordinate-wise robust aggregation of the sites' weights (Flower's FedMedian /
 # FedTrimmedAvg logic); they hold every accepted reply of a round at once (sites x parameters x 4 bytes).
 RobustMethod = Literal["median", "trimmed-mean"]
@@ -48,14 +48,14 @@ ScalingScope = Literal["site", "federation"]
 
 @dataclass(frozen=True)
 class ServerOptConfig:
-    """`fedavg` (x <- mean), `fedavgm` (server momentum) or `fedadam` (Reddi et al. 2021, FedOpt)."""
+    """`fedavg` (x <- mean), `fedavgm` (server momentum), `fedadam` or `fedyogi` (Reddi et al. 2021, FedOpt)."""
 
     method: ServerMethod = "fedavg"
     lr: float = 1.0  # server learning rate (eta); fedavg ignores it
     momentum: float = 0.9  # fedavgm
-    beta1: float = 0.9  # fedadam
+    beta1: float = 0.9  # fedadam, fedyogi
     beta2: float = 0.99
-    tau: float = 1e-3  # fedadam adaptivity (epsilon)
+    tau: float = 1e-3  # fedadam / fedyogi adaptivity (epsilon)
 
     def __post_init__(self) -> None:
         check_choices(self, "server optimizer")
@@ -187,7 +187,7 @@ class FederationConfig:
             what = "central-dp" if self.central_dp else "secure-aggregation"
             raise ConfigError(
                 f"run config 'strategy': '{self.strategy}' with '{what}' (central DP needs the clipped "
-                "sum, secure aggregation hides single updates): use fedavg, fedavgm or fedadam"
+                "sum, secure aggregation hides single updates): use fedavg, fedavgm, fedadam or fedyogi"
             )
         if self.secure_aggregation and self.min_sites < 2:
             raise ConfigError(

@@ -99,6 +99,32 @@ def test_fedavgm_and_fedadam_move_towards_the_mean() -> None:
     assert torch.equal(again.step(out, mean)["encoder"], adam.step(out, mean)["encoder"])
 
 
+def test_fedyogi_follows_reddi_et_al_and_differs_from_fedadam() -> None:
+    """Yogi: v <- v - (1 - b2) d^2 sign(v - d^2); Adam: v <- b2 v + (1 - b2) d^2 (Reddi et al. 2021)."""
+    cur = {k: torch.zeros(v) for k, v in SIZES.items()}
+    rng = np.random.default_rng(0)
+    means = [
+        {k: torch.from_numpy(rng.standard_normal(v).astype(np.float32)) for k, v in SIZES.items()} for _ in range(3)
+    ]
+    b1, b2, tau, lr = 0.9, 0.99, 1e-3, 0.1
+    yogi, adam = (
+        ServerOptimizer(ServerOptConfig(m, lr=lr, beta1=b1, beta2=b2, tau=tau)) for m in ("fedyogi", "fedadam")
+    )
+    m = v = np.zeros(300)
+    x = np.zeros(300)
+    for mean in means:
+        d = mean["encoder"].double().numpy() - x
+        m = b1 * m + (1 - b1) * d
+        v = v - (1 - b2) * d**2 * np.sign(v - d**2)
+        x = x + lr * m / (np.sqrt(v) + tau)
+        got_y = yogi.step(cur, mean)
+        got_a = adam.step(cur, mean)
+        cur = {k: torch.from_numpy(x.astype(np.float32)) if k == "encoder" else got_y[k] for k in SIZES}
+    np.testing.assert_allclose(got_y["encoder"].numpy(), x, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got_a["encoder"].numpy(), x, atol=1e-4)  # Adam's second moment decays: another step
+    assert torch.equal(got_y["target"], means[-1]["target"])  # the EMA target is plainly averaged
+
+
 def test_fp16_wire_uplink_deltas_keep_the_fp32_master() -> None:
     rng = np.random.default_rng(3)
     master = {k: torch.from_numpy((rng.standard_normal(v) * 0.02).astype(np.float32)) for k, v in SIZES.items()}

@@ -66,7 +66,7 @@ from sites.synth import generate_cohorts
 from sites.windows import multi_windows, pack
 
 log = logging.getLogger("rounds_to_quality")
-app = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0])
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n\n")[0])
 
 N_ROIS, N_FRAMES, BATCH = 50, 64, 16
 SEXES = TaskSpec(name="sex", column="sex", kind="classification", classes=("0", "1"))
@@ -74,13 +74,13 @@ SEXES = TaskSpec(name="sex", column="sex", kind="classification", classes=("0", 
 
 def make_sites(root: Path, partition: str, seed: int) -> tuple[list[Path], Path]:
     """Three generated sites and their gradient file. iid: one population and acquisition, 112 subjects
-    each; noniid: the generator's presets (TR, noise, gain differ; site_c from population B), 160 / 16
-    / 160 subjects (sizes 10x apart)."""
+    each; noniid: the generator's presets (TR, noise, gain differ; site_c from population B), 200 / 20
+    / 200 subjects (sizes 10x apart)."""
     if partition == "iid":
         specs = [SiteSpec(f"site_{c}", 0.8, 400, noise=0.4, population="A") for c in "abc"]
         sizes: list[int] = [112, 112, 112]
     else:
-        specs, sizes = None, [160, 16, 160]  # type: ignore[assignment]
+        specs, sizes = None, [200, 20, 200]  # type: ignore[assignment]
     yamls = sorted(root.glob("*/*.yaml"))
     if not yamls:
         yamls = generate_cohorts(root, n_sites=3, subjects_per_site=sizes, seed=seed, n_rois=N_ROIS, sites=specs)
@@ -223,7 +223,7 @@ def federated(
     return rows, models
 
 
-SERVER_LR = {"fedavg": 1.0, "fedadam": 1e-2, "fedyogi": 1e-2, "fedema": 1.0}
+SERVER_LR = {"fedavg": 1.0, "fedadam": 3e-3, "fedyogi": 3e-3, "fedema": 1.0}  # adaptive: one untuned value
 
 
 def fedema_start(

@@ -21,7 +21,8 @@ on the mean's pseudo-gradient; the EMA target is always averaged), `fedema` (Zhu
 site starts a round from an EMA of its own last local model and the global one, the weight on its own
 model mu = min(lambda * ||global - local||, 1), lambda set from tau at the site's second round).
 
-    .venv/bin/python scripts/rounds_to_quality.py --out experiments/rounds_to_quality --partition iid
+    .venv/bin/python scripts/rounds_to_quality.py run --out OUT --partition iid --scheme central --scheme fedavg
+    .venv/bin/python scripts/rounds_to_quality.py report --out OUT   # OUT/table.md from every run in OUT
 """
 
 from __future__ import annotations
@@ -241,7 +242,7 @@ def fedema_start(
 
 
 @app.command()
-def main(
+def run(
     out: Annotated[Path, typer.Option(help="Output folder: sites/, <partition>_<scheme>_s<seed>.csv, results.jsonl.")],
     partition: Annotated[str, typer.Option(help="iid or noniid.")] = "iid",
     scheme: Annotated[
@@ -297,6 +298,45 @@ def main(
         with open(out / "results.jsonl", "a") as f:
             f.write(json.dumps(result) + "\n")
         log.info("%s", result)
+
+
+def rounds_to(curve: list[dict], level: float) -> str:
+    """The first round whose validation loss is at or below `level`, or '>' the last round."""
+    for row in curve:
+        if float(row["val_loss"]) <= level:
+            return str(row["round"])
+    return f"> {curve[-1]['round']}"
+
+
+@app.command()
+def report(out: Annotated[Path, typer.Option(help="A folder of `run` outputs (each partition's subfolder).")]) -> None:
+    """OUT/table.md: per partition and scheme, rounds to the single-machine run's final validation loss,
+    the final loss, the probe's AUROC with its interval, the features' effective rank."""
+    lines = [
+        "# Rounds to quality (validation splits only)",
+        "",
+        "Written by `scripts/rounds_to_quality.py report`. Equal training samples in every row (the central run's",
+        'steps = rounds x local steps x 3 sites, batch 16). "rounds to central": the first round whose',
+        "validation JEPA loss is at or below the central run's final one (central: 1 round = 3 x its K steps).",
+        "",
+        "| partition | scheme | rounds x K | rounds to central | final val loss | probe AUROC % [95 % CI] | feature rank | s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for part in sorted(p for p in out.iterdir() if (p / "results.jsonl").is_file()):
+        results = [json.loads(x) for x in (part / "results.jsonl").read_text().splitlines()]
+        ref = [r for r in results if r["scheme"] == "central"]
+        level = ref[-1]["final_val_loss"] if ref else float("nan")
+        for r in results:
+            tag = f"{r['partition']}_{r['scheme']}_r{r['rounds']}_k{r['local_steps']}_s{r['seed']}"
+            with open(part / f"{tag}.csv", newline="") as f:
+                curve = list(csv.DictReader(f))
+            lines.append(
+                f"| {r['partition']} | {r['scheme']} | {r['rounds']} x {r['local_steps']} | {rounds_to(curve, level)} "
+                f"| {r['final_val_loss']:.4f} | {100 * r['auroc']:.1f} [{100 * r['auroc_lo']:.1f}, "
+                f"{100 * r['auroc_hi']:.1f}] | {r['feature_rank']:.1f} | {r['seconds']:.0f} |"
+            )
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    log.info("wrote %s", out / "table.md")
 
 
 if __name__ == "__main__":

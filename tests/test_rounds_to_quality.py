@@ -1,0 +1,60 @@
+"""scripts/rounds_to_quality.py: its --help, FedEMA's round start, and the report from a folder of runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from test_perf_scripts import SCRIPTS, _load
+
+rtq = _load("rounds_to_quality")
+
+
+def test_help_names_the_schemes_and_the_equal_sample_budget() -> None:
+    out = subprocess.run(
+        [sys.executable, str(SCRIPTS / "rounds_to_quality.py"), "run", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert out.returncode == 0, out.stderr
+    for option in ("--partition", "--scheme", "--rounds", "--local-steps", "--samples-steps", "--tau"):
+        assert option in out.stdout, option
+
+
+def test_fedema_start_mixes_by_the_divergence_and_fixes_lambda_at_first_sight() -> None:
+    glob = {"encoder": torch.zeros(4), "predictor": torch.zeros(2), "target": torch.ones(4)}
+    own = {"encoder": torch.full((4,), 1.0), "predictor": torch.zeros(2)}  # divergence 2
+    start, lam = rtq.fedema_start(glob, own, None, tau=0.5)
+    assert lam == 0.25  # tau / the first divergence: mu = tau the first time
+    assert torch.allclose(start["encoder"], torch.full((4,), 0.5)) and torch.equal(start["target"], glob["target"])
+    far = {"encoder": torch.full((4,), 5.0), "predictor": torch.zeros(2)}  # divergence 10: mu capped at 1
+    start, again = rtq.fedema_start(glob, far, lam, tau=0.5)
+    assert again == lam and torch.equal(start["encoder"], far["encoder"])
+
+
+def test_report_counts_rounds_to_the_central_runs_final_loss(tmp_path: Path) -> None:
+    part = tmp_path / "iid"
+    part.mkdir()
+    runs = {("central", 2, 50): [0.5, 0.3], ("fedavg", 2, 25): [0.6, 0.4], ("fedema", 2, 25): [0.35, 0.29]}
+    for (scheme, rounds, k), losses in runs.items():
+        with open(part / f"iid_{scheme}_r{rounds}_k{k}_s0.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["round", "val_loss"])
+            w.writeheader()
+            w.writerows({"round": i + 1, "val_loss": v} for i, v in enumerate(losses))
+        row = {"partition": "iid", "scheme": scheme, "rounds": rounds, "local_steps": k, "seed": 0}
+        row |= {"final_val_loss": losses[-1], "auroc": 0.8, "auroc_lo": 0.7, "auroc_hi": 0.9}
+        row |= {"feature_rank": 12.0, "seconds": 3.0}
+        with open(part / "results.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+    rtq.report(tmp_path)
+    table = (tmp_path / "table.md").read_text()
+    assert "| iid | fedavg | 2 x 25 | > 2 | 0.4000 |" in table
+    assert "| iid | fedema | 2 x 25 | 2 | 0.2900 | 80.0 [70.0, 90.0] |" in table
+    assert "| iid | central | 2 x 50 | 2 |" in table

@@ -39,10 +39,14 @@ def test_fedema_start_mixes_by_the_divergence_and_fixes_lambda_at_first_sight() 
     assert again == lam and torch.equal(start["encoder"], far["encoder"])
 
 
-def test_report_counts_rounds_to_the_central_runs_final_loss(tmp_path: Path) -> None:
+def test_report_compares_each_run_with_the_central_one(tmp_path: Path) -> None:
     part = tmp_path / "iid"
     part.mkdir()
-    runs = {("central", 2, 50): [0.5, 0.3], ("fedavg", 2, 25): [0.6, 0.4], ("fedema", 2, 25): [0.35, 0.29]}
+    runs = {
+        ("central", 4, 50): [0.5, 0.45, 0.4, 0.3],
+        ("fedavg", 4, 25): [0.6, 0.5, 0.45, 0.4],
+        ("fedema", 4, 25): [0.35, 0.33, 0.31, 0.29],
+    }
     for (scheme, rounds, k), losses in runs.items():
         with open(part / f"iid_{scheme}_r{rounds}_k{k}_s0.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["round", "val_loss"])
@@ -55,6 +59,6 @@ def test_report_counts_rounds_to_the_central_runs_final_loss(tmp_path: Path) -> 
             f.write(json.dumps(row) + "\n")
     rtq.report(tmp_path)
     table = (tmp_path / "table.md").read_text()
-    assert "| iid | fedavg | 2 x 25 | > 2 | 0.4000 |" in table
-    assert "| iid | fedema | 2 x 25 | 2 | 0.2900 | 80.0 [70.0, 90.0] |" in table
-    assert "| iid | central | 2 x 50 | 2 |" in table
+    assert "| iid | fedavg | 4 x 25 | 0.4000 | +0.1000 | 80.0 [70.0, 90.0] | 12.0 | 0.600, 0.500, 0.450 | 3 |" in table
+    assert "| iid | fedema | 4 x 25 | 0.2900 | -0.0100 |" in table
+    assert "| iid | central | 4 x 50 | 0.3000 | +0.0000 |" in table

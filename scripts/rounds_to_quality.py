@@ -246,7 +246,7 @@ def run(
     out: Annotated[Path, typer.Option(help="Output folder: sites/, <partition>_<scheme>_s<seed>.csv, results.jsonl.")],
     partition: Annotated[str, typer.Option(help="iid or noniid.")] = "iid",
     scheme: Annotated[
-        list[str] | None, typer.Option(help="central, fedavg, fedadam, fedyogi, fedema (repeat).")
+        list[str] | None, typer.Option(help="random (no training), central, fedavg, fedadam, fedyogi, fedema (repeat).")
     ] = None,
     rounds: Annotated[int, typer.Option(help="Rounds of the federated schemes.")] = 40,
     local_steps: Annotated[int, typer.Option(help="K: each site's steps per round.")] = 25,
@@ -264,7 +264,13 @@ def run(
     g = load_gradients(grad_path)
     for name in scheme:
         t0 = time.perf_counter()
-        if name == "central":
+        if name == "random":  # the untrained initial weights: the probe's floor
+            cfg = pretrain_config(yamls, grad_path, samples_steps, seed)
+            val = Validation.build(cfg, yamls)
+            torch.manual_seed(seed)
+            models = JEPAModels(cfg.model, torch.from_numpy(g))
+            rows, k, r = [{"round": 0, "val_loss": val.loss(models)}], 0, 0
+        elif name == "central":
             cfg = pretrain_config(yamls, grad_path, samples_steps, seed)
             val = Validation.build(cfg, yamls)
             rows, models = central(cfg, g, val, samples_steps // rounds)

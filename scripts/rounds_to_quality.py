@@ -224,6 +224,7 @@ def federated(
     return rows, models
 
 
+ORDER = ("random", "central", "fedavg", "fedema", "fedadam", "fedyogi")
 SERVER_LR = {"fedavg": 1.0, "fedadam": 3e-3, "fedyogi": 3e-3, "fedema": 1.0}  # adaptive: one untuned value
 
 
@@ -319,21 +320,21 @@ def report(out: Annotated[Path, typer.Option(help="A folder of `run` outputs (ea
         "windows and masks of the pooled validation scans; its targets move with the EMA target, so it is compared",
         "between runs at their end, not read as a curve to a threshold.",
         "",
-        "| partition | scheme | rounds x K | final val loss | - central's | probe AUROC % [95 % CI] | feature rank "
+        "| partition | seed | scheme | rounds x K | final val loss | - central's | probe AUROC % [95 % CI] | feature rank "
         "| val loss at 1/4, 1/2, 3/4 of the run | s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for part in sorted(p for p in out.iterdir() if (p / "results.jsonl").is_file()):
         results = [json.loads(x) for x in (part / "results.jsonl").read_text().splitlines()]
-        ref = [r for r in results if r["scheme"] == "central"]
-        level = ref[-1]["final_val_loss"] if ref else float("nan")
-        for r in results:
+        central_loss = {r["seed"]: r["final_val_loss"] for r in results if r["scheme"] == "central"}
+        for r in sorted(results, key=lambda r: (r["seed"], ORDER.index(r["scheme"]), -r["rounds"])):
+            level = central_loss.get(r["seed"], float("nan"))  # the same seed's single-machine run
             tag = f"{r['partition']}_{r['scheme']}_r{r['rounds']}_k{r['local_steps']}_s{r['seed']}"
             with open(part / f"{tag}.csv", newline="") as f:
                 curve = [float(row["val_loss"]) for row in csv.DictReader(f)]
             quarters = ", ".join(f"{curve[max(0, len(curve) * q // 4 - 1)]:.3f}" for q in (1, 2, 3))
             lines.append(
-                f"| {r['partition']} | {r['scheme']} | {r['rounds']} x {r['local_steps']} | {r['final_val_loss']:.4f} "
+                f"| {r['partition']} | {r['seed']} | {r['scheme']} | {r['rounds']} x {r['local_steps']} | {r['final_val_loss']:.4f} "
                 f"| {r['final_val_loss'] - level:+.4f} | {100 * r['auroc']:.1f} [{100 * r['auroc_lo']:.1f}, "
                 f"{100 * r['auroc_hi']:.1f}] | {r['feature_rank']:.1f} | {quarters} | {r['seconds']:.0f} |"
             )

@@ -59,6 +59,8 @@ def test_report_compares_each_run_with_the_central_one(tmp_path: Path) -> None:
             f.write(json.dumps(row) + "\n")
     rtq.report(tmp_path)
     table = (tmp_path / "table.md").read_text()
-    assert "| iid | fedavg | 4 x 25 | 0.4000 | +0.1000 | 80.0 [70.0, 90.0] | 12.0 | 0.600, 0.500, 0.450 | 3 |" in table
-    assert "| iid | fedema | 4 x 25 | 0.2900 | -0.0100 |" in table
-    assert "| iid | central | 4 x 50 | 0.3000 | +0.0000 |" in table
+    assert (
+        "| iid | 0 | fedavg | 4 x 25 | 0.4000 | +0.1000 | 80.0 [70.0, 90.0] | 12.0 | 0.600, 0.500, 0.450 | 3 |" in table
+    )
+    assert "| iid | 0 | fedema | 4 x 25 | 0.2900 | -0.0100 |" in table
+    assert "| iid | 0 | central | 4 x 50 | 0.3000 | +0.0000 |" in table

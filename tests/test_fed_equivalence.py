@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
@@ -35,9 +34,13 @@ pytestmark = pytest.mark.integration  # SuperLink / SuperNodes as real processes
 ROUNDS, K = 2, 2
 
 
-def _federated_and_local(tmp_path: Path, wire: str) -> tuple[dict, dict, FederationConfig, Path]:
-    """(federated checkpoint, local checkpoint, run config, run folder): one site, ROUNDS x K steps."""
-    demo = prepare_federation(tmp_path / "sites", n_sites=1, subjects=10, n_rois=40, n_frames=64, seed=3)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """One site, ROUNDS x K steps: a float32 and an int8 run on ONE SuperLink and SuperNode (two `flwr run`s),
+    and `brainjepa pretrain` on the same site for ROUNDS x K steps. Checkpoints as loaded, the run config,
+    each run's folder."""
+    tmp = tmp_path_factory.mktemp("equivalence")
+    demo = prepare_federation(tmp / "sites", n_sites=1, subjects=10, n_rois=40, n_frames=64, seed=3)
     grads = demo.gradients
     cfg = FederationConfig(
         n_rois=40,
@@ -47,26 +50,25 @@ def _federated_and_local(tmp_path: Path, wire: str) -> tuple[dict, dict, Federat
         min_sites=1,
         batch_size=4,
         gradients=str(grads),
-        out_dir=str(tmp_path / "runs"),
+        out_dir=str(tmp / "runs" / "float32"),
         seed=3,
-        wire_dtype=wire,  # type: ignore[arg-type]
     )
-    (site_yaml,) = sorted((tmp_path / "sites").glob("*/*.yaml"))
-    app = write_app_dir(tmp_path / "app", to_run_config(cfg))
-    with LocalFederation(
-        tmp_path, [{"site-config": str(site_yaml), "gradients": str(grads)}], env_extra=FLOWER_ENV
-    ) as fed:
-        res = fed.run(app, timeout_s=300)
-    assert res.returncode == 0 and "outputs under" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
-    (fed_ckpt,) = list((tmp_path / "runs").glob("*/checkpoint.pt"))
-    fed_state = load_checkpoint(fed_ckpt)
+    (site_yaml,) = demo.site_yamls
+    app = write_app_dir(tmp / "app", to_run_config(cfg))
+    out: dict[str, object] = {"cfg": cfg}
+    with LocalFederation(tmp, [{"site-config": str(site_yaml), "gradients": str(grads)}], env_extra=FLOWER_ENV) as fed:
+        for wire in ("float32", "int8"):
+            res = fed.run(app, {"wire-dtype": wire, "out-dir": str(tmp / "runs" / wire)}, timeout_s=300)
+            assert res.returncode == 0 and "outputs under" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
+            (ckpt,) = list((tmp / "runs" / wire).glob("*/checkpoint.pt"))
+            out[wire], out[f"{wire}_dir"] = load_checkpoint(ckpt), ckpt.parent
 
     # Local pretraining on the same site (`data.site`: same loading, resampling and scaling).
-    pcfg: PretrainConfig = from_mapping(PretrainConfig, fed_state["config"], "checkpoint")
+    pcfg: PretrainConfig = from_mapping(PretrainConfig, out["float32"]["config"], "checkpoint")
     local_cfg = dataclasses.replace(
         pcfg,
         data=dataclasses.replace(pcfg.data, site=str(site_yaml), gradients=str(grads)),
-        train=dataclasses.replace(pcfg.train, steps=ROUNDS * K, out_dir=str(tmp_path / "local"), checkpoint_every=100),
+        train=dataclasses.replace(pcfg.train, steps=ROUNDS * K, out_dir=str(tmp / "local"), checkpoint_every=100),
     )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread, as in the site's process (FLOWER_ENV): both sides sum in one order
@@ -74,13 +76,13 @@ def _federated_and_local(tmp_path: Path, wire: str) -> tuple[dict, dict, Federat
         local = pretrain(local_cfg, progress=False)
     finally:
         torch.set_num_threads(threads)
-    local_state = load_checkpoint(local.checkpoint)
-    assert fed_state["step"] == local_state["step"] == ROUNDS * K
-    return fed_state, local_state, cfg, fed_ckpt.parent
+    out["local"] = load_checkpoint(local.checkpoint)
+    assert out["float32"]["step"] == out["int8"]["step"] == out["local"]["step"] == ROUNDS * K
+    return out
 
 
-def test_one_site_federated_equals_local_pretraining(tmp_path: Path) -> None:
-    fed_state, local_state, cfg, _ = _federated_and_local(tmp_path, "float32")
+def test_one_site_federated_equals_local_pretraining(runs: dict) -> None:
+    fed_state, local_state, cfg = runs["float32"], runs["local"], runs["cfg"]
     worst = 0.0
     for key, value in local_state["models"].items():
         diff = float((fed_state["models"][key].float() - value.float()).abs().max())
@@ -95,12 +97,12 @@ def test_one_site_federated_equals_local_pretraining(tmp_path: Path) -> None:
     print(f"max |federated - local| = {worst:.3g} (weights moved by up to {moved:.3g})")
 
 
-def test_one_site_int8_stays_within_the_quantisation_bound_for_a_quarter_of_the_bytes(tmp_path: Path) -> None:
+def test_one_site_int8_stays_within_the_quantisation_bound_for_a_quarter_of_the_bytes(runs: dict) -> None:
     """wire-dtype int8 over real Flower: round 1 downlink is the fp32 resync, round 2 an int8 delta; every
     upload is int8 with error feedback. The global weights stay within a few quantisation steps of the
     fp32 run (== local pretraining, the test above), and the coordinator receives <= 0.26 x the fp32 bytes
     (the fp32 reply's `count_bytes`, computed from the same sets)."""
-    fed_state, local_state, cfg, run_dir = _federated_and_local(tmp_path, "int8")
+    fed_state, local_state, cfg, run_dir = runs["int8"], runs["local"], runs["cfg"], runs["int8_dir"]
     pcfg: PretrainConfig = from_mapping(PretrainConfig, fed_state["config"], "checkpoint")
     torch.manual_seed(cfg.seed)
     models = JEPAModels(pcfg.model, torch.from_numpy(load_gradients(cfg.gradients)))

@@ -41,6 +41,7 @@ import typer
 from sklearn.linear_model import LogisticRegressionCV
 from sklearn.metrics import roc_auc_score
 
+from brainjepa.checkpoint import load_checkpoint
 from brainjepa.config import DataConfig, ModelConfig, OptimConfig, PretrainConfig, TrainConfig, load_site
 from brainjepa.data import load_pretraining_cohort, pretraining_stream
 from brainjepa.downstream.config import TaskSpec
@@ -57,6 +58,7 @@ from brainjepa.gradients import (
 )
 from brainjepa.jepa import JEPAModels, PretrainStep, jepa_loss
 from brainjepa.monitor import effective_rank
+from brainjepa.schema import from_mapping
 from brainjepa.weights import WEIGHT_SETS, flat_parameters, load_flat_parameters, model_checksum
 from client.training import SiteRound
 from server.aggregate import ServerOptimizer
@@ -305,6 +307,42 @@ def run(
         with open(out / "results.jsonl", "a") as f:
             f.write(json.dumps(result) + "\n")
         log.info("%s", result)
+
+
+@app.command()
+def checkpoint(
+    ckpt: Annotated[Path, typer.Argument(help="A pretraining checkpoint.pt (federated or not), 50 ROIs x 64 frames.")],
+    sites: Annotated[Path, typer.Option(help="The folder of the site folders it was trained on (their val splits).")],
+    seed: Annotated[int, typer.Option(help="Seed of the probe's bootstrap.")] = 0,
+) -> None:
+    """The same validation measures for a finished run's checkpoint (e.g. two `make demo` schedules):
+    validation JEPA loss, probe AUROC with its interval, feature rank; one JSON line on stdout."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    state = load_checkpoint(ckpt)
+    cfg = from_mapping(PretrainConfig, state["config"], str(ckpt))
+    if (cfg.model.n_rois, cfg.model.n_frames) != (N_ROIS, N_FRAMES):
+        raise typer.BadParameter(
+            f"{ckpt}: model is {cfg.model.n_rois} x {cfg.model.n_frames}, expected {N_ROIS} x {N_FRAMES}"
+        )
+    yamls = sorted(sites.glob("*/*.yaml"))
+    if not yamls:
+        raise typer.BadParameter(f"{sites}: no site folder with a site YAML")
+    grads = state.get("gradients")
+    models = JEPAModels(cfg.model, torch.as_tensor(np.asarray(grads, dtype=np.float32)))
+    models.load_state_dict(state["models"])
+    val = Validation.build(cfg, yamls)
+    auc, lo, hi, rank = val.probe(models, seed)
+    result = {
+        "checkpoint": str(ckpt),
+        "step": state.get("step"),
+        "round": state.get("round"),
+        "val_loss": val.loss(models),
+        "auroc": auc,
+        "auroc_lo": lo,
+        "auroc_hi": hi,
+        "feature_rank": rank,
+    }
+    typer.echo(json.dumps(result))
 
 
 @app.command()

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from test_perf_scripts import SCRIPTS, _load
+from typer.testing import CliRunner
+
+from brainjepa.demo import prepare_federation
+from brainjepa.pretrain import pretrain
 
 rtq = _load("rounds_to_quality")
 
@@ -64,3 +70,20 @@ def test_report_compares_each_run_with_the_central_one(tmp_path: Path) -> None:
     )
     assert "| iid | 0 | fedema | 4 x 25 | 0.2900 | -0.0100 |" in table
     assert "| iid | 0 | central | 4 x 50 | 0.3000 | +0.0000 |" in table
+
+
+@pytest.mark.slow  # generates a site and pretrains 2 steps
+def test_checkpoint_measures_a_finished_run_on_the_validation_splits(tmp_path: Path) -> None:
+    demo = prepare_federation(tmp_path / "sites", n_sites=1, subjects=60, n_rois=rtq.N_ROIS, n_frames=rtq.N_FRAMES)
+    cfg = rtq.pretrain_config(demo.site_yamls, demo.gradients, steps=2, seed=0)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=4, out_dir=str(tmp_path / "run")))
+    result = pretrain(cfg, progress=False)
+    out = CliRunner().invoke(rtq.app, ["checkpoint", str(result.checkpoint), "--sites", str(tmp_path / "sites")])
+    assert out.exit_code == 0, out.output
+    row = json.loads(out.output.strip().splitlines()[-1])
+    assert row["step"] == 2 and 0 < row["val_loss"] < 10 and row["auroc_lo"] <= row["auroc"] <= row["auroc_hi"]
+    assert row["feature_rank"] > 1
+    wrong = CliRunner().invoke(
+        rtq.app, ["checkpoint", str(result.checkpoint), "--sites", str(tmp_path / "none")], env={"COLUMNS": "300"}
+    )
+    assert wrong.exit_code != 0 and "no site folder" in wrong.output

@@ -24,7 +24,7 @@ $(BIN)/brainjepa: pyproject.toml
 setup: $(BIN)/brainjepa
 
 demo: setup
-	$(BIN)/brainjepa-server simulate --sites 3 --subjects 150 --rounds 80 --local-steps 25 \
+	$(BIN)/brainjepa-server simulate --sites 3 --subjects 150 --rounds 20 --local-steps 100 \
 		--run-config n-rois=50 --run-config n-frames=64 --run-config batch-size=16
 	$(BIN)/brainjepa synth --out runs/federated/new_sites --sites 5 --only site_d --only site_e --subjects 100 \
 		--rois 50 --duration 300 --split 0 0 1 --no-progress

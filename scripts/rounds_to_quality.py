@@ -73,6 +73,10 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__d
 
 N_ROIS, N_FRAMES, BATCH = 50, 64, 16
 SEXES = TaskSpec(name="sex", column="sex", kind="classification", classes=("0", "1"))
+TASKS = {
+    t.name: t
+    for t in (SEXES, TaskSpec(name="diagnosis", column="diagnosis", kind="classification", classes=("0", "1")))
+}
 
 
 def make_sites(root: Path, partition: str, seed: int) -> tuple[list[Path], Path]:
@@ -114,7 +118,7 @@ class Validation:
     val_y: np.ndarray
 
     @classmethod
-    def build(cls, cfg: PretrainConfig, yamls: list[Path]) -> Validation:
+    def build(cls, cfg: PretrainConfig, yamls: list[Path], task: TaskSpec = SEXES) -> Validation:
         d = cfg.data
         parts = [load_cohort(load_site(y)[0], d.model_tr, "val", N_FRAMES, d.scaling) for y in yamls]
         cohort = Cohort(
@@ -124,7 +128,7 @@ class Validation:
         batches = [stream[i] for i in range(8)]
         tr, va = [], []
         for y in yamls:
-            s = load_labelled_site(load_site(y)[0], SEXES, cfg.data.model_tr, N_FRAMES, cfg.data.scaling)
+            s = load_labelled_site(load_site(y)[0], task, cfg.data.model_tr, N_FRAMES, cfg.data.scaling)
             tr.append(s.train)
             va.append(s.val)
         return cls(
@@ -313,11 +317,16 @@ def run(
 def checkpoint(
     ckpt: Annotated[Path, typer.Argument(help="A pretraining checkpoint.pt (federated or not), 50 ROIs x 64 frames.")],
     sites: Annotated[Path, typer.Option(help="The folder of the site folders it was trained on (their val splits).")],
+    task: Annotated[list[str] | None, typer.Option(help=f"Probe label(s), of {sorted(TASKS)}; default: sex.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the probe's bootstrap.")] = 0,
 ) -> None:
     """The same validation measures for a finished run's checkpoint (e.g. two `make demo` schedules):
-    validation JEPA loss, probe AUROC with its interval, feature rank; one JSON line on stdout."""
+    validation JEPA loss, feature rank, and per task the probe's AUROC with its interval; one JSON line
+    on stdout."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    tasks = task or ["sex"]
+    if set(tasks) - set(TASKS):
+        raise typer.BadParameter(f"--task: {sorted(set(tasks) - set(TASKS))}, expected some of {sorted(TASKS)}")
     state = load_checkpoint(ckpt)
     cfg = from_mapping(PretrainConfig, state["config"], str(ckpt))
     if (cfg.model.n_rois, cfg.model.n_frames) != (N_ROIS, N_FRAMES):
@@ -327,21 +336,14 @@ def checkpoint(
     yamls = sorted(sites.glob("*/*.yaml"))
     if not yamls:
         raise typer.BadParameter(f"{sites}: no site folder with a site YAML")
-    grads = state.get("gradients")
-    models = JEPAModels(cfg.model, torch.as_tensor(np.asarray(grads, dtype=np.float32)))
+    models = JEPAModels(cfg.model, torch.as_tensor(np.asarray(state["gradients"], dtype=np.float32)))
     models.load_state_dict(state["models"])
-    val = Validation.build(cfg, yamls)
-    auc, lo, hi, rank = val.probe(models, seed)
-    result = {
-        "checkpoint": str(ckpt),
-        "step": state.get("step"),
-        "round": state.get("round"),
-        "val_loss": val.loss(models),
-        "auroc": auc,
-        "auroc_lo": lo,
-        "auroc_hi": hi,
-        "feature_rank": rank,
-    }
+    result: dict[str, object] = {"checkpoint": str(ckpt), "step": state.get("step"), "round": state.get("round")}
+    for name in tasks:
+        val = Validation.build(cfg, yamls, TASKS[name])
+        auc, lo, hi, rank = val.probe(models, seed)
+        result |= {"val_loss": val.loss(models), "feature_rank": rank}
+        result |= {f"{name}_auroc": auc, f"{name}_auroc_lo": lo, f"{name}_auroc_hi": hi}
     typer.echo(json.dumps(result))
 
 

@@ -78,10 +78,22 @@ def test_checkpoint_measures_a_finished_run_on_the_validation_splits(tmp_path: P
     cfg = rtq.pretrain_config(demo.site_yamls, demo.gradients, steps=2, seed=0)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=4, out_dir=str(tmp_path / "run")))
     result = pretrain(cfg, progress=False)
-    out = CliRunner().invoke(rtq.app, ["checkpoint", str(result.checkpoint), "--sites", str(tmp_path / "sites")])
+    args = [
+        "checkpoint",
+        str(result.checkpoint),
+        "--sites",
+        str(tmp_path / "sites"),
+        "--task",
+        "sex",
+        "--task",
+        "diagnosis",
+    ]
+    out = CliRunner().invoke(rtq.app, args)
     assert out.exit_code == 0, out.output
     row = json.loads(out.output.strip().splitlines()[-1])
-    assert row["step"] == 2 and 0 < row["val_loss"] < 10 and row["auroc_lo"] <= row["auroc"] <= row["auroc_hi"]
+    assert row["step"] == 2 and 0 < row["val_loss"] < 10
+    for name in ("sex", "diagnosis"):
+        assert row[f"{name}_auroc_lo"] <= row[f"{name}_auroc"] <= row[f"{name}_auroc_hi"]
     assert row["feature_rank"] > 1
     wrong = CliRunner().invoke(
         rtq.app, ["checkpoint", str(result.checkpoint), "--sites", str(tmp_path / "none")], env={"COLUMNS": "300"}

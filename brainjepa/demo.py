@@ -8,11 +8,13 @@ sum of Fisher-z FC matrices and a count (`brainjepa.gradients.site_contribution`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from brainjepa.gradients import compute_gradients, federated_fc, save_gradients, site_contribution
+from sites.acquisition import default_site_specs
 from sites.config import load_site_config
 from sites.synth import generate_cohorts
 from sites.temporal import DEFAULT_MODEL_TR
@@ -36,10 +38,13 @@ def prepare_federation(
     model_tr: float = DEFAULT_MODEL_TR,
     n_components: int = 30,
     seed: int = 0,
+    site_tr: float | None = None,
 ) -> DemoFederation:
     """Generate `n_sites` synthetic sites under `sites_dir` (kept when already there) and their gradient file.
 
-    Scans last long enough for windows of `n_frames` frames at `model_tr` (at least 5 minutes).
+    Scans last long enough for windows of `n_frames` frames at `model_tr` (at least 5 minutes). `site_tr`:
+    every site acquires at this TR instead of its preset's (0.735-2.5 s); at `model_tr` the sites' series
+    need no resampling, which tests of other things use to keep each round's process small.
     """
     sites_dir = Path(sites_dir).resolve()
     grad_path = sites_dir / "gradients.npy"
@@ -54,8 +59,11 @@ def prepare_federation(
             duration,
             sites_dir,
         )
+        specs = default_site_specs(n_sites, duration)
+        if site_tr is not None:
+            specs = [dataclasses.replace(s, tr=site_tr, n_frames=max(8, round(duration / site_tr))) for s in specs]
         yamls = generate_cohorts(
-            sites_dir, n_sites=n_sites, subjects_per_site=subjects, seed=seed, n_rois=n_rois, duration_s=duration
+            sites_dir, n_sites=n_sites, subjects_per_site=subjects, seed=seed, n_rois=n_rois, sites=specs
         )
         grad_path.unlink(missing_ok=True)
     if not grad_path.exists():

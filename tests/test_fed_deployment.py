@@ -28,6 +28,7 @@ from brainjepa.schema import from_mapping
 from brainjepa.weights import WEIGHT_SETS, flat_parameters, model_checksum
 from client.training import SiteRound, resolve_site
 from server.config import FederationConfig, to_run_config
+from sites.temporal import DEFAULT_MODEL_TR
 
 pytestmark = pytest.mark.integration  # SuperLink / SuperNodes as real processes
 
@@ -81,7 +82,9 @@ def train(msg, context):
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], Path]:
     """Three generated sites and the federation's gradient file (from their FC sums)."""
     root = tmp_path_factory.mktemp("fed_sites")
-    demo = prepare_federation(root, n_sites=3, subjects=10, n_rois=BASE["n_rois"], n_frames=BASE["n_frames"])
+    demo = prepare_federation(
+        root, n_sites=3, subjects=10, n_rois=BASE["n_rois"], n_frames=BASE["n_frames"], site_tr=DEFAULT_MODEL_TR
+    )
     return sorted(root.glob("*/*.yaml")), demo.gradients
 
 

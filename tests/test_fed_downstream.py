@@ -41,6 +41,7 @@ from brainjepa.federation.contract import METRICS as METRICS_RECORD
 from brainjepa.federation.launcher import LocalFederation, write_app_dir
 from brainjepa.pretrain import pretrain
 from server.config import FederationConfig, to_run_config
+from sites.temporal import DEFAULT_MODEL_TR
 
 pytestmark = pytest.mark.integration  # SuperLink / SuperNodes as real processes
 
@@ -58,7 +59,9 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     # One thread here as in the sites' processes (FLOWER_ENV): both sides then sum in the same order (and
     # on a shared 2-core machine two threads per process spin against each other).
     torch.set_num_threads(1)
-    demo = prepare_federation(tmp / "sites", n_sites=2, subjects=16, n_rois=N_ROIS, n_frames=N_FRAMES, seed=5)
+    demo = prepare_federation(
+        tmp / "sites", n_sites=2, subjects=16, n_rois=N_ROIS, n_frames=N_FRAMES, seed=5, site_tr=DEFAULT_MODEL_TR
+    )
     cfg = PretrainConfig(
         model=ModelConfig(n_rois=N_ROIS, n_frames=N_FRAMES),
         data=DataConfig(sites=tuple(str(y) for y in demo.site_yamls), gradients=str(demo.gradients)),

@@ -34,6 +34,7 @@ from server.scaling import check_sketch, combine_sketches
 from sites.cohort import Cohort, load_cohort
 from sites.scaling import RobustScaling
 from sites.scaling_sketch import combine, summarize
+from sites.temporal import DEFAULT_MODEL_TR
 
 N_ROIS, N_FRAMES = 40, 64
 REPLY_BOOKKEEPING = {Metric.NUM_EXAMPLES, Metric.ROUND_WALL_S, Metric.BYTES_RECEIVED, Metric.BYTES_SENT}
@@ -48,6 +49,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoFederation:
         n_rois=N_ROIS,
         n_frames=N_FRAMES,
         seed=11,
+        site_tr=DEFAULT_MODEL_TR,
     )
 
 

@@ -20,6 +20,7 @@ from brainjepa.federation.contract import Metric
 from brainjepa.federation.launcher import LocalFederation, write_app_dir
 from brainjepa.privacy.budget import Ledger, epsilon_of
 from server.config import FederationConfig, to_run_config
+from sites.temporal import DEFAULT_MODEL_TR
 
 pytestmark = pytest.mark.integration  # SuperLink / SuperNodes as real processes
 
@@ -29,7 +30,9 @@ def _reply_metrics(dumps: Path, rnd: int, site: str) -> dict[str, float]:
 
 
 def test_epsilon_continues_after_a_site_restart_and_a_coordinator_restart(tmp_path: Path) -> None:
-    demo = prepare_federation(tmp_path / "sites", n_sites=2, subjects=8, n_rois=50, n_frames=64)
+    demo = prepare_federation(
+        tmp_path / "sites", n_sites=2, subjects=8, n_rois=50, n_frames=64, site_tr=DEFAULT_MODEL_TR
+    )
     ledgers = {}
     for y in demo.site_yamls:
         ledgers[y.parent.name] = tmp_path / f"{y.parent.name}-ledger.json"

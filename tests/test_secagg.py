@@ -43,6 +43,7 @@ from brainjepa.jepa import JEPAModels
 from brainjepa.schedules import schedule_at
 from brainjepa.schema import from_mapping
 from server.config import FederationConfig, to_run_config
+from sites.temporal import DEFAULT_MODEL_TR
 
 pytestmark = pytest.mark.integration  # SuperLink / SuperNodes as real processes
 
@@ -75,7 +76,13 @@ def train(msg, context):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoFederation:
     fed = prepare_federation(
-        tmp_path_factory.mktemp("secagg") / "sites", n_sites=2, subjects=12, n_rois=N_ROIS, n_frames=N_FRAMES, seed=5
+        tmp_path_factory.mktemp("secagg") / "sites",
+        n_sites=2,
+        subjects=12,
+        n_rois=N_ROIS,
+        n_frames=N_FRAMES,
+        seed=5,
+        site_tr=DEFAULT_MODEL_TR,
     )
     site_b = fed.site_yamls[1]  # fewer training subjects at site_b: the weighting matters
     site_b.write_text(

@@ -48,6 +48,7 @@ from server.exchange import SiteResult, malformed, refuse_duplicate, reply_site
 from server.fleet_proxy import fleet_allowed
 from server.registry import RegisteredSite, load_sites_file
 from server.robust import RobustAggregate
+from sites.temporal import DEFAULT_MODEL_TR
 
 SMALL = ["--run-config", "n-rois=50", "--run-config", "n-frames=64", "--run-config", "batch-size=4"]
 
@@ -68,7 +69,7 @@ def main(grid, context):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], Path]:
     root = tmp_path_factory.mktemp("sec_sites")
-    fed = prepare_federation(root, n_sites=2, subjects=10, n_rois=50, n_frames=64)
+    fed = prepare_federation(root, n_sites=2, subjects=10, n_rois=50, n_frames=64, site_tr=DEFAULT_MODEL_TR)
     return sorted(root.glob("*/*.yaml")), fed.gradients
 
 

@@ -39,6 +39,7 @@ from client.cli import app
 from client.pinned_app import scrub_error
 from client.probe import INSECURE_AGAINST_TLS, TLS_AGAINST_PLAIN, probe_coordinator
 from client.site_status import final_round, record_round
+from sites.temporal import DEFAULT_MODEL_TR
 
 SMALL = ["--run-config", "n-rois=50", "--run-config", "n-frames=64", "--run-config", "batch-size=4"]
 
@@ -46,7 +47,7 @@ SMALL = ["--run-config", "n-rois=50", "--run-config", "n-frames=64", "--run-conf
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], Path]:
     root = tmp_path_factory.mktemp("admin_sites")
-    fed = prepare_federation(root, n_sites=2, subjects=10, n_rois=50, n_frames=64)
+    fed = prepare_federation(root, n_sites=2, subjects=10, n_rois=50, n_frames=64, site_tr=DEFAULT_MODEL_TR)
     return sorted(root.glob("*/*.yaml")), fed.gradients
 
 

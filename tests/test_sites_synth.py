@@ -155,3 +155,21 @@ def test_effects_from_key_value_pairs_and_their_errors(tmp_path):
     b = generate_cohorts(tmp_path / "old", n_sites=1, subjects_per_site=4, n_rois=20, duration_s=100, effects=old)[0]
     xa, xb = (np.load(p.parent / "roi" / "sub-sitea0000.npy") for p in (a, b))
     assert xa.shape == xb.shape and not np.allclose(xa, xb)
+
+
+def test_a_demo_federation_can_acquire_at_the_model_tr(tmp_path):
+    """`prepare_federation(site_tr=...)`: every site at that TR, scans as long as the presets' (the federated
+    tests use the model TR so that no round resamples); without it each site keeps its preset's TR."""
+    from brainjepa.demo import prepare_federation
+    from sites.temporal import DEFAULT_MODEL_TR
+
+    kw = dict(n_sites=2, subjects=4, n_rois=20, n_frames=32, n_components=4)
+    own = prepare_federation(tmp_path / "own", **kw)
+    at = prepare_federation(tmp_path / "at", **kw, site_tr=DEFAULT_MODEL_TR)
+    trs = [load_site_config(y).tr for y in own.site_yamls]
+    assert len(set(trs)) == 2 and DEFAULT_MODEL_TR not in trs
+    for y in at.site_yamls:
+        cfg = load_site_config(y)
+        assert cfg.tr == DEFAULT_MODEL_TR
+        series = load_site_series(cfg, DEFAULT_MODEL_TR).series
+        assert series[0].shape == (20, round(300 / DEFAULT_MODEL_TR))  # 5-minute scans, not resampled

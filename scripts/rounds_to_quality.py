@@ -57,7 +57,7 @@ from brainjepa.gradients import (
     site_contribution,
 )
 from brainjepa.jepa import JEPAModels, PretrainStep, jepa_loss
-from brainjepa.monitor import effective_rank
+from brainjepa.monitor import content_stats, effective_rank
 from brainjepa.schema import from_mapping
 from brainjepa.weights import WEIGHT_SETS, flat_parameters, load_flat_parameters, model_checksum
 from client.training import SiteRound
@@ -143,6 +143,13 @@ class Validation:
         models.eval()
         with torch.no_grad():
             return float(np.mean([float(jepa_loss(models, x, m)) for x, m in self.batches]))
+
+    def content(self, models: JEPAModels, cfg: PretrainConfig) -> tuple[float, float]:
+        """The collapse monitor's content measures on these validation batches (the same inputs for every
+        run, unlike the monitors of a run, whose probes differ): mean position share, mean context gain."""
+        o = cfg.optim
+        pairs = [content_stats(models, x, m, o.loss, o.target_norm) for x, m in self.batches]
+        return float(np.mean([p[0] for p in pairs])), float(np.mean([p[1] for p in pairs]))
 
     def features(self, models: JEPAModels, series: list[np.ndarray]) -> np.ndarray:
         """(N, 2 R D): per ROI, mean and std of the target encoder's tokens over time (4 windows)."""
@@ -321,8 +328,8 @@ def checkpoint(
     seed: Annotated[int, typer.Option(help="Seed of the probe's bootstrap.")] = 0,
 ) -> None:
     """The same validation measures for a finished run's checkpoint (e.g. two `make demo` schedules):
-    validation JEPA loss, feature rank, and per task the probe's AUROC with its interval; one JSON line
-    on stdout."""
+    validation JEPA loss, feature rank, the monitor's position share and context gain on the validation
+    batches, and per task the probe's AUROC with its interval; one JSON line on stdout."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     tasks = task or ["sex"]
     if set(tasks) - set(TASKS):
@@ -342,7 +349,8 @@ def checkpoint(
     for name in tasks:
         val = Validation.build(cfg, yamls, TASKS[name])
         auc, lo, hi, rank = val.probe(models, seed)
-        result |= {"val_loss": val.loss(models), "feature_rank": rank}
+        share, gain = val.content(models, cfg)
+        result |= {"val_loss": val.loss(models), "feature_rank": rank, "position_share": share, "context_gain": gain}
         result |= {f"{name}_auroc": auc, f"{name}_auroc_lo": lo, f"{name}_auroc_hi": hi}
     typer.echo(json.dumps(result))
 

@@ -94,7 +94,7 @@ def test_checkpoint_measures_a_finished_run_on_the_validation_splits(tmp_path: P
     assert row["step"] == 2 and 0 < row["val_loss"] < 10
     for name in ("sex", "diagnosis"):
         assert row[f"{name}_auroc_lo"] <= row[f"{name}_auroc"] <= row[f"{name}_auroc_hi"]
-    assert row["feature_rank"] > 1
+    assert row["feature_rank"] > 1 and 0 <= row["position_share"] <= 1 and row["context_gain"] > 0
     wrong = CliRunner().invoke(
         rtq.app, ["checkpoint", str(result.checkpoint), "--sites", str(tmp_path / "none")], env={"COLUMNS": "300"}
     )

@@ -23,6 +23,7 @@ model mu = min(lambda * ||global - local||, 1), lambda set from tau at the site'
 
     .venv/bin/python scripts/rounds_to_quality.py run --out OUT --partition iid --scheme central --scheme fedavg
     .venv/bin/python scripts/rounds_to_quality.py report --out OUT   # OUT/table.md from every run in OUT
+    .venv/bin/python scripts/rounds_to_quality.py checkpoint CKPT --sites SITES_DIR --task sex --task diagnosis
 """
 
 from __future__ import annotations

@@ -78,10 +78,12 @@ class Explosion(RuntimeError):
 
 def effective_rank(x: torch.Tensor) -> float:
     """Effective rank of the rows of x (M, D) after centring: exp(entropy of s / sum(s)), s the singular
-    values. Computed from the D x D covariance in float64 (cheap for M >> D)."""
+    values. Computed in float64 from the smaller of the D x D covariance and the M x M Gram matrix (their
+    nonzero eigenvalues are the same s ** 2): wide features (M << D, e.g. per-ROI readouts) stay cheap."""
     x = x.double()
     x = x - x.mean(0, keepdim=True)
-    eig = torch.linalg.eigvalsh(x.T @ x).clamp_min(0.0)  # (D,) = s ** 2
+    gram = x.T @ x if x.shape[0] >= x.shape[1] else x @ x.T  # (D, D) or (M, M)
+    eig = torch.linalg.eigvalsh(gram).clamp_min(0.0)  # s ** 2 (and zeros)
     s = eig.sqrt()
     total = s.sum()
     if total <= 0:

@@ -54,6 +54,11 @@ def test_effective_rank_counts_used_directions() -> None:
     two = torch.cat([torch.randn(4000, 2, generator=g, dtype=torch.float64), torch.zeros(4000, 14)], 1)
     assert 1.8 < effective_rank(two) < 2.05
     assert effective_rank(torch.ones(10, 4)) == 1.0  # no spread at all
+    for m, d in ((40, 600), (600, 40)):  # wide rows go through the M x M Gram matrix: the same value
+        x = torch.randn(m, d, generator=g, dtype=torch.float64) * torch.linspace(0.1, 2.0, d, dtype=torch.float64)
+        s = torch.linalg.svdvals(x - x.mean(0))
+        p = s / s.sum()
+        assert effective_rank(x) == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-6)
 
 
 def test_synthetic_probe_is_deterministic_and_scan_specific() -> None:

@@ -3,6 +3,7 @@ protocol errors, and a whole protocol through `brainjepa evaluate` on generated 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from brainjepa.config import DataConfig, ModelConfig, PretrainConfig, TrainConfi
 from brainjepa.downstream.config import DownstreamConfig, TaskSpec
 from brainjepa.downstream.data import encode_labels, load_labelled_site
 from brainjepa.downstream.fit import fit
-from brainjepa.downstream.model import DownstreamModel, load_backbone, param_groups
+from brainjepa.downstream.model import Backbone, DownstreamModel, load_backbone, param_groups
 from brainjepa.downstream.protocol import load_protocol
 from brainjepa.errors import ConfigError, DataError
 from brainjepa.pretrain import pretrain
@@ -209,8 +210,6 @@ def test_roi_std_pooling_keeps_a_per_roi_amplitude_that_the_mean_loses() -> None
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from brainjepa.downstream.model import Backbone
-
     cfg = ModelConfig(
         size="tiny", n_rois=20, n_frames=128, gradient_components=8, patch_init="reference"
     )  # 8 time patches
@@ -298,7 +297,6 @@ def test_fine_tuning_weights_classes_as_scikit_learn_balanced_and_per_sample() -
     cross-entropy of the reference."""
     from sklearn.utils.class_weight import compute_class_weight
 
-    from brainjepa.downstream.model import Backbone
     from brainjepa.downstream.train import DownstreamStep, TargetScale, class_weights
 
     labels = np.array([0] * 9 + [1] * 3)
@@ -326,3 +324,29 @@ def test_fine_tuning_weights_classes_as_scikit_learn_balanced_and_per_sample() -
     assert torch.allclose(losses["balanced"], (plain * w[y]).mean()) and not torch.allclose(
         losses["balanced"], plain.mean()
     )
+
+
+def test_solved_probe_on_both_readouts_weighs_the_blocks_as_its_head_does(world) -> None:
+    """`pool: roi_std_fc`: the solved head is scikit-learn's logistic regression on the standardised features
+    times the head's fixed block weights, and the model's own forward pass gives its probabilities."""
+    from sklearn.linear_model import LogisticRegression
+
+    from brainjepa.downstream.data import eval_windows
+    from brainjepa.downstream.fit import PROBE_STRENGTHS, pooled, window_features
+
+    _, yamls, ckpt = world
+    pre = load_backbone(ckpt)
+    model_cfg = dataclasses.replace(pre.model, n_frames=48)  # 3 time patches: enough to correlate
+    bb = Backbone(model_cfg, pre.gradients, {}, "random")
+    sites = [load_labelled_site(load_site_config(y), SEX, 2.205, 48) for y in yamls[:2]]
+    recipe = DownstreamConfig(method="random_probe", pool="roi_std_fc", eval_windows=2)
+    res = fit(bb, SEX, recipe, sites, "centralized")
+    train = pooled(sites, "train")
+    x = window_features(res.model, train, 48, 2)  # (N * 2, F)
+    w = res.model.head[1].weight.double().numpy()  # (F,)
+    z = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5) * w
+    c = PROBE_STRENGTHS[res.best_step]
+    want = LogisticRegression(C=c, max_iter=2000, class_weight="balanced").fit(z, np.repeat(train.y, 2))
+    with torch.no_grad():
+        out = res.model.eval()(eval_windows(train, 48, 2).flatten(0, 1)).softmax(-1).double().numpy()
+    np.testing.assert_allclose(out, want.predict_proba(z), atol=1e-4)

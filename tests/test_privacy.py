@@ -256,11 +256,11 @@ def _finetune_model(
     return DownstreamModel(backbone, task, recipe), cfg, grads
 
 
-@pytest.mark.parametrize("pool", ["mean", "roi_std", "roi_fc"])
+@pytest.mark.parametrize("pool", ["mean", "roi_std", "roi_fc", "roi_std_fc"])
 def test_fine_tuning_per_sample_gradients_equal_one_sample_at_a_time(pool: str) -> None:
     """Backbone + head (the fine-tuning networks) under DP: vmap per-sample gradients == one-sample backward,
     with each pooling (the reference's mean, per-ROI mean + std, feature connectivity over 6 time patches)."""
-    frames = 96 if pool == "roi_fc" else 32
+    frames = 96 if pool in ("roi_fc", "roi_std_fc") else 32
     model, _, _ = _finetune_model(pool=pool, n_frames=frames)
     plain_eager(model)
     model.train()

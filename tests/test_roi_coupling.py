@@ -51,3 +51,26 @@ def test_roi_fc_refuses_a_window_too_short_to_correlate() -> None:
     bb = Backbone(cfg, np.zeros((6, 4), dtype=np.float32), {}, "random")
     with pytest.raises(DataError, match="roi_fc' needs 3 or more time patches.*n_frames 32, patch_size 16"):
         DownstreamModel(bb, SEX, DownstreamConfig(method="random_probe", pool="roi_fc"))
+
+
+def test_roi_std_fc_puts_both_readouts_side_by_side_and_weighs_the_blocks_alike() -> None:
+    cfg = ModelConfig(size="tiny", n_rois=6, n_frames=64, gradient_components=4)
+    bb = Backbone(cfg, np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32), {}, "random")
+    x = torch.randn(5, 6, 64, generator=torch.Generator().manual_seed(2))  # (B, R, T)
+    x[0, 4] = float("nan")
+    torch.manual_seed(0)
+    both = DownstreamModel(bb, SEX, DownstreamConfig(method="random_probe", pool="roi_std_fc"))
+    parts = {}
+    for pool in ("roi_std", "roi_fc"):
+        torch.manual_seed(0)  # the same random backbone
+        parts[pool] = DownstreamModel(bb, SEX, DownstreamConfig(method="random_probe", pool=pool)).features(x)
+    f = both.features(x)
+    D = cfg.embed_dim
+    assert f.shape == (5, 6 * 2 * D + 15)
+    torch.testing.assert_close(f, torch.cat([parts["roi_std"].flatten(1), parts["roi_fc"]], dim=1))
+    # after the head's normalisation (unit variance per feature) both blocks carry the same total variance
+    w = both.head[1].weight
+    n_std = 6 * 2 * D
+    assert float((w[:n_std] ** 2).sum()) == pytest.approx(float((w[n_std:] ** 2).sum()))
+    assert "1.weight" not in both.head.state_dict()  # a fixed weight: nothing new on the wire or in checkpoints
+    assert both(x).shape == (5, 2) and torch.isfinite(both(x)).all()

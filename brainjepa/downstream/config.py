@@ -32,8 +32,10 @@ BASELINES: tuple[str, ...] = get_args(Baseline)
 # std over time of its tokens (R x 2D features: keeps the ROI axis and each ROI's spread over time);
 # roi_fc: second-order pooling, the connectivity of the learned features: per embedding dimension the
 # correlation of two ROIs' tokens over the window's time patches, averaged over dimensions, Fisher z
-# (R(R-1)/2 features, what FC reads, from the encoder's tokens instead of the raw series).
-Pool = Literal["mean", "roi_std", "roi_fc"]
+# (R(R-1)/2 features, what FC reads, from the encoder's tokens instead of the raw series);
+# roi_std_fc: both, side by side (R x 2D + R(R-1)/2 features; after the head's normalisation each of the two
+# blocks is weighted to the same total variance, so the 2D-per-ROI block does not drown the connectivity).
+Pool = Literal["mean", "roi_std", "roi_fc", "roi_std_fc"]
 # lbfgs: the probe's head solved on the frozen features (scikit-learn's L2 logistic / ridge regression,
 # its strength chosen by `select`); sgd: trained like the other methods (AdamW `steps` at `probe_lr`,
 # the reference's way; what a federated probe does, FedAvg having no closed form).

@@ -31,7 +31,7 @@ from brainjepa.distributed import RankGroup
 from brainjepa.downstream.config import DownstreamConfig, TaskSpec
 from brainjepa.downstream.data import LabelledSite, Split, TrainBatches
 from brainjepa.downstream.metrics import PRIMARY, is_better
-from brainjepa.downstream.model import Backbone, DownstreamModel
+from brainjepa.downstream.model import Backbone, BlockWeight, DownstreamModel
 from brainjepa.downstream.train import DownstreamStep, TargetScale, split_metrics, weighted_metrics, window_chunks
 from brainjepa.federation.averaging import RunningMean
 
@@ -225,12 +225,14 @@ def solve_probe(model: DownstreamModel, sites: list[LabelledSite], target: Targe
     w = recipe.eval_windows
     x = window_features(model, train, n_frames, w)  # (N * W, F)
     y = np.repeat(train.y, w)  # (N * W,)
-    norm, linear = model.head
+    norm, linear = model.head[0], model.head[-1]
     mean, var = x.mean(0), x.var(0)
     with torch.no_grad():
         norm.running_mean.copy_(torch.from_numpy(mean))
         norm.running_var.copy_(torch.from_numpy(var))
     z = (x - mean) / np.sqrt(var + norm.eps)  # what the BatchNorm gives in eval mode
+    if isinstance(model.head[1], BlockWeight):  # pool roi_std_fc: the blocks' fixed weights, as the head has
+        z = z * model.head[1].weight.double().numpy()
     primary = PRIMARY[task.kind]
     what = f"{recipe.method} {task.name}"
 

@@ -12,6 +12,9 @@
   fine-tuning) or per feature (BatchNorm, probe) and read all R x 2D (docs/model.md).
 - `pool: roi_fc`: second-order pooling, the connectivity of the learned features (`roi_coupling`):
   R(R-1)/2 features, normalised per feature by the head (BatchNorm, probe; LayerNorm, fine-tuning).
+- `pool: roi_std_fc`: both, R x 2D + R(R-1)/2 features; after the head's normalisation `BlockWeight` gives
+  the two blocks the same total variance (first-order statistics read amplitude and timescales,
+  connectivity reads coupling: neither block outvotes the other by its size alone).
 - `scratch` / `random_probe`: the same model with the backbone left at its random initialisation.
 """
 
@@ -69,27 +72,31 @@ class DownstreamModel(nn.Module):
             missing = self.backbone.load_state_dict(backbone.weights, strict=True)
             assert not missing.missing_keys  # strict=True raised otherwise
         D, R = backbone.model.embed_dim, backbone.model.n_rois
-        if recipe.pool == "roi_fc" and backbone.model.n_frames // backbone.model.patch_size < 3:
+        if recipe.pool in ("roi_fc", "roi_std_fc") and backbone.model.n_frames // backbone.model.patch_size < 3:
             raise DataError(
-                f"recipe.pool 'roi_fc' needs 3 or more time patches per window to correlate, the model has "
+                f"recipe.pool '{recipe.pool}' needs 3 or more time patches per window to correlate, the model has "
                 f"{backbone.model.n_frames // backbone.model.patch_size} (n_frames {backbone.model.n_frames}, "
                 f"patch_size {backbone.model.patch_size})"
             )
-        F = {"mean": D, "roi_std": R * 2 * D, "roi_fc": R * (R - 1) // 2}[recipe.pool]  # features per window
+        blocks = {"mean": [D], "roi_std": [R * 2 * D], "roi_fc": [R * (R - 1) // 2]}
+        blocks["roi_std_fc"] = blocks["roi_std"] + blocks["roi_fc"]
+        F = sum(blocks[recipe.pool])  # features per window
         if recipe.frozen_backbone:
             self.backbone.requires_grad_(False)
-            self.head = nn.Sequential(nn.BatchNorm1d(F, affine=False), nn.Linear(F, task.n_outputs))
+            norm: nn.Module = nn.BatchNorm1d(F, affine=False)
         else:
             set_drop_path(self.backbone.blocks, recipe.drop_path)
             norm = nn.LayerNorm(2 * D if recipe.pool == "roi_std" else F, eps=1e-6)  # per ROI for roi_std
-            self.head = nn.Sequential(norm, nn.Linear(F, task.n_outputs))
+        weight = [BlockWeight(blocks[recipe.pool])] if len(blocks[recipe.pool]) > 1 else []
+        self.head = nn.Sequential(norm, *weight, nn.Linear(F, task.n_outputs))
         self.head.apply(init_weights)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, R, T) -> (B, D) (`pool: mean`): the backbone's tokens, mean-pooled over the observed ROIs'
         tokens (a missing ROI, a NaN row (sites.missing), enters the backbone as 0 and is left out of the
         mean); (B, R, 2D) (`pool: roi_std`): per ROI the mean and std over time, 0 for a missing ROI;
-        (B, R(R-1)/2) (`pool: roi_fc`): the feature connectivity of `roi_coupling`."""
+        (B, R(R-1)/2) (`pool: roi_fc`): the feature connectivity of `roi_coupling`; (B, R 2D + R(R-1)/2)
+        (`pool: roi_std_fc`): both, flattened and side by side."""
         x, observed = split_missing(x)  # (B, R, T), (B, R)
         if self.recipe.frozen_backbone:
             self.backbone.eval()
@@ -102,22 +109,46 @@ class DownstreamModel(nn.Module):
             return mean_observed(h, observed)  # (B, N, D) -> (B, D)
         if self.recipe.pool == "roi_fc":
             return roi_coupling(h, observed)  # (B, N, D) -> (B, R(R-1)/2)
-        B, N, D = h.shape
-        h = h.reshape(B, observed.shape[1], -1, D)  # (B, R, W, D), ROI-major tokens
-        f = torch.cat([h.mean(2), h.std(2, unbiased=False)], dim=-1)  # (B, R, 2D)
-        return f * observed[..., None].to(f.dtype)
+        f = roi_statistics(h, observed)  # (B, R, 2D)
+        if self.recipe.pool == "roi_std_fc":
+            return torch.cat([f.flatten(1), roi_coupling(h, observed)], dim=1)  # (B, R 2D + R(R-1)/2)
+        return f
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classify(self.features(x))  # (B, n_outputs)
 
     def classify(self, f: torch.Tensor) -> torch.Tensor:
-        """Features (B, D) or (B, R, 2D) -> (B, n_outputs)."""
+        """Features (B, F) or (B, R, 2D) -> (B, n_outputs)."""
         if f.ndim == 2:
             return self.head(f)
         norm, linear = self.head
         if self.recipe.frozen_backbone:
             return linear(norm(f.flatten(1)))  # BatchNorm over all R x 2D features
         return linear(norm(f).flatten(1))  # LayerNorm per ROI, then all R x 2D
+
+
+class BlockWeight(nn.Module):
+    """Normalised features (B, F) of consecutive blocks of `sizes` features -> each block times a fixed
+    sqrt(F / (n_blocks * size)): every block then carries the same total variance (F / n_blocks), whatever
+    its size. A non-persistent buffer: state dicts and the federated wire are those of the other readouts."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        super().__init__()
+        total = sum(sizes)
+        w = torch.cat([torch.full((n,), (total / (len(sizes) * n)) ** 0.5) for n in sizes])  # (F,)
+        self.register_buffer("weight", w, persistent=False)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return f * self.weight  # (B, F)
+
+
+def roi_statistics(h: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+    """h (B, N, D) ROI-major tokens of R ROIs x W time patches, observed (B, R) -> (B, R, 2D): per ROI the
+    mean and the std over time of its tokens, 0 for a missing ROI."""
+    B, N, D = h.shape
+    h = h.reshape(B, observed.shape[1], -1, D)  # (B, R, W, D)
+    f = torch.cat([h.mean(2), h.std(2, unbiased=False)], dim=-1)  # (B, R, 2D)
+    return f * observed[..., None].to(f.dtype)
 
 
 def roi_coupling(h: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,6 @@ from brainjepa.downstream.model import Backbone, DownstreamModel
 from brainjepa.downstream.train import DownstreamStep, TargetScale, split_metrics
 from brainjepa.errors import InputError
 from brainjepa.federation.contract import MODEL_SET, Metric, RoundSpec, eval_metric_key
-from brainjepa.privacy.dpsgd import DPDownstreamStep
 from brainjepa.privacy.sampling import PoissonSubjects, generators
 from brainjepa.weights import model_checksum
 from client.training import (
@@ -141,6 +140,8 @@ class DownstreamSite:
             self.group, privacy, self.site.source, self.name, spec, self.recipe.seed, sampler.sample_rate
         )
         rng, noise = generators(shared_seeds(self.seeds, self.group))
+        from brainjepa.privacy.dpsgd import DPDownstreamStep  # here: opacus costs ~0.8 s per round without DP
+
         step = DPDownstreamStep(
             DownstreamStep(model, self.task, spec.total_steps, self.target, self.device, train.y, self.group),
             sigma,

@@ -107,10 +107,16 @@ def test_validation_scoring_reads_no_test_split_records_no_ledger_entry_and_scor
     assert res.exit_code == 2 and "not a readable .npy" in res.output, res.output
     # scripts/validation_table.py: a run against itself differs by exactly nothing
     table = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "validation_table.py"), f"a={out / 'validation'}", f"b={out / 'validation'}"],
+        [sys.executable, str(ROOT / "scripts" / "validation_table.py"), f"a={out / 'validation'}", f"b={out / 'validation'}",
+         "--versus", "fc"],
         capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
     ).stdout  # fmt: skip
-    assert "| b (roi_std) |" in table and "+0.0 [0.0, 0.0]" in table
+    assert "| b (roi_std) |" in table and "+0.0 [0.0, 0.0]" in table and "probe - fc |" in table
+    # the probe minus fc, paired: the same figure in both rows, and not 0 (two different methods)
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith(("| a (", "| b ("))]
+    assert (
+        len(rows) == 2 * len(p.tasks) and all(r[-1] == rows[0][-1] for r in rows[:2]) and "+0.0 [0.0" not in rows[0][-1]
+    )
     # the validation reports again from their saved predictions
     before = (out / "validation" / "intervals.csv").read_text()
     res = CliRunner().invoke(app, [*run, "--score-on", "validation", "--report-only"])

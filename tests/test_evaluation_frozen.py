@@ -54,6 +54,7 @@ def test_a_generated_protocol_runs_once_per_cohort_with_provenance_intervals_and
         assert f"| {method} · centralized |" in report
     assert "random_probe · centralized - " in report and "AUROC" in report and "[" in report
     assert "generator version" in report
+    assert "**Readout** (`recipe.pool: roi_std`)" in report and "no relation between ROIs" in report
     with open(out / "intervals.csv") as f:
         ivs = list(csv.DictReader(f))
     assert all(float(r["lo"]) <= float(r["estimate"]) <= float(r["hi"]) for r in ivs)

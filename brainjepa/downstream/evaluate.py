@@ -379,6 +379,9 @@ def write_reports(
         f"{p.name}: {len(p.seeds)} seed(s){cohorts_text}; 95 % intervals from {p.n_bootstrap} resamples of "
         f"{on} subjects" + (f"\n\n{validation_scoring.NOTE}" if on == "validation" else "")
     ) + (f"\n\n{p.description}" if p.description else "")
+    if any(m in NEURAL_METHODS for m in p.methods):
+        r = p.recipe
+        title += "\n\n" + report.readout_note(r.pool, r.probe_solver, r.eval_windows)
     md = "\n\n".join(f"### {h}\n\n{t}" for h, t in sections)
     report_md = report.write_markdown(out_dir / "report.md", sections, title=title)
     return EvaluationResult(out_dir, rows_csv, summary_csv, report_md, md, plots)

@@ -38,6 +38,26 @@ LABELS: dict[str, str] = {
 }
 
 
+READS = {
+    "mean": "the mean over all ROI x time tokens (the reference's readout: what every scan shares dominates it)",
+    "roi_std": "per ROI the mean and the std over time of its tokens (first-order: each ROI's level, amplitude "
+    "and timescales; no relation between ROIs)",
+    "roi_fc": "the connectivity of its tokens, per embedding dimension the correlation of two ROIs over time "
+    "(second-order: relations between ROIs; no per-ROI amplitude)",
+    "roi_std_fc": "both per-ROI statistics and the connectivity of its tokens, side by side, each block weighted "
+    "alike (first- and second-order)",
+}
+
+
+def readout_note(pool: str, probe_solver: str, eval_windows: int) -> str:
+    """One line for a report: what the neural methods read of the encoder (docs/downstream.md, "Pooling")."""
+    solver = "solved (L2 logistic / ridge regression)" if probe_solver == "lbfgs" else "trained by SGD"
+    return (
+        f"**Readout** (`recipe.pool: {pool}`): the neural methods read the target encoder's tokens through "
+        f"{READS[pool]}; probes {solver}; {eval_windows} window(s) per scan."
+    )
+
+
 def _write_atomic(path: str | Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -113,11 +113,11 @@ def flat_sets(state: dict, model_cfg: dict, grads: np.ndarray) -> dict[str, torc
 
 
 def test_two_rounds_weighted_mean_nan_rejected_wrong_gradients_refused(tmp_path: Path, demo) -> None:
-    """Seven sites over real transport, two rounds: site_a (on 2 processes: `distributed.devices: 2`) and
+    """Five sites over real transport, two rounds: site_a (on 2 processes: `distributed.devices: 2`) and
     site_b (1 process) train normally, site_c sends NaN (rejected), a fourth site uses another gradient file
-    (refused), a fifth sends its EMA target x 1e4 claiming 500 samples (rejected by the target's bound), a
-    sixth its predictor x 1.45 (inside max-update-ratio 0.5; rejected by max-norm-growth), a seventh its
-    encoder x 3 (rejected by max-update-ratio). The rejected sites are quarantined: round 2 does not ask them. The global weights must equal the sample-weighted
+    (refused), a fifth sends its EMA target x 1e4 claiming 500 samples (rejected by the target's bound; each
+    other per-set bound is refused in process by test_update_bounds.py, through the same guard). The
+    rejected sites are quarantined: round 2 does not ask them. The global weights must equal the sample-weighted
     mean of what site_a and site_b sent (dumped by the sites, recomputed here), and what site_a sent in
     round 1 equals its round in one process."""
     yamls, grads = demo
@@ -133,8 +133,6 @@ def test_two_rounds_weighted_mean_nan_rejected_wrong_gradients_refused(tmp_path:
         {"site-config": str(yamls[2]), "gradients": str(grads), "inject-nan": True},
         {"site-config": str(yamls[0]), "gradients": str(other)},
         {"site-config": str(yamls[2]), "gradients": str(grads), "poison": "target", "poison-claim": 500},
-        {"site-config": str(yamls[2]), "gradients": str(grads), "poison": "predictor", "poison-factor": 1.45},
-        {"site-config": str(yamls[2]), "gradients": str(grads), "poison": "encoder", "poison-factor": 3.0},
     ]
     (tmp_path / "app").mkdir()
     (tmp_path / "app" / "faulty_client.py").write_text(FAULTY_CLIENT)
@@ -158,7 +156,7 @@ def test_two_rounds_weighted_mean_nan_rejected_wrong_gradients_refused(tmp_path:
 
     rows = read_csv(run_dir / "site_metrics.csv")
     by_round = {rnd: sorted((r["status"], r["site"]) for r in rows if r["round"] == rnd) for rnd in ("1", "2")}
-    assert [st for st, _ in by_round["1"]] == ["failed", "ok", "ok", *["rejected"] * 4], by_round
+    assert [st for st, _ in by_round["1"]] == ["failed", "ok", "ok", "rejected", "rejected"], by_round
     assert [st for st, _ in by_round["2"]] == ["failed", "ok", "ok"], by_round  # the rejected: quarantined
     for listing in by_round.values():
         assert ("ok", "site_a") in listing and ("ok", "site_b") in listing
@@ -166,12 +164,10 @@ def test_two_rounds_weighted_mean_nan_rejected_wrong_gradients_refused(tmp_path:
     rejected = sorted(r["detail"] for r in rows if r["status"] == "rejected")
     assert sum("NaN" in d for d in rejected) == 1
     assert sum("'target' moved" in d and "EMA schedule" in d for d in rejected) == 1, rejected
-    assert sum("'predictor' has norm" in d and "max-norm-growth" in d for d in rejected) == 1, rejected
-    assert sum("'encoder' moved" in d and "max-update-ratio" in d for d in rejected) == 1, rejected
     quarantined = json.loads((run_dir / "quarantine.json").read_text())["sites"]
-    assert len(quarantined) == 4 and all(e["round"] == 1 and e["until"] == 0 for e in quarantined.values())
+    assert len(quarantined) == 2 and all(e["round"] == 1 and e["until"] == 0 for e in quarantined.values())
     events = [json.loads(line) for line in (run_dir / "audit.jsonl").read_text().splitlines()]
-    assert sum(e["event"] == "quarantine" for e in events) == 4
+    assert sum(e["event"] == "quarantine" for e in events) == 2
     refused = [r for r in rows if r["status"] == "failed"]
     for r in refused:  # the site's file path is masked in what the site sends (its own console has it)
         assert "refused" in r["detail"] and "gradient file" in r["detail"] and str(other) not in r["detail"]
@@ -181,7 +177,7 @@ def test_two_rounds_weighted_mean_nan_rejected_wrong_gradients_refused(tmp_path:
     assert all(int(r["bytes_sent"]) > 0 and int(r["bytes_received"]) > 0 and float(r["loss"]) > 0 for r in ok)
     rounds = read_csv(run_dir / "round_metrics.csv")
     assert [(r["sites_ok"], r["sites_rejected"], r["sites_failed"]) for r in rounds] == [
-        ("2", "4", "1"),
+        ("2", "2", "1"),
         ("2", "0", "1"),
     ]
     assert float(rounds[1]["loss"]) < float(rounds[0]["loss"])

@@ -5,6 +5,7 @@ to the scoring ledger, and pretraining is cached under the test scoring's key.""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -36,6 +37,7 @@ def _protocol(root: Path, **edit: object) -> Path:
         **{
             "name": "val",
             "generator_seeds": [0],
+            "seeds": [0],
             "methods": ["probe", "random_probe", "roi_spectrum", "fc"],
             "experiments": [
                 {
@@ -70,20 +72,37 @@ def _spoil_test_files(cohort_root: Path) -> list[Path]:
 def test_validation_scoring_reads_no_test_split_records_no_ledger_entry_and_scores_the_val_splits(
     tmp_path: Path,
 ) -> None:
-    path, out, ledger = _protocol(tmp_path), tmp_path / "out", tmp_path / "ledger.jsonl"
-    p = load_protocol(path)
+    # two cohorts and two seeds, narrowed to the first of each by --cohorts 1 --seeds 1 (a pilot's options)
+    path = _protocol(tmp_path, generator_seeds=[0, 1], seeds=[0, 1])
+    out, ledger = tmp_path / "out", tmp_path / "ledger.jsonl"
+    p = dataclasses.replace(load_protocol(path), generator_seeds=(0,), seeds=(0,))
     (cohort,) = protocol_cohorts(p, out, progress=False)  # what `evaluate` generates first
     cohort_root = Path(cohort.site_config("site_a").source).parent.parent
     spoiled = _spoil_test_files(cohort_root)
     assert len(spoiled) >= 24 + 2  # all of site C, and the test subjects of A and B
-    run = ["evaluate", "--protocol", str(path), "--out-dir", str(out), "--ledger", str(ledger)]
+    run = [
+        "evaluate",
+        "--protocol",
+        str(path),
+        "--out-dir",
+        str(out),
+        "--ledger",
+        str(ledger),
+        "--cohorts",
+        "1",
+        "--seeds",
+        "1",
+    ]
     res = CliRunner().invoke(app, [*run, "--score-on", "validation"])
     assert res.exit_code == 0, res.output
     assert not ledger.exists()  # no test data scored: nothing recorded
     assert not (out / "report.md").exists() and (out / "validation" / "report.md").is_file()
     prov = json.loads((out / "validation" / "provenance.json").read_text())
     assert prov["scored_on"] == "validation" and "test_data_sha256" not in prov
-    assert sorted(prov["data"]) == ["gen0/site_a", "gen0/site_b"]  # site C never loaded
+    assert sorted(prov["data"]) == ["gen0/site_a", "gen0/site_b"]  # site C never loaded, nor the second cohort
+    assert not list((out / "cohorts").glob("gen1-*"))
+    with open(out / "validation" / "results.csv") as f:
+        assert {r["seed"] for r in csv.DictReader(f)} == {"0"}  # the second seed left out
     assert all("test" not in d["scans"] for d in prov["data"].values())
     report = (out / "validation" / "report.md").read_text()
     assert "Scored on validation" in report and "validation data sha256" in report

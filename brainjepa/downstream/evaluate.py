@@ -356,6 +356,7 @@ def write_reports(
     cmp = comparison.compare(preds, kinds, n_boot=p.n_bootstrap, baselines=BASELINES)
     report.write_csv(cmp.rows, out_dir / "intervals.csv")
     sections, plots = [], []
+    on = (record or {}).get("scored_on", "test")  # the split scored: test, or validation
     primary = {t.name: PRIMARY[t.kind] for t in p.tasks}
     tasks = [t.name for t in p.tasks]
     for exp in p.experiments:
@@ -368,13 +369,12 @@ def write_reports(
         if len({r["training"] for r in modes}) > 1:
             plots.append(report.plot_training_modes(modes, out_dir / f"{slug}_training.png", first))
         per_site = [dict(r, method=f"{r['method']} · {r['training']}") for r in rows if r["experiment"] == exp.name]
-        plots.append(report.plot_per_site(per_site, out_dir / f"{slug}_sites.png", first))
+        plots.append(report.plot_per_site(per_site, out_dir / f"{slug}_sites.png", first, on))
     if record is not None:
         sections.append(("Provenance", comparison.provenance_markdown(record)))
         provenance.write_provenance(out_dir / "provenance.json", record)
     n_cohorts = len({r["cohort"] for r in rows})
     cohorts_text = f", {n_cohorts} generated cohorts" if p.generate is not None else ""
-    on = (record or {}).get("scored_on", "test")
     title = (
         f"{p.name}: {len(p.seeds)} seed(s){cohorts_text}; 95 % intervals from {p.n_bootstrap} resamples of "
         f"{on} subjects" + (f"\n\n{validation_scoring.NOTE}" if on == "validation" else "")

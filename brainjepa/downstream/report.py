@@ -250,9 +250,9 @@ def plot_training_modes(summary: Sequence[Mapping[str, Any]], path: str | Path, 
     )
 
 
-def plot_per_site(rows: Sequence[Mapping[str, Any]], path: str | Path, metric: str) -> Path:
-    """Per-test-site performance from result rows: one group per site ("all" last), one bar per
-    method / training / task, mean ± std over seeds."""
+def plot_per_site(rows: Sequence[Mapping[str, Any]], path: str | Path, metric: str, scored: str = "test") -> Path:
+    """Per-site performance from result rows (`scored`: the split scored, test or validation): one group
+    per site ("all" last), one bar per method / training / task, mean ± std over seeds."""
     present = ["site", "method"] + [k for k in ("task", "training") if all(k in r for r in rows)]
     summary = summarize(rows, present, [metric])
     sites = [r["site"] for r in summary]
@@ -263,7 +263,7 @@ def plot_per_site(rows: Sequence[Mapping[str, Any]], path: str | Path, metric: s
         metric,
         "site",
         tuple(present[1:]),
-        f"per test site: {LABELS.get(metric, metric)}",
+        f"per site ({scored} split): {LABELS.get(metric, metric)}",
         group_order=order,
         named=("method",),
     )

@@ -52,8 +52,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from brainjepa.config import MaskConfig, MonitorConfig
-from brainjepa.jepa import jepa_loss
 from brainjepa.masks import Masks, sample_masks
+from brainjepa.vit import gather_tokens
 from sites.windows import PackedSeries, multi_windows
 
 log = logging.getLogger(__name__)
@@ -104,18 +104,23 @@ def token_stats(tokens: torch.Tensor) -> FeatureStats:
 
 
 @torch.no_grad()
-def feature_stats(encoder: nn.Module, probe: torch.Tensor, chunk: int = 8) -> FeatureStats:
-    """The encoder's (eval mode, no gradients) token features on probe (B, R, T), summarised."""
+def target_tokens(encoder: nn.Module, probe: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """The encoder's (eval mode, no gradients) token features on probe (B, R, T) -> (B, N, D) float32 on
+    the CPU, computed `chunk` scans at a time (a smaller chunk holds fewer activations at once)."""
     was_training = encoder.training
     encoder.eval()
     device = next(encoder.parameters()).device
     try:
-        tokens = torch.cat(
+        return torch.cat(
             [encoder(probe[i : i + chunk].to(device)).float().cpu() for i in range(0, probe.shape[0], chunk)]
         )  # (B, N, D)
     finally:
         encoder.train(was_training)
-    return token_stats(tokens)
+
+
+def feature_stats(encoder: nn.Module, probe: torch.Tensor, chunk: int = 8) -> FeatureStats:
+    """The encoder's token features on probe (B, R, T) (`target_tokens`), summarised."""
+    return token_stats(target_tokens(encoder, probe, chunk))
 
 
 def position_share(tokens: torch.Tensor) -> float:
@@ -133,26 +138,55 @@ def position_share(tokens: torch.Tensor) -> float:
 
 @torch.no_grad()
 def content_stats(
-    models: nn.Module, probe: torch.Tensor, masks: Masks, loss: str = "smooth_l1", target_norm: str = "layer_norm"
+    models: nn.Module,
+    probe: torch.Tensor,
+    masks: Masks,
+    loss: str = "smooth_l1",
+    target_norm: str = "layer_norm",
+    chunk: int = 8,
+    tokens: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """(position_share of the LayerNorm-ed target features, context_gain) of `models` (a JEPAModels: encoder,
     predictor, target) on the probe batch (B, R, T) with fixed masks; the gain is of the loss trained
-    (`optim.loss`, `optim.target_norm`), the share of the target features before any centring."""
+    (`optim.loss`, `optim.target_norm`), the share of the target features before any centring.
+
+    One target pass serves both (`tokens`: the target's features on the probe when the caller has them,
+    `target_tokens`); the context encoder and the predictor then run `chunk` scans at a time, with the scan's
+    own context and with the previous scan's (the batch rolled by one). The same numbers as `jepa_loss` on the
+    whole batch, to float rounding, with one chunk's activations held at a time."""
     nets = (models.encoder, models.predictor, models.target)
     was = [n.training for n in nets]
     for n in nets:
         n.eval()
     device = next(models.parameters()).device
-    x, m = probe.to(device), masks.to(device)
+    B = probe.shape[0]
     try:
-        h = models.target(x).float()  # (B, N, D)
-        share = position_share(F.layer_norm(h, (h.shape[-1],)))
-        own = jepa_loss(models, x, m, loss, target_norm=target_norm)
-        other = jepa_loss(models, x, m, loss, context_input=x.roll(1, dims=0), target_norm=target_norm)
+        h = target_tokens(models.target, probe, chunk) if tokens is None else tokens  # (B, N, D)
+        t = F.layer_norm(h, (h.shape[-1],))
+        share = position_share(t)
+        if target_norm == "centered":  # less each position's mean over the batch, as `jepa_targets` does
+            t = t - t.mean(0, keepdim=True)
+        targets = gather_tokens(t, masks.target)  # (B, Nt, D)
+        previous = torch.arange(B).roll(1)  # scan i reads scan i - 1's context: x.roll(1, dims=0)
+        own = other = 0.0
+        for i in range(0, B, chunk):
+            rows = slice(i, i + chunk)
+            m, target = masks.rows(rows).to(device), targets[rows].to(device)
+            own += _loss_sum(models, probe[rows].to(device), m, target, loss)
+            other += _loss_sum(models, probe[previous[rows]].to(device), m, target, loss)
     finally:
         for n, w in zip(nets, was, strict=True):
             n.train(w)
-    return share, float(other / own) if own > 0 else NAN
+    return share, other / own if own > 0 else NAN
+
+
+def _loss_sum(models: nn.Module, context: torch.Tensor, masks: Masks, target: torch.Tensor, loss: str) -> float:
+    """The summed JEPA loss of predictions from `context` (b, R, T) against `target` (b, Nt, D)."""
+    z = models.encoder(context, masks.context)  # (b, Nc, D)
+    pred = models.predictor(z, masks.context, masks.target).float()  # (b, Nt, D)
+    if loss == "l2":
+        return float(F.mse_loss(pred, target, reduction="sum"))
+    return float(F.smooth_l1_loss(pred, target, beta=1.0, reduction="sum"))
 
 
 def probe_batch(packed: PackedSeries, n_frames: int, n_scans: int) -> torch.Tensor:
@@ -192,11 +226,13 @@ class CollapseMonitor:
         patch_size: int = 16,
         loss: str = "smooth_l1",
         target_norm: str = "layer_norm",
+        chunk: int = 8,
     ) -> None:
         """`keep_below`: on resume, the CSV's rows with `label` below it are kept (the others rewritten).
-        `mask_cfg`: measure `position_share` and `context_gain` too, on masks drawn once from a fixed seed."""
+        `mask_cfg`: measure `position_share` and `context_gain` too, on masks drawn once from a fixed seed.
+        `chunk`: probe scans per forward pass (memory only: the measures do not depend on it)."""
         self.cfg, self.probe, self.embed_dim, self.label, self.loss = cfg, probe, embed_dim, label, loss
-        self.target_norm = target_norm
+        self.target_norm, self.chunk = target_norm, chunk
         self.masks = None
         if mask_cfg is not None:
             B, R, T = probe.shape
@@ -221,10 +257,15 @@ class CollapseMonitor:
     def stats(self, encoder: nn.Module, models: nn.Module | None = None) -> FeatureStats:
         """The target `encoder`'s statistics (nothing recorded); with `models` (its JEPAModels) and a mask
         config, the content measures too."""
-        stats = feature_stats(encoder, self.probe)
+        tokens = target_tokens(encoder, self.probe, self.chunk)  # (B, N, D): one pass, for every measure
+        stats = token_stats(tokens)
         share, gain = NAN, NAN
         if models is not None and self.masks is not None:
-            share, gain = content_stats(models, self.probe, self.masks, self.loss, self.target_norm)
+            if models.target is not encoder:
+                raise ValueError("CollapseMonitor.stats: `encoder` must be `models.target` (the EMA target)")
+            share, gain = content_stats(
+                models, self.probe, self.masks, self.loss, self.target_norm, self.chunk, tokens=tokens
+            )
         norm = float(torch.linalg.vector_norm(torch.stack([p.detach().float().norm() for p in encoder.parameters()])))
         return replace(stats, position_share=share, context_gain=gain, weight_norm=norm)
 

@@ -250,6 +250,7 @@ class FederatedRun:
                 patch_size=m.patch_size,
                 loss=self.pcfg.optim.loss,
                 target_norm=self.pcfg.optim.target_norm,
+                chunk=1,  # one probe scan per pass: the coordinator holds two copies of the weights meanwhile
             )
         for rnd in range(self.start_round, self.cfg.num_rounds):
             self.run_round(grid, rnd, report)

@@ -13,7 +13,7 @@ from conftest import structured_cohort, write_roi_dir
 
 from brainjepa.config import DataConfig, MaskConfig, ModelConfig, MonitorConfig, PretrainConfig, TrainConfig
 from brainjepa.errors import ConfigError
-from brainjepa.jepa import JEPAModels
+from brainjepa.jepa import JEPAModels, jepa_loss
 from brainjepa.masks import sample_masks
 from brainjepa.monitor import (
     CollapseMonitor,
@@ -207,6 +207,39 @@ def test_context_gain_is_one_when_the_predictor_ignores_the_context() -> None:
     assert blind == pytest.approx(1.0, abs=1e-6)
     assert 0.0 <= share <= 1.0
     assert models.encoder.training and models.predictor.training  # modes restored
+
+
+@pytest.mark.parametrize(("loss", "target_norm", "chunk"), [("smooth_l1", "layer_norm", 1), ("l2", "centered", 3)])
+def test_content_measures_in_chunks_equal_the_whole_batch_loss(
+    tmp_path: Path, loss: str, target_norm: str, chunk: int
+) -> None:
+    """One target pass and the context / predictor `chunk` scans at a time give what `jepa_loss` gives on the
+    whole batch (with the scan's own context, and the batch rolled by one)."""
+    probe = synthetic_probe(8, CFG.n_rois, CFG.n_frames, seed=2)
+    masks = sample_masks(MaskConfig(), 8, CFG.n_rois, CFG.n_frames // CFG.patch_size, torch.Generator().manual_seed(3))
+    models = _models()
+    models.eval()
+    with torch.no_grad():  # as above: make the context count, so that the gain is not ~1 at init
+        for layer in models.predictor.blocks.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.mul_(20.0)
+        models.predictor.proj.weight.mul_(50.0)
+        own = jepa_loss(models, probe, masks, loss, target_norm=target_norm)
+        other = jepa_loss(models, probe, masks, loss, context_input=probe.roll(1, dims=0), target_norm=target_norm)
+        h = models.target(probe)
+        want_share = position_share(torch.nn.functional.layer_norm(h, (h.shape[-1],)))
+    share, gain = content_stats(models, probe, masks, loss, target_norm, chunk=chunk)
+    assert gain == pytest.approx(float(other / own), rel=1e-5) and abs(gain - 1.0) > 1e-4
+    assert share == pytest.approx(want_share, rel=1e-5, abs=1e-9)
+    # the monitor's one-pass measures do not depend on the chunk
+    kw = dict(mask_cfg=MaskConfig(), patch_size=CFG.patch_size, loss=loss, target_norm=target_norm)
+    one = CollapseMonitor(MonitorConfig(every=1), probe, CFG.embed_dim, tmp_path / "one.csv", chunk=1, **kw)
+    eight = CollapseMonitor(MonitorConfig(every=1), probe, CFG.embed_dim, tmp_path / "eight.csv", chunk=8, **kw)
+    a, b = one.stats(models.target, models), eight.stats(models.target, models)
+    for field in ("rank", "spread", "scan_spread", "position_share", "context_gain", "weight_norm"):
+        assert getattr(a, field) == pytest.approx(getattr(b, field), rel=1e-5), field
+    with pytest.raises(ValueError, match="must be `models.target`"):
+        one.stats(models.encoder, models)
 
 
 def test_monitor_warns_when_the_pretext_ignores_the_content(tmp_path: Path, caplog) -> None:

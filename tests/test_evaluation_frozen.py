@@ -18,7 +18,7 @@ from brainjepa.cli import app
 from brainjepa.downstream.config import TaskSpec
 from brainjepa.downstream.data import load_labelled_site, training_scaling
 from brainjepa.downstream.protocol import load_protocol, protocol_hash
-from brainjepa.downstream.provenance import AlreadyScored, Ledger, check_and_record, mark_completed
+from brainjepa.downstream.provenance import AlreadyScored, ScoringLedger, check_and_record, mark_completed
 from brainjepa.errors import ConfigError
 from sites.cohort import load_site_series
 from sites.config import load_site_config
@@ -91,16 +91,16 @@ def test_a_run_whose_report_step_failed_is_finished_by_report_only_and_then_coun
     assert isinstance(res.exception, RuntimeError)
     assert (out / "predictions.csv").is_file() and (out / "provenance.json").is_file()
     assert not (out / "report.md").exists()
-    assert not any(e.get("completed") for e in Ledger(ledger).entries())  # no test number was shown
+    assert not any(e.get("completed") for e in ScoringLedger(ledger).entries())  # no test number was shown
     monkeypatch.setattr(comparison, "compare", real)
     res = CliRunner().invoke(app, [*run, "--report-only"])
     assert res.exit_code == 0, res.output
     assert "| fc · centralized |" in (out / "report.md").read_text()
-    assert [e["completed"] for e in Ledger(ledger).entries()] == [False, True]
+    assert [e["completed"] for e in ScoringLedger(ledger).entries()] == [False, True]
     again = CliRunner().invoke(app, run)
     assert again.exit_code == 2 and "already scored" in again.output
     CliRunner().invoke(app, [*run, "--report-only"])  # rendering again is no new scoring
-    assert [e["completed"] for e in Ledger(ledger).entries()] == [False, True]
+    assert [e["completed"] for e in ScoringLedger(ledger).entries()] == [False, True]
     empty = CliRunner().invoke(
         app,
         [
@@ -118,7 +118,7 @@ def test_a_run_whose_report_step_failed_is_finished_by_report_only_and_then_coun
 
 
 def test_the_ledger_counts_only_completed_scorings_and_other_protocols_separately(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "l.jsonl")
+    ledger = ScoringLedger(tmp_path / "l.jsonl")
     first = check_and_record(ledger, "p1", "data", tmp_path, rescore=False)
     assert first["times_scored_before_by_this_protocol"] == 0
     check_and_record(ledger, "p1", "data", tmp_path, rescore=False)  # the first run stopped before its tables

@@ -79,7 +79,7 @@ def evaluate(
 
     from brainjepa.downstream.evaluate import rerender, run_protocol
     from brainjepa.downstream.protocol import load_protocol
-    from brainjepa.downstream.provenance import AlreadyScored, Ledger, default_ledger
+    from brainjepa.downstream.provenance import AlreadyScored, ScoringLedger, default_ledger
 
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -100,14 +100,14 @@ def evaluate(
             )
             p = dataclasses.replace(p, experiments=experiments, ablations=())
         if report_only:
-            result = rerender(p, out_dir.resolve(), Ledger(ledger or default_ledger()), score_on)
+            result = rerender(p, out_dir.resolve(), ScoringLedger(ledger or default_ledger()), score_on)
         else:
             result = run_protocol(
                 p,
                 out_dir.resolve(),
                 progress=True,
                 device=device,
-                ledger=Ledger(ledger or default_ledger()),
+                ledger=ScoringLedger(ledger or default_ledger()),
                 rescore=rescore,
                 score_on=score_on,
             )

@@ -31,7 +31,7 @@ from brainjepa.downstream.generated_cohorts import protocol_cohorts
 from brainjepa.downstream.metrics import METRICS, PRIMARY, classification_metrics, regression_metrics, summarize
 from brainjepa.downstream.model import Backbone, load_backbone
 from brainjepa.downstream.protocol import Ablation, Experiment, Protocol, pretrain_key, protocol_hash, resolved
-from brainjepa.downstream.provenance import Ledger
+from brainjepa.downstream.provenance import ScoringLedger
 from brainjepa.downstream.train import predict, weighted_metrics
 from brainjepa.errors import DataError
 
@@ -232,7 +232,7 @@ def run_protocol(
     progress: bool = True,
     device: str = "cpu",
     *,
-    ledger: Ledger | None = None,
+    ledger: ScoringLedger | None = None,
     rescore: bool = False,
     score_on: ScoreOn = "test",
 ) -> EvaluationResult:
@@ -296,7 +296,9 @@ def _shape_only(p: Protocol, exp: Experiment, out: Path, progress: bool) -> Back
     return Backbone(cfg.model, grads, {}, "random init", None)
 
 
-def rerender(p: Protocol, out_dir: Path, ledger: Ledger | None = None, score_on: ScoreOn = "test") -> EvaluationResult:
+def rerender(
+    p: Protocol, out_dir: Path, ledger: ScoringLedger | None = None, score_on: ScoreOn = "test"
+) -> EvaluationResult:
     """The reports again from a run's results.csv, predictions.csv and provenance.json: no model is fitted
     and nothing new is predicted (after the report's format changed, or when the run's last step, the
     report, failed). With a `ledger`, a scoring not yet marked completed there is marked now: its test

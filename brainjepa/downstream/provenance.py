@@ -125,7 +125,7 @@ def combined(fingerprints: list[str]) -> str:
 
 
 @dataclass(frozen=True)
-class Ledger:
+class ScoringLedger:
     """The JSON-lines record of every scoring of a protocol's test data."""
 
     path: Path
@@ -159,7 +159,7 @@ class Ledger:
             os.replace(tmp, self.path)
 
 
-def _where(out_dir: Path, ledger: Ledger) -> str:
+def _where(out_dir: Path, ledger: ScoringLedger) -> str:
     """The output folder as the ledger records it: relative to the ledger's folder when inside it (a ledger
     kept in a repository stays valid in every clone)."""
     out, root = Path(out_dir).resolve(), ledger.path.resolve().parent
@@ -170,7 +170,7 @@ class AlreadyScored(RuntimeError):
     """The protocol's test data was scored before, and `--rescore` was not given."""
 
 
-def check_and_record(ledger: Ledger, protocol: str, test_data: str, out_dir: Path, rescore: bool) -> dict:
+def check_and_record(ledger: ScoringLedger, protocol: str, test_data: str, out_dir: Path, rescore: bool) -> dict:
     """Refuse a second scoring of (protocol, test data) unless `rescore`; record that this one started.
     Returns what provenance.json says about it: earlier completed scorings by this protocol and by others.
     A run that stopped before writing its tables (it showed no test number) does not count."""
@@ -181,7 +181,7 @@ def check_and_record(ledger: Ledger, protocol: str, test_data: str, out_dir: Pat
         raise AlreadyScored(
             f"this protocol (sha256 {protocol[:12]}) already scored this test data ({when}); a second "
             f"look at a test split is a choice made on it. Pass --rescore to score it again (recorded "
-            f"in provenance.json), or use new test data. Ledger: {ledger.path}"
+            f"in provenance.json), or use new test data. Scoringledger: {ledger.path}"
         )
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     ledger.record(
@@ -202,7 +202,7 @@ def check_and_record(ledger: Ledger, protocol: str, test_data: str, out_dir: Pat
     }
 
 
-def completed(ledger: Ledger, protocol: str, test_data: str, out_dir: Path) -> bool:
+def completed(ledger: ScoringLedger, protocol: str, test_data: str, out_dir: Path) -> bool:
     """Whether the ledger records this scoring's tables as written."""
     where = _where(out_dir, ledger)
     return any(
@@ -211,7 +211,7 @@ def completed(ledger: Ledger, protocol: str, test_data: str, out_dir: Path) -> b
     )
 
 
-def mark_completed(ledger: Ledger, protocol: str, test_data: str, out_dir: Path) -> None:
+def mark_completed(ledger: ScoringLedger, protocol: str, test_data: str, out_dir: Path) -> None:
     """Record that the scoring's tables were written: from now on a second one needs `--rescore`."""
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     ledger.record(

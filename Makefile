@@ -12,7 +12,7 @@ export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_TELEMETRY_ENABLED=0
 export FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE=16777216
 
-.PHONY: setup demo demo-local test test-fast lint bench clean
+.PHONY: setup compile demo demo-local test test-fast lint bench clean
 
 $(BIN)/brainjepa: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -38,10 +38,16 @@ demo-local: setup
 # One torch / OpenMP thread per process (OMP_NUM_THREADS=1): two workers with two threads each on 2 cores spin
 # against each other (the unit tests took 1.7x the CPU time). `--dist loadscope`: the tests sharing a
 # module-scoped fixture run on one worker (tests/conftest.py), so it is built once.
-test: setup
+# `compile`: the project's bytecode written once (`__pycache__/`, git-ignored). Where PYTHONDONTWRITEBYTECODE is
+# set (as on some CI machines), every process would otherwise compile the modules it imports from source again,
+# and the tests start a few hundred (each Flower message runs in a fresh process): up to ~0.2 CPU-s each.
+compile: setup
+	$(BIN)/python -m compileall -q brainjepa client server sites scripts tests
+
+test: compile
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder
 
-test-fast: setup
+test-fast: compile
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder -m "not slow and not integration"
 
 lint: setup

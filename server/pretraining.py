@@ -239,19 +239,11 @@ class FederatedRun:
         m, pm = self.pcfg.model, self.pcfg.monitor
         if pm.every > 0:  # the server holds no data: a probe batch generated from the run's seed
             probe = synthetic_probe(pm.probe_scans, m.n_rois, m.n_frames, seed=self.cfg.seed)  # (B, R, T)
-            self.monitor = CollapseMonitor(
-                pm,
-                probe,
-                m.embed_dim,
-                self.run_dir / "monitor.csv",
-                self.start_round + 1,
-                label="round",
-                mask_cfg=self.pcfg.mask,
-                patch_size=m.patch_size,
-                loss=self.pcfg.optim.loss,
-                target_norm=self.pcfg.optim.target_norm,
-                chunk=1,  # one probe scan per pass: the coordinator holds two copies of the weights meanwhile
-            )
+            # one probe scan per pass (chunk=1): the coordinator holds two copies of the weights meanwhile
+            kw = dict(mask_cfg=self.pcfg.mask, patch_size=m.patch_size, chunk=1, label="round")
+            loss = dict(loss=self.pcfg.optim.loss, target_norm=self.pcfg.optim.target_norm)
+            csv_path, keep = self.run_dir / "monitor.csv", self.start_round + 1
+            self.monitor = CollapseMonitor(pm, probe, m.embed_dim, csv_path, keep, **kw, **loss)
         for rnd in range(self.start_round, self.cfg.num_rounds):
             self.run_round(grid, rnd, report)
         if self.downlink is not None:

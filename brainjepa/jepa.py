@@ -85,23 +85,27 @@ def jepa_loss(
     target_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
     context_input: torch.Tensor | None = None,
     target_norm: str = "layer_norm",
+    target: torch.Tensor | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """x (B, R, T) -> scalar loss between predictions and the targets (`jepa_targets`).
 
     `target_forward` replaces the target encoder's call (a CUDA-graph replay, `brainjepa.fastpath`).
     `context_input` (B, R, T): what the context encoder reads instead of x (the collapse monitor's test of
-    whether the predictor uses the context's content); the targets always come from x.
+    whether the predictor uses the context's content); the targets always come from x. `target` (B, Nt, D):
+    targets already computed (the monitor's one target pass); `reduction`: "mean" (training) or "sum".
     """
-    with torch.no_grad(), record_function("jepa/target"):
-        target = jepa_targets(models, x, masks, target_norm, target_forward)  # (B, Nt, D)
+    if target is None:
+        with torch.no_grad(), record_function("jepa/target"):
+            target = jepa_targets(models, x, masks, target_norm, target_forward)  # (B, Nt, D)
     with record_function("jepa/context_encoder"):
         z = models.encoder(x if context_input is None else context_input, masks.context)  # (B, Nc, D)
     with record_function("jepa/predictor"):
         pred = models.predictor(z, masks.context, masks.target)  # (B, Nt, D)
     with record_function("jepa/loss"):
         if loss == "l2":
-            return F.mse_loss(pred.float(), target.float())
-        return F.smooth_l1_loss(pred.float(), target.float(), beta=1.0)
+            return F.mse_loss(pred.float(), target.float(), reduction=reduction)
+        return F.smooth_l1_loss(pred.float(), target.float(), beta=1.0, reduction=reduction)
 
 
 def param_groups(models: JEPAModels) -> list[dict]:

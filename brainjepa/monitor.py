@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from brainjepa.config import MaskConfig, MonitorConfig
+from brainjepa.jepa import jepa_loss
 from brainjepa.masks import Masks, sample_masks
 from brainjepa.vit import gather_tokens
 from sites.windows import PackedSeries, multi_windows
@@ -165,6 +166,8 @@ def content_stats(
         t = F.layer_norm(h, (h.shape[-1],))
         share = position_share(t)
         if target_norm == "centered":  # less each position's mean over the batch, as `jepa_targets` does
+            if B < 2:
+                raise ValueError(f"target_norm 'centered' needs at least 2 scans per batch, got {B}")
             t = t - t.mean(0, keepdim=True)
         targets = gather_tokens(t, masks.target)  # (B, Nt, D)
         previous = torch.arange(B).roll(1)  # scan i reads scan i - 1's context: x.roll(1, dims=0)
@@ -172,21 +175,13 @@ def content_stats(
         for i in range(0, B, chunk):
             rows = slice(i, i + chunk)
             m, target = masks.rows(rows).to(device), targets[rows].to(device)
-            own += _loss_sum(models, probe[rows].to(device), m, target, loss)
-            other += _loss_sum(models, probe[previous[rows]].to(device), m, target, loss)
+            x, shown = probe[rows].to(device), probe[previous[rows]].to(device)
+            own += float(jepa_loss(models, x, m, loss, target=target, reduction="sum"))
+            other += float(jepa_loss(models, x, m, loss, context_input=shown, target=target, reduction="sum"))
     finally:
         for n, w in zip(nets, was, strict=True):
             n.train(w)
     return share, other / own if own > 0 else NAN
-
-
-def _loss_sum(models: nn.Module, context: torch.Tensor, masks: Masks, target: torch.Tensor, loss: str) -> float:
-    """The summed JEPA loss of predictions from `context` (b, R, T) against `target` (b, Nt, D)."""
-    z = models.encoder(context, masks.context)  # (b, Nc, D)
-    pred = models.predictor(z, masks.context, masks.target).float()  # (b, Nt, D)
-    if loss == "l2":
-        return float(F.mse_loss(pred, target, reduction="sum"))
-    return float(F.smooth_l1_loss(pred, target, beta=1.0, reduction="sum"))
 
 
 def probe_batch(packed: PackedSeries, n_frames: int, n_scans: int) -> torch.Tensor:
